@@ -1,0 +1,81 @@
+r"""CLIP from scratch: ViT image tower + causal text transformer, softmax contrastive loss.
+
+    python -m vljax.main --config=configs/clip.py --workdir=/tmp/vljax_clip
+
+Expected runtime on a 2-core CPU with the default (tiny) towers: about 3-4 minutes for 300 steps at
+batch 64, 64 px. Both towers train from random init on the demo's emoji + openclipart captions; the
+point is the recipe, not the accuracy (a few thousand captioned icons are far too little for CLIP).
+
+At scale (TPU pod / GPUs): `--config=configs/clip.py:img=B/16,txt=B,size=224,batch=32768` and point
+`input.data` at a TFDS image-text dataset, e.g.
+`[dict(source="tfds", name="coco_captions", split="train", image_key="image", text_key="captions/text")]`;
+use `mesh=[("data", -1)]` or `[("data", -1), ("fsdp", 8)]` with `sharding_rules=[(".*", "fsdp")]`,
+`dtype="bfloat16"`, `remat=True`.
+
+Config arguments: img (ViT variant, default "Ti/8" at reduced width), txt (text variant), size, batch, steps.
+"""
+import ml_collections
+
+_DEFAULTS = dict(img="tiny", txt="tiny", size=64, batch=64, steps=300)
+
+
+def _arg(arg):
+    out = dict(_DEFAULTS)
+    for kv in filter(None, (arg or "").split(",")):
+        k, v = kv.split("=")
+        if k not in out:
+            raise ValueError(f"configs/clip.py: unknown config argument {k!r} (known: {', '.join(out)})")
+        out[k] = type(_DEFAULTS[k])(v)
+    return out
+
+
+def get_config(arg=None):
+    a = _arg(arg)
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.total_steps = a["steps"]
+    c.log_every = 25
+    c.eval_every = 150
+    c.ckpt_every = 150
+    c.keep_ckpts = 2
+    c.mesh = [("data", -1)]
+    c.sharding_rules = [(".*", "replicate")]
+
+    embed_dim = 128 if a["img"] == "tiny" else 512
+    c.input = dict(
+        data=[dict(source="tfds", name="vljax_emoji", split="train", weight=1.0),
+              dict(source="tfds", name="vljax_openclipart", split="train", weight=1.0)],
+        batch_size=a["batch"], image_size=a["size"], value_range="clip",
+        augment=dict(random_resized_crop=(0.8, 1.0), greyscale=0.1), num_workers=0,
+    )
+    c.tokenizer = dict(kind="clip", max_len=32)
+    if a["img"] == "tiny":
+        image = dict(variant=None, width=128, depth=4, mlp_dim=512, num_heads=4, patch_size=8)
+    else:
+        image = dict(variant=a["img"])
+    image.update(pool_type="cls", ln_pre=True, patch_bias=False, act="quick_gelu", ln_eps=1e-5,
+                 num_classes=embed_dim, head_bias=False)
+    if a["txt"] == "tiny":
+        text = dict(variant=None, width=128, depth=4, mlp_dim=512, num_heads=4)
+    else:
+        text = dict(variant=a["txt"])
+    text.update(vocab_size=49408, max_len=32, causal=True, pool_type="eot", eot_id=49407, pad_id=0,
+                act="quick_gelu", ln_eps=1e-5, num_classes=embed_dim, head_bias=False)
+    c.model = dict(image_model="vit", image=image, text_model="text_transformer", text=text,
+                   temperature_init=1 / 0.07, bias_init=None)
+    c.model_init = None
+
+    c.loss = dict(name="softmax")
+    c.optax = dict(name="adamw", b1=0.9, b2=0.98)
+    c.lr = 1e-3
+    c.wd = 0.1
+    c.grad_clip_norm = 1.0
+    c.schedule = [(".*", dict(decay_type="cosine", warmup_steps=30))]
+
+    c.evals = dict(
+        emoji=dict(type="zeroshot", data=dict(name="vljax_emoji", split="test", label="category"),
+                   templates="icon"),
+        val_retrieval=dict(type="retrieval", data=dict(name="vljax_emoji", split="val")),
+    )
+    c.select_metric = "retrieval/val_retrieval/i2t_r1"
+    return c

@@ -1,0 +1,64 @@
+"""Pretrained tower initialisation: `config.model_init = {"img": NAME_OR_PATH, "txt": NAME_OR_PATH}`.
+
+Names of weights that install offline (../shared/ASSETS.md) map to loaders; a loaded tower replaces
+the randomly initialised one leaf by leaf. Leaves the checkpoint lacks (a new projection head) keep
+their random init and are listed; a checkpoint leaf of another shape is an error naming it.
+"""
+from __future__ import annotations
+
+from flax import traverse_util
+from absl import logging
+import numpy as np
+
+
+def _efficientnet(variant):
+    def load():
+        from vljax.convert.efficientnet import load_efficientnet_lite
+        return load_efficientnet_lite(variant)[1]
+    return load
+
+
+def _minilm():
+    from vljax.convert.bert import load_minilm
+    return load_minilm()[1]
+
+
+LOADERS = {
+    "efficientnet_lite0": _efficientnet("lite0"),
+    "minilm": _minilm,
+}
+
+
+def load_tower(spec: str):
+    """Params of one tower by name (see LOADERS)."""
+    if spec not in LOADERS:
+        raise ValueError(f"config key `model_init`: unknown pretrained tower {spec!r} "
+                         f"(known: {', '.join(sorted(LOADERS))})")
+    return LOADERS[spec]()
+
+
+def merge_pretrained(init_params: dict, loaded: dict, tower: str, skip: tuple[str, ...] = ("head",)):
+    """Overwrites `init_params[tower]` leaves with `loaded` leaves of the same path.
+
+    Loaded leaves under a top-level name in `skip` (a checkpoint's own classifier head) are dropped:
+    in a two-tower model that name holds the projection into the joint space.
+    Returns the new params and the list of paths that kept their initialisation.
+    """
+    flat_init = traverse_util.flatten_dict(init_params[tower], sep="/")
+    flat_loaded = {k: v for k, v in traverse_util.flatten_dict(loaded, sep="/").items()
+                   if k.split("/")[0] not in skip}
+    unknown = sorted(set(flat_loaded) - set(flat_init))
+    if unknown:
+        raise ValueError(f"pretrained {tower} tower has parameters the model lacks: {unknown[:5]}"
+                         f"{' ...' if len(unknown) > 5 else ''}")
+    for key, value in flat_loaded.items():
+        if tuple(np.shape(value)) != tuple(flat_init[key].shape):
+            raise ValueError(f"pretrained {tower} parameter {key}: shape {np.shape(value)} "
+                             f"!= model's {tuple(flat_init[key].shape)}")
+    kept = sorted(set(flat_init) - set(flat_loaded))
+    merged = {k: (np.asarray(flat_loaded[k], dtype=flat_init[k].dtype) if k in flat_loaded else flat_init[k])
+              for k in flat_init}
+    logging.info("pretrained %s tower: %d leaves loaded, kept init for %s", tower, len(flat_loaded), kept)
+    out = dict(init_params)
+    out[tower] = traverse_util.unflatten_dict(merged, sep="/")
+    return out, kept
