@@ -1,0 +1,435 @@
+"""Evaluators on constructed embeddings whose metrics are known by hand.
+
+A `TableEmbedder` stands in for a model: an "image" [1, 1, 3] carries its row index in an
+embedding table, a text is looked up by its exact string. Every expected number below is
+worked out in the comment next to it.
+"""
+import json
+
+import numpy as np
+import pytest
+
+from vljax.evaluators import EVALUATORS, Embedder, base, prompts
+from vljax.evaluators import fewshot, gzsl, multilabel, retrieval, soups, zeroshot
+
+
+def normalize(x):
+    x = np.asarray(x, np.float64)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+class TableEmbedder:
+    """Embeds image i as normalize(image_table[i]) and text t as normalize(text_table[t])."""
+
+    def __init__(self, image_table, text_table, logit_scale=10.0, logit_bias=None):
+        self.image_table = np.asarray(image_table, np.float64)
+        self.text_table = {k: np.asarray(v, np.float64) for k, v in text_table.items()}
+        self.logit_scale, self.logit_bias = logit_scale, logit_bias
+        self.text_calls, self.image_batch_sizes = [], []
+
+    def embed_images(self, images):
+        self.image_batch_sizes.append(len(images))
+        return normalize(self.image_table[images[:, 0, 0, 0].astype(int)])
+
+    def embed_texts(self, texts):
+        self.text_calls.append(list(texts))
+        return normalize(np.stack([self.text_table[t] for t in texts]))
+
+
+def index_images(n):
+    """n fake images [n, 1, 1, 3] float32 whose pixels hold their index."""
+    return np.broadcast_to(np.arange(n, dtype=np.float32)[:, None, None, None],
+                           (n, 1, 1, 3)).copy()
+
+
+# ----------------------------------------------------------------------------- prompts
+
+def test_template_sets():
+    clip80 = prompts.get_templates("clip80")
+    assert len(clip80) == 80 and len(set(clip80)) == 80
+    assert clip80[0] == "a bad photo of a {}." and clip80[-1] == "a tattoo of the {}."
+    best = prompts.get_templates("best")
+    assert len(best) == 7 and set(best) <= set(clip80)
+    assert prompts.get_templates("name") == ("{}",)
+    assert "an emoji of {}." in prompts.get_templates("icon")
+    with pytest.raises(ValueError):
+        prompts.get_templates(["no slot here"])
+    with pytest.raises(KeyError):
+        prompts.get_templates("nope")
+
+
+def test_canonicalize():
+    assert prompts.canonicalize("  A Photo_of,  the {}! ", keep="{}") == "a photo of the {}"
+    assert prompts.canonicalize("Great_White-Shark, (fish)", keep=",") == \
+        "great whiteshark, fish"
+    assert prompts.canonicalize_name("  T-shirt/Top\t ") == "t-shirt/top"
+    assert prompts.canonicalize_name("ankle_boot") == "ankle boot"
+
+
+def test_class_names_and_descriptions_files(tmp_path):
+    (tmp_path / "names.txt").write_text("cat\n\ndog\n")
+    (tmp_path / "names.json").write_text(json.dumps({"pets": ["cat", "dog"]}))
+    assert prompts.load_class_names(tmp_path / "names.txt") == ["cat", "dog"]
+    assert prompts.load_class_names(str(tmp_path / "names.json")) == ["cat", "dog"]
+    (tmp_path / "cupl.json").write_text(json.dumps({"Cat": ["a furry pet."], "dog": "barks."}))
+    texts = prompts.class_texts(["cat", "dog", "bird"], ["a {}.", "the {}."],
+                                tmp_path / "cupl.json")
+    # "Cat" is found through its canonical form; a bare string is one sentence.
+    assert texts == [["a cat.", "the cat.", "a furry pet."], ["a dog.", "the dog.", "barks."],
+                     ["a bird.", "the bird."]]
+    assert prompts.class_texts(["cat"], None, {"cat": ["meows."]}) == [["meows."]]
+    with pytest.raises(ValueError):
+        prompts.class_texts(["bird"], None, {"cat": ["meows."]})
+
+
+# ------------------------------------------------------------------------------ base
+
+def test_protocol_batches_and_padding():
+    emb = TableEmbedder(np.eye(3)[[0, 1, 2, 0, 1]], {})
+    assert isinstance(emb, Embedder)
+    z = base.embed_images(emb, index_images(5), batch_size=2)
+    np.testing.assert_allclose(z, np.eye(3)[[0, 1, 2, 0, 1]])
+    # Three calls of one shape (the last batch padded then trimmed): one jit compile.
+    assert emb.image_batch_sizes == [2, 2, 2]
+    z = base.embed_images(emb, index_images(5), batch_size=8, indices=np.array([4, 2]))
+    np.testing.assert_allclose(z, np.eye(3)[[1, 2]])
+
+
+def test_ranks_break_ties_by_lower_index():
+    scores = np.array([[0.5, 0.5, 0.1], [0.5, 0.5, 0.1], [0.1, 0.2, 0.3]])
+    np.testing.assert_array_equal(base.ranks_of(scores, np.array([0, 1, 0])), [0, 1, 2])
+    np.testing.assert_array_equal(base.top_k(scores, 2), [[0, 1], [0, 1], [2, 1]])
+
+
+# -------------------------------------------------------------------------- zero-shot
+
+def zeroshot_case():
+    """3 classes, 7 images. Scores are the image embedding's cosines with e0, e1, e2."""
+    images = [
+        [1, .5, .2],   # label 0: rank 0
+        [.5, 1, .2],   # label 0: predicted 1, true class at rank 1
+        [0, 1, 0],     # label 1: rank 0
+        [.2, .1, 1],   # label 1: predicted 2, true class at rank 2
+        [0, 0, 1], [0, 0, 1], [0, .1, 1],  # label 2: rank 0
+    ]
+    labels = [0, 0, 1, 1, 2, 2, 2]
+    texts = {"cat": np.eye(3)[0], "dog": np.eye(3)[1], "bird": np.eye(3)[2]}
+    return TableEmbedder(images, texts), index_images(7), np.array(labels)
+
+
+def test_zeroshot_accuracies_by_hand():
+    emb, images, labels = zeroshot_case()
+    ev = zeroshot.ZeroShotEvaluator(images, labels, ["Cat", "dog", "bird"], name="toy",
+                                    templates="name", ks=(1, 2, 5), batch_size=3)
+    result = ev.evaluate(emb)
+    assert result.metrics == pytest.approx({
+        "zeroshot/toy/top1": 5 / 7,   # images 0, 2, 4, 5, 6
+        "zeroshot/toy/top2": 6 / 7,   # plus image 1
+        "zeroshot/toy/top5": 1.0,     # k clipped to the 3 classes
+        # recall per class: 1/2, 1/2, 3/3
+        "zeroshot/toy/mean_per_class": (0.5 + 0.5 + 1.0) / 3,
+    })
+    np.testing.assert_array_equal(result.confusion, [[1, 1, 0], [0, 1, 1], [0, 0, 3]])
+    np.testing.assert_array_equal(result.predictions, [0, 1, 1, 2, 2, 2, 2])
+    assert ev.run(emb) == result.metrics
+
+
+def test_prompt_ensembling_is_the_renormalised_mean_and_embedded_once():
+    # Unnormalised template embeddings: each is normalised before averaging.
+    table = {"a cat.": [3.0, 0, 0], "the cat.": [0, 1.0, 1.0],
+             "a dog.": [0, 0, 2.0], "the dog.": [1.0, 1.0, 0]}
+    emb = TableEmbedder(np.eye(3), table)
+    per_class = zeroshot.class_text_embeddings(emb, [["a cat.", "the cat."],
+                                                     ["a dog.", "the dog."]])
+    got = zeroshot.ensemble(per_class)
+    r = 1 / np.sqrt(2)
+    want = normalize([[(1 + 0) / 2, (0 + r) / 2, (0 + r) / 2],
+                      [(0 + r) / 2, (0 + r) / 2, (1 + 0) / 2]])
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+    emb.text_calls.clear()
+    ev = zeroshot.ZeroShotEvaluator(index_images(3), [0, 1, 0], ["cat", "dog"], name="t",
+                                    templates=["a {}.", "the {}."], text_batch_size=64)
+    ev.run(emb)
+    # All 2 classes x 2 templates in a single call, once per evaluation.
+    assert emb.text_calls == [["a cat.", "the cat.", "a dog.", "the dog."]]
+
+
+def test_zpe_weights_by_hand():
+    # Template "a": cat -> e0, dog -> e1. Template "b": cat -> (.6, .8), dog -> (.8, .6).
+    table = {"a cat.": [1, 0], "a dog.": [0, 1], "b cat.": [.6, .8], "b dog.": [.8, .6]}
+    emb = TableEmbedder([[1, 0], [0, 1]], table, logit_scale=2.0)
+    # Logits (scale 2): template a: img0 (2, 0), img1 (0, 2); mean over images (1, 1);
+    #   centred maxima 1 and 1 -> score 1.
+    # template b: img0 (1.2, 1.6), img1 (1.6, 1.2); mean (1.4, 1.4); centred maxima .2, .2
+    #   -> score .2.  Weights softmax(1, .2) = (1, e^-.8) / (1 + e^-.8).
+    want = np.array([1.0, np.exp(-0.8)]) / (1 + np.exp(-0.8))
+    ev = zeroshot.ZeroShotEvaluator(index_images(2), [0, 1], ["cat", "dog"], name="t",
+                                    templates=["a {}.", "b {}."], zpe=True)
+    result = ev.evaluate(emb)
+    np.testing.assert_allclose(result.template_weights, want, rtol=1e-6)
+
+    ztpl = normalize(np.array([[table["a cat."], table["a dog."]],
+                               [table["b cat."], table["b dog."]]]))
+    zimg = np.eye(2)
+    w, scores = zeroshot.zpe_weights(zimg, ztpl, logit_scale=2.0, temperature=0.5)
+    np.testing.assert_allclose(scores, [1.0, 0.2], atol=1e-6)
+    np.testing.assert_allclose(w, np.array([1.0, np.exp(-1.6)]) / (1 + np.exp(-1.6)))
+    # The weighted class embedding is the weighted mean, renormalised.
+    np.testing.assert_allclose(zeroshot.ensemble(list(ztpl.transpose(1, 0, 2)), w),
+                               normalize(w[0] * ztpl[0] + w[1] * ztpl[1]), atol=1e-6)
+
+
+def test_zpe_removes_a_constant_logit_offset():
+    # The bias ZPE corrects: a template whose every logit is raised (frequent words) must
+    # not score higher for it. Brute force with a per-(template, class) offset added.
+    rng = np.random.default_rng(0)
+    zimg, ztpl = normalize(rng.normal(size=(20, 4))), normalize(rng.normal(size=(3, 5, 4)))
+    w, s = zeroshot.zpe_weights(zimg, ztpl, 1.0, batch_size=7)
+    logits = np.einsum("nd,pcd->npc", zimg, ztpl) + 5.0 * rng.random(size=(3, 5))[None]
+    brute = (logits - logits.mean(0)).max(axis=2).mean(axis=0)
+    np.testing.assert_allclose(s, brute, atol=1e-6)
+    np.testing.assert_allclose(w, np.exp(s) / np.exp(s).sum(), atol=1e-6)
+    # A separate reference sample for the expected logits (the paper's pre-training proxy).
+    zref = normalize(rng.normal(size=(9, 4)))
+    _, s_ref = zeroshot.zpe_weights(zimg, ztpl, 1.0, zref=zref)
+    lref = np.einsum("nd,pcd->npc", zref, ztpl).mean(0)
+    brute_ref = (np.einsum("nd,pcd->npc", zimg, ztpl) - lref).max(axis=2).mean(axis=0)
+    np.testing.assert_allclose(s_ref, brute_ref, atol=1e-6)
+
+
+def test_confusion_matrix_png_is_written(tmp_path):
+    emb, images, labels = zeroshot_case()
+    ev = zeroshot.ZeroShotEvaluator(images, labels, ["cat", "dog", "bird"], name="toy",
+                                    templates="name", plot_dir=str(tmp_path / "plots"))
+    ev.run(emb)
+    png = (tmp_path / "plots" / "confusion_toy.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+
+
+# ------------------------------------------------------------------------------- GZSL
+
+def gzsl_case():
+    images = [
+        [1, 0, 0, 0],      # label 0: correct
+        [.1, 0, .9, 0],    # label 0: predicted 2 (an unseen class), with or without gamma
+        [0, 1, 0, 0],      # label 1: correct
+        [.6, 0, .5, 0],    # label 2: cosines .768 (class 0) vs .640 (class 2): predicted 0;
+                           #   with gamma .2, .568 < .640: correct
+        [0, 0, 0, 1], [0, 0, 0, 1],  # label 3: correct
+    ]
+    labels = np.array([0, 0, 1, 2, 3, 3])
+    texts = {n: np.eye(4)[i] for i, n in enumerate(["a", "b", "c", "d"])}
+    return TableEmbedder(images, texts), index_images(6), labels
+
+
+def test_gzsl_by_hand():
+    emb, images, labels = gzsl_case()
+    ev = gzsl.GZSLEvaluator(images, labels, ["a", "b", "c", "d"], seen_classes=["a", "b"],
+                            name="toy", templates="name")
+    # Per class: S = mean(1/2, 1) = .75, U = mean(0, 1) = .5, H = 2 .75 .5 / 1.25 = .6.
+    # ZSL (unseen images among unseen classes only): image 3 -> class 2, all correct.
+    assert ev.run(emb) == pytest.approx({"gzsl/toy/seen": 0.75, "gzsl/toy/unseen": 0.5,
+                                         "gzsl/toy/harmonic": 0.6, "gzsl/toy/zsl": 1.0})
+    per_image = gzsl.GZSLEvaluator(images, labels, ["a", "b", "c", "d"], seen_classes=[0, 1],
+                                   name="toy", templates="name", per_class=False).run(emb)
+    assert per_image["gzsl/toy/seen"] == pytest.approx(2 / 3)
+    assert per_image["gzsl/toy/unseen"] == pytest.approx(2 / 3)
+    assert per_image["gzsl/toy/harmonic"] == pytest.approx(2 / 3)
+    # Calibrated stacking fixes image 3: U = 1, H = 2 .75 / 1.75.
+    calibrated = gzsl.GZSLEvaluator(images, labels, ["a", "b", "c", "d"], seen_classes=[0, 1],
+                                    name="toy", templates="name", gamma=0.2).run(emb)
+    assert calibrated == pytest.approx({"gzsl/toy/seen": 0.75, "gzsl/toy/unseen": 1.0,
+                                        "gzsl/toy/harmonic": 1.5 / 1.75, "gzsl/toy/zsl": 1.0})
+
+
+# -------------------------------------------------------------------------- retrieval
+
+def test_retrieval_recalls_from_a_constructed_similarity():
+    sim = np.array([[0.9, 0.1, 0.8, 0.2, 0.3],     # own {t0, t1}: t0 first        -> rank 0
+                    [0.7, 0.6, 0.5, 0.1, 0.2],     # own {t2, t3}: t2 behind t0, t1 -> rank 2
+                    [0.1, 0.2, 0.3, 0.4, 0.35]])   # own {t4}: behind t3            -> rank 1
+    text_to_image = np.array([0, 0, 1, 1, 2])
+    got = retrieval.recall_at_k(sim, np.eye(5), text_to_image, ks=(1, 2, 5), batch_size=2)
+    # t2i ranks of the caption's image, per column: t0 0, t1 2, t2 1, t3 2, t4 0.
+    assert got == pytest.approx({"i2t_r1": 1 / 3, "i2t_r2": 2 / 3, "i2t_r5": 1.0,
+                                 "t2i_r1": 2 / 5, "t2i_r2": 3 / 5, "t2i_r5": 1.0})
+
+
+def test_retrieval_evaluator_by_hand():
+    c, d = [0, .6, .8], [0, .8, .6]
+    emb = TableEmbedder(np.eye(3), {"a": [0, 1, 0], "b": [1, 0, 0], "c": c, "d": d})
+    ev = retrieval.RetrievalEvaluator(index_images(3), [["a", "b"], "c", ["d"]], name="toy",
+                                      ks=(1, 2, 3))
+    # sim rows (images e0, e1, e2) x columns (a, b, c, d):
+    #   e0: 0 1 0 0 -> own best b at rank 0;  e1: 1 0 .6 .8 -> own c at rank 2;
+    #   e2: 0 0 .8 .6 -> own d at rank 1.
+    # t2i: a -> img0 behind img1, tied with img2 at 0 but lower index: rank 1;
+    #   b rank 0; c (.0 .6 .8) img1 rank 1; d (0 .8 .6) img2 rank 1.
+    assert ev.run(emb) == pytest.approx({
+        "retrieval/toy/i2t_r1": 1 / 3, "retrieval/toy/i2t_r2": 2 / 3, "retrieval/toy/i2t_r3": 1,
+        "retrieval/toy/t2i_r1": 1 / 4, "retrieval/toy/t2i_r2": 1.0, "retrieval/toy/t2i_r3": 1})
+
+
+# ------------------------------------------------------------------------- multilabel
+
+def brute_force_ap(scores, positive):
+    """Mean over positives i of |{positives j: s_j >= s_i}| / |{j: s_j >= s_i}| (no ties)."""
+    precisions = [np.sum(positive & (scores >= s)) / np.sum(scores >= s)
+                  for s in scores[positive]]
+    return np.mean(precisions)
+
+
+def test_map_by_hand_and_against_brute_force():
+    scores = np.array([[0.9, 0.1, 0.5], [0.8, 0.4, 0.5], [0.7, 0.3, 0.5], [0.6, 0.2, 0.5]])
+    targets = np.array([[1, 0, 0], [0, 0, 0], [1, 0, 0], [0, 1, 0]], bool)
+    # Label 0 ranks pos, neg, pos, neg: AP = (1/1 + 2/3) / 2 = 5/6.
+    # Label 1 ranks its positive third: AP = 1/3. Label 2 has no positive: left out.
+    assert multilabel.mean_average_precision(scores, targets) == pytest.approx((5 / 6 + 1 / 3) / 2)
+    # Tied scores rank by image index: a positive second among equals has AP 1/2.
+    assert multilabel.average_precision(np.array([.5, .5]), np.array([0, 1], bool)) == 0.5
+    assert multilabel.average_precision(np.array([.5, .5]), np.array([1, 0], bool)) == 1.0
+
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(60, 7))
+    targets = rng.random((60, 7)) < 0.3
+    want = np.mean([brute_force_ap(scores[:, j], targets[:, j]) for j in range(7)])
+    assert multilabel.mean_average_precision(scores, targets) == pytest.approx(want)
+
+
+def test_f1_at_k_by_hand():
+    scores = np.array([[0.9, 0.5, 0.1], [0.2, 0.3, 0.8]])
+    targets = multilabel.to_multi_hot([[0, 2], [2]], 3)
+    # k=1: predictions {0}, {2}: TP 2 of 2 predicted, 3 true: P 1, R 2/3, F1 .8.
+    assert multilabel.topk_metrics(scores, targets, 1) == pytest.approx(
+        {"precision@1": 1.0, "recall@1": 2 / 3, "f1@1": 0.8})
+    # k=2: predictions {0, 1}, {2, 1}: TP 2 of 4: P 1/2, R 2/3, F1 2 (1/3) / (7/6) = 4/7.
+    assert multilabel.topk_metrics(scores, targets, 2) == pytest.approx(
+        {"precision@2": 0.5, "recall@2": 2 / 3, "f1@2": 4 / 7})
+
+
+def test_multilabel_evaluator():
+    emb = TableEmbedder([[.9, .1, .0], [.1, .9, .2], [.5, .0, .6]],
+                        {"red": [1, 0, 0], "green": [0, 1, 0], "blue": [0, 0, 1]})
+    ev = multilabel.MultilabelEvaluator(index_images(3), [[0], [1, 2], [2]],
+                                        ["red", "green", "blue"], name="toy",
+                                        templates="name", ks=(1,))
+    got = ev.run(emb)
+    # Normalised images: (.99, .11, 0), (.11, .97, .22), (.64, 0, .77). red ranks img0 first,
+    # green img1, blue img2 then img1 (both positives first): every AP is 1. Top-1 labels
+    # red, green, blue are all correct: P 3/3, R 3/4.
+    assert got == pytest.approx({"multilabel/toy/mAP": 1.0, "multilabel/toy/precision@1": 1.0,
+                                 "multilabel/toy/recall@1": 0.75,
+                                 "multilabel/toy/f1@1": 2 * 0.75 / 1.75})
+
+
+# ---------------------------------------------------------------------------- few-shot
+
+@pytest.mark.parametrize("n, d", [(12, 5), (5, 12)])  # primal and dual forms
+def test_ridge_fit_equals_the_closed_form(n, d):
+    rng = np.random.default_rng(n)
+    x, y = rng.normal(size=(n, d)), rng.normal(size=(n, 3))
+    got = fewshot.ridge_fit(x, y, [0.1, 10.0])
+    for w, l2 in zip(got, [0.1, 10.0]):
+        np.testing.assert_allclose(w, np.linalg.solve(x.T @ x + l2 * np.eye(d), x.T @ y),
+                                   atol=1e-10)
+
+
+@pytest.mark.parametrize("standardize", [False, True])
+def test_probe_has_an_unregularised_bias_and_pm1_targets(standardize):
+    rng = np.random.default_rng(1)
+    x, labels = rng.normal(size=(9, 4)) + 3.0, np.arange(9) % 3
+    probe = fewshot.RidgeProbe(x, labels, 3, [2.0], standardize=standardize)
+    # Reference: centred (standardised) features plus a constant column, penalty 2 on the
+    # weights only.
+    xs = (x - x.mean(0)) / ((x.std(0) + 1e-5) if standardize else 1.0)
+    a = np.concatenate([xs, np.ones((9, 1))], axis=1)
+    y = 2.0 * np.eye(3)[labels] - 1.0
+    wb = np.linalg.solve(a.T @ a + np.diag([2.0] * 4 + [0.0]), a.T @ y)
+    np.testing.assert_allclose(probe.weights[0], wb[:4], atol=1e-10)
+    np.testing.assert_allclose(probe.bias, wb[4], atol=1e-10)
+
+
+def test_fewshot_separable_clusters_reach_100_percent():
+    rng = np.random.default_rng(0)
+    centers = np.eye(16)[:4] * 5.0
+    train_labels, test_labels = np.repeat(np.arange(4), 30), np.repeat(np.arange(4), 10)
+    labels = np.concatenate([train_labels, test_labels])
+    table = centers[labels] + 0.3 * rng.normal(size=(len(labels), 16))
+    emb = TableEmbedder(table, {})
+    images = index_images(len(labels))
+    ev = fewshot.FewShotEvaluator(images[:120], train_labels, images[120:], test_labels,
+                                  name="toy", shots=(1, 5, 10), seeds=2, holdout_per_class=5)
+    for train_sets, held in ev.splits:  # held-out images never train any probe
+        assert not np.intersect1d(np.concatenate(train_sets), held).size
+        assert [len(t) for t in train_sets] == [4, 20, 40] and len(held) == 20
+    got = ev.run(emb)
+    assert got == {f"fewshot/toy/{k}shot{s}": (1.0 if not s else 0.0)
+                   for k in (1, 5, 10) for s in ("", "_std")}
+    fixed = fewshot.FewShotEvaluator(images[:120], train_labels, images[120:], test_labels,
+                                     name="toy", shots=(5,), seeds=1, l2_regs=(1.0,))
+    assert fixed.run(emb)["fewshot/toy/5shot"] == 1.0
+    # Why centring is the default: a per-dimension std from 4 images inflates the 12 noise
+    # dimensions to the size of the 4 informative ones.
+    standardized = fewshot.FewShotEvaluator(images[:120], train_labels, images[120:],
+                                            test_labels, name="toy", shots=(1,), seeds=2,
+                                            holdout_per_class=5, standardize=True)
+    assert standardized.run(emb)["fewshot/toy/1shot"] < 0.75
+
+
+def test_fewshot_chance_on_noise():
+    # Features independent of labels: the probe cannot beat chance by much.
+    rng = np.random.default_rng(0)
+    labels = np.tile(np.arange(4), 60)
+    emb = TableEmbedder(rng.normal(size=(240, 16)), {})
+    images = index_images(240)
+    ev = fewshot.FewShotEvaluator(images[:160], labels[:160], images[160:], labels[160:],
+                                  name="noise", shots=(5,), seeds=3)
+    assert ev.run(emb)["fewshot/noise/5shot"] < 0.45
+
+
+# ------------------------------------------------------------------------------ soups
+
+def test_uniform_soup_is_the_mean():
+    a = {"w": np.array([1.0, 2.0], np.float32), "b": {"c": np.float32(3.0)}}
+    b = {"w": np.array([3.0, 6.0], np.float32), "b": {"c": np.float32(0.0)}}
+    soup = soups.uniform_soup([a, b])
+    np.testing.assert_allclose(soup["w"], [2.0, 4.0])
+    np.testing.assert_allclose(soup["b"]["c"], 1.5)
+    assert soup["w"].dtype == np.float32
+
+
+def test_greedy_soup_skips_a_bad_ingredient():
+    bad, good1, good2 = ({"w": np.float32(10.0)}, {"w": np.float32(1.0)},
+                         {"w": np.float32(1.2)})
+
+    def score(p):
+        return -abs(float(p["w"]) - 1.1)
+
+    soup, log = soups.greedy_soup([bad, good1, good2], score)
+    # Individual scores -8.9, -.1, -.1: order good1, good2 (tie keeps list order), bad.
+    # good1 + good2 -> 1.1, score 0 >= -.1: kept. + bad -> 4.07, score -2.97: skipped.
+    assert log["order"] == [1, 2, 0]
+    assert log["ingredients"] == [1, 2]
+    assert [(i, ok) for i, _, ok in log["steps"]] == [(2, True), (0, False)]
+    assert log["steps"][1][1] == pytest.approx(-(12.2 / 3 - 1.1), rel=1e-5)
+    np.testing.assert_allclose(soup["w"], 1.1, rtol=1e-6)
+    assert log["score"] == pytest.approx(0.0, abs=1e-6)
+
+
+# --------------------------------------------------------------------------- registry
+
+def test_registry_builds_from_kwargs():
+    emb, images, labels = zeroshot_case()
+    config = {"zeroshot": dict(images=images, labels=labels, class_names=["cat", "dog", "bird"],
+                               name="toy", templates="name"),
+              "retrieval": dict(images=images[:3], captions=[["cat"], ["dog"], ["bird"]],
+                                name="toy", ks=(1,))}
+    metrics = {}
+    for kind, kwargs in config.items():
+        metrics.update(EVALUATORS[kind](**kwargs).run(emb))
+    assert set(EVALUATORS) == {"zeroshot", "retrieval", "multilabel", "gzsl", "fewshot"}
+    assert metrics["zeroshot/toy/top1"] == pytest.approx(5 / 7)
+    # Images 0-2 against cat/dog/bird: images 0 and 1 retrieve their own caption first,
+    # image 2 (0, 1, 0) retrieves "dog".
+    assert metrics["retrieval/toy/i2t_r1"] == pytest.approx(2 / 3)

@@ -1,0 +1,26 @@
+"""Evaluators for language-image models: zero-shot classification, generalised zero-shot,
+retrieval, zero-shot multi-label, few-shot linear probes; model soups; plots.
+
+Every evaluator is built from plain arguments and has `run(embedder) -> {metric: float}`,
+where `embedder` follows `base.Embedder`. The trainer builds them from config entries:
+`EVALUATORS[kind](**kwargs)`.
+"""
+from vljax.evaluators.base import Embedder, Evaluator
+from vljax.evaluators.fewshot import FewShotEvaluator
+from vljax.evaluators.gzsl import GZSLEvaluator
+from vljax.evaluators.multilabel import MultilabelEvaluator
+from vljax.evaluators.retrieval import RetrievalEvaluator
+from vljax.evaluators.soups import greedy_soup, uniform_soup
+from vljax.evaluators.zeroshot import ZeroShotEvaluator
+
+EVALUATORS = {
+    "zeroshot": ZeroShotEvaluator,
+    "retrieval": RetrievalEvaluator,
+    "multilabel": MultilabelEvaluator,
+    "gzsl": GZSLEvaluator,
+    "fewshot": FewShotEvaluator,
+}
+
+__all__ = ["EVALUATORS", "Embedder", "Evaluator", "FewShotEvaluator", "GZSLEvaluator",
+           "MultilabelEvaluator", "RetrievalEvaluator", "ZeroShotEvaluator", "greedy_soup",
+           "uniform_soup"]

@@ -1,0 +1,93 @@
+"""Generalised zero-shot learning (GZSL): test images of seen and unseen classes are both
+classified among ALL classes (Xian et al., "Zero-shot learning: the good, the bad and the
+ugly", 2018).
+
+  S = accuracy on test images of seen classes, U = accuracy on those of unseen classes,
+  H = 2 S U / (S + U), the harmonic mean, which is high only when both are.
+
+Accuracies are averaged per class by default (Xian et al.'s protocol), per image otherwise.
+Calibrated stacking (Chao et al., 2016) subtracts `gamma` from the scores of seen classes to
+counter a model's bias towards them; scores are cosine similarities, so `gamma` is in cosine
+units and does not depend on the model's temperature.
+"""
+import os
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from vljax.evaluators import base
+from vljax.evaluators import prompts
+from vljax.evaluators import zeroshot
+
+
+def _accuracy(correct: np.ndarray, labels: np.ndarray, per_class: bool) -> float:
+    if not len(correct):
+        return float("nan")
+    if per_class:
+        return float(np.mean([correct[labels == c].mean() for c in np.unique(labels)]))
+    return float(correct.mean())
+
+
+def gzsl_metrics(scores: np.ndarray, labels: np.ndarray, seen: np.ndarray, *,
+                 gamma: float = 0.0, per_class: bool = True) -> dict[str, float]:
+    """S, U, H and the conventional ZSL accuracy from scores.
+
+    Args:
+      scores: [N, C] image-class similarities. labels: [N].
+      seen: [C] bool, True for the seen classes.
+    Returns:
+      {"seen": S, "unseen": U, "harmonic": H, "zsl": accuracy of unseen-class images
+      classified among the unseen classes only}.
+    """
+    calibrated = scores - gamma * seen[None, :]
+    correct = np.argmax(calibrated, axis=1) == labels
+    is_seen = seen[labels]
+    s = _accuracy(correct[is_seen], labels[is_seen], per_class)
+    u = _accuracy(correct[~is_seen], labels[~is_seen], per_class)
+    h = 2 * s * u / (s + u) if s + u > 0 else 0.0
+    unseen_idx = np.flatnonzero(~seen)
+    zsl_pred = unseen_idx[np.argmax(scores[~is_seen][:, unseen_idx], axis=1)]
+    zsl = _accuracy(zsl_pred == labels[~is_seen], labels[~is_seen], per_class)
+    return {"seen": s, "unseen": u, "harmonic": float(h), "zsl": zsl}
+
+
+class GZSLEvaluator(base.Evaluator):
+    """Metrics "gzsl/<name>/seen", ".../unseen", ".../harmonic", ".../zsl"."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, class_names: Sequence[str] | str,
+                 seen_classes: Sequence[int] | Sequence[str], *, name: str,
+                 templates: str | Sequence[str] | None = "clip80",
+                 descriptions: str | os.PathLike | Mapping[str, Sequence[str]] | None = None,
+                 canonicalize: bool = True, gamma: float = 0.0, per_class: bool = True,
+                 batch_size: int = 256, text_batch_size: int = 256):
+        """
+        Args:
+          images: [N, H, W, 3] float32 test images of seen and unseen classes.
+          labels: [N] ints in [0, C).
+          class_names: all C class names (or a file).
+          seen_classes: the seen classes, as indices or as names (before canonicalisation).
+          gamma: calibrated-stacking offset subtracted from seen-class cosine scores.
+        """
+        names = prompts.load_class_names(class_names)
+        seen = np.zeros(len(names), bool)
+        for c in seen_classes:
+            seen[names.index(c) if isinstance(c, str) else int(c)] = True
+        if seen.all() or not seen.any():
+            raise ValueError("GZSL needs both seen and unseen classes")
+        self.seen = seen
+        self.class_names = [prompts.canonicalize_name(n) for n in names] if canonicalize \
+            else names
+        self.images, self.labels = images, np.asarray(labels, np.int64)
+        if len(self.images) != len(self.labels):
+            raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
+        self.texts = prompts.class_texts(self.class_names, templates, descriptions)
+        self.name, self.gamma, self.per_class = name, gamma, per_class
+        self.batch_size, self.text_batch_size = batch_size, text_batch_size
+
+    def run(self, embedder: base.Embedder) -> dict[str, float]:
+        zimg = base.l2_normalize(base.embed_images(embedder, self.images, self.batch_size))
+        ztxt = zeroshot.ensemble(
+            zeroshot.class_text_embeddings(embedder, self.texts, self.text_batch_size))
+        metrics = gzsl_metrics(zimg @ ztxt.T, self.labels, self.seen, gamma=self.gamma,
+                               per_class=self.per_class)
+        return {f"gzsl/{self.name}/{k}": v for k, v in metrics.items()}
