@@ -1,0 +1,390 @@
+"""vljax.losses: parity with open_clip and with references written from the papers, equality of
+the sharded (shard_map over 2/4/8 CPU devices) and single-device forms, ring memory."""
+import importlib.util
+import itertools
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from vljax import losses
+
+B, D = 16, 8  # global batch divisible by 8 devices
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def _normalised(rng, *shape):
+    x = rng.normal(size=shape)
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def _close(actual, expected):
+    np.testing.assert_allclose(np.asarray(actual), np.asarray(expected), rtol=RTOL, atol=ATOL)
+
+
+def _mesh(n):
+    return jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,),
+                         devices=jax.devices()[:n])
+
+
+def _sharded_value_and_grad(fn, args, specs, argnums, n):
+    """value_and_grad of fn(*args, axis_name="data") run in shard_map on the first n devices."""
+    mesh = _mesh(n)
+    args = [jax.device_put(a, NamedSharding(mesh, s)) for a, s in zip(args, specs)]
+    f = jax.shard_map(lambda *a: fn(*a, axis_name="data"), mesh=mesh, in_specs=tuple(specs),
+                      out_specs=P())
+    return jax.jit(jax.value_and_grad(f, argnums=argnums))(*args)
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    return dict(zimg=_normalised(rng, B, D), ztxt=_normalised(rng, B, D),
+                zref=_normalised(rng, B, 5), t=np.float32(4.0), b=np.float32(-2.5), rng=rng)
+
+
+# ----------------------------------------------------------------------------- open_clip parity
+
+
+@pytest.fixture(scope="module")
+def open_clip_loss():
+    """open_clip/loss.py loaded by path: the package __init__ needs torchvision; loss.py not."""
+    pytest.importorskip("torch")
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None:
+        pytest.skip("open_clip_torch not installed")
+    path = pathlib.Path(spec.submodule_search_locations[0]) / "loss.py"
+    mod_spec = importlib.util.spec_from_file_location("open_clip_loss_ref", path)
+    module = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(module)
+    return module
+
+
+def _torch_value_and_grads(loss_fn, *arrays):
+    import torch
+    tensors = [torch.tensor(np.asarray(a), dtype=torch.float32, requires_grad=True) for a in arrays]
+    value = loss_fn(*tensors)
+    value.backward()
+    return value.item(), [x.grad.numpy() for x in tensors]
+
+
+def test_softmax_matches_open_clip_clip_loss(data, open_clip_loss):
+    ref_value, ref_grads = _torch_value_and_grads(
+        open_clip_loss.ClipLoss(), data["zimg"], data["ztxt"], data["t"])
+    value, grads = jax.value_and_grad(losses.softmax_contrastive, argnums=(0, 1, 2))(
+        data["zimg"], data["ztxt"], data["t"])
+    _close(value, ref_value)
+    for g, r in zip(grads, ref_grads):
+        _close(g, r)
+
+
+def test_sigmoid_matches_open_clip_siglip_loss(data, open_clip_loss):
+    ref_value, ref_grads = _torch_value_and_grads(
+        open_clip_loss.SigLipLoss(), data["zimg"], data["ztxt"], data["t"], data["b"])
+    for impl in ("all_gather", "ring"):  # on one device both are the plain block
+        value, grads = jax.value_and_grad(losses.sigmoid_loss, argnums=(0, 1, 2, 3))(
+            data["zimg"], data["ztxt"], data["t"], data["b"], impl=impl)
+        _close(value, ref_value)
+        for g, r in zip(grads, ref_grads):
+            _close(g, r)
+
+
+def test_sigmoid_normalisation_relative_to_open_clip_per_rank_losses(data, open_clip_loss):
+    """open_clip's SigLipLoss on rank r of n sums its b local images against all B texts and
+    divides by b; DDP averages over ranks. The mean of those per-rank losses is our global loss.
+    The per-rank values are built with SigLipLoss._loss exactly as its 'shift' ring does."""
+    n = 4
+    nb = B // n
+    ref = open_clip_loss.SigLipLoss(rank=0, world_size=1)
+
+    def per_rank_mean(zimg, ztxt, t, b):
+        total = 0.0
+        for r in range(n):
+            img_r = zimg[r * nb:(r + 1) * nb]
+            loss_r = ref._loss(img_r, ztxt[r * nb:(r + 1) * nb], t, b)
+            for s in range(n):
+                if s != r:
+                    loss_r = loss_r + ref._loss(img_r, ztxt[s * nb:(s + 1) * nb], t, b,
+                                                negative_only=True)
+            total = total + loss_r
+        return total / n
+
+    ref_value, ref_grads = _torch_value_and_grads(
+        per_rank_mean, data["zimg"], data["ztxt"], data["t"], data["b"])
+    value, grads = jax.value_and_grad(losses.sigmoid_loss, argnums=(0, 1, 2, 3))(
+        data["zimg"], data["ztxt"], data["t"], data["b"])
+    _close(value, ref_value)
+    for g, r in zip(grads, ref_grads):
+        _close(g, r)
+
+
+# ----------------------------------------------------------------------------- paper references
+
+
+def _log_softmax(x):
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def ref_dcl(zimg, ztxt, t):
+    """Yeh et al. 2022, cross-modal: -s_ii + log sum_{j != i} exp(s_ij), both directions."""
+    zimg, ztxt = zimg.astype(np.float64), ztxt.astype(np.float64)
+    n = len(zimg)
+    total = 0.0
+    for s in (t * zimg @ ztxt.T, t * ztxt @ zimg.T):
+        for i in range(n):
+            neg = [s[i, j] for j in range(n) if j != i]
+            total += -s[i, i] + np.log(np.sum(np.exp(neg)))
+    return total / (2 * n)
+
+
+def ref_cwcl(zimg, ztxt, t, zref, ref_modality="image", symmetric=False):
+    """Srinivasa et al. 2023, with U the frozen (reference) modality:
+    L_{U->V} = -1/N sum_i 1/(sum_j w_ij) sum_j w_ij log softmax_j(<p_i, q_j> / tau),
+    w_ij = <zref_i, zref_j>/2 + 1/2."""
+    zimg, ztxt, zref = (x.astype(np.float64) for x in (zimg, ztxt, zref))
+    p, q = (zimg, ztxt) if ref_modality == "image" else (ztxt, zimg)
+    n = len(p)
+    w = np.array([[0.5 * zref[i] @ zref[j] + 0.5 for j in range(n)] for i in range(n)])
+
+    def one_way(anchor, cand):
+        total = 0.0
+        for i in range(n):
+            logits = np.array([t * anchor[i] @ cand[j] for j in range(n)])
+            logp = logits - np.log(np.sum(np.exp(logits)))
+            total += -np.sum(w[i] * logp) / np.sum(w[i])
+        return total / n
+
+    if symmetric:
+        return (one_way(p, q) + one_way(q, p)) / 2
+    return one_way(p, q)
+
+
+def ref_multi_positive(zimg, ztxt, t, mask):
+    """Uniform target over the positives of each row (mask | identity), rows of mask^T for t2i."""
+    zimg, ztxt = zimg.astype(np.float64), ztxt.astype(np.float64)
+    mask = np.asarray(mask, bool) | np.eye(len(zimg), dtype=bool)
+    total = 0.0
+    for logits, m in ((t * zimg @ ztxt.T, mask), (t * ztxt @ zimg.T, mask.T)):
+        logp = _log_softmax(logits)
+        for i in range(len(m)):
+            total += -np.mean(logp[i][m[i]])
+    return total / (2 * len(zimg))
+
+
+def ref_filip_similarity(img, txt, txt_mask, img_mask):
+    img, txt = img.astype(np.float64), txt.astype(np.float64)
+    i2t = np.zeros((len(img), len(txt)))
+    t2i = np.zeros((len(img), len(txt)))
+    for bi, ci in itertools.product(range(len(img)), range(len(txt))):
+        vi = img[bi][img_mask[bi]]  # valid image tokens [n, D]
+        vt = txt[ci][txt_mask[ci]]  # valid text tokens [m, D]
+        s = vi @ vt.T
+        i2t[bi, ci] = np.mean([s[k].max() for k in range(len(vi))])
+        t2i[bi, ci] = np.mean([s[:, k].max() for k in range(len(vt))])
+    return i2t, t2i
+
+
+def ref_filip_loss(img, txt, txt_mask, img_mask, t):
+    i2t, t2i = ref_filip_similarity(img, txt, txt_mask, img_mask)
+    ce = lambda logits: -np.mean(np.diag(_log_softmax(logits)))  # noqa: E731
+    return (ce(t * i2t) + ce(t * t2i.T)) / 2
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    rng = np.random.default_rng(1)
+    img = _normalised(rng, B, 3, D)
+    txt = _normalised(rng, B, 4, D)
+    txt_mask = rng.random((B, 4)) < 0.6
+    txt_mask[:, 0] = True  # every caption has at least one token
+    img_mask = rng.random((B, 3)) < 0.7
+    img_mask[:, 0] = True
+    return dict(img=img, txt=txt, txt_mask=txt_mask, img_mask=img_mask)
+
+
+def test_dcl_matches_paper_reference(data):
+    value = losses.dcl_loss(data["zimg"], data["ztxt"], data["t"])
+    _close(value, ref_dcl(data["zimg"], data["ztxt"], data["t"]))
+
+
+@pytest.mark.parametrize("ref_modality", ["image", "text"])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_cwcl_matches_paper_reference(data, ref_modality, symmetric):
+    value = losses.cwcl_loss(data["zimg"], data["ztxt"], data["t"], data["zref"],
+                             ref_modality=ref_modality, symmetric=symmetric)
+    _close(value, ref_cwcl(data["zimg"], data["ztxt"], data["t"], data["zref"],
+                           ref_modality, symmetric))
+
+
+def test_cwcl_direction_matters(data):
+    """The two directions differ, so the docstring's choice of direction is a real one."""
+    one = losses.cwcl_loss(data["zimg"], data["ztxt"], data["t"], data["zref"])
+    other = losses.cwcl_loss(data["zimg"], data["ztxt"], data["t"], data["zref"],
+                             ref_modality="text")
+    assert abs(float(one) - float(other)) > 1e-3
+
+
+def test_multi_positive_matches_reference_for_ids_sets_and_masks(data):
+    rng = np.random.default_rng(2)
+    ids = rng.integers(0, 5, size=B)  # duplicates: several positives per row
+    value = losses.multi_positive_contrastive(data["zimg"], data["ztxt"], data["t"], labels=ids)
+    _close(value, ref_multi_positive(data["zimg"], data["ztxt"], data["t"],
+                                     ids[:, None] == ids[None, :]))
+    sets = rng.integers(0, 2, size=(3, 4))[rng.integers(0, 3, size=B)]  # 3 distinct label sets
+    value = losses.multi_positive_contrastive(data["zimg"], data["ztxt"], data["t"], labels=sets)
+    same = np.all(sets[:, None] == sets[None, :], axis=-1)
+    _close(value, ref_multi_positive(data["zimg"], data["ztxt"], data["t"], same))
+    mask = rng.random((B, B)) < 0.2  # not symmetric
+    value = losses.multi_positive_contrastive(data["zimg"], data["ztxt"], data["t"], pos_mask=mask)
+    _close(value, ref_multi_positive(data["zimg"], data["ztxt"], data["t"], mask))
+
+
+def test_multi_positive_with_unique_ids_is_clip(data):
+    value = losses.multi_positive_contrastive(data["zimg"], data["ztxt"], data["t"],
+                                              labels=np.arange(B))
+    _close(value, losses.softmax_contrastive(data["zimg"], data["ztxt"], data["t"]))
+
+
+def test_filip_similarity_and_loss_match_reference(tokens, data):
+    i2t, t2i = losses.filip_similarity(tokens["img"], tokens["txt"], tokens["txt_mask"],
+                                       tokens["img_mask"])
+    ref_i2t, ref_t2i = ref_filip_similarity(tokens["img"], tokens["txt"], tokens["txt_mask"],
+                                            tokens["img_mask"])
+    assert i2t.shape == t2i.shape == (B, B)
+    _close(i2t, ref_i2t)
+    _close(t2i, ref_t2i)
+    value = losses.filip_loss(tokens["img"], tokens["txt"], tokens["txt_mask"], data["t"],
+                              img_mask=tokens["img_mask"])
+    _close(value, ref_filip_loss(tokens["img"], tokens["txt"], tokens["txt_mask"],
+                                 tokens["img_mask"], data["t"]))
+
+
+def test_filip_with_one_token_is_clip(data):
+    value = losses.filip_loss(data["zimg"][:, None], data["ztxt"][:, None], None, data["t"])
+    _close(value, losses.softmax_contrastive(data["zimg"], data["ztxt"], data["t"]))
+
+
+# ----------------------------------------------------------------------------- sharded == single
+
+
+def _cases(data, tokens):
+    """name -> (fn(*args, axis_name=None), args, in_specs, argnums to differentiate)."""
+    rng = np.random.default_rng(3)
+    bs, rep = P("data"), P()
+    zi, zt, t, b = data["zimg"], data["ztxt"], data["t"], data["b"]
+    mask = rng.random((B, B)) < 0.2
+    return {
+        "softmax": (losses.softmax_contrastive, (zi, zt, t), (bs, bs, rep), (0, 1, 2)),
+        "sigmoid": (losses.sigmoid_loss, (zi, zt, t, b), (bs, bs, rep, rep), (0, 1, 2, 3)),
+        "sigmoid_ring": (lambda *a, axis_name=None: losses.sigmoid_loss(
+            *a, axis_name=axis_name, impl="ring"), (zi, zt, t, b), (bs, bs, rep, rep),
+            (0, 1, 2, 3)),
+        "dcl": (losses.dcl_loss, (zi, zt, t), (bs, bs, rep), (0, 1, 2)),
+        "cwcl": (lambda *a, axis_name=None: losses.cwcl_loss(
+            *a, axis_name=axis_name, symmetric=True), (zi, zt, t, data["zref"]),
+            (bs, bs, rep, bs), (0, 1, 2)),
+        "multi_positive_ids": (lambda zi, zt, t, ids, axis_name=None:
+                               losses.multi_positive_contrastive(zi, zt, t, labels=ids,
+                                                                 axis_name=axis_name),
+                               (zi, zt, t, rng.integers(0, 5, size=B)), (bs, bs, rep, bs),
+                               (0, 1, 2)),
+        "multi_positive_mask": (lambda zi, zt, t, m, axis_name=None:
+                                losses.multi_positive_contrastive(zi, zt, t, pos_mask=m,
+                                                                  axis_name=axis_name),
+                                (zi, zt, t, mask), (bs, bs, rep, P("data", None)), (0, 1, 2)),
+        "filip": (lambda it, tt, tm, t, im, axis_name=None: losses.filip_loss(
+            it, tt, tm, t, axis_name=axis_name, img_mask=im),
+            (tokens["img"], tokens["txt"], tokens["txt_mask"], t, tokens["img_mask"]),
+            (bs, bs, bs, rep, bs), (0, 1, 3)),
+    }
+
+
+CASES = ["softmax", "sigmoid", "sigmoid_ring", "dcl", "cwcl", "multi_positive_ids",
+         "multi_positive_mask", "filip"]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_sharded_equals_single_device_on_8_devices(name, data, tokens):
+    fn, args, specs, argnums = _cases(data, tokens)[name]
+    value, grads = _sharded_value_and_grad(fn, args, specs, argnums, n=8)
+    ref_value, ref_grads = jax.value_and_grad(fn, argnums=argnums)(*args)
+    _close(value, ref_value)
+    for g, r in zip(grads, ref_grads):
+        _close(g, r)
+
+
+@pytest.mark.parametrize("n", [2, 4, 8])
+def test_ring_sigmoid_equals_all_gather(n, data):
+    args = (data["zimg"], data["ztxt"], data["t"], data["b"])
+    specs = (P("data"), P("data"), P(), P())
+    results = [
+        _sharded_value_and_grad(
+            lambda *a, axis_name, impl=impl: losses.sigmoid_loss(*a, axis_name=axis_name,
+                                                                 impl=impl),
+            args, specs, (0, 1, 2, 3), n)
+        for impl in ("all_gather", "ring")]
+    (v_ag, g_ag), (v_ring, g_ring) = results
+    _close(v_ring, v_ag)
+    for g, r in zip(g_ring, g_ag):
+        _close(g, r)
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def _temp_bytes(impl, n, b=512, width=512):
+    mesh = _mesh(n)
+
+    def sds(shape, spec):
+        return jax.ShapeDtypeStruct(shape, jnp.float32, sharding=NamedSharding(mesh, spec))
+
+    f = jax.shard_map(lambda zi, zt, t, bias: losses.sigmoid_loss(
+        zi, zt, t, bias, axis_name="data", impl=impl), mesh=mesh,
+        in_specs=(P("data"), P("data"), P(), P()), out_specs=P())
+    compiled = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3))).lower(
+        sds((n * b, width), P("data")), sds((n * b, width), P("data")), sds((), P()),
+        sds((), P())).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_ring_memory_is_flat_in_device_count():
+    ring = {n: _temp_bytes("ring", n) for n in (2, 4, 8)}
+    all_gather_8 = _temp_bytes("all_gather", 8)
+    assert ring[8] <= 1.25 * ring[2], ring
+    assert ring[4] <= 1.25 * ring[2], ring
+    assert ring[8] <= all_gather_8 / 4, (ring, all_gather_8)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_bad_inputs_raise_clear_errors(data):
+    zi, zt, t, b = data["zimg"], data["ztxt"], data["t"], data["b"]
+    with pytest.raises(ValueError, match="same shape"):
+        losses.softmax_contrastive(zi, zt[:4], t)
+    with pytest.raises(ValueError, match="t must be a scalar"):
+        losses.softmax_contrastive(zi, zt, np.ones(2, np.float32))
+    with pytest.raises(ValueError, match="impl"):
+        losses.sigmoid_loss(zi, zt, t, b, impl="bidir")
+    with pytest.raises(ValueError, match="exactly one"):
+        losses.multi_positive_contrastive(zi, zt, t)
+    with pytest.raises(ValueError, match="pos_mask"):
+        losses.multi_positive_contrastive(zi, zt, t, pos_mask=np.ones((B, B - 1), bool))
+    with pytest.raises(ValueError, match="zref"):
+        losses.cwcl_loss(zi, zt, t, data["zref"][:3])
+    with pytest.raises(ValueError, match="at least 2"):
+        losses.dcl_loss(zi[:1], zt[:1], t)
+    with pytest.raises(ValueError, match="widths"):
+        losses.filip_similarity(zi[:, None], np.ones((B, 2, D + 1), np.float32))
+
+
+def test_losses_registry():
+    assert losses.LOSSES == {
+        "softmax": losses.softmax_contrastive, "sigmoid": losses.sigmoid_loss,
+        "dcl": losses.dcl_loss, "cwcl": losses.cwcl_loss,
+        "multi_positive": losses.multi_positive_contrastive, "filip": losses.filip_loss}
