@@ -1,0 +1,230 @@
+"""grain input pipelines: the training iterator (sharded, shuffled, mixed, augmented) and eval batches.
+
+Training config (`config.input`, an ml_collections ConfigDict or a dict):
+
+    data=[dict(source="tfds", name="vljax_emoji", split="train", weight=1.0),
+          dict(source="tfds", name="vljax_openclipart", split="train", weight=1.0)],
+    batch_size=256,              # global; each process gets batch_size // process_count
+    image_size=112,
+    value_range="efficientnet",  # or (lo, hi), "clip", "imagenet" (see transforms.normalize)
+    augment=dict(random_resized_crop=(0.8, 1.0), greyscale=0.1, colour_jitter=0.0),
+    num_workers=2,               # grain worker processes; 0 = in this process
+    read_threads=4,              # threads per worker that read + preprocess examples
+    label=False,                 # add batch["label"] from each source's label_key (-1 if none)
+    data_dir=None,               # TFDS data dir; default <assets>/tfds
+
+Shuffling is grain's global index shuffle (random access, no buffer), reseeded every epoch, so
+there is no shuffle_buffer setting.
+"""
+import math
+
+from absl import flags
+import grain
+import jax
+import ml_collections
+import numpy as np
+
+from vljax.data import sources as sources_lib
+from vljax.data.preprocess import (SKIP_REASONS, SKIPPED_KEY, Collate, Preprocess,
+                                   SkipCountingBatch)
+
+
+def _seed(*parts: int) -> int:
+    """A 32-bit seed from several ints (grain seeds must be < 2**32)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+def _get(cfg, key, default=None):
+    return cfg.get(key, default) if cfg is not None else default
+
+
+class TrainIterator:
+    """Iterator over this process's training batches:
+
+        {"image": f32 [B, S, S, 3], "text": i32 [B, L],
+         "label": i32 [B] (config.input.label), "index": i32 [B] (emit_index),
+         "skipped/<reason>": int64 scalar}
+
+    `skipped/<reason>` (missing_file, decode_error, empty_caption, read_error) is how many records
+    this process has skipped so far, cumulative, across restores: pop these keys before sharding
+    the batch and log them with the training metrics (`self.skipped` holds the same dict).
+    `get_state()` returns a JSON-serialisable dict; `set_state()` of that state on a freshly made
+    iterator with the same config, seed and process layout yields exactly the batches that
+    followed it.
+    """
+
+    def __init__(self, dataset: grain.IterDataset):
+        self._dataset = dataset
+        self._it = iter(dataset)
+        self.skipped = dict.fromkeys(SKIP_REASONS, 0)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        batch = next(self._it)
+        for reason, n in zip(SKIP_REASONS, batch.pop(SKIPPED_KEY)):
+            self.skipped[reason] += int(n)
+        batch.update({f"skipped/{r}": np.int64(n) for r, n in self.skipped.items()})
+        return batch
+
+    def get_state(self) -> dict:
+        return {"grain": self._it.get_state(), "skipped": dict(self.skipped)}
+
+    def set_state(self, state: dict) -> None:
+        self._it.set_state(state["grain"])
+        self.skipped = dict.fromkeys(SKIP_REASONS, 0) | dict(state["skipped"])
+
+    def close(self) -> None:
+        """Stops worker processes (also done on garbage collection, but not promptly)."""
+        close = getattr(self._it, "close", None)
+        if close is not None:
+            close()
+
+
+def _value_range(v):
+    """ConfigDict turns tuples into lists; Preprocess is frozen (hashable), so back to a tuple."""
+    return v if isinstance(v, str) else tuple(float(x) for x in v)
+
+
+def _preprocess_from_config(cfg) -> Preprocess:
+    aug = _get(cfg, "augment") or {}
+    crop = aug.get("random_resized_crop", (0.8, 1.0))
+    return Preprocess(image_size=int(cfg["image_size"]),
+                      value_range=_value_range(cfg.get("value_range", "efficientnet")),
+                      crop_scale=tuple(crop) if crop else None,
+                      greyscale=float(aug.get("greyscale", 0.0)),
+                      colour_jitter=float(aug.get("colour_jitter", 0.0)))
+
+
+def _local_batch_size(global_batch: int, process_count: int) -> int:
+    if global_batch % process_count:
+        raise ValueError(f"config.input.batch_size={global_batch} is not divisible by "
+                         f"process_count={process_count}")
+    return global_batch // process_count
+
+
+def make_train_dataset(config, tokenizer, *, seed: int, process_index: int = 0,
+                       process_count: int = 1, emit_index: bool = False) -> grain.IterDataset:
+    """The grain IterDataset behind `make_train_iterator` (for inspection and benchmarks)."""
+    entries = list(config["data"])
+    if not entries:
+        raise ValueError("config.input.data is empty: give at least one source")
+    data_dir = _get(config, "data_dir")
+    parts, weights, offset = [], [], 0
+    for i, entry in enumerate(entries):
+        src = sources_lib.get_source(entry, data_dir=data_dir)
+        if len(src) < process_count:
+            raise ValueError(f"config.input.data[{i}] ({src!r}) has fewer records than processes")
+        # Shard records before shuffling: the processes see disjoint subsets that cover the data.
+        ds = grain.MapDataset.source(sources_lib.Indexed(src, offset))
+        ds = ds[process_index::process_count]
+        offset += len(src)
+        ds = ds.shuffle(seed=_seed(seed, process_index, i)).repeat()  # reshuffled every epoch
+        parts.append(ds)
+        weights.append(float(entry.get("weight", 1.0)))
+    ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
+    ds = ds.random_map(_preprocess_from_config(config), seed=_seed(seed, process_index, 10**6))
+
+    batch = _local_batch_size(int(config["batch_size"]), process_count)
+    threads = int(_get(config, "read_threads", 4))
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
+                                              prefetch_buffer_size=max(2 * batch, threads)))
+    collate = Collate(tokenizer, with_label=bool(_get(config, "label", False)),
+                      with_index=emit_index, keep_captions=bool(_get(config, "keep_captions", False)))
+    ds = SkipCountingBatch(ds, batch, collate)
+    workers = int(_get(config, "num_workers", 0))
+    if workers > 0:
+        # grain's worker processes read absl flags; outside an absl app they are unparsed and
+        # every worker would die with UnparsedFlagAccessError. Defaults are what they would get.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=workers, per_worker_buffer_size=int(_get(config, "worker_buffer", 2))))
+    return ds
+
+
+def make_train_iterator(config, tokenizer, *, seed: int, process_index: int | None = None,
+                        process_count: int | None = None, emit_index: bool = False
+                        ) -> TrainIterator:
+    """Endless iterator of this process's training batches (see TrainIterator).
+
+    config: the `config.input` subtree (module docstring). tokenizer: `tok(list[str]) -> int32
+    [N, L]`; it must be picklable when num_workers > 0. emit_index: add batch["index"], each
+    example's row in the concatenation of config.input.data's sources in config order (unsharded,
+    unshuffled: source k's record i is sum(len(sources[:k])) + i), e.g. to look up features
+    cached by iterating `make_eval_batches` over each source in turn. Restoring a state needs the
+    same config (num_workers included: worker w processes every num_workers-th example), seed
+    and processes.
+    """
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    return TrainIterator(make_train_dataset(config, tokenizer, seed=seed,
+                                            process_index=process_index,
+                                            process_count=process_count, emit_index=emit_index))
+
+
+def make_eval_batches(data, *, batch_size: int, image_size: int, value_range="efficientnet",
+                      tokenizer=None, data_dir=None, read_threads: int = 4,
+                      process_index: int | None = None, process_count: int | None = None):
+    """Yields eval batches over one source, in order, each record once.
+
+    data: a source config entry (dict(source="tfds", name=..., split=..., label_key=...)) or a
+    source object. Batches: {"image": f32 [b, S, S, 3], "label": i32 [b], "mask": bool [b],
+    "text": i32 [b, L] (with a tokenizer: the first caption)}, b = batch_size // process_count.
+    The last batches are padded (zeros, mask False), and so are records that cannot be read
+    (counted in `EvalBatches.skipped`). Every process yields the same number of batches, as
+    collective evaluation steps need.
+    """
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    source = sources_lib.get_source(data, data_dir=data_dir) if isinstance(
+        data, (dict, ml_collections.ConfigDict)) else data
+    return EvalBatches(source, batch_size=batch_size, image_size=image_size, value_range=value_range,
+                       tokenizer=tokenizer, read_threads=read_threads,
+                       process_index=process_index, process_count=process_count)
+
+
+class EvalBatches:
+    """Iterable of padded eval batches (see make_eval_batches); `skipped` counts unreadable records
+    of the last pass, per reason; `num_batches` is the same on every process."""
+
+    def __init__(self, source, *, batch_size, image_size, value_range, tokenizer, read_threads,
+                 process_index, process_count):
+        self.source = source
+        self.batch = _local_batch_size(batch_size, process_count)
+        self.num_examples = len(self.source)
+        per_process = math.ceil(self.num_examples / process_count)
+        self.num_batches = math.ceil(per_process / self.batch)
+        # Without a tokenizer nothing reads the captions: records without one still count.
+        self._pre = Preprocess(image_size=image_size, value_range=_value_range(value_range),
+                               require_caption=tokenizer is not None)
+        self._tok, self._threads = tokenizer, read_threads
+        self._shard = (process_index, process_count)
+        self.skipped = dict.fromkeys(SKIP_REASONS, 0)
+
+    def __len__(self):
+        return self.num_batches
+
+    def __iter__(self):
+        pi, pc = self._shard
+        ds = grain.MapDataset.source(self.source)[pi::pc].map(self._pre.eval)
+        it = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=self._threads,
+                                                       prefetch_buffer_size=2 * self.batch)))
+        self.skipped = dict.fromkeys(SKIP_REASONS, 0)
+        s = self._pre.image_size
+        for _ in range(self.num_batches):
+            exs = [ex for _, ex in zip(range(self.batch), it)]
+            image = np.zeros((self.batch, s, s, 3), np.float32)
+            label = np.full((self.batch,), -1, np.int32)
+            mask = np.zeros((self.batch,), bool)
+            captions = [""] * self.batch
+            for j, ex in enumerate(exs):
+                if "skip" in ex:
+                    self.skipped[ex["skip"]] += 1
+                    continue
+                image[j], label[j], mask[j], captions[j] = ex["image"], ex["label"], True, ex["caption"]
+            out = {"image": image, "label": label, "mask": mask}
+            if self._tok is not None:
+                out["text"] = np.asarray(self._tok(captions), np.int32)
+            yield out

@@ -1,0 +1,125 @@
+"""Record -> example preprocessing and a batcher that skips bad examples and counts them.
+
+A record that cannot be used (missing file, undecodable image, no non-empty caption, unreadable
+source entry) becomes `{"skip": reason}` instead of raising. `SkipCountingBatch` leaves those out of
+the batches and attaches to each batch how many were left out since the previous batch, per reason
+(`batch["_skipped"]`, int64 [len(SKIP_REASONS)]). The counts travel inside the batches, so they
+survive grain's worker processes and need no shared state.
+"""
+import dataclasses
+
+import grain
+import numpy as np
+
+from vljax.data import transforms as T
+
+SKIP_REASONS = ("missing_file", "decode_error", "empty_caption", "read_error")
+SKIPPED_KEY = "_skipped"
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocess:
+    """record -> {"image": float32 [S, S, 3], "caption": str, "label": int} or {"skip": reason}.
+
+    Train mode (called by grain's random_map with an rng): random resized crop with area fraction
+    in `crop_scale`, greyscale with probability `greyscale`, colour jitter of `colour_jitter`
+    strength, a random caption. No horizontal flip: captions say "left" and "right".
+    Eval mode (rng None): resize shorter side + centre crop, the first caption.
+    """
+    image_size: int
+    value_range: object = "efficientnet"
+    crop_scale: tuple | None = None  # None: eval crop even with an rng
+    greyscale: float = 0.0
+    colour_jitter: float = 0.0
+    require_caption: bool = True  # False for image-only evals (classification)
+
+    def __call__(self, record: dict, rng: np.random.Generator | None = None) -> dict:
+        if "error" in record:
+            return {"skip": record["error"]}
+        caption = T.choose_caption(record["captions"], rng)
+        if caption is None and self.require_caption:
+            return {"skip": "empty_caption"}
+        try:
+            img = T.decode_image(record["image"])
+        except FileNotFoundError:
+            return {"skip": "missing_file"}
+        except T.DECODE_ERRORS:
+            return {"skip": "decode_error"}
+        if rng is not None and self.crop_scale is not None:
+            img = T.random_resized_crop(img, self.image_size, rng, scale=tuple(self.crop_scale))
+        else:
+            img = T.resize_small_center_crop(img, self.image_size)
+        if rng is not None:
+            img = T.colour_jitter(img, rng, self.colour_jitter)
+            img = T.random_greyscale(img, rng, self.greyscale)
+        return {"image": T.normalize(img, self.value_range), "caption": caption or "",
+                "label": int(record.get("label", -1)), "index": int(record.get("index", -1))}
+
+    def eval(self, record: dict) -> dict:
+        """Deterministic variant for MapDataset.map."""
+        return self(record, None)
+
+
+def count_skips(examples) -> np.ndarray:
+    counts = np.zeros(len(SKIP_REASONS), np.int64)
+    for ex in examples:
+        counts[SKIP_REASONS.index(ex["skip"])] += 1
+    return counts
+
+
+@dataclasses.dataclass(frozen=True)
+class Collate:
+    """Stacks valid examples and tokenises their captions:
+    {"image", "text", "label"?, "index"?, "caption"?, "_skipped"}."""
+    tokenizer: object  # tok(list[str]) -> int32 [N, L]
+    with_label: bool = False
+    with_index: bool = False
+    keep_captions: bool = False
+
+    def __call__(self, examples, skipped: np.ndarray) -> dict:
+        captions = [ex["caption"] for ex in examples]
+        batch = {"image": np.stack([ex["image"] for ex in examples]),
+                 "text": np.asarray(self.tokenizer(captions), np.int32)}
+        if self.with_label:
+            batch["label"] = np.asarray([ex["label"] for ex in examples], np.int32)
+        if self.with_index:
+            batch["index"] = np.asarray([ex["index"] for ex in examples], np.int32)
+        if self.keep_captions:
+            batch["caption"] = np.asarray(captions, dtype=object)
+        batch[SKIPPED_KEY] = skipped
+        return batch
+
+
+class SkipCountingBatch(grain.IterDataset):
+    """Batches of exactly `batch_size` valid examples; skipped ones are counted, not batched."""
+
+    def __init__(self, parent: grain.IterDataset, batch_size: int, collate: Collate):
+        super().__init__(parent)
+        self._batch_size, self._collate = batch_size, collate
+
+    def __iter__(self):
+        return _SkipCountingBatchIterator(self._parent.__iter__(), self._batch_size, self._collate)
+
+    def __str__(self):
+        return f"SkipCountingBatch(batch_size={self._batch_size})"
+
+
+class _SkipCountingBatchIterator(grain.DatasetIterator):
+
+    def __init__(self, parent, batch_size: int, collate: Collate):
+        super().__init__(parent)
+        self._batch_size, self._collate = batch_size, collate
+
+    def __next__(self) -> dict:
+        valid, bad = [], []
+        while len(valid) < self._batch_size:
+            ex = next(self._parent)  # StopIteration ends the dataset; the remainder is dropped
+            (bad if "skip" in ex else valid).append(ex)
+        return self._collate(valid, count_skips(bad))
+
+    # A batch boundary is a parent position: nothing is buffered between batches.
+    def get_state(self):
+        return self._parent.get_state()
+
+    def set_state(self, state):
+        self._parent.set_state(state)
