@@ -1,0 +1,81 @@
+"""TextTransformer: causal vs bidirectional attention, pooling positions, mask, errors."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vljax.models import TextTransformer
+
+EOT, PAD = 49, 0
+TINY = dict(width=32, depth=2, num_heads=2, mlp_dim=64, vocab_size=50, max_len=10)
+
+
+def ids(seed=0):
+    """[3, 10]: words in 1..47, EOT at 3 / 6 / 9, zero padding; row 1 holds a second EOT."""
+    rng = np.random.default_rng(seed)
+    x = np.zeros((3, 10), np.int32)
+    for i, n in enumerate((3, 6, 9)):
+        x[i, :n] = rng.integers(1, EOT - 1, size=n)
+        x[i, n] = EOT
+    x[1, 8] = EOT
+    return jnp.asarray(x)
+
+
+def run(seq=None, **kw):
+    model = TextTransformer(**TINY, **kw)
+    seq = ids() if seq is None else seq
+    params = jax.jit(model.init)(jax.random.key(0), seq)["params"]
+    return model, params, jax.jit(model.apply)({"params": params}, seq)
+
+
+def test_causal_mask_hides_the_future():
+    x = ids()
+    later = x.at[:, 5:].set(7)           # change positions >= 5 only
+    model, params, (_, out) = run(x, causal=True)
+    _, out2 = model.apply({"params": params}, later)
+    np.testing.assert_allclose(out["tokens"][:, :5], out2["tokens"][:, :5], atol=1e-6)
+    assert np.abs(out["tokens"][:, 5:] - out2["tokens"][:, 5:]).max() > 1e-3
+
+    model, params, (_, out) = run(x, causal=False, pool_type="last")
+    _, out2 = model.apply({"params": params}, later)
+    assert np.abs(out["tokens"][:, :5] - out2["tokens"][:, :5]).max() > 1e-3
+
+
+def test_eot_pools_first_eot_and_argmax_the_largest_id():
+    x = ids()
+    _, _, (feats, out) = run(x, pool_type="eot", eot_id=EOT)
+    np.testing.assert_allclose(feats, out["tokens"][jnp.arange(3), jnp.array([3, 6, 9])])
+    _, _, (feats, out) = run(x, pool_type="argmax")
+    np.testing.assert_allclose(feats, out["tokens"][jnp.arange(3), jnp.array([3, 6, 9])])
+    no_eot = x.at[0].set(5)                 # a row without EOT pools its last position
+    _, _, (feats, out) = run(no_eot, pool_type="eot", eot_id=EOT)
+    np.testing.assert_allclose(feats[0], out["tokens"][0, -1])
+
+
+@pytest.mark.parametrize("pool_type", ["first", "last", "mean", "map"])
+def test_other_pool_types(pool_type):
+    _, params, (feats, out) = run(causal=False, pool_type=pool_type, num_classes=16,
+                                  pad_id=PAD)
+    assert feats.shape == (3, 16) and out["pre_logits"].shape == (3, 32)
+    expected = {"first": out["tokens"][:, 0], "last": out["tokens"][:, -1],
+                "mean": out["tokens"].mean(axis=1)}.get(pool_type)
+    if expected is not None:
+        np.testing.assert_allclose(out["pre_logits"], expected, atol=1e-6)
+    assert ("MAPHead_0" in params) == (pool_type == "map")
+    np.testing.assert_array_equal(out["mask"], ids() != PAD)
+
+
+def test_shorter_sequences_use_the_first_positions():
+    model, params, (_, out) = run(causal=True)
+    _, short = model.apply({"params": params}, ids()[:, :6])
+    # Causal: the first 6 positions do not depend on the cut-off rest.
+    np.testing.assert_allclose(short["tokens"], out["tokens"][:, :6], atol=1e-6)
+    assert "mask" not in out                 # no pad_id, no mask
+
+
+def test_errors():
+    model = TextTransformer(**TINY)
+    with pytest.raises(ValueError, match="exceeds max_len=10"):
+        model.init(jax.random.key(0), jnp.zeros((1, 11), jnp.int32))
+    with pytest.raises(ValueError, match="Unknown pool_type 'cls'"):
+        TextTransformer(**TINY, pool_type="cls").init(jax.random.key(0), ids())

@@ -1,0 +1,121 @@
+"""Text transformer: causal CLIP / open_clip style or bidirectional SigLIP / big_vision style."""
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from vljax.models.common import Encoder, MAPHead
+from vljax.models.vit import decode_variant
+
+Dtype = Any
+
+POOL_TYPES = ("eot", "argmax", "first", "last", "mean", "map")
+
+
+class TextTransformer(nn.Module):
+    """Token ids [B, L] -> (features, out).
+
+    causal: CLIP-style autoregressive mask (pool at the end-of-text token); False gives the
+      bidirectional SigLIP / big_vision encoder.
+    pool_type:
+      "eot"    the FIRST position holding `eot_id` (HF CLIP, open_clip 'eos'); a row without it
+               pools its last position.
+      "argmax" the position of the largest id (OpenAI CLIP, open_clip default, HF CLIP configs
+               with the legacy eos_token_id == 2): the same as "eot" when eot is the top id.
+      "first" / "last" / "mean" (plain mean over all L positions, as big_vision) / "map".
+    pad_id: when set, out["mask"] = tokens != pad_id ([B, L] bool) for token-level consumers;
+      attention is never masked (CLIP relies on the causal mask, SigLIP trains unmasked).
+    variant: a ViT size string ("B", "So400m", ...) for width/depth/mlp_dim/num_heads.
+    """
+    variant: str | None = None
+    width: int | None = None
+    depth: int | None = None
+    mlp_dim: int | None = None
+    num_heads: int | None = None
+    vocab_size: int = 49408
+    max_len: int = 77
+    causal: bool = True
+    pool_type: str = "eot"
+    eot_id: int | None = 49407
+    pad_id: int | None = None
+    num_classes: int = 0
+    head_bias: bool = True
+    act: str = "gelu"
+    ln_eps: float = 1e-5
+    dropout: float = 0.0
+    remat: bool = False
+    scan: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def config(self) -> dict:
+        """Resolved sizes; without a variant: CLIP's text tower (width 512, depth 12, 8 heads)."""
+        cfg = dict(width=512, depth=12, num_heads=8)
+        cfg.update({k: v for k, v in decode_variant(self.variant).items() if k != "patch_size"})
+        for k in ("width", "depth", "mlp_dim", "num_heads"):
+            if getattr(self, k) is not None:
+                cfg[k] = getattr(self, k)
+        if self.variant is None and self.mlp_dim is None:
+            cfg["mlp_dim"] = 4 * cfg["width"]
+        return cfg
+
+    @nn.compact
+    def __call__(self, tokens, train: bool = False):
+        """tokens: int [B, L] with L <= max_len -> (features [B, num_classes or width], out).
+
+        out["tokens"]: [B, L, width] after the final norm; out["pre_logits"]: pooled [B, width];
+        out["logits"] with a head; out["mask"]: [B, L] bool when pad_id is set.
+        """
+        if self.pool_type not in POOL_TYPES:
+            raise ValueError(f"Unknown pool_type {self.pool_type!r}; expected one of {POOL_TYPES}")
+        if tokens.ndim != 2:
+            raise ValueError(f"TextTransformer expects token ids [B, L], got shape {tokens.shape}")
+        b, seq_len = tokens.shape
+        if seq_len > self.max_len:
+            raise ValueError(f"Text length {seq_len} exceeds max_len={self.max_len}")
+        cfg = self.config()
+        width = cfg["width"]
+        out = {}
+
+        x = nn.Embed(self.vocab_size, width, dtype=self.dtype, param_dtype=self.param_dtype,
+                     embedding_init=nn.initializers.normal(stddev=0.02), name="Embed_0")(tokens)
+        pe = self.param("pos_embedding", nn.initializers.normal(stddev=1 / np.sqrt(width)),
+                        (1, self.max_len, width), self.param_dtype)
+        x = x + pe[:, :seq_len].astype(x.dtype)
+        x = nn.Dropout(rate=self.dropout)(x, not train)
+        x, _ = Encoder(depth=cfg["depth"], num_heads=cfg["num_heads"], mlp_dim=cfg["mlp_dim"],
+                       act=self.act, ln_eps=self.ln_eps, causal=self.causal,
+                       dropout=self.dropout, remat=self.remat, scan=self.scan,
+                       dtype=self.dtype, param_dtype=self.param_dtype, name="Encoder_0")(
+                           x, not train)
+        out["tokens"] = x
+        if self.pad_id is not None:
+            out["mask"] = tokens != self.pad_id
+
+        if self.pool_type in ("eot", "argmax"):
+            if self.pool_type == "argmax":
+                idx = jnp.argmax(tokens, axis=1)
+            else:
+                if self.eot_id is None:
+                    raise ValueError("pool_type='eot' needs eot_id")
+                is_eot = tokens == self.eot_id
+                idx = jnp.where(is_eot.any(axis=1), jnp.argmax(is_eot, axis=1), seq_len - 1)
+            x = jnp.take_along_axis(x, idx[:, None, None], axis=1)[:, 0]
+        elif self.pool_type == "first":
+            x = x[:, 0]
+        elif self.pool_type == "last":
+            x = x[:, -1]
+        elif self.pool_type == "mean":
+            x = x.mean(axis=1)
+        else:
+            x = MAPHead(num_heads=cfg["num_heads"], mlp_dim=cfg["mlp_dim"], act=self.act,
+                        ln_eps=self.ln_eps, dtype=self.dtype, param_dtype=self.param_dtype,
+                        name="MAPHead_0")(x)
+        out["pre_logits"] = x
+
+        if self.num_classes:
+            x = out["logits"] = nn.Dense(self.num_classes, use_bias=self.head_bias,
+                                         dtype=self.dtype, param_dtype=self.param_dtype,
+                                         name="head")(x)
+        return x, out

@@ -1,0 +1,60 @@
+"""Two-tower (image, text) contrastive model: CLIP, SigLIP, LiT, ..."""
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from vljax.models import get_model
+
+
+def _l2_normalize(z):
+    # The epsilon keeps an all-zero embedding finite (big_vision uses the same guard).
+    return z / (jnp.linalg.norm(z, axis=-1, keepdims=True) + 1e-8)
+
+
+class TwoTowers(nn.Module):
+    """Image tower + text tower + learned logit scale (and optional bias).
+
+    image_model / text_model: names in vljax.models.MODELS; image / text: their config dicts.
+    The towers' `num_classes` is the projection into the joint space.
+    temperature_init: initial logit scale; the parameter `t` is its log (scalar).
+    bias_init: initial logit bias `b` (scalar, SigLIP); None means no bias parameter.
+    """
+    image_model: str = "vit"
+    image: dict[str, Any] | None = None
+    text_model: str = "text_transformer"
+    text: dict[str, Any] | None = None
+    temperature_init: float = 10.0
+    bias_init: float | None = None
+
+    @nn.compact
+    def __call__(self, images, texts, train: bool = False):
+        """images: [B, H, W, C] or None; texts: int [B, L] or None.
+
+        Returns (zimg [B, D] or None, ztxt [B, D] or None, out), embeddings L2-normalised;
+        out["t"] = exp(t), out["b"] (when there is a bias), out["img/<k>"] / out["txt/<k>"] for
+        every entry of the towers' out dicts (tokens, pre_logits, mask, ...).
+        """
+        out = {}
+        zimg = ztxt = None
+        if images is not None:
+            tower = get_model(self.image_model)(**(self.image or {}), name="img")
+            zimg, out_img = tower(images, train=train)
+            out.update({f"img/{k}": v for k, v in out_img.items()})
+            zimg = _l2_normalize(zimg)
+        if texts is not None:
+            tower = get_model(self.text_model)(**(self.text or {}), name="txt")
+            ztxt, out_txt = tower(texts, train=train)
+            out.update({f"txt/{k}": v for k, v in out_txt.items()})
+            ztxt = _l2_normalize(ztxt)
+        if zimg is not None and ztxt is not None and zimg.shape[-1] != ztxt.shape[-1]:
+            raise ValueError(f"Image embeddings {zimg.shape} and text embeddings {ztxt.shape} "
+                             "differ in width: set the towers' num_classes to one joint size")
+
+        t_init = float(np.log(self.temperature_init))
+        t = self.param("t", nn.initializers.constant(t_init), (), jnp.float32)
+        out["t"] = jnp.exp(t)
+        if self.bias_init is not None:
+            out["b"] = self.param("b", nn.initializers.constant(self.bias_init), (), jnp.float32)
+        return zimg, ztxt, out

@@ -1,0 +1,168 @@
+"""Vision Transformer (big_vision layout, with the options CLIP / SigLIP checkpoints need)."""
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from vljax.models.common import Encoder, MAPHead, posemb_sincos_2d
+
+Dtype = Any
+
+# Reference: Table 2 of https://arxiv.org/abs/2106.04560 (and big_vision's decode_variant).
+_WIDTH = {"Ti": 192, "S": 384, "M": 512, "B": 768, "L": 1024, "So400m": 1152, "H": 1280,
+          "g": 1408, "G": 1664, "e": 1792}
+_DEPTH = {"Ti": 12, "S": 12, "M": 12, "B": 12, "L": 24, "So400m": 27, "H": 32, "g": 40, "G": 48,
+          "e": 56}
+_MLP = {"Ti": 768, "S": 1536, "M": 2048, "B": 3072, "L": 4096, "So400m": 4304, "H": 5120,
+        "g": 6144, "G": 8192, "e": 15360}
+_HEADS = {"Ti": 3, "S": 6, "M": 8, "B": 12, "L": 16, "So400m": 16, "H": 16, "g": 16, "G": 16,
+          "e": 16}
+
+POOL_TYPES = ("cls", "gap", "map", "none")
+
+
+def decode_variant(variant: str | None) -> dict:
+    """"B/16" -> {width: 768, depth: 12, mlp_dim: 3072, num_heads: 12, patch_size: (16, 16)}.
+
+    The patch part is optional ("So400m" alone gives the transformer sizes only).
+    """
+    if variant is None:
+        return {}
+    name, _, patch = variant.partition("/")
+    if name not in _WIDTH:
+        raise ValueError(f"Unknown ViT variant {variant!r}; sizes are {sorted(_WIDTH)}, "
+                         "optionally followed by /patch, e.g. 'B/16'")
+    out = dict(width=_WIDTH[name], depth=_DEPTH[name], mlp_dim=_MLP[name],
+               num_heads=_HEADS[name])
+    if patch:
+        if not patch.isdigit():
+            raise ValueError(f"Bad patch size in ViT variant {variant!r}")
+        out["patch_size"] = (int(patch), int(patch))
+    return out
+
+
+def _pair(p) -> tuple[int, int]:
+    return (p, p) if isinstance(p, int) else tuple(p)
+
+
+class ViT(nn.Module):
+    """Vision Transformer returning (features, out).
+
+    variant: big_vision size string ("B/16", "So400m/14", ...); explicit width / depth / mlp_dim /
+      num_heads / patch_size override it.
+    pool_type: "cls" (a learned class token, CLIP), "gap" (mean of patch tokens), "map"
+      (attention pooling, SigLIP) or "none" (features are all tokens).
+    posemb: "learn" (added to the patch tokens only; a class token carries its own position
+      term folded into `cls`, as in big_vision) or "sincos2d" (fixed).
+    num_registers: extra learned tokens (Darcet et al. 2023), dropped before pooling.
+    ln_pre: LayerNorm before the transformer (CLIP). patch_bias: bias in the patch stem.
+    num_classes: > 0 adds the Dense `head` (the projection in a two-tower model).
+    """
+    variant: str | None = "B/16"
+    width: int | None = None
+    depth: int | None = None
+    mlp_dim: int | None = None
+    num_heads: int | None = None
+    patch_size: int | tuple[int, int] | None = None
+    pool_type: str = "cls"
+    posemb: str = "learn"
+    num_registers: int = 0
+    num_classes: int = 0
+    head_bias: bool = True
+    ln_pre: bool = False
+    patch_bias: bool = True
+    act: str = "gelu"
+    ln_eps: float = 1e-6
+    dropout: float = 0.0
+    remat: bool = False
+    scan: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def config(self) -> dict:
+        """The resolved transformer sizes: the variant overlaid with explicit overrides."""
+        cfg = decode_variant(self.variant)
+        for k in ("width", "depth", "mlp_dim", "num_heads", "patch_size"):
+            if getattr(self, k) is not None:
+                cfg[k] = getattr(self, k)
+        missing = [k for k in ("width", "depth", "num_heads", "patch_size") if k not in cfg]
+        if missing:
+            raise ValueError(f"ViT needs {missing}: give a variant such as 'B/16' or set them")
+        cfg["patch_size"] = _pair(cfg["patch_size"])
+        cfg.setdefault("mlp_dim", 4 * cfg["width"])
+        return cfg
+
+    @nn.compact
+    def __call__(self, images, train: bool = False):
+        """images: [B, H, W, C] -> (features [B, num_classes or width], out).
+
+        out["tokens"]: [B, N, width] after the final norm, registers dropped (class token first
+        when pool_type="cls"); out["pre_logits"]: pooled [B, width]; out["logits"] with a head.
+        """
+        if self.pool_type not in POOL_TYPES:
+            raise ValueError(f"Unknown pool_type {self.pool_type!r}; expected one of {POOL_TYPES}")
+        if images.ndim != 4:
+            raise ValueError(f"ViT expects images [B, H, W, C], got shape {images.shape}")
+        cfg = self.config()
+        width, p = cfg["width"], cfg["patch_size"]
+        if images.shape[1] % p[0] or images.shape[2] % p[1]:
+            raise ValueError(f"Image size {images.shape[1:3]} is not a multiple of patch {p}")
+        out = {}
+
+        x = nn.Conv(width, p, strides=p, padding="VALID", use_bias=self.patch_bias,
+                    dtype=self.dtype, param_dtype=self.param_dtype, name="embedding")(
+                        jnp.asarray(images, self.dtype))
+        b, h, w, _ = x.shape
+        x = x.reshape(b, h * w, width)
+
+        if self.posemb == "learn":
+            pe = self.param("pos_embedding", nn.initializers.normal(stddev=1 / np.sqrt(width)),
+                            (1, h * w, width), self.param_dtype)
+        elif self.posemb == "sincos2d":
+            pe = posemb_sincos_2d(h, w, width, dtype=self.param_dtype)
+        else:
+            raise ValueError(f"Unknown posemb {self.posemb!r}; expected 'learn' or 'sincos2d'")
+        x = x + pe.astype(x.dtype)
+
+        # Prefix tokens: [cls] then registers, neither with a position term of their own.
+        prefix = []
+        if self.pool_type == "cls":
+            prefix.append(self.param("cls", nn.initializers.zeros, (1, 1, width),
+                                     self.param_dtype))
+        if self.num_registers:
+            prefix.append(self.param("registers", nn.initializers.normal(stddev=1 / np.sqrt(width)),
+                                     (1, self.num_registers, width), self.param_dtype))
+        if prefix:
+            prefix = [jnp.broadcast_to(t.astype(x.dtype), (b,) + t.shape[1:]) for t in prefix]
+            x = jnp.concatenate(prefix + [x], axis=1)
+
+        if self.ln_pre:
+            x = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, param_dtype=self.param_dtype,
+                             name="ln_pre")(x)
+        x = nn.Dropout(rate=self.dropout)(x, not train)
+        x, _ = Encoder(depth=cfg["depth"], num_heads=cfg["num_heads"], mlp_dim=cfg["mlp_dim"],
+                       act=self.act, ln_eps=self.ln_eps, dropout=self.dropout, remat=self.remat,
+                       scan=self.scan, dtype=self.dtype, param_dtype=self.param_dtype,
+                       name="Transformer")(x, not train)
+
+        n_cls = int(self.pool_type == "cls")
+        if self.num_registers:
+            x = jnp.concatenate([x[:, :n_cls], x[:, n_cls + self.num_registers:]], axis=1)
+        out["tokens"] = x
+
+        if self.pool_type == "cls":
+            x = x[:, 0]
+        elif self.pool_type == "gap":
+            x = x.mean(axis=1)
+        elif self.pool_type == "map":
+            x = MAPHead(num_heads=cfg["num_heads"], mlp_dim=cfg["mlp_dim"], act=self.act,
+                        ln_eps=self.ln_eps, dtype=self.dtype, param_dtype=self.param_dtype,
+                        name="MAPHead_0")(x)
+        out["pre_logits"] = x
+
+        if self.num_classes:
+            x = out["logits"] = nn.Dense(self.num_classes, use_bias=self.head_bias,
+                                         dtype=self.dtype, param_dtype=self.param_dtype,
+                                         name="head")(x)
+        return x, out
