@@ -71,7 +71,7 @@ def get_config(arg=None):
     c.lit_cache = True
 
     c.loss = dict(name="softmax")
-    c.optax = dict(name="adamw", b1=0.9, b2=0.999)
+    c.optax = dict(name="adamw", b1=0.9, b2=0.999, scale_wd_by_lr=False)  # big_vision convention
     c.lr = 1e-3
     c.wd = 1e-4
     c.grad_clip_norm = 1.0

@@ -152,29 +152,42 @@ def make_train_step(model, tx, loss, trainable_mask, *, lit_cache=None):
     return step_fn
 
 
+def _with_shardings(abstract, shardings):
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def abstract_state(config, model, mesh, rules):
+    """The training state's structure, shapes and shardings, without computing or loading anything."""
+    params = jax.eval_shape(lambda r: model.init(r, *_dummy_inputs(config))["params"], jax.random.key(0))
+    tx, _, _ = optim.make_optimizer(config, params)
+    state = jax.eval_shape(lambda p: {"params": p, "opt_state": tx.init(p), "step": jnp.zeros((), jnp.int32),
+                                      "rng": jax.random.key(0)}, params)
+    return _with_shardings(state, sharding.state_shardings(state, mesh, rules))
+
+
+def restore_params(config, model, workdir: str, step: int | None = None):
+    """Params of a workdir's checkpoint (the latest by default), on the host."""
+    mesh = sharding.make_mesh([("data", 1)], devices=jax.devices()[:1])
+    ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"))
+    try:
+        state, _ = ckpt.restore(step, abstract_state(config, model, mesh, [(".*", "replicate")]))
+    finally:
+        ckpt.close()
+    return jax.device_get(state["params"])
+
+
 # ----------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------
 
 
-def _state_shardings(abstract_state, mesh, rules):
-    params_sh = sharding.param_shardings(abstract_state["params"], mesh, rules)
-    opt_sh = sharding.opt_state_shardings(abstract_state["opt_state"], abstract_state["params"], params_sh, mesh)
-    rep = NamedSharding(mesh, P())
-    return {"params": params_sh, "opt_state": opt_sh, "step": rep, "rng": rep}
-
-
-def _with_shardings(abstract, shardings):
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-
-
 class Trainer:
     """Everything a run needs, built from one config; `fit()` trains, `evaluate()` evaluates."""
 
-    def __init__(self, config, workdir: str):
+    def __init__(self, config, workdir: str, devices=None):
         self.config = config
         self.workdir = workdir
-        self.mesh = sharding.make_mesh(config.mesh)
+        self.mesh = sharding.make_mesh(config.mesh, devices=devices)
         self.tokenizer = build_tokenizer(config)
         self.model = build_model(config)
         self.rules = list(config.get("sharding_rules", [(".*", "replicate")]))
@@ -186,10 +199,14 @@ class Trainer:
         state = {"params": params, "opt_state": self.tx.init(params),
                  "step": jnp.zeros((), jnp.int32), "rng": self.train_rng}
         abstract = jax.eval_shape(lambda s: s, state)
-        self.state_sh = _state_shardings(abstract, self.mesh, self.rules)
+        self.state_sh = sharding.state_shardings(abstract, self.mesh, self.rules)
         self.abstract_state = _with_shardings(abstract, self.state_sh)
         self.state = jax.device_put(state, self.state_sh)
 
+        if jax.process_index() == 0:  # inference and --mode=eval read the run's config from here
+            os.makedirs(workdir, exist_ok=True)
+            with open(os.path.join(workdir, "config.json"), "w") as f:
+                f.write(config.to_json_best_effort(indent=1))
         self.ckpt = checkpoints.Checkpointer(
             os.path.join(workdir, "checkpoints"), max_to_keep=config.get("keep_ckpts", 2))
         self.lit_cache = None
@@ -203,7 +220,9 @@ class Trainer:
         from vljax.data import pipeline
         if self._lit_cache_enabled():
             from vljax import lit_cache
-            self.lit_cache = lit_cache.build(self, self.config)
+            lit_cache.check_cacheable(self.config, _flat(self.trainable_mask))
+            params = jax.device_get(self.state["params"])
+            self.lit_cache = lit_cache.build(self.model, params, self.config, self.workdir)
         return pipeline.make_train_iterator(
             self.config.input, self.tokenizer, seed=self.config.seed,
             emit_index=self.lit_cache is not None)
@@ -264,6 +283,7 @@ class Trainer:
 
         total = config.total_steps
         log_every = config.get("log_every", 50)
+        accum = config.get("grad_accum_steps", 1)  # the schedules count optimizer steps
         eval_every = config.get("eval_every", 0)
         ckpt_every = config.get("ckpt_every", 0)
         guard = checkpoints.PreemptionGuard()
@@ -290,13 +310,13 @@ class Trainer:
                     dt = time.perf_counter() - t_last
                     row["train/pairs_per_s"] = pairs_per_step * (step - s_last) / dt
                     row["train/pairs_per_s_per_device"] = row["train/pairs_per_s"] / jax.device_count()
-                    row.update({f"lr/{k}": v for k, v in self.lr_fn(step).items()})
+                    row.update({f"lr/{k}": float(v) for k, v in self.lr_fn(step // accum).items()})
                     row.update({f"data/{k}": float(v) for k, v in skipped.items()})
                     writer.write(step, row)
                     if bar is not None:
                         bar.set_postfix(loss=f"{row['train/loss']:.3f}")
                     acc, t_last, s_last = [], time.perf_counter(), step
-                stop = guard.should_stop
+                stop = guard.reached(step)  # collective on several processes: every process agrees
                 if (eval_every and step % eval_every == 0) or step == total:
                     writer.write(step, self.evaluate(step))
                     t_last = time.perf_counter()
@@ -315,8 +335,8 @@ class Trainer:
         return self.state
 
 
-def train_and_evaluate(config, workdir: str):
-    trainer = Trainer(config, workdir)
+def train_and_evaluate(config, workdir: str, devices=None):
+    trainer = Trainer(config, workdir, devices=devices)
     return trainer.fit()
 
 

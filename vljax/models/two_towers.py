@@ -13,6 +13,17 @@ def _l2_normalize(z):
     return z / (jnp.linalg.norm(z, axis=-1, keepdims=True) + 1e-8)
 
 
+class _HeadOnly(nn.Module):
+    """The projection head of a tower alone, under the tower's name (params `<tower>/head/...`)."""
+    num_classes: int
+    use_bias: bool = True
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(self.num_classes, use_bias=self.use_bias, dtype=self.dtype, name="head")(x)
+
+
 class TwoTowers(nn.Module):
     """Image tower + text tower + learned logit scale (and optional bias).
 
@@ -58,3 +69,24 @@ class TwoTowers(nn.Module):
         if self.bias_init is not None:
             out["b"] = self.param("b", nn.initializers.constant(self.bias_init), (), jnp.float32)
         return zimg, ztxt, out
+
+    # LiT with a cached locked trunk: the image tower split at its projection head.
+    @nn.compact
+    def image_features(self, images, train: bool = False):
+        """images: [B, H, W, C] -> the image tower's features before its head, [B, F]."""
+        tower = get_model(self.image_model)(**(self.image or {}), name="img")
+        _, out = tower(images, train=train)
+        return out["pre_logits"]
+
+    @nn.compact
+    def embed_image_features(self, features):
+        """features: [B, F] from `image_features` -> zimg [B, D], L2-normalised.
+
+        Equal to the image half of `__call__` (the towers apply the head right after pre_logits).
+        """
+        cfg = self.image or {}
+        if not cfg.get("num_classes"):
+            return _l2_normalize(features)
+        head = _HeadOnly(cfg["num_classes"], use_bias=cfg.get("head_bias", True),
+                         dtype=cfg.get("dtype", jnp.float32), name="img")
+        return _l2_normalize(head(features))
