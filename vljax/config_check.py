@@ -33,6 +33,8 @@ _TOP = {
     "lit_cache": (False, (bool, dict)),
     "evals": (False, (dict,)),
     "select_metric": (False, (str, type(None))),
+    "early_stop_patience": (False, (int,)),
+    "eval_batch_size": (False, (int,)),
     "dtype": (False, (str,)),
     "remat": (False, (bool,)),
     "plot": (False, (bool,)),

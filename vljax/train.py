@@ -6,7 +6,7 @@ Sections: mesh -> model and initial state -> shardings -> input -> update step -
 """
 from __future__ import annotations
 
-import functools
+import json
 import os
 import time
 
@@ -115,12 +115,17 @@ def make_loss(config, mesh):
 # ----------------------------------------------------------------------------------------------
 
 
-def make_train_step(model, tx, loss, trainable_mask, *, lit_cache=None):
-    """One optimizer (micro-)step. Gradients are computed for trainable parameters only."""
+def make_train_step(model, tx, loss, trainable_mask, *, lit_cache=None, lit_grey_p: float = 0.0):
+    """One optimizer (micro-)step. Gradients are computed for trainable parameters only.
+
+    lit_cache: [N, V, F] locked image-trunk features by record and view (vljax/lit_cache.py);
+    the batch then carries record indices instead of images.
+    """
 
     def forward(params, batch, rng):
         if lit_cache is not None:
-            feats = jnp.take(lit_cache, batch["index"], axis=0)
+            from vljax.lit_cache import select
+            feats = select(lit_cache, batch["index"], jax.random.fold_in(rng, 1), lit_grey_p)
             zimg = model.apply({"params": params}, feats, method=model.embed_image_features)
             _, ztxt, out = model.apply({"params": params}, None, batch["text"], train=True,
                                        rngs={"dropout": rng})
@@ -184,7 +189,7 @@ def restore_params(config, model, workdir: str, step: int | None = None):
 class Trainer:
     """Everything a run needs, built from one config; `fit()` trains, `evaluate()` evaluates."""
 
-    def __init__(self, config, workdir: str, devices=None):
+    def __init__(self, config, workdir: str, devices=None, write_config: bool = True):
         self.config = config
         self.workdir = workdir
         self.mesh = sharding.make_mesh(config.mesh, devices=devices)
@@ -203,7 +208,8 @@ class Trainer:
         self.abstract_state = _with_shardings(abstract, self.state_sh)
         self.state = jax.device_put(state, self.state_sh)
 
-        if jax.process_index() == 0:  # inference and --mode=eval read the run's config from here
+        # Inference reads the run's config from here; --mode=eval (write_config=False) keeps it.
+        if write_config and jax.process_index() == 0:
             os.makedirs(workdir, exist_ok=True)
             with open(os.path.join(workdir, "config.json"), "w") as f:
                 f.write(config.to_json_best_effort(indent=1))
@@ -276,7 +282,8 @@ class Trainer:
         cache = None
         if self.lit_cache is not None:
             cache = jax.device_put(self.lit_cache, NamedSharding(mesh, P()))
-        step_fn = make_train_step(self.model, self.tx, loss, self.trainable_mask, lit_cache=cache)
+        step_fn = make_train_step(self.model, self.tx, loss, self.trainable_mask, lit_cache=cache,
+                                  lit_grey_p=float((config.input.get("augment") or {}).get("greyscale", 0.0) or 0.0))
         batch_sh = sharding.batch_sharding(mesh)
         train_step = jax.jit(step_fn, in_shardings=(self.state_sh, batch_sh),
                              out_shardings=(self.state_sh, None), donate_argnums=(0,))
@@ -286,6 +293,7 @@ class Trainer:
         accum = config.get("grad_accum_steps", 1)  # the schedules count optimizer steps
         eval_every = config.get("eval_every", 0)
         ckpt_every = config.get("ckpt_every", 0)
+        selector = _Selector(self.workdir, config.get("select_metric"), config.get("early_stop_patience", 0))
         guard = checkpoints.PreemptionGuard()
         bar = None
         if writer_enabled and config.get("progress", True):
@@ -293,7 +301,7 @@ class Trainer:
             bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
         pairs_per_step = config.input.batch_size
         acc, t_last, s_last = [], time.perf_counter(), start
-        step = start
+        step, in_flight = start, None
         with jax.set_mesh(mesh):
             while step < total:
                 batch = next(data_iter)
@@ -303,7 +311,12 @@ class Trainer:
                 step += 1
                 acc.append(m)
                 if bar is not None:
-                    bar.update(1)
+                    # One step stays in flight (the next batch is read while it runs); the bar
+                    # counts finished steps, so its rate is the real one.
+                    if in_flight is not None:
+                        jax.block_until_ready(in_flight)
+                        bar.update(1)
+                    in_flight = m["train/loss"]
                 if step % log_every == 0 or step == total:
                     m = jax.device_get(acc)
                     row = {k: float(np.mean([x[k] for x in m])) for k in m[0]}
@@ -318,21 +331,81 @@ class Trainer:
                     acc, t_last, s_last = [], time.perf_counter(), step
                 stop = guard.reached(step)  # collective on several processes: every process agrees
                 if (eval_every and step % eval_every == 0) or step == total:
-                    writer.write(step, self.evaluate(step))
+                    results = self.evaluate(step)
+                    writer.write(step, results)
+                    if selector.update(step, results, self.state["params"]):
+                        logging.info("early stopping at step %d: %s has not improved for %d evaluations",
+                                     step, selector.metric, selector.patience)
+                        stop = True
                     t_last = time.perf_counter()
                 if (ckpt_every and step % ckpt_every == 0) or step == total or stop:
                     self.ckpt.save(step, self.state, data_iter.get_state(), force=True)
                 if stop:
-                    logging.warning("preempted (SIGTERM) at step %d: checkpoint saved, exiting", step)
+                    if step < total and not selector.stopped:
+                        logging.warning("preempted (SIGTERM) at step %d: checkpoint saved, exiting", step)
                     break
         if bar is not None:
+            if in_flight is not None:
+                bar.update(1)
             bar.close()
+        writer.write(step, selector.summary())
         self.ckpt.wait()
+        selector.close()
         writer.close()
         if writer_enabled and config.get("plot", True):
             metrics.plot_curves(self.workdir)
         guard.restore()
         return self.state
+
+
+class _Selector:
+    """Model selection on a held-out metric (`config.select_metric`, e.g. a val-split retrieval R@1):
+    the best evaluation's params go to WORKDIR/best (orbax), its metrics to the final `best/...`
+    row; with `early_stop_patience` > 0 training stops after that many evaluations without gain."""
+
+    def __init__(self, workdir, metric, patience):
+        self.metric, self.patience = metric, int(patience or 0)
+        self.path = os.path.join(workdir, "best.json")
+        self.best = {}
+        if metric and os.path.exists(self.path):
+            with open(self.path) as f:
+                self.best = json.load(f)
+        self.bad_evals = self.best.get("bad_evals", 0)
+        self.stopped = False
+        self._ckpt = checkpoints.Checkpointer(os.path.join(workdir, "best"), max_to_keep=1) if metric else None
+
+    def update(self, step, results, params) -> bool:
+        """Records an evaluation; True when training should stop early."""
+        if not self.metric:
+            return False
+        if self.metric not in results:
+            raise ValueError(f"config key `select_metric`: {self.metric!r} is not among the evaluation "
+                             f"metrics ({', '.join(sorted(k for k in results if not k.startswith('time/')))})")
+        value = float(results[self.metric])
+        if not self.best or value > self.best["value"]:
+            self.best = {"step": int(step), "value": value,
+                         "metrics": {k: float(v) for k, v in results.items() if not k.startswith("time/")}}
+            self.bad_evals = 0
+            self._ckpt.save(step, {"params": params}, {}, force=True)
+        else:
+            self.bad_evals += 1
+        self.best["bad_evals"] = self.bad_evals
+        if jax.process_index() == 0:
+            with open(self.path, "w") as f:
+                json.dump(self.best, f, indent=1)
+        self.stopped = bool(self.patience) and self.bad_evals >= self.patience
+        return self.stopped
+
+    def summary(self) -> dict:
+        if not self.best:
+            return {}
+        out = {f"best/{k}": v for k, v in self.best["metrics"].items()}
+        out["best/step"] = self.best["step"]
+        return out
+
+    def close(self):
+        if self._ckpt is not None:
+            self._ckpt.close()
 
 
 def train_and_evaluate(config, workdir: str, devices=None):
@@ -342,7 +415,7 @@ def train_and_evaluate(config, workdir: str, devices=None):
 
 def evaluate_workdir(config, workdir: str) -> dict:
     """Evaluates the latest checkpoint of `workdir` and appends the results to its metrics."""
-    trainer = Trainer(config, workdir)
+    trainer = Trainer(config, workdir, write_config=False)
     latest = trainer.ckpt.latest_step()
     if latest is None:
         raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}")

@@ -166,7 +166,8 @@ def make_train_iterator(config, tokenizer, *, seed: int, process_index: int | No
 
 def make_eval_batches(data, *, batch_size: int, image_size: int, value_range="efficientnet",
                       tokenizer=None, data_dir=None, read_threads: int = 4,
-                      process_index: int | None = None, process_count: int | None = None):
+                      process_index: int | None = None, process_count: int | None = None,
+                      greyscale: bool = False):
     """Yields eval batches over one source, in order, each record once.
 
     data: a source config entry (dict(source="tfds", name=..., split=..., label_key=...)) or a
@@ -174,7 +175,8 @@ def make_eval_batches(data, *, batch_size: int, image_size: int, value_range="ef
     "text": i32 [b, L] (with a tokenizer: the first caption)}, b = batch_size // process_count.
     The last batches are padded (zeros, mask False), and so are records that cannot be read
     (counted in `EvalBatches.skipped`). Every process yields the same number of batches, as
-    collective evaluation steps need.
+    collective evaluation steps need. `greyscale=True` turns every image grey (3 equal channels),
+    exactly as the training augmentation does.
     """
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
@@ -182,7 +184,7 @@ def make_eval_batches(data, *, batch_size: int, image_size: int, value_range="ef
         data, (dict, ml_collections.ConfigDict)) else data
     return EvalBatches(source, batch_size=batch_size, image_size=image_size, value_range=value_range,
                        tokenizer=tokenizer, read_threads=read_threads,
-                       process_index=process_index, process_count=process_count)
+                       process_index=process_index, process_count=process_count, greyscale=greyscale)
 
 
 class EvalBatches:
@@ -190,7 +192,7 @@ class EvalBatches:
     of the last pass, per reason; `num_batches` is the same on every process."""
 
     def __init__(self, source, *, batch_size, image_size, value_range, tokenizer, read_threads,
-                 process_index, process_count):
+                 process_index, process_count, greyscale=False):
         self.source = source
         self.batch = _local_batch_size(batch_size, process_count)
         self.num_examples = len(self.source)
@@ -198,7 +200,7 @@ class EvalBatches:
         self.num_batches = math.ceil(per_process / self.batch)
         # Without a tokenizer nothing reads the captions: records without one still count.
         self._pre = Preprocess(image_size=image_size, value_range=_value_range(value_range),
-                               require_caption=tokenizer is not None)
+                               require_caption=tokenizer is not None, force_greyscale=greyscale)
         self._tok, self._threads = tokenizer, read_threads
         self._shard = (process_index, process_count)
         self.skipped = dict.fromkeys(SKIP_REASONS, 0)

@@ -32,6 +32,7 @@ class Preprocess:
     greyscale: float = 0.0
     colour_jitter: float = 0.0
     require_caption: bool = True  # False for image-only evals (classification)
+    force_greyscale: bool = False  # every image greyscale (the LiT cache's greyscale view)
 
     def __call__(self, record: dict, rng: np.random.Generator | None = None) -> dict:
         if "error" in record:
@@ -52,6 +53,8 @@ class Preprocess:
         if rng is not None:
             img = T.colour_jitter(img, rng, self.colour_jitter)
             img = T.random_greyscale(img, rng, self.greyscale)
+        if self.force_greyscale:
+            img = img.convert("L").convert("RGB")
         return {"image": T.normalize(img, self.value_range), "caption": caption or "",
                 "label": int(record.get("label", -1)), "index": int(record.get("index", -1))}
 
