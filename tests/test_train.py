@@ -127,3 +127,36 @@ def test_lit_cache_greyscale_view(manifest, tmp_path):
     picked = lit_cache.select(table, np.arange(len(src)), jax.random.key(0), 0.5)
     is_grey = np.all(np.isclose(np.asarray(picked), table[:, 1]), axis=1)
     assert 0.2 < is_grey.mean() < 0.8
+
+
+def _run_main(config_py, workdir, env_devices, extra=(), timeout=600):
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={env_devices}",
+               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.Popen([sys.executable, "-m", "vljax.main", f"--config={config_py}", f"--workdir={workdir}",
+                             *extra], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(manifest, tmp_path):
+    """2 JAX processes x 4 CPU devices (jax.distributed on localhost) train exactly as 1 x 8."""
+    import portpicker
+    config_py = tmp_path / "tiny.py"
+    config_py.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {os.path.join(REPO, 'tests')!r})\n"
+        "from test_train import tiny_config\n\n\n"
+        "def get_config(arg=None):\n"
+        f"    return tiny_config({manifest!r}, 'siglip', steps=5)\n")
+    one = _run_main(config_py, tmp_path / "one", 8)
+    out = one.communicate(timeout=600)[0]
+    assert one.returncode == 0, out[-3000:]
+    port = portpicker.pick_unused_port()
+    procs = [_run_main(config_py, tmp_path / "two", 4,
+                       (f"--coordinator=localhost:{port}", "--num_processes=2", f"--process_id={i}"))
+             for i in range(2)]
+    for p in procs:
+        out = p.communicate(timeout=600)[0]
+        assert p.returncode == 0, out[-3000:]
+    np.testing.assert_allclose(losses_of(tmp_path / "two"), losses_of(tmp_path / "one"), rtol=1e-5)
+    assert len(losses_of(tmp_path / "one")) == 5

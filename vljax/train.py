@@ -58,6 +58,31 @@ def init_params(model, config, rng):
     return params
 
 
+def to_global(tree, shardings):
+    """Host values (the same in every process) -> global jax.Arrays with the given shardings.
+
+    Unlike device_put, this works when the shardings span devices of other processes.
+    """
+    def put(x, s):
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            data = np.asarray(jax.random.key_data(x))
+            glob = jax.make_array_from_callback(data.shape, s, lambda idx: data[idx])
+            return jax.random.wrap_key_data(glob, impl=jax.random.key_impl(x))
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
+    return jax.tree.map(put, tree, shardings)
+
+
+def to_host(tree):
+    """Global jax.Arrays -> numpy on every process (gathers shards held by other processes)."""
+    from jax.experimental import multihost_utils
+    def get(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+    return jax.tree.map(get, tree)
+
+
 def _flat(tree):
     return traverse_util.flatten_dict(tree, sep="/")
 
@@ -206,7 +231,7 @@ class Trainer:
         abstract = jax.eval_shape(lambda s: s, state)
         self.state_sh = sharding.state_shardings(abstract, self.mesh, self.rules)
         self.abstract_state = _with_shardings(abstract, self.state_sh)
-        self.state = jax.device_put(state, self.state_sh)
+        self.state = to_global(state, self.state_sh)
 
         # Inference reads the run's config from here; --mode=eval (write_config=False) keeps it.
         if write_config and jax.process_index() == 0:
@@ -227,7 +252,7 @@ class Trainer:
         if self._lit_cache_enabled():
             from vljax import lit_cache
             lit_cache.check_cacheable(self.config, _flat(self.trainable_mask))
-            params = jax.device_get(self.state["params"])
+            params = to_host(self.state["params"])
             self.lit_cache = lit_cache.build(self.model, params, self.config, self.workdir)
         return pipeline.make_train_iterator(
             self.config.input, self.tokenizer, seed=self.config.seed,
@@ -241,7 +266,7 @@ class Trainer:
         return self._evaluators
 
     def embedder(self, params=None):
-        params = jax.device_get(self.state["params"] if params is None else params)
+        params = to_host(self.state["params"] if params is None else params)
         return Embedder(self.model, params, self.tokenizer,
                         batch_size=self.config.get("eval_batch_size", 64),
                         image_feature_cache=self._image_trunk_locked())
@@ -281,7 +306,7 @@ class Trainer:
         loss = make_loss(config, mesh)
         cache = None
         if self.lit_cache is not None:
-            cache = jax.device_put(self.lit_cache, NamedSharding(mesh, P()))
+            cache = to_global(self.lit_cache, NamedSharding(mesh, P()))
         step_fn = make_train_step(self.model, self.tx, loss, self.trainable_mask, lit_cache=cache,
                                   lit_grey_p=float((config.input.get("augment") or {}).get("greyscale", 0.0) or 0.0))
         batch_sh = sharding.batch_sharding(mesh)

@@ -97,6 +97,35 @@ def _preprocess_from_config(cfg) -> Preprocess:
                       colour_jitter=float(aug.get("colour_jitter", 0.0)))
 
 
+class ProcessSlice(grain.MapDataset):
+    """This process's share of a global example stream: with local batch b and P processes, local
+    element k is global element (k // b) * P * b + p * b + k % b (rows [p*b, (p+1)*b) of every
+    global batch of P * b)."""
+
+    def __init__(self, parent: grain.MapDataset, process_index: int, process_count: int,
+                 local_batch: int):
+        super().__init__(parent)
+        self._p, self._n, self._b = process_index, process_count, local_batch
+        self._length = len(parent) // (process_count * local_batch) * local_batch
+
+    def __len__(self) -> int:
+        return self._length
+
+    def _global(self, index: int) -> int:
+        return (index // self._b) * self._n * self._b + self._p * self._b + index % self._b
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        return self._parent[self._global(index)]
+
+    def _getitems(self, indices):
+        return self._parent._getitems([self._global(i) for i in indices])  # pylint: disable=protected-access
+
+    def __str__(self) -> str:
+        return f"ProcessSlice(process {self._p} of {self._n}, local batch {self._b})"
+
+
 def _local_batch_size(global_batch: int, process_count: int) -> int:
     if global_batch % process_count:
         raise ValueError(f"config.input.batch_size={global_batch} is not divisible by "
@@ -111,22 +140,22 @@ def make_train_dataset(config, tokenizer, *, seed: int, process_index: int = 0,
     if not entries:
         raise ValueError("config.input.data is empty: give at least one source")
     data_dir = _get(config, "data_dir")
+    batch = _local_batch_size(int(config["batch_size"]), process_count)
     parts, weights, offset = [], [], 0
     for i, entry in enumerate(entries):
         src = sources_lib.get_source(entry, data_dir=data_dir)
-        if len(src) < process_count:
-            raise ValueError(f"config.input.data[{i}] ({src!r}) has fewer records than processes")
-        # Shard records before shuffling: the processes see disjoint subsets that cover the data.
         ds = grain.MapDataset.source(sources_lib.Indexed(src, offset))
-        ds = ds[process_index::process_count]
         offset += len(src)
-        ds = ds.shuffle(seed=_seed(seed, process_index, i)).repeat()  # reshuffled every epoch
+        ds = ds.shuffle(seed=_seed(seed, i)).repeat()  # reshuffled every epoch
         parts.append(ds)
         weights.append(float(entry.get("weight", 1.0)))
     ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
-    ds = ds.random_map(_preprocess_from_config(config), seed=_seed(seed, process_index, 10**6))
+    ds = ds.random_map(_preprocess_from_config(config), seed=_seed(seed, 10**6))
+    # One global example stream, the same in every process (seeds do not depend on the process);
+    # process p reads only rows [p*b, (p+1)*b) of each global batch. The global batches are thus
+    # the same for any process count: 2 processes x 4 devices train exactly as 1 x 8.
+    ds = ProcessSlice(ds, process_index, process_count, batch)
 
-    batch = _local_batch_size(int(config["batch_size"]), process_count)
     threads = int(_get(config, "read_threads", 4))
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
                                               prefetch_buffer_size=max(2 * batch, threads)))
