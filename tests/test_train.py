@@ -145,7 +145,7 @@ def test_two_processes_equal_one(manifest, tmp_path):
     config_py.write_text(
         "import sys\n"
         f"sys.path.insert(0, {os.path.join(REPO, 'tests')!r})\n"
-        "from test_train import tiny_config\n\n\n"
+        "from helpers import tiny_config\n\n\n"
         "def get_config(arg=None):\n"
         f"    return tiny_config({manifest!r}, 'siglip', steps=5)\n")
     one = _run_main(config_py, tmp_path / "one", 8)

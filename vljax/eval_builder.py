@@ -36,10 +36,24 @@ def build_one(name: str, spec: dict, *, image_size: int, value_range, plot_dir: 
     return EVALUATORS[kind](**data, name=name, **spec)
 
 
-def build(config, plot_dir: str | None = None) -> dict:
-    """All evaluators of `config.evals`, in config order."""
-    evals = config.get("evals") or {}
-    value_range = config.input.get("value_range", "efficientnet")
-    return {name: build_one(name, spec, image_size=config.input.image_size, value_range=value_range,
+def build(config, plot_dir: str | None = None, *, image_size: int | None = None, value_range=None,
+          only=None) -> dict:
+    """All evaluators of `config.evals` (or the names in `only`), in config order.
+
+    Images are preprocessed as `config.input` says unless `image_size` / `value_range` are given:
+    a converted checkpoint (vljax/evaluate.py) has its own input size and normalisation.
+    """
+    evals = dict(config.get("evals") or {})
+    if only is not None:
+        unknown = sorted(set(only) - set(evals))
+        if unknown:
+            raise ValueError(f"no evals named {unknown} in the config (it has {sorted(evals)})")
+        evals = {k: v for k, v in evals.items() if k in only}
+    if value_range is None:
+        value_range = config.input.get("value_range", "efficientnet")
+    if isinstance(value_range, list):  # a tuple that went through config.json
+        value_range = tuple(value_range)
+    image_size = image_size or config.input.image_size
+    return {name: build_one(name, spec, image_size=image_size, value_range=value_range,
                             plot_dir=plot_dir)
             for name, spec in evals.items()}

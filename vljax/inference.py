@@ -62,7 +62,11 @@ class Predictor:
         kind = raw.get("model_type", "")
         if kind == "clip":
             kwargs, params = hf.load_hf_clip(path)
-            tok = get_tokenizer("clip", max_len=kwargs["text"].get("max_len", 77))
+            tok = get_tokenizer("clip", max_len=kwargs["text"].get("max_len", 77), **_hf_vocab(path))
+            if tok.vocab_size > kwargs["text"]["vocab_size"]:  # ids past the table would be clamped silently
+                raise ValueError(f"{path}: the tokenizer has {tok.vocab_size} tokens but the text tower "
+                                 f"only {kwargs['text']['vocab_size']}; save the model's tokenizer beside it "
+                                 "(tokenizer.json, or vocab.json + merges.txt)")
             value_range, loss = "clip", "softmax"
         elif kind == "siglip":
             raise ValueError(f"{path}: SigLIP checkpoints use a SentencePiece tokenizer, which no "
@@ -118,6 +122,25 @@ class Predictor:
         return [[(labels[j], float(probs[i, j])) for j in row] for i, row in enumerate(order)]
 
 
+def _hf_vocab(path) -> dict:
+    """The directory's own CLIP vocabulary if it has one, else {} (OpenAI's, which every CLIP uses)."""
+    if os.path.exists(os.path.join(path, "tokenizer.json")):
+        return dict(tokenizer_file=os.path.join(path, "tokenizer.json"))
+    if all(os.path.exists(os.path.join(path, f)) for f in ("vocab.json", "merges.txt")):
+        return dict(vocab=os.path.join(path, "vocab.json"), merges=os.path.join(path, "merges.txt"))
+    return {}
+
+
+def format_results(names, results) -> list[str]:
+    """One line per image: its file name, then the top-k labels with percentages, best first.
+
+        chelsea.png  cat 97.1%  |  dog 2.0%  |  rocket 0.4%
+    """
+    width = max(len(n) for n in names)
+    return [f"{name:<{width}}  " + "  |  ".join(f"{label} {prob:.1%}" for label, prob in top)
+            for name, top in zip(names, results)]
+
+
 def _value_range(v):
     return tuple(v) if isinstance(v, list) else v
 
@@ -157,10 +180,7 @@ def cli(argv=None):
     if args.cmd == "classify":
         labels = _labels(args)
         results = pred.classify(args.images, labels, templates=args.templates, top_k=args.top_k)
-        width = max(len(os.path.basename(p)) for p in args.images)
-        for path, top in zip(args.images, results):
-            shown = "  ".join(f"{label} {prob:6.1%}" for label, prob in top)
-            print(f"{os.path.basename(path):<{width}}  {shown}")
+        print("\n".join(format_results([os.path.basename(p) for p in args.images], results)))
         return 0
     if not args.images and not args.texts:
         parser.error("embed needs image files and/or --texts")

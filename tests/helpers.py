@@ -1,0 +1,98 @@
+"""Shared test fixtures-as-functions: a generated JSONL image-text set of coloured shapes and tiny
+configs that train on it in seconds (tests/test_train.py, tests/test_inference.py, ...)."""
+import json
+import os
+
+import ml_collections
+import numpy as np
+from PIL import Image, ImageDraw
+
+from vljax import metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40)}
+SHAPES = ("circle", "square", "triangle")
+
+
+def _draw(shape, colour, rng, size=32):
+    img = Image.new("RGB", (size, size), (255, 255, 255))
+    d = ImageDraw.Draw(img)
+    x0, y0 = rng.integers(2, 8, size=2)
+    x1, y1 = size - rng.integers(2, 8, size=2)
+    if shape == "circle":
+        d.ellipse([x0, y0, x1, y1], fill=COLOURS[colour])
+    elif shape == "square":
+        d.rectangle([x0, y0, x1, y1], fill=COLOURS[colour])
+    else:
+        d.polygon([(x0, y1), (x1, y1), ((x0 + x1) // 2, y0)], fill=COLOURS[colour])
+    return img
+
+
+def make_shapes_manifest(root, n_per=4, bad=False, seed=0):
+    """A JSONL image-text set of coloured shapes ("a red circle"), labels = shape index."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(root, exist_ok=True)
+    lines = []
+    for colour in COLOURS:
+        for si, shape in enumerate(SHAPES):
+            for k in range(n_per):
+                name = f"{colour}_{shape}_{k}.png"
+                _draw(shape, colour, rng).save(os.path.join(root, name))
+                lines.append(dict(image=name, captions=[f"a {colour} {shape}", f"{shape}, {colour}"], labels=[si]))
+    if bad:
+        with open(os.path.join(root, "corrupt.png"), "wb") as f:
+            f.write(b"\x89PNG\r\n\x1a\nthis is not a png")
+        lines += [dict(image="corrupt.png", caption="a broken image"),
+                  dict(image=lines[0]["image"], caption="   "),
+                  dict(image="missing.png", caption="a missing image")]
+    path = os.path.join(root, "data.jsonl")
+    with open(path, "w") as f:
+        f.writelines(json.dumps(line) + "\n" for line in lines)
+    return path
+
+
+def tiny_config(manifest, recipe="clip", steps=30, batch=16):
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.total_steps = steps
+    c.log_every = 1
+    c.eval_every = 0
+    c.ckpt_every = 0
+    c.keep_ckpts = 2
+    c.mesh = [("data", -1)]
+    c.sharding_rules = [(".*", "replicate")]
+    c.input = dict(data=[dict(source="jsonl", path=manifest)], batch_size=batch, image_size=32,
+                   value_range=(-1.0, 1.0), augment=dict(random_resized_crop=(0.8, 1.0)), num_workers=0)
+    c.tokenizer = dict(kind="clip", max_len=16)
+    vit = dict(variant=None, width=32, depth=2, mlp_dim=64, num_heads=2, patch_size=8, num_classes=32)
+    txt = dict(variant=None, width=32, depth=2, mlp_dim=64, num_heads=2, vocab_size=49408, max_len=16,
+               num_classes=32)
+    if recipe == "siglip":
+        vit.update(pool_type="map")
+        txt.update(causal=False, pool_type="last")
+    else:
+        vit.update(pool_type="cls")
+        txt.update(causal=True, pool_type="eot", eot_id=49407)
+    c.model = dict(image_model="vit", image=vit, text_model="text_transformer", text=txt,
+                   temperature_init=10.0, bias_init=-10.0 if recipe == "siglip" else None)
+    c.model_init = None
+    c.loss = dict(name="sigmoid", impl="ring") if recipe == "siglip" else dict(name="softmax")
+    c.optax = dict(name="adamw")
+    c.lr = 3e-3
+    c.wd = 0.0
+    c.grad_clip_norm = 1.0
+    c.schedule = [(".*", dict(decay_type="cosine", warmup_steps=3))]
+    if recipe == "lit":
+        c.schedule = [("img/head/.*", dict(decay_type="cosine", warmup_steps=3)), ("img/.*", None),
+                      (".*", dict(decay_type="cosine", warmup_steps=3))]
+        c.input.augment = dict(random_resized_crop=None)
+        c.lit_cache = True
+    c.evals = {}
+    c.progress = False
+    c.plot = False
+    return c
+
+
+def losses_of(workdir):
+    return [r["train/loss"] for r in metrics.read_metrics(os.path.join(workdir, "metrics.jsonl"))
+            if "train/loss" in r]
