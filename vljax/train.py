@@ -118,6 +118,9 @@ def make_loss(config, mesh):
         return jax.shard_map(local_fn, mesh=mesh, in_specs=specs, out_specs=P())(*args)
 
     def loss(zimg, ztxt, out, batch):
+        # Losses run in float32 whatever the towers' compute dtype (bf16 logits lose the ranking).
+        zimg, ztxt = zimg.astype(jnp.float32), ztxt.astype(jnp.float32)
+        out = {k: (v.astype(jnp.float32) if k.endswith("/tokens") else v) for k, v in out.items()}
         t = out["t"]
         if name == "sigmoid":
             return run(lambda zi, zt, t, b: fn(zi, zt, t, b, axis_name=axis, **kwargs), zimg, ztxt, t, out["b"])
