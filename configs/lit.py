@@ -90,11 +90,14 @@ def get_config(arg=None):
                            templates="clip80"),
         emoji=dict(type="zeroshot", data=dict(name="vljax_emoji", split="test", label="subcategory"),
                    templates="icon"),
-        openclipart=dict(type="zeroshot", data=dict(name="vljax_openclipart", split="test", label="category"),
-                         templates="icon"),
-        emoji_retrieval=dict(type="retrieval", data=dict(name="vljax_emoji", split="test")),
+        openclipart=dict(type="zeroshot", data=dict(name="vljax_openclipart", split="test",
+                                                    label="top_category"), templates="icon"),
+        # One image per held-out emoji; `emoji_tones_retrieval` adds the skin-tone variants, whose
+        # captions differ only in the tone.
+        emoji_retrieval=dict(type="retrieval", data=dict(name="vljax_emoji", split="test", exclude="skin tone")),
+        emoji_tones_retrieval=dict(type="retrieval", data=dict(name="vljax_emoji", split="test")),
         openclipart_retrieval=dict(type="retrieval", data=dict(name="vljax_openclipart", split="test")),
-        val_retrieval=dict(type="retrieval", data=dict(name="vljax_emoji", split="val")),
+        val_retrieval=dict(type="retrieval", data=dict(name="vljax_emoji", split="val", exclude="skin tone")),
     )
     c.select_metric = "retrieval/val_retrieval/i2t_r1"  # held-out split of the training collections
     c.early_stop_patience = 0

@@ -83,11 +83,20 @@ def classification_set(name: str, split: str, image_size: int, value_range="effi
 
 
 def retrieval_set(name: str, split: str, image_size: int, value_range="efficientnet", *,
-                  data_dir=None, max_examples: int | None = None) -> dict:
+                  data_dir=None, max_examples: int | None = None, exclude: str | None = None) -> dict:
     """{"images": f32 [N, S, S, 3], "captions": N non-empty lists of str}.
 
-    Images without any non-empty caption are left out (they cannot be retrieved by text)."""
+    Images without any non-empty caption are left out (they cannot be retrieved by text).
+    exclude: a regex; records with a caption that matches it are left out (e.g. "skin tone" keeps
+    one image per emoji instead of near-duplicates that differ only in skin tone)."""
     source = _open(name, split, data_dir)
+    if exclude:
+        import re
+        pattern = re.compile(exclude)
+        kept = [i for i in range(len(source))
+                if not any(pattern.search(c.decode() if isinstance(c, bytes) else str(c))
+                           for c in source.raw(i)[source.caption_key])]
+        source = _Subset(source, kept)
     images, _, keep = _load(source, image_size, value_range, max_examples)
     captions = [[c.strip() for c in source[int(i)]["captions"] if c.strip()] for i in keep]
     has_text = np.asarray([bool(c) for c in captions], bool)
