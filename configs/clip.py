@@ -16,21 +16,10 @@ Config arguments: img (ViT variant, default "Ti/8" at reduced width), txt (text 
 """
 import ml_collections
 
-_DEFAULTS = dict(img="tiny", txt="tiny", size=64, batch=64, steps=300)
-
-
-def _arg(arg):
-    out = dict(_DEFAULTS)
-    for kv in filter(None, (arg or "").split(",")):
-        k, v = kv.split("=")
-        if k not in out:
-            raise ValueError(f"configs/clip.py: unknown config argument {k!r} (known: {', '.join(out)})")
-        out[k] = type(_DEFAULTS[k])(v)
-    return out
-
+from vljax import config_check
 
 def get_config(arg=None):
-    a = _arg(arg)
+    a = config_check.parse_arg(arg, "configs/clip.py", img="tiny", txt="tiny", size=64, batch=64, steps=300)
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.total_steps = a["steps"]

@@ -16,25 +16,17 @@ held-out emoji / openclipart test splits, held-out image<->text retrieval; model
 At scale: point `input.data` at TFDS image-text datasets (e.g.
 `dict(source="tfds", name="coco_captions", split="train", image_key="image", text_key="captions/text")`),
 and the image tower at a ViT (`model.image_model="vit"`, `model.image=dict(variant="B/16", pool_type="map",
-num_classes=D)`, `model_init.img=PATH` to a big_vision/open_clip checkpoint), with `mesh=[("data", -1)]`.
+num_classes=D)`, `model_init.img=PATH.npz`, a big_vision ViT checkpoint), with `mesh=[("data", -1)]`.
 
 Config arguments (`--config=configs/lit.py:steps=200,batch=64`): steps, batch.
 """
 import ml_collections
 
-
-def _arg(arg):
-    out = dict(steps=300, batch=64)
-    for kv in filter(None, (arg or "").split(",")):
-        k, v = kv.split("=")
-        if k not in out:
-            raise ValueError(f"configs/lit.py: unknown config argument {k!r} (known: {', '.join(out)})")
-        out[k] = int(v)
-    return out
+from vljax import config_check
 
 
 def get_config(arg=None):
-    a = _arg(arg)
+    a = config_check.parse_arg(arg, "configs/lit.py", steps=300, batch=64)
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.total_steps = a["steps"]

@@ -90,3 +90,16 @@ def validate(config) -> None:
     for i, entry in enumerate(config.input.data):
         if "source" not in entry:
             raise ValueError(f"config key `input.data[{i}]` has no `source`")
+
+
+def parse_arg(arg: str | None, where: str, **defaults) -> dict:
+    """A config file's argument (`--config=configs/x.py:steps=50,img=B/16`) -> dict over `defaults`,
+    each value cast to its default's type; an unknown name is an error naming the config file."""
+    out = dict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in defaults:
+            raise ValueError(f"{where}: bad config argument {item!r} (known: {', '.join(defaults)}; "
+                             f"form: name=value,name=value)")
+        out[key] = type(defaults[key])(value)
+    return out

@@ -1,6 +1,7 @@
 """Pretrained tower initialisation: `config.model_init = {"img": NAME_OR_PATH, "txt": NAME_OR_PATH}`.
 
-Names of weights that install offline (../shared/ASSETS.md) map to loaders; a loaded tower replaces
+Names of weights that install offline (../shared/ASSETS.md) map to loaders; a path to a big_vision
+ViT `.npz` (e.g. an ImageNet-21k ViT-B/16, the LiT paper's image tower) loads that ViT; a loaded tower replaces
 the randomly initialised one leaf by leaf. Leaves the checkpoint lacks (a new projection head) keep
 their random init and are listed; a checkpoint leaf of another shape is an error naming it.
 """
@@ -30,7 +31,10 @@ LOADERS = {
 
 
 def load_tower(spec: str):
-    """Params of one tower by name (see LOADERS)."""
+    """Params of one tower by name (see LOADERS) or big_vision ViT `.npz` path."""
+    if spec.endswith(".npz"):
+        from vljax.convert.big_vision import load_big_vision_vit
+        return load_big_vision_vit(spec)[1]
     if spec not in LOADERS:
         raise ValueError(f"config key `model_init`: unknown pretrained tower {spec!r} "
                          f"(known: {', '.join(sorted(LOADERS))})")
