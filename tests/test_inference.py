@@ -310,3 +310,15 @@ def test_short_lit_run_classifies_real_images(tmp_path):
     # about chance (0.10 on these 30): white-on-black 28 px scans are far from emoji and clip art.
     boots = [t for t, y in zip(top1, truth) if y == "ankle boot"]
     assert boots.count("ankle boot") >= 2, boots
+
+
+def test_every_evaluator_type_builds_from_config_entries():
+    """Each evaluator type of eval_builder accepts what build_one passes it (data dict, name, plot_dir)."""
+    import inspect
+    from vljax import eval_builder
+    from vljax.evaluators import EVALUATORS
+    for kind in eval_builder._LOADERS:
+        params = inspect.signature(EVALUATORS[kind].__init__).parameters
+        assert "name" in params, kind
+        if kind == "zeroshot":
+            assert "plot_dir" in params

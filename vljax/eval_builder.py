@@ -31,7 +31,7 @@ def build_one(name: str, spec: dict, *, image_size: int, value_range, plot_dir: 
         raise ValueError(f"config key `evals.{name}.data.name` is missing")
     loader = getattr(eval_sets, _LOADERS[kind])
     data = loader(image_size=image_size, value_range=value_range, **data_spec)
-    if kind in ("zeroshot", "gzsl"):
+    if kind == "zeroshot":  # the evaluator that plots confusion matrices
         spec.setdefault("plot_dir", plot_dir)
     return EVALUATORS[kind](**data, name=name, **spec)
 
