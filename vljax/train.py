@@ -315,6 +315,7 @@ class Trainer:
         batch_sh = sharding.batch_sharding(mesh)
         train_step = jax.jit(step_fn, in_shardings=(self.state_sh, batch_sh),
                              out_shardings=(self.state_sh, None), donate_argnums=(0,))
+        self.train_step = train_step  # kept for inspection (compilations, lowering)
 
         total = config.total_steps
         log_every = config.get("log_every", 50)
