@@ -78,8 +78,18 @@ def read_metrics(path: str) -> list[dict]:
     return rows
 
 
+# (panel title, predicate over metric names); a metric goes to the first panel that takes it.
+_PANELS = (
+    ("training loss", lambda n: n == "train/loss"),
+    ("zero-shot top-1", lambda n: n.startswith(("zeroshot/", "gzsl/")) and n.endswith(("/top1", "/harmonic"))),
+    ("retrieval R@1", lambda n: n.startswith("retrieval/") and n.endswith("_r1")),
+    ("retrieval R@5", lambda n: n.startswith("retrieval/") and n.endswith("_r5")),
+    ("multi-label mAP / few-shot", lambda n: n.endswith("/mAP") or (n.startswith("fewshot/") and n.endswith("shot"))),
+)
+
+
 def plot_curves(workdir: str, out_name: str = "curves.png") -> str | None:
-    """Plots every metric of metrics.jsonl against step, grouped by prefix ("train", "zeroshot", ...)."""
+    """Plots the headline metrics of metrics.jsonl against step, one panel per kind."""
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
         return None
@@ -90,24 +100,24 @@ def plot_curves(workdir: str, out_name: str = "curves.png") -> str | None:
     series = defaultdict(lambda: ([], []))
     for row in read_metrics(path):
         for name, value in row.items():
-            if name == "step" or name.startswith(("lr/", "data/", "time/")):
-                continue
-            series[name][0].append(row["step"])
-            series[name][1].append(value)
-    groups = defaultdict(list)
-    for name in sorted(series):
-        groups[name.split("/")[0]].append(name)
-    if not groups:
+            if name != "step" and not name.startswith("best/"):
+                series[name][0].append(row["step"])
+                series[name][1].append(value)
+    panels = [(title, sorted(n for n in series if take(n))) for title, take in _PANELS]
+    panels = [(title, names) for title, names in panels if names]
+    if not panels:
         return None
-    fig, axes = plt.subplots(len(groups), 1, figsize=(8, 3.2 * len(groups)), squeeze=False)
-    for ax, (group, names) in zip(axes[:, 0], sorted(groups.items())):
+    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 2.8 * len(panels)), squeeze=False)
+    for ax, (title, names) in zip(axes[:, 0], panels):
         for name in names:
             xs, ys = series[name]
-            ax.plot(xs, ys, marker="." if len(xs) < 50 else None, label=name)
-        ax.set_title(group)
+            label = name.split("/", 1)[-1] if "/" in name else name
+            ax.plot(xs, ys, marker="." if len(xs) < 50 else None, label=label)
+        ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
+        if len(names) > 1:
+            ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     out = os.path.join(workdir, out_name)
     fig.savefig(out, dpi=90)
