@@ -271,9 +271,10 @@ def _parse(out):
 
 
 @pytest.mark.slow
-def test_short_lit_run_classifies_real_images(tmp_path):
-    """60 steps of the LiT demo (about 4-6 minutes here), then vljax-infer on real photos and
-    Fashion-MNIST. VLJAX_LIT_WORKDIR=DIR reuses a trained LiT workdir instead."""
+def test_lit_demo_classifies_real_images(tmp_path):
+    """The LiT demo's training (configs/lit.py, 300 steps, about 6 minutes here, its evaluations left
+    out), then vljax-infer on real photos and Fashion-MNIST. VLJAX_LIT_WORKDIR=DIR reuses a trained
+    LiT workdir instead."""
     skimage_data = pytest.importorskip("skimage.data")
     from PIL import Image
     workdir = os.environ.get("VLJAX_LIT_WORKDIR")
@@ -281,7 +282,7 @@ def test_short_lit_run_classifies_real_images(tmp_path):
         workdir = str(tmp_path / "lit")
         cfg = tmp_path / "lit_no_evals.py"
         cfg.write_text(LIT_NO_EVALS.format(path=os.path.join(REPO, "configs", "lit.py")))
-        _run(["-m", "vljax.main", f"--config={cfg}:steps=60", f"--workdir={workdir}"], timeout=1200)
+        _run(["-m", "vljax.main", f"--config={cfg}", f"--workdir={workdir}"], timeout=1800)
 
     photos = []
     for name in PHOTOS:
@@ -291,25 +292,22 @@ def test_short_lit_run_classifies_real_images(tmp_path):
                 f"--labels={','.join(PHOTO_LABELS)}", *photos])
     print(out)
     got = _parse(out)
-    # After 60 steps the cat and the espresso come out first; the astronaut and the rocket are
-    # in the top 3 (behind "car": emoji and clip art have many vehicles, few photos of people).
-    for name in ("chelsea", "coffee"):
-        assert got[f"{name}.png"][0] == PHOTOS[name], (name, got[f"{name}.png"])
+    # Photos are far from the emoji and clip art it was trained on, yet each comes out first
+    # (seen after the demo: cat 45%, cup of coffee 73%, astronaut 39%, rocket 38%; after only 60
+    # steps "car" still won the cat, the astronaut and the rocket).
     for name, label in PHOTOS.items():
-        assert label in got[f"{name}.png"], (name, got[f"{name}.png"])
+        assert got[f"{name}.png"][0] == label, (name, got[f"{name}.png"])
 
-    paths, truth = _fashion_mnist_pngs(str(tmp_path))
+    paths, truth = _fashion_mnist_pngs(str(tmp_path), n=200)
     out = _run(["-m", "vljax.inference", "classify", f"--model={workdir}", f"--labels={','.join(FASHION)}",
                 "--templates=clip80", "--top-k=2", *paths])
-    print(out)
     got = _parse(out)
     top1 = [got[os.path.basename(p)][0] for p in paths]
     acc = np.mean([a == b for a, b in zip(top1, truth)])
     print(f"Fashion-MNIST top-1 on {len(paths)} test images: {acc:.2f}")
-    # After 60 steps only the ankle boots are found reliably (2 of the 3 here); overall accuracy is
-    # about chance (0.10 on these 30): white-on-black 28 px scans are far from emoji and clip art.
-    boots = [t for t, y in zip(top1, truth) if y == "ankle boot"]
-    assert boots.count("ankle boot") >= 2, boots
+    # The demo reaches 24% on the whole test set (chance 10%); on 200 images the standard error is
+    # 3 points, so 15% is a bound a working model clears and a broken one (chance) does not.
+    assert acc > 0.15, acc
 
 
 def test_every_evaluator_type_builds_from_config_entries():
