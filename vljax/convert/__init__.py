@@ -37,6 +37,30 @@ def unflatten(flat: Mapping[str, np.ndarray]) -> dict:
     return tree
 
 
+class TensorReader:
+    """Reads a PyTorch-named state dict by key for hand-written converters (BERT, EfficientNet):
+    `read(key, shape)` pops the tensor, checks its shape (ValueError) and casts it to `dtype`;
+    a missing key is a KeyError naming it; `finish()` raises on every key nobody read, apart from
+    names ending in one of `ignore` (buffers such as BN's num_batches_tracked)."""
+
+    def __init__(self, state: Mapping[str, np.ndarray], source: str, dtype=np.float32,
+                 ignore: tuple[str, ...] = ()):
+        self.state, self.source, self.dtype, self.ignore = dict(state), source, dtype, tuple(ignore)
+
+    def __call__(self, key: str, shape) -> np.ndarray:
+        if key not in self.state:
+            raise KeyError(f"{self.source}: missing key '{key}'")
+        value = self.state.pop(key)
+        if value.shape != tuple(shape):
+            raise ValueError(f"{self.source}: '{key}' has shape {value.shape}, expected {tuple(shape)}")
+        return np.asarray(value, self.dtype)
+
+    def finish(self):
+        left = [k for k in self.state if not k.endswith(self.ignore)] if self.ignore else list(self.state)
+        if left:
+            raise ValueError(f"{self.source}: {len(left)} unused checkpoint keys, e.g. '{left[0]}'")
+
+
 class StateDict:
     """Read-once view of a checkpoint's {key: array}: `pop` what is used, then `finish()`
     raises on every key nobody read, so a silently ignored weight cannot slip through."""

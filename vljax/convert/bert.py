@@ -10,6 +10,7 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from vljax import assets
+from vljax.convert import TensorReader
 
 # Bert field <- config.json key.
 CONFIG_KEYS = {
@@ -23,27 +24,6 @@ CONFIG_KEYS = {
 IGNORED = ("embeddings.position_ids",)
 
 
-class _Reader:
-    """Pops tensors from a state dict by name, checking shapes; remembers what was used."""
-
-    def __init__(self, state, source):
-        self.state, self.source = dict(state), source
-
-    def __call__(self, key, shape):
-        if key not in self.state:
-            raise KeyError(f"{self.source}: missing key '{key}'")
-        value = self.state.pop(key)
-        if value.shape != tuple(shape):
-            raise ValueError(f"{self.source}: '{key}' has shape {value.shape}, "
-                             f"expected {tuple(shape)}")
-        return np.asarray(value, np.float32)
-
-    def finish(self):
-        left = [k for k in self.state if k not in IGNORED]
-        if left:
-            raise ValueError(f"{self.source}: {len(left)} unused checkpoint keys, e.g. '{left[0]}'")
-
-
 def _strip_prefix(state):
     """BertModel saves 'embeddings...'; BertFor* heads save 'bert.embeddings...'."""
     if any(k.startswith("bert.") for k in state):
@@ -53,7 +33,7 @@ def _strip_prefix(state):
 
 def bert_params_from_state_dict(state, kwargs, source="state dict"):
     """state: {HF name: [out, in] arrays}; kwargs: Bert fields. Returns the Bert param tree."""
-    read = _Reader(_strip_prefix(state), source)
+    read = TensorReader(_strip_prefix(state), source, np.float32, ignore=IGNORED)
     d, heads = kwargs["hidden_size"], kwargs["num_heads"]
     dh, inter = d // heads, kwargs["intermediate_size"]
 

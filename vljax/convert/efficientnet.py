@@ -10,32 +10,12 @@ import re
 import numpy as np
 
 from vljax import assets
+from vljax.convert import TensorReader
 from vljax.convert.torch_pickle import load_torch_pickle
 from vljax.models.efficientnet import HEAD_CHANNELS, STEM_CHANNELS, VARIANTS, block_specs
 
 BN_EPS = 1e-3
 IMAGENET_CLASSES = 1000
-
-
-class _Reader:
-    """Pops tensors by name with shape checks; reports keys nobody used."""
-
-    def __init__(self, state, source):
-        self.state, self.source = dict(state), source
-
-    def __call__(self, key, shape):
-        if key not in self.state:
-            raise KeyError(f"{self.source}: missing key '{key}'")
-        value = self.state.pop(key)
-        if value.shape != tuple(shape):
-            raise ValueError(f"{self.source}: '{key}' has shape {value.shape}, "
-                             f"expected {tuple(shape)}")
-        return value.astype(np.float64)  # fold in float64, store float32
-
-    def finish(self):
-        left = [k for k in self.state if not k.endswith("num_batches_tracked")]
-        if left:
-            raise ValueError(f"{self.source}: {len(left)} unused checkpoint keys, e.g. '{left[0]}'")
 
 
 def _conv_bn(read, conv, bn, cin, cout, k, depthwise=False):
@@ -53,7 +33,7 @@ def efficientnet_params_from_state_dict(state, variant, num_classes=IMAGENET_CLA
                                         source="state dict"):
     """state: {torch name: array}. num_classes: 1000 keeps the ImageNet head; anything
     else leaves "head" out (a new head / projection is initialised by the caller)."""
-    read = _Reader(state, source)
+    read = TensorReader(state, source, np.float64, ignore=("num_batches_tracked",))  # fold in float64
     params = {"stem_conv": _conv_bn(read, "_conv_stem", "_bn0", 3, STEM_CHANNELS, 3)}
     for i, s in enumerate(block_specs(variant)):
         p, hidden, block = f"_blocks.{i}", s["cin"] * s["expand"], {}
