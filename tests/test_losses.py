@@ -384,7 +384,12 @@ def test_bad_inputs_raise_clear_errors(data):
 
 
 def test_losses_registry():
-    assert losses.LOSSES == {
+    assert {k: v.fn for k, v in losses.LOSSES.items()} == {
         "softmax": losses.softmax_contrastive, "sigmoid": losses.sigmoid_loss,
         "dcl": losses.dcl_loss, "cwcl": losses.cwcl_loss,
         "multi_positive": losses.multi_positive_contrastive, "filip": losses.filip_loss}
+    # Every declared input is a positional parameter of the function, in order.
+    import inspect
+    for name, loss in losses.LOSSES.items():
+        params = list(inspect.signature(loss.fn).parameters)
+        assert len(loss.inputs) <= len(params) and "axis_name" in params, name

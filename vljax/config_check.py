@@ -39,6 +39,7 @@ _TOP = {
     "remat": (False, (bool,)),
     "plot": (False, (bool,)),
     "progress": (False, (bool,)),
+    "nonfinite": (False, (str,)),
 }
 _INPUT = {
     "data": (True, (list, tuple)),

@@ -3,7 +3,7 @@ r"""Evaluate a model with a config's evaluators: a vljax workdir or a converted 
     python -m vljax.evaluate --model=/tmp/vljax_lit --config=configs/lit_eval.py --out=/tmp/lit_eval.json
     python -m vljax.evaluate --model=hf_clip_dir/ --config=configs/lit.py --evals=fashion_mnist
 
-`--model` is anything `vljax.inference.Predictor.load` takes (a workdir: its latest checkpoint; a
+`--model` is anything `vljax.factory.load` takes (a workdir: its latest checkpoint; a
 transformers CLIP directory). The evaluators are `config.evals` (default: the workdir's own
 config.json), built by vljax/eval_builder.py with the MODEL's image size and normalisation, so a
 converted CLIP at 224 px is evaluated on the same data as a demo LiT model at 112 px.
@@ -29,7 +29,7 @@ def evaluate(predictor, config, only=None, plot_dir: str | None = None) -> dict[
     # Evals over the same images (zero-shot and GZSL on one test set) share the image tower's
     # forward pass: features are cached per image array (params are fixed here).
     embedder = Embedder(predictor.model, predictor.params, predictor.tokenizer,
-                        batch_size=predictor.embedder.batch_size, image_feature_cache=True)
+                        batch_size=config.get("eval_batch_size", 32), image_feature_cache=True)
     results = {}
     for name, ev in evaluators.items():
         t0 = time.perf_counter()
@@ -51,10 +51,10 @@ def _workdir_config(path):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from vljax.inference import Predictor
+    from vljax import factory
     path = os.path.expanduser(_MODEL.value)
     config = _CONFIG.value if _CONFIG.value is not None else _workdir_config(path)
-    predictor = Predictor.load(path)
+    predictor = factory.load(path)
     results = evaluate(predictor, config, only=_EVALS.value, plot_dir=_PLOTS.value)
     for k, v in sorted(results.items()):
         print(f"{k} = {v:.4f}")

@@ -5,14 +5,13 @@ r"""Use a trained model: classify images against label lists, embed images and t
     vljax-infer embed --model=/tmp/vljax_lit --texts="a cat,a dog" --out=text.npy
     vljax-infer embed --model=hf_clip_dir/ --out=images.npy *.jpg
 
-`--model` is a vljax workdir (config.json + checkpoints/, the latest checkpoint is used) or a
+`--model` is a vljax workdir (model_spec.json + checkpoints/, the latest checkpoint's params are used) or a
 transformers CLIP / SigLIP directory (config.json + model.safetensors).
 In Python: `p = Predictor.load(path); p.classify(images, labels)`; `p.embed_images(images)`.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -33,50 +32,15 @@ class Predictor:
     # -- loading --------------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str, batch_size: int = 32) -> "Predictor":
-        path = os.path.expanduser(path)
-        cfg_path = os.path.join(path, "config.json")
-        if not os.path.exists(cfg_path):
-            raise FileNotFoundError(f"{path}: no config.json (expected a vljax workdir or a transformers directory)")
-        with open(cfg_path) as f:
-            raw = json.load(f)
-        if "model_type" in raw or "architectures" in raw:
-            return cls._load_hf(path, raw, batch_size)
-        return cls._load_workdir(path, raw, batch_size)
+        """A vljax workdir or a transformers CLIP directory (see `vljax.factory.load`)."""
+        from vljax import factory
+        return cls.from_bundle(factory.load(path), batch_size=batch_size)
 
     @classmethod
-    def _load_workdir(cls, path, raw, batch_size):
-        import ml_collections
-        from vljax import train
-        config = ml_collections.ConfigDict(raw)
-        model = train.build_model(config)
-        params = train.restore_params(config, model, path)
-        return cls(model, params, train.build_tokenizer(config), image_size=config.input.image_size,
-                   value_range=_value_range(config.input.get("value_range", "efficientnet")),
-                   batch_size=batch_size, loss=config.loss.name)
-
-    @classmethod
-    def _load_hf(cls, path, raw, batch_size):
-        from vljax.convert import hf
-        from vljax.models.two_towers import TwoTowers
-        from vljax.tokenizers import get_tokenizer
-        kind = raw.get("model_type", "")
-        if kind == "clip":
-            kwargs, params = hf.load_hf_clip(path)
-            tok = get_tokenizer("clip", max_len=kwargs["text"].get("max_len", 77), **_hf_vocab(path))
-            if tok.vocab_size > kwargs["text"]["vocab_size"]:  # ids past the table would be clamped silently
-                raise ValueError(f"{path}: the tokenizer has {tok.vocab_size} tokens but the text tower "
-                                 f"only {kwargs['text']['vocab_size']}; save the model's tokenizer beside it "
-                                 "(tokenizer.json, or vocab.json + merges.txt)")
-            value_range, loss = "clip", "softmax"
-        elif kind == "siglip":
-            raise ValueError(f"{path}: SigLIP checkpoints use a SentencePiece tokenizer, which no "
-                             "package installs offline; load the model with vljax.convert.hf.load_hf_siglip "
-                             "and tokenise yourself")
-        else:
-            raise ValueError(f"{path}: model_type {kind!r} is not a CLIP or SigLIP checkpoint")
-        image_size = raw.get("vision_config", {}).get("image_size", 224)
-        return cls(TwoTowers(**kwargs), params, tok, image_size=image_size, value_range=value_range,
-                   batch_size=batch_size, loss=loss)
+    def from_bundle(cls, bundle, batch_size: int = 32) -> "Predictor":
+        return cls(bundle.model, bundle.params, bundle.tokenizer, image_size=bundle.image_size,
+                   value_range=bundle.value_range, batch_size=batch_size,
+                   loss="sigmoid" if bundle.sigmoid else "softmax")
 
     # -- inputs ---------------------------------------------------------------------------------
     def preprocess(self, images) -> np.ndarray:
@@ -122,15 +86,6 @@ class Predictor:
         return [[(labels[j], float(probs[i, j])) for j in row] for i, row in enumerate(order)]
 
 
-def _hf_vocab(path) -> dict:
-    """The directory's own CLIP vocabulary if it has one, else {} (OpenAI's, which every CLIP uses)."""
-    if os.path.exists(os.path.join(path, "tokenizer.json")):
-        return dict(tokenizer_file=os.path.join(path, "tokenizer.json"))
-    if all(os.path.exists(os.path.join(path, f)) for f in ("vocab.json", "merges.txt")):
-        return dict(vocab=os.path.join(path, "vocab.json"), merges=os.path.join(path, "merges.txt"))
-    return {}
-
-
 def format_results(names, results) -> list[str]:
     """One line per image: its file name, then the top-k labels with percentages, best first.
 
@@ -139,10 +94,6 @@ def format_results(names, results) -> list[str]:
     width = max(len(n) for n in names)
     return [f"{name:<{width}}  " + "  |  ".join(f"{label} {prob:.1%}" for label, prob in top)
             for name, top in zip(names, results)]
-
-
-def _value_range(v):
-    return tuple(v) if isinstance(v, list) else v
 
 
 def _labels(args) -> list[str]:

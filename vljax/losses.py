@@ -20,7 +20,9 @@ under a `jax.custom_vjp`, keeping per-device memory O(b_local^2) at any device c
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -494,11 +496,26 @@ def filip_loss(img_tokens, txt_tokens, txt_mask, t, axis_name=None, img_mask=Non
     return _psum(local, axis_name) / (2 * b * n)
 
 
+@dataclasses.dataclass(frozen=True)
+class Loss:
+    """A loss function and the inputs it takes, positionally, by name.
+
+    Names are the model's outputs (`zimg`, `ztxt`, `t`, `b`, and every `img/<k>` / `txt/<k>` of
+    the towers' out dicts: `img/tokens`, `txt/tokens`, `txt/mask`, ...), `frozen/zimg` /
+    `frozen/ztxt` (the embeddings with their gradient stopped) and `batch/<field>` (a field of the
+    input batch, e.g. `batch/label` with `config.input.label=True`). The trainer looks the names
+    up, splits batched inputs over the mesh's batch axes and runs `fn(*inputs, axis_name=...,
+    **config.loss)` under one `jax.shard_map`: adding a loss touches only this table.
+    """
+    fn: Callable
+    inputs: tuple[str, ...]
+
+
 LOSSES = {
-    "softmax": softmax_contrastive,  # (zimg, ztxt, t, axis_name=)
-    "sigmoid": sigmoid_loss,  # (zimg, ztxt, t, b, axis_name=, impl=)
-    "dcl": dcl_loss,  # (zimg, ztxt, t, axis_name=)
-    "cwcl": cwcl_loss,  # (zimg, ztxt, t, zref, axis_name=, ref_modality=, symmetric=)
-    "multi_positive": multi_positive_contrastive,  # (zimg, ztxt, t, labels=|pos_mask=, axis_name=)
-    "filip": filip_loss,  # (img_tokens, txt_tokens, txt_mask, t, axis_name=, img_mask=)
+    "softmax": Loss(softmax_contrastive, ("zimg", "ztxt", "t")),
+    "sigmoid": Loss(sigmoid_loss, ("zimg", "ztxt", "t", "b")),
+    "dcl": Loss(dcl_loss, ("zimg", "ztxt", "t")),
+    "cwcl": Loss(cwcl_loss, ("zimg", "ztxt", "t", "frozen/zimg")),
+    "multi_positive": Loss(multi_positive_contrastive, ("zimg", "ztxt", "t", "batch/label")),
+    "filip": Loss(filip_loss, ("img/tokens", "txt/tokens", "txt/mask", "t")),
 }

@@ -16,7 +16,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and plots go.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "Train (and evaluate), or only evaluate.")
 _COORDINATOR = flags.DEFINE_string(
-    "coordinator", None, "host:port of process 0 for multi-process runs (jax.distributed).")
+    "coordinator", None, "host:port of process 0 for multi-process runs you launch yourself "
+    "(jax.distributed); on TPU pods, SLURM and Open MPI the cluster is detected without it.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of JAX processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -31,19 +32,42 @@ def main(argv):
     config_check.validate(config)
 
     import jax
-    if _COORDINATOR.value:
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
-                                   process_id=_PROCESS_ID.value)
+    init_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     logging.info("JAX %s, %d process(es), %d device(s): %s", jax.__version__, jax.process_count(),
                  jax.device_count(), jax.devices()[0].device_kind)
 
-    from vljax import train
+    from vljax import checkpoints, train
     workdir = os.path.abspath(os.path.expanduser(_WORKDIR.value))
-    if _MODE.value == "train":
-        train.train_and_evaluate(config, workdir)
-    else:
-        train.evaluate_workdir(config, workdir)
+    try:
+        if _MODE.value == "train":
+            train.train_and_evaluate(config, workdir)
+        else:
+            train.evaluate_workdir(config, workdir)
+    except (train.NonFiniteError, checkpoints.CheckpointError) as e:
+        logging.error("%s", e)
+        return 1
+
+
+def init_distributed(coordinator=None, num_processes=None, process_id=None) -> None:
+    """Starts jax.distributed: explicitly with --coordinator (several processes on one machine,
+    or hosts you list yourself), otherwise by JAX's cluster auto-detection (Cloud TPU pod
+    slices, SLURM, Open MPI, Kubernetes JobSets), so that the same command run on every host of a
+    pod joins one job. On a machine in no cluster it is a single-process run."""
+    import jax
+    if coordinator:
+        # Collectives between CPU devices of several processes (tests, CPU clusters); no effect
+        # on accelerators.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
+        return
+    if num_processes or process_id is not None:
+        raise app.UsageError("--num_processes / --process_id need --coordinator=host:port")
+    try:
+        jax.distributed.initialize()
+    except ValueError as e:  # no cluster environment detected: nothing to join
+        if "coordinator" not in str(e).lower():
+            raise
+        logging.debug("no cluster detected (%s): single-process run", e)
 
 
 def run():
