@@ -268,7 +268,8 @@ def _schedule(rules) -> None:
             _check_keys(_dict(rule[1], f"schedule[{i}]"), known, f"schedule[{i}].")
 
 
-def _evals(evals) -> None:
+def validate_evals(evals) -> None:
+    """`config.evals` alone (vljax.evaluate runs a config's evals on any model)."""
     if not evals:
         return
     from vljax import eval_builder
@@ -310,7 +311,7 @@ def validate(config) -> None:
     _loss(config.loss)
     _optax(config.optax)
     _schedule(config.schedule)
-    _evals(config.get("evals"))
+    validate_evals(config.get("evals"))
 
 
 def parse_arg(arg: str | None, where: str, **defaults) -> dict:
