@@ -48,10 +48,11 @@ def main(argv):
 
     from vljax import train
     workdir = os.path.abspath(os.path.expanduser(_WORKDIR.value))
-    if _MODE.value == "train":
-        train.train_and_evaluate(config, workdir)
-    else:
-        train.evaluate_workdir(config, workdir)
+    with logs.phase(_MODE.value, outputs=workdir):
+        if _MODE.value == "train":
+            train.train_and_evaluate(config, workdir)
+        else:
+            train.evaluate_workdir(config, workdir)
 
 
 def run():
