@@ -21,9 +21,9 @@ def _load(name):
 
 
 @pytest.mark.parametrize("name,arg", [
-    ("clip", None), ("clip", "img=B/16,txt=B,size=224,batch=32768,steps=10"),
+    ("clip", None), ("clip", "img=B/16,txt=B,size=224,batch=32768,steps=100"),
     ("siglip", None), ("siglip", "img=So400m/14,txt=B,size=224"),
-    ("lit", None), ("lit", "steps=50,batch=64"), ("lit_eval", None), ("lit_eval", "steps=10"),
+    ("lit", None), ("lit", "steps=200,batch=64"), ("lit_eval", None), ("lit_eval", "steps=100"),
 ])
 def test_every_shipped_config_validates(name, arg):
     config_check.validate(_load(name).get_config(arg))
@@ -103,6 +103,10 @@ def test_bad_values_name_the_key():
     config = _load("lit").get_config()
     config.remat = True  # EfficientNet-Lite has no remat: build_model would fail deep inside flax
     with pytest.raises(ValueError, match=r"config key `remat`: the image tower 'efficientnet_lite'"):
+        config_check.validate(config)
+    config = _load("lit").get_config("steps=20")  # the heads warm up for 50 steps
+    with pytest.raises(ValueError, match=r"config key `schedule\[0\]` \('img/head/.\*'\): decay_type 'cosine' "
+                                         r"needs config.total_steps > warmup_steps"):
         config_check.validate(config)
     config = _load("lit").get_config()
     config.input.augment.greyscale = 3

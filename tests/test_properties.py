@@ -141,7 +141,7 @@ def test_decode_image_raises_only_unreadable_image_with_a_reason(data):
 
 @pytest.mark.parametrize("size", [(30000, 30000), (10000, 9000)])
 def test_decompression_bombs_are_refused_before_decoding(size):
-    from test_cli_errors import png_claiming
+    from test_cli import png_claiming
     with pytest.raises(T.UnreadableImage, match="decompression bomb"):
         T.decode_image(png_claiming(*size))
     assert PRE({"id": "b", "image": png_claiming(*size), "captions": ["a"], "label": 0}) == {"skip": "decode_error"}

@@ -253,19 +253,25 @@ def _optax(cfg) -> None:
         _check_keys(cfg, args | _OPTAX_EXTRA, "optax.")
 
 
-def _schedule(rules) -> None:
+def _schedule(rules, total_steps) -> None:
+    """Keys of each entry, then the entry itself through optim.make_schedule (which checks its
+    values against total_steps; it only builds a function, nothing runs)."""
     from vljax.optim import make_schedule
     known = arguments(make_schedule, drop=("total_steps", "where")) | _SCHEDULE_EXTRA
     if rules is None:
         return
     if _is_dict(rules):
-        _check_keys(rules, known, "schedule.")
-        return
-    for i, rule in enumerate(rules):
+        rules = [(".*", rules)]
+        where = ["schedule"]
+    else:
+        where = [f"schedule[{i}]" for i in range(len(rules))]
+    for key, rule in zip(where, rules):
         if not (isinstance(rule, (list, tuple)) and len(rule) == 2 and isinstance(rule[0], str)):
-            raise ValueError(f"config key `schedule[{i}]` must be (regex, dict or None), got {rule!r}")
+            raise ValueError(f"config key `{key}` must be (regex, dict or None), got {rule!r}")
         if rule[1] is not None:
-            _check_keys(_dict(rule[1], f"schedule[{i}]"), known, f"schedule[{i}].")
+            _check_keys(_dict(rule[1], key), known, key + ".")
+            sched = {k: v for k, v in rule[1].items() if k not in _SCHEDULE_EXTRA}
+            make_schedule(**sched, total_steps=total_steps, where=f"config key `{key}` ({rule[0]!r})")
 
 
 def validate_evals(evals) -> None:
@@ -310,7 +316,7 @@ def validate(config) -> None:
     _model_init(config.get("model_init"))
     _loss(config.loss)
     _optax(config.optax)
-    _schedule(config.schedule)
+    _schedule(config.schedule, config.total_steps)
     validate_evals(config.get("evals"))
 
 

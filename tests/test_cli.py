@@ -1,6 +1,8 @@
-"""The command-line tools on bad input: an unreadable image or a missing model is one line naming the
-file and the reason (no traceback), the other images are still processed, the exit status says so."""
+"""The command-line tools: on bad input (an unreadable image, a missing model) one line naming the
+file and the reason, no traceback, the other images still processed, an exit status that says so;
+a training run's output is a few lines and progress bars, not the libraries' INFO logs."""
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -100,3 +102,34 @@ def test_a_missing_model_is_one_line(tmp_path, model_and_images):
         assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
         lines = [ln for ln in proc.stderr.splitlines() if missing in ln]
         assert len(lines) == 1 and "config.json" in lines[0], proc.stderr[-3000:]
+
+
+def _screen_lines(stderr):
+    """stderr without progress-bar redraws (tqdm rewrites its line with carriage returns)."""
+    parts = re.split(r"[\r\n]", stderr)
+    return [p for p in parts if p.strip() and not re.search(r"\d+%\|", p)]
+
+
+@pytest.mark.slow
+def test_main_prints_a_few_lines_unless_verbosity_asks(tmp_path):
+    cfg = tmp_path / "tiny.py"
+    cfg.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {os.path.join(REPO, 'tests')!r})\n"
+        "import helpers\n\n"
+        "def get_config(arg=None):\n"
+        f"    c = helpers.tiny_config(helpers.make_shapes_manifest({str(tmp_path / 'shapes')!r}, n_per=1), 'clip', steps=4, batch=8)\n"
+        "    c.ckpt_every, c.progress = 2, True\n"
+        "    return c\n")
+    runs = {}
+    for name, extra in (("quiet", []), ("verbose", ["--verbosity=0"])):
+        proc = _run("vljax.main", [f"--config={cfg}", f"--workdir={tmp_path / name}", *extra])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = _screen_lines(proc.stderr)
+    absl_info = re.compile(r"^I\d{4} ")
+    quiet = runs["quiet"]
+    assert not [ln for ln in quiet if absl_info.match(ln)], quiet
+    assert len(quiet) <= 5, quiet  # the JAX line and the final line naming the outputs
+    assert quiet[-1].split("] ", 1)[1].startswith("train: ") and str(tmp_path / "quiet") in quiet[-1]
+    # --verbosity brings the libraries' INFO logs back (orbax logs every checkpoint save).
+    assert len([ln for ln in runs["verbose"] if absl_info.match(ln)]) > 10
