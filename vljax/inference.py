@@ -44,13 +44,23 @@ class Predictor:
 
     # -- inputs ---------------------------------------------------------------------------------
     def preprocess(self, images) -> np.ndarray:
-        """Paths, PIL images or uint8 arrays (any mode, any size) -> float32 [N, S, S, 3]."""
+        """Paths, PIL images or uint8 arrays (any mode, any size) -> float32 [N, S, S, 3].
+
+        An image that cannot be read raises `transforms.UnreadableImage` whose message is one line
+        naming it and why: "photo.png: cannot read image (truncated or corrupt data (...))".
+        """
         from vljax.data import transforms as T
         if isinstance(images, np.ndarray) and images.dtype == np.float32 and images.ndim == 4:
             return images  # already preprocessed
         out = []
-        for img in images:
-            pil = T.decode_image(img)
+        for i, img in enumerate(images):
+            try:
+                pil = T.decode_image(img) if not hasattr(img, "convert") else T.to_rgb(img)
+            except FileNotFoundError:
+                raise T.UnreadableImage(f"{img}: cannot read image (file not found)") from None
+            except T.UnreadableImage as e:
+                name = img if isinstance(img, (str, os.PathLike)) else f"image {i}"
+                raise T.UnreadableImage(f"{name}: cannot read image ({e})") from None
             out.append(T.normalize(T.resize_small_center_crop(pil, self.image_size), self.value_range))
         return np.stack(out)
 
@@ -96,16 +106,37 @@ def format_results(names, results) -> list[str]:
             for name, top in zip(names, results)]
 
 
-def _labels(args) -> list[str]:
+def _labels(args, parser) -> list[str]:
     if args.labels_file:
         from vljax.evaluators.prompts import load_class_names
-        return list(load_class_names(args.labels_file))
-    if args.labels:
-        return [s.strip() for s in args.labels.split(",") if s.strip()]
-    raise SystemExit("classify needs --labels=a,b,c or --labels-file=FILE")
+        try:
+            return list(load_class_names(args.labels_file))
+        except (OSError, ValueError) as e:
+            parser.error(f"--labels-file: {e}")
+    labels = [s.strip() for s in (args.labels or "").split(",") if s.strip()]
+    if not labels:
+        parser.error("classify needs --labels=a,b,c or --labels-file=FILE")
+    return labels
+
+
+def _read_images(pred, paths):
+    """(float32 [M, S, S, 3] of the readable files, their paths); one stderr line per other file."""
+    from vljax.data import transforms as T
+    arrays, good = [], []
+    for path in paths:
+        try:
+            arrays.append(pred.preprocess([path]))
+            good.append(path)
+        except T.UnreadableImage as e:
+            print(e, file=sys.stderr)
+    size = pred.image_size
+    return (np.concatenate(arrays) if arrays else np.zeros((0, size, size, 3), np.float32)), good
 
 
 def cli(argv=None):
+    """vljax-infer. Exit status: 0 when every image was read; 1 when some were not (each gets one
+    line on stderr: `FILE: cannot read image (reason)`; the others are still classified/embedded);
+    2 for a usage error or a model that cannot be loaded."""
     parser = argparse.ArgumentParser(prog="vljax-infer", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("classify", help="zero-shot classify images against labels")
@@ -122,29 +153,42 @@ def cli(argv=None):
     for p in (c, e):
         p.add_argument("--model", required=True, help="vljax workdir or transformers CLIP directory")
         p.add_argument("--batch-size", type=int, default=32)
+        p.add_argument("--verbosity", type=int, default=None,
+                       help="absl verbosity of the libraries' logs (0: INFO); default: warnings only")
     args = parser.parse_args(argv)
-
-    for img in getattr(args, "images", []):
-        if not os.path.exists(img):
-            parser.error(f"image file not found: {img}")
-    pred = Predictor.load(args.model, batch_size=args.batch_size)
-    if args.cmd == "classify":
-        labels = _labels(args)
-        results = pred.classify(args.images, labels, templates=args.templates, top_k=args.top_k)
-        print("\n".join(format_results([os.path.basename(p) for p in args.images], results)))
-        return 0
-    if not args.images and not args.texts:
+    if args.cmd == "embed" and not args.images and not args.texts:
         parser.error("embed needs image files and/or --texts")
+    labels = _labels(args, parser) if args.cmd == "classify" else None
+
+    from vljax import logs
+    logs.setup(verbose=args.verbosity is not None)
+    if args.verbosity is not None:
+        from absl import logging as absl_logging
+        absl_logging.set_verbosity(args.verbosity)
+    try:
+        pred = Predictor.load(args.model, batch_size=args.batch_size)
+    except (OSError, ValueError) as err:
+        where = "" if args.model in str(err) else f"{args.model}: "
+        print(f"vljax-infer: cannot load the model: {where}{err}", file=sys.stderr)
+        return 2
+    images, good = _read_images(pred, args.images)
+    status = 0 if len(good) == len(args.images) else 1
+    if args.cmd == "classify":
+        if good:
+            results = pred.classify(images, labels, templates=args.templates, top_k=args.top_k)
+            print("\n".join(format_results([os.path.basename(p) for p in good], results)))
+        return status
     root, ext = os.path.splitext(args.out)
-    if args.images:
-        np.save(args.out, pred.embed_images(args.images))
-        print(f"wrote {args.out}: {len(args.images)} image embeddings")
+    if good:
+        np.save(args.out, pred.embed_images(images))
+        print(f"wrote {args.out}: {len(good)} image embeddings"
+              + (f" (rows: the {len(good)} readable files, in order)" if status else ""))
     if args.texts:
         texts = [t.strip() for t in args.texts.split(",")]
         out = f"{root}_text{ext or '.npy'}" if args.images else args.out
         np.save(out, pred.embed_texts(texts))
         print(f"wrote {out}: {len(texts)} text embeddings")
-    return 0
+    return status
 
 
 if __name__ == "__main__":

@@ -3,14 +3,18 @@ r"""Entry point: `python -m vljax.main --config=configs/lit.py --workdir=DIR`.
 Overrides: `--config.total_steps=100`, `--config.input.batch_size=64`; a config argument after a
 colon (`--config=configs/lit.py:steps=50`) is passed to the config file's `get_config(arg)`.
 `--mode=eval` evaluates the latest checkpoint of an existing workdir without training.
+Output: one line per phase and progress bars; `--verbosity=0` adds the INFO logs of vljax and its
+libraries (orbax, tfds, grain), `--verbosity=1` debug logs.
 """
 from __future__ import annotations
 
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
+
+from vljax import logs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and plots go.")
@@ -26,26 +30,32 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    logs.setup(verbose=flags.FLAGS["verbosity"].present)
     config = _CONFIG.value
-    # Validate before anything heavy (device start-up, data, weights) runs.
+    # Validate before anything heavy (device start-up, data, weights) runs or is written.
     from vljax import config_check
-    config_check.validate(config)
+    try:
+        config_check.validate(config)
+    except ValueError as e:
+        raise SystemExit(f"{config_flags.get_config_filename(flags.FLAGS['config'])}: {e}") from None
 
     import jax
     init_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    logging.info("JAX %s, %d process(es), %d device(s): %s", jax.__version__, jax.process_count(),
-                 jax.device_count(), jax.devices()[0].device_kind)
+    logs.info("JAX %s, %d process(es), %d device(s): %s", jax.__version__, jax.process_count(),
+              jax.device_count(), jax.devices()[0].device_kind)
 
     from vljax import checkpoints, train
-    workdir = os.path.abspath(os.path.expanduser(_WORKDIR.value))
+    workdir = _WORKDIR.value
+    if "://" not in workdir:  # gs://... stays as it is
+        workdir = os.path.abspath(os.path.expanduser(workdir))
     try:
-        if _MODE.value == "train":
-            train.train_and_evaluate(config, workdir)
-        else:
-            train.evaluate_workdir(config, workdir)
+        with logs.phase(_MODE.value, outputs=workdir):
+            if _MODE.value == "train":
+                train.train_and_evaluate(config, workdir)
+            else:
+                train.evaluate_workdir(config, workdir)
     except (train.NonFiniteError, checkpoints.CheckpointError) as e:
-        logging.error("%s", e)
-        return 1
+        raise SystemExit(f"vljax.main: {e}") from None
 
 
 def init_distributed(coordinator=None, num_processes=None, process_id=None) -> None:
@@ -64,10 +74,9 @@ def init_distributed(coordinator=None, num_processes=None, process_id=None) -> N
         raise app.UsageError("--num_processes / --process_id need --coordinator=host:port")
     try:
         jax.distributed.initialize()
-    except ValueError as e:  # no cluster environment detected: nothing to join
+    except ValueError as e:  # no cluster environment detected: a single-process run
         if "coordinator" not in str(e).lower():
             raise
-        logging.debug("no cluster detected (%s): single-process run", e)
 
 
 def run():
