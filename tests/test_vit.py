@@ -7,7 +7,7 @@ import pytest
 from vljax.convert.posemb import resample_posemb
 from vljax.models import ViT
 from vljax.models.common import posemb_sincos_2d
-from vljax.models.vit import decode_variant
+from vljax.models.vit import decode_variant, keep_random_patches
 
 TINY = dict(variant=None, width=32, depth=2, num_heads=2, mlp_dim=64, patch_size=8)
 
@@ -150,3 +150,49 @@ def test_resampled_checkpoint_runs_at_a_new_resolution():
     params = {**params, "pos_embedding": resample_posemb(params["pos_embedding"], (6, 6))}
     feats, out = jax.jit(model.apply)({"params": params}, images(size=48))
     assert out["tokens"].shape == (2, 36, 32) and np.isfinite(feats).all()
+
+
+# ----------------------------------------------------------------------------- patch dropout
+
+
+def test_keep_random_patches_is_a_uniform_subset_per_example():
+    """FLIP masking: K = round((1 - p) N) distinct patches per example, each kept with
+    probability 1 - p, different subsets for different examples."""
+    b, n, draws = 4, 16, 400
+    x = jnp.broadcast_to(jnp.arange(n, dtype=jnp.float32)[None, :, None], (b, n, 3))
+    kept = jax.vmap(lambda k: keep_random_patches(x, 0.75, k))(
+        jax.random.split(jax.random.key(0), draws))  # [draws, b, 4, 3]
+    assert kept.shape == (draws, b, 4, 3)
+    ids = np.asarray(kept[..., 0]).astype(int)
+    assert all(len(set(row)) == 4 for row in ids.reshape(-1, 4))  # no patch twice
+    assert np.any(ids[:, 0] != ids[:, 1])  # examples draw independently
+    freq = np.bincount(ids.reshape(-1), minlength=n) / (draws * b)
+    np.testing.assert_allclose(freq, 0.25, atol=0.04)
+
+
+@pytest.mark.parametrize("pool_type", ["cls", "gap", "map"])
+def test_patch_dropout_trains_on_kept_patches_and_evaluates_on_all(pool_type):
+    model = ViT(**TINY, pool_type=pool_type, num_registers=2, patch_dropout=0.5)
+    x = images(b=3)
+    params, (feats_eval, _) = init_apply(model, x)
+    apply = jax.jit(model.apply, static_argnames=("train", "patch_dropout"))
+    rngs = {"dropout": jax.random.key(1)}
+    # Evaluation ignores the rate: equal to the same params without patch dropout.
+    ref, _ = ViT(**TINY, pool_type=pool_type, num_registers=2).apply({"params": params}, x)
+    np.testing.assert_allclose(feats_eval, ref, atol=1e-6)
+    # Training keeps 8 of the 16 patches (plus the class token); registers are dropped as usual.
+    feats, out = apply({"params": params}, x, train=True, rngs=rngs)
+    assert out["tokens"].shape == (3, 8 + (pool_type == "cls"), 32)
+    assert not np.allclose(feats, feats_eval, atol=1e-3)
+    if pool_type == "gap":
+        np.testing.assert_allclose(feats, out["tokens"].mean(axis=1), atol=1e-6)
+    # The call-time override (FLIP's unmasked tuning) trains on every patch.
+    full, out_full = apply({"params": params}, x, train=True, patch_dropout=0.0, rngs=rngs)
+    np.testing.assert_allclose(full, feats_eval, atol=1e-6)
+    # Dropped patches get no gradient: exactly 8 of the 16 8x8 pixel patches of each image do.
+    grad = jax.grad(lambda im: jnp.sum(apply({"params": params}, im, train=True,
+                                             rngs=rngs)[0] ** 2))(x)
+    per_patch = jnp.abs(grad).reshape(3, 4, 8, 4, 8, 3).sum(axis=(2, 4, 5))
+    assert np.all(np.sum(np.asarray(per_patch) > 0, axis=(1, 2)) == 8)
+    with pytest.raises(ValueError, match="patch_dropout"):
+        apply({"params": params}, x, train=True, patch_dropout=1.0, rngs=rngs)
