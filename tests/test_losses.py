@@ -341,6 +341,24 @@ def test_ring_equals_all_gather(loss, n, data):
         _close(g, r)
 
 
+@pytest.mark.parametrize("loss", ["sigmoid", "softmax"])
+def test_ring_over_two_mesh_axes_equals_single_device(loss, data):
+    """The batch split over ("data", "fsdp") of a 2 x 4 mesh, as the trainer does with FSDP."""
+    fn, args, specs, argnums = _ring_case(loss, "ring", data)
+    axes = ("data", "fsdp")
+    mesh = jax.make_mesh((2, 4), axes, axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+    specs = tuple(P(axes) if s == P("data") else s for s in specs)
+    f = jax.shard_map(lambda *a: fn(*a, axis_name=axes), mesh=mesh, in_specs=specs,
+                      out_specs=P())
+    value, grads = jax.jit(jax.value_and_grad(f, argnums=argnums))(
+        *[jax.device_put(a, NamedSharding(mesh, s)) for a, s in zip(args, specs)])
+    ref_value, ref_grads = jax.value_and_grad(lambda *a: fn(*a, axis_name=None),
+                                              argnums=argnums)(*args)
+    _close(value, ref_value)
+    for g, r in zip(grads, ref_grads):
+        _close(g, r)
+
+
 def test_ring_softmax_is_stable_at_large_logit_scale():
     """The online log-sum-exp must not overflow where exp(logits) would (t = 100, logits 100)."""
     rng = np.random.default_rng(5)
