@@ -170,29 +170,38 @@ def test_keep_random_patches_is_a_uniform_subset_per_example():
     np.testing.assert_allclose(freq, 0.25, atol=0.04)
 
 
-@pytest.mark.parametrize("pool_type", ["cls", "gap", "map"])
-def test_patch_dropout_trains_on_kept_patches_and_evaluates_on_all(pool_type):
-    model = ViT(**TINY, pool_type=pool_type, num_registers=2, patch_dropout=0.5)
+def test_patch_dropout_trains_on_kept_patches_and_evaluates_on_all():
+    model = ViT(**TINY, pool_type="gap", num_registers=2, patch_dropout=0.5)
     x = images(b=3)
     params, (feats_eval, _) = init_apply(model, x)
     apply = jax.jit(model.apply, static_argnames=("train", "patch_dropout"))
     rngs = {"dropout": jax.random.key(1)}
-    # Evaluation ignores the rate: equal to the same params without patch dropout.
-    ref, _ = ViT(**TINY, pool_type=pool_type, num_registers=2).apply({"params": params}, x)
-    np.testing.assert_allclose(feats_eval, ref, atol=1e-6)
-    # Training keeps 8 of the 16 patches (plus the class token); registers are dropped as usual.
-    feats, out = apply({"params": params}, x, train=True, rngs=rngs)
-    assert out["tokens"].shape == (3, 8 + (pool_type == "cls"), 32)
+
+    def sq_norm(im):  # training forward with patch dropout, and its gradient w.r.t. the pixels
+        feats, out = apply({"params": params}, im, train=True, rngs=rngs)
+        return jnp.sum(feats ** 2), (feats, out)
+
+    grad, (feats, out) = jax.jit(jax.grad(sq_norm, has_aux=True))(x)
+    # Training keeps 8 of the 16 patches; registers are dropped as usual; GAP pools the kept.
+    assert out["tokens"].shape == (3, 8, 32)
+    np.testing.assert_allclose(feats, out["tokens"].mean(axis=1), atol=1e-6)
     assert not np.allclose(feats, feats_eval, atol=1e-3)
-    if pool_type == "gap":
-        np.testing.assert_allclose(feats, out["tokens"].mean(axis=1), atol=1e-6)
-    # The call-time override (FLIP's unmasked tuning) trains on every patch.
-    full, out_full = apply({"params": params}, x, train=True, patch_dropout=0.0, rngs=rngs)
-    np.testing.assert_allclose(full, feats_eval, atol=1e-6)
     # Dropped patches get no gradient: exactly 8 of the 16 8x8 pixel patches of each image do.
-    grad = jax.grad(lambda im: jnp.sum(apply({"params": params}, im, train=True,
-                                             rngs=rngs)[0] ** 2))(x)
     per_patch = jnp.abs(grad).reshape(3, 4, 8, 4, 8, 3).sum(axis=(2, 4, 5))
     assert np.all(np.sum(np.asarray(per_patch) > 0, axis=(1, 2)) == 8)
+    # The call-time override (FLIP's unmasked tuning) trains on every patch, which is also what
+    # evaluation does whatever the rate.
+    full, _ = apply({"params": params}, x, train=True, patch_dropout=0.0, rngs=rngs)
+    np.testing.assert_allclose(full, feats_eval, atol=1e-6)
     with pytest.raises(ValueError, match="patch_dropout"):
         apply({"params": params}, x, train=True, patch_dropout=1.0, rngs=rngs)
+
+
+@pytest.mark.parametrize("pool_type", ["cls", "map"])
+def test_patch_dropout_keeps_the_class_token_and_feeds_map(pool_type):
+    model = ViT(**TINY, pool_type=pool_type, num_classes=10, patch_dropout=0.75)
+    x = jnp.zeros((2, 32, 32, 3))
+    params = jax.eval_shape(model.init, jax.random.key(0), x)
+    feats, out = jax.eval_shape(lambda p: model.apply(p, x, train=True,
+                                                      rngs={"dropout": jax.random.key(1)}), params)
+    assert out["tokens"].shape == (2, 4 + (pool_type == "cls"), 32) and feats.shape == (2, 10)
