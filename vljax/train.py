@@ -52,6 +52,19 @@ def make_init_fns(model, tx, config):
     return init_params, tx.init
 
 
+def init_state(init_params, init_opt, shardings, model_init, init_rng, train_rng) -> dict:
+    """A fresh train state created in its `shardings` (see `make_init_fns`), with the pretrained
+    towers of `model_init` ({"img": NAME_OR_PATH, ...}) written into the params' shards."""
+    params = jax.jit(init_params, out_shardings=shardings["params"])(init_rng)
+    for tower, spec in (model_init or {}).items():
+        if spec:
+            params = pretrained.write_tower(params, pretrained.load_tower(spec), tower)
+    opt_state = jax.jit(init_opt, out_shardings=shardings["opt_state"])(params)
+    meta = jax.jit(lambda r: {"step": jnp.zeros((), jnp.int32), "rng": r},
+                   out_shardings={"step": shardings["step"], "rng": shardings["rng"]})(train_rng)
+    return {"params": params, "opt_state": opt_state, **meta}
+
+
 def to_global(tree, shardings):
     """Host values (the same in every process) -> global jax.Arrays with the given shardings.
 
@@ -248,16 +261,8 @@ class Trainer:
         self._evaluators = None
 
     def initial_state(self, init_rng, train_rng):
-        """A fresh state, created in its shards, with the pretrained towers of `config.model_init`."""
-        sh = self.state_sh
-        params = jax.jit(self._init_params, out_shardings=sh["params"])(init_rng)
-        for tower, spec in (self.config.get("model_init") or {}).items():
-            if spec:
-                params = pretrained.write_tower(params, pretrained.load_tower(spec), tower)
-        opt_state = jax.jit(self._init_opt, out_shardings=sh["opt_state"])(params)
-        meta = jax.jit(lambda r: {"step": jnp.zeros((), jnp.int32), "rng": r},
-                       out_shardings={"step": sh["step"], "rng": sh["rng"]})(train_rng)
-        return {"params": params, "opt_state": opt_state, **meta}
+        return init_state(self._init_params, self._init_opt, self.state_sh, self.config.get("model_init"),
+                          init_rng, train_rng)
 
     # -- input ---------------------------------------------------------------------------------
     def _lit_cache_enabled(self) -> bool:
