@@ -286,3 +286,20 @@ class EvalBatches:
                 out["text"] = (np.asarray(self._tok(captions), np.int32) if n else
                                np.zeros((0, self._tok.max_len), np.int32))
             yield out
+
+
+def first_examples(data, n: int, *, image_size: int, value_range="efficientnet", data_dir=None):
+    """(images f32 [m, S, S, 3], first captions [m]) of the first m <= n readable records with a
+    caption, in memory (for benchmarks that cycle a few real batches; evaluation streams)."""
+    source = sources_lib.get_source(data, data_dir=data_dir) if isinstance(
+        data, (dict, ml_collections.ConfigDict)) else data
+    pre = Preprocess(image_size=image_size, value_range=_value_range(value_range))
+    images, captions = [], []
+    for i in range(len(source)):
+        ex = pre.eval(source[i])
+        if "skip" not in ex:
+            images.append(ex["image"])
+            captions.append(ex["caption"])
+            if len(images) == n:
+                break
+    return np.stack(images), captions
