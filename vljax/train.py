@@ -302,22 +302,16 @@ class Trainer:
             self._evaluators = eval_builder.build(self.config, str(epath.Path(self.workdir) / "plots"))
         return self._evaluators
 
-    def embedder(self, params=None):
-        params = to_host(self.state["params"] if params is None else params)
-        return Embedder(self.model, params, self.tokenizer,
-                        batch_size=self.config.get("eval_batch_size", 64),
-                        image_feature_cache=self._image_trunk_locked())
-
-    def _image_trunk_locked(self) -> bool:
-        flat = _flat(self.trainable_mask)
-        img = [v for k, v in flat.items() if k.startswith("img/") and not k.startswith("img/head/")]
-        return bool(img) and not any(img)
+    def embedder(self, params=None) -> Embedder:
+        """One Embedder per evaluation, over the training state's params as they are sharded."""
+        inp = self.config.input
+        return Embedder(self.model, self.state["params"] if params is None else params, self.tokenizer,
+                        mesh=self.mesh, image_size=inp.image_size,
+                        value_range=inp.get("value_range", "efficientnet"),
+                        batch_size=self.config.get("eval_batch_size", 64))
 
     def evaluate(self, step: int, params=None) -> dict:
         emb = self.embedder(params)
-        if self._image_trunk_locked() and getattr(self, "_emb_cache", None) is not None:
-            emb._cache = self._emb_cache  # the locked trunk's features are reused across evaluations
-        self._emb_cache = emb._cache
         results = {}
         for name, ev in self.evaluators().items():
             t0 = time.perf_counter()
