@@ -443,7 +443,7 @@ def test_registry_builds_from_kwargs():
     metrics = {}
     for kind, kwargs in config.items():
         metrics.update(EVALUATORS[kind](**kwargs).run(emb))
-    assert set(EVALUATORS) == {"zeroshot", "retrieval", "multilabel", "gzsl", "fewshot"}
+    assert {"zeroshot", "retrieval", "multilabel", "gzsl", "fewshot"} <= set(EVALUATORS)
     assert metrics["zeroshot/toy/top1"] == pytest.approx(5 / 7)
     # Images 0-2 against cat/dog/bird: images 0 and 1 retrieve their own caption first,
     # image 2 (0, 1, 0) retrieves "dog".

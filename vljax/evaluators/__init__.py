@@ -7,6 +7,7 @@ where `embedder` follows `base.Embedder`. The trainer builds them from config en
 """
 from vljax.evaluators.base import Embedder, Evaluator
 from vljax.evaluators.fewshot import FewShotEvaluator
+from vljax.evaluators.fewshot_adapt import FewShotAdaptEvaluator
 from vljax.evaluators.gzsl import GZSLEvaluator
 from vljax.evaluators.multilabel import MultilabelEvaluator
 from vljax.evaluators.retrieval import RetrievalEvaluator
@@ -19,8 +20,9 @@ EVALUATORS = {
     "multilabel": MultilabelEvaluator,
     "gzsl": GZSLEvaluator,
     "fewshot": FewShotEvaluator,
+    "fewshot_adapt": FewShotAdaptEvaluator,
 }
 
-__all__ = ["EVALUATORS", "Embedder", "Evaluator", "FewShotEvaluator", "GZSLEvaluator",
+__all__ = ["EVALUATORS", "Embedder", "Evaluator", "FewShotAdaptEvaluator", "FewShotEvaluator", "GZSLEvaluator",
            "MultilabelEvaluator", "RetrievalEvaluator", "ZeroShotEvaluator", "greedy_soup",
            "uniform_soup"]

@@ -75,9 +75,35 @@ class RidgeProbe:
         return np.concatenate(preds)
 
 
+FEWSHOT_DATA_KEYS = ("name", "label", "label_key", "train_split", "test_split", "per_class",
+                     "data_dir", "max_examples")
+
+
+def fewshot_data(name: str, data: dict):
+    """(train subset, train labels, test source, test labels, class names) of the few-shot data
+    entry `evals.<name>.data` (see `FewShotEvaluator.from_config`)."""
+    data_lib.check_keys(name, data, FEWSHOT_DATA_KEYS)
+    data_dir, per_class = data.get("data_dir"), int(data.get("per_class", 40))
+    train = data_lib.open_source(data["name"], data.get("train_split", "train"), data_dir)
+    label_key = data.get("label") or data.get("label_key") or data_lib.default_label_key(train)
+    chosen, labels, counts = [], [], {}
+    for i in range(len(train)):
+        y = int(data_lib.field(train, i, label_key))
+        if counts.get(y, 0) < per_class:
+            counts[y] = counts.get(y, 0) + 1
+            chosen.append(i)
+            labels.append(y)
+    test = data_lib.first(data_lib.open_source(data["name"], data.get("test_split", "test"),
+                                               data_dir), data.get("max_examples"))
+    test_labels = [int(data_lib.field(test, i, label_key)) for i in range(len(test))]
+    return (data_lib.Subset(train, chosen), labels, test, test_labels,
+            data_lib.class_names(train, label_key))
+
+
 class FewShotEvaluator(base.Evaluator):
     """Metrics "fewshot/<name>/<k>shot" (mean test accuracy over seeds) and
     ".../<k>shot_std" for each k of `shots`."""
+    DATA_KEYS = FEWSHOT_DATA_KEYS
 
     def __init__(self, train_data, train_labels: Sequence[int], test_data,
                  test_labels: Sequence[int], *, name: str,
@@ -122,22 +148,8 @@ class FewShotEvaluator(base.Evaluator):
         """
         del plot_dir  # no plots
         data, kwargs = data_lib.split_spec(name, spec)
-        data_lib.check_keys(name, data, ("name", "label", "label_key", "train_split",
-                                         "test_split", "per_class", "data_dir", "max_examples"))
-        data_dir, per_class = data.get("data_dir"), int(data.get("per_class", 40))
-        train = data_lib.open_source(data["name"], data.get("train_split", "train"), data_dir)
-        label_key = data.get("label") or data.get("label_key") or data_lib.default_label_key(train)
-        chosen, labels, counts = [], [], {}
-        for i in range(len(train)):
-            y = int(data_lib.field(train, i, label_key))
-            if counts.get(y, 0) < per_class:
-                counts[y] = counts.get(y, 0) + 1
-                chosen.append(i)
-                labels.append(y)
-        test = data_lib.first(data_lib.open_source(data["name"], data.get("test_split", "test"),
-                                                   data_dir), data.get("max_examples"))
-        test_labels = [int(data_lib.field(test, i, label_key)) for i in range(len(test))]
-        return cls(data_lib.Subset(train, chosen), labels, test, test_labels, name=name, **kwargs)
+        train, labels, test, test_labels, _ = fewshot_data(name, data)
+        return cls(train, labels, test, test_labels, name=name, **kwargs)
 
     def _split(self, seed: int) -> tuple[list[np.ndarray], np.ndarray]:
         """Per seed: train indices of the first `shots` images of each class for every shot
