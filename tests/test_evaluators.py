@@ -137,6 +137,7 @@ def test_zeroshot_accuracies_by_hand():
         "zeroshot/toy/top5": 1.0,     # k clipped to the 3 classes
         # recall per class: 1/2, 1/2, 3/3
         "zeroshot/toy/mean_per_class": (0.5 + 0.5 + 1.0) / 3,
+        "zeroshot/toy/worst_class": 0.5,
     })
     np.testing.assert_array_equal(result.confusion, [[1, 1, 0], [0, 1, 1], [0, 0, 3]])
     np.testing.assert_array_equal(result.predictions, [0, 1, 1, 2, 2, 2, 2])
@@ -239,7 +240,9 @@ def test_gzsl_by_hand():
     # Per class: S = mean(1/2, 1) = .75, U = mean(0, 1) = .5, H = 2 .75 .5 / 1.25 = .6.
     # ZSL (unseen images among unseen classes only): image 3 -> class 2, all correct.
     assert ev.run(emb) == pytest.approx({"gzsl/toy/seen": 0.75, "gzsl/toy/unseen": 0.5,
-                                         "gzsl/toy/harmonic": 0.6, "gzsl/toy/zsl": 1.0})
+                                         "gzsl/toy/harmonic": 0.6, "gzsl/toy/zsl": 1.0,
+                                         "gzsl/toy/ausuc": 0.875,
+                                         "gzsl/toy/best_harmonic": 1.5 / 1.75})
     per_image = gzsl.GZSLEvaluator(images, labels, ["a", "b", "c", "d"], seen_classes=[0, 1],
                                    name="toy", templates="name", per_class=False).run(emb)
     assert per_image["gzsl/toy/seen"] == pytest.approx(2 / 3)
@@ -248,8 +251,44 @@ def test_gzsl_by_hand():
     # Calibrated stacking fixes image 3: U = 1, H = 2 .75 / 1.75.
     calibrated = gzsl.GZSLEvaluator(images, labels, ["a", "b", "c", "d"], seen_classes=[0, 1],
                                     name="toy", templates="name", gamma=0.2).run(emb)
-    assert calibrated == pytest.approx({"gzsl/toy/seen": 0.75, "gzsl/toy/unseen": 1.0,
-                                        "gzsl/toy/harmonic": 1.5 / 1.75, "gzsl/toy/zsl": 1.0})
+    assert {k: v for k, v in calibrated.items() if k.split("/")[-1] in
+            ("seen", "unseen", "harmonic", "zsl")} == pytest.approx(
+        {"gzsl/toy/seen": 0.75, "gzsl/toy/unseen": 1.0, "gzsl/toy/harmonic": 1.5 / 1.75,
+         "gzsl/toy/zsl": 1.0})
+
+
+def test_gzsl_calibration_sweep_and_ausuc_by_hand():
+    emb, images, labels = gzsl_case()
+    scores = normalize(np.asarray(emb.image_table))
+    seen = np.array([True, True, False, False])
+    # d = best seen - best unseen per image: 1, -.884, 1, .768 - .640 = .128, -1, -1.
+    # Seen-side predictions are right for images 0-2, unseen-side ones for images 3-5.
+    gammas, s, u = gzsl.calibration_sweep(scores, labels, seen)
+    np.testing.assert_allclose(gammas, [-2, (-1 - .884) / 2, (.128 - .884) / 2,
+                                        (1 + .128) / 2, 2], atol=2e-3)
+    # gamma -2: all seen (S 1, U 0); above -1: images 4, 5 go unseen (U .5); above -.884:
+    # image 1 too (S .75); above .128: image 3 (U 1); above 1: all unseen (S 0).
+    np.testing.assert_allclose(s, [1, 1, .75, .75, 0])
+    np.testing.assert_allclose(u, [0, .5, .5, 1, 1])
+    # Area: .5 * 1 (U 0 -> .5) + .5 * .75 (U .5 -> 1) = .875.
+    assert gzsl.ausuc(s, u) == pytest.approx(0.875)
+    got = gzsl.GZSLEvaluator(images, labels, ["a", "b", "c", "d"], seen_classes=[0, 1],
+                             name="toy", templates="name").run(emb)
+    assert got["gzsl/toy/ausuc"] == pytest.approx(0.875)
+    assert got["gzsl/toy/best_harmonic"] == pytest.approx(1.5 / 1.75)
+    # A perfect classifier: the curve passes through (1, 1), AUSUC = 1.
+    perfect = np.eye(4)[labels] + 0.0
+    assert gzsl.ausuc(*gzsl.calibration_sweep(perfect, labels, seen)[1:]) == pytest.approx(1.0)
+
+
+def test_worst_class_and_worst_group_by_hand():
+    # Ranks of the true class: labels 0, 0, 1, 1, 2; correct = [1, 0, 1, 1, 0].
+    ranks, labels = np.array([0, 1, 0, 0, 2]), np.array([0, 0, 1, 1, 2])
+    out = zeroshot.accuracies(ranks, labels, (1,), groups=np.array([5, 5, 5, 7, 7]))
+    # Per class 1/2, 1, 0 -> worst 0. Group 5: images 0-2, 2/3; group 7: images 3-4, 1/2.
+    assert out["worst_class"] == 0.0
+    assert out["worst_group"] == pytest.approx(0.5)
+    assert out["mean_per_class"] == pytest.approx(0.5)
 
 
 # -------------------------------------------------------------------------- retrieval
