@@ -40,8 +40,9 @@ class TwoTowers(nn.Module):
     bias_init: float | None = None
 
     @nn.compact
-    def __call__(self, images, texts, train: bool = False):
-        """images: [B, H, W, C] or None; texts: int [B, L] or None.
+    def __call__(self, images, texts, train: bool = False, text_prefix=None):
+        """images: [B, H, W, C] or None; texts: int [B, L] or None; text_prefix: optional
+        [B, M, W] embeddings the text tower inserts after its first token (CoOp context).
 
         Returns (zimg [B, D] or None, ztxt [B, D] or None, out), embeddings L2-normalised;
         out["t"] = exp(t), out["b"] (when there is a bias), out["img/<k>"] / out["txt/<k>"] for
@@ -56,7 +57,8 @@ class TwoTowers(nn.Module):
             zimg = _l2_normalize(zimg)
         if texts is not None:
             tower = get_model(self.text_model)(**(self.text or {}), name="txt")
-            ztxt, out_txt = tower(texts, train=train)
+            kw = {} if text_prefix is None else {"prefix": text_prefix}
+            ztxt, out_txt = tower(texts, train=train, **kw)
             out.update({f"txt/{k}": v for k, v in out_txt.items()})
             ztxt = _l2_normalize(ztxt)
         if zimg is not None and ztxt is not None and zimg.shape[-1] != ztxt.shape[-1]:
