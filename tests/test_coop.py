@@ -131,3 +131,82 @@ def test_coop_and_cocoop_learn_a_context_the_images_were_made_with():
     # Base-to-new: prompts learned on classes 0-2 apply to classes 3-5 unchanged.
     base = learner.fit_coop(z[labels < 3], labels[labels < 3], classes=[0, 1, 2])
     assert base.logits(z, classes=[3, 4, 5]).shape == (len(z), 3)
+
+
+class _Record(dict):
+    """A target record: its image row is readable, its label is not."""
+
+    def __getitem__(self, key):
+        if key in ("label", "labels", "category", "tags"):
+            raise AssertionError(f"the target set's label {key!r} was read")
+        return super().__getitem__(key)
+
+
+class _NoLabels:
+    """Target source: records carry an image row; reading any label raises."""
+
+    def __init__(self, rows):
+        self.rows = list(rows)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return _Record(row=self.rows[i], label=None)
+
+    def raw(self, i):
+        return self[i]
+
+
+class _TinyEmbedder:
+    """Images from a table (record["row"] or an int record), texts through a real tiny model."""
+
+    def __init__(self, table, model, params, tokenizer, logit_scale):
+        self.table, self.model, self.params, self.tokenizer = table, model, params, tokenizer
+        self.logit_scale, self.logit_bias = logit_scale, None
+
+    def embed_images(self, data):
+        from vljax.embedder import Embedded
+        rows = [data[i]["row"] if isinstance(data[i], dict) else data[i] for i in range(len(data))]
+        return Embedded(z=self.table[rows], index=np.arange(len(rows)))
+
+    def embed_texts(self, texts):
+        return np.asarray(self.model.apply({"params": self.params}, None,
+                                           jnp.asarray(self.tokenizer(list(texts))))[1])
+
+
+def test_label_free_adaptation_reads_no_target_label_and_beats_zero_shot():
+    from vljax.evaluators import EVALUATORS
+    from vljax.evaluators.labelfree import LabelFreeEvaluator
+    names = ["cat", "dog", "cow", "owl", "bee", "eel"]
+    model, params, tok, _ = _learner("bert", names)
+    # Images of class c are "x y z w <name_c>." prompts: the zero-shot "a photo of a" prompts
+    # are off; pseudo-labels of the confident ones teach the context.
+    target = np.asarray(model.apply({"params": params}, None,
+                                    jnp.asarray(tok([f"x y z w {n}." for n in names])))[1])
+    rng = np.random.default_rng(0)
+    labels = np.tile(np.arange(len(names)), 20)
+    table = target[labels] + 0.02 * rng.normal(size=(len(labels), 16))
+    table /= np.linalg.norm(table, axis=1, keepdims=True)
+    emb = _TinyEmbedder(table, model, params, tok, 30.0)
+    ev = LabelFreeEvaluator(_NoLabels(range(60)), list(range(60, 120)), labels[60:], names,
+                            name="toy", templates=["a photo of a {}."], per_class=4,
+                            coop=dict(steps=60, lr=0.5, batch_size=12))
+    got = ev.run(emb)
+    assert got["labelfree/toy/adapted"] > got["labelfree/toy/zeroshot"]
+    assert got["labelfree/toy/pseudo_labelled"] <= 4 * len(names)
+    assert EVALUATORS["labelfree"] is LabelFreeEvaluator
+
+
+def test_pseudo_labels_are_class_balanced_and_confident():
+    from vljax.adapt.pseudo_label import pseudo_labels
+    ztxt = np.eye(3, 4)
+    # Images 0-3 lean to class 0 (cosines .9, .8, .7, .6), image 4 to class 1, none to class 2.
+    z = np.array([[.9, .1, 0, 0], [.8, .2, 0, 0], [.7, .3, 0, 0], [.6, .4, 0, 0], [0, 1, 0, 0]])
+    idx, lab = pseudo_labels(z, ztxt, 10.0, per_class=2)
+    assert idx.tolist() == [0, 1, 4] and lab.tolist() == [0, 0, 1]
+    idx, _ = pseudo_labels(z, ztxt, 10.0, per_class=5, min_confidence=0.8)
+    # p(class 0 | image 2) = e^7 / (e^7 + e^3 + e^0) = .98; image 3: e^6/(e^6+e^4+1) = .87.
+    assert idx.tolist() == [0, 1, 2, 3, 4]
+    idx, _ = pseudo_labels(z, ztxt, 10.0, per_class=5, min_confidence=0.9)
+    assert idx.tolist() == [0, 1, 2, 4]
