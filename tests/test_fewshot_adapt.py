@@ -131,3 +131,20 @@ def test_adapt_evaluator_never_chooses_on_test_images():
     with pytest.raises(ValueError, match="unknown methods"):
         fewshot_adapt.FewShotAdaptEvaluator([0], [0], [1], [0], ["a"], name="x",
                                             methods=("nope",))
+
+
+def test_wise_ft_is_the_linear_interpolation_of_eq1(tmp_path):
+    from vljax import wise_ft
+    from vljax.evaluators import soups
+    p0 = {"w": np.array([1.0, 2.0], np.float32), "t": np.float32(0.0)}
+    p1 = {"w": np.array([3.0, -2.0], np.float32), "t": np.float32(1.0)}
+    for alpha in (0.0, 0.25, 1.0):
+        mix = soups.wise_ft(p0, p1, alpha)
+        np.testing.assert_allclose(mix["w"], (1 - alpha) * p0["w"] + alpha * p1["w"], rtol=1e-6)
+        assert mix["w"].dtype == np.float32
+    np.testing.assert_array_equal(soups.wise_ft(p0, p1, 0.0)["w"], p0["w"])
+    results = [{"alpha": a, "metrics": {"id": a, "ood": 1 - a * a}} for a in (0.0, 0.5, 1.0)]
+    png = wise_ft.plot(results, "id", "ood", str(tmp_path / "w.png"))
+    assert open(png, "rb").read()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="nope"):
+        wise_ft.plot(results, "nope", "ood", str(tmp_path / "x.png"))
