@@ -101,7 +101,8 @@ class PromptLearner:
                  lr: float = 2e-3, batch_size: int = 32, cocoop_steps: int = 200,
                  cocoop_lr: float = 2e-3, cocoop_batch_size: int = 4,
                  logit_scale: float | None = None):
-        self.model, self.params, self.tokenizer = model, params, tokenizer
+        self.model, self.tokenizer = model, tokenizer
+        self.params = jax.tree.map(jnp.asarray, params)  # on the device once, not every step
         self.class_names = list(class_names)
         self.steps, self.lr, self.batch_size = steps, lr, batch_size
         self.cocoop_steps, self.cocoop_lr = cocoop_steps, cocoop_lr
@@ -120,6 +121,9 @@ class PromptLearner:
         self.ids = self._ids([f"{n}." for n in self.class_names], self.n_ctx)  # "[V]... name."
         self.encode = jax.jit(self._encode)
         self.cocoop_scores = jax.jit(self._cocoop_scores)
+        # Compiled once per learner (ids are an argument: any class subset of one size reuses it).
+        self._coop_step = self._make_step(self._coop_loss, steps, lr)
+        self._cocoop_step = self._make_step(self._cocoop_loss, cocoop_steps, cocoop_lr)
 
     @classmethod
     def from_embedder(cls, embedder, class_names, **kwargs) -> PromptLearner:
@@ -161,51 +165,55 @@ class PromptLearner:
         z = self._encode(params, prefix, jnp.tile(ids, (b, 1))).reshape(b, c, -1)
         return jnp.einsum("bd,bcd->bc", zimg, z)
 
-    def _fit(self, loss_fn, trainable, zimg, labels, steps, lr, batch_size, seed):
+    def _coop_loss(self, ctx, params, z, y, ids):
+        ztxt = self._encode(params, ctx[None], ids)
+        logits = self.scale * z @ ztxt.T
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    def _cocoop_loss(self, p, params, z, y, ids):
+        logits = self.scale * self._cocoop_scores(params, p["ctx"], p["meta"], z, ids)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    @staticmethod
+    def _make_step(loss_fn, steps, lr):
+        """(jitted step(trainable, opt_state, params, z, y, ids), optimizer): SGD with momentum
+        0.9 and a cosine schedule over `steps`, as CoOp / CoCoOp."""
         opt = optax.sgd(optax.cosine_decay_schedule(lr, max(steps, 1)), momentum=0.9)
-        grad = jax.jit(jax.value_and_grad(loss_fn))
 
         @jax.jit
-        def update(p, state, g):
-            updates, state = opt.update(g, state, p)
-            return optax.apply_updates(p, updates), state
+        def step(trainable, state, params, z, y, ids):
+            loss, g = jax.value_and_grad(loss_fn)(trainable, params, z, y, ids)
+            updates, state = opt.update(g, state, trainable)
+            return optax.apply_updates(trainable, updates), state, loss
+        return step, opt
 
+    def _fit(self, step_opt, trainable, zimg, labels, ids, steps, batch_size, seed):
+        step, opt = step_opt
         state, rng = opt.init(trainable), np.random.default_rng(seed)
+        zimg, labels = np.asarray(zimg, np.float32), np.asarray(labels, np.int32)
         n, b = len(zimg), min(batch_size, len(zimg))
+        ids = jnp.asarray(ids)
         self.losses = []
         for _ in range(steps):
             idx = rng.choice(n, b, replace=False)
-            loss, g = grad(trainable, self.params, zimg[idx], labels[idx])
-            trainable, state = update(trainable, state, g)
-            self.losses.append(float(loss))
+            trainable, state, loss = step(trainable, state, self.params, zimg[idx], labels[idx],
+                                          ids)
+            self.losses.append(loss)
+        self.losses = [float(x) for x in self.losses]
         return trainable
 
     def fit_coop(self, zimg, labels, classes=None, seed: int = 0) -> Prompts:
         """CoOp on images zimg [N, D] (L2-normalised) with labels [N] indexing `classes`."""
-        ids, scale = self.class_ids(classes), self.scale
-
-        def loss_fn(ctx, params, z, y):
-            ztxt = self._encode(params, ctx[None], ids)
-            logits = scale * z @ ztxt.T
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-        ctx = self._fit(loss_fn, jnp.asarray(self.ctx_init), np.asarray(zimg, np.float32),
-                        np.asarray(labels, np.int32), self.steps, self.lr, self.batch_size, seed)
+        ctx = self._fit(self._coop_step, jnp.asarray(self.ctx_init), zimg, labels,
+                        self.class_ids(classes), self.steps, self.batch_size, seed)
         return Prompts(self, ctx)
 
     def fit_cocoop(self, zimg, labels, classes=None, seed: int = 0) -> Prompts:
         """CoCoOp: context and meta-net, on images zimg [N, D] with labels [N] into `classes`."""
-        ids, scale = self.class_ids(classes), self.scale
-
-        def loss_fn(p, params, z, y):
-            logits = scale * self._cocoop_scores(params, p["ctx"], p["meta"], z, ids)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-        zimg = np.asarray(zimg, np.float32)
-        meta = init_meta_net(jax.random.key(seed), zimg.shape[1], self.ctx_init.shape[1])
-        p = self._fit(loss_fn, {"ctx": jnp.asarray(self.ctx_init), "meta": meta}, zimg,
-                      np.asarray(labels, np.int32), self.cocoop_steps, self.cocoop_lr,
-                      self.cocoop_batch_size, seed)
+        meta = init_meta_net(jax.random.key(seed), np.shape(zimg)[1], self.ctx_init.shape[1])
+        p = self._fit(self._cocoop_step, {"ctx": jnp.asarray(self.ctx_init), "meta": meta}, zimg,
+                      labels, self.class_ids(classes), self.cocoop_steps, self.cocoop_batch_size,
+                      seed)
         return Prompts(self, p["ctx"], p["meta"])
 
 
