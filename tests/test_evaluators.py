@@ -372,9 +372,30 @@ def test_multilabel_evaluator():
     # Normalised images: (.99, .11, 0), (.11, .97, .22), (.64, 0, .77). red ranks img0 first,
     # green img1, blue img2 then img1 (both positives first): every AP is 1. Top-1 labels
     # red, green, blue are all correct: P 3/3, R 3/4.
+    # Per label (top-1 sets): red and green P 1 R 1, blue P 1 R 1/2 (img1's blue missed).
     assert got == pytest.approx({"multilabel/toy/mAP": 1.0, "multilabel/toy/precision@1": 1.0,
                                  "multilabel/toy/recall@1": 0.75,
-                                 "multilabel/toy/f1@1": 2 * 0.75 / 1.75})
+                                 "multilabel/toy/f1@1": 2 * 0.75 / 1.75,
+                                 "multilabel/toy/CP@1": 1.0, "multilabel/toy/CR@1": 2.5 / 3,
+                                 "multilabel/toy/CF1@1": 2 * (2.5 / 3) / (1 + 2.5 / 3),
+                                 "multilabel/toy/OP@1": 1.0, "multilabel/toy/OR@1": 0.75,
+                                 "multilabel/toy/OF1@1": 2 * 0.75 / 1.75})
+
+
+def test_cp_cr_cf1_op_or_of1_by_hand():
+    pred = np.array([[1, 0, 0], [1, 0, 0]], bool)
+    targets = np.array([[1, 0, 1], [0, 1, 0]], bool)
+    # red: TP 1 of 2 predicted, 1 positive -> P 1/2, R 1; green, blue never predicted -> P 0,
+    # R 0. CP 1/6, CR 1/3, CF1 2 (1/18) / (1/2) = 2/9; OP 1/2, OR 1/3, OF1 2 (1/6) / (5/6) = .4.
+    assert multilabel.set_metrics(pred, targets) == pytest.approx(
+        {"CP": 1 / 6, "CR": 1 / 3, "CF1": 2 / 9, "OP": 0.5, "OR": 1 / 3, "OF1": 0.4})
+    # A label without any positive is left out of the class averages.
+    pred3 = np.concatenate([pred, [[0], [1]]], axis=1)
+    targets3 = np.concatenate([targets, [[0], [0]]], axis=1)
+    got = multilabel.set_metrics(pred3, targets3)
+    assert got["CP"] == pytest.approx(1 / 6) and got["OP"] == pytest.approx(1 / 3)
+    np.testing.assert_array_equal(multilabel.topk_set(np.array([[.1, .9, .5]]), 2),
+                                  [[False, True, True]])
 
 
 # ---------------------------------------------------------------------------- few-shot

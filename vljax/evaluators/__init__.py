@@ -12,6 +12,7 @@ from vljax.evaluators.fewshot_adapt import FewShotAdaptEvaluator
 from vljax.evaluators.gzsl import GZSLEvaluator
 from vljax.evaluators.labelfree import LabelFreeEvaluator
 from vljax.evaluators.multilabel import MultilabelEvaluator
+from vljax.evaluators.multilabel_train import MultilabelTrainEvaluator
 from vljax.evaluators.retrieval import RetrievalEvaluator
 from vljax.evaluators.soups import greedy_soup, uniform_soup
 from vljax.evaluators.zeroshot import ZeroShotEvaluator
@@ -25,8 +26,10 @@ EVALUATORS = {
     "fewshot_adapt": FewShotAdaptEvaluator,
     "base_to_new": BaseToNewEvaluator,
     "labelfree": LabelFreeEvaluator,
+    "multilabel_train": MultilabelTrainEvaluator,
 }
 
 __all__ = ["EVALUATORS", "BaseToNewEvaluator", "Embedder", "Evaluator", "FewShotAdaptEvaluator",
            "FewShotEvaluator", "GZSLEvaluator", "LabelFreeEvaluator", "MultilabelEvaluator",
+           "MultilabelTrainEvaluator",
            "RetrievalEvaluator", "ZeroShotEvaluator", "greedy_soup", "uniform_soup"]
