@@ -18,6 +18,7 @@ It implements the protocol evaluators use (vljax/evaluators/base.py): `embed_ima
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 
@@ -93,6 +94,14 @@ class Embedder:
         self._txt = jax.jit(lambda p, t: model.apply({"params": p}, None, t)[1],
                             out_shardings=replicated)
         self._images, self._texts = {}, {}
+
+    def with_params(self, params) -> "Embedder":
+        """The same towers (compiled once) over other params, with empty caches: the trainer's
+        evaluations at every eval step reuse one compilation."""
+        new = copy.copy(self)
+        new.params = self._on_mesh(params)
+        new._images, new._texts = {}, {}
+        return new
 
     def _on_mesh(self, params):
         devices = set(self.mesh.devices.flat)

@@ -274,7 +274,7 @@ class Trainer:
             (path / "config.json").write_text(config.to_json_best_effort(indent=1))
             factory.write_spec(path, self.spec)
         self.lit_cache = None
-        self._evaluators = None
+        self._evaluators = self._embedder = None
 
     def initial_state(self, init_rng, train_rng):
         return init_state(self._init_params, self._init_opt, self.state_sh, self.config.get("model_init"),
@@ -303,12 +303,17 @@ class Trainer:
         return self._evaluators
 
     def embedder(self, params=None) -> Embedder:
-        """One Embedder per evaluation, over the training state's params as they are sharded."""
-        inp = self.config.input
-        return Embedder(self.model, self.state["params"] if params is None else params, self.tokenizer,
-                        mesh=self.mesh, image_size=inp.image_size,
-                        value_range=inp.get("value_range", "efficientnet"),
-                        batch_size=self.config.get("eval_batch_size", 64))
+        """One Embedder per evaluation, over the training state's params as they are sharded; the
+        towers compile once per run (`Embedder.with_params`)."""
+        params = self.state["params"] if params is None else params
+        if self._embedder is None:
+            inp = self.config.input
+            self._embedder = Embedder(self.model, params, self.tokenizer, mesh=self.mesh,
+                                      image_size=inp.image_size,
+                                      value_range=inp.get("value_range", "efficientnet"),
+                                      batch_size=self.config.get("eval_batch_size", 64))
+            return self._embedder
+        return self._embedder.with_params(params)
 
     def evaluate(self, step: int, params=None) -> dict:
         emb = self.embedder(params)
