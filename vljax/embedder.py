@@ -36,9 +36,9 @@ class Embedder:
         self._img = jax.jit(lambda p, x: model.apply({"params": p}, x, None)[0])
         self._txt = jax.jit(lambda p, t: model.apply({"params": p}, None, t)[1])
         self._img_features = jax.jit(
-            lambda p, x: model.apply({"params": p}, x, None, method=model.image_features))
+            lambda p, x: model.apply({"params": p}, x, method=model.image_trunk))
         self._img_from_features = jax.jit(
-            lambda p, f: model.apply({"params": p}, f, method=model.embed_image_features))
+            lambda p, f: model.apply({"params": p}, f, method=model.image_head))
 
     @property
     def logit_scale(self) -> float:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import traverse_util
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from vljax import checkpoints, losses, metrics, optim, pretrained, sharding, tokenizers
 from vljax.embedder import Embedder
@@ -143,18 +143,17 @@ def make_loss(config, mesh):
 # ----------------------------------------------------------------------------------------------
 
 
-def make_train_step(model, tx, loss, trainable_mask, *, lit_cache=None, lit_grey_p: float = 0.0):
+def make_train_step(model, tx, loss, trainable_mask):
     """One optimizer (micro-)step. Gradients are computed for trainable parameters only.
 
-    lit_cache: [N, V, F] locked image-trunk features by record and view (vljax/lit_cache.py);
-    the batch then carries record indices instead of images.
+    A batch with "image_features" ([B, F], a locked trunk's stored features, vljax/features.py)
+    instead of "image" runs only the image tower's head on them.
     """
 
     def forward(params, batch, rng):
-        if lit_cache is not None:
-            from vljax.lit_cache import select
-            feats = select(lit_cache, batch["index"], jax.random.fold_in(rng, 1), lit_grey_p)
-            zimg = model.apply({"params": params}, feats, method=model.embed_image_features)
+        if "image_features" in batch:
+            zimg = model.apply({"params": params}, batch["image_features"], train=True,
+                               rngs={"dropout": rng}, method=model.image_head)
             _, ztxt, out = model.apply({"params": params}, None, batch["text"], train=True,
                                        rngs={"dropout": rng})
             return zimg, ztxt, out
@@ -243,23 +242,20 @@ class Trainer:
                 f.write(config.to_json_best_effort(indent=1))
         self.ckpt = checkpoints.Checkpointer(
             os.path.join(workdir, "checkpoints"), max_to_keep=config.get("keep_ckpts", 2))
-        self.lit_cache = None
         self._evaluators = None
 
     # -- input ---------------------------------------------------------------------------------
-    def _lit_cache_enabled(self) -> bool:
-        return bool(self.config.get("lit_cache", False))
-
     def make_input(self):
+        """The training iterator; with `config.lit_cache` it reads the locked trunk's stored features
+        (written once under <workdir>/features/ with the current sharded params) instead of images."""
         from vljax.data import pipeline
-        if self._lit_cache_enabled():
-            from vljax import lit_cache
-            lit_cache.check_cacheable(self.config, _flat(self.trainable_mask))
-            params = to_host(self.state["params"])
-            self.lit_cache = lit_cache.build(self.model, params, self.config, self.workdir)
-        return pipeline.make_train_iterator(
-            self.config.input, self.tokenizer, seed=self.config.seed,
-            emit_index=self.lit_cache is not None)
+        stores = None
+        if self.config.get("lit_cache", False):
+            from vljax import features
+            stores = features.training_stores(self.config, self.model, self.state["params"],
+                                              _flat(self.trainable_mask), self.mesh, self.workdir)
+        return pipeline.make_train_iterator(self.config.input, self.tokenizer, seed=self.config.seed,
+                                            features=stores)
 
     # -- evaluation -------------------------------------------------------------------------------
     def evaluators(self):
@@ -307,11 +303,7 @@ class Trainer:
                                       resume_step=start if latest is not None else None)
 
         loss = make_loss(config, mesh)
-        cache = None
-        if self.lit_cache is not None:
-            cache = to_global(self.lit_cache, NamedSharding(mesh, P()))
-        step_fn = make_train_step(self.model, self.tx, loss, self.trainable_mask, lit_cache=cache,
-                                  lit_grey_p=float((config.input.get("augment") or {}).get("greyscale", 0.0) or 0.0))
+        step_fn = make_train_step(self.model, self.tx, loss, self.trainable_mask)
         batch_sh = sharding.batch_sharding(mesh)
         train_step = jax.jit(step_fn, in_shardings=(self.state_sh, batch_sh),
                              out_shardings=(self.state_sh, None), donate_argnums=(0,))
