@@ -169,3 +169,17 @@ def test_stored_features_follow_their_records_and_no_image_is_opened(tmp_path):
             assert "image" not in batch and batch["image_features"].shape == (4, 4)
             np.testing.assert_array_equal(batch["image_features"][:, 0], [float(c) for c in batch["caption"]])
             assert batch["skipped/missing_file"] == 0
+
+
+def test_refuses_what_cannot_be_stored(lit):
+    """An unlocked trunk or a continuous augmentation would change the features: refused, naming the key."""
+    config, _, params = lit
+    mask = train._flat(_mask(config, params))
+    features.check_cacheable(config, mask)
+    unlocked = {k: v or k.startswith("img/") for k, v in mask.items()}
+    with pytest.raises(ValueError, match="lit_cache.*img/head"):
+        features.check_cacheable(config, unlocked)
+    cropped = config.copy_and_resolve_references()
+    cropped.input.augment = dict(random_resized_crop=(0.8, 1.0))
+    with pytest.raises(ValueError, match="input.augment.random_resized_crop"):
+        features.check_cacheable(cropped, mask)
