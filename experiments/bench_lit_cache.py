@@ -30,7 +30,7 @@ from absl import app, flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from configs import lit as lit_config  # noqa: E402
-from vljax import optim, sharding, train  # noqa: E402
+from vljax import optim, pretrained, sharding, train  # noqa: E402
 from vljax.data import eval_sets  # noqa: E402
 
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps of each kind (after one compile step).")
@@ -73,7 +73,10 @@ def main(argv):
     mesh = sharding.make_mesh([("data", 1)], devices=jax.devices()[:1])
     model = train.build_model(config)
     tokenizer = train.build_tokenizer(config)
-    params = train.init_params(model, config, jax.random.key(0))
+    params = jax.jit(lambda r: model.init(r, *train._dummy_inputs(config))["params"])(jax.random.key(0))
+    for tower, spec in (config.get("model_init") or {}).items():
+        if spec:
+            params = pretrained.write_tower(params, pretrained.load_tower(spec), tower)
     tx, _, mask = optim.make_optimizer(config, params)
     loss = train.make_loss(config, mesh)
     images, texts = real_batches(config, tokenizer, N_BATCHES)

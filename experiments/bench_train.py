@@ -4,6 +4,9 @@ r"""Training-step throughput and memory: vljax vs transformers' PyTorch `CLIPMod
     python experiments/bench_train.py --threads=1 --out=experiments/results/bench_train_1thread.json
     python experiments/bench_train.py --sizes=tiny --steps=5           # a quick look
     python experiments/bench_train.py --sizes=b16 --dtype=bfloat16 --frameworks=vljax   # on a GPU
+    # FLIP patch dropout: vljax with and without it, alternating steps in one run.
+    python experiments/bench_train.py --sizes=base --frameworks=vljax,vljax_pd --patch_dropout=0.5 \
+        --out=experiments/results/bench_patch_dropout.json
 
 Same architecture on both sides (CLIP ViT image tower + causal text transformer, quick-GELU,
 pre-LN, softmax contrastive loss, AdamW), same batch, same thread count (`--threads=N` pins both
@@ -15,7 +18,7 @@ step (the driver gates them through stdin), so both see the same load on a share
 Every step is timed after a blocking wait; the table reports the median, the 90th percentile and
 the worst step after the first (compile) step, pairs/s from the median, and the number of XLA
 compilations of the step (a second compilation is the classic cause of slow early steps). FLOP/s of
-the vljax step use the analytic model FLOPs (XLA's cost analysis is kept beside them in the JSON),
+the vljax step use the analytic model FLOPs (of the kept tokens under patch dropout) (XLA's cost analysis is kept beside them in the JSON),
 against an XLA matmul in the same dtype timed after every step (`_MatmulPeak`).
 """
 from __future__ import annotations
@@ -46,12 +49,15 @@ SIZES = {
 }
 
 _SIZES = flags.DEFINE_list("sizes", ["tiny", "base"], f"Sizes among {list(SIZES)}.")
-_FRAMEWORKS = flags.DEFINE_list("frameworks", ["vljax", "transformers", "open_clip"], "Frameworks to time.")
+_FRAMEWORKS = flags.DEFINE_list("frameworks", ["vljax", "transformers", "open_clip"],
+                                "Frameworks to time; `vljax_pd` is vljax with --patch_dropout.")
 _STEPS = flags.DEFINE_integer("steps", 0, "Timed steps after the first (0: tiny 20, base 6, b16 20).")
 _THREADS = flags.DEFINE_integer("threads", 0, "CPU threads for both frameworks (0 = all cores).")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype (vljax).")
 _REMAT = flags.DEFINE_bool("remat", False, "Rematerialise transformer blocks (vljax).")
 _BATCH = flags.DEFINE_integer("batch", 0, "Override the batch size of every size.")
+_PATCH_DROPOUT = flags.DEFINE_float("patch_dropout", 0.5, "Fraction of image patches the "
+                                    "`vljax_pd` framework drops in training (FLIP).")
 _OUT = flags.DEFINE_string("out", "experiments/results/bench_train.json", "JSON output path.")
 _WORKER = flags.DEFINE_string("worker", None, "Internal: run one framework/size in this process.")
 _FROM_JSON = flags.DEFINE_string("from_json", None, "Print the table of an earlier run's JSON (adding "
@@ -118,10 +124,9 @@ def _summary(times, cpu, pairs):
                 step_times_s=[round(x, 4) for x in times])
 
 
-def vljax_config(size_name: str, dtype: str, remat: bool = False):
-    """The size as a vljax trainer config: CLIP ViT + causal text tower, softmax, AdamW."""
+def vljax_config(size: dict, dtype: str, remat: bool = False, patch_dropout: float = 0.0):
+    """A SIZES entry as a vljax trainer config: CLIP ViT + causal text tower, softmax, AdamW."""
     import ml_collections
-    size = SIZES[size_name]
     common = dict(act="quick_gelu", ln_eps=1e-5, num_classes=size["embed"], head_bias=False)
     img = {k: v for k, v in size["img"].items() if k != "image_size"}
     c = ml_collections.ConfigDict()
@@ -134,7 +139,7 @@ def vljax_config(size_name: str, dtype: str, remat: bool = False):
     c.tokenizer = dict(kind="clip", max_len=size["txt"]["max_len"])
     c.model = dict(
         image_model="vit", image=dict(variant=None, pool_type="cls", ln_pre=True, patch_bias=False,
-                                      **img, **common),
+                                      patch_dropout=patch_dropout, **img, **common),
         text_model="text_transformer", text=dict(variant=None, vocab_size=49408, causal=True,
                                                  pool_type="eot", eot_id=49407, **size["txt"], **common),
         temperature_init=1 / 0.07)
@@ -145,29 +150,57 @@ def vljax_config(size_name: str, dtype: str, remat: bool = False):
     return c
 
 
-def model_flops(size_name: str) -> float:
-    """Analytic FLOPs of one training step (fwd + bwd = 3x the forward's matmul FLOPs)."""
-    size = SIZES[size_name]
+def kept_patches(n: int, patch_dropout: float) -> int:
+    """Patches the ViT keeps of n under patch dropout (vljax.models.vit.keep_random_patches)."""
+    return n if not patch_dropout else max(1, int((1.0 - patch_dropout) * n + 0.5))
+
+
+def model_flops(size: dict, patch_dropout: float = 0.0) -> float:
+    """Analytic FLOPs of one training step (fwd + bwd = 3x the forward's matmul FLOPs); under
+    patch dropout the image encoder runs on the kept patches (the patch stem on all of them)."""
     b, img, txt = size["batch"], size["img"], size["txt"]
 
     def tower(width, depth, mlp, tokens):
         per_layer = 2 * tokens * (4 * width * width + 2 * width * mlp) + 2 * 2 * tokens * tokens * width
         return depth * per_layer
 
-    n_img = (img["image_size"] // img["patch_size"]) ** 2 + 1
-    patch = 2 * (n_img - 1) * img["width"] * 3 * img["patch_size"] ** 2
+    n_patches = (img["image_size"] // img["patch_size"]) ** 2
+    n_img = kept_patches(n_patches, patch_dropout) + 1
+    patch = 2 * n_patches * img["width"] * 3 * img["patch_size"] ** 2
     fwd = (tower(img["width"], img["depth"], img["mlp_dim"], n_img) + patch
            + tower(txt["width"], txt["depth"], txt["mlp_dim"], txt["max_len"])
            + 2 * (img["width"] + txt["width"]) * size["embed"]) * b + 2 * 2 * b * b * size["embed"]
     return 3.0 * fwd
 
 
-def run_vljax(size_name: str, steps: int, dtype: str, remat: bool = False):
-    """The trainer's own step (vljax.train.make_train_step, jit with the trainer's shardings and
-    donation), on the trainer's state; blocking on the loss after each step."""
+def vljax_step(config, devices):
+    """The trainer's own step (vljax.train.make_train_step, jitted with the trainer's shardings
+    and donation as in Trainer.fit) on the trainer's state: (train_step, state, mesh, init_s)."""
     import jax
     import numpy as np
     from vljax import optim, sharding, train
+
+    mesh = sharding.make_mesh(config.mesh, devices=devices)
+    model = train.build_model(config)
+    t0 = time.perf_counter()
+    params = train.init_params(model, config, jax.random.key(0))
+    init_s = time.perf_counter() - t0
+    tx, _, mask = optim.make_optimizer(config, params)
+    state = {"params": params, "opt_state": tx.init(params), "step": np.zeros((), np.int32),
+             "rng": jax.random.key(1)}
+    state_sh = sharding.state_shardings(jax.eval_shape(lambda s: s, state), mesh, [(".*", "replicate")])
+    state = jax.device_put(state, state_sh)
+    step_fn = train.make_train_step(model, tx, train.make_loss(config, mesh), mask)
+    train_step = jax.jit(step_fn, in_shardings=(state_sh, sharding.batch_sharding(mesh)),
+                         out_shardings=(state_sh, None), donate_argnums=(0,))  # as Trainer.fit
+    return train_step, state, mesh, init_s
+
+
+def run_vljax(size_name: str, steps: int, dtype: str, remat: bool = False,
+              patch_dropout: float = 0.0):
+    """vljax_step on real batches, blocking on the loss after each step."""
+    import jax
+    from vljax import sharding
 
     compiles = []
     jax.config.update("jax_log_compiles", True)
@@ -182,22 +215,11 @@ def run_vljax(size_name: str, steps: int, dtype: str, remat: bool = False):
     logging.getLogger("jax").setLevel(logging.WARNING)
 
     size = SIZES[size_name]
-    config = vljax_config(size_name, dtype, remat)
+    config = vljax_config(size, dtype, remat, patch_dropout)
     batches = real_batches(size, N_BATCHES)
     rss_data = _rss_mb()
-    mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
-    model = train.build_model(config)
-    t0 = time.perf_counter()
-    params = train.init_params(model, config, jax.random.key(0))
-    init_s = time.perf_counter() - t0
-    tx, _, mask = optim.make_optimizer(config, params)
-    state = {"params": params, "opt_state": tx.init(params), "step": np.zeros((), np.int32),
-             "rng": jax.random.key(1)}
-    state_sh = sharding.state_shardings(jax.eval_shape(lambda s: s, state), mesh, [(".*", "replicate")])
-    state = jax.device_put(state, state_sh)
-    step_fn = train.make_train_step(model, tx, train.make_loss(config, mesh), mask)
-    train_step = jax.jit(step_fn, in_shardings=(state_sh, sharding.batch_sharding(mesh)),
-                         out_shardings=(state_sh, None), donate_argnums=(0,))  # as Trainer.fit
+    train_step, state, mesh, init_s = vljax_step(config, jax.devices()[:1])
+    params_m = sum(x.size for x in jax.tree.leaves(state["params"])) / 1e6
 
     with jax.set_mesh(mesh):
         batch0 = sharding.shard_batch({"image": batches[0][0], "text": batches[0][1]}, mesh)
@@ -217,11 +239,12 @@ def run_vljax(size_name: str, steps: int, dtype: str, remat: bool = False):
     flops = float(cost.get("flops", 0.0))
     out = _summary(times, cpu, size["batch"])
     out.update(compiles=len(compiles), jit_cache_size=int(train_step._cache_size()), init_s=init_s,
-               xla_step_flops=flops, model_step_flops=model_flops(size_name),
+               xla_step_flops=flops, model_step_flops=model_flops(size, patch_dropout),
                temp_mb=mem.temp_size_in_bytes / 2**20 if mem else None, rss_after_data_mb=rss_data,
                loss_first=losses[0], loss_last=losses[-1],
-               params_m=sum(x.size for x in jax.tree.leaves(params)) / 1e6,
-               device=jax.devices()[0].device_kind, dtype=dtype, remat=remat)
+               params_m=params_m,
+               device=jax.devices()[0].device_kind, dtype=dtype, remat=remat,
+               patch_dropout=patch_dropout)
     out["peak"] = peak.summary()
     return _add_fractions(out)
 
@@ -314,8 +337,9 @@ def worker(spec: str):
     framework, size_name = spec.split(":")
     load = os.getloadavg()
     steps = _STEPS.value or DEFAULT_STEPS[size_name]
-    if framework == "vljax":
-        out = run_vljax(size_name, steps, _DTYPE.value, _REMAT.value)
+    if framework in ("vljax", "vljax_pd"):
+        out = run_vljax(size_name, steps, _DTYPE.value, _REMAT.value,
+                        _PATCH_DROPOUT.value if framework == "vljax_pd" else 0.0)
     elif framework == "transformers":
         import torch
         if _THREADS.value:
@@ -355,7 +379,8 @@ def main(argv):
         for fw in _FRAMEWORKS.value:
             cmd = [sys.executable, os.path.abspath(__file__), f"--worker={fw}:{size}",
                    f"--steps={_STEPS.value}", f"--threads={_THREADS.value}", f"--dtype={_DTYPE.value}",
-                   f"--batch={_BATCH.value}", f"--remat={_REMAT.value}", f"--gated={fw != 'open_clip'}"]
+                   f"--batch={_BATCH.value}", f"--remat={_REMAT.value}", f"--gated={fw != 'open_clip'}",
+                   f"--patch_dropout={_PATCH_DROPOUT.value}"]
             if _THREADS.value:  # the same cores for both: XLA's pool follows the affinity mask
                 cmd = ["taskset", "-c", ",".join(str(i) for i in range(_THREADS.value))] + cmd
             cmds[fw] = cmd
@@ -421,6 +446,12 @@ def print_table(results):
               f"{r['worst_s']:.3f} | {r['first_step_s']:.2f} | {r['pairs_per_s']:.1f} | {ratio:.2f}x | "
               f"{r.get('compiles', '-')} | {r['peak_rss_mb']:.0f} | "
               + (f"{frac:.0%}; {r['flops_fraction_of_peak_best']:.0%} |" if frac is not None else "- |"))
+    for key, r in results.items():  # FLIP's speed-up, from the same alternating run
+        base = results.get(key.replace("vljax_pd:", "vljax:"), {})
+        if key.startswith("vljax_pd:") and "pairs_per_s" in r and "pairs_per_s" in base:
+            print(f"{key.split(':')[1]}: patch dropout {r['patch_dropout']:.0%} runs at "
+                  f"{r['pairs_per_s'] / base['pairs_per_s']:.2f}x the pairs/s of no dropout (median "
+                  f"steps; fastest steps {min(base['step_times_s'][1:]) / min(r['step_times_s'][1:]):.2f}x)")
     meta = results.get("_meta", {})
     print(f"load average (1/5/15 min) at start {meta.get('loadavg_start')}, end {meta.get('loadavg_end')}")
 

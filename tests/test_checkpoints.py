@@ -107,7 +107,7 @@ def test_async_save_then_wait(tmp_path, mesh8):
     ckpt = Checkpointer(tmp_path, async_save=True)
     assert ckpt.save(3, state, {"i": 3})
     ckpt.wait()
-    assert (tmp_path / "3" / "state").is_dir()
+    assert (tmp_path / "3" / "params").is_dir() and (tmp_path / "3" / "opt_state").is_dir()
     assert ckpt.latest_step() == 3
     restored, data = ckpt.restore(3, abstract_state=abstract(state, mesh8))
     ckpt.close()
@@ -214,3 +214,59 @@ def test_two_processes(tmp_path):
         assert r["w_ok"]
     assert results[0]["stop_at"] is not None and results[0]["stop_at"] >= 5
     assert results[0]["stop_at"] == results[1]["stop_at"]  # both save at the same step
+
+
+# -- integrity ---------------------------------------------------------------------------------
+
+
+def _two_checkpoints(tmp_path, mesh8):
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, make_state(mesh8, seed=0), {"i": 1}, force=True)
+        ckpt.save(2, make_state(mesh8, seed=1), {"i": 2}, force=True)
+    return make_state(mesh8, seed=0)
+
+
+def _truncate_largest(folder):
+    """Cuts the array data files of a checkpoint item in half (an interrupted copy)."""
+    files = [os.path.join(r, f) for r, _, fs in os.walk(folder) for f in fs if "/d/" in os.path.join(r, f)]
+    assert files
+    for path in files:
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+
+
+def test_damaged_latest_is_moved_aside_and_the_previous_restored(tmp_path, mesh8, caplog, capfd):
+    first = _two_checkpoints(tmp_path, mesh8)
+    _truncate_largest(tmp_path / "2" / "params")
+    with Checkpointer(tmp_path) as ckpt, caplog.at_level("WARNING"):
+        state, data = ckpt.restore(abstract_state=abstract(first, mesh8))
+        assert ckpt.all_steps() == [1]
+    assert_states_equal(first, state)
+    assert data == {"i": 1}
+    assert sorted(os.listdir(tmp_path)) == ["1", "2.damaged-0"]  # kept for inspection, out of rotation
+    damaged = [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()]
+    assert len(damaged) == 1 and "checkpoint 2" in damaged[0] and "\n" not in damaged[0]
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Event loop is closed" not in err
+
+
+def test_checksum_mismatch_is_detected(tmp_path, mesh8):
+    first = _two_checkpoints(tmp_path, mesh8)
+    path = tmp_path / "2" / "checksums" / "metadata"
+    sums = json.loads(path.read_text())
+    key = next(k for k in sums if "kernel" in k)
+    sums[key] = (sums[key] + 1) % 2**32  # as if a bit of that array had flipped on disk
+    path.write_text(json.dumps(sums))
+    with Checkpointer(tmp_path) as ckpt:
+        state, _ = ckpt.restore(abstract_state=abstract(first, mesh8))
+    assert_states_equal(first, state)
+    assert "2.damaged-0" in os.listdir(tmp_path)
+
+
+def test_no_intact_checkpoint_is_one_clear_error(tmp_path, mesh8):
+    from vljax.checkpoints import CheckpointError
+    first = _two_checkpoints(tmp_path, mesh8)
+    for step in ("1", "2"):
+        _truncate_largest(tmp_path / step / "params")
+    with Checkpointer(tmp_path) as ckpt, pytest.raises(CheckpointError, match="no intact checkpoint"):
+        ckpt.restore(abstract_state=abstract(first, mesh8))

@@ -25,7 +25,8 @@ def lit(manifest):
     config = tiny_config(manifest, "lit", steps=4, batch=8)
     config.input.augment = dict(random_resized_crop=None, greyscale=0.5)
     model = train.build_model(config)
-    return config, model, train.init_params(model, config, jax.random.key(0))
+    params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), jnp.zeros((1, 16), jnp.int32))["params"]
+    return config, model, params
 
 
 def _trunk(model, params, images):

@@ -74,7 +74,12 @@ def test_predictor_loads_a_workdir(workdir, shapes):
     assert zimg.shape == (3, dim) and ztxt.shape == (4, dim)
     np.testing.assert_allclose(np.linalg.norm(zimg, axis=1), 1.0, rtol=1e-5)
     # The checkpoint's params, not a fresh init; files, PIL-decoded arrays and paths agree.
-    emb = Embedder(p.model, train.restore_params(p_config(workdir), p.model, workdir), p.tokenizer)
+    # (The trainer's own restore of the full state is an independent path to the same params.)
+    resumed = jax.device_get(train.Trainer(p_config(workdir), workdir, devices=jax.devices()[:1],
+                                           write_config=False).state["params"])
+    for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(p.params)):
+        np.testing.assert_array_equal(a, b)
+    emb = Embedder(p.model, resumed, p.tokenizer)
     np.testing.assert_allclose(zimg, emb.embed_images(p.preprocess(paths)), atol=1e-6)
     from PIL import Image
     arrays = [np.asarray(Image.open(f).convert("RGB")) for f in paths]
@@ -110,8 +115,8 @@ def test_cli_embed_writes_npy(workdir, shapes, tmp_path, capsys):
     p = Predictor.load(workdir)
     np.testing.assert_allclose(zimg, p.embed_images(_images(shapes)), atol=1e-6)
     np.testing.assert_allclose(ztxt, p.embed_texts(["a red circle", "a blue square"]), atol=1e-6)
-    with pytest.raises(SystemExit):
-        cli(["classify", f"--model={workdir}", "--labels=a,b", str(tmp_path / "missing.png")])
+    # A missing image is reported (tests/test_cli_errors.py) and the exit status is 1.
+    assert cli(["classify", f"--model={workdir}", "--labels=a,b", str(tmp_path / "missing.png")]) == 1
 
 
 def test_standalone_evaluation_equals_the_trainers(workdir):
@@ -192,12 +197,13 @@ def test_evaluate_a_transformers_clip(hf_clip_dir, shapes):
 
 def test_soups_of_real_checkpoints(workdir, tmp_path):
     # One run's kept checkpoints (steps 3 and 6) are the ingredients.
-    config, model, ingredients = soup.load_ingredients([workdir], all_steps=True)
+    spec, model, ingredients = soup.load_ingredients([workdir], all_steps=True)
     assert [n.rsplit("@", 1)[1] for n, _ in ingredients] == ["3", "6"]
+    config = soup.read_config(workdir)
 
     from vljax import eval_builder
     evaluators = eval_builder.build(config)
-    results = soup.cook(config, model, ingredients, evaluators, config.select_metric, batch_size=8)
+    results = soup.cook(spec, model, ingredients, evaluators, config.select_metric, batch_size=8)
     params = [p for _, p in ingredients]
     assert not np.allclose(*(np.asarray(p["txt"]["head"]["kernel"]) for p in params))
     for got, a, b in zip(*(jax.tree.leaves(t) for t in (results["uniform"]["params"], *params))):
@@ -210,7 +216,7 @@ def test_soups_of_real_checkpoints(workdir, tmp_path):
     assert "uniform soup" in soup.report(results)
 
     # A saved soup is a workdir: the predictor loads exactly the averaged params...
-    soup.save_workdir(config, model, results["uniform"]["params"], str(tmp_path / "uniform"))
+    soup.save_workdir(spec, config, results["uniform"]["params"], str(tmp_path / "uniform"))
     p = Predictor.load(str(tmp_path / "uniform"))
     ref = Embedder(model, results["uniform"]["params"], p.tokenizer)
     np.testing.assert_allclose(p.embed_texts(LABELS), ref.embed_texts(LABELS), atol=1e-6)

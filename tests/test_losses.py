@@ -280,6 +280,8 @@ def _cases(data, tokens):
     mask = rng.random((B, B)) < 0.2
     return {
         "softmax": (losses.softmax_contrastive, (zi, zt, t), (bs, bs, rep), (0, 1, 2)),
+        "softmax_ring": (lambda *a, axis_name=None: losses.softmax_contrastive(
+            *a, axis_name=axis_name, impl="ring"), (zi, zt, t), (bs, bs, rep), (0, 1, 2)),
         "sigmoid": (losses.sigmoid_loss, (zi, zt, t, b), (bs, bs, rep, rep), (0, 1, 2, 3)),
         "sigmoid_ring": (lambda *a, axis_name=None: losses.sigmoid_loss(
             *a, axis_name=axis_name, impl="ring"), (zi, zt, t, b), (bs, bs, rep, rep),
@@ -304,7 +306,7 @@ def _cases(data, tokens):
     }
 
 
-CASES = ["softmax", "sigmoid", "sigmoid_ring", "dcl", "cwcl", "multi_positive_ids",
+CASES = ["softmax", "softmax_ring", "sigmoid", "sigmoid_ring", "dcl", "cwcl", "multi_positive_ids",
          "multi_positive_mask", "filip"]
 
 
@@ -318,43 +320,81 @@ def test_sharded_equals_single_device_on_8_devices(name, data, tokens):
         _close(g, r)
 
 
-@pytest.mark.parametrize("n", [2, 4, 8])
-def test_ring_sigmoid_equals_all_gather(n, data):
-    args = (data["zimg"], data["ztxt"], data["t"], data["b"])
-    specs = (P("data"), P("data"), P(), P())
-    results = [
-        _sharded_value_and_grad(
-            lambda *a, axis_name, impl=impl: losses.sigmoid_loss(*a, axis_name=axis_name,
-                                                                 impl=impl),
-            args, specs, (0, 1, 2, 3), n)
+def _ring_case(loss, impl, data):
+    """(fn(*args, axis_name), args, in_specs, argnums) of the sigmoid or softmax loss."""
+    zi, zt, t = data["zimg"], data["ztxt"], data["t"]
+    if loss == "sigmoid":
+        return (lambda *a, axis_name: losses.sigmoid_loss(*a, axis_name=axis_name, impl=impl),
+                (zi, zt, t, data["b"]), (P("data"), P("data"), P(), P()), (0, 1, 2, 3))
+    return (lambda *a, axis_name: losses.softmax_contrastive(*a, axis_name=axis_name, impl=impl),
+            (zi, zt, t), (P("data"), P("data"), P()), (0, 1, 2))
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("n", [1, 2, 4, 8])
+def test_ring_equals_all_gather(loss, n, data):
+    (v_ag, g_ag), (v_ring, g_ring) = [
+        _sharded_value_and_grad(*_ring_case(loss, impl, data), n)
         for impl in ("all_gather", "ring")]
-    (v_ag, g_ag), (v_ring, g_ring) = results
     _close(v_ring, v_ag)
     for g, r in zip(g_ring, g_ag):
         _close(g, r)
 
 
+@pytest.mark.parametrize("loss", ["sigmoid", "softmax"])
+def test_ring_over_two_mesh_axes_equals_single_device(loss, data):
+    """The batch split over ("data", "fsdp") of a 2 x 4 mesh, as the trainer does with FSDP."""
+    fn, args, specs, argnums = _ring_case(loss, "ring", data)
+    axes = ("data", "fsdp")
+    mesh = jax.make_mesh((2, 4), axes, axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+    specs = tuple(P(axes) if s == P("data") else s for s in specs)
+    f = jax.shard_map(lambda *a: fn(*a, axis_name=axes), mesh=mesh, in_specs=specs,
+                      out_specs=P())
+    value, grads = jax.jit(jax.value_and_grad(f, argnums=argnums))(
+        *[jax.device_put(a, NamedSharding(mesh, s)) for a, s in zip(args, specs)])
+    ref_value, ref_grads = jax.value_and_grad(lambda *a: fn(*a, axis_name=None),
+                                              argnums=argnums)(*args)
+    _close(value, ref_value)
+    for g, r in zip(grads, ref_grads):
+        _close(g, r)
+
+
+def test_ring_softmax_is_stable_at_large_logit_scale():
+    """The online log-sum-exp must not overflow where exp(logits) would (t = 100, logits 100)."""
+    rng = np.random.default_rng(5)
+    data = dict(zimg=_normalised(rng, B, D), t=np.float32(100.0))
+    data["ztxt"] = data["zimg"].copy()  # positives at the maximum logit t
+    (v_ag, g_ag), (v_ring, g_ring) = [
+        _sharded_value_and_grad(*_ring_case("softmax", impl, data), 4)
+        for impl in ("all_gather", "ring")]
+    assert np.isfinite(v_ring) and all(np.all(np.isfinite(g)) for g in g_ring)
+    _close(v_ring, v_ag)
+    for g, r in zip(g_ring, g_ag):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- memory
 
 
-def _temp_bytes(impl, n, b=512, width=512):
+def _temp_bytes(loss, impl, n, b=512, width=512):
     mesh = _mesh(n)
 
     def sds(shape, spec):
         return jax.ShapeDtypeStruct(shape, jnp.float32, sharding=NamedSharding(mesh, spec))
 
-    f = jax.shard_map(lambda zi, zt, t, bias: losses.sigmoid_loss(
-        zi, zt, t, bias, axis_name="data", impl=impl), mesh=mesh,
-        in_specs=(P("data"), P("data"), P(), P()), out_specs=P())
-    compiled = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3))).lower(
-        sds((n * b, width), P("data")), sds((n * b, width), P("data")), sds((), P()),
-        sds((), P())).compile()
+    fn, _, specs, argnums = _ring_case(loss, impl, dict(zimg=0, ztxt=0, t=0, b=0))
+    shapes = [(n * b, width) if s == P("data") else () for s in specs]
+    f = jax.shard_map(lambda *a: fn(*a, axis_name="data"), mesh=mesh, in_specs=specs,
+                      out_specs=P())
+    compiled = jax.jit(jax.value_and_grad(f, argnums=argnums)).lower(
+        *[sds(shape, s) for shape, s in zip(shapes, specs)]).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 
 
-def test_ring_memory_is_flat_in_device_count():
-    ring = {n: _temp_bytes("ring", n) for n in (2, 4, 8)}
-    all_gather_8 = _temp_bytes("all_gather", 8)
+@pytest.mark.parametrize("loss", ["sigmoid", "softmax"])
+def test_ring_memory_is_flat_in_device_count(loss):
+    ring = {n: _temp_bytes(loss, "ring", n) for n in (2, 4, 8)}
+    all_gather_8 = _temp_bytes(loss, "all_gather", 8)
     assert ring[8] <= 1.25 * ring[2], ring
     assert ring[4] <= 1.25 * ring[2], ring
     assert ring[8] <= all_gather_8 / 4, (ring, all_gather_8)
@@ -371,6 +411,8 @@ def test_bad_inputs_raise_clear_errors(data):
         losses.softmax_contrastive(zi, zt, np.ones(2, np.float32))
     with pytest.raises(ValueError, match="impl"):
         losses.sigmoid_loss(zi, zt, t, b, impl="bidir")
+    with pytest.raises(ValueError, match="impl"):
+        losses.softmax_contrastive(zi, zt, t, impl="gather")
     with pytest.raises(ValueError, match="exactly one"):
         losses.multi_positive_contrastive(zi, zt, t)
     with pytest.raises(ValueError, match="pos_mask"):
@@ -384,7 +426,12 @@ def test_bad_inputs_raise_clear_errors(data):
 
 
 def test_losses_registry():
-    assert losses.LOSSES == {
+    assert {k: v.fn for k, v in losses.LOSSES.items()} == {
         "softmax": losses.softmax_contrastive, "sigmoid": losses.sigmoid_loss,
         "dcl": losses.dcl_loss, "cwcl": losses.cwcl_loss,
         "multi_positive": losses.multi_positive_contrastive, "filip": losses.filip_loss}
+    # Every declared input is a positional parameter of the function, in order.
+    import inspect
+    for name, loss in losses.LOSSES.items():
+        params = list(inspect.signature(loss.fn).parameters)
+        assert len(loss.inputs) <= len(params) and "axis_name" in params, name

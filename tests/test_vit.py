@@ -7,7 +7,7 @@ import pytest
 from vljax.convert.posemb import resample_posemb
 from vljax.models import ViT
 from vljax.models.common import posemb_sincos_2d
-from vljax.models.vit import decode_variant
+from vljax.models.vit import decode_variant, keep_random_patches
 
 TINY = dict(variant=None, width=32, depth=2, num_heads=2, mlp_dim=64, patch_size=8)
 
@@ -150,3 +150,58 @@ def test_resampled_checkpoint_runs_at_a_new_resolution():
     params = {**params, "pos_embedding": resample_posemb(params["pos_embedding"], (6, 6))}
     feats, out = jax.jit(model.apply)({"params": params}, images(size=48))
     assert out["tokens"].shape == (2, 36, 32) and np.isfinite(feats).all()
+
+
+# ----------------------------------------------------------------------------- patch dropout
+
+
+def test_keep_random_patches_is_a_uniform_subset_per_example():
+    """FLIP masking: K = round((1 - p) N) distinct patches per example, each kept with
+    probability 1 - p, different subsets for different examples."""
+    b, n, draws = 4, 16, 400
+    x = jnp.broadcast_to(jnp.arange(n, dtype=jnp.float32)[None, :, None], (b, n, 3))
+    kept = jax.vmap(lambda k: keep_random_patches(x, 0.75, k))(
+        jax.random.split(jax.random.key(0), draws))  # [draws, b, 4, 3]
+    assert kept.shape == (draws, b, 4, 3)
+    ids = np.asarray(kept[..., 0]).astype(int)
+    assert all(len(set(row)) == 4 for row in ids.reshape(-1, 4))  # no patch twice
+    assert np.any(ids[:, 0] != ids[:, 1])  # examples draw independently
+    freq = np.bincount(ids.reshape(-1), minlength=n) / (draws * b)
+    np.testing.assert_allclose(freq, 0.25, atol=0.04)
+
+
+def test_patch_dropout_trains_on_kept_patches_and_evaluates_on_all():
+    model = ViT(**TINY, pool_type="gap", num_registers=2, patch_dropout=0.5)
+    x = images(b=3)
+    params, (feats_eval, _) = init_apply(model, x)
+    apply = jax.jit(model.apply, static_argnames=("train", "patch_dropout"))
+    rngs = {"dropout": jax.random.key(1)}
+
+    def sq_norm(im):  # training forward with patch dropout, and its gradient w.r.t. the pixels
+        feats, out = apply({"params": params}, im, train=True, rngs=rngs)
+        return jnp.sum(feats ** 2), (feats, out)
+
+    grad, (feats, out) = jax.jit(jax.grad(sq_norm, has_aux=True))(x)
+    # Training keeps 8 of the 16 patches; registers are dropped as usual; GAP pools the kept.
+    assert out["tokens"].shape == (3, 8, 32)
+    np.testing.assert_allclose(feats, out["tokens"].mean(axis=1), atol=1e-6)
+    assert not np.allclose(feats, feats_eval, atol=1e-3)
+    # Dropped patches get no gradient: exactly 8 of the 16 8x8 pixel patches of each image do.
+    per_patch = jnp.abs(grad).reshape(3, 4, 8, 4, 8, 3).sum(axis=(2, 4, 5))
+    assert np.all(np.sum(np.asarray(per_patch) > 0, axis=(1, 2)) == 8)
+    # The call-time override (FLIP's unmasked tuning) trains on every patch, which is also what
+    # evaluation does whatever the rate.
+    full, _ = apply({"params": params}, x, train=True, patch_dropout=0.0, rngs=rngs)
+    np.testing.assert_allclose(full, feats_eval, atol=1e-6)
+    with pytest.raises(ValueError, match="patch_dropout"):
+        apply({"params": params}, x, train=True, patch_dropout=1.0, rngs=rngs)
+
+
+@pytest.mark.parametrize("pool_type", ["cls", "map"])
+def test_patch_dropout_keeps_the_class_token_and_feeds_map(pool_type):
+    model = ViT(**TINY, pool_type=pool_type, num_classes=10, patch_dropout=0.75)
+    x = jnp.zeros((2, 32, 32, 3))
+    params = jax.eval_shape(model.init, jax.random.key(0), x)
+    feats, out = jax.eval_shape(lambda p: model.apply(p, x, train=True,
+                                                      rngs={"dropout": jax.random.key(1)}), params)
+    assert out["tokens"].shape == (2, 4 + (pool_type == "cls"), 32) and feats.shape == (2, 10)

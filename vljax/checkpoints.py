@@ -2,7 +2,8 @@
 
 The train state is one pytree ``{"params", "opt_state", "step", "rng"}``; it is saved with
 orbax (every process writes its own shards, so it works multi-host and with sharded params)
-next to the JSON state of the input pipeline. Typed PRNG keys (``jax.random.key``) cannot be
+as separate items (params, opt_state, meta = step and rng), so each can be read alone, next to
+the JSON state of the input pipeline. Typed PRNG keys (``jax.random.key``) cannot be
 serialised as such: they are saved as ``jax.random.key_data`` (uint32) and turned back into
 keys with ``jax.random.wrap_key_data`` on restore, the key implementation being read from the
 abstract state. Restoring onto another mesh only needs an abstract state that carries the new
@@ -22,17 +23,54 @@ Typical loop::
                 break
     ckpt.close()
 """
+import contextlib
+import gc
 import json
 import logging
-import os
 import signal
+import sys
+import threading
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
 
-STATE, DATA = "state", "data"
+PARAMS, OPT_STATE, META, DATA, CHECKSUMS = "params", "opt_state", "meta", "data", "checksums"
+ITEMS = (PARAMS, OPT_STATE, META, DATA, CHECKSUMS)
+
+
+class CheckpointError(RuntimeError):
+    """No intact checkpoint could be restored (each damaged one was moved aside)."""
+
+
+# --------------------------------------------------------------------------- integrity
+
+
+def _leaf_checksum(x) -> int:
+    """Sum of the bit patterns of this process's share of a (possibly sharded) array, as uint32
+    words mod 2**32; each shard counted once (replica 0)."""
+    total = 0
+    if _is_key(x):
+        x = jax.random.key_data(x)
+    shards = [s.data for s in x.addressable_shards if s.replica_id == 0] \
+        if isinstance(x, jax.Array) else [x]
+    for data in shards:
+        a = np.ascontiguousarray(np.asarray(data)).reshape(-1)
+        words = a.view({1: np.uint8, 2: np.uint16}.get(a.dtype.itemsize, np.uint32))
+        total += int(words.sum(dtype=np.uint64))
+    return total
+
+
+def _checksum_dict(items: dict) -> dict:
+    """{leaf path: checksum}: the sum of every leaf's bit patterns (uint32 words, wrapping), exact
+    and independent of summation order and sharding, so a restore onto any mesh can recompute it."""
+    flat = jax.tree_util.tree_flatten_with_path(items)[0]
+    sums = np.asarray([_leaf_checksum(x) % 2**32 for _, x in flat], np.uint64)
+    if jax.process_count() > 1:
+        sums = multihost_utils.process_allgather(sums).sum(axis=0, dtype=np.uint64)
+    return {jax.tree_util.keystr(path): int(v % 2**32) for (path, _), v in zip(flat, sums)}
 
 
 # --------------------------------------------------------------------------- typed keys
@@ -93,7 +131,12 @@ def _gather_data_state(data_state):
 
 
 class Checkpointer:
-    """An ``ocp.CheckpointManager`` with two items: "state" (arrays) and "data" (JSON).
+    """An ``ocp.CheckpointManager`` whose items can be read alone: "params", "opt_state",
+    "meta" (step and rng) and "data" (the JSON state of every process's input pipeline).
+
+    A state is the train-state dict ``{"params", "opt_state", "step", "rng"}`` or any part of it
+    (model selection saves params alone); ``restore_params`` reads the params item only, so
+    inference needs neither the optimizer nor its config.
 
     Args:
       workdir: directory of the step folders (created if missing).
@@ -108,11 +151,14 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, save_interval_steps=save_interval_steps, create=True,
             enable_async_checkpointing=async_save)
-        self._manager = ocp.CheckpointManager(os.path.abspath(os.fspath(workdir)),
-                                              options=options, item_names=(STATE, DATA))
+        self.directory = epath.Path(workdir)
+        if not str(self.directory).startswith(("gs://", "s3://")):
+            self.directory = self.directory.absolute()
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
     def save(self, step: int, state, data_state=None, force: bool = False) -> bool:
-        """Saves ``state`` and the JSON-able ``data_state`` at ``step``; True if it saved.
+        """Saves ``state`` (any of params / opt_state / step + rng) and the JSON-able
+        ``data_state`` at ``step``; True if it saved.
 
         Without ``force`` only multiples of ``save_interval_steps`` are written (orbax alone
         would also write the first step it sees). Call it on every process.
@@ -120,11 +166,20 @@ class Checkpointer:
         step = int(step)
         if not force and step % self._interval:
             return False
-        args = ocp.args.Composite(**{
-            STATE: ocp.args.StandardSave(_to_saveable(state)),
-            DATA: ocp.args.JsonSave(_gather_data_state(data_state)),
-        })
-        return self._manager.save(step, args=args, force=force)
+        items = {}
+        for name in (PARAMS, OPT_STATE):
+            if name in state:
+                items[name] = ocp.args.StandardSave(_to_saveable(state[name]))
+        meta = {k: state[k] for k in ("step", "rng") if k in state}
+        if meta:
+            items[META] = ocp.args.StandardSave(_to_saveable(meta))
+        if meta or data_state is not None:  # a resumable state: its input position goes with it
+            items[DATA] = ocp.args.JsonSave(_gather_data_state(data_state))
+        arrays = {name: state[name] for name in (PARAMS, OPT_STATE) if name in state}
+        if meta:
+            arrays[META] = meta
+        items[CHECKSUMS] = ocp.args.JsonSave(_checksum_dict(arrays))
+        return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -132,29 +187,88 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
+    def _restore_one(self, step, abstract_items: dict, with_data: bool):
+        args = {name: ocp.args.StandardRestore(jax.tree.map(_abstract, tree))
+                for name, tree in abstract_items.items()}
+        args[CHECKSUMS] = ocp.args.JsonRestore()
+        if with_data:
+            args[DATA] = ocp.args.JsonRestore()
+        with _quiet_background_errors():
+            out = self._manager.restore(step, args=ocp.args.Composite(**args))
+        arrays = {name: out[name] for name in abstract_items}
+        if out[CHECKSUMS] is not None:
+            saved, got = out[CHECKSUMS], _checksum_dict(arrays)
+            bad = sorted(k for k in got if k in saved and saved[k] != got[k])
+            if bad:
+                raise ValueError(f"checksum mismatch in {len(bad)} arrays, e.g. {bad[0]}")
+        return {name: _from_saved(arrays[name], tree) for name, tree in abstract_items.items()}, out
+
+    def _restore(self, step, abstract_items: dict, with_data: bool):
+        """Restores `step` (default: the latest intact one). A damaged or incomplete checkpoint
+        (unreadable files, checksum mismatch) is named in one log line and moved aside, and the
+        previous one is tried; a requested `step` that is damaged is an error."""
+        if step is not None:
+            try:
+                return self._restore_one(step, abstract_items, with_data)
+            except Exception as e:  # orbax raises many types for damaged files
+                raise CheckpointError(f"checkpoint {step} in {self.directory} cannot be restored: "
+                                      f"{_reason(e)}") from None
+        if not self.all_steps():
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        for candidate in sorted(self.all_steps(), reverse=True):
+            try:
+                return self._restore_one(candidate, abstract_items, with_data)
+            except Exception as e:
+                aside = self._move_aside(candidate)
+                logging.warning("checkpoint %d in %s is damaged (%s); moved to %s, trying the previous one",
+                                candidate, self.directory, _reason(e), aside)
+        raise CheckpointError(f"no intact checkpoint in {self.directory} (damaged ones were moved aside "
+                              "as <step>.damaged-*)")
+
+    def _move_aside(self, step: int):
+        """Renames a step folder to `<step>.damaged-<n>` (kept for inspection, out of rotation)."""
+        src = self.directory / str(step)
+        n = 0
+        while (self.directory / f"{step}.damaged-{n}").exists():
+            n += 1
+        dst = self.directory / f"{step}.damaged-{n}"
+        if jax.process_index() == 0 and src.exists():
+            src.rename(dst)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"vljax_ckpt_aside_{step}")
+        self._manager.reload()
+        return dst
+
     def restore(self, step: int | None = None, abstract_state=None):
         """Restores ``(state, data_state)`` at ``step`` (default: the latest).
 
-        ``abstract_state`` has the structure of the saved state; each leaf gives shape, dtype
-        and the sharding to restore onto (a ShapeDtypeStruct with sharding, or an array).
+        ``abstract_state`` is the train state's structure: each leaf gives shape, dtype and the
+        sharding to restore onto (a ShapeDtypeStruct with sharding, or an array); every array is
+        read straight into its shards.
         """
         if abstract_state is None:
             raise ValueError("restore needs abstract_state: the state's structure, shapes, "
                              "dtypes and target shardings")
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {self._manager.directory}")
-        target = jax.tree.map(_abstract, abstract_state)
-        out = self._manager.restore(step, args=ocp.args.Composite(**{
-            STATE: ocp.args.StandardRestore(target),
-            DATA: ocp.args.JsonRestore(),
-        }))
+        items = {name: abstract_state[name] for name in (PARAMS, OPT_STATE) if name in abstract_state}
+        meta = {k: abstract_state[k] for k in ("step", "rng") if k in abstract_state}
+        if meta:
+            items[META] = meta
+        restored, out = self._restore(step, items, with_data=True)
+        state = {k: v for k, v in restored.items() if k != META}
+        state.update(restored.get(META, {}))
         per_process = out[DATA]
+        step = int(jax.device_get(state["step"])) if "step" in state else step
         me = str(jax.process_index())
         if me not in per_process:
             raise ValueError(f"checkpoint {step} holds the data state of {len(per_process)} "
                              f"processes; process {me} has none (the process count changed?)")
-        return _from_saved(out[STATE], abstract_state), per_process[me]
+        return state, per_process[me]
+
+    def restore_params(self, step: int | None = None, abstract_params=None):
+        """Only the params of checkpoint ``step`` (default: the latest), onto the shardings of
+        ``abstract_params`` (ShapeDtypeStructs with sharding)."""
+        restored, _ = self._restore(step, {PARAMS: abstract_params}, with_data=False)
+        return restored[PARAMS]
 
     def wait(self):
         """Blocks until pending asynchronous saves are written."""
@@ -169,6 +283,27 @@ class Checkpointer:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _reason(e: Exception) -> str:
+    """A one-line reason from an orbax / tensorstore error (their messages run over many lines)."""
+    text = str(e).split(" See full TensorStore details")[0].strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200] if text else ''}"
+
+
+@contextlib.contextmanager
+def _quiet_background_errors():
+    """While a damaged checkpoint is read, orbax's asyncio reads fail in background coroutines
+    and threads, each printing a traceback ("Event loop is closed", "Exception ignored in
+    <coroutine ...>"); the one error that matters is raised in the caller. Mute the others."""
+    hooks = sys.unraisablehook, threading.excepthook
+    sys.unraisablehook = lambda _: None
+    threading.excepthook = lambda _: None
+    try:
+        yield
+    finally:
+        gc.collect()  # coroutines left unawaited report now, while muted
+        sys.unraisablehook, threading.excepthook = hooks
 
 
 # --------------------------------------------------------------------------- preemption

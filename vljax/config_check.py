@@ -1,14 +1,28 @@
-"""Checks a training config before anything heavy runs: unknown keys, wrong types, missing keys.
+"""Checks a training config before anything heavy runs or is written: every key of every nested
+dict is known, required keys are there, values have the right types; errors name the full key.
 
 ml_collections already refuses command-line overrides of keys the config file does not define and
-overrides of the wrong type; this module catches what the config file itself gets wrong (a typo such
-as `totl_steps`, a string where a number belongs), naming the key.
+overrides of the wrong type; this module catches what the config file itself gets wrong: a typo
+such as `loss.temprature` would otherwise be ignored or fail deep inside a trace.
+
+The known keys come from what consumes them, read at run time so that new options need no edit
+here: `model` from `TwoTowers`' fields, `model.image` / `model.text` from the tower class named by
+`image_model` / `text_model` in vljax.models.MODELS (flax modules are dataclasses), `tokenizer`
+from the tokenizer class, `loss` from the loss function's signature in vljax.losses.LOSSES (less
+the arrays and `axis_name` the trainer passes), `optax` from the optimizer builder in
+vljax.optim.OPTIMIZERS, `schedule` entries from `optim.make_schedule`, `input.data[i]` from the
+source class of its kind, `evals.<name>` from the evaluator class's constructor and its data
+loader. Only keys that no signature gives are listed here (`input`, `input.augment`, ...).
 """
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import inspect
 import numbers
+import os
 
-# key -> (required, allowed types); nested ConfigDicts are checked one level down where listed.
+# key -> (required, allowed types)
 _TOP = {
     "seed": (True, (int,)),
     "total_steps": (True, (int,)),
@@ -25,13 +39,13 @@ _TOP = {
     "loss": (True, (dict,)),
     "optax": (True, (dict,)),
     "lr": (True, (numbers.Real,)),
-    "wd": (False, (numbers.Real,)),
-    "schedule": (True, (list, tuple, dict)),
+    "wd": (False, (numbers.Real, type(None))),
+    "schedule": (True, (list, tuple, dict, type(None))),
     "grad_clip_norm": (False, (numbers.Real, type(None))),
     "grad_accum_steps": (False, (int,)),
     "total_steps_eval": (False, (int,)),
-    "lit_cache": (False, (bool, dict)),
-    "evals": (False, (dict,)),
+    "lit_cache": (False, (bool,)),
+    "evals": (False, (dict, type(None))),
     "select_metric": (False, (str, type(None))),
     "early_stop_patience": (False, (int,)),
     "eval_batch_size": (False, (int,)),
@@ -39,57 +53,272 @@ _TOP = {
     "remat": (False, (bool,)),
     "plot": (False, (bool,)),
     "progress": (False, (bool,)),
+    "nonfinite": (False, (str,)),
 }
+# config.input is read key by key (vljax/data/pipeline.py's docstring lists them).
 _INPUT = {
     "data": (True, (list, tuple)),
     "batch_size": (True, (int,)),
     "image_size": (True, (int,)),
+    "value_range": (False, (str, list, tuple)),
+    "augment": (False, (dict, type(None))),
+    "num_workers": (False, (int,)),
+    "read_threads": (False, (int,)),
+    "worker_buffer": (False, (int,)),
+    "label": (False, (bool,)),
+    "keep_captions": (False, (bool,)),
+    "data_dir": (False, (str, type(None))),
 }
-_LOSS = {"name": (True, (str,))}
+_AUGMENT = {
+    "random_resized_crop": (False, (list, tuple, type(None))),
+    "greyscale": (False, (numbers.Real, type(None))),
+    "colour_jitter": (False, (numbers.Real, type(None))),
+}
 _MODEL = {"image_model": (True, (str,)), "text_model": (True, (str,)),
           "image": (True, (dict,)), "text": (True, (dict,))}
+# Keys of an input.data entry that get_source reads besides its source class's arguments.
+_DATA_ENTRY_EXTRA = {"source", "weight"}
+_SOURCE_ALIASES = {"tfds": {"text_key"}}  # another name of caption_key
+_SOURCE_RENAMES = {"folder": {"root": "path"}}  # argument -> config key
+# Loss arguments that are arrays the trainer passes (not hyperparameters), besides the ones
+# without a default.
+_LOSS_ARRAYS = {"axis_name", "labels", "pos_mask", "img_mask", "txt_mask"}
+# Keys of config.optax that optim.py takes out before calling the optimizer builder.
+_OPTAX_EXTRA = {"name", "weight_decay", "wd_mask", "scale_wd_by_lr"}
+# Schedule-entry keys that optim.make_optimizer takes out before calling make_schedule.
+_SCHEDULE_EXTRA = {"mult", "name"}
+# Evaluator constructor arguments that eval_builder fills in (from the data, or the entry's name).
+_EVAL_FILLED = {"self", "name", "images", "labels", "class_names", "captions", "train_images",
+                "train_labels", "test_images", "test_labels"}
+
+
+def _is_dict(value) -> bool:
+    from ml_collections import ConfigDict, FrozenConfigDict
+    return isinstance(value, (dict, ConfigDict, FrozenConfigDict))
 
 
 def _is(value, types):
-    from ml_collections import ConfigDict, FrozenConfigDict
-    if dict in types and isinstance(value, (dict, ConfigDict, FrozenConfigDict)):
+    if dict in types and _is_dict(value):
         return True
     if isinstance(value, bool) and bool not in types:
         return False  # True is an int in Python; a boolean is never a step count.
     return isinstance(value, tuple(t for t in types if t is not dict))
 
 
-def _check(cfg, schema, prefix, strict):
-    keys = set(cfg.keys())
+def _unknown(key: str, known) -> ValueError:
+    last = key.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(last, list(known), n=1)
+    hint = f"; did you mean `{close[0]}`?" if close else ""
+    return ValueError(f"config key `{key}`: unknown (known: {', '.join(sorted(known))}){hint}")
+
+
+def _check_keys(cfg, known, prefix: str) -> None:
+    """Every key of `cfg` is in `known`."""
+    for key in cfg.keys():
+        if key not in known:
+            raise _unknown(prefix + key, known)
+
+
+def _check(cfg, schema, prefix: str, known=None) -> None:
+    """Types and required keys of `schema`, and no key outside `known` (default: the schema's)."""
+    _check_keys(cfg, schema if known is None else known, prefix)
     for key, (required, types) in schema.items():
-        if key not in keys:
+        if key not in cfg.keys():
             if required:
                 raise ValueError(f"config key `{prefix}{key}` is missing")
             continue
         value = cfg[key]
         if not _is(value, types):
-            names = "/".join(t.__name__ for t in types)
+            names = "/".join("None" if t is type(None) else t.__name__ for t in types)
             raise ValueError(f"config key `{prefix}{key}` must be {names}, got {type(value).__name__}: {value!r}")
-    if strict:
-        unknown = sorted(keys - set(schema))
-        if unknown:
-            raise ValueError(f"unknown config key(s): {', '.join(prefix + k for k in unknown)} "
-                             f"(known: {', '.join(sorted(schema))})")
+
+
+def _dict(value, key: str):
+    if not _is_dict(value):
+        raise ValueError(f"config key `{key}` must be a dict, got {type(value).__name__}: {value!r}")
+    return value
+
+
+def arguments(fn, drop=()) -> set[str] | None:
+    """Names `fn` accepts as keywords, less `drop`; None when it takes **kwargs (anything goes)."""
+    params = inspect.signature(fn).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self", *drop}
+
+
+def module_fields(cls) -> set[str]:
+    """A flax.linen module's configurable fields (it is a dataclass)."""
+    return {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _input(cfg) -> None:
+    _check(cfg, _INPUT, "input.")
+    if cfg.batch_size <= 0:
+        raise ValueError(f"config key `input.batch_size` must be positive, got {cfg.batch_size}")
+    if cfg.get("augment"):
+        _check(cfg.augment, _AUGMENT, "input.augment.")
+        grey = cfg.augment.get("greyscale") or 0.0
+        if not 0.0 <= grey <= 1.0:
+            raise ValueError(f"config key `input.augment.greyscale` is a probability, got {grey}")
+    from vljax.data import sources
+    classes = {"tfds": sources.TfdsSource, "folder": sources.FolderSource, "jsonl": sources.JsonlSource}
+    for i, entry in enumerate(cfg.data):
+        where = f"input.data[{i}]"
+        _dict(entry, where)
+        kind = entry.get("source", "tfds")
+        if kind not in classes:
+            raise ValueError(f"config key `{where}.source`: {kind!r} is not one of {sorted(classes)}")
+        renames = _SOURCE_RENAMES.get(kind, {})
+        args = {renames.get(a, a) for a in arguments(classes[kind].__init__)}
+        _check_keys(entry, args | _SOURCE_ALIASES.get(kind, set()) | _DATA_ENTRY_EXTRA, where + ".")
+        required = {"tfds": ("name", "split"), "folder": ("path",), "jsonl": ("path",)}[kind]
+        for key in required:
+            if key not in entry:
+                raise ValueError(f"config key `{where}.{key}` is missing (source {kind!r})")
+
+
+def _tokenizer(cfg) -> None:
+    from vljax.tokenizers import TOKENIZERS
+    kind = cfg.get("kind")
+    if kind not in TOKENIZERS:
+        raise ValueError(f"config key `tokenizer.kind`: {kind!r} is not one of {sorted(TOKENIZERS)}")
+    args = arguments(TOKENIZERS[kind].__init__)
+    if args is not None:
+        _check_keys(cfg, args | {"kind"}, "tokenizer.")
+
+
+def _model(config) -> None:
+    from vljax.models import MODELS, TwoTowers
+    cfg = config.model
+    _check(cfg, _MODEL, "model.", known=module_fields(TwoTowers))
+    for tower in ("image", "text"):
+        name = cfg[f"{tower}_model"]
+        if name not in MODELS:
+            raise ValueError(f"config key `model.{tower}_model`: {name!r} is not one of {sorted(MODELS)}")
+        fields = module_fields(MODELS[name]())
+        _check_keys(cfg[tower], fields, f"model.{tower}.")
+        if config.get("remat", False) and "remat" not in fields:
+            raise ValueError(f"config key `remat`: the {tower} tower {name!r} has no `remat` option "
+                             f"(set `remat=False`, or `model.{tower}.remat` on towers that have it)")
+
+
+def _model_init(cfg) -> None:
+    if not cfg:
+        return
+    from vljax import pretrained
+    _check_keys(cfg, {"img", "txt"}, "model_init.")
+    for tower, spec in cfg.items():
+        if not spec:
+            continue
+        key = f"model_init.{tower}"
+        if not isinstance(spec, str):
+            raise ValueError(f"config key `{key}` must be a name or a .npz path, got {spec!r}")
+        if spec.endswith(".npz"):
+            if not os.path.isfile(os.path.expanduser(spec)):
+                raise ValueError(f"config key `{key}`: {spec} does not exist")
+        elif spec not in pretrained.LOADERS:
+            raise _unknown_value(key, spec, pretrained.LOADERS)
+
+
+def _unknown_value(key, value, known) -> ValueError:
+    close = difflib.get_close_matches(str(value), list(known), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ValueError(f"config key `{key}`: {value!r} is not one of {sorted(known)}{hint}")
+
+
+def _loss(cfg) -> None:
+    from vljax.losses import LOSSES
+    name = cfg.get("name")
+    if name not in LOSSES:
+        raise _unknown_value("loss.name", name, LOSSES)
+    fn = LOSSES[name].fn
+    params = inspect.signature(fn).parameters.values()
+    arrays = {p.name for p in params if p.default is p.empty} | _LOSS_ARRAYS
+    args = arguments(fn, drop=arrays)
+    if args is not None:
+        _check_keys(cfg, args | {"name"}, "loss.")
+
+
+def _optax(cfg) -> None:
+    from vljax.optim import OPTIMIZERS
+    name = cfg.get("name", "adamw")
+    if name not in OPTIMIZERS:
+        raise _unknown_value("optax.name", name, OPTIMIZERS)
+    args = arguments(OPTIMIZERS[name])
+    if args is not None:
+        _check_keys(cfg, args | _OPTAX_EXTRA, "optax.")
+
+
+def _schedule(rules, total_steps) -> None:
+    """Keys of each entry, then the entry itself through optim.make_schedule (which checks its
+    values against total_steps; it only builds a function, nothing runs)."""
+    from vljax.optim import make_schedule
+    known = arguments(make_schedule, drop=("total_steps", "where")) | _SCHEDULE_EXTRA
+    if rules is None:
+        return
+    if _is_dict(rules):
+        rules = [(".*", rules)]
+        where = ["schedule"]
+    else:
+        where = [f"schedule[{i}]" for i in range(len(rules))]
+    for key, rule in zip(where, rules):
+        if not (isinstance(rule, (list, tuple)) and len(rule) == 2 and isinstance(rule[0], str)):
+            raise ValueError(f"config key `{key}` must be (regex, dict or None), got {rule!r}")
+        if rule[1] is not None:
+            _check_keys(_dict(rule[1], key), known, key + ".")
+            sched = {k: v for k, v in rule[1].items() if k not in _SCHEDULE_EXTRA}
+            make_schedule(**sched, total_steps=total_steps, where=f"config key `{key}` ({rule[0]!r})")
+
+
+def validate_evals(evals) -> None:
+    """`config.evals` alone (vljax.evaluate runs a config's evals on any model)."""
+    if not evals:
+        return
+    from vljax import eval_builder
+    from vljax.evaluators import EVALUATORS
+    loaders = getattr(eval_builder, "_LOADERS", None)  # type -> vljax.data.eval_sets function name
+    for name, spec in evals.items():
+        where = f"evals.{name}"
+        _dict(spec, where)
+        kind = spec.get("type")
+        if kind not in EVALUATORS:
+            raise _unknown_value(where + ".type", kind, EVALUATORS)
+        cls = EVALUATORS[kind]
+        args = arguments(cls.__init__, drop=_EVAL_FILLED)
+        if args is not None:
+            _check_keys(spec, args | {"type", "data"}, where + ".")
+        data = spec.get("data")
+        if data is None:
+            raise ValueError(f"config key `{where}.data` is missing")
+        _dict(data, where + ".data")
+        data_args = None
+        if loaders and kind in loaders:
+            from vljax.data import eval_sets
+            data_args = arguments(getattr(eval_sets, loaders[kind]), drop=("image_size", "value_range"))
+        elif hasattr(cls, "DATA_KEYS"):
+            data_args = set(cls.DATA_KEYS)
+        if data_args is not None:
+            _check_keys(data, data_args, where + ".data.")
 
 
 def validate(config) -> None:
-    """Raises ValueError naming the first offending key."""
-    _check(config, _TOP, "", strict=True)
-    _check(config.input, _INPUT, "input.", strict=False)
-    _check(config.loss, _LOSS, "loss.", strict=False)
-    _check(config.model, _MODEL, "model.", strict=False)
+    """Raises ValueError naming the first offending key (its full dotted path)."""
+    _check(config, _TOP, "")
     if config.total_steps <= 0:
         raise ValueError(f"config key `total_steps` must be positive, got {config.total_steps}")
-    if config.input.batch_size <= 0:
-        raise ValueError(f"config key `input.batch_size` must be positive, got {config.input.batch_size}")
-    for i, entry in enumerate(config.input.data):
-        if "source" not in entry:
-            raise ValueError(f"config key `input.data[{i}]` has no `source`")
+    _input(config.input)
+    _tokenizer(config.tokenizer)
+    _model(config)
+    _model_init(config.get("model_init"))
+    _loss(config.loss)
+    _optax(config.optax)
+    _schedule(config.schedule, config.total_steps)
+    validate_evals(config.get("evals"))
 
 
 def parse_arg(arg: str | None, where: str, **defaults) -> dict:

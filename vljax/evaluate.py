@@ -3,7 +3,7 @@ r"""Evaluate a model with a config's evaluators: a vljax workdir or a converted 
     python -m vljax.evaluate --model=/tmp/vljax_lit --config=configs/lit_eval.py --out=/tmp/lit_eval.json
     python -m vljax.evaluate --model=hf_clip_dir/ --config=configs/lit.py --evals=fashion_mnist
 
-`--model` is anything `vljax.inference.Predictor.load` takes (a workdir: its latest checkpoint; a
+`--model` is anything `vljax.factory.load` takes (a workdir: its latest checkpoint; a
 transformers CLIP directory). The evaluators are `config.evals` (default: the workdir's own
 config.json), built by vljax/eval_builder.py with the MODEL's image size and normalisation, so a
 converted CLIP at 224 px is evaluated on the same data as a demo LiT model at 112 px.
@@ -16,8 +16,10 @@ import os
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
+
+from vljax import logs
 
 
 def evaluate(predictor, config, only=None, plot_dir: str | None = None) -> dict[str, float]:
@@ -29,7 +31,7 @@ def evaluate(predictor, config, only=None, plot_dir: str | None = None) -> dict[
     # Evals over the same images (zero-shot and GZSL on one test set) share the image tower's
     # forward pass: features are cached per image array (params are fixed here).
     embedder = Embedder(predictor.model, predictor.params, predictor.tokenizer,
-                        batch_size=predictor.embedder.batch_size, image_feature_cache=True)
+                        batch_size=config.get("eval_batch_size", 32), image_feature_cache=True)
     results = {}
     for name, ev in evaluators.items():
         t0 = time.perf_counter()
@@ -41,20 +43,33 @@ def evaluate(predictor, config, only=None, plot_dir: str | None = None) -> dict[
 def _workdir_config(path):
     import ml_collections
     cfg = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg):
+        raise FileNotFoundError(f"no {cfg} (expected a vljax workdir or a transformers directory)")
     with open(cfg) as f:
         raw = json.load(f)
     if "model_type" in raw or "architectures" in raw:
-        raise app.UsageError(f"{path} is a transformers directory: pass --config with the evals to run")
+        raise ValueError(f"{path} is a transformers directory: pass --config with the evals to run")
     return ml_collections.ConfigDict(raw)
 
 
 def main(argv):
+    """Exit status 0; 1 with one line on stderr when the model or the evals cannot be loaded."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from vljax.inference import Predictor
+    logs.setup(verbose=flags.FLAGS["verbosity"].present)
+    from vljax import config_check
+    from vljax import factory
     path = os.path.expanduser(_MODEL.value)
-    config = _CONFIG.value if _CONFIG.value is not None else _workdir_config(path)
-    predictor = Predictor.load(path)
+    try:
+        config = _CONFIG.value if _CONFIG.value is not None else _workdir_config(path)
+        config_check.validate_evals(config.get("evals"))
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"vljax.evaluate: {e}") from None
+    try:
+        predictor = factory.load(path)
+    except (OSError, ValueError) as e:
+        where = "" if path in str(e) else f"{path}: "
+        raise SystemExit(f"vljax.evaluate: cannot load the model: {where}{e}") from None
     results = evaluate(predictor, config, only=_EVALS.value, plot_dir=_PLOTS.value)
     for k, v in sorted(results.items()):
         print(f"{k} = {v:.4f}")
@@ -62,7 +77,7 @@ def main(argv):
         os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
         with open(_OUT.value, "w") as f:
             json.dump({"model": path, **results}, f, indent=1)
-        logging.info("wrote %s", _OUT.value)
+        logs.info("wrote %s", _OUT.value)
     return 0
 
 

@@ -5,14 +5,13 @@ r"""Use a trained model: classify images against label lists, embed images and t
     vljax-infer embed --model=/tmp/vljax_lit --texts="a cat,a dog" --out=text.npy
     vljax-infer embed --model=hf_clip_dir/ --out=images.npy *.jpg
 
-`--model` is a vljax workdir (config.json + checkpoints/, the latest checkpoint is used) or a
+`--model` is a vljax workdir (model_spec.json + checkpoints/, the latest checkpoint's params are used) or a
 transformers CLIP / SigLIP directory (config.json + model.safetensors).
 In Python: `p = Predictor.load(path); p.classify(images, labels)`; `p.embed_images(images)`.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -33,60 +32,35 @@ class Predictor:
     # -- loading --------------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str, batch_size: int = 32) -> "Predictor":
-        path = os.path.expanduser(path)
-        cfg_path = os.path.join(path, "config.json")
-        if not os.path.exists(cfg_path):
-            raise FileNotFoundError(f"{path}: no config.json (expected a vljax workdir or a transformers directory)")
-        with open(cfg_path) as f:
-            raw = json.load(f)
-        if "model_type" in raw or "architectures" in raw:
-            return cls._load_hf(path, raw, batch_size)
-        return cls._load_workdir(path, raw, batch_size)
+        """A vljax workdir or a transformers CLIP directory (see `vljax.factory.load`)."""
+        from vljax import factory
+        return cls.from_bundle(factory.load(path), batch_size=batch_size)
 
     @classmethod
-    def _load_workdir(cls, path, raw, batch_size):
-        import ml_collections
-        from vljax import train
-        config = ml_collections.ConfigDict(raw)
-        model = train.build_model(config)
-        params = train.restore_params(config, model, path)
-        return cls(model, params, train.build_tokenizer(config), image_size=config.input.image_size,
-                   value_range=_value_range(config.input.get("value_range", "efficientnet")),
-                   batch_size=batch_size, loss=config.loss.name)
-
-    @classmethod
-    def _load_hf(cls, path, raw, batch_size):
-        from vljax.convert import hf
-        from vljax.models.two_towers import TwoTowers
-        from vljax.tokenizers import get_tokenizer
-        kind = raw.get("model_type", "")
-        if kind == "clip":
-            kwargs, params = hf.load_hf_clip(path)
-            tok = get_tokenizer("clip", max_len=kwargs["text"].get("max_len", 77), **_hf_vocab(path))
-            if tok.vocab_size > kwargs["text"]["vocab_size"]:  # ids past the table would be clamped silently
-                raise ValueError(f"{path}: the tokenizer has {tok.vocab_size} tokens but the text tower "
-                                 f"only {kwargs['text']['vocab_size']}; save the model's tokenizer beside it "
-                                 "(tokenizer.json, or vocab.json + merges.txt)")
-            value_range, loss = "clip", "softmax"
-        elif kind == "siglip":
-            raise ValueError(f"{path}: SigLIP checkpoints use a SentencePiece tokenizer, which no "
-                             "package installs offline; load the model with vljax.convert.hf.load_hf_siglip "
-                             "and tokenise yourself")
-        else:
-            raise ValueError(f"{path}: model_type {kind!r} is not a CLIP or SigLIP checkpoint")
-        image_size = raw.get("vision_config", {}).get("image_size", 224)
-        return cls(TwoTowers(**kwargs), params, tok, image_size=image_size, value_range=value_range,
-                   batch_size=batch_size, loss=loss)
+    def from_bundle(cls, bundle, batch_size: int = 32) -> "Predictor":
+        return cls(bundle.model, bundle.params, bundle.tokenizer, image_size=bundle.image_size,
+                   value_range=bundle.value_range, batch_size=batch_size,
+                   loss="sigmoid" if bundle.sigmoid else "softmax")
 
     # -- inputs ---------------------------------------------------------------------------------
     def preprocess(self, images) -> np.ndarray:
-        """Paths, PIL images or uint8 arrays (any mode, any size) -> float32 [N, S, S, 3]."""
+        """Paths, PIL images or uint8 arrays (any mode, any size) -> float32 [N, S, S, 3].
+
+        An image that cannot be read raises `transforms.UnreadableImage` whose message is one line
+        naming it and why: "photo.png: cannot read image (truncated or corrupt data (...))".
+        """
         from vljax.data import transforms as T
         if isinstance(images, np.ndarray) and images.dtype == np.float32 and images.ndim == 4:
             return images  # already preprocessed
         out = []
-        for img in images:
-            pil = T.decode_image(img)
+        for i, img in enumerate(images):
+            try:
+                pil = T.decode_image(img) if not hasattr(img, "convert") else T.to_rgb(img)
+            except FileNotFoundError:
+                raise T.UnreadableImage(f"{img}: cannot read image (file not found)") from None
+            except T.UnreadableImage as e:
+                name = img if isinstance(img, (str, os.PathLike)) else f"image {i}"
+                raise T.UnreadableImage(f"{name}: cannot read image ({e})") from None
             out.append(T.normalize(T.resize_small_center_crop(pil, self.image_size), self.value_range))
         return np.stack(out)
 
@@ -122,15 +96,6 @@ class Predictor:
         return [[(labels[j], float(probs[i, j])) for j in row] for i, row in enumerate(order)]
 
 
-def _hf_vocab(path) -> dict:
-    """The directory's own CLIP vocabulary if it has one, else {} (OpenAI's, which every CLIP uses)."""
-    if os.path.exists(os.path.join(path, "tokenizer.json")):
-        return dict(tokenizer_file=os.path.join(path, "tokenizer.json"))
-    if all(os.path.exists(os.path.join(path, f)) for f in ("vocab.json", "merges.txt")):
-        return dict(vocab=os.path.join(path, "vocab.json"), merges=os.path.join(path, "merges.txt"))
-    return {}
-
-
 def format_results(names, results) -> list[str]:
     """One line per image: its file name, then the top-k labels with percentages, best first.
 
@@ -141,20 +106,37 @@ def format_results(names, results) -> list[str]:
             for name, top in zip(names, results)]
 
 
-def _value_range(v):
-    return tuple(v) if isinstance(v, list) else v
-
-
-def _labels(args) -> list[str]:
+def _labels(args, parser) -> list[str]:
     if args.labels_file:
         from vljax.evaluators.prompts import load_class_names
-        return list(load_class_names(args.labels_file))
-    if args.labels:
-        return [s.strip() for s in args.labels.split(",") if s.strip()]
-    raise SystemExit("classify needs --labels=a,b,c or --labels-file=FILE")
+        try:
+            return list(load_class_names(args.labels_file))
+        except (OSError, ValueError) as e:
+            parser.error(f"--labels-file: {e}")
+    labels = [s.strip() for s in (args.labels or "").split(",") if s.strip()]
+    if not labels:
+        parser.error("classify needs --labels=a,b,c or --labels-file=FILE")
+    return labels
+
+
+def _read_images(pred, paths):
+    """(float32 [M, S, S, 3] of the readable files, their paths); one stderr line per other file."""
+    from vljax.data import transforms as T
+    arrays, good = [], []
+    for path in paths:
+        try:
+            arrays.append(pred.preprocess([path]))
+            good.append(path)
+        except T.UnreadableImage as e:
+            print(e, file=sys.stderr)
+    size = pred.image_size
+    return (np.concatenate(arrays) if arrays else np.zeros((0, size, size, 3), np.float32)), good
 
 
 def cli(argv=None):
+    """vljax-infer. Exit status: 0 when every image was read; 1 when some were not (each gets one
+    line on stderr: `FILE: cannot read image (reason)`; the others are still classified/embedded);
+    2 for a usage error or a model that cannot be loaded."""
     parser = argparse.ArgumentParser(prog="vljax-infer", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("classify", help="zero-shot classify images against labels")
@@ -171,29 +153,42 @@ def cli(argv=None):
     for p in (c, e):
         p.add_argument("--model", required=True, help="vljax workdir or transformers CLIP directory")
         p.add_argument("--batch-size", type=int, default=32)
+        p.add_argument("--verbosity", type=int, default=None,
+                       help="absl verbosity of the libraries' logs (0: INFO); default: warnings only")
     args = parser.parse_args(argv)
-
-    for img in getattr(args, "images", []):
-        if not os.path.exists(img):
-            parser.error(f"image file not found: {img}")
-    pred = Predictor.load(args.model, batch_size=args.batch_size)
-    if args.cmd == "classify":
-        labels = _labels(args)
-        results = pred.classify(args.images, labels, templates=args.templates, top_k=args.top_k)
-        print("\n".join(format_results([os.path.basename(p) for p in args.images], results)))
-        return 0
-    if not args.images and not args.texts:
+    if args.cmd == "embed" and not args.images and not args.texts:
         parser.error("embed needs image files and/or --texts")
+    labels = _labels(args, parser) if args.cmd == "classify" else None
+
+    from vljax import logs
+    logs.setup(verbose=args.verbosity is not None)
+    if args.verbosity is not None:
+        from absl import logging as absl_logging
+        absl_logging.set_verbosity(args.verbosity)
+    try:
+        pred = Predictor.load(args.model, batch_size=args.batch_size)
+    except (OSError, ValueError) as err:
+        where = "" if args.model in str(err) else f"{args.model}: "
+        print(f"vljax-infer: cannot load the model: {where}{err}", file=sys.stderr)
+        return 2
+    images, good = _read_images(pred, args.images)
+    status = 0 if len(good) == len(args.images) else 1
+    if args.cmd == "classify":
+        if good:
+            results = pred.classify(images, labels, templates=args.templates, top_k=args.top_k)
+            print("\n".join(format_results([os.path.basename(p) for p in good], results)))
+        return status
     root, ext = os.path.splitext(args.out)
-    if args.images:
-        np.save(args.out, pred.embed_images(args.images))
-        print(f"wrote {args.out}: {len(args.images)} image embeddings")
+    if good:
+        np.save(args.out, pred.embed_images(images))
+        print(f"wrote {args.out}: {len(good)} image embeddings"
+              + (f" (rows: the {len(good)} readable files, in order)" if status else ""))
     if args.texts:
         texts = [t.strip() for t in args.texts.split(",")]
         out = f"{root}_text{ext or '.npy'}" if args.images else args.out
         np.save(out, pred.embed_texts(texts))
         print(f"wrote {out}: {len(texts)} text embeddings")
-    return 0
+    return status
 
 
 if __name__ == "__main__":

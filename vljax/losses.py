@@ -15,12 +15,15 @@ Conventions shared by every loss here:
 Cross-device negatives come from `lax.all_gather`, whose transpose (`psum_scatter`) returns
 the gradient of every gathered row to the device that owns it; the per-device partial sums are
 combined with `lax.psum`, whose transpose hands every device the cotangent unscaled.
-`sigmoid_loss(impl="ring")` instead passes text chunks around the axis with `lax.ppermute`
-under a `jax.custom_vjp`, keeping per-device memory O(b_local^2) at any device count.
+`sigmoid_loss(impl="ring")` and `softmax_contrastive(impl="ring")` instead pass text chunks
+around the axis with `lax.ppermute` under a `jax.custom_vjp` whose backward travels the ring too
+(`_ring`), keeping per-device memory O(b_local^2) at any device count.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -113,17 +116,146 @@ def _is_positive(rows, cols, offset):
     return _positive_cols(rows, offset)[:, None] == jnp.arange(cols)[None, :]
 
 
+# ----------------------------------------------------------------------------- ring
+
+
+def _ring_perm(n):
+    return [(j, (j + 1) % n) for j in range(n)]
+
+
+def _ring(axis_name, step, travel, home, local):
+    """Runs `step` on every (local images, travelling text chunk) block of the ring.
+
+    At hop k (0 .. n-1) the device holds the text shard of device (idx - k) mod n, passed one
+    step to the right each hop. `travel` (the chunk and data read with it) and `home` (the
+    chunk's accumulators: every device adds its images' share) move together; `local` stays.
+    `step(travel, home, local) -> (home, local)`. After n - 1 hops a chunk sits one step short
+    of its owner with the shares of all n devices, and one more hop of `home` alone delivers
+    it. Only one block exists at a time: memory O(b^2) at any device count.
+
+    Returns (home, local), `home` being this device's own chunk's accumulators.
+    """
+    n = lax.axis_size(axis_name)
+    perm = _ring_perm(n)
+    home, local = step(travel, home, local)
+
+    def body(_, carry):
+        travel, home, local = carry
+        travel, home = lax.ppermute((travel, home), axis_name, perm)
+        home, local = step(travel, home, local)
+        return travel, home, local
+
+    _, home, local = lax.fori_loop(1, n, body, (travel, home, local))
+    if n > 1 and jax.tree.leaves(home):
+        home = lax.ppermute(home, axis_name, perm)
+    return home, local
+
+
+def _block_grads(zimg, chunk, t, g):
+    """Gradients through x = t * zimg @ chunk.T (+ b) given g = d loss / d x: [b_img, b_chunk].
+
+    -> (dzimg = t g @ chunk, dchunk = t g.T @ zimg, dt = sum(g * S)), float32. dt is taken as
+    sum(zimg * (g @ chunk)) so that S need not outlive g.
+    """
+    g_chunk = jnp.einsum("nm,md->nd", g.astype(chunk.dtype), chunk,
+                         preferred_element_type=jnp.float32)  # [b_img, D]
+    g_img = jnp.einsum("nm,nd->md", g.astype(zimg.dtype), zimg,
+                       preferred_element_type=jnp.float32)  # [b_chunk, D]
+    return t * g_chunk, t * g_img, jnp.sum(zimg.astype(jnp.float32) * g_chunk)
+
+
+def _positives_grads(zimg, ztxt, t, weight):
+    """Gradients of -weight * sum_i t <zimg_i, ztxt_i>: (dzimg, dztxt, dt)."""
+    return (-weight * t * ztxt.astype(jnp.float32), -weight * t * zimg.astype(jnp.float32),
+            -weight * jnp.sum(_pair_logits(zimg, ztxt)))
+
+
+def _ring_cotangents(zimg, ztxt, t, dzimg, dztxt, dt):
+    return (dzimg.astype(zimg.dtype), dztxt.astype(ztxt.dtype), dt.astype(jnp.result_type(t)))
+
+
 # ----------------------------------------------------------------------------- softmax
 
 
-def softmax_contrastive(zimg, ztxt, t, axis_name=None):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _softmax_ring_partial(zimg, ztxt, t, axis_name):
+    """This device's share of the CLIP loss (its images' i2t and its texts' t2i terms) / 2B.
+
+    Both log-sum-exps come from the same travelling blocks L = t zimg_local @ chunk.T, online:
+    the row LSE of the local images stays here, the column LSE of each text chunk travels with
+    it and arrives home after a full loop (see `_ring`).
+    """
+    return _softmax_ring_fwd(zimg, ztxt, t, axis_name)[0]
+
+
+def _softmax_ring_lses(zimg, ztxt, t, axis_name):
+    """-> (lse_row [b]: local images over all B texts, lse_col [b]: local texts over all B images)."""
+    def step(chunk, lse_col, lse_row):
+        logits = t * _sim(zimg, chunk)  # [b, b]
+        return (jnp.logaddexp(lse_col, jax.nn.logsumexp(logits, axis=0)),
+                jnp.logaddexp(lse_row, jax.nn.logsumexp(logits, axis=1)))
+
+    init = jnp.full((zimg.shape[0],), -jnp.inf, jnp.float32)
+    lse_col, lse_row = _ring(axis_name, step, ztxt, init, init)
+    return lse_row, lse_col
+
+
+def _softmax_ring_fwd(zimg, ztxt, t, axis_name):
+    # Residuals: the inputs and two [b] LSE vectors, O(b * D) whatever the number of devices.
+    lse_row, lse_col = _softmax_ring_lses(zimg, ztxt, t, axis_name)
+    nb, n = zimg.shape[0], lax.axis_size(axis_name)
+    value = (jnp.sum(lse_row) + jnp.sum(lse_col)
+             - 2 * jnp.sum(t * _pair_logits(zimg, ztxt))) / (2 * nb * n)
+    return value, (zimg, ztxt, t, lse_row, lse_col)
+
+
+def _softmax_ring_bwd(axis_name, res, ct):
+    """d loss / d L_ij = (softmax_row_ij + softmax_col_ij - 2 delta_ij) / 2B, L = t zimg @ ztxt.T.
+
+    The text chunks travel again, each with its column LSE and the gradient gathered for it so
+    far; every block's softmaxes are recomputed from the chunk in hand, none is stored.
+    """
+    zimg, ztxt, t, lse_row, lse_col = res
+    scale = ct / (2 * zimg.shape[0] * lax.axis_size(axis_name))
+
+    def step(travel, dchunk, local):
+        chunk, chunk_lse_col = travel
+        dzimg, dt = local
+        logits = t * _sim(zimg, chunk)
+        g = scale * (jnp.exp(logits - lse_row[:, None]) + jnp.exp(logits - chunk_lse_col[None, :]))
+        gi, gc, gt = _block_grads(zimg, chunk, t, g)
+        return dchunk + gc, (dzimg + gi, dt + gt)
+
+    dzimg, dztxt, dt = _positives_grads(zimg, ztxt, t, 2 * scale)
+    dztxt, (dzimg, dt) = _ring(axis_name, step, (ztxt, lse_col), dztxt, (dzimg, dt))
+    return _ring_cotangents(zimg, ztxt, t, dzimg, dztxt, dt)
+
+
+_softmax_ring_partial.defvjp(_softmax_ring_fwd, _softmax_ring_bwd)
+
+
+def _check_impl(impl):
+    if impl not in ("all_gather", "ring"):
+        raise ValueError(f"impl must be 'all_gather' or 'ring', got {impl!r}")
+
+
+def softmax_contrastive(zimg, ztxt, t, axis_name=None, impl="all_gather"):
     """CLIP / ALIGN / LiT loss: (CE(image->text) + CE(text->image)) / 2.
+
+    With L = t zimg @ ztxt.T over the global batch (Radford et al. 2021, Fig. 3):
+
+        loss = 1/2B sum_i [(lse_j L_ij - L_ii) + (lse_j L_ji - L_ii)].
 
     Args:
       zimg: [b, D] image embeddings (the device's shard when axis_name is set).
       ztxt: [b, D] text embeddings.
       t: scalar logit scale.
       axis_name: mesh axis the batch is split over, or None.
+      impl: "all_gather" gathers both modalities (per-device memory O(b * B));
+        "ring" passes text chunks around the axis with ppermute and accumulates the row
+        (image->text) and column (text->image) log-sum-exps online from the same [b, b]
+        blocks, in the forward and (under a custom_vjp) in the backward pass, so memory stays
+        O(b^2) at any device count. Both give the same value and gradients.
 
     Returns:
       Scalar, mean over the global batch of B = b * n_devices pairs; negatives of every row are
@@ -131,6 +263,11 @@ def softmax_contrastive(zimg, ztxt, t, axis_name=None):
       (local_loss=False, gather_with_grad=True) on the gathered batch.
     """
     _check_pair(zimg, ztxt, t)
+    _check_impl(impl)
+    if axis_name is not None and impl == "ring":
+        # t enters the custom_vjp per device; the transpose of this cast psums its gradient.
+        return lax.psum(_softmax_ring_partial(zimg, ztxt, _varying(t, axis_name), axis_name),
+                        axis_name)
     idx, n = _axis_info(axis_name)
     b = zimg.shape[0]
     logits_i2t = t * _sim(zimg, _gather(ztxt, axis_name))  # [b, B]
@@ -166,44 +303,14 @@ def _sigmoid_negatives_sum(zimg, chunk, t, b):
     return jnp.sum(jax.nn.softplus(t * _sim(zimg, chunk) + b))
 
 
-def _sigmoid_negatives_grads(zimg, chunk, t, b, scale):
-    """Gradients of scale * _sigmoid_negatives_sum w.r.t. (zimg, chunk, t, b), by hand.
-
-    With x = t * S + b, S = zimg @ chunk.T and G = scale * sigmoid(x) = d loss / d x:
-    dzimg = t G @ chunk, dchunk = t G.T @ zimg, dt = sum(G * S) = sum(zimg * (G @ chunk)),
-    db = sum(G). Taking dt from G @ chunk lets S die as soon as G exists.
-    """
-    g = jax.nn.sigmoid(t * _sim(zimg, chunk) + b) * scale  # [b_img, b_chunk]
-    g_chunk = jnp.einsum("nm,md->nd", g.astype(chunk.dtype), chunk,
-                         preferred_element_type=jnp.float32)  # [b_img, D]
-    g_img = jnp.einsum("nm,nd->md", g.astype(zimg.dtype), zimg,
-                       preferred_element_type=jnp.float32)  # [b_chunk, D]
-    dt = jnp.sum(zimg.astype(jnp.float32) * g_chunk)
-    return t * g_chunk, t * g_img, dt, jnp.sum(g)
-
-
-def _ring_perm(n):
-    return [(j, (j + 1) % n) for j in range(n)]
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _sigmoid_ring_partial(zimg, ztxt, t, b, axis_name):
-    """This device's share of the SigLIP sum: its images against all B texts, divided by B.
+    """This device's share of the SigLIP sum: its images against all B texts, divided by B."""
+    def step(chunk, home, total):
+        return home, total + _sigmoid_negatives_sum(zimg, chunk, t, b)
 
-    The texts arrive chunk by chunk: at step k the device holds the text shard of device
-    (idx - k) mod n, passed on one step to the right each time.
-    """
-    n = lax.axis_size(axis_name)
-    total = (_sigmoid_positives_sum(zimg, ztxt, t, b)
-             + _sigmoid_negatives_sum(zimg, ztxt, t, b))
-
-    def step(_, carry):
-        chunk, total = carry
-        chunk = lax.ppermute(chunk, axis_name, _ring_perm(n))
-        return chunk, total + _sigmoid_negatives_sum(zimg, chunk, t, b)
-
-    _, total = lax.fori_loop(1, n, step, (ztxt, total))
-    return total / (zimg.shape[0] * n)
+    _, total = _ring(axis_name, step, ztxt, (), _sigmoid_positives_sum(zimg, ztxt, t, b))
+    return total / (zimg.shape[0] * lax.axis_size(axis_name))
 
 
 def _sigmoid_ring_fwd(zimg, ztxt, t, b, axis_name):
@@ -212,34 +319,24 @@ def _sigmoid_ring_fwd(zimg, ztxt, t, b, axis_name):
 
 
 def _sigmoid_ring_bwd(axis_name, res, ct):
-    """Backward pass that travels the ring as well.
+    """Backward pass that travels the ring as well, each text chunk with its gradient so far.
 
-    Each text chunk goes around with the gradient accumulated for it so far; every device adds
-    its images' contribution. After n - 1 hops a chunk sits one step short of home with the
-    contributions of all n devices, and one more hop of the gradient alone delivers it to its
-    owner. Nothing is stored per step: the logits block is recomputed from the chunk in hand.
+    With x = t * S + b, d loss / d x = scale * sigmoid(x) on every block (scale = ct / B),
+    db = sum of it; the positives' term adds -scale per pair. Blocks are recomputed.
     """
     zimg, ztxt, t, b = res
-    nb, n = zimg.shape[0], lax.axis_size(axis_name)
-    scale = ct / (nb * n)
-    perm = _ring_perm(n)
-    dzimg, dchunk, dt, db = _sigmoid_negatives_grads(zimg, ztxt, t, b, scale)
-    # The positives' term -scale * sum_i (t <zimg_i, ztxt_i> + b), differentiated by hand.
-    dzimg = dzimg - scale * t * ztxt
-    dchunk = dchunk - scale * t * zimg
-    dt = dt - scale * jnp.sum(_pair_logits(zimg, ztxt))
-    db = db - scale * nb
+    nb = zimg.shape[0]
+    scale = ct / (nb * lax.axis_size(axis_name))
 
-    def step(_, carry):
-        chunk, dchunk, dzimg, dt, db = carry
-        chunk, dchunk = lax.ppermute((chunk, dchunk), axis_name, perm)
-        gi, gc, gt, gb = _sigmoid_negatives_grads(zimg, chunk, t, b, scale)
-        return chunk, dchunk + gc, dzimg + gi, dt + gt, db + gb
+    def step(chunk, dchunk, local):
+        dzimg, dt, db = local
+        g = jax.nn.sigmoid(t * _sim(zimg, chunk) + b) * scale  # [b_img, b_chunk]
+        gi, gc, gt = _block_grads(zimg, chunk, t, g)
+        return dchunk + gc, (dzimg + gi, dt + gt, db + jnp.sum(g))
 
-    _, dchunk, dzimg, dt, db = lax.fori_loop(1, n, step, (ztxt, dchunk, dzimg, dt, db))
-    dztxt = lax.ppermute(dchunk, axis_name, perm) if n > 1 else dchunk
-    return (dzimg.astype(zimg.dtype), dztxt.astype(ztxt.dtype),
-            dt.astype(jnp.result_type(t)), db.astype(jnp.result_type(b)))
+    dzimg, dztxt, dt = _positives_grads(zimg, ztxt, t, scale)
+    dztxt, (dzimg, dt, db) = _ring(axis_name, step, ztxt, dztxt, (dzimg, dt, -scale * nb))
+    return (*_ring_cotangents(zimg, ztxt, t, dzimg, dztxt, dt), db.astype(jnp.result_type(b)))
 
 
 _sigmoid_ring_partial.defvjp(_sigmoid_ring_fwd, _sigmoid_ring_bwd)
@@ -273,8 +370,7 @@ def sigmoid_loss(zimg, ztxt, t, b, axis_name=None, impl="all_gather"):
     """
     _check_pair(zimg, ztxt, t)
     _check_scalar("b", b)
-    if impl not in ("all_gather", "ring"):
-        raise ValueError(f"impl must be 'all_gather' or 'ring', got {impl!r}")
+    _check_impl(impl)
     if axis_name is not None and impl == "ring":
         # t and b enter the custom_vjp per device; the transpose of this cast psums their grads.
         partial = _sigmoid_ring_partial(zimg, ztxt, _varying(t, axis_name),
@@ -494,11 +590,26 @@ def filip_loss(img_tokens, txt_tokens, txt_mask, t, axis_name=None, img_mask=Non
     return _psum(local, axis_name) / (2 * b * n)
 
 
+@dataclasses.dataclass(frozen=True)
+class Loss:
+    """A loss function and the inputs it takes, positionally, by name.
+
+    Names are the model's outputs (`zimg`, `ztxt`, `t`, `b`, and every `img/<k>` / `txt/<k>` of
+    the towers' out dicts: `img/tokens`, `txt/tokens`, `txt/mask`, ...), `frozen/zimg` /
+    `frozen/ztxt` (the embeddings with their gradient stopped) and `batch/<field>` (a field of the
+    input batch, e.g. `batch/label` with `config.input.label=True`). The trainer looks the names
+    up, splits batched inputs over the mesh's batch axes and runs `fn(*inputs, axis_name=...,
+    **config.loss)` under one `jax.shard_map`: adding a loss touches only this table.
+    """
+    fn: Callable
+    inputs: tuple[str, ...]
+
+
 LOSSES = {
-    "softmax": softmax_contrastive,  # (zimg, ztxt, t, axis_name=)
-    "sigmoid": sigmoid_loss,  # (zimg, ztxt, t, b, axis_name=, impl=)
-    "dcl": dcl_loss,  # (zimg, ztxt, t, axis_name=)
-    "cwcl": cwcl_loss,  # (zimg, ztxt, t, zref, axis_name=, ref_modality=, symmetric=)
-    "multi_positive": multi_positive_contrastive,  # (zimg, ztxt, t, labels=|pos_mask=, axis_name=)
-    "filip": filip_loss,  # (img_tokens, txt_tokens, txt_mask, t, axis_name=, img_mask=)
+    "softmax": Loss(softmax_contrastive, ("zimg", "ztxt", "t")),
+    "sigmoid": Loss(sigmoid_loss, ("zimg", "ztxt", "t", "b")),
+    "dcl": Loss(dcl_loss, ("zimg", "ztxt", "t")),
+    "cwcl": Loss(cwcl_loss, ("zimg", "ztxt", "t", "frozen/zimg")),
+    "multi_positive": Loss(multi_positive_contrastive, ("zimg", "ztxt", "t", "batch/label")),
+    "filip": Loss(filip_loss, ("img/tokens", "txt/tokens", "txt/mask", "t")),
 }

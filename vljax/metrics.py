@@ -1,16 +1,19 @@
 """Where metrics go: JSONL (one object per line), TensorBoard event files and PNG curves.
 
 Only process 0 writes; every process may call the writer (the others are no-ops), so the trainer
-stays free of `if jax.process_index() == 0` branches.
+stays free of `if jax.process_index() == 0` branches. Paths go through `etils.epath`: a workdir
+may be local or remote (gs://...); object stores cannot append, so there the JSONL file is
+rewritten whole at each write (it stays small: one line per logging step).
 """
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
 from collections import defaultdict
 
 import numpy as np
+from etils import epath
 
 
 def _to_float(value):
@@ -29,20 +32,24 @@ class MetricWriter:
 
     def __init__(self, workdir: str, *, enabled: bool = True, resume_step: int | None = None,
                  tensorboard: bool = True):
-        self.workdir = workdir
+        self.workdir = epath.Path(workdir)
         self.enabled = enabled
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.path = self.workdir / "metrics.jsonl"
         self._tb = None
+        self._lines = None  # all lines, kept for stores that cannot append
         if not enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
-        if resume_step is not None and os.path.exists(self.path):
-            kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
-            with open(self.path, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in kept)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if not _can_append(self.path):
+            self._lines = self.path.read_text().splitlines(keepends=True) if self.path.exists() else []
+        if resume_step is not None and self.path.exists():
+            kept = [json.dumps(r) + "\n" for r in read_metrics(self.path) if r["step"] <= resume_step]
+            self.path.write_text("".join(kept))
+            if self._lines is not None:
+                self._lines = kept
         if tensorboard:
-            from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            from tensorboardX import SummaryWriter  # writes gs:// itself (google-cloud-storage)
+            self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled or not metrics:
@@ -50,8 +57,13 @@ class MetricWriter:
         row = {"step": int(step)}
         for name, value in sorted(metrics.items()):
             row[name] = _to_float(value)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        line = json.dumps(row) + "\n"
+        if self._lines is None:
+            with self.path.open("a") as f:
+                f.write(line)
+        else:
+            self._lines.append(line)
+            self.path.write_text("".join(self._lines))
         if self._tb is not None:
             for name, value in row.items():
                 if name != "step" and math.isfinite(value):
@@ -64,10 +76,14 @@ class MetricWriter:
             self._tb = None
 
 
-def read_metrics(path: str) -> list[dict]:
+def _can_append(path: epath.Path) -> bool:
+    return "://" not in str(path)  # local files append; object stores (gs://, s3://) cannot
+
+
+def read_metrics(path) -> list[dict]:
     """Reads a metrics.jsonl file; a malformed line is an error naming the file and line number."""
     rows = []
-    with open(path) as f:
+    with epath.Path(path).open() as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -90,8 +106,8 @@ _PANELS = (
 
 def plot_curves(workdir: str, out_name: str = "curves.png") -> str | None:
     """Plots the headline metrics of metrics.jsonl against step, one panel per kind."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
+    path = epath.Path(workdir) / "metrics.jsonl"
+    if not path.exists():
         return None
     import matplotlib
     matplotlib.use("Agg")
@@ -119,7 +135,16 @@ def plot_curves(workdir: str, out_name: str = "curves.png") -> str | None:
         if len(names) > 1:
             ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
-    out = os.path.join(workdir, out_name)
-    fig.savefig(out, dpi=90)
+    out = epath.Path(workdir) / out_name
+    save_figure(fig, out, dpi=90)
     plt.close(fig)
-    return out
+    return str(out)
+
+
+def save_figure(fig, path, **kwargs) -> None:
+    """`fig.savefig` to any epath path (local or remote), creating its folder."""
+    path = epath.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    fig.savefig(buf, format=path.suffix.lstrip(".") or "png", **kwargs)
+    path.write_bytes(buf.getvalue())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from flax import traverse_util
 from absl import logging
+import jax
 import numpy as np
 
 
@@ -41,14 +42,17 @@ def load_tower(spec: str):
     return LOADERS[spec]()
 
 
-def merge_pretrained(init_params: dict, loaded: dict, tower: str, skip: tuple[str, ...] = ("head",)):
-    """Overwrites `init_params[tower]` leaves with `loaded` leaves of the same path.
+def write_tower(params: dict, loaded: dict, tower: str, skip: tuple[str, ...] = ("head",)) -> dict:
+    """Writes the `loaded` leaves (host arrays of one tower) into `params[tower]`, leaf by leaf.
 
-    Loaded leaves under a top-level name in `skip` (a checkpoint's own classifier head) are dropped:
-    in a two-tower model that name holds the projection into the joint space.
-    Returns the new params and the list of paths that kept their initialisation.
+    `params` are jax.Arrays, possibly sharded over devices of several processes: each loaded
+    leaf is cast to its parameter's dtype and placed straight into that parameter's shards
+    (`jax.make_array_from_callback`; no full copy of the state is ever made). Loaded leaves under
+    a top-level name in `skip` (a checkpoint's own classifier head) are dropped: in a two-tower
+    model that name holds the projection into the joint space. A loaded leaf the model lacks, or
+    of another shape, is an error naming it; model leaves the file lacks keep their init.
     """
-    flat_init = traverse_util.flatten_dict(init_params[tower], sep="/")
+    flat_init = traverse_util.flatten_dict(params[tower], sep="/")
     flat_loaded = {k: v for k, v in traverse_util.flatten_dict(loaded, sep="/").items()
                    if k.split("/")[0] not in skip}
     unknown = sorted(set(flat_loaded) - set(flat_init))
@@ -59,10 +63,14 @@ def merge_pretrained(init_params: dict, loaded: dict, tower: str, skip: tuple[st
         if tuple(np.shape(value)) != tuple(flat_init[key].shape):
             raise ValueError(f"pretrained {tower} parameter {key}: shape {np.shape(value)} "
                              f"!= model's {tuple(flat_init[key].shape)}")
-    kept = sorted(set(flat_init) - set(flat_loaded))
-    merged = {k: (np.asarray(flat_loaded[k], dtype=flat_init[k].dtype) if k in flat_loaded else flat_init[k])
-              for k in flat_init}
-    logging.info("pretrained %s tower: %d leaves loaded, kept init for %s", tower, len(flat_loaded), kept)
-    out = dict(init_params)
+    merged = dict(flat_init)
+    for key in list(flat_loaded):
+        target = flat_init[key]
+        value = np.asarray(flat_loaded.pop(key), dtype=target.dtype)
+        merged[key] = jax.make_array_from_callback(target.shape, target.sharding, lambda idx, v=value: v[idx])
+    kept = sorted(k for k in flat_init if merged[k] is flat_init[k])
+    logging.info("pretrained %s tower: %d leaves loaded, kept init for %s", tower,
+                 len(flat_init) - len(kept), kept)
+    out = dict(params)
     out[tower] = traverse_util.unflatten_dict(merged, sep="/")
-    return out, kept
+    return out

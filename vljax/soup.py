@@ -9,7 +9,7 @@ Ingredients are ranked, and the greedy soup grown, on `--select_metric` (default
 `config.select_metric`), which should be a held-out (val) metric, never the test set's. Every
 ingredient and both soups are scored on all of `config.evals` (default: the first workdir's
 config.json). Writes OUT/soup_results.json; with --save, OUT/uniform and OUT/greedy are workdirs
-(config.json + checkpoint) that `vljax-infer`, `vljax.evaluate` and `--mode=eval` load.
+(model_spec.json, config.json and a params-only checkpoint) that `vljax-infer` and `vljax.evaluate` load.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import sys
 
 import jax
 import ml_collections
+from etils import epath
 import numpy as np
 from flax import traverse_util
 
@@ -26,32 +27,29 @@ from vljax.evaluators import soups
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
-    with open(os.path.join(workdir, "config.json")) as f:
-        return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(json.loads((epath.Path(workdir) / "config.json").read_text()))
 
 
 def load_ingredients(workdirs, all_steps: bool = False):
-    """(config of the first workdir, model, [(name "WORKDIR@STEP", params)]).
+    """(model spec of the first workdir, model, [(name "WORKDIR@STEP", params)]).
 
-    The latest checkpoint of each workdir, or with `all_steps` every checkpoint kept there.
-    All workdirs must hold the same architecture (`config.model`).
+    The latest checkpoint of each workdir, or with `all_steps` every checkpoint kept there; only
+    the params are read. All workdirs must hold the same architecture (their model specs).
     """
-    from vljax import checkpoints, train
-    config = read_config(workdirs[0])
-    model = train.build_model(config)
+    from vljax import checkpoints, factory
+    spec = factory.read_spec(workdirs[0])
+    model = factory.build_model(spec)
     out = []
     for wd in workdirs:
-        cfg = read_config(wd)
-        if cfg.model.to_dict() != config.model.to_dict():
-            raise ValueError(f"{wd}: config.model differs from {workdirs[0]}'s; soups average one architecture")
-        ckpt = checkpoints.Checkpointer(os.path.join(wd, "checkpoints"))
-        steps = ckpt.all_steps() if all_steps else [ckpt.latest_step()]
-        ckpt.close()
-        if not steps or steps[0] is None:
-            raise FileNotFoundError(f"no checkpoint in {os.path.join(wd, 'checkpoints')}")
+        if factory.read_spec(wd)["model"] != spec["model"]:
+            raise ValueError(f"{wd}: its model differs from {workdirs[0]}'s; soups average one architecture")
+        with checkpoints.Checkpointer(epath.Path(wd) / "checkpoints") as ckpt:
+            steps = ckpt.all_steps() if all_steps else [ckpt.latest_step()]
+            if not steps or steps[0] is None:
+                raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
         for step in sorted(steps):
-            out.append((f"{wd}@{step}", train.restore_params(cfg, model, wd, step)))
-    return config, model, out
+            out.append((f"{wd}@{step}", factory.restore_params(wd, model, spec, step=step)))
+    return spec, model, out
 
 
 def _shared_image_trunk(params_list) -> bool:
@@ -62,15 +60,15 @@ def _shared_image_trunk(params_list) -> bool:
                if not k.startswith("head/"))
 
 
-def cook(config, model, ingredients, evaluators, select_metric: str, batch_size: int = 64) -> dict:
+def cook(spec, model, ingredients, evaluators, select_metric: str, batch_size: int = 64) -> dict:
     """Scores each ingredient, the uniform soup and the greedy soup on every evaluator.
 
     Returns {"select_metric", "ingredients": [{"name", "metrics"}], "uniform": {"metrics", "params"},
              "greedy": {"metrics", "params", "ingredients": [names], "steps": [...]}}.
     """
-    from vljax import train
+    from vljax import factory
     from vljax.embedder import Embedder
-    tokenizer = train.build_tokenizer(config)
+    tokenizer = factory.build_tokenizer(spec)
     names, params_list = [n for n, _ in ingredients], [p for _, p in ingredients]
     cache = {} if _shared_image_trunk(params_list) else None
     scored = {}  # id(params) -> metrics: each ingredient and candidate soup is evaluated once
@@ -102,20 +100,16 @@ def cook(config, model, ingredients, evaluators, select_metric: str, batch_size:
     }
 
 
-def save_workdir(config, model, params, workdir: str, step: int = 0):
-    """Writes params as a loadable workdir: config.json and a checkpoint (fresh optimizer state)."""
+def save_workdir(spec, config, params, workdir: str, step: int = 0):
+    """Writes params as a loadable workdir: model_spec.json, config.json (its evals) and a
+    params-only checkpoint, which `vljax-infer`, `vljax.evaluate` and soups load."""
     import jax.numpy as jnp
 
-    from vljax import checkpoints, optim
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=1))
-    tx, _, _ = optim.make_optimizer(config, params)
-    params = jax.tree.map(jnp.asarray, params)
-    state = {"params": params, "opt_state": tx.init(params), "step": jnp.asarray(step, jnp.int32),
-             "rng": jax.random.key(0)}
-    with checkpoints.Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
-        ckpt.save(step, state, {}, force=True)
+    from vljax import checkpoints, factory
+    factory.write_spec(workdir, spec)
+    (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=1))
+    with checkpoints.Checkpointer(epath.Path(workdir) / "checkpoints") as ckpt:
+        ckpt.save(step, {"params": jax.tree.map(jnp.asarray, params)}, force=True)
 
 
 def report(results) -> str:
@@ -137,21 +131,23 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     from vljax import eval_builder
     workdirs = [os.path.abspath(os.path.expanduser(w)) for w in _WORKDIRS.value]
-    config, model, ingredients = load_ingredients(workdirs, _ALL_STEPS.value)
+    spec, model, ingredients = load_ingredients(workdirs, _ALL_STEPS.value)
+    config = read_config(workdirs[0])
     eval_config = _CONFIG.value if _CONFIG.value is not None else config
     select = _SELECT.value or eval_config.get("select_metric")
     if not select:
         raise app.UsageError("give --select_metric (the config has no select_metric)")
-    evaluators = eval_builder.build(eval_config, image_size=config.input.image_size,
-                                    value_range=config.input.get("value_range", "efficientnet"))
-    results = cook(config, model, ingredients, evaluators, select,
+    from vljax import factory
+    evaluators = eval_builder.build(eval_config, image_size=spec["image_size"],
+                                    value_range=factory.value_range(spec))
+    results = cook(spec, model, ingredients, evaluators, select,
                    batch_size=config.get("eval_batch_size", 64))
     print(report(results))
     out = os.path.abspath(os.path.expanduser(_OUT.value))
     os.makedirs(out, exist_ok=True)
     if _SAVE.value:
         for kind in ("uniform", "greedy"):
-            save_workdir(config, model, results[kind]["params"], os.path.join(out, kind))
+            save_workdir(spec, config, results[kind]["params"], os.path.join(out, kind))
     for kind in ("uniform", "greedy"):
         del results[kind]["params"]
     with open(os.path.join(out, "soup_results.json"), "w") as f:

@@ -237,9 +237,11 @@ class BertTokenizer(Tokenizer):
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=True)]
 
 
+TOKENIZERS = {"clip": ClipTokenizer, "bert": BertTokenizer}
+
+
 def get_tokenizer(kind, max_len, **kw):
     """kind: "clip" | "bert"; max_len: row length; kw: the tokenizer's vocabulary options."""
-    kinds = {"clip": ClipTokenizer, "bert": BertTokenizer}
-    if kind not in kinds:
-        raise ValueError(f"unknown tokenizer kind {kind!r}, expected one of {sorted(kinds)}")
-    return kinds[kind](max_len, **kw)
+    if kind not in TOKENIZERS:
+        raise ValueError(f"unknown tokenizer kind {kind!r}, expected one of {sorted(TOKENIZERS)}")
+    return TOKENIZERS[kind](max_len, **kw)

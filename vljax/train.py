@@ -7,17 +7,17 @@ Sections: mesh -> model and initial state -> shardings -> input -> update step -
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from etils import epath
 from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
-from vljax import checkpoints, losses, metrics, optim, pretrained, sharding, tokenizers
+from vljax import checkpoints, factory, losses, metrics, optim, pretrained, sharding
 from vljax.embedder import Embedder
 from vljax.models.two_towers import TwoTowers
 
@@ -26,20 +26,12 @@ from vljax.models.two_towers import TwoTowers
 # ----------------------------------------------------------------------------------------------
 
 
-def build_tokenizer(config):
-    kw = dict(config.tokenizer)
-    return tokenizers.get_tokenizer(kw.pop("kind"), **kw)
-
-
 def build_model(config) -> TwoTowers:
-    kw = dict(config.model)
-    dtype = config.get("dtype", "float32")
-    for tower in ("image", "text"):
-        kw[tower] = dict(kw[tower])
-        kw[tower].setdefault("dtype", jnp.dtype(dtype))
-        if config.get("remat", False):
-            kw[tower].setdefault("remat", True)
-    return TwoTowers(**kw)
+    return factory.build_model(factory.spec_from_config(config))
+
+
+def build_tokenizer(config):
+    return factory.build_tokenizer(factory.spec_from_config(config))
 
 
 def _dummy_inputs(config, batch=1):
@@ -48,14 +40,29 @@ def _dummy_inputs(config, batch=1):
             jnp.zeros((batch, config.tokenizer.max_len), jnp.int32))
 
 
-def init_params(model, config, rng):
-    """Random init, then the pretrained towers named in `config.model_init`."""
-    params = jax.jit(lambda r: model.init(r, *_dummy_inputs(config))["params"])(rng)
-    params = jax.tree.map(np.asarray, params)
-    for tower, spec in (config.get("model_init") or {}).items():
+def make_init_fns(model, tx, config):
+    """(init_params(init_rng) -> params, init_opt(params) -> optimizer state): random params
+    (pretrained towers are written into them afterwards, see `pretrained.write_tower`) and the
+    optimizer state for them. Run each under `jax.jit(..., out_shardings=...)`: every parameter
+    and moment is then created directly in its shards. Two programs, not one, so that the init's
+    scratch space (random bits) is freed before the moments are allocated: the peak stays at the
+    state's own size."""
+    def init_params(init_rng):
+        return model.init(init_rng, *_dummy_inputs(config))["params"]
+    return init_params, tx.init
+
+
+def init_state(init_params, init_opt, shardings, model_init, init_rng, train_rng) -> dict:
+    """A fresh train state created in its `shardings` (see `make_init_fns`), with the pretrained
+    towers of `model_init` ({"img": NAME_OR_PATH, ...}) written into the params' shards."""
+    params = jax.jit(init_params, out_shardings=shardings["params"])(init_rng)
+    for tower, spec in (model_init or {}).items():
         if spec:
-            params, _ = pretrained.merge_pretrained(params, pretrained.load_tower(spec), tower)
-    return params
+            params = pretrained.write_tower(params, pretrained.load_tower(spec), tower)
+    opt_state = jax.jit(init_opt, out_shardings=shardings["opt_state"])(params)
+    meta = jax.jit(lambda r: {"step": jnp.zeros((), jnp.int32), "rng": r},
+                   out_shardings={"step": shardings["step"], "rng": shardings["rng"]})(train_rng)
+    return {"params": params, "opt_state": opt_state, **meta}
 
 
 def to_global(tree, shardings):
@@ -103,39 +110,40 @@ def _join(trainable, frozen):
 
 
 def make_loss(config, mesh):
-    """Returns loss(zimg, ztxt, out, batch) -> scalar, the loss running under shard_map over the batch."""
+    """Returns loss(values) -> scalar: the configured loss (`losses.LOSSES[config.loss.name]`)
+    on the inputs it declares, looked up in `values` (model outputs, `frozen/...`, `batch/...`),
+    under one shard_map over the batch axes."""
     name = config.loss.name
     if name not in losses.LOSSES:
         raise ValueError(f"config key `loss.name`: unknown loss {name!r} (known: {', '.join(losses.LOSSES)})")
-    fn = losses.LOSSES[name]
+    spec = losses.LOSSES[name]
     kwargs = {k: v for k, v in config.loss.items() if k != "name"}
     axes = sharding.batch_axes(mesh)
     axis = axes[0] if len(axes) == 1 else axes
     bspec = P(axes)
 
-    def run(local_fn, *args):
+    def loss(values):
+        missing = [k for k in spec.inputs if k not in values]
+        if missing:
+            hint = " (set `input.label=True` and give the data labels)" if "batch/label" in missing else ""
+            raise ValueError(f"config key `loss.name`: loss {name!r} takes {', '.join(missing)}, which this "
+                             f"model and batch do not provide{hint}; available: {', '.join(sorted(values))}")
+        args = [values[k] for k in spec.inputs]
         specs = tuple(P() if np.ndim(a) == 0 else bspec for a in args)
-        return jax.shard_map(local_fn, mesh=mesh, in_specs=specs, out_specs=P())(*args)
-
-    def loss(zimg, ztxt, out, batch):
-        # Losses run in float32 whatever the towers' compute dtype (bf16 logits lose the ranking).
-        zimg, ztxt = zimg.astype(jnp.float32), ztxt.astype(jnp.float32)
-        out = {k: (v.astype(jnp.float32) if k.endswith("/tokens") else v) for k, v in out.items()}
-        t = out["t"]
-        if name == "sigmoid":
-            return run(lambda zi, zt, t, b: fn(zi, zt, t, b, axis_name=axis, **kwargs), zimg, ztxt, t, out["b"])
-        if name == "filip":
-            return run(lambda it, tt, tm, t: fn(it, tt, tm, t, axis_name=axis, **kwargs),
-                       out["img/tokens"], out["txt/tokens"], out["txt/mask"], t)
-        if name == "multi_positive":
-            return run(lambda zi, zt, t, lab: fn(zi, zt, t, lab, axis_name=axis, **kwargs),
-                       zimg, ztxt, t, batch["label"])
-        if name == "cwcl":
-            zref = jax.lax.stop_gradient(zimg)  # intra-modal similarity of the (locked) image tower
-            return run(lambda zi, zt, t, zr: fn(zi, zt, t, zr, axis_name=axis, **kwargs), zimg, ztxt, t, zref)
-        return run(lambda zi, zt, t: fn(zi, zt, t, axis_name=axis, **kwargs), zimg, ztxt, t)
+        local = lambda *a: spec.fn(*a, axis_name=axis, **kwargs)  # noqa: E731
+        return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P())(*args)
 
     return loss
+
+
+def loss_inputs(zimg, ztxt, out, batch) -> dict:
+    """Everything a loss may take, by name (see `losses.Loss`). Float inputs go to float32: losses
+    run in float32 whatever the towers' compute dtype (bf16 logits lose the ranking)."""
+    values = {"zimg": zimg, "ztxt": ztxt, **out,
+              "frozen/zimg": jax.lax.stop_gradient(zimg), "frozen/ztxt": jax.lax.stop_gradient(ztxt),
+              **{f"batch/{k}": v for k, v in batch.items()}}
+    return {k: (v.astype(jnp.float32) if v is not None and jnp.issubdtype(v.dtype, jnp.floating) else v)
+            for k, v in values.items() if v is not None}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,7 +175,7 @@ def make_train_step(model, tx, loss, trainable_mask):
         def objective(tr):
             params = _join(tr, jax.lax.stop_gradient(frozen))
             zimg, ztxt, out = forward(params, batch, step_rng)
-            return loss(zimg, ztxt, out, batch), out
+            return loss(loss_inputs(zimg, ztxt, out, batch)), out
 
         (value, out), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
         zeros = {k: jnp.zeros_like(v) for k, v in frozen.items()}
@@ -175,8 +183,14 @@ def make_train_step(model, tx, loss, trainable_mask):
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = jax.tree.map(lambda p, u: p + u, state["params"], updates)
         grad_norm = jnp.sqrt(sum(jnp.vdot(g, g) for g in jax.tree.leaves(grads)))
-        new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": rng}
-        m = {"train/loss": value, "train/grad_norm": grad_norm, "train/t": out["t"]}
+        # A non-finite loss or gradient never reaches the state: the update is dropped (params and
+        # optimizer state stay as they were) and the step reports it; the loop stops or counts it.
+        finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        new_state = {"params": keep(params, state["params"]), "opt_state": keep(opt_state, state["opt_state"]),
+                     "step": state["step"] + 1, "rng": rng}
+        m = {"train/loss": value, "train/grad_norm": grad_norm, "train/t": out["t"],
+             "train/nonfinite": 1.0 - finite.astype(jnp.float32)}
         if "b" in out:
             m["train/b"] = out["b"]
         return new_state, m
@@ -188,61 +202,65 @@ def _with_shardings(abstract, shardings):
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
-def abstract_state(config, model, mesh, rules):
-    """The training state's structure, shapes and shardings, without computing or loading anything."""
-    params = jax.eval_shape(lambda r: model.init(r, *_dummy_inputs(config))["params"], jax.random.key(0))
-    tx, _, _ = optim.make_optimizer(config, params)
-    state = jax.eval_shape(lambda p: {"params": p, "opt_state": tx.init(p), "step": jnp.zeros((), jnp.int32),
-                                      "rng": jax.random.key(0)}, params)
-    return _with_shardings(state, sharding.state_shardings(state, mesh, rules))
-
-
-def restore_params(config, model, workdir: str, step: int | None = None):
-    """Params of a workdir's checkpoint (the latest by default), on the host."""
-    mesh = sharding.make_mesh([("data", 1)], devices=jax.devices()[:1])
-    ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"))
-    try:
-        state, _ = ckpt.restore(step, abstract_state(config, model, mesh, [(".*", "replicate")]))
-    finally:
-        ckpt.close()
-    return jax.device_get(state["params"])
-
-
-# ----------------------------------------------------------------------------------------------
-# The loop
-# ----------------------------------------------------------------------------------------------
-
-
 class Trainer:
-    """Everything a run needs, built from one config; `fit()` trains, `evaluate()` evaluates."""
+    """Everything a run needs, built from one config; `fit()` trains, `evaluate()` evaluates.
 
-    def __init__(self, config, workdir: str, devices=None, write_config: bool = True):
+    The state is built in big_vision's order: its abstract form first (`jax.eval_shape`) with the
+    shardings of `config.sharding_rules`; a checkpoint in the workdir is restored straight into
+    those shardings (no random init, no pretrained tower read); otherwise the jitted init creates
+    every parameter and optimizer moment directly in its shards and the pretrained towers of
+    `config.model_init` are written in leaf by leaf. Nothing full-size exists on one device or on
+    the host unless a rule replicates it.
+    """
+
+    def __init__(self, config, workdir: str, devices=None, write_config: bool = True,
+                 require_checkpoint: bool = False):
         self.config = config
         self.workdir = workdir
         self.mesh = sharding.make_mesh(config.mesh, devices=devices)
-        self.tokenizer = build_tokenizer(config)
-        self.model = build_model(config)
+        self.spec = factory.spec_from_config(config)
+        self.tokenizer = factory.build_tokenizer(self.spec)
+        self.model = factory.build_model(self.spec)
         self.rules = list(config.get("sharding_rules", [(".*", "replicate")]))
+        # The data sources are opened (manifests parsed, TFDS datasets found) before anything is
+        # written: a bad source is refused with the workdir untouched.
+        from vljax.data import sources
+        for entry in config.input.data:
+            sources.get_source(entry, data_dir=config.input.get("data_dir"))
 
-        rng = jax.random.key(config.seed)
-        init_rng, self.train_rng = jax.random.split(rng)
-        params = init_params(self.model, config, init_rng)
+        params = factory.abstract_params(self.model, self.spec)
         self.tx, self.lr_fn, self.trainable_mask = optim.make_optimizer(config, params)
-        state = {"params": params, "opt_state": self.tx.init(params),
-                 "step": jnp.zeros((), jnp.int32), "rng": self.train_rng}
-        abstract = jax.eval_shape(lambda s: s, state)
+        init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
+        self._init_params, self._init_opt = make_init_fns(self.model, self.tx, config)
+        abstract = {"params": params, "opt_state": jax.eval_shape(self._init_opt, params),
+                    "step": jax.ShapeDtypeStruct((), jnp.int32), "rng": jax.eval_shape(lambda r: r, train_rng)}
         self.state_sh = sharding.state_shardings(abstract, self.mesh, self.rules)
         self.abstract_state = _with_shardings(abstract, self.state_sh)
-        self.state = to_global(state, self.state_sh)
 
-        # Inference reads the run's config from here; --mode=eval (write_config=False) keeps it.
-        if write_config and jax.process_index() == 0:
-            os.makedirs(workdir, exist_ok=True)
-            with open(os.path.join(workdir, "config.json"), "w") as f:
-                f.write(config.to_json_best_effort(indent=1))
         self.ckpt = checkpoints.Checkpointer(
-            os.path.join(workdir, "checkpoints"), max_to_keep=config.get("keep_ckpts", 2))
+            epath.Path(workdir) / "checkpoints", max_to_keep=config.get("keep_ckpts", 2))
+        self.start_step, self.data_state = 0, None
+        if self.ckpt.latest_step() is not None:
+            # The latest intact checkpoint: a damaged one is moved aside and the previous one used.
+            self.state, self.data_state = self.ckpt.restore(None, self.abstract_state)
+            self.start_step = int(jax.device_get(self.state["step"]))
+            logging.info("resumed from step %d", self.start_step)
+        elif require_checkpoint:
+            raise FileNotFoundError(f"no checkpoint in {self.ckpt.directory}")
+        else:
+            self.state = self.initial_state(init_rng, train_rng)
+
+        # Inference and evaluation read the model spec from here; --mode=eval keeps the config.
+        if write_config and jax.process_index() == 0:
+            path = epath.Path(workdir)
+            path.mkdir(parents=True, exist_ok=True)
+            (path / "config.json").write_text(config.to_json_best_effort(indent=1))
+            factory.write_spec(path, self.spec)
         self._evaluators = None
+
+    def initial_state(self, init_rng, train_rng):
+        return init_state(self._init_params, self._init_opt, self.state_sh, self.config.get("model_init"),
+                          init_rng, train_rng)
 
     # -- input ---------------------------------------------------------------------------------
     def make_input(self):
@@ -261,7 +279,7 @@ class Trainer:
     def evaluators(self):
         if self._evaluators is None:
             from vljax import eval_builder
-            self._evaluators = eval_builder.build(self.config, os.path.join(self.workdir, "plots"))
+            self._evaluators = eval_builder.build(self.config, str(epath.Path(self.workdir) / "plots"))
         return self._evaluators
 
     def embedder(self, params=None):
@@ -292,15 +310,11 @@ class Trainer:
         config, mesh = self.config, self.mesh
         writer_enabled = jax.process_index() == 0
         data_iter = self.make_input()
-        start = 0
-        latest = self.ckpt.latest_step()
-        if latest is not None:
-            self.state, data_state = self.ckpt.restore(latest, self.abstract_state)
-            data_iter.set_state(data_state)
-            start = latest
-            logging.info("resumed from step %d", latest)
+        start = self.start_step
+        if self.data_state is not None:
+            data_iter.set_state(self.data_state)
         writer = metrics.MetricWriter(self.workdir, enabled=writer_enabled,
-                                      resume_step=start if latest is not None else None)
+                                      resume_step=start if self.data_state is not None else None)
 
         loss = make_loss(config, mesh)
         step_fn = make_train_step(self.model, self.tx, loss, self.trainable_mask)
@@ -321,62 +335,113 @@ class Trainer:
             from tqdm import tqdm
             bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
         pairs_per_step = config.input.batch_size
+        guard_nonfinite = _NonFiniteGuard(config.get("nonfinite", "stop"))
         acc, t_last, s_last = [], time.perf_counter(), start
-        step, in_flight = start, None
-        with jax.set_mesh(mesh):
-            while step < total:
-                batch = next(data_iter)
-                skipped = {k: v for k, v in batch.items() if k.startswith("skipped/")}
-                batch = {k: v for k, v in batch.items() if not k.startswith("skipped/")}
-                self.state, m = train_step(self.state, sharding.shard_batch(batch, mesh))
-                step += 1
-                acc.append(m)
-                if bar is not None:
-                    # One step stays in flight (the next batch is read while it runs); the bar
-                    # counts finished steps, so its rate is the real one.
-                    if in_flight is not None:
-                        jax.block_until_ready(in_flight)
-                        bar.update(1)
-                    in_flight = m["train/loss"]
-                if step % log_every == 0 or step == total:
-                    m = jax.device_get(acc)
-                    row = {k: float(np.mean([x[k] for x in m])) for k in m[0]}
-                    dt = time.perf_counter() - t_last
-                    row["train/pairs_per_s"] = pairs_per_step * (step - s_last) / dt
-                    row["train/pairs_per_s_per_device"] = row["train/pairs_per_s"] / jax.device_count()
-                    row.update({f"lr/{k}": float(v) for k, v in self.lr_fn(step // accum).items()})
-                    row.update({f"data/{k}": float(v) for k, v in skipped.items()})
-                    writer.write(step, row)
+        step, in_flight, prev = start, None, None
+        try:
+            with jax.set_mesh(mesh):
+                while step < total:
+                    batch = next(data_iter)
+                    skipped = {k: v for k, v in batch.items() if k.startswith("skipped/")}
+                    batch = {k: v for k, v in batch.items() if not k.startswith("skipped/")}
+                    self.state, m = train_step(self.state, sharding.shard_batch(batch, mesh))
+                    step += 1
+                    acc.append(m)
+                    # Checked one step behind (the step in flight keeps the device busy), and the
+                    # current step before it is logged, evaluated or saved: in "stop" mode fit()
+                    # raises at the first non-finite step and nothing after it is written.
+                    guard_nonfinite.check(prev, step - 1)
+                    prev = cur = m
                     if bar is not None:
-                        bar.set_postfix(loss=f"{row['train/loss']:.3f}")
-                    acc, t_last, s_last = [], time.perf_counter(), step
-                stop = guard.reached(step)  # collective on several processes: every process agrees
-                if (eval_every and step % eval_every == 0) or step == total:
-                    results = self.evaluate(step)
-                    writer.write(step, results)
-                    if selector.update(step, results, self.state["params"]):
-                        logging.info("early stopping at step %d: %s has not improved for %d evaluations",
-                                     step, selector.metric, selector.patience)
-                        stop = True
-                    t_last = time.perf_counter()
-                if (ckpt_every and step % ckpt_every == 0) or step == total or stop:
-                    self.ckpt.save(step, self.state, data_iter.get_state(), force=True)
-                if stop:
-                    if step < total and not selector.stopped:
-                        logging.warning("preempted (SIGTERM) at step %d: checkpoint saved, exiting", step)
-                    break
-        if bar is not None:
-            if in_flight is not None:
-                bar.update(1)
-            bar.close()
+                        # One step stays in flight (the next batch is read while it runs); the bar
+                        # counts finished steps, so its rate is the real one.
+                        if in_flight is not None:
+                            jax.block_until_ready(in_flight)
+                            bar.update(1)
+                        in_flight = m["train/loss"]
+                    stop = guard.reached(step)  # collective on several processes: every process agrees
+                    evaluate = (eval_every and step % eval_every == 0) or step == total
+                    save = (ckpt_every and step % ckpt_every == 0) or step == total or stop
+                    log = step % log_every == 0 or step == total
+                    if log or evaluate or save:
+                        guard_nonfinite.check(cur, step)
+                        prev = None
+                    if log:
+                        m = jax.device_get(acc)
+                        row = {k: float(np.mean([x[k] for x in m])) for k in m[0]}
+                        dt = time.perf_counter() - t_last
+                        row["train/pairs_per_s"] = pairs_per_step * (step - s_last) / dt
+                        row["train/pairs_per_s_per_device"] = row["train/pairs_per_s"] / jax.device_count()
+                        row.update({f"lr/{k}": float(v) for k, v in self.lr_fn(step // accum).items()})
+                        row.update({f"data/{k}": float(v) for k, v in skipped.items()})
+                        writer.write(step, row)
+                        if bar is not None:
+                            bar.set_postfix(loss=f"{row['train/loss']:.3f}")
+                        acc, t_last, s_last = [], time.perf_counter(), step
+                    if evaluate:
+                        results = self.evaluate(step)
+                        writer.write(step, results)
+                        if selector.update(step, results, self.state["params"]):
+                            logging.info("early stopping at step %d: %s has not improved for %d evaluations",
+                                         step, selector.metric, selector.patience)
+                            stop = True
+                        t_last = time.perf_counter()
+                    if save:
+                        self.ckpt.save(step, self.state, data_iter.get_state(), force=True)
+                    if stop:
+                        if step < total and not selector.stopped:
+                            logging.warning("preempted (SIGTERM) at step %d: checkpoint saved, exiting", step)
+                        break
+        except NonFiniteError as e:
+            writer.write(e.step, {"train/loss": e.loss, "train/grad_norm": e.grad_norm, "train/nonfinite": 1.0})
+            raise
+        finally:
+            if bar is not None:
+                if in_flight is not None:
+                    bar.update(1)
+                bar.close()
+            self.ckpt.wait()
+            guard.restore()
         writer.write(step, selector.summary())
-        self.ckpt.wait()
         selector.close()
         writer.close()
         if writer_enabled and config.get("plot", True):
             metrics.plot_curves(self.workdir)
-        guard.restore()
         return self.state
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a non-finite loss or gradient norm (config.nonfinite="stop")."""
+
+    def __init__(self, message, step, loss, grad_norm):
+        super().__init__(message)
+        self.step, self.loss, self.grad_norm = step, loss, grad_norm
+
+
+class _NonFiniteGuard:
+    """`config.nonfinite`: "stop" (default) ends the run at the first non-finite step with a
+    message naming it and the last finite values; the step dropped its update, so the state is
+    the last good one and no checkpoint of it is written (the kept ones stay). "skip" drops such
+    updates and goes on; `train/nonfinite` (the fraction of dropped steps) is logged either way."""
+
+    def __init__(self, mode: str):
+        if mode not in ("stop", "skip"):
+            raise ValueError(f"config key `nonfinite`: {mode!r} is not 'stop' or 'skip'")
+        self.mode, self.last_good = mode, None
+
+    def check(self, m, step: int) -> None:
+        if m is None or self.mode == "skip":
+            return
+        loss, grad_norm, bad = (float(m[k]) for k in ("train/loss", "train/grad_norm", "train/nonfinite"))
+        if not bad:
+            self.last_good = (step, loss, grad_norm)
+            return
+        last = ("no finite step before it" if self.last_good is None else
+                "last finite step {}: loss {:.4g}, grad norm {:.4g}".format(*self.last_good))
+        raise NonFiniteError(f"non-finite training at step {step}: loss {loss}, grad norm {grad_norm} "
+                             f"({last}). The update was dropped and no checkpoint was written; lower "
+                             "`lr`, set `grad_clip_norm`, or `nonfinite='skip'` to drop such steps and go on.",
+                             step, loss, grad_norm)
 
 
 class _Selector:
@@ -386,14 +451,13 @@ class _Selector:
 
     def __init__(self, workdir, metric, patience):
         self.metric, self.patience = metric, int(patience or 0)
-        self.path = os.path.join(workdir, "best.json")
+        self.path = epath.Path(workdir) / "best.json"
         self.best = {}
-        if metric and os.path.exists(self.path):
-            with open(self.path) as f:
-                self.best = json.load(f)
+        if metric and self.path.exists():
+            self.best = json.loads(self.path.read_text())
         self.bad_evals = self.best.get("bad_evals", 0)
         self.stopped = False
-        self._ckpt = checkpoints.Checkpointer(os.path.join(workdir, "best"), max_to_keep=1) if metric else None
+        self._ckpt = checkpoints.Checkpointer(epath.Path(workdir) / "best", max_to_keep=1) if metric else None
 
     def update(self, step, results, params) -> bool:
         """Records an evaluation; True when training should stop early."""
@@ -412,8 +476,7 @@ class _Selector:
             self.bad_evals += 1
         self.best["bad_evals"] = self.bad_evals
         if jax.process_index() == 0:
-            with open(self.path, "w") as f:
-                json.dump(self.best, f, indent=1)
+            self.path.write_text(json.dumps(self.best, indent=1))
         self.stopped = bool(self.patience) and self.bad_evals >= self.patience
         return self.stopped
 
@@ -436,11 +499,8 @@ def train_and_evaluate(config, workdir: str, devices=None):
 
 def evaluate_workdir(config, workdir: str) -> dict:
     """Evaluates the latest checkpoint of `workdir` and appends the results to its metrics."""
-    trainer = Trainer(config, workdir, write_config=False)
-    latest = trainer.ckpt.latest_step()
-    if latest is None:
-        raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}")
-    trainer.state, _ = trainer.ckpt.restore(latest, trainer.abstract_state)
+    trainer = Trainer(config, workdir, write_config=False, require_checkpoint=True)
+    latest = trainer.start_step
     results = trainer.evaluate(latest)
     writer = metrics.MetricWriter(workdir, enabled=jax.process_index() == 0)
     writer.write(latest, results)

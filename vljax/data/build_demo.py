@@ -15,6 +15,7 @@ import time
 from absl import app
 from absl import flags
 
+from vljax import logs
 from vljax.data import demo_emoji
 from vljax.data import demo_fashion_mnist
 from vljax.data import demo_openclipart
@@ -60,6 +61,7 @@ def build(name: str, make_spec, data_dir, rebuild: bool = False) -> dict:
 
 def main(argv):
     del argv
+    logs.setup(verbose=flags.FLAGS["verbosity"].present)
     assets = Path(_ASSETS.value).expanduser() if _ASSETS.value else sources.default_assets_dir()
     data_dir = assets / "tfds"
     makers = spec_makers(assets)

@@ -19,6 +19,8 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
+from vljax import logs
+
 CLASS_NAMES_FILE = "class_names.json"
 
 
@@ -82,10 +84,10 @@ def _builder_class(spec: DatasetSpec):
 
     def _split_generators(self, dl_manager):
         del dl_manager  # nothing to download
-        return {split: self._generate_examples(make) for split, make in spec.splits.items()}
+        return {split: self._generate_examples(split, make) for split, make in spec.splits.items()}
 
-    def _generate_examples(self, make):
-        yield from make()
+    def _generate_examples(self, split, make):
+        yield from logs.progress(make(), desc=f"{spec.name} {split}", unit="ex")
 
     def body(ns):
         ns.update(name=spec.name, VERSION=tfds.core.Version(spec.version), _info=_info,

@@ -6,13 +6,26 @@ worker threads/processes); randomness always comes from an explicit `np.random.G
 """
 import io
 import os
+import re
+import warnings
 
 import numpy as np
-from PIL import Image, ImageEnhance, ImageOps
+from PIL import Image, ImageEnhance, ImageOps, UnidentifiedImageError
 
-# Errors PIL raises on truncated / corrupt / absurd files. SyntaxError and struct.error come from
-# some plugins' header parsers (e.g. a mangled PNG chunk).
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+# Images with more pixels than this are refused before any pixel is decoded (PIL's own default:
+# a 30000 x 30000 PNG of a few kB would otherwise expand to 2.7 GB). PIL only warns between this
+# and twice this; decode_image refuses them all, so its warning would be noise.
+MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+class UnreadableImage(ValueError):
+    """Content that is not a usable image; str(e) is the reason ("empty file", "unknown image
+    format", "truncated or corrupt data (...)", "decompression bomb: ...")."""
+
+
+# What decode_image raises for unreadable content (a missing path raises FileNotFoundError).
+DECODE_ERRORS = (UnreadableImage,)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -65,17 +78,41 @@ def to_rgb(img: Image.Image) -> Image.Image:
 def decode_image(data: bytes | str | os.PathLike | np.ndarray) -> Image.Image:
     """Encoded bytes, a file path or a uint8 array ([H, W], [H, W, 1|3|4]) -> RGB PIL image.
 
-    Raises FileNotFoundError for a missing path and one of DECODE_ERRORS for unreadable content.
+    Raises FileNotFoundError for a missing path and UnreadableImage (naming the reason) for
+    anything else that cannot be decoded: the bytes are untrusted, and PIL's plugins raise many
+    exception types on malformed headers (OSError, SyntaxError, struct.error, IndexError, ...).
     """
     if isinstance(data, np.ndarray):  # already decoded (TFDS Image features)
         if data.dtype != np.uint8 or not (data.ndim == 2 or (data.ndim == 3 and
                                                             data.shape[-1] in (1, 3, 4))):
-            raise ValueError(f"image array must be uint8 [H, W(, 1|3|4)], got {data.dtype} {data.shape}")
+            raise UnreadableImage(f"image array must be uint8 [H, W(, 1|3|4)], got {data.dtype} {data.shape}")
         return to_rgb(Image.fromarray(data[..., 0] if data.ndim == 3 and data.shape[-1] == 1 else data))
-    src = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
-    with Image.open(src) as img:
-        img.load()  # force full decode here so truncation errors surface now, not later
-        return to_rgb(img)
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        src = io.BytesIO(data)
+        if not len(data):
+            raise UnreadableImage("empty file")
+    else:
+        src = data
+        if isinstance(src, (str, os.PathLike)) and os.path.isfile(src) and os.path.getsize(src) == 0:
+            raise UnreadableImage("empty file")
+    try:
+        with Image.open(src) as img:
+            w, h = img.size
+            if w * h > MAX_IMAGE_PIXELS:
+                raise Image.DecompressionBombError(f"{w * h} pixels")
+            img.load()  # force full decode here so truncation errors surface now, not later
+            return to_rgb(img)
+    except FileNotFoundError:
+        raise
+    except UnidentifiedImageError:
+        raise UnreadableImage("unknown image format") from None
+    except Image.DecompressionBombError as e:
+        n = int(re.search(r"\d+", str(e)).group())  # ours or PIL's message ("Image size (N pixels) ...")
+        raise UnreadableImage(f"decompression bomb: {n:,} pixels, more than "
+                              f"transforms.MAX_IMAGE_PIXELS = {MAX_IMAGE_PIXELS:,}") from None
+    except Exception as e:  # pylint: disable=broad-except  (see the docstring)
+        raise UnreadableImage(f"truncated or corrupt data ({type(e).__name__}: {e})") from None
+
 
 
 def resize_max_side(img: Image.Image, max_side: int) -> Image.Image:

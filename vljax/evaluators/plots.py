@@ -3,12 +3,13 @@
 Uses matplotlib's object API with the Agg canvas, not pyplot: no global figure state, no
 display needed, safe to call from the trainer's evaluation thread.
 """
-import os
 from collections.abc import Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from vljax.metrics import save_figure
 
 # Above this many classes tick labels are unreadable; the matrix is still drawn.
 _MAX_LABELLED_CLASSES = 40
@@ -47,6 +48,5 @@ def plot_confusion_matrix(confusion: np.ndarray, class_names: Sequence[str], pat
                             ha="center", va="center", fontsize=7,
                             color="white" if cm[i, j] > 0.5 * cm.max() else "black")
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     return path

@@ -2,6 +2,7 @@
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -42,6 +43,21 @@ def decode_variant(variant: str | None) -> dict:
     return out
 
 
+def keep_random_patches(x, rate: float, rng):
+    """FLIP's random masking (Li et al. 2023, Sec. 3): keep a random subset of patch tokens.
+
+    x: [B, N, W] patch tokens (position embedding already added) -> [B, K, W] with
+    K = round((1 - rate) * N) (half up, at least 1), the same K for every example so shapes
+    stay static; each example keeps its own uniformly random subset (the first K of an argsort
+    of uniform noise), in that random order: the encoder is permutation-equivariant once the
+    position terms are in.
+    """
+    b, n, _ = x.shape
+    keep = max(1, int((1.0 - rate) * n + 0.5))
+    order = jnp.argsort(jax.random.uniform(rng, (b, n)), axis=1)[:, :keep]  # [B, K]
+    return jnp.take_along_axis(x, order[:, :, None], axis=1)
+
+
 def _pair(p) -> tuple[int, int]:
     return (p, p) if isinstance(p, int) else tuple(p)
 
@@ -58,6 +74,9 @@ class ViT(nn.Module):
     num_registers: extra learned tokens (Darcet et al. 2023), dropped before pooling.
     ln_pre: LayerNorm before the transformer (CLIP). patch_bias: bias in the patch stem.
     num_classes: > 0 adds the Dense `head` (the projection in a two-tower model).
+    patch_dropout: fraction of patch tokens dropped per example in training (FLIP), after the
+      position embedding and before the encoder; class and register tokens are always kept,
+      pooling sees the kept tokens only. Uses the "dropout" rng stream; off at evaluation.
     """
     variant: str | None = "B/16"
     width: int | None = None
@@ -75,6 +94,7 @@ class ViT(nn.Module):
     act: str = "gelu"
     ln_eps: float = 1e-6
     dropout: float = 0.0
+    patch_dropout: float = 0.0
     remat: bool = False
     scan: bool = False
     dtype: Dtype = jnp.float32
@@ -94,16 +114,20 @@ class ViT(nn.Module):
         return cfg
 
     @nn.compact
-    def __call__(self, images=None, train: bool = False, features=None):
+    def __call__(self, images=None, train: bool = False, patch_dropout: float | None = None,
+                 features=None):
         """images: [B, H, W, C] -> (features [B, num_classes or width], out).
 
+        patch_dropout: overrides the attribute for this call (0.0: every patch, e.g. FLIP's
+        unmasked tuning steps at the end of a schedule); applies only with train=True.
         out["tokens"]: [B, N, width] after the final norm, registers dropped (class token first
-        when pool_type="cls"); out["pre_logits"]: pooled [B, width]; out["logits"] with a head.
+        when pool_type="cls"; N the kept patches under patch dropout); out["pre_logits"]:
+        pooled [B, width]; out["logits"] with a head.
         features: [B, width] pre_logits computed before (a locked trunk's stored features,
         vljax/features.py): only the head is applied, with the same parameters (`head/...`).
         """
         if features is None:
-            features, out = self._trunk(images, train)
+            features, out = self._trunk(images, train, patch_dropout)
         else:
             out = {"pre_logits": features}
         x = features
@@ -113,7 +137,7 @@ class ViT(nn.Module):
                                          name="head")(x)
         return x, out
 
-    def _trunk(self, images, train: bool):
+    def _trunk(self, images, train: bool, patch_dropout: float | None):
         """Everything before the head: (pre_logits [B, width], out)."""
         if self.pool_type not in POOL_TYPES:
             raise ValueError(f"Unknown pool_type {self.pool_type!r}; expected one of {POOL_TYPES}")
@@ -139,6 +163,11 @@ class ViT(nn.Module):
         else:
             raise ValueError(f"Unknown posemb {self.posemb!r}; expected 'learn' or 'sincos2d'")
         x = x + pe.astype(x.dtype)
+        rate = self.patch_dropout if patch_dropout is None else patch_dropout
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"patch_dropout must be in [0, 1), got {rate}")
+        if train and rate > 0.0:
+            x = keep_random_patches(x, rate, self.make_rng("dropout"))
 
         # Prefix tokens: [cls] then registers, neither with a position term of their own.
         prefix = []
