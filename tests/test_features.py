@@ -35,7 +35,7 @@ def _trunk(model, params, images):
 
 @pytest.mark.parametrize("tower", [
     ("vit", dict(variant=None, width=32, depth=1, mlp_dim=64, num_heads=2, patch_size=8, num_classes=16)),
-    ("efficientnet_lite", dict(variant="lite0", num_classes=16)),
+    pytest.param(("efficientnet_lite", dict(variant="lite0", num_classes=16)), marks=pytest.mark.slow),
 ])
 def test_head_of_trunk_is_the_tower(tower):
     """image_head(image_trunk(x)) equals the image half of __call__, with the tower's own params."""
