@@ -18,6 +18,7 @@ It implements the protocol evaluators use (vljax/evaluators/base.py): `embed_ima
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 
@@ -79,8 +80,9 @@ class Embedder:
     """
 
     def __init__(self, model, params, tokenizer, *, mesh, image_size: int, value_range,
-                 batch_size: int = 64, data_dir=None):
+                 batch_size: int = 64, data_dir=None, feature_store=None):
         self.model, self.tokenizer, self.mesh = model, tokenizer, mesh
+        self.feature_store = feature_store
         self.image_size, self.value_range, self.data_dir = int(image_size), value_range, data_dir
         shards = math.prod(mesh.shape[a] for a in sharding.batch_axes(mesh))
         step = math.lcm(shards, jax.process_count())
@@ -92,7 +94,17 @@ class Embedder:
                             out_shardings=(replicated, replicated))
         self._txt = jax.jit(lambda p, t: model.apply({"params": p}, None, t)[1],
                             out_shardings=replicated)
+        self._head = jax.jit(lambda p, f, m: (model.apply({"params": p}, f, method=model.image_head), m),
+                             out_shardings=(replicated, replicated))
         self._images, self._texts = {}, {}
+
+    def with_params(self, params) -> "Embedder":
+        """The same towers (compiled once) over other params, with empty caches: the trainer's
+        evaluations at every eval step reuse one compilation."""
+        new = copy.copy(self)
+        new.params = self._on_mesh(params)
+        new._images, new._texts = {}, {}
+        return new
 
     def _on_mesh(self, params):
         devices = set(self.mesh.devices.flat)
@@ -123,6 +135,8 @@ class Embedder:
         return self._images[key][0]
 
     def _stream(self, data) -> Embedded:
+        if self.feature_store is not None:
+            return self._stream_features(data)
         batches = pipeline.make_eval_batches(
             data, batch_size=self.batch_size, image_size=self.image_size,
             value_range=self.value_range, data_dir=self.data_dir)
@@ -144,6 +158,37 @@ class Embedder:
         index = np.flatnonzero(mask)
         if not len(index):
             raise ValueError(f"no record of {data!r} could be read (skipped: {batches.skipped})")
+        return Embedded(z=z[index] if len(index) < n else z, index=index)
+
+    def _stream_features(self, data) -> Embedded:
+        """A locked trunk: its features of `data` come from the feature store (written once, on
+        the first evaluation; vljax/features.py), and each evaluation runs only the image head."""
+        from vljax import features
+        source = sources_lib.get_source(dict(data), data_dir=self.data_dir) if isinstance(
+            data, (dict, ml_collections.ConfigDict)) else data
+        store = features.ensure_features(self.model, self.params, source, self.feature_store,
+                                         mesh=self.mesh, image_size=self.image_size,
+                                         value_range=self.value_range, batch_size=self.batch_size)
+        n, pi, pc = len(store), jax.process_index(), jax.process_count()
+        b = self.batch_size // pc
+        z = mask = None
+        for j in range(-(-n // self.batch_size)):
+            rows = range(min(j * self.batch_size + pi * b, n), min(j * self.batch_size + (pi + 1) * b, n))
+            recs = [store[i] for i in rows]
+            ok = np.asarray([("features" in r) for r in recs], bool)
+            f = np.stack([r["features"][0] if "features" in r else np.zeros(store.num_features, np.float32)
+                          for r in recs]) if recs else np.zeros((0, store.num_features), np.float32)
+            x = jax.make_array_from_process_local_data(self._batch_sharding, _pad(f, b),
+                                                       (self.batch_size, store.num_features))
+            m = jax.make_array_from_process_local_data(self._batch_sharding, _pad(ok, b), (self.batch_size,))
+            zb, mb = (_local(a) for a in self._head(self.params, x, m))
+            if z is None:
+                z, mask = np.zeros((n, zb.shape[1]), np.float32), np.zeros((n,), bool)
+            lo, hi = j * self.batch_size, min((j + 1) * self.batch_size, n)
+            z[lo:hi], mask[lo:hi] = zb[:hi - lo], mb[:hi - lo]
+        index = np.flatnonzero(mask)
+        if not len(index):
+            raise ValueError(f"no record of {data!r} could be read")
         return Embedded(z=z[index] if len(index) < n else z, index=index)
 
     # -- texts and in-memory images ------------------------------------------------------------

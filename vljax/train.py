@@ -16,7 +16,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 from flax import traverse_util
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from vljax import checkpoints, factory, losses, metrics, optim, pretrained, sharding
 from vljax.embedder import Embedder
@@ -167,18 +167,17 @@ def loss_inputs(zimg, ztxt, out, batch) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def make_train_step(model, tx, loss, trainable_mask, *, lit_cache=None, lit_grey_p: float = 0.0):
+def make_train_step(model, tx, loss, trainable_mask):
     """One optimizer (micro-)step. Gradients are computed for trainable parameters only.
 
-    lit_cache: [N, V, F] locked image-trunk features by record and view (vljax/lit_cache.py);
-    the batch then carries record indices instead of images.
+    A batch with "image_features" ([B, F], a locked trunk's stored features, vljax/features.py)
+    instead of "image" runs only the image tower's head on them.
     """
 
     def forward(params, batch, rng):
-        if lit_cache is not None:
-            from vljax.lit_cache import select
-            feats = select(lit_cache, batch["index"], jax.random.fold_in(rng, 1), lit_grey_p)
-            zimg = model.apply({"params": params}, feats, method=model.embed_image_features)
+        if "image_features" in batch:
+            zimg = model.apply({"params": params}, batch["image_features"], train=True,
+                               rngs={"dropout": rng}, method=model.image_head)
             _, ztxt, out = model.apply({"params": params}, None, batch["text"], train=True,
                                        rngs={"dropout": rng})
             return zimg, ztxt, out
@@ -273,27 +272,24 @@ class Trainer:
             path.mkdir(parents=True, exist_ok=True)
             (path / "config.json").write_text(config.to_json_best_effort(indent=1))
             factory.write_spec(path, self.spec)
-        self.lit_cache = None
-        self._evaluators = None
+        self._evaluators = self._embedder = None
 
     def initial_state(self, init_rng, train_rng):
         return init_state(self._init_params, self._init_opt, self.state_sh, self.config.get("model_init"),
                           init_rng, train_rng)
 
     # -- input ---------------------------------------------------------------------------------
-    def _lit_cache_enabled(self) -> bool:
-        return bool(self.config.get("lit_cache", False))
-
     def make_input(self):
+        """The training iterator; with `config.lit_cache` it reads the locked trunk's stored features
+        (written once under <workdir>/features/ with the current sharded params) instead of images."""
         from vljax.data import pipeline
-        if self._lit_cache_enabled():
-            from vljax import lit_cache
-            lit_cache.check_cacheable(self.config, _flat(self.trainable_mask))
-            params = to_host(self.state["params"])
-            self.lit_cache = lit_cache.build(self.model, params, self.config, self.workdir)
-        return pipeline.make_train_iterator(
-            self.config.input, self.tokenizer, seed=self.config.seed,
-            emit_index=self.lit_cache is not None)
+        stores = None
+        if self.config.get("lit_cache", False):
+            from vljax import features
+            stores = features.training_stores(self.config, self.model, self.state["params"],
+                                              _flat(self.trainable_mask), self.mesh, self.workdir)
+        return pipeline.make_train_iterator(self.config.input, self.tokenizer, seed=self.config.seed,
+                                            features=stores)
 
     # -- evaluation -------------------------------------------------------------------------------
     def evaluators(self):
@@ -303,12 +299,27 @@ class Trainer:
         return self._evaluators
 
     def embedder(self, params=None) -> Embedder:
-        """One Embedder per evaluation, over the training state's params as they are sharded."""
-        inp = self.config.input
-        return Embedder(self.model, self.state["params"] if params is None else params, self.tokenizer,
-                        mesh=self.mesh, image_size=inp.image_size,
-                        value_range=inp.get("value_range", "efficientnet"),
-                        batch_size=self.config.get("eval_batch_size", 64))
+        """One Embedder per evaluation, over the training state's params as they are sharded; the
+        towers compile once per run (`Embedder.with_params`)."""
+        params = self.state["params"] if params is None else params
+        if self._embedder is None:
+            inp = self.config.input
+            # A locked image trunk is evaluated from the feature store training uses (features
+            # written once per eval set, then only the head runs at each evaluation).
+            store = epath.Path(self.workdir) / "features" if self._image_trunk_locked() else None
+            self._embedder = Embedder(self.model, params, self.tokenizer, mesh=self.mesh,
+                                      image_size=inp.image_size,
+                                      value_range=inp.get("value_range", "efficientnet"),
+                                      batch_size=self.config.get("eval_batch_size", 64),
+                                      feature_store=store)
+            return self._embedder
+        return self._embedder.with_params(params)
+
+    def _image_trunk_locked(self) -> bool:
+        """Every image-tower parameter outside its head is locked (LiT) and lit_cache is on."""
+        flat = _flat(self.trainable_mask)
+        trunk = [v for k, v in flat.items() if k.startswith("img/") and not k.startswith("img/head/")]
+        return bool(self.config.get("lit_cache", False)) and bool(trunk) and not any(trunk)
 
     def evaluate(self, step: int, params=None) -> dict:
         emb = self.embedder(params)
@@ -331,11 +342,7 @@ class Trainer:
                                       resume_step=start if self.data_state is not None else None)
 
         loss = make_loss(config, mesh)
-        cache = None
-        if self.lit_cache is not None:
-            cache = to_global(self.lit_cache, NamedSharding(mesh, P()))
-        step_fn = make_train_step(self.model, self.tx, loss, self.trainable_mask, lit_cache=cache,
-                                  lit_grey_p=float((config.input.get("augment") or {}).get("greyscale", 0.0) or 0.0))
+        step_fn = make_train_step(self.model, self.tx, loss, self.trainable_mask)
         batch_sh = sharding.batch_sharding(mesh)
         train_step = jax.jit(step_fn, in_shardings=(self.state_sh, batch_sh),
                              out_shardings=(self.state_sh, None), donate_argnums=(0,))

@@ -114,7 +114,8 @@ class ViT(nn.Module):
         return cfg
 
     @nn.compact
-    def __call__(self, images, train: bool = False, patch_dropout: float | None = None):
+    def __call__(self, images=None, train: bool = False, patch_dropout: float | None = None,
+                 features=None):
         """images: [B, H, W, C] -> (features [B, num_classes or width], out).
 
         patch_dropout: overrides the attribute for this call (0.0: every patch, e.g. FLIP's
@@ -122,7 +123,22 @@ class ViT(nn.Module):
         out["tokens"]: [B, N, width] after the final norm, registers dropped (class token first
         when pool_type="cls"; N the kept patches under patch dropout); out["pre_logits"]:
         pooled [B, width]; out["logits"] with a head.
+        features: [B, width] pre_logits computed before (a locked trunk's stored features,
+        vljax/features.py): only the head is applied, with the same parameters (`head/...`).
         """
+        if features is None:
+            features, out = self._trunk(images, train, patch_dropout)
+        else:
+            out = {"pre_logits": features}
+        x = features
+        if self.num_classes:
+            x = out["logits"] = nn.Dense(self.num_classes, use_bias=self.head_bias,
+                                         dtype=self.dtype, param_dtype=self.param_dtype,
+                                         name="head")(x)
+        return x, out
+
+    def _trunk(self, images, train: bool, patch_dropout: float | None):
+        """Everything before the head: (pre_logits [B, width], out)."""
         if self.pool_type not in POOL_TYPES:
             raise ValueError(f"Unknown pool_type {self.pool_type!r}; expected one of {POOL_TYPES}")
         if images.ndim != 4:
@@ -188,9 +204,4 @@ class ViT(nn.Module):
                         ln_eps=self.ln_eps, dtype=self.dtype, param_dtype=self.param_dtype,
                         name="MAPHead_0")(x)
         out["pre_logits"] = x
-
-        if self.num_classes:
-            x = out["logits"] = nn.Dense(self.num_classes, use_bias=self.head_bias,
-                                         dtype=self.dtype, param_dtype=self.param_dtype,
-                                         name="head")(x)
         return x, out
