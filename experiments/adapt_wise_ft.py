@@ -37,7 +37,7 @@ def finetune(model_dir: str, out_dir: str, train_images: int, steps: int, lr: fl
     b = factory.load(model_dir)
     source, labels, names = data_lib.classification(
         "wise_ft", dict(name="vljax_fashion_mnist", split="train", max_examples=train_images))
-    feats_fn = jax.jit(lambda p, x: b.model.apply({"params": p}, x, method="image_features"))
+    feats_fn = jax.jit(lambda p, x: b.model.apply({"params": p}, x, method="image_trunk"))
     feats, index = [], []
     for batch in pipeline.make_eval_batches(source, batch_size=64, image_size=b.image_size,
                                             value_range=b.value_range):
@@ -53,7 +53,7 @@ def finetune(model_dir: str, out_dir: str, train_images: int, steps: int, lr: fl
 
     def loss_fn(head, xb, yb):
         p = dict(b.params, img=dict(b.params["img"], head=head))
-        z = b.model.apply({"params": p}, xb, method="embed_image_features")
+        z = b.model.apply({"params": p}, xb, method="image_head")
         return optax.softmax_cross_entropy_with_integer_labels(scale * z @ ztxt.T, yb).mean()
 
     opt = optax.adamw(optax.cosine_decay_schedule(lr, steps), weight_decay=0.1)
