@@ -73,10 +73,8 @@ class BaseToNewEvaluator(base.Evaluator):
 
     def run(self, embedder: base.Embedder) -> dict[str, float]:
         used = np.unique(np.concatenate(self.splits))
-        feats, readable = base.image_embeddings(embedder, data_lib.Subset(self.train_data, used))
-        row = np.full(len(self.train_labels), -1)
-        row[used[readable]] = np.arange(len(readable))
-        test, test_index = base.image_embeddings(embedder, self.test_data)
+        feats, row, test, test_index = fewshot.embed_train_test(
+            embedder, self.train_data, len(self.train_labels), used, self.test_data)
         y_test = self.test_labels[test_index]
         groups = {"base": self.base, "new": self.new}
         masks = {g: np.isin(y_test, cls) for g, cls in groups.items()}

@@ -75,6 +75,21 @@ class RidgeProbe:
         return np.concatenate(preds)
 
 
+def embed_train_test(embedder: base.Embedder, train_data, num_train: int, used: np.ndarray,
+                     test_data):
+    """Embeds only the train records in `used` (a large train split is never embedded whole)
+    and the test set.
+
+    Returns (feats [M, D], row [num_train]: the row of feats holding train record i, -1 when
+    it was not used or could not be read, test [T, D], test_index [T] readable test records).
+    """
+    feats, readable = base.image_embeddings(embedder, data_lib.Subset(train_data, used))
+    row = np.full(num_train, -1)
+    row[used[readable]] = np.arange(len(readable))
+    test, test_index = base.image_embeddings(embedder, test_data)
+    return feats, row, test, test_index
+
+
 FEWSHOT_DATA_KEYS = ("name", "label", "label_key", "train_split", "test_split", "per_class",
                      "data_dir", "max_examples")
 
@@ -167,10 +182,8 @@ class FewShotEvaluator(base.Evaluator):
     def run(self, embedder: base.Embedder) -> dict[str, float]:
         # Embed only the train records some seed uses: a large train split is never embedded.
         used = np.unique(np.concatenate([np.concatenate(t + [h]) for t, h in self.splits]))
-        feats, readable = base.image_embeddings(embedder, data_lib.Subset(self.train_data, used))
-        row = np.full(len(self.train_labels), -1)
-        row[used[readable]] = np.arange(len(readable))
-        test, test_index = base.image_embeddings(embedder, self.test_data)
+        feats, row, test, test_index = embed_train_test(
+            embedder, self.train_data, len(self.train_labels), used, self.test_data)
         test_labels = self.test_labels[test_index]
 
         def readable_only(idx):  # a record that cannot be read trains no probe

@@ -84,10 +84,8 @@ class FewShotAdaptEvaluator(fewshot.FewShotEvaluator):
 
     def run(self, embedder: base.Embedder) -> dict[str, float]:
         used = np.unique(np.concatenate([np.concatenate(t + [h]) for t, h in self.splits]))
-        feats, readable = base.image_embeddings(embedder, data_lib.Subset(self.train_data, used))
-        row = np.full(len(self.train_labels), -1)
-        row[used[readable]] = np.arange(len(readable))
-        test, test_index = base.image_embeddings(embedder, self.test_data)
+        feats, row, test, test_index = fewshot.embed_train_test(
+            embedder, self.train_data, len(self.train_labels), used, self.test_data)
         y_test = self.test_labels[test_index]
         ztxt = zeroshot.ensemble(zeroshot.class_text_embeddings(embedder, self.texts))
         scale = float(embedder.logit_scale)
