@@ -210,3 +210,27 @@ def test_pseudo_labels_are_class_balanced_and_confident():
     assert idx.tolist() == [0, 1, 2, 3, 4]
     idx, _ = pseudo_labels(z, ztxt, 10.0, per_class=5, min_confidence=0.9)
     assert idx.tolist() == [0, 1, 2, 4]
+
+
+def test_base_to_new_learns_on_base_classes_only_and_reports_h():
+    from vljax.evaluators.base_to_new import BaseToNewEvaluator, harmonic
+    names = ["cat", "dog", "cow", "owl"]
+    model, params, tok, _ = _learner("bert", names)
+    target = np.asarray(model.apply({"params": params}, None,
+                                    jnp.asarray(tok([f"x y z w {n}." for n in names])))[1])
+    rng = np.random.default_rng(0)
+    labels = np.tile(np.arange(4), 10)
+    table = target[labels] + 0.02 * rng.normal(size=(len(labels), 16))
+    table /= np.linalg.norm(table, axis=1, keepdims=True)
+    emb = _TinyEmbedder(table, model, params, tok, 30.0)
+    ev = BaseToNewEvaluator(list(range(20)), labels[:20], list(range(20, 40)), labels[20:], names,
+                            name="toy", templates=["a photo of a {}."], shots=4, seeds=1,
+                            methods=("templates", "coop"),
+                            coop=dict(steps=30, lr=0.5, batch_size=8))
+    # Only base-class (0, 1) images train: 4 shots each.
+    assert set(labels[ev.splits[0]]) == {0, 1} and len(ev.splits[0]) == 8
+    got = ev.run(emb)
+    for m in ("templates", "coop"):
+        p = f"base_to_new/toy/{m}"
+        assert got[f"{p}/harmonic"] == pytest.approx(harmonic(got[f"{p}/base"], got[f"{p}/new"]))
+    assert got["base_to_new/toy/coop/base"] >= got["base_to_new/toy/templates/base"]
