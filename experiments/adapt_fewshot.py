@@ -61,8 +61,9 @@ def tables(results: dict) -> str:
             continue
         m = results[name]["metrics"]
         prefix = f"fewshot_adapt/{name}"
-        shots = sorted({int(k.split("/")[-1][:-4]) for k in m if k.endswith("shot")})
-        methods = sorted({k.split("/")[2] for k in m if k.endswith("shot")},
+        per_shot = [k for k in m if k.split("/")[-1][:-4].isdigit() and k.endswith("shot")]
+        shots = sorted({int(k.split("/")[-1][:-4]) for k in per_shot})
+        methods = sorted({k.split("/")[2] for k in per_shot},
                          key=["ridge", "crossmodal", "tip", "tip_f", "coop", "cocoop"].index)
         lines += [f"\n{name} (test accuracy %, mean ± std over seeds; {results[name]['seconds']:.0f} s)\n",
                   "| method | " + " | ".join(f"{k} shot" for k in shots) + " |",
