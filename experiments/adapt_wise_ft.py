@@ -80,11 +80,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="/tmp/adapt_lit")
     parser.add_argument("--finetuned", default="/tmp/adapt_lit_ft")
-    parser.add_argument("--train_images", type=int, default=3000)
+    parser.add_argument("--train_images", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--alphas", default="0,0.25,0.5,0.75,1")
-    parser.add_argument("--test_images", type=int, default=1000)
+    parser.add_argument("--test_images", type=int, default=500)
     args = parser.parse_args()
     import ml_collections
 
