@@ -86,6 +86,20 @@ def tables(results: dict) -> str:
             if f"{p}/base" in m:
                 lines.append(f"| {meth} | {_pct(m[p + '/base'])} | {_pct(m[p + '/new'])} | "
                              f"{_pct(m[p + '/harmonic'])} |")
+    for name in ("openclipart_multilabel", "emoji_multilabel"):
+        if name not in results:
+            continue
+        m = results[name]["metrics"]
+        lines += [f"\n{name} (held-out test split, %; top-3 label sets and p >= 0.5; "
+                  f"{results[name]['seconds']:.0f} s)\n",
+                  "| head | mAP | CP@3 | CR@3 | CF1@3 | OP@3 | OR@3 | OF1@3 | CF1@thr | OF1@thr |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for meth in ("zeroshot", "bce", "asl", "wan"):
+            p = f"multilabel_train/{name}/{meth}/"
+            if p + "mAP" in m:
+                lines.append(f"| {meth} | " + " | ".join(_pct(m.get(p + k)) for k in (
+                    "mAP", "CP@3", "CR@3", "CF1@3", "OP@3", "OR@3", "OF1@3", "CF1@thr",
+                    "OF1@thr")) + " |")
     if "fmnist_labelfree" in results:
         m, p = results["fmnist_labelfree"]["metrics"], "labelfree/fmnist_labelfree"
         lines += ["\nfmnist_labelfree (Fashion-MNIST test accuracy %)\n",
