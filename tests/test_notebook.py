@@ -108,6 +108,11 @@ def test_lit_demo_notebook_classifies_its_photos(tmp_path, monkeypatch):
         rows = [json.loads(line) for line in f]
     assert max(r["step"] for r in rows) == 300
 
+    headline = next(t for s, t in by_source.items() if s.startswith("from vljax import metrics"))
+    fmnist = re.search(r"zeroshot/fashion_mnist/top1\s+([\d.]+)", headline)
+    # The demo reaches 24% on Fashion-MNIST's 10k test images (chance 10%).
+    assert fmnist and float(fmnist.group(1)) > 0.15, headline
+
     showcase = next(t for c, t in zip(cells, shown.values()) if "predictor.classify(list(photos" in "".join(c["source"]))
     tops = {line.split()[0]: line.split(None, 1)[1] for line in showcase.splitlines() if line.split()[:1] and line.split()[0] in PHOTOS}
     assert set(tops) == set(PHOTOS), showcase
