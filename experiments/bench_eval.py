@@ -4,14 +4,14 @@ r"""Zero-shot evaluation throughput: Fashion-MNIST test images/s with the demo m
     python experiments/bench_eval.py --images=500 --templates=photo   # a quick look
 
 The evaluator and embedder are the library's own (`vljax.evaluators.ZeroShotEvaluator` over
-`vljax.embedder.Embedder`), on the demo model of `configs/lit.py` (EfficientNet-Lite0 + MiniLM,
-112 px) with random weights (speed does not depend on them; `--pretrained` loads the config's
-towers). Class text embeddings are computed once per evaluation (10 classes x T templates in
-batches), then every image is scored against the [C, D] class matrix. Rows:
-  - "first run": the first evaluation, compilation included;
-  - "steady": later evaluations, images through the whole image tower;
-  - "locked trunk cached": the Embedder's image-feature cache (LiT's locked tower; the trainer's
-    periodic evaluations), where a repeat evaluation only runs the projection head.
+`vljax.embedder.Embedder`, which streams the images from the data pipeline), on the demo model of
+`configs/lit.py` (EfficientNet-Lite0 + MiniLM, 112 px) with random weights (speed does not depend
+on them; `--pretrained` loads the config's towers). Class text embeddings are computed once per
+evaluation (10 classes x T templates in batches), then every image is scored against the [C, D]
+class matrix. Rows:
+  - "first run": the first evaluation (a fresh Embedder), compilation included;
+  - "steady": later evaluations, each with a fresh Embedder (as the trainer makes one per
+    evaluation): reading, decoding and preprocessing the images, then the whole image tower.
 Images/s counts the test images over the whole evaluation (text embeddings included); the text
 and image parts are also timed on their own.
 """
@@ -30,10 +30,9 @@ from absl import app, flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from configs import lit as lit_config  # noqa: E402
-from vljax import train  # noqa: E402
-from vljax.data import eval_sets  # noqa: E402
+from vljax import sharding, train  # noqa: E402
 from vljax.embedder import Embedder  # noqa: E402
-from vljax.evaluators import base, zeroshot  # noqa: E402
+from vljax.evaluators import zeroshot  # noqa: E402
 
 _IMAGES = flags.DEFINE_integer("images", 1000, "Fashion-MNIST test images (the first in storage order).")
 _TEMPLATES = flags.DEFINE_string("templates", "clip80", "Prompt templates (vljax.evaluators.prompts).")
@@ -54,42 +53,42 @@ def main(argv):
     tokenizer = train.build_tokenizer(config)
 
     t0 = time.perf_counter()
-    data = eval_sets.classification_set("vljax_fashion_mnist", "test", image_size=config.input.image_size,
-                                        value_range=config.input.value_range, max_examples=_IMAGES.value)
+    ev = zeroshot.ZeroShotEvaluator.from_config("fashion_mnist", dict(
+        data=dict(name="vljax_fashion_mnist", split="test", max_examples=_IMAGES.value),
+        templates=_TEMPLATES.value))
     load_s = time.perf_counter() - t0
-    n = len(data["images"])
-    ev = zeroshot.ZeroShotEvaluator(data["images"], data["labels"], data["class_names"],
-                                    name="fashion_mnist", templates=_TEMPLATES.value)
+    n = len(ev.data)
     n_texts = sum(len(t) for t in ev.texts)
+    mesh = sharding.make_mesh([("data", -1)])
 
-    def timed_run(emb):
+    def embedder():
+        return Embedder(model, params, tokenizer, mesh=mesh, image_size=config.input.image_size,
+                        value_range=config.input.value_range, batch_size=_BATCH.value)
+
+    def timed_run():
         t0 = time.perf_counter()
-        metrics = ev.run(emb)
+        metrics = ev.run(embedder())
         return time.perf_counter() - t0, metrics
 
     rows = {}
-    emb = Embedder(model, params, tokenizer, batch_size=_BATCH.value)
-    first_s, metrics = timed_run(emb)
+    first_s, metrics = timed_run()
     rows["first run (compiles)"] = [first_s]
-    rows["steady"] = [timed_run(emb)[0] for _ in range(_REPEATS.value)]
+    rows["steady"] = [timed_run()[0] for _ in range(_REPEATS.value)]
     # The parts of a steady evaluation on their own.
+    emb = embedder()
     t0 = time.perf_counter()
-    zeroshot.class_text_embeddings(emb, ev.texts, ev.text_batch_size)
+    zeroshot.class_text_embeddings(emb, ev.texts)
     text_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    base.embed_images(emb, ev.images, ev.batch_size)
+    emb.embed_images(ev.data)
     image_s = time.perf_counter() - t0
-
-    cached = Embedder(model, params, tokenizer, batch_size=_BATCH.value, image_feature_cache=True)
-    timed_run(cached)  # fills the trunk-feature cache (and compiles)
-    rows["locked trunk cached"] = [timed_run(cached)[0] for _ in range(_REPEATS.value)]
 
     res = {k: dict(seconds=float(np.median(v)), images_per_s=n / float(np.median(v)), all_s=v)
            for k, v in rows.items()}
     out = dict(config="configs/lit.py", images=n, image_size=config.input.image_size, classes=len(ev.texts),
                texts=n_texts, templates=_TEMPLATES.value, batch=_BATCH.value, pretrained=_PRETRAINED.value,
                runs=res, text_embeddings_s=text_s, text_per_s=n_texts / text_s, image_embeddings_s=image_s,
-               image_tower_images_per_s=n / image_s, dataset_load_s=load_s,
+               image_stream_images_per_s=n / image_s, metadata_load_s=load_s,
                top1=metrics["zeroshot/fashion_mnist/top1"],
                peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                loadavg_start=load_start, loadavg_end=os.getloadavg(), cpus=os.cpu_count())
@@ -101,8 +100,8 @@ def main(argv):
     for k, r in res.items():
         print(f"| {k} | {r['seconds']:.2f} | {r['images_per_s']:.0f} |")
     print(f"parts of a steady evaluation: class text embeddings {text_s:.2f} s once ({n_texts} prompts, "
-          f"{out['text_per_s']:.0f}/s), image embeddings {image_s:.2f} s ({out['image_tower_images_per_s']:.0f} "
-          f"images/s); loading + preprocessing the images {load_s:.1f} s (not counted); "
+          f"{out['text_per_s']:.0f}/s), image embeddings (read, decode, preprocess, tower) {image_s:.2f} s "
+          f"({out['image_stream_images_per_s']:.0f} images/s); reading labels {load_s:.1f} s (not counted); "
           f"load average {load_start} -> {out['loadavg_end']}")
     os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
     with open(_OUT.value, "w") as f:

@@ -30,7 +30,7 @@ from absl import app, flags
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from configs import lit as lit_config  # noqa: E402
 from vljax import optim, sharding, train  # noqa: E402
-from vljax.data import eval_sets  # noqa: E402
+from vljax.data import pipeline  # noqa: E402
 
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps of each kind (after one compile step).")
 _BATCH = flags.DEFINE_integer("batch", 0, "Override the config's batch size (0 = the config's).")
@@ -44,10 +44,10 @@ def real_batches(config, tokenizer, n):
     b, s = config.input.batch_size, config.input.image_size
     images, captions = [], []
     for name in ("vljax_emoji", "vljax_openclipart"):
-        data = eval_sets.retrieval_set(name, "train", image_size=s, value_range=config.input.value_range,
-                                       max_examples=(n * b) // 2 + b)
-        images.append(data["images"])
-        captions += [c[0] for c in data["captions"]]
+        x, caps = pipeline.first_examples(dict(name=name, split="train"), (n * b) // 2 + b,
+                                          image_size=s, value_range=config.input.value_range)
+        images.append(x)
+        captions += caps
     images = np.concatenate(images)[: n * b]
     texts = tokenizer(captions[: n * b])
     return images, texts

@@ -73,17 +73,17 @@ DEFAULT_STEPS = {"tiny": 20, "base": 6, "b16": 20}
 def real_batches(size: dict, n: int, seed: int = 0):
     """n batches of real images (emoji + openclipart, half each) and captions, CLIP-tokenised."""
     import numpy as np
-    from vljax.data import eval_sets
+    from vljax.data import pipeline
     from vljax.tokenizers import get_tokenizer
 
     s, b = size["img"]["image_size"], size["batch"]
     tok = get_tokenizer("clip", max_len=size["txt"]["max_len"])
     images, captions = [], []
     for name in ("vljax_emoji", "vljax_openclipart"):  # a margin for records without a caption
-        data = eval_sets.retrieval_set(name, "train", image_size=s, value_range="clip",
-                                       max_examples=(n * b) // 2 + b)
-        images.append(data["images"])
-        captions += [c[0] for c in data["captions"]]
+        x, caps = pipeline.first_examples(dict(name=name, split="train"), (n * b) // 2 + b,
+                                          image_size=s, value_range="clip")
+        images.append(x)
+        captions += caps
     images = np.concatenate(images)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(images))[: n * b]

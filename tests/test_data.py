@@ -16,7 +16,6 @@ import tensorflow_datasets as tfds
 
 from vljax.data import demo_emoji
 from vljax.data import demo_openclipart
-from vljax.data import eval_sets
 from vljax.data import pipeline
 from vljax.data import sources
 from vljax.data import tfds_writer
@@ -448,45 +447,54 @@ def test_state_restore_and_counts_with_worker_processes(tmp_path):
 
 # --- eval batches and sets ----------------------------------------------------------------------
 
-def test_eval_batches_pad_and_mask(tmp_path):
+def test_eval_batches_slice_and_mask(tmp_path):
     root = _bad_records_folder(tmp_path)
     data = dict(source="folder", path=str(root), label_from_folder=True)
     ev = pipeline.make_eval_batches(data, batch_size=4, image_size=8, tokenizer=CharTokenizer(),
                                     process_index=0, process_count=1)
     batches = list(ev)
     assert len(batches) == len(ev) == 3
-    assert [b["mask"].tolist() for b in batches][-1] == [False, False, False, False]  # 8, 9 bad
+    assert [len(b["mask"]) for b in batches] == [4, 4, 2]  # the consumer pads the last batch
+    assert batches[-1]["mask"].tolist() == [False, False]  # records 8, 9 are bad
     assert sum(int(b["mask"].sum()) for b in batches) == 7
     assert ev.skipped == {"missing_file": 1, "decode_error": 1, "empty_caption": 1, "read_error": 0}
     np.testing.assert_array_equal(batches[0]["image"], list(ev)[0]["image"])  # deterministic
-    # Two processes: same number of batches each, all 10 records covered once.
+    # Two processes: same number of batches each; process p reads rows [2p, 2p + 2) of every
+    # global batch of 4, so their concatenation is the 10 records in order.
     per = [list(pipeline.make_eval_batches(data, batch_size=4, image_size=8, process_index=p,
                                            process_count=2)) for p in range(2)]
     assert len(per[0]) == len(per[1]) == 3
+    order = np.concatenate([np.concatenate([per[p][j]["index"] for p in range(2)]) for j in range(3)])
+    np.testing.assert_array_equal(order, np.arange(10))
+    assert [len(b["index"]) for b in per[1]] == [2, 2, 0]
     # Without a tokenizer, a record whose caption is empty still counts as an image.
     assert sum(int(b["mask"].sum()) for p in per for b in p) == 8
 
 
-def test_eval_sets_on_a_tiny_tfds_set(tmp_path):
+def test_evaluators_read_metadata_of_a_tiny_tfds_set(tmp_path):
+    from vljax.evaluators import FewShotEvaluator, MultilabelEvaluator, RetrievalEvaluator
+    from vljax.evaluators import ZeroShotEvaluator, data as eval_data
     tfds_writer.write_tfds(_tiny_spec(), tmp_path)
-    cls = eval_sets.classification_set("vljax_tiny", "train", 8, (0, 1), data_dir=tmp_path)
-    n = len(cls["labels"])
-    assert cls["images"].shape == (n, 8, 8, 3) and cls["class_names"] == ["a b", "c d", "e"]
-    ret = eval_sets.retrieval_set("vljax_tiny", "train", 8, (0, 1), data_dir=tmp_path)
-    images, caps = ret["images"], ret["captions"]
-    assert len(images) == len(caps) == n and all(c[0].startswith("image ") for c in caps)
-    # Each image's colour identifies its record: the labels must be aligned with the images.
-    ids = [int(c[0].split()[1]) for c in caps]
-    assert cls["labels"].tolist() == [k % 3 for k in ids]
-    np.testing.assert_allclose(images[:, 4, 4], [np.asarray(_colour(k)) / 255 for k in ids],
-                               atol=1e-6)
-    ml = eval_sets.multilabel_set("vljax_tiny", "train", 8, data_dir=tmp_path)
-    assert ml["class_names"] == ["x", "y", "z"] and ml["labels"].shape == (n, 3)
-    assert ml["labels"].tolist() == [[k % 2 == 0, k % 2 == 1, True] for k in ids]
-    # Few-shot: at most per_class train images per class; the config alias `label` works.
-    fs = eval_sets.fewshot_set("vljax_tiny", 8, label="label", per_class=1, data_dir=tmp_path)
-    assert sorted(fs["train_labels"].tolist()) == sorted(set(cls["labels"].tolist()))
-    assert len(fs["test_images"]) == len(fs["test_labels"]) == 12 - n
+    base = dict(name="vljax_tiny", split="train", data_dir=tmp_path)
+    cls = ZeroShotEvaluator.from_config("t", dict(data=base, templates="name"))
+    n = len(cls.labels)
+    assert cls.class_names == ["a b", "c d", "e"]
+    ids = [int(eval_data.field(cls.data, i, "id").decode()[4:]) for i in range(n)]
+    assert cls.labels.tolist() == [k % 3 for k in ids]
+    ret = RetrievalEvaluator.from_config("t", dict(data=base))
+    # Odd records have an empty second caption; every record keeps its non-empty ones, in order.
+    assert ret.captions == [[f"image {k}"] + ([] if k % 2 else [f"thing {k}"]) for k in ids]
+    ml = MultilabelEvaluator.from_config("t", dict(data=base, templates="name"))
+    assert ml.class_names == ["x", "y", "z"]
+    assert ml.targets.tolist() == [[k % 2 == 0, k % 2 == 1, True] for k in ids]
+    # Few-shot: at most per_class train records per class; the config alias `label` works.
+    fs = FewShotEvaluator.from_config("t", dict(data=dict(name="vljax_tiny", label="label",
+                                                          per_class=1, data_dir=tmp_path),
+                                                shots=(1,), l2_regs=(1.0,)))
+    assert sorted(fs.train_labels.tolist()) == sorted(set(cls.labels.tolist()))
+    assert len(fs.test_data) == len(fs.test_labels) == 12 - n
+    capped = ZeroShotEvaluator.from_config("t", dict(data=dict(base, max_examples=2), templates="name"))
+    assert len(capped.data) == 2 and capped.labels.tolist() == cls.labels[:2].tolist()
 
 
 # --- the real demo datasets (build them first) ---------------------------------------------------
@@ -499,10 +507,14 @@ def _need_demo(name):
 @pytest.mark.slow
 def test_demo_fashion_mnist_classification_set():
     _need_demo("vljax_fashion_mnist")
-    s = eval_sets.classification_set("fashion_mnist", "test", 28, (0, 1), max_examples=200)
-    assert s["images"].shape == (200, 28, 28, 3) and s["class_names"][9] == "ankle boot"
-    assert set(s["labels"].tolist()) == set(range(10))
-    assert np.allclose(s["images"][..., 0], s["images"][..., 2])  # greyscale source
+    from vljax.evaluators import ZeroShotEvaluator
+    ev = ZeroShotEvaluator.from_config("f", dict(data=dict(name="fashion_mnist", split="test",
+                                                           max_examples=200)))
+    assert len(ev.data) == len(ev.labels) == 200 and ev.class_names[9] == "ankle boot"
+    assert set(ev.labels.tolist()) == set(range(10))
+    batch = next(iter(pipeline.make_eval_batches(ev.data, batch_size=8, image_size=28,
+                                                 value_range=(0, 1))))
+    assert np.allclose(batch["image"][..., 0], batch["image"][..., 2])  # greyscale source
 
 
 @pytest.mark.slow
@@ -516,5 +528,7 @@ def test_demo_emoji_variants_share_a_split_and_names_are_readable():
         base[split] = {re.sub(r", [a-z -]+ skin tones?$", "", c) for c in names}
     assert n_variants > 1000
     assert not base["train"] & base["test"] and not base["train"] & base["val"]
-    s = eval_sets.classification_set("emoji", "test", 32, label_key="subcategory", max_examples=50)
-    assert "animal mammal" in s["class_names"] and len(s["class_names"]) == 99
+    from vljax.evaluators import ZeroShotEvaluator
+    ev = ZeroShotEvaluator.from_config("e", dict(data=dict(name="emoji", split="test",
+                                                           label="subcategory", max_examples=50)))
+    assert "animal mammal" in ev.class_names and len(ev.class_names) == 99

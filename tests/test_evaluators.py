@@ -1,7 +1,7 @@
 """Evaluators on constructed embeddings whose metrics are known by hand.
 
-A `TableEmbedder` stands in for a model: an "image" [1, 1, 3] carries its row index in an
-embedding table, a text is looked up by its exact string. Every expected number below is
+A `TableEmbedder` stands in for a model: a data set is a list of records, each record its row
+in an image embedding table; a text is looked up by its exact string. Every expected number below is
 worked out in the comment next to it.
 """
 import json
@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 
+from vljax.embedder import Embedded
 from vljax.evaluators import EVALUATORS, Embedder, base, prompts
 from vljax.evaluators import fewshot, gzsl, multilabel, retrieval, soups, zeroshot
 
@@ -19,17 +20,20 @@ def normalize(x):
 
 
 class TableEmbedder:
-    """Embeds image i as normalize(image_table[i]) and text t as normalize(text_table[t])."""
+    """Embeds record r as normalize(image_table[r]) and text t as normalize(text_table[t]);
+    the records at positions in `unreadable` cannot be read (they are left out)."""
 
-    def __init__(self, image_table, text_table, logit_scale=10.0, logit_bias=None):
+    def __init__(self, image_table, text_table, logit_scale=10.0, logit_bias=None, unreadable=()):
         self.image_table = np.asarray(image_table, np.float64)
         self.text_table = {k: np.asarray(v, np.float64) for k, v in text_table.items()}
         self.logit_scale, self.logit_bias = logit_scale, logit_bias
-        self.text_calls, self.image_batch_sizes = [], []
+        self.unreadable = set(unreadable)
+        self.text_calls, self.image_calls = [], []
 
-    def embed_images(self, images):
-        self.image_batch_sizes.append(len(images))
-        return normalize(self.image_table[images[:, 0, 0, 0].astype(int)])
+    def embed_images(self, data):
+        self.image_calls.append([data[i] for i in range(len(data))])
+        index = np.asarray([i for i in range(len(data)) if i not in self.unreadable], np.int64)
+        return Embedded(z=normalize(self.image_table[[data[i] for i in index]]), index=index)
 
     def embed_texts(self, texts):
         self.text_calls.append(list(texts))
@@ -37,9 +41,8 @@ class TableEmbedder:
 
 
 def index_images(n):
-    """n fake images [n, 1, 1, 3] float32 whose pixels hold their index."""
-    return np.broadcast_to(np.arange(n, dtype=np.float32)[:, None, None, None],
-                           (n, 1, 1, 3)).copy()
+    """A data set of n records, record i being row i of the image table."""
+    return list(range(n))
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -84,15 +87,21 @@ def test_class_names_and_descriptions_files(tmp_path):
 
 # ------------------------------------------------------------------------------ base
 
-def test_protocol_batches_and_padding():
-    emb = TableEmbedder(np.eye(3)[[0, 1, 2, 0, 1]], {})
+def test_protocol_and_unreadable_records_are_left_out():
+    emb = TableEmbedder(np.eye(3)[[0, 1, 2, 0, 1]], {}, unreadable={1})
     assert isinstance(emb, Embedder)
-    z = base.embed_images(emb, index_images(5), batch_size=2)
-    np.testing.assert_allclose(z, np.eye(3)[[0, 1, 2, 0, 1]])
-    # Three calls of one shape (the last batch padded then trimmed): one jit compile.
-    assert emb.image_batch_sizes == [2, 2, 2]
-    z = base.embed_images(emb, index_images(5), batch_size=8, indices=np.array([4, 2]))
-    np.testing.assert_allclose(z, np.eye(3)[[1, 2]])
+    z, index = base.image_embeddings(emb, index_images(5))
+    np.testing.assert_allclose(z, np.eye(3)[[0, 2, 0, 1]])
+    np.testing.assert_array_equal(index, [0, 2, 3, 4])
+
+
+def test_zeroshot_labels_follow_the_readable_records():
+    # Image 1 (label 0, predicted 1) cannot be read: top-1 is over the 6 others, 5 correct.
+    emb, images, labels = zeroshot_case()
+    emb.unreadable = {1}
+    ev = zeroshot.ZeroShotEvaluator(images, labels, ["cat", "dog", "bird"], name="toy",
+                                    templates="name")
+    assert ev.run(emb)["zeroshot/toy/top1"] == pytest.approx(5 / 6)
 
 
 def test_ranks_break_ties_by_lower_index():
@@ -120,7 +129,7 @@ def zeroshot_case():
 def test_zeroshot_accuracies_by_hand():
     emb, images, labels = zeroshot_case()
     ev = zeroshot.ZeroShotEvaluator(images, labels, ["Cat", "dog", "bird"], name="toy",
-                                    templates="name", ks=(1, 2, 5), batch_size=3)
+                                    templates="name", ks=(1, 2, 5))
     result = ev.evaluate(emb)
     assert result.metrics == pytest.approx({
         "zeroshot/toy/top1": 5 / 7,   # images 0, 2, 4, 5, 6
@@ -149,7 +158,7 @@ def test_prompt_ensembling_is_the_renormalised_mean_and_embedded_once():
 
     emb.text_calls.clear()
     ev = zeroshot.ZeroShotEvaluator(index_images(3), [0, 1, 0], ["cat", "dog"], name="t",
-                                    templates=["a {}.", "the {}."], text_batch_size=64)
+                                    templates=["a {}.", "the {}."])
     ev.run(emb)
     # All 2 classes x 2 templates in a single call, once per evaluation.
     assert emb.text_calls == [["a cat.", "the cat.", "a dog.", "the dog."]]
@@ -269,6 +278,12 @@ def test_retrieval_evaluator_by_hand():
     assert ev.run(emb) == pytest.approx({
         "retrieval/toy/i2t_r1": 1 / 3, "retrieval/toy/i2t_r2": 2 / 3, "retrieval/toy/i2t_r3": 1,
         "retrieval/toy/t2i_r1": 1 / 4, "retrieval/toy/t2i_r2": 1.0, "retrieval/toy/t2i_r3": 1})
+    # Image 0 unreadable: its captions a, b leave with it. e1 scores (c, d) = (.6, .8), e2
+    # (.8, .6): each ranks its own caption second, and each caption its own image second.
+    emb.unreadable = {0}
+    assert ev.run(emb) == pytest.approx({
+        "retrieval/toy/i2t_r1": 0.0, "retrieval/toy/i2t_r2": 1.0, "retrieval/toy/i2t_r3": 1,
+        "retrieval/toy/t2i_r1": 0.0, "retrieval/toy/t2i_r2": 1.0, "retrieval/toy/t2i_r3": 1})
 
 
 # ------------------------------------------------------------------------- multilabel
@@ -421,9 +436,9 @@ def test_greedy_soup_skips_a_bad_ingredient():
 
 def test_registry_builds_from_kwargs():
     emb, images, labels = zeroshot_case()
-    config = {"zeroshot": dict(images=images, labels=labels, class_names=["cat", "dog", "bird"],
+    config = {"zeroshot": dict(data=images, labels=labels, class_names=["cat", "dog", "bird"],
                                name="toy", templates="name"),
-              "retrieval": dict(images=images[:3], captions=[["cat"], ["dog"], ["bird"]],
+              "retrieval": dict(data=images[:3], captions=[["cat"], ["dog"], ["bird"]],
                                 name="toy", ks=(1,))}
     metrics = {}
     for kind, kwargs in config.items():

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from helpers import REPO, make_shapes_manifest, tiny_config
 
-from vljax import evaluate, soup, train
+from vljax import evaluate, sharding, soup, train
 from vljax.embedder import Embedder
 from vljax.inference import Predictor, cli
 
@@ -21,6 +21,11 @@ TINY_EVALS = dict(
                                           max_examples=24), templates="icon"),
     emoji_retrieval=dict(type="retrieval", data=dict(name="vljax_emoji", split="val", max_examples=24)),
 )
+
+
+def _embedder(model, params, tokenizer):
+    mesh = sharding.make_mesh([("data", 1)], devices=jax.devices()[:1])
+    return Embedder(model, params, tokenizer, mesh=mesh, image_size=32, value_range=(-1.0, 1.0))
 
 
 def _run(args, timeout=300):
@@ -79,8 +84,8 @@ def test_predictor_loads_a_workdir(workdir, shapes):
                                            write_config=False).state["params"])
     for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(p.params)):
         np.testing.assert_array_equal(a, b)
-    emb = Embedder(p.model, resumed, p.tokenizer)
-    np.testing.assert_allclose(zimg, emb.embed_images(p.preprocess(paths)), atol=1e-6)
+    emb = _embedder(p.model, resumed, p.tokenizer)
+    np.testing.assert_allclose(zimg, emb.embed_image_array(p.preprocess(paths)), atol=1e-6)
     from PIL import Image
     arrays = [np.asarray(Image.open(f).convert("RGB")) for f in paths]
     np.testing.assert_allclose(p.embed_images(arrays), zimg, atol=1e-6)
@@ -218,7 +223,7 @@ def test_soups_of_real_checkpoints(workdir, tmp_path):
     # A saved soup is a workdir: the predictor loads exactly the averaged params...
     soup.save_workdir(spec, config, results["uniform"]["params"], str(tmp_path / "uniform"))
     p = Predictor.load(str(tmp_path / "uniform"))
-    ref = Embedder(model, results["uniform"]["params"], p.tokenizer)
+    ref = _embedder(model, results["uniform"]["params"], p.tokenizer)
     np.testing.assert_allclose(p.embed_texts(LABELS), ref.embed_texts(LABELS), atol=1e-6)
     # ... and the latest checkpoints of several workdirs are ingredients too.
     _, _, latest = soup.load_ingredients([workdir, str(tmp_path / "uniform")])
@@ -317,12 +322,10 @@ def test_lit_demo_classifies_real_images(tmp_path):
 
 
 def test_every_evaluator_type_builds_from_config_entries():
-    """Each evaluator type of eval_builder accepts what build_one passes it (data dict, name, plot_dir)."""
+    """Each evaluator type reads its own config entry: from_config(name, spec, plot_dir=...)."""
     import inspect
-    from vljax import eval_builder
     from vljax.evaluators import EVALUATORS
-    for kind in eval_builder._LOADERS:
-        params = inspect.signature(EVALUATORS[kind].__init__).parameters
-        assert "name" in params, kind
-        if kind == "zeroshot":
-            assert "plot_dir" in params
+    for kind, cls in EVALUATORS.items():
+        params = inspect.signature(cls.from_config).parameters
+        assert list(params)[:2] == ["name", "spec"] and "plot_dir" in params, kind
+        assert "name" in inspect.signature(cls.__init__).parameters, kind

@@ -5,8 +5,8 @@ r"""Evaluate a model with a config's evaluators: a vljax workdir or a converted 
 
 `--model` is anything `vljax.factory.load` takes (a workdir: its latest checkpoint; a
 transformers CLIP directory). The evaluators are `config.evals` (default: the workdir's own
-config.json), built by vljax/eval_builder.py with the MODEL's image size and normalisation, so a
-converted CLIP at 224 px is evaluated on the same data as a demo LiT model at 112 px.
+config.json), built by vljax/eval_builder.py; images are streamed with the MODEL's image size and
+normalisation, so a converted CLIP at 224 px is evaluated on the same data as a demo LiT model at 112 px.
 Unlike `vljax.main --mode=eval`, nothing is written into the model's directory.
 """
 from __future__ import annotations
@@ -23,15 +23,18 @@ from vljax import logs
 
 
 def evaluate(predictor, config, only=None, plot_dir: str | None = None) -> dict[str, float]:
-    """Runs `config.evals` (or those named in `only`) on a `Predictor`; {metric: value}."""
-    from vljax import eval_builder
+    """Runs `config.evals` (or those named in `only`) on a `Predictor`; {metric: value}.
+
+    One Embedder streams every eval set over a mesh of all devices (params replicated), with the
+    model's image size and normalisation; evals over the same data or class prompts share it.
+    """
+    from vljax import eval_builder, sharding
     from vljax.embedder import Embedder
-    evaluators = eval_builder.build(config, plot_dir, image_size=predictor.image_size,
-                                    value_range=predictor.value_range, only=only)
-    # Evals over the same images (zero-shot and GZSL on one test set) share the image tower's
-    # forward pass: features are cached per image array (params are fixed here).
+    evaluators = eval_builder.build(config, plot_dir, only=only)
     embedder = Embedder(predictor.model, predictor.params, predictor.tokenizer,
-                        batch_size=config.get("eval_batch_size", 32), image_feature_cache=True)
+                        mesh=sharding.make_mesh([("data", -1)]), image_size=predictor.image_size,
+                        value_range=predictor.value_range,
+                        batch_size=config.get("eval_batch_size", 64))
     results = {}
     for name, ev in evaluators.items():
         t0 = time.perf_counter()

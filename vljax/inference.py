@@ -23,11 +23,17 @@ class Predictor:
 
     def __init__(self, model, params, tokenizer, *, image_size: int, value_range, batch_size: int = 32,
                  loss: str = "softmax"):
+        import jax
+
+        from vljax import sharding
         from vljax.embedder import Embedder
         self.model, self.params, self.tokenizer = model, params, tokenizer
         self.image_size, self.value_range = image_size, value_range
         self.sigmoid = loss == "sigmoid"
-        self.embedder = Embedder(model, params, tokenizer, batch_size=batch_size)
+        # A few photos at a time: one local device is enough (vljax.evaluate shards data sets).
+        mesh = sharding.make_mesh([("data", 1)], devices=jax.local_devices()[:1])
+        self.embedder = Embedder(model, params, tokenizer, mesh=mesh, image_size=image_size,
+                                 value_range=value_range, batch_size=batch_size)
 
     # -- loading --------------------------------------------------------------------------------
     @classmethod
@@ -66,7 +72,7 @@ class Predictor:
 
     # -- API ------------------------------------------------------------------------------------
     def embed_images(self, images) -> np.ndarray:
-        return self.embedder.embed_images(self.preprocess(images))
+        return self.embedder.embed_image_array(self.preprocess(images))
 
     def embed_texts(self, texts) -> np.ndarray:
         return self.embedder.embed_texts(list(texts))

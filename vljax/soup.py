@@ -20,8 +20,6 @@ import sys
 import jax
 import ml_collections
 from etils import epath
-import numpy as np
-from flax import traverse_util
 
 from vljax.evaluators import soups
 
@@ -52,34 +50,24 @@ def load_ingredients(workdirs, all_steps: bool = False):
     return spec, model, out
 
 
-def _shared_image_trunk(params_list) -> bool:
-    """True when every ingredient has the same image tower below its head (a locked LiT tower):
-    its features are then computed once for all soups."""
-    flats = [traverse_util.flatten_dict(p["img"], sep="/") for p in params_list]
-    return all(np.array_equal(f[k], flats[0][k]) for f in flats[1:] for k in flats[0]
-               if not k.startswith("head/"))
-
-
 def cook(spec, model, ingredients, evaluators, select_metric: str, batch_size: int = 64) -> dict:
     """Scores each ingredient, the uniform soup and the greedy soup on every evaluator.
 
     Returns {"select_metric", "ingredients": [{"name", "metrics"}], "uniform": {"metrics", "params"},
              "greedy": {"metrics", "params", "ingredients": [names], "steps": [...]}}.
     """
-    from vljax import factory
+    from vljax import factory, sharding
     from vljax.embedder import Embedder
     tokenizer = factory.build_tokenizer(spec)
+    mesh = sharding.make_mesh([("data", -1)])
     names, params_list = [n for n, _ in ingredients], [p for _, p in ingredients]
-    cache = {} if _shared_image_trunk(params_list) else None
     scored = {}  # id(params) -> metrics: each ingredient and candidate soup is evaluated once
 
     def evaluate(params):
         key = id(params)
         if key not in scored:
-            emb = Embedder(model, params, tokenizer, batch_size=batch_size,
-                           image_feature_cache=cache is not None)
-            if cache is not None:
-                emb._cache = cache
+            emb = Embedder(model, params, tokenizer, mesh=mesh, image_size=spec["image_size"],
+                           value_range=factory.value_range(spec), batch_size=batch_size)
             metrics = {}
             for ev in evaluators.values():
                 metrics.update(ev.run(emb))
@@ -137,9 +125,7 @@ def main(argv):
     select = _SELECT.value or eval_config.get("select_metric")
     if not select:
         raise app.UsageError("give --select_metric (the config has no select_metric)")
-    from vljax import factory
-    evaluators = eval_builder.build(eval_config, image_size=spec["image_size"],
-                                    value_range=factory.value_range(spec))
+    evaluators = eval_builder.build(eval_config)
     results = cook(spec, model, ingredients, evaluators, select,
                    batch_size=config.get("eval_batch_size", 64))
     print(report(results))

@@ -197,15 +197,19 @@ def make_eval_batches(data, *, batch_size: int, image_size: int, value_range="ef
                       tokenizer=None, data_dir=None, read_threads: int = 4,
                       process_index: int | None = None, process_count: int | None = None,
                       greyscale: bool = False):
-    """Yields eval batches over one source, in order, each record once.
+    """Yields this process's rows of the eval batches over one source, in order, each record once.
 
     data: a source config entry (dict(source="tfds", name=..., split=..., label_key=...)) or a
-    source object. Batches: {"image": f32 [b, S, S, 3], "label": i32 [b], "mask": bool [b],
-    "text": i32 [b, L] (with a tokenizer: the first caption)}, b = batch_size // process_count.
-    The last batches are padded (zeros, mask False), and so are records that cannot be read
-    (counted in `EvalBatches.skipped`). Every process yields the same number of batches, as
-    collective evaluation steps need. `greyscale=True` turns every image grey (3 equal channels),
-    exactly as the training augmentation does.
+    source object. Global batch j covers records [j*B, (j+1)*B) (B = batch_size); process p
+    reads rows [j*B + p*b, j*B + (p+1)*b) of it (b = B // process_count), contiguous like
+    `ProcessSlice` in training, so the batch gathered over processes is in record order.
+    Batches: {"image": f32 [n, S, S, 3], "label": i32 [n], "index": i32 [n] (record indices),
+    "mask": bool [n], "text": i32 [n, L] (with a tokenizer: the first caption)}, n = b except in
+    the last batch, where n is what is left of the source (possibly 0). The consumer pads
+    (vljax/embedder.py). A record that cannot be read keeps its row with a zero image and
+    mask False (counted in `EvalBatches.skipped`). Every process yields `num_batches` batches,
+    as collective evaluation steps need. `greyscale=True` turns every image grey (3 equal
+    channels), exactly as the training augmentation does.
     """
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
@@ -216,17 +220,36 @@ def make_eval_batches(data, *, batch_size: int, image_size: int, value_range="ef
                        process_index=process_index, process_count=process_count, greyscale=greyscale)
 
 
+class _ProcessRows:
+    """The records process p reads, in order: rows [j*B + p*b, j*B + (p+1)*b) of every global
+    batch j, cut at the end of the source."""
+
+    def __init__(self, source, global_batch: int, process_index: int, process_count: int):
+        self.source, self.B = source, global_batch
+        self.b = global_batch // process_count
+        self.lo = process_index * self.b
+        n = len(source)
+        self.rows = [j * self.B + r for j in range(math.ceil(n / self.B))
+                     for r in range(self.lo, self.lo + self.b) if j * self.B + r < n]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, k):
+        return {**self.source[self.rows[k]], "index": self.rows[k]}
+
+
 class EvalBatches:
-    """Iterable of padded eval batches (see make_eval_batches); `skipped` counts unreadable records
-    of the last pass, per reason; `num_batches` is the same on every process."""
+    """Iterable of eval batches (see make_eval_batches); `skipped` counts unreadable records of
+    the last pass, per reason; `num_batches` is the same on every process."""
 
     def __init__(self, source, *, batch_size, image_size, value_range, tokenizer, read_threads,
                  process_index, process_count, greyscale=False):
         self.source = source
         self.batch = _local_batch_size(batch_size, process_count)
+        self.global_batch = batch_size
         self.num_examples = len(self.source)
-        per_process = math.ceil(self.num_examples / process_count)
-        self.num_batches = math.ceil(per_process / self.batch)
+        self.num_batches = math.ceil(self.num_examples / batch_size)
         # Without a tokenizer nothing reads the captions: records without one still count.
         self._pre = Preprocess(image_size=image_size, value_range=_value_range(value_range),
                                require_caption=tokenizer is not None, force_greyscale=greyscale)
@@ -239,23 +262,44 @@ class EvalBatches:
 
     def __iter__(self):
         pi, pc = self._shard
-        ds = grain.MapDataset.source(self.source)[pi::pc].map(self._pre.eval)
+        rows = _ProcessRows(self.source, self.global_batch, pi, pc)
+        ds = grain.MapDataset.source(rows).map(lambda r: (r["index"], self._pre.eval(r)))
         it = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=self._threads,
                                                        prefetch_buffer_size=2 * self.batch)))
         self.skipped = dict.fromkeys(SKIP_REASONS, 0)
         s = self._pre.image_size
-        for _ in range(self.num_batches):
-            exs = [ex for _, ex in zip(range(self.batch), it)]
-            image = np.zeros((self.batch, s, s, 3), np.float32)
-            label = np.full((self.batch,), -1, np.int32)
-            mask = np.zeros((self.batch,), bool)
-            captions = [""] * self.batch
-            for j, ex in enumerate(exs):
+        for j in range(self.num_batches):
+            n = max(0, min(self.batch, self.num_examples - j * self.global_batch - rows.lo))
+            exs = [ex for _, ex in zip(range(n), it)]
+            image = np.zeros((n, s, s, 3), np.float32)
+            label = np.full((n,), -1, np.int32)
+            index = np.asarray([i for i, _ in exs], np.int32).reshape(n)
+            mask = np.zeros((n,), bool)
+            captions = [""] * n
+            for k, (_, ex) in enumerate(exs):
                 if "skip" in ex:
                     self.skipped[ex["skip"]] += 1
                     continue
-                image[j], label[j], mask[j], captions[j] = ex["image"], ex["label"], True, ex["caption"]
-            out = {"image": image, "label": label, "mask": mask}
+                image[k], label[k], mask[k], captions[k] = ex["image"], ex["label"], True, ex["caption"]
+            out = {"image": image, "label": label, "index": index, "mask": mask}
             if self._tok is not None:
-                out["text"] = np.asarray(self._tok(captions), np.int32)
+                out["text"] = (np.asarray(self._tok(captions), np.int32) if n else
+                               np.zeros((0, self._tok.max_len), np.int32))
             yield out
+
+
+def first_examples(data, n: int, *, image_size: int, value_range="efficientnet", data_dir=None):
+    """(images f32 [m, S, S, 3], first captions [m]) of the first m <= n readable records with a
+    caption, in memory (for benchmarks that cycle a few real batches; evaluation streams)."""
+    source = sources_lib.get_source(data, data_dir=data_dir) if isinstance(
+        data, (dict, ml_collections.ConfigDict)) else data
+    pre = Preprocess(image_size=image_size, value_range=_value_range(value_range))
+    images, captions = [], []
+    for i in range(len(source)):
+        ex = pre.eval(source[i])
+        if "skip" not in ex:
+            images.append(ex["image"])
+            captions.append(ex["caption"])
+            if len(images) == n:
+                break
+    return np.stack(images), captions

@@ -163,7 +163,7 @@ def _parse_manifest_line(line: str, where: str, base: Path) -> dict:
     label = obj.get("label", -1)
     if not isinstance(label, int):
         raise ValueError(f"{where}: 'label' must be an integer")
-    image = Path(obj["image"]).expanduser()
+    image = Path(os.path.expanduser(obj["image"]))  # "~nobody/x" stays as it is (Path raises)
     return {"id": where, "image": str(image if image.is_absolute() else base / image),
             "captions": caps, "label": label, "labels": obj.get("labels")}
 

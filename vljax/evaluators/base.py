@@ -1,8 +1,9 @@
 """The protocol between evaluators and whatever embeds images and texts, and shared helpers.
 
-Evaluators never see a model: they receive an `Embedder` (the trainer and `vljax.inference`
-wrap their jit-compiled towers in one; tests use a lookup table) and return flat metric dicts
-named "<kind>/<dataset>/<metric>", e.g. "zeroshot/fashion_mnist/top1".
+Evaluators never see a model or an image: they name their data (a source, see
+vljax/evaluators/data.py) and receive an `Embedder` (vljax/embedder.py streams the data through
+the jitted towers; tests use a lookup table) that returns embeddings. They return flat metric
+dicts named "<kind>/<dataset>/<metric>", e.g. "zeroshot/fashion_mnist/top1".
 """
 import abc
 from collections.abc import Iterator, Sequence
@@ -22,11 +23,12 @@ class Embedder(Protocol):
     logit_scale: float
     logit_bias: float | None
 
-    def embed_images(self, images: np.ndarray) -> np.ndarray:
-        """images [N, H, W, 3] float32, already preprocessed -> [N, D] L2-normalised."""
+    def embed_images(self, data):
+        """data: a source (len / getitem records) -> an object with `z` [M, D] L2-normalised
+        embeddings of the readable records and `index` [M] their record indices, in order."""
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
-        """N strings -> [N, D] L2-normalised (the embedder tokenises and batches)."""
+        """N strings -> [N, D] L2-normalised (the embedder tokenises, batches and caches)."""
 
 
 class Evaluator(abc.ABC):
@@ -49,41 +51,21 @@ def l2_normalize(x: np.ndarray, axis: int = -1, eps: float = 1e-12) -> np.ndarra
     return x / np.maximum(np.linalg.norm(x, axis=axis, keepdims=True), eps)
 
 
-def embed_images(embedder: Embedder, images: np.ndarray, batch_size: int,
-                 indices: np.ndarray | None = None) -> np.ndarray:
-    """Embeds `images` [N, H, W, 3] (or only images[indices]) batch by batch -> [N, D] float32.
-
-    Only one batch of pixels is materialised at a time, so a memory-mapped array streams.
-    Every call sees the same batch size (the last batch is padded by repeating its last
-    image, then trimmed), so a jit-compiled embedder compiles once.
-    """
-    n = len(images) if indices is None else len(indices)
-    if n == 0:
-        raise ValueError("no images to embed")
-    size = min(batch_size, n)
-    out = []
-    for s in batch_slices(n, size):
-        batch = np.asarray(images[s] if indices is None else images[indices[s]], np.float32)
-        pad = size - len(batch)
-        batch = np.pad(batch, [(0, pad)] + [(0, 0)] * (batch.ndim - 1), mode="edge")
-        out.append(np.asarray(embedder.embed_images(batch), np.float32)[:size - pad])
-    return np.concatenate(out, axis=0)
+def image_embeddings(embedder: Embedder, data) -> tuple[np.ndarray, np.ndarray]:
+    """(zimg [M, D] float32 L2-normalised, index [M]) of the readable records of `data`."""
+    emb = embedder.embed_images(data)
+    index = np.asarray(emb.index, np.int64)
+    if len(index) != len(emb.z):
+        raise ValueError(f"embedder returned {len(emb.z)} embeddings for {len(index)} records")
+    return l2_normalize(np.asarray(emb.z, np.float32)), index
 
 
-def embed_texts(embedder: Embedder, texts: Sequence[str], batch_size: int) -> np.ndarray:
-    """Embeds `texts` in batches -> [N, D] float32, padding the last batch like
-    `embed_images`."""
+def text_embeddings(embedder: Embedder, texts: Sequence[str]) -> np.ndarray:
+    """[N, D] float32 L2-normalised embeddings of `texts`."""
     texts = list(texts)
     if not texts:
         raise ValueError("no texts to embed")
-    size = min(batch_size, len(texts))
-    out = []
-    for s in batch_slices(len(texts), size):
-        batch = texts[s]
-        pad = size - len(batch)
-        z = embedder.embed_texts(batch + batch[-1:] * pad)
-        out.append(np.asarray(z, np.float32)[:size - pad])
-    return np.concatenate(out, axis=0)
+    return l2_normalize(np.asarray(embedder.embed_texts(texts), np.float32))
 
 
 def ranks_of(scores: np.ndarray, target: np.ndarray) -> np.ndarray:

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from vljax.evaluators import base
+from vljax.evaluators import data as data_lib
 
 DEFAULT_L2_REGS = tuple(2.0 ** k for k in range(-4, 16, 2))
 
@@ -78,31 +79,65 @@ class FewShotEvaluator(base.Evaluator):
     """Metrics "fewshot/<name>/<k>shot" (mean test accuracy over seeds) and
     ".../<k>shot_std" for each k of `shots`."""
 
-    def __init__(self, train_images: np.ndarray, train_labels: np.ndarray,
-                 test_images: np.ndarray, test_labels: np.ndarray, *, name: str,
+    def __init__(self, train_data, train_labels: Sequence[int], test_data,
+                 test_labels: Sequence[int], *, name: str,
                  shots: Sequence[int] = (1, 5, 10, 25), seeds: int = 3,
                  l2_regs: Sequence[float] = DEFAULT_L2_REGS, holdout_per_class: int = 10,
-                 standardize: bool = False, num_classes: int | None = None,
-                 batch_size: int = 256):
+                 standardize: bool = False, num_classes: int | None = None):
         """
         Args:
-          train_images / test_images: [N, H, W, 3] float32, preprocessed.
-          train_labels / test_labels: [N] ints.
+          train_data / test_data: the images, sources (vljax/evaluators/data.py); of the train
+            records only those some seed uses are ever embedded.
+          train_labels / test_labels: [N] ints, one per record.
           l2_regs: one value (fixed) or a grid chosen from on the held-out train images.
           standardize: divide centred features by their std (big_vision's preprocessing).
           num_classes: defaults to 1 + the largest label.
         """
-        self.train_images, self.test_images = train_images, test_images
+        self.train_data, self.test_data = train_data, test_data
         self.train_labels = np.asarray(train_labels, np.int64)
         self.test_labels = np.asarray(test_labels, np.int64)
+        if len(train_data) != len(self.train_labels) or len(test_data) != len(self.test_labels):
+            raise ValueError(f"{name}: records and labels differ in number (train "
+                             f"{len(train_data)} vs {len(self.train_labels)}, test "
+                             f"{len(test_data)} vs {len(self.test_labels)})")
         self.num_classes = num_classes or int(max(self.train_labels.max(),
                                                   self.test_labels.max())) + 1
         self.shots, self.seeds = tuple(sorted(shots)), seeds
         # Descending, so that argmax over held-out accuracy breaks ties to the stronger l2.
         self.l2_regs = tuple(sorted(l2_regs, reverse=True))
         self.holdout = holdout_per_class if len(self.l2_regs) > 1 else 0
-        self.standardize, self.name, self.batch_size = standardize, name, batch_size
+        self.standardize, self.name = standardize, name
         self.splits = [self._split(seed) for seed in range(seeds)]
+
+    @classmethod
+    def from_config(cls, name: str, spec: dict, *, plot_dir: str | None = None):
+        """From config entry `evals.<name>` = dict(type="fewshot", data=dict(name=...,
+        label=..., train_split="train", test_split="test", per_class=40, max_examples=...),
+        shots=..., ...).
+
+        Only the first `per_class` train records of each class (storage order: a fixed
+        pseudo-random sample) make the train set, enough for 25 shots plus a held-out set,
+        instead of the whole train split; reading their labels decodes no image.
+        max_examples caps the test split.
+        """
+        del plot_dir  # no plots
+        data, kwargs = data_lib.split_spec(name, spec)
+        data_lib.check_keys(name, data, ("name", "label", "label_key", "train_split",
+                                         "test_split", "per_class", "data_dir", "max_examples"))
+        data_dir, per_class = data.get("data_dir"), int(data.get("per_class", 40))
+        train = data_lib.open_source(data["name"], data.get("train_split", "train"), data_dir)
+        label_key = data.get("label") or data.get("label_key") or data_lib.default_label_key(train)
+        chosen, labels, counts = [], [], {}
+        for i in range(len(train)):
+            y = int(data_lib.field(train, i, label_key))
+            if counts.get(y, 0) < per_class:
+                counts[y] = counts.get(y, 0) + 1
+                chosen.append(i)
+                labels.append(y)
+        test = data_lib.first(data_lib.open_source(data["name"], data.get("test_split", "test"),
+                                                   data_dir), data.get("max_examples"))
+        test_labels = [int(data_lib.field(test, i, label_key)) for i in range(len(test))]
+        return cls(data_lib.Subset(train, chosen), labels, test, test_labels, name=name, **kwargs)
 
     def _split(self, seed: int) -> tuple[list[np.ndarray], np.ndarray]:
         """Per seed: train indices of the first `shots` images of each class for every shot
@@ -118,17 +153,25 @@ class FewShotEvaluator(base.Evaluator):
         return train, held
 
     def run(self, embedder: base.Embedder) -> dict[str, float]:
-        # Embed only the train images some seed uses: a large train split is never embedded.
+        # Embed only the train records some seed uses: a large train split is never embedded.
         used = np.unique(np.concatenate([np.concatenate(t + [h]) for t, h in self.splits]))
-        feats = base.embed_images(embedder, self.train_images, self.batch_size, indices=used)
-        test = base.embed_images(embedder, self.test_images, self.batch_size)
+        feats, readable = base.image_embeddings(embedder, data_lib.Subset(self.train_data, used))
+        row = np.full(len(self.train_labels), -1)
+        row[used[readable]] = np.arange(len(readable))
+        test, test_index = base.image_embeddings(embedder, self.test_data)
+        test_labels = self.test_labels[test_index]
+
+        def readable_only(idx):  # a record that cannot be read trains no probe
+            return idx[row[idx] >= 0]
 
         def features(idx):
-            return feats[np.searchsorted(used, idx)]  # `used` is sorted and holds idx
+            return feats[row[idx]]
 
         accs = {k: [] for k in self.shots}
         for train_sets, held in self.splits:
+            held = readable_only(held)
             for k, idx in zip(self.shots, train_sets):
+                idx = readable_only(idx)
                 probe = RidgeProbe(features(idx), self.train_labels[idx], self.num_classes,
                                    self.l2_regs, self.standardize)
                 best = 0
@@ -137,7 +180,7 @@ class FewShotEvaluator(base.Evaluator):
                     held_acc = [np.mean(probe.predict(x_held, r) == y_held)
                                 for r in range(len(self.l2_regs))]
                     best = int(np.argmax(held_acc))
-                accs[k].append(float(np.mean(probe.predict(test, best) == self.test_labels)))
+                accs[k].append(float(np.mean(probe.predict(test, best) == test_labels)))
         out = {}
         for k, a in accs.items():
             out[f"fewshot/{self.name}/{k}shot"] = float(np.mean(a))

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from vljax.evaluators import base
+from vljax.evaluators import data as data_lib
 from vljax.evaluators import prompts
 from vljax.evaluators import zeroshot
 
@@ -54,16 +55,15 @@ def gzsl_metrics(scores: np.ndarray, labels: np.ndarray, seen: np.ndarray, *,
 class GZSLEvaluator(base.Evaluator):
     """Metrics "gzsl/<name>/seen", ".../unseen", ".../harmonic", ".../zsl"."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, class_names: Sequence[str] | str,
+    def __init__(self, data, labels: Sequence[int], class_names: Sequence[str] | str,
                  seen_classes: Sequence[int] | Sequence[str], *, name: str,
                  templates: str | Sequence[str] | None = "clip80",
                  descriptions: str | os.PathLike | Mapping[str, Sequence[str]] | None = None,
-                 canonicalize: bool = True, gamma: float = 0.0, per_class: bool = True,
-                 batch_size: int = 256, text_batch_size: int = 256):
+                 canonicalize: bool = True, gamma: float = 0.0, per_class: bool = True):
         """
         Args:
-          images: [N, H, W, 3] float32 test images of seen and unseen classes.
-          labels: [N] ints in [0, C).
+          data: test images of seen and unseen classes, a source (vljax/evaluators/data.py).
+          labels: [N] ints in [0, C), one per record of `data`.
           class_names: all C class names (or a file).
           seen_classes: the seen classes, as indices or as names (before canonicalisation).
           gamma: calibrated-stacking offset subtracted from seen-class cosine scores.
@@ -77,17 +77,24 @@ class GZSLEvaluator(base.Evaluator):
         self.seen = seen
         self.class_names = [prompts.canonicalize_name(n) for n in names] if canonicalize \
             else names
-        self.images, self.labels = images, np.asarray(labels, np.int64)
-        if len(self.images) != len(self.labels):
-            raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
+        self.data, self.labels = data, np.asarray(labels, np.int64)
+        if len(self.data) != len(self.labels):
+            raise ValueError(f"{name}: {len(self.data)} records but {len(self.labels)} labels")
         self.texts = prompts.class_texts(self.class_names, templates, descriptions)
         self.name, self.gamma, self.per_class = name, gamma, per_class
-        self.batch_size, self.text_batch_size = batch_size, text_batch_size
+
+    @classmethod
+    def from_config(cls, name: str, spec: dict, *, plot_dir: str | None = None):
+        """From config entry `evals.<name>` = dict(type="gzsl", data=dict(name=..., split=...,
+        label=...), seen_classes=[...], templates=..., ...)."""
+        del plot_dir  # no plots
+        data, kwargs = data_lib.split_spec(name, spec)
+        source, labels, class_names = data_lib.classification(name, data)
+        return cls(source, labels, class_names, name=name, **kwargs)
 
     def run(self, embedder: base.Embedder) -> dict[str, float]:
-        zimg = base.l2_normalize(base.embed_images(embedder, self.images, self.batch_size))
-        ztxt = zeroshot.ensemble(
-            zeroshot.class_text_embeddings(embedder, self.texts, self.text_batch_size))
-        metrics = gzsl_metrics(zimg @ ztxt.T, self.labels, self.seen, gamma=self.gamma,
+        zimg, index = base.image_embeddings(embedder, self.data)
+        ztxt = zeroshot.ensemble(zeroshot.class_text_embeddings(embedder, self.texts))
+        metrics = gzsl_metrics(zimg @ ztxt.T, self.labels[index], self.seen, gamma=self.gamma,
                                per_class=self.per_class)
         return {f"gzsl/{self.name}/{k}": v for k, v in metrics.items()}

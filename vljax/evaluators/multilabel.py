@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from vljax.evaluators import base
+from vljax.evaluators import data as data_lib
 from vljax.evaluators import prompts
 from vljax.evaluators import zeroshot
 
@@ -68,34 +69,47 @@ def to_multi_hot(labels: np.ndarray | Sequence[Sequence[int]], num_labels: int) 
 class MultilabelEvaluator(base.Evaluator):
     """Metrics "multilabel/<name>/mAP", ".../precision@k", ".../recall@k", ".../f1@k"."""
 
-    def __init__(self, images: np.ndarray, labels, class_names: Sequence[str] | str, *,
+    def __init__(self, data, labels, class_names: Sequence[str] | str, *,
                  name: str, templates: str | Sequence[str] | None = "clip80",
                  descriptions: str | os.PathLike | Mapping[str, Sequence[str]] | None = None,
-                 canonicalize: bool = True, ks: Sequence[int] = (1, 3, 5),
-                 batch_size: int = 256, text_batch_size: int = 256):
+                 canonicalize: bool = True, ks: Sequence[int] = (1, 3, 5)):
         """
         Args:
-          images: [N, H, W, 3] float32, preprocessed.
-          labels: [N, L] multi-hot, or N lists of label indices.
+          data: the images, a source (vljax/evaluators/data.py).
+          labels: [N, L] multi-hot, or N lists of label indices, one per record of `data`.
           class_names: the L label names (or a file).
         """
         names = prompts.load_class_names(class_names)
         self.class_names = [prompts.canonicalize_name(n) for n in names] if canonicalize \
             else names
-        self.images = images
+        self.data = data
         self.targets = to_multi_hot(labels, len(names))
-        if len(self.images) != len(self.targets):
-            raise ValueError(f"{len(self.images)} images but {len(self.targets)} label sets")
+        if len(self.data) != len(self.targets):
+            raise ValueError(f"{name}: {len(self.data)} records but {len(self.targets)} label sets")
         self.texts = prompts.class_texts(self.class_names, templates, descriptions)
         self.name, self.ks = name, tuple(ks)
-        self.batch_size, self.text_batch_size = batch_size, text_batch_size
+
+    @classmethod
+    def from_config(cls, name: str, spec: dict, *, plot_dir: str | None = None):
+        """From config entry `evals.<name>` = dict(type="multilabel", data=dict(name=...,
+        split=..., label="tags", max_examples=...), templates=..., ...); `label` (or
+        `label_key`) is a Sequence(ClassLabel) feature ("tags" in emoji and openclipart)."""
+        del plot_dir  # no plots
+        data, kwargs = data_lib.split_spec(name, spec)
+        data_lib.check_keys(name, data, data_lib.CLASSIFICATION_KEYS)
+        source = data_lib.open_source(data["name"], data.get("split", "test"), data.get("data_dir"))
+        label_key = data.get("label") or data.get("label_key") or "tags"
+        names = data_lib.class_names(source, label_key)
+        source = data_lib.first(source, data.get("max_examples"))
+        labels = [np.asarray(data_lib.field(source, i, label_key), np.int64)
+                  for i in range(len(source))]
+        return cls(source, labels, names, name=name, **kwargs)
 
     def run(self, embedder: base.Embedder) -> dict[str, float]:
-        zimg = base.l2_normalize(base.embed_images(embedder, self.images, self.batch_size))
-        ztxt = zeroshot.ensemble(
-            zeroshot.class_text_embeddings(embedder, self.texts, self.text_batch_size))
-        scores = zimg @ ztxt.T
-        metrics = {"mAP": mean_average_precision(scores, self.targets)}
+        zimg, index = base.image_embeddings(embedder, self.data)
+        ztxt = zeroshot.ensemble(zeroshot.class_text_embeddings(embedder, self.texts))
+        scores, targets = zimg @ ztxt.T, self.targets[index]
+        metrics = {"mAP": mean_average_precision(scores, targets)}
         for k in self.ks:
-            metrics.update(topk_metrics(scores, self.targets, k))
+            metrics.update(topk_metrics(scores, targets, k))
         return {f"multilabel/{self.name}/{k}": v for k, v in metrics.items()}

@@ -6,11 +6,13 @@ as in CLIP_benchmark's zeroshot_retrieval and big_vision's image_text retrieval)
 
 Ties rank the lower index first (deterministic; see `base.ranks_of`).
 """
+import re
 from collections.abc import Sequence
 
 import numpy as np
 
 from vljax.evaluators import base
+from vljax.evaluators import data as data_lib
 
 
 def recall_at_k(zimg: np.ndarray, ztxt: np.ndarray, text_to_image: np.ndarray,
@@ -49,25 +51,52 @@ def recall_at_k(zimg: np.ndarray, ztxt: np.ndarray, text_to_image: np.ndarray,
 class RetrievalEvaluator(base.Evaluator):
     """Metrics "retrieval/<name>/i2t_r1", ".../t2i_r1", ... for each k of `ks`."""
 
-    def __init__(self, images: np.ndarray, captions: Sequence[Sequence[str]], *, name: str,
-                 ks: Sequence[int] = (1, 5, 10), batch_size: int = 256,
-                 text_batch_size: int = 256):
+    def __init__(self, data, captions: Sequence[Sequence[str]], *, name: str,
+                 ks: Sequence[int] = (1, 5, 10)):
         """
         Args:
-          images: [N, H, W, 3] float32, preprocessed.
-          captions: N lists of captions, captions[i] describing images[i] (a str is one caption).
+          data: the images, a source (vljax/evaluators/data.py).
+          captions: N lists of captions, captions[i] describing record i of `data` (a str is one
+            caption); every record needs at least one.
         """
-        if len(images) != len(captions):
-            raise ValueError(f"{len(images)} images but {len(captions)} caption lists")
-        captions = [[c] if isinstance(c, str) else list(c) for c in captions]
-        self.images = images
-        self.texts = [c for cs in captions for c in cs]
-        self.text_to_image = np.repeat(np.arange(len(captions)), [len(c) for c in captions])
+        if len(data) != len(captions):
+            raise ValueError(f"{name}: {len(data)} records but {len(captions)} caption lists")
+        self.data = data
+        self.captions = [[c] if isinstance(c, str) else list(c) for c in captions]
+        if not all(self.captions):
+            raise ValueError(f"{name}: every image needs at least one caption")
         self.name, self.ks = name, tuple(ks)
-        self.batch_size, self.text_batch_size = batch_size, text_batch_size
+
+    @classmethod
+    def from_config(cls, name: str, spec: dict, *, plot_dir: str | None = None):
+        """From config entry `evals.<name>` = dict(type="retrieval", data=dict(name=..., split=...,
+        exclude=..., max_examples=...), ks=...).
+
+        `exclude`: a regex; records with a caption that matches it are left out (e.g. "skin tone"
+        keeps one image per emoji instead of near-duplicates that differ only in skin tone).
+        `max_examples` then keeps the first records, and of those, the ones without a non-empty
+        caption are left out (text cannot retrieve them).
+        """
+        del plot_dir  # no plots
+        data, kwargs = data_lib.split_spec(name, spec)
+        data_lib.check_keys(name, data, ("name", "split", "data_dir", "max_examples", "exclude"))
+        source = data_lib.open_source(data["name"], data.get("split", "test"), data.get("data_dir"))
+        pattern = re.compile(data["exclude"]) if data.get("exclude") else None
+        candidates = []  # (record, its captions) after `exclude`, then the first max_examples
+        for i in range(len(source)):
+            caps = data_lib.field(source, i, source.caption_key)
+            caps = [data_lib.text(c) for c in ([caps] if isinstance(caps, (bytes, str)) else caps)]
+            if pattern is None or not any(pattern.search(c) for c in caps):
+                candidates.append((i, [c.strip() for c in caps if c.strip()]))
+        candidates = [(i, caps) for i, caps in candidates[:data.get("max_examples")] if caps]
+        kept, captions = [i for i, _ in candidates], [caps for _, caps in candidates]
+        return cls(data_lib.Subset(source, kept), captions, name=name, **kwargs)
 
     def run(self, embedder: base.Embedder) -> dict[str, float]:
-        zimg = base.l2_normalize(base.embed_images(embedder, self.images, self.batch_size))
-        ztxt = base.l2_normalize(base.embed_texts(embedder, self.texts, self.text_batch_size))
-        metrics = recall_at_k(zimg, ztxt, self.text_to_image, self.ks)
+        zimg, index = base.image_embeddings(embedder, self.data)
+        captions = [self.captions[i] for i in index]  # of the readable images
+        texts = [c for cs in captions for c in cs]
+        text_to_image = np.repeat(np.arange(len(captions)), [len(c) for c in captions])
+        ztxt = base.text_embeddings(embedder, texts)
+        metrics = recall_at_k(zimg, ztxt, text_to_image, self.ks)
         return {f"retrieval/{self.name}/{k}": v for k, v in metrics.items()}

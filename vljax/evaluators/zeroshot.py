@@ -8,13 +8,15 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from vljax.evaluators import base
+from vljax.evaluators import data as data_lib
 from vljax.evaluators import plots
 from vljax.evaluators import prompts
 
 
-def class_text_embeddings(embedder: base.Embedder, texts: Sequence[Sequence[str]],
-                          batch_size: int = 256) -> list[np.ndarray]:
-    """Embeds every class's sentences in one batched pass.
+def class_text_embeddings(embedder: base.Embedder, texts: Sequence[Sequence[str]]
+                          ) -> list[np.ndarray]:
+    """Embeds every class's sentences in one call (the embedder batches and caches it, so
+    evaluators with the same class prompts share it).
 
     Args:
       texts: C lists of sentences (see `prompts.class_texts`).
@@ -22,7 +24,7 @@ def class_text_embeddings(embedder: base.Embedder, texts: Sequence[Sequence[str]
       C arrays [T_c, D], the L2-normalised embedding of each sentence of class c.
     """
     flat = [t for ts in texts for t in ts]
-    z = base.l2_normalize(base.embed_texts(embedder, flat, batch_size))
+    z = base.text_embeddings(embedder, flat)
     splits = np.cumsum([len(ts) for ts in texts])[:-1]
     return np.split(z, splits)
 
@@ -132,16 +134,15 @@ class ZeroShotEvaluator(base.Evaluator):
     With `plot_dir`, each run writes "<plot_dir>/confusion_<name>.png".
     """
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, class_names: Sequence[str] | str,
+    def __init__(self, data, labels: Sequence[int], class_names: Sequence[str] | str,
                  *, name: str, templates: str | Sequence[str] | None = "clip80",
                  descriptions: str | os.PathLike | Mapping[str, Sequence[str]] | None = None,
                  canonicalize: bool = True, zpe: bool = False, zpe_temperature: float = 1.0,
-                 ks: Sequence[int] = (1, 5), batch_size: int = 256,
-                 text_batch_size: int = 256, plot_dir: str | None = None):
+                 ks: Sequence[int] = (1, 5), plot_dir: str | None = None):
         """
         Args:
-          images: [N, H, W, 3] float32, preprocessed for the model (may be a memmap).
-          labels: [N] ints in [0, C).
+          data: the images, a source (vljax/evaluators/data.py); only the embedder reads them.
+          labels: [N] ints in [0, C), one per record of `data`.
           class_names: C names, or a file (see `prompts.load_class_names`).
           name: the data set's name in the metric keys.
           templates: a `prompts.TEMPLATES` key or a list; None for descriptions only.
@@ -152,30 +153,39 @@ class ZeroShotEvaluator(base.Evaluator):
         names = prompts.load_class_names(class_names)
         self.class_names = [prompts.canonicalize_name(n) for n in names] if canonicalize \
             else names
-        self.images, self.labels = images, np.asarray(labels, np.int64)
-        if len(self.images) != len(self.labels):
-            raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
+        self.data, self.labels = data, np.asarray(labels, np.int64)
+        if len(self.data) != len(self.labels):
+            raise ValueError(f"{name}: {len(self.data)} records but {len(self.labels)} labels")
         if self.labels.min() < 0 or self.labels.max() >= len(self.class_names):
-            raise ValueError(f"labels must lie in [0, {len(self.class_names)})")
+            raise ValueError(f"{name}: labels must lie in [0, {len(self.class_names)})")
         if zpe and (templates is None or descriptions is not None):
             raise ValueError("ZPE weights templates: give templates and no descriptions")
         self.texts = prompts.class_texts(self.class_names, templates, descriptions)
         self.name, self.zpe, self.zpe_temperature = name, zpe, zpe_temperature
-        self.ks, self.batch_size, self.text_batch_size = tuple(ks), batch_size, text_batch_size
-        self.plot_dir = plot_dir
+        self.ks, self.plot_dir = tuple(ks), plot_dir
+
+    @classmethod
+    def from_config(cls, name: str, spec: dict, *, plot_dir: str | None = None):
+        """From config entry `evals.<name>` = dict(type="zeroshot", data=dict(name=..., split=...,
+        label=..., max_examples=...), templates=..., ...)."""
+        data, kwargs = data_lib.split_spec(name, spec)
+        source, labels, class_names = data_lib.classification(name, data)
+        kwargs.setdefault("plot_dir", plot_dir)
+        return cls(source, labels, class_names, name=name, **kwargs)
 
     def evaluate(self, embedder: base.Embedder) -> ZeroShotResult:
-        zimg = base.l2_normalize(base.embed_images(embedder, self.images, self.batch_size))
-        per_class = class_text_embeddings(embedder, self.texts, self.text_batch_size)
+        zimg, index = base.image_embeddings(embedder, self.data)
+        labels = self.labels[index]
+        per_class = class_text_embeddings(embedder, self.texts)
         weights = None
         if self.zpe:
             ztpl = np.stack(per_class, axis=1)  # [P, C, D]
             weights, _ = zpe_weights(zimg, ztpl, float(embedder.logit_scale),
                                      self.zpe_temperature)
         ztxt = ensemble(per_class, weights)
-        ranks, preds = ranks_and_predictions(zimg, ztxt, self.labels)
-        metrics = accuracies(ranks, self.labels, self.ks)
-        cm = confusion_matrix(self.labels, preds, len(self.class_names))
+        ranks, preds = ranks_and_predictions(zimg, ztxt, labels)
+        metrics = accuracies(ranks, labels, self.ks)
+        cm = confusion_matrix(labels, preds, len(self.class_names))
         return ZeroShotResult({f"zeroshot/{self.name}/{k}": v for k, v in metrics.items()},
                               cm, preds, weights)
 

@@ -1,0 +1,117 @@
+"""How evaluators name and read their data: a source from a config entry, record subsets, and
+metadata (labels, captions, tags) read WITHOUT decoding images. The images themselves are only
+ever read by the embedder's pipeline (vljax/embedder.py), one batch at a time.
+
+Config entry (`evals.<name>.data`): dict(name=..., split=..., label=..., exclude=...,
+max_examples=..., data_dir=...). `name` is a TFDS name under data_dir or one of the demo
+aliases "emoji", "openclipart", "fashion_mnist". `max_examples` keeps the first records in
+storage order, which TFDS hashes, so it is a fixed pseudo-random sample. Class names are
+human-readable for prompts, as each demo builder documents (emoji subcategories
+"animal mammal", Fashion-MNIST "t-shirt/top").
+"""
+from __future__ import annotations
+
+from vljax.data import sources as sources_lib
+from vljax.data import tfds_writer
+
+ALIASES = {"emoji": "vljax_emoji", "openclipart": "vljax_openclipart",
+           "fashion_mnist": "vljax_fashion_mnist"}
+
+
+class Subset:
+    """Records `indices` of a source, in that order (a source itself)."""
+
+    def __init__(self, source, indices):
+        self.source, self.indices = source, [int(i) for i in indices]
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.source[self.indices[i]]
+
+    def raw(self, i):
+        return raw_record(self.source, self.indices[i])
+
+    @property
+    def info(self):
+        return self.source.info
+
+    def __repr__(self):
+        return f"Subset({self.source!r}, n={len(self)})"
+
+
+def open_source(name: str, split: str, data_dir=None, label_key: str | None = None):
+    return sources_lib.TfdsSource(ALIASES.get(name, name), split, data_dir=data_dir,
+                                  label_key=label_key)
+
+
+def first(source, max_examples: int | None):
+    """The first `max_examples` records of `source` (all of them for None)."""
+    if max_examples is None or max_examples >= len(source):
+        return source
+    return Subset(source, range(max_examples))
+
+
+def raw_record(source, i: int) -> dict:
+    """Record i with its stored fields (TFDS: `raw`, image bytes undecoded), else `source[i]`
+    (JSONL / folder records hold an image path, not pixels)."""
+    return source.raw(i) if hasattr(source, "raw") else source[i]
+
+
+def field(source, i: int, key: str):
+    """Record i's feature `key` ("a/b" for nested features), read without decoding the image."""
+    value = raw_record(source, i)
+    for part in key.split("/"):
+        value = value[part]
+    return value
+
+
+def default_label_key(source) -> str:
+    features = source.info.features
+    for key in ("label", "category"):
+        if key in features:
+            return key
+    raise ValueError(f"{source!r}: no 'label' or 'category' feature; set `label` in the eval's data")
+
+
+def class_names(source, label_key: str) -> list[str]:
+    return tfds_writer.read_class_names(source.info, label_key)
+
+
+def text(x) -> str:
+    return x.decode("utf-8", errors="replace") if isinstance(x, bytes) else str(x)
+
+
+def split_spec(name: str, spec: dict) -> tuple[dict, dict]:
+    """(data entry, evaluator kwargs) of config entry `evals.<name>`, checking the data entry."""
+    spec = dict(spec)
+    spec.pop("type", None)
+    data = dict(spec.pop("data", None) or {})
+    if "name" not in data:
+        raise ValueError(f"config key `evals.{name}.data.name` is missing")
+    return data, spec
+
+
+def check_keys(name: str, data: dict, allowed) -> None:
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        raise ValueError(f"config key `evals.{name}.data`: unknown keys {unknown} "
+                         f"(allowed: {sorted(allowed)})")
+
+
+CLASSIFICATION_KEYS = ("name", "split", "label", "label_key", "data_dir", "max_examples")
+
+
+def classification(name: str, data: dict):
+    """(source, labels [N] ints, class names) of a classification entry `evals.<name>.data`.
+
+    `label` (or `label_key`): an integer ClassLabel feature; default "label", else "category"
+    (emoji and openclipart also have "subcategory" / "top_category")."""
+    check_keys(name, data, CLASSIFICATION_KEYS)
+    source = open_source(data["name"], data.get("split", "test"), data.get("data_dir"))
+    label_key = data.get("label") or data.get("label_key") or default_label_key(source)
+    names = class_names(source, label_key)
+    source = first(source, data.get("max_examples"))
+    labels = [int(field(source, i, label_key)) for i in range(len(source))]
+    return source, labels, names
