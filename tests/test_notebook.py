@@ -44,7 +44,7 @@ def test_notebook_is_valid_and_compiles(path):
 def _execute(path, out, parameters, monkeypatch):
     """Runs the notebook in a fresh kernel from the repository root, with this checkout's vljax and
     without the test session's simulated devices (a notebook sets up its own)."""
-    papermill = pytest.importorskip("papermill")
+    import papermill  # the `test` extra; a missing one fails rather than skips
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     monkeypatch.delenv("XLA_FLAGS", raising=False)
     papermill.execute_notebook(path, str(out), parameters=parameters, cwd=REPO, kernel_name="python3",
