@@ -260,7 +260,7 @@ class Trainer:
             # The latest intact checkpoint: a damaged one is moved aside and the previous one used.
             self.state, self.data_state = self.ckpt.restore(None, self.abstract_state)
             self.start_step = int(jax.device_get(self.state["step"]))
-            logging.info("resumed from step %d", self.start_step)
+            logs.info("resumed from step %d", self.start_step)
         elif require_checkpoint:
             raise FileNotFoundError(f"no checkpoint in {self.ckpt.directory}")
         else:
@@ -325,7 +325,7 @@ class Trainer:
                                       image_size=inp.image_size,
                                       value_range=inp.get("value_range", "efficientnet"),
                                       batch_size=self.config.get("eval_batch_size", 64),
-                                      feature_store=store)
+                                      feature_store=store, progress=self.config.get("progress", True))
             return self._embedder
         return self._embedder.with_params(params)
 
@@ -338,10 +338,11 @@ class Trainer:
     def evaluate(self, step: int, params=None) -> dict:
         emb = self.embedder(params)
         results = {}
-        for name, ev in self.evaluators().items():
-            t0 = time.perf_counter()
-            results.update(ev.run(emb))
-            results[f"time/eval_{name}_s"] = time.perf_counter() - t0
+        with logs.phase(f"evaluation at step {step}", evals=len(self.evaluators())):
+            for name, ev in self.evaluators().items():
+                t0 = time.perf_counter()
+                results.update(ev.run(emb))
+                results[f"time/eval_{name}_s"] = time.perf_counter() - t0
         return results
 
     # -- training ------------------------------------------------------------------------------
@@ -433,7 +434,7 @@ class Trainer:
                         results = self.evaluate(step)
                         writer.write(step, results)
                         if selector.update(step, results, self.state["params"]):
-                            logging.info("early stopping at step %d: %s has not improved for %d evaluations",
+                            logs.info("early stopping at step %d: %s has not improved for %d evaluations",
                                          step, selector.metric, selector.patience)
                             stop = True
                         t_last = time.perf_counter()
