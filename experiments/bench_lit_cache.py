@@ -7,12 +7,13 @@ Both steps are the trainer's own (`vljax.train.make_train_step` on `build_model`
 `optim.make_optimizer` of `configs/lit.py`, jit with donation as `Trainer.fit` does): EfficientNet-Lite0
 locked with a trainable head + MiniLM text tower, batch and image size from the config. "recomputed"
 feeds real images (emoji + openclipart at the config's size) through the locked trunk each step;
-"cached" looks the trunk's features up in a table (`lit_cache`), here the table of the same images.
+"cached" feeds the trunk's stored features of the same images as a batch input (`image_features`, what
+the pipeline reads from the `lit_cache` store, vljax/features.py), the step applying only the head.
 The two alternate step by step, with the trunk's forward pass alone timed in between, so all three
 see the same machine load. Weights are random (speed does
 not depend on them); `--pretrained` loads the config's `model_init` towers instead.
-Also reported: the one-off cost of building the table (trunk forward per image), i.e. how many
-steps the cache needs to pay for itself.
+Also reported: the one-off cost of writing the features (trunk forward per image), i.e. how many
+steps the store needs to pay for itself.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from absl import app, flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from configs import lit as lit_config  # noqa: E402
-from vljax import optim, sharding, train  # noqa: E402
+from vljax import optim, pretrained, sharding, train  # noqa: E402
 from vljax.data import pipeline  # noqa: E402
 
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps of each kind (after one compile step).")
@@ -72,30 +73,31 @@ def main(argv):
     mesh = sharding.make_mesh([("data", 1)], devices=jax.devices()[:1])
     model = train.build_model(config)
     tokenizer = train.build_tokenizer(config)
-    params = train.init_params(model, config, jax.random.key(0))
+    params = jax.jit(lambda r: model.init(r, *train._dummy_inputs(config))["params"])(jax.random.key(0))
+    for tower, spec in (config.get("model_init") or {}).items():
+        if spec:
+            params = pretrained.write_tower(params, pretrained.load_tower(spec), tower)
     tx, _, mask = optim.make_optimizer(config, params)
     loss = train.make_loss(config, mesh)
     images, texts = real_batches(config, tokenizer, N_BATCHES)
 
-    # The cache: trunk features of every image, as lit_cache.compute builds them (timed per image).
-    feats_fn = jax.jit(lambda p, x: model.apply({"params": p}, x, None, method=model.image_features))
+    # The stored features: the trunk's features of every image, as features.write_features computes them.
+    feats_fn = jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.image_trunk))
     feats_fn(params, images[:b]).block_until_ready()
     t0 = time.perf_counter()
     table = np.concatenate([np.asarray(feats_fn(params, images[i:i + b])) for i in range(0, len(images), b)])
     cache_s_per_image = (time.perf_counter() - t0) / len(images)
 
-    def make(lit_cache):
+    def make():
         state = {"params": params, "opt_state": tx.init(params), "step": np.zeros((), np.int32),
                  "rng": jax.random.key(1)}
         sh = sharding.state_shardings(jax.eval_shape(lambda s: s, state), mesh, [(".*", "replicate")])
-        step = train.make_train_step(model, tx, loss, mask, lit_cache=lit_cache)
+        step = train.make_train_step(model, tx, loss, mask)
         step = jax.jit(step, in_shardings=(sh, sharding.batch_sharding(mesh)), out_shardings=(sh, None),
                        donate_argnums=(0,))
         return step, jax.device_put(state, sh)
 
-    # [N, V=1, F]: one view per record (the demo has no greyscale views, input.augment.greyscale=0).
-    cache = jax.device_put(table[:, None, :], sharding.NamedSharding(mesh, sharding.P()))
-    runs = {"recomputed": make(None), "cached": make(cache)}
+    runs = {"recomputed": make(), "cached": make()}
     times = {k: [] for k in list(runs) + ["trunk forward only"]}
     losses = {k: [] for k in runs}
     with jax.set_mesh(mesh):
@@ -105,7 +107,7 @@ def main(argv):
             for name, (step, state) in runs.items():
                 batch = {"text": texts[sl]}
                 if name == "cached":
-                    batch["index"] = np.arange(sl.start, sl.stop, dtype=np.int32)
+                    batch["image_features"] = table[sl]
                 else:
                     batch["image"] = images[sl]
                 t0 = time.perf_counter()

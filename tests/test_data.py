@@ -362,20 +362,6 @@ def test_mixture_follows_the_weights(tmp_path):
     assert sum(c.startswith("image") for c in caps) == 60
 
 
-def test_emit_index_points_into_the_concatenated_sources(tmp_path):
-    a, b = _folder(tmp_path, 8, "a"), _folder(tmp_path, 8, "b")
-    for k in range(8):
-        (b / f"{k:03d}.txt").write_text(f"other {k}")
-    cfg = _config([dict(source="folder", path=str(a)), dict(source="folder", path=str(b))])
-    it = pipeline.make_train_iterator(cfg, CharTokenizer(), seed=0, process_index=1,
-                                      process_count=2, emit_index=True)
-    for _ in range(3):
-        batch = next(it)
-        for cap, index in zip(batch["caption"], batch["index"]):
-            kind, k = cap.split()
-            assert index == int(k) + (8 if kind == "other" else 0)
-
-
 def _bad_records_folder(tmp_path):
     """7 good records and one each: corrupt image, empty caption, missing caption file."""
     root = _folder(tmp_path, 10)

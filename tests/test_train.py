@@ -38,12 +38,12 @@ def test_recipe_learns(recipe, manifest, tmp_path, caplog):
     assert len(losses) == 40
     first, last = np.mean(losses[:5]), np.mean(losses[-5:])
     assert last < 0.8 * first, (recipe, first, last)
-    if recipe == "lit":
-        assert any(f.startswith("lit_cache_") for f in os.listdir(tmp_path))
+    if recipe == "lit":  # trained on the locked trunk's stored features
+        assert list((tmp_path / "features").glob("*/index.json"))
 
 
 def test_lit_cache_equals_recomputing(manifest, tmp_path):
-    """A locked tower's cached features give the same training as recomputing them."""
+    """A locked tower's stored features give the same training as recomputing them."""
     config = tiny_config(manifest, "lit", steps=6)
     train.train_and_evaluate(config, str(tmp_path / "cached"))
     config.lit_cache = False
@@ -88,6 +88,24 @@ def test_resume_equals_uninterrupted(manifest, tmp_path, monkeypatch):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
 
 
+def test_resume_with_stored_features_equals_uninterrupted(manifest, tmp_path, monkeypatch):
+    """LiT on stored features (two views): the resumed run reuses the store and the data iterator."""
+    config = tiny_config(manifest, "lit", steps=6)
+    config.input.augment = dict(random_resized_crop=None, greyscale=0.5)
+    train.train_and_evaluate(config, str(tmp_path / "straight"))
+    original = checkpoints.PreemptionGuard.reached
+    monkeypatch.setattr(checkpoints.PreemptionGuard, "reached", lambda self, step: step == 3)
+    workdir = tmp_path / "resumed"
+    train.train_and_evaluate(config, str(workdir))
+    assert len(losses_of(workdir)) == 3
+    stores = sorted(workdir.glob("features/*/*.array_record"))
+    mtimes = [f.stat().st_mtime_ns for f in stores]
+    monkeypatch.setattr(checkpoints.PreemptionGuard, "reached", original)
+    train.train_and_evaluate(config, str(workdir))
+    assert [f.stat().st_mtime_ns for f in stores] == mtimes  # written once
+    np.testing.assert_allclose(losses_of(workdir), losses_of(tmp_path / "straight"), rtol=1e-6, atol=1e-7)
+
+
 def test_bad_records_are_counted(tmp_path):
     manifest = make_shapes_manifest(str(tmp_path / "data"), n_per=2, bad=True)
     config = tiny_config(manifest, "clip", steps=6, batch=8)
@@ -118,28 +136,6 @@ def test_main_refuses_unknown_override_before_work(tmp_path):
     assert not os.listdir(tmp_path)  # nothing was written
 
 
-def test_lit_cache_greyscale_view(manifest, tmp_path):
-    """The cache's second view holds the features of the greyscale images, and the step samples it."""
-    from vljax import lit_cache
-    from vljax.data import pipeline, sources
-    config = tiny_config(manifest, "lit", steps=10)
-    config.input.augment = dict(random_resized_crop=None, greyscale=0.5)
-    trainer = train.Trainer(config, str(tmp_path))
-    params = jax.device_get(trainer.state["params"])
-    table = lit_cache.compute(trainer.model, params, config)
-    src = sources.get_source(config.input.data[0])
-    assert table.shape[:2] == (len(src), 2)
-    grey = next(iter(pipeline.make_eval_batches(src, batch_size=8, image_size=32, value_range=(-1.0, 1.0),
-                                                process_index=0, process_count=1, greyscale=True)))
-    assert np.allclose(grey["image"][..., 0], grey["image"][..., 2])  # really grey
-    feats = trainer.model.apply({"params": params}, grey["image"], None, method=trainer.model.image_features)
-    np.testing.assert_allclose(table[:8, 1], np.asarray(feats), rtol=1e-5, atol=1e-6)
-    assert not np.allclose(table[:8, 0], table[:8, 1])
-    picked = lit_cache.select(table, np.arange(len(src)), jax.random.key(0), 0.5)
-    is_grey = np.all(np.isclose(np.asarray(picked), table[:, 1]), axis=1)
-    assert 0.2 < is_grey.mean() < 0.8
-
-
 def _run_main(config_py, workdir, env_devices, extra=(), timeout=600):
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={env_devices}",
                PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -149,8 +145,10 @@ def _run_main(config_py, workdir, env_devices, extra=(), timeout=600):
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one(manifest, tmp_path):
-    """2 JAX processes x 4 CPU devices (jax.distributed on localhost) train exactly as 1 x 8."""
+@pytest.mark.parametrize("recipe", ["siglip", "lit"])
+def test_two_processes_equal_one(recipe, manifest, tmp_path):
+    """2 JAX processes x 4 CPU devices (jax.distributed on localhost) train exactly as 1 x 8; with
+    LiT each process writes its rows of the feature store and reads its rows of each batch."""
     import portpicker
     config_py = tmp_path / "tiny.py"
     config_py.write_text(
@@ -158,7 +156,10 @@ def test_two_processes_equal_one(manifest, tmp_path):
         f"sys.path.insert(0, {os.path.join(REPO, 'tests')!r})\n"
         "from helpers import tiny_config\n\n\n"
         "def get_config(arg=None):\n"
-        f"    return tiny_config({manifest!r}, 'siglip', steps=5)\n")
+        f"    c = tiny_config({manifest!r}, {recipe!r}, steps=5)\n"
+        f"    if {recipe!r} == 'lit':\n"
+        "        c.input.augment = dict(random_resized_crop=None, greyscale=0.5)\n"
+        "    return c\n")
     one = _run_main(config_py, tmp_path / "one", 8)
     out = one.communicate(timeout=600)[0]
     assert one.returncode == 0, out[-3000:]
@@ -171,3 +172,6 @@ def test_two_processes_equal_one(manifest, tmp_path):
         assert p.returncode == 0, out[-3000:]
     np.testing.assert_allclose(losses_of(tmp_path / "two"), losses_of(tmp_path / "one"), rtol=1e-5)
     assert len(losses_of(tmp_path / "one")) == 5
+    if recipe == "lit":
+        assert len(list((tmp_path / "one").glob("features/*/*.array_record"))) == 1
+        assert len(list((tmp_path / "two").glob("features/*/*.array_record"))) == 2  # one per process

@@ -18,6 +18,7 @@ It implements the protocol evaluators use (vljax/evaluators/base.py): `embed_ima
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 
@@ -26,7 +27,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from vljax import sharding
+from vljax import logs, sharding
 from vljax.data import pipeline
 from vljax.data import sources as sources_lib
 
@@ -49,6 +50,12 @@ def _pad(x: np.ndarray, n: int) -> np.ndarray:
 def _local(x: jax.Array) -> np.ndarray:
     """A replicated global array as numpy (this process's copy)."""
     return np.asarray(x.addressable_data(0))
+
+
+def _name(data) -> str:
+    if isinstance(data, (dict, ml_collections.ConfigDict)):
+        return f"{data.get('name', data.get('path', '?'))}/{data.get('split', '')}".rstrip("/")
+    return getattr(data, "name", type(data).__name__)
 
 
 def data_key(data):
@@ -79,8 +86,10 @@ class Embedder:
     """
 
     def __init__(self, model, params, tokenizer, *, mesh, image_size: int, value_range,
-                 batch_size: int = 64, data_dir=None):
+                 batch_size: int = 64, data_dir=None, feature_store=None, progress: bool = True):
         self.model, self.tokenizer, self.mesh = model, tokenizer, mesh
+        self.progress = progress
+        self.feature_store = feature_store
         self.image_size, self.value_range, self.data_dir = int(image_size), value_range, data_dir
         shards = math.prod(mesh.shape[a] for a in sharding.batch_axes(mesh))
         step = math.lcm(shards, jax.process_count())
@@ -92,7 +101,17 @@ class Embedder:
                             out_shardings=(replicated, replicated))
         self._txt = jax.jit(lambda p, t: model.apply({"params": p}, None, t)[1],
                             out_shardings=replicated)
+        self._head = jax.jit(lambda p, f, m: (model.apply({"params": p}, f, method=model.image_head), m),
+                             out_shardings=(replicated, replicated))
         self._images, self._texts = {}, {}
+
+    def with_params(self, params) -> "Embedder":
+        """The same towers (compiled once) over other params, with empty caches: the trainer's
+        evaluations at every eval step reuse one compilation."""
+        new = copy.copy(self)
+        new.params = self._on_mesh(params)
+        new._images, new._texts = {}, {}
+        return new
 
     def _on_mesh(self, params):
         devices = set(self.mesh.devices.flat)
@@ -123,12 +142,16 @@ class Embedder:
         return self._images[key][0]
 
     def _stream(self, data) -> Embedded:
+        if self.feature_store is not None:
+            return self._stream_features(data)
         batches = pipeline.make_eval_batches(
             data, batch_size=self.batch_size, image_size=self.image_size,
             value_range=self.value_range, data_dir=self.data_dir)
         n, b, s = batches.num_examples, batches.batch, self.image_size
         z = mask = None
-        for j, batch in enumerate(batches):
+        bar = logs.progress(batches, desc=f"embed {_name(data)}", total=len(batches), unit="batch",
+                            leave=False, enabled=self.progress)
+        for j, batch in enumerate(bar):
             x = jax.make_array_from_process_local_data(
                 self._batch_sharding, _pad(batch["image"], b), (self.batch_size, s, s, 3))
             m = jax.make_array_from_process_local_data(
@@ -144,6 +167,38 @@ class Embedder:
         index = np.flatnonzero(mask)
         if not len(index):
             raise ValueError(f"no record of {data!r} could be read (skipped: {batches.skipped})")
+        return Embedded(z=z[index] if len(index) < n else z, index=index)
+
+    def _stream_features(self, data) -> Embedded:
+        """A locked trunk: its features of `data` come from the feature store (written once, on
+        the first evaluation; vljax/features.py), and each evaluation runs only the image head."""
+        from vljax import features
+        source = sources_lib.get_source(dict(data), data_dir=self.data_dir) if isinstance(
+            data, (dict, ml_collections.ConfigDict)) else data
+        store = features.ensure_features(self.model, self.params, source, self.feature_store,
+                                         mesh=self.mesh, image_size=self.image_size,
+                                         value_range=self.value_range, batch_size=self.batch_size)
+        n, pi, pc = len(store), jax.process_index(), jax.process_count()
+        b = self.batch_size // pc
+        z = mask = None
+        for j in logs.progress(range(-(-n // self.batch_size)), desc=f"embed {_name(data)}", unit="batch",
+                               leave=False, enabled=self.progress):
+            rows = range(min(j * self.batch_size + pi * b, n), min(j * self.batch_size + (pi + 1) * b, n))
+            recs = [store[i] for i in rows]
+            ok = np.asarray([("features" in r) for r in recs], bool)
+            f = np.stack([r["features"][0] if "features" in r else np.zeros(store.num_features, np.float32)
+                          for r in recs]) if recs else np.zeros((0, store.num_features), np.float32)
+            x = jax.make_array_from_process_local_data(self._batch_sharding, _pad(f, b),
+                                                       (self.batch_size, store.num_features))
+            m = jax.make_array_from_process_local_data(self._batch_sharding, _pad(ok, b), (self.batch_size,))
+            zb, mb = (_local(a) for a in self._head(self.params, x, m))
+            if z is None:
+                z, mask = np.zeros((n, zb.shape[1]), np.float32), np.zeros((n,), bool)
+            lo, hi = j * self.batch_size, min((j + 1) * self.batch_size, n)
+            z[lo:hi], mask[lo:hi] = zb[:hi - lo], mb[:hi - lo]
+        index = np.flatnonzero(mask)
+        if not len(index):
+            raise ValueError(f"no record of {data!r} could be read")
         return Embedded(z=z[index] if len(index) < n else z, index=index)
 
     # -- texts and in-memory images ------------------------------------------------------------

@@ -16,9 +16,9 @@ import numpy as np
 from absl import logging
 from etils import epath
 from flax import traverse_util
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
-from vljax import checkpoints, factory, losses, metrics, optim, pretrained, sharding
+from vljax import checkpoints, factory, logs, losses, metrics, optim, pretrained, sharding, stages
 from vljax.embedder import Embedder
 from vljax.models.two_towers import TwoTowers
 
@@ -167,18 +167,17 @@ def loss_inputs(zimg, ztxt, out, batch) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def make_train_step(model, tx, loss, trainable_mask, *, lit_cache=None, lit_grey_p: float = 0.0):
+def make_train_step(model, tx, loss, trainable_mask):
     """One optimizer (micro-)step. Gradients are computed for trainable parameters only.
 
-    lit_cache: [N, V, F] locked image-trunk features by record and view (vljax/lit_cache.py);
-    the batch then carries record indices instead of images.
+    A batch with "image_features" ([B, F], a locked trunk's stored features, vljax/features.py)
+    instead of "image" runs only the image tower's head on them.
     """
 
     def forward(params, batch, rng):
-        if lit_cache is not None:
-            from vljax.lit_cache import select
-            feats = select(lit_cache, batch["index"], jax.random.fold_in(rng, 1), lit_grey_p)
-            zimg = model.apply({"params": params}, feats, method=model.embed_image_features)
+        if "image_features" in batch:
+            zimg = model.apply({"params": params}, batch["image_features"], train=True,
+                               rngs={"dropout": rng}, method=model.image_head)
             _, ztxt, out = model.apply({"params": params}, None, batch["text"], train=True,
                                        rngs={"dropout": rng})
             return zimg, ztxt, out
@@ -261,7 +260,7 @@ class Trainer:
             # The latest intact checkpoint: a damaged one is moved aside and the previous one used.
             self.state, self.data_state = self.ckpt.restore(None, self.abstract_state)
             self.start_step = int(jax.device_get(self.state["step"]))
-            logging.info("resumed from step %d", self.start_step)
+            logs.info("resumed from step %d", self.start_step)
         elif require_checkpoint:
             raise FileNotFoundError(f"no checkpoint in {self.ckpt.directory}")
         else:
@@ -273,27 +272,38 @@ class Trainer:
             path.mkdir(parents=True, exist_ok=True)
             (path / "config.json").write_text(config.to_json_best_effort(indent=1))
             factory.write_spec(path, self.spec)
-        self.lit_cache = None
-        self._evaluators = None
+        self._evaluators = self._embedder = None
 
     def initial_state(self, init_rng, train_rng):
         return init_state(self._init_params, self._init_opt, self.state_sh, self.config.get("model_init"),
                           init_rng, train_rng)
 
     # -- input ---------------------------------------------------------------------------------
-    def _lit_cache_enabled(self) -> bool:
-        return bool(self.config.get("lit_cache", False))
-
-    def make_input(self):
+    def make_input(self, stage: stages.Stage | None = None):
+        """The training iterator (of `stage`: its image size, text length and own stream); with
+        `config.lit_cache` it reads the locked trunk's stored features (written once under
+        <workdir>/features/ with the current sharded params) instead of images."""
         from vljax.data import pipeline
-        if self._lit_cache_enabled():
-            from vljax import lit_cache
-            lit_cache.check_cacheable(self.config, _flat(self.trainable_mask))
-            params = to_host(self.state["params"])
-            self.lit_cache = lit_cache.build(self.model, params, self.config, self.workdir)
-        return pipeline.make_train_iterator(
-            self.config.input, self.tokenizer, seed=self.config.seed,
-            emit_index=self.lit_cache is not None)
+        stage = stage or stages.parse(self.config)[0]
+        stores = None
+        if self.config.get("lit_cache", False):
+            from vljax import features
+            stores = features.training_stores(self.config, self.model, self.state["params"],
+                                              _flat(self.trainable_mask), self.mesh, self.workdir)
+        inp, tokenizer = self.config.input, self.tokenizer
+        if stage.image_size != inp.image_size:
+            inp = inp.copy_and_resolve_references()
+            inp.image_size = stage.image_size
+        if stage.max_len != self.spec["tokenizer"]["max_len"]:
+            tokenizer = factory.build_tokenizer({"tokenizer": {**self.spec["tokenizer"], "max_len": stage.max_len}})
+        seed = self.config.seed + 1_000_003 * stage.index  # stage 0: the unstaged stream
+        return pipeline.make_train_iterator(inp, tokenizer, seed=seed, features=stores)
+
+    def stage_model(self, stage: stages.Stage) -> TwoTowers:
+        """The model as the stage trains it (its patch dropout); the same parameters."""
+        if stage.patch_dropout is None:
+            return self.model
+        return self.model.clone(image={**(self.model.image or {}), "patch_dropout": stage.patch_dropout})
 
     # -- evaluation -------------------------------------------------------------------------------
     def evaluators(self):
@@ -303,42 +313,60 @@ class Trainer:
         return self._evaluators
 
     def embedder(self, params=None) -> Embedder:
-        """One Embedder per evaluation, over the training state's params as they are sharded."""
-        inp = self.config.input
-        return Embedder(self.model, self.state["params"] if params is None else params, self.tokenizer,
-                        mesh=self.mesh, image_size=inp.image_size,
-                        value_range=inp.get("value_range", "efficientnet"),
-                        batch_size=self.config.get("eval_batch_size", 64))
+        """One Embedder per evaluation, over the training state's params as they are sharded; the
+        towers compile once per run (`Embedder.with_params`)."""
+        params = self.state["params"] if params is None else params
+        if self._embedder is None:
+            inp = self.config.input
+            # A locked image trunk is evaluated from the feature store training uses (features
+            # written once per eval set, then only the head runs at each evaluation).
+            store = epath.Path(self.workdir) / "features" if self._image_trunk_locked() else None
+            self._embedder = Embedder(self.model, params, self.tokenizer, mesh=self.mesh,
+                                      image_size=inp.image_size,
+                                      value_range=inp.get("value_range", "efficientnet"),
+                                      batch_size=self.config.get("eval_batch_size", 64),
+                                      feature_store=store, progress=self.config.get("progress", True))
+            return self._embedder
+        return self._embedder.with_params(params)
+
+    def _image_trunk_locked(self) -> bool:
+        """Every image-tower parameter outside its head is locked (LiT) and lit_cache is on."""
+        flat = _flat(self.trainable_mask)
+        trunk = [v for k, v in flat.items() if k.startswith("img/") and not k.startswith("img/head/")]
+        return bool(self.config.get("lit_cache", False)) and bool(trunk) and not any(trunk)
 
     def evaluate(self, step: int, params=None) -> dict:
         emb = self.embedder(params)
         results = {}
-        for name, ev in self.evaluators().items():
-            t0 = time.perf_counter()
-            results.update(ev.run(emb))
-            results[f"time/eval_{name}_s"] = time.perf_counter() - t0
+        with logs.phase(f"evaluation at step {step}", evals=len(self.evaluators())):
+            for name, ev in self.evaluators().items():
+                t0 = time.perf_counter()
+                results.update(ev.run(emb))
+                results[f"time/eval_{name}_s"] = time.perf_counter() - t0
         return results
 
     # -- training ------------------------------------------------------------------------------
     def fit(self):
         config, mesh = self.config, self.mesh
         writer_enabled = jax.process_index() == 0
-        data_iter = self.make_input()
         start = self.start_step
-        if self.data_state is not None:
-            data_iter.set_state(self.data_state)
         writer = metrics.MetricWriter(self.workdir, enabled=writer_enabled,
                                       resume_step=start if self.data_state is not None else None)
-
         loss = make_loss(config, mesh)
-        cache = None
-        if self.lit_cache is not None:
-            cache = to_global(self.lit_cache, NamedSharding(mesh, P()))
-        step_fn = make_train_step(self.model, self.tx, loss, self.trainable_mask, lit_cache=cache,
-                                  lit_grey_p=float((config.input.get("augment") or {}).get("greyscale", 0.0) or 0.0))
         batch_sh = sharding.batch_sharding(mesh)
-        train_step = jax.jit(step_fn, in_shardings=(self.state_sh, batch_sh),
-                             out_shardings=(self.state_sh, None), donate_argnums=(0,))
+        schedule = stages.parse(config)
+
+        def enter(stage, data_state=None):
+            """The stage's input stream (restored to `data_state` when it is this stage's) and step."""
+            it = self.make_input(stage)
+            if data_state is not None and data_state.get("stage", 0) == stage.index:
+                it.set_state(data_state["iterator"])
+            step_fn = make_train_step(self.stage_model(stage), self.tx, loss, self.trainable_mask)
+            fn = jax.jit(step_fn, in_shardings=(self.state_sh, batch_sh),
+                         out_shardings=(self.state_sh, None), donate_argnums=(0,))
+            return stage, it, fn
+
+        stage, data_iter, train_step = enter(stages.at(schedule, start), self.data_state)
         self.train_step = train_step  # kept for inspection (compilations, lowering)
 
         total = config.total_steps
@@ -359,6 +387,12 @@ class Trainer:
         try:
             with jax.set_mesh(mesh):
                 while step < total:
+                    if step >= stage.until:  # the next stage: its input and its compiled step
+                        skipped = data_iter.skipped
+                        stage, data_iter, train_step = enter(stages.at(schedule, step))
+                        data_iter.skipped = dict(skipped)
+                        logs.info("stage %d from step %d: image size %d, text length %d, patch dropout %s",
+                                  stage.index, step, stage.image_size, stage.max_len, stage.patch_dropout)
                     batch = next(data_iter)
                     skipped = {k: v for k, v in batch.items() if k.startswith("skipped/")}
                     batch = {k: v for k, v in batch.items() if not k.startswith("skipped/")}
@@ -400,12 +434,13 @@ class Trainer:
                         results = self.evaluate(step)
                         writer.write(step, results)
                         if selector.update(step, results, self.state["params"]):
-                            logging.info("early stopping at step %d: %s has not improved for %d evaluations",
+                            logs.info("early stopping at step %d: %s has not improved for %d evaluations",
                                          step, selector.metric, selector.patience)
                             stop = True
                         t_last = time.perf_counter()
                     if save:
-                        self.ckpt.save(step, self.state, data_iter.get_state(), force=True)
+                        self.ckpt.save(step, self.state, {"stage": stage.index, "iterator": data_iter.get_state()},
+                                       force=True)
                     if stop:
                         if step < total and not selector.stopped:
                             logging.warning("preempted (SIGTERM) at step %d: checkpoint saved, exiting", step)

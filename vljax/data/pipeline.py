@@ -41,9 +41,8 @@ def _get(cfg, key, default=None):
 class TrainIterator:
     """Iterator over this process's training batches:
 
-        {"image": f32 [B, S, S, 3], "text": i32 [B, L],
-         "label": i32 [B] (config.input.label), "index": i32 [B] (emit_index),
-         "skipped/<reason>": int64 scalar}
+        {"image": f32 [B, S, S, 3] (or "image_features": f32 [B, F] with stored features),
+         "text": i32 [B, L], "label": i32 [B] (config.input.label), "skipped/<reason>": int64 scalar}
 
     `skipped/<reason>` (missing_file, decode_error, empty_caption, read_error) is how many records
     this process has skipped so far, cumulative, across restores: pop these keys before sharding
@@ -134,18 +133,21 @@ def _local_batch_size(global_batch: int, process_count: int) -> int:
 
 
 def make_train_dataset(config, tokenizer, *, seed: int, process_index: int = 0,
-                       process_count: int = 1, emit_index: bool = False) -> grain.IterDataset:
+                       process_count: int = 1, features=None) -> grain.IterDataset:
     """The grain IterDataset behind `make_train_iterator` (for inspection and benchmarks)."""
     entries = list(config["data"])
     if not entries:
         raise ValueError("config.input.data is empty: give at least one source")
+    if features is not None and len(features) != len(entries):
+        raise ValueError(f"config.input.data has {len(entries)} sources but {len(features)} feature stores")
     data_dir = _get(config, "data_dir")
     batch = _local_batch_size(int(config["batch_size"]), process_count)
-    parts, weights, offset = [], [], 0
+    parts, weights = [], []
     for i, entry in enumerate(entries):
         src = sources_lib.get_source(entry, data_dir=data_dir)
-        ds = grain.MapDataset.source(sources_lib.Indexed(src, offset))
-        offset += len(src)
+        if features is not None:
+            src = sources_lib.WithFeatures(src, features[i], where=f"config.input.data[{i}]")
+        ds = grain.MapDataset.source(src)
         ds = ds.shuffle(seed=_seed(seed, i)).repeat()  # reshuffled every epoch
         parts.append(ds)
         weights.append(float(entry.get("weight", 1.0)))
@@ -160,7 +162,7 @@ def make_train_dataset(config, tokenizer, *, seed: int, process_index: int = 0,
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
                                               prefetch_buffer_size=max(2 * batch, threads)))
     collate = Collate(tokenizer, with_label=bool(_get(config, "label", False)),
-                      with_index=emit_index, keep_captions=bool(_get(config, "keep_captions", False)))
+                      keep_captions=bool(_get(config, "keep_captions", False)))
     ds = SkipCountingBatch(ds, batch, collate)
     workers = int(_get(config, "num_workers", 0))
     if workers > 0:
@@ -174,23 +176,22 @@ def make_train_dataset(config, tokenizer, *, seed: int, process_index: int = 0,
 
 
 def make_train_iterator(config, tokenizer, *, seed: int, process_index: int | None = None,
-                        process_count: int | None = None, emit_index: bool = False
-                        ) -> TrainIterator:
+                        process_count: int | None = None, features=None) -> TrainIterator:
     """Endless iterator of this process's training batches (see TrainIterator).
 
     config: the `config.input` subtree (module docstring). tokenizer: `tok(list[str]) -> int32
-    [N, L]`; it must be picklable when num_workers > 0. emit_index: add batch["index"], each
-    example's row in the concatenation of config.input.data's sources in config order (unsharded,
-    unshuffled: source k's record i is sum(len(sources[:k])) + i), e.g. to look up features
-    cached by iterating `make_eval_batches` over each source in turn. Restoring a state needs the
-    same config (num_workers included: worker w processes every num_workers-th example), seed
-    and processes.
+    [N, L]`; it must be picklable when num_workers > 0. features: one store per source of
+    config.input.data, in order (`vljax.features.FeatureSource`, LiT with a locked trunk): the
+    batches then carry "image_features" [B, F] in place of "image", from the same global example
+    stream (same shuffling, mixing and process slices; the grey view drawn as the image
+    augmentation draws it), and no image is decoded. Restoring a state needs the same config
+    (num_workers included: worker w processes every num_workers-th example), seed and processes.
     """
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     return TrainIterator(make_train_dataset(config, tokenizer, seed=seed,
                                             process_index=process_index,
-                                            process_count=process_count, emit_index=emit_index))
+                                            process_count=process_count, features=features))
 
 
 def make_eval_batches(data, *, batch_size: int, image_size: int, value_range="efficientnet",
@@ -209,7 +210,7 @@ def make_eval_batches(data, *, batch_size: int, image_size: int, value_range="ef
     (vljax/embedder.py). A record that cannot be read keeps its row with a zero image and
     mask False (counted in `EvalBatches.skipped`). Every process yields `num_batches` batches,
     as collective evaluation steps need. `greyscale=True` turns every image grey (3 equal
-    channels), exactly as the training augmentation does.
+    channels), exactly as the training augmentation does (the grey view of stored LiT features).
     """
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count

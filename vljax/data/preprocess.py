@@ -25,6 +25,8 @@ class Preprocess:
     in `crop_scale`, greyscale with probability `greyscale`, colour jitter of `colour_jitter`
     strength, a random caption. No horizontal flip: captions say "left" and "right".
     Eval mode (rng None): resize shorter side + centre crop, the first caption.
+    A record with stored trunk features (`sources.WithFeatures`) gives {"image_features": f32 [F],
+    "caption", "label"} instead: no image is decoded.
     """
     image_size: int
     value_range: object = "efficientnet"
@@ -32,7 +34,7 @@ class Preprocess:
     greyscale: float = 0.0
     colour_jitter: float = 0.0
     require_caption: bool = True  # False for image-only evals (classification)
-    force_greyscale: bool = False  # every image greyscale (the LiT cache's greyscale view)
+    force_greyscale: bool = False  # every image greyscale (the stored LiT features' grey view)
 
     def __call__(self, record: dict, rng: np.random.Generator | None = None) -> dict:
         if "error" in record:
@@ -40,6 +42,10 @@ class Preprocess:
         caption = T.choose_caption(record["captions"], rng)
         if caption is None and self.require_caption:
             return {"skip": "empty_caption"}
+        if "features_skip" in record:
+            return {"skip": record["features_skip"]}
+        if "features" in record:
+            return self._stored_features(record, caption, rng)
         try:
             img = T.decode_image(record["image"])
         except FileNotFoundError:
@@ -56,7 +62,19 @@ class Preprocess:
         if self.force_greyscale:
             img = img.convert("L").convert("RGB")
         return {"image": T.normalize(img, self.value_range), "caption": caption or "",
-                "label": int(record.get("label", -1)), "index": int(record.get("index", -1))}
+                "label": int(record.get("label", -1))}
+
+    def _stored_features(self, record: dict, caption, rng) -> dict:
+        """A locked trunk's stored views [V, F] (colour, grey; vljax/features.py) in place of the
+        image: the grey view is taken on the same random draw as `T.random_greyscale` (crops and
+        colour jitter are off when features are stored, so they draw nothing), hence the stored
+        path trains on exactly the features the image path computes."""
+        feats = record["features"]
+        grey = rng is not None and self.greyscale > 0 and rng.uniform() < self.greyscale
+        if grey and len(feats) < 2:
+            raise ValueError("input.augment.greyscale > 0 but the feature store has no grey view")
+        return {"image_features": feats[int(grey)], "caption": caption or "",
+                "label": int(record.get("label", -1))}
 
     def eval(self, record: dict) -> dict:
         """Deterministic variant for MapDataset.map."""
@@ -73,20 +91,18 @@ def count_skips(examples) -> np.ndarray:
 @dataclasses.dataclass(frozen=True)
 class Collate:
     """Stacks valid examples and tokenises their captions:
-    {"image", "text", "label"?, "index"?, "caption"?, "_skipped"}."""
+    {"image" | "image_features", "text", "label"?, "caption"?, "_skipped"}."""
     tokenizer: object  # tok(list[str]) -> int32 [N, L]
     with_label: bool = False
-    with_index: bool = False
     keep_captions: bool = False
 
     def __call__(self, examples, skipped: np.ndarray) -> dict:
         captions = [ex["caption"] for ex in examples]
-        batch = {"image": np.stack([ex["image"] for ex in examples]),
+        key = "image_features" if "image_features" in examples[0] else "image"
+        batch = {key: np.stack([ex[key] for ex in examples]),
                  "text": np.asarray(self.tokenizer(captions), np.int32)}
         if self.with_label:
             batch["label"] = np.asarray([ex["label"] for ex in examples], np.int32)
-        if self.with_index:
-            batch["index"] = np.asarray([ex["index"] for ex in examples], np.int32)
         if self.keep_captions:
             batch["caption"] = np.asarray(captions, dtype=object)
         batch[SKIPPED_KEY] = skipped

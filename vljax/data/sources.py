@@ -198,20 +198,31 @@ class JsonlSource:
         return f"JsonlSource({str(self.path)!r}, n={len(self)})"
 
 
-class Indexed:
-    """A source whose records also carry "index": offset + their position in the source."""
+class WithFeatures:
+    """A source whose records carry a locked trunk's stored features instead of the image, so no
+    image is decoded: `"features": f32 [V, F]` (views, vljax/features.py), or `"features_skip": reason`
+    when the store could not read the image (counted as that reason, after the caption check, as
+    the image pipeline counts it)."""
 
-    def __init__(self, source, offset: int = 0):
-        self.source, self.offset = source, offset
+    def __init__(self, source, features, where: str = "config.input.data"):
+        if len(source) != len(features):
+            raise ValueError(f"{where}: {source!r} has {len(source)} records but its feature store "
+                             f"{features!r} has {len(features)}")
+        self.source, self.features = source, features
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, index: int) -> dict:
-        return {**self.source[index], "index": self.offset + index}
+        record = self.source[index]
+        record.pop("image", None)
+        if "error" not in record:
+            f = self.features[index]
+            record.update({"features": f["features"]} if "features" in f else {"features_skip": f["error"]})
+        return record
 
     def __repr__(self):
-        return f"Indexed({self.source!r}, offset={self.offset})"
+        return f"WithFeatures({self.source!r}, {self.features!r})"
 
 
 def get_source(cfg, data_dir=None):

@@ -166,7 +166,23 @@ class EfficientNetLite(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, images, train=False):
+    def __call__(self, images=None, train=False, features=None):
+        """features: [B, 1280] pre_logits computed before (a locked trunk's stored features,
+        vljax/features.py): only the head (dropout, Dense `head/...`) is applied."""
+        if features is None:
+            features, out = self._trunk(images)
+        else:
+            out = {"pre_logits": features}
+        x = features
+        if self.num_classes:
+            x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+            x = out["logits"] = nn.Dense(
+                self.num_classes, use_bias=self.head_bias, name="head",
+                dtype=self.dtype, param_dtype=self.param_dtype)(x)
+        return x, out
+
+    def _trunk(self, images):
+        """Everything before the head: (pre_logits [B, 1280], out)."""
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"EfficientNetLite expects images [B, H, W, 3], got {images.shape}")
         if not jnp.issubdtype(images.dtype, jnp.floating):
@@ -184,8 +200,4 @@ class EfficientNetLite(nn.Module):
         b, h, w, c = x.shape
         out["tokens"] = x.reshape(b, h * w, c)
         x = out["pre_logits"] = x.mean(axis=(1, 2))
-        if self.num_classes:
-            x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
-            x = out["logits"] = nn.Dense(
-                self.num_classes, use_bias=self.head_bias, name="head", **kw)(x)
         return x, out

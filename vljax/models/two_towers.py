@@ -13,17 +13,6 @@ def _l2_normalize(z):
     return z / (jnp.linalg.norm(z, axis=-1, keepdims=True) + 1e-8)
 
 
-class _HeadOnly(nn.Module):
-    """The projection head of a tower alone, under the tower's name (params `<tower>/head/...`)."""
-    num_classes: int
-    use_bias: bool = True
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        return nn.Dense(self.num_classes, use_bias=self.use_bias, dtype=self.dtype, name="head")(x)
-
-
 class TwoTowers(nn.Module):
     """Image tower + text tower + learned logit scale (and optional bias).
 
@@ -70,23 +59,18 @@ class TwoTowers(nn.Module):
             out["b"] = self.param("b", nn.initializers.constant(self.bias_init), (), jnp.float32)
         return zimg, ztxt, out
 
-    # LiT with a cached locked trunk: the image tower split at its projection head.
+    # LiT with a locked trunk whose features are stored (vljax/features.py): the image tower
+    # split at its projection head, both halves the real tower module (params `img/...`).
     @nn.compact
-    def image_features(self, images, train: bool = False):
-        """images: [B, H, W, C] -> the image tower's features before its head, [B, F]."""
-        tower = get_model(self.image_model)(**(self.image or {}), name="img")
-        _, out = tower(images, train=train)
+    def image_trunk(self, images, train: bool = False):
+        """images: [B, H, W, C] -> the image tower's features before its head (pre_logits), [B, F]."""
+        _, out = get_model(self.image_model)(**(self.image or {}), name="img")(images, train=train)
         return out["pre_logits"]
 
     @nn.compact
-    def embed_image_features(self, features):
-        """features: [B, F] from `image_features` -> zimg [B, D], L2-normalised.
-
-        Equal to the image half of `__call__` (the towers apply the head right after pre_logits).
-        """
-        cfg = self.image or {}
-        if not cfg.get("num_classes"):
-            return _l2_normalize(features)
-        head = _HeadOnly(cfg["num_classes"], use_bias=cfg.get("head_bias", True),
-                         dtype=cfg.get("dtype", jnp.float32), name="img")
-        return _l2_normalize(head(features))
+    def image_head(self, features, train: bool = False):
+        """features: [B, F] from `image_trunk` -> zimg [B, D], L2-normalised: the tower's own head,
+        so `image_head(image_trunk(x))` equals the image half of `__call__`."""
+        tower = get_model(self.image_model)(**(self.image or {}), name="img")
+        zimg, _ = tower(None, train=train, features=features)
+        return _l2_normalize(zimg)

@@ -1,0 +1,294 @@
+"""LiT features as data: a locked image trunk's features, written once as an array_record store and
+read like images, by the training pipeline and by evaluation of a locked trunk.
+
+LiT (Zhai et al. 2022, "LiT: Zero-Shot Transfer with Locked-image text Tuning", Sec. 3) trains the
+text tower against a LOCKED image tower: every record then has the same trunk features in every
+epoch, so the trunk (everything before the trainable projection head, `TwoTowers.image_trunk`) runs
+once per record and view, and the step applies only the head (`TwoTowers.image_head`).
+
+Views: augmentations with few outcomes are stored as views. With `input.augment.greyscale = p > 0`
+each record holds [2, F] (colour, grey) and the pipeline picks the grey view with probability p,
+with the same random draw the image augmentation makes (vljax/data/preprocess.py), so training on
+the store equals training on the images. Continuous augmentations (random crops, colour jitter)
+cannot be stored (`check_cacheable`).
+
+Store layout, `<root>/<fingerprint>/` (etils.epath paths, so gs:// workdirs work as local ones):
+
+    features-<p>-of-<P>.array_record   written by process p of P: records p, p + P, p + 2P, ... of the
+                                       source, each the float32 bytes of [V, F] (b"" if unreadable)
+    index.json                         {"fingerprint", "num_records": N, "views", "num_features": F,
+                                        "dtype": "float32", "num_files": P, "unreadable": {i: reason}}
+
+Each process writes only its rows (`pipeline.make_eval_batches` gives process p rows [p*b, (p+1)*b)
+of every global batch);
+the trunk runs jitted on the mesh with the params as they are sharded and the batch split over the
+batch axes. The index is written last (temp name, then rename): a store is complete when its index
+exists, and a complete store with the same fingerprint is never rewritten (resumes reuse it).
+
+The fingerprint covers the source, the trunk (its configuration and a digest of its parameter
+values) and the preprocessing (image size, value range, views): `ensure_features` is the one entry
+point for any consumer (training: `training_stores`; evaluation of a locked trunk: call it with the
+eval source and read `FeatureSource(...)[i]["features"]` instead of decoding images).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from array_record.python.array_record_module import ArrayRecordWriter
+from etils import epath
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from vljax import logs, sharding
+from vljax.data import pipeline, sources
+from vljax.data.preprocess import Preprocess
+
+INDEX = "index.json"
+VIEWS = ("colour", "grey")
+
+
+def check_cacheable(config, trainable_mask_flat: dict) -> None:
+    """Raises naming the config key when storing features would change what is trained."""
+    trunk = {k: v for k, v in trainable_mask_flat.items() if k.startswith("img/") and not k.startswith("img/head/")}
+    if not trunk or any(trunk.values()):
+        raise ValueError("config key `lit_cache`: the image tower's trunk (every img/ parameter outside "
+                         "img/head/) must be locked by `schedule` (None) to store its features")
+    aug = config.input.get("augment") or {}
+    for key in ("random_resized_crop", "colour_jitter"):
+        if aug.get(key):
+            raise ValueError(f"config key `lit_cache`: image augmentation `input.augment.{key}` changes "
+                             "the locked tower's features every epoch; disable it or lit_cache")
+
+
+def views_of(config) -> tuple[str, ...]:
+    """The views the training augmentation needs: colour, and grey when input.augment.greyscale > 0."""
+    grey = float((config.input.get("augment") or {}).get("greyscale", 0.0) or 0.0)
+    return VIEWS if grey > 0 else VIEWS[:1]
+
+
+def _trunk_params(params):
+    return {k: v for k, v in params["img"].items() if k != "head"}
+
+
+def _digest(tree, mesh) -> list[str]:
+    """Per leaf: sum, sum of |x| and a position-weighted sum, to 6 digits (reduction order may vary)."""
+    def leaf(x):
+        x = x.astype(jnp.float32)
+        w = jnp.cos(jnp.arange(x.size, dtype=jnp.float32)).reshape(x.shape)
+        return jnp.stack([x.sum(), jnp.abs(x).sum(), (x * w).sum()])
+    fn = jax.jit(lambda t: jax.tree.map(leaf, t), out_shardings=NamedSharding(mesh, P()))
+    with jax.set_mesh(mesh):
+        values = jax.device_get(fn(tree))
+    return [f"{v:.5e}" for v in np.concatenate([np.ravel(x) for x in jax.tree.leaves(values)])]
+
+
+def fingerprint(model, params, source, *, mesh, image_size, value_range, views) -> str:
+    """16 hex digits naming what determines the features: source, trunk and preprocessing."""
+    where = getattr(source, "data_dir", None) or getattr(source, "path", None) or getattr(source, "root", None)
+    image_cfg = {k: v for k, v in (model.image or {}).items() if k not in ("num_classes", "head_bias")}
+    parts = dict(source=repr(source), where=str(where), n=len(source), image_model=model.image_model,
+                 image=image_cfg, trunk=_digest(_trunk_params(params), mesh), image_size=int(image_size),
+                 value_range=pipeline._value_range(value_range), views=list(views))
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _local_rows(j: int, n: int, batch: int, local_batch: int, p: int) -> range:
+    """Records of global batch j that process p reads (`pipeline.make_eval_batches`)."""
+    lo = j * batch + p * local_batch
+    return range(min(lo, n), min(lo + local_batch, n))
+
+
+def _pad(x: np.ndarray, n: int) -> np.ndarray:
+    return np.concatenate([x, np.zeros((n - len(x),) + x.shape[1:], x.dtype)]) if len(x) < n else x
+
+
+def _file_name(p: int, count: int) -> str:
+    return f"features-{p:05d}-of-{count:05d}.array_record"
+
+
+def _read_index(path: epath.Path) -> dict | None:
+    f = path / INDEX
+    return json.loads(f.read_text()) if f.exists() else None
+
+
+def _write_atomic(dst: epath.Path, write) -> None:
+    """write(local_path) then move the file to dst: a reader sees all of it or nothing."""
+    if "://" not in str(dst):
+        tmp = dst.parent / f".{dst.name}.tmp{os.getpid()}"
+        write(str(tmp))
+        tmp.rename(dst)
+        return
+    with tempfile.TemporaryDirectory() as d:  # array_record writes local files; copy them up
+        local = os.path.join(d, dst.name)
+        write(local)
+        tmp = dst.parent / f".{dst.name}.tmp"
+        epath.Path(local).copy(tmp, overwrite=True)
+        tmp.rename(dst)
+
+
+def write_features(model, params, source, path, *, mesh, image_size, value_range, views=VIEWS[:1],
+                   batch_size: int = 64, progress: bool = True) -> dict:
+    """Writes the store of `source` at `path` (module docstring) unless a complete one with the same
+    fingerprint is there; returns its index. Called by every process (the trunk runs on the mesh).
+
+    params: the model's params as they are (global arrays, sharded as training shards them).
+    views: names in VIEWS ("colour", "grey"); batch_size: global, rounded up to the batch shards.
+    """
+    fp = fingerprint(model, params, source, mesh=mesh, image_size=image_size, value_range=value_range,
+                     views=views)
+    return _write(model, params, source, epath.Path(path), fp, mesh=mesh, image_size=image_size,
+                  value_range=value_range, views=views, batch_size=batch_size, progress=progress)
+
+
+def _write(model, params, source, path, fp, *, mesh, image_size, value_range, views, batch_size, progress):
+    index = _read_index(path)
+    if index is not None and index["fingerprint"] == fp:
+        logging.debug("LiT features: reusing %s (%d records x %s)", path, index["num_records"], index["views"])
+        return index
+    unknown = [v for v in views if v not in VIEWS]
+    if unknown:
+        raise ValueError(f"LiT features: unknown views {unknown} (known: {VIEWS})")
+    pi, pc = jax.process_index(), jax.process_count()
+    shards = math.prod(mesh.shape[a] for a in sharding.batch_axes(mesh))
+    batch_size = -(-max(batch_size, pc) // math.lcm(shards, pc)) * math.lcm(shards, pc)
+    bspec = P(sharding.batch_axes(mesh))
+    trunk = jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.image_trunk),
+                    out_shardings=NamedSharding(mesh, bspec))
+    passes = [pipeline.make_eval_batches(source, batch_size=batch_size, image_size=image_size,
+                                         value_range=value_range, greyscale=v == "grey") for v in views]
+    n, local_b = len(source), passes[0].batch
+    n_local = sum(len(_local_rows(i, n, batch_size, local_b, pi)) for i in range(passes[0].num_batches))
+    reasons = Preprocess(image_size=image_size, value_range=pipeline._value_range(value_range),
+                         require_caption=False)
+    path.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    unreadable, num_features = {}, None
+
+    def write(local_file):
+        nonlocal num_features
+        writer = ArrayRecordWriter(local_file, "group_size:1")
+        bar = None
+        if progress and pi == 0:
+            from tqdm import tqdm
+            bar = tqdm(total=n_local, desc=f"LiT features {source!r}", unit="img", dynamic_ncols=True)
+        with jax.set_mesh(mesh):
+            for batches in zip(*passes):
+                rows = []
+                for b in batches:  # every process takes part, with its (padded) rows
+                    x = jax.make_array_from_process_local_data(
+                        sharding.batch_sharding(mesh), _pad(b["image"], local_b),
+                        (batch_size,) + b["image"].shape[1:])
+                    rows.append(multihost_utils.global_array_to_host_local_array(trunk(params, x), mesh, bspec))
+                rows = np.stack([np.asarray(r, np.float32) for r in rows], axis=1)  # [b, V, F]
+                num_features = rows.shape[-1]
+                for j, (i, ok) in enumerate(zip(batches[0]["index"], batches[0]["mask"])):
+                    if ok:
+                        writer.write(rows[j].tobytes())
+                    else:  # an unreadable record: its reason, as the image pipeline would give it
+                        writer.write(b"")
+                        unreadable[int(i)] = reasons.eval(source[int(i)]).get("skip", "decode_error")
+                if bar is not None:
+                    bar.update(len(batches[0]["index"]))
+        writer.close()
+        if bar is not None:
+            bar.close()
+
+    _write_atomic(path / _file_name(pi, pc), write)
+    (path / f"unreadable-{pi:05d}.json").write_text(json.dumps(unreadable))
+    multihost_utils.sync_global_devices(f"lit features written {fp}")
+    if pi == 0:
+        merged = {}
+        for p in range(pc):
+            side = path / f"unreadable-{p:05d}.json"
+            merged.update(json.loads(side.read_text()))
+            side.unlink()
+        index = dict(fingerprint=fp, num_records=n, views=list(views), num_features=num_features,
+                     dtype="float32", num_files=pc, global_batch=batch_size, source=repr(source),
+                     unreadable=merged)
+        _write_atomic(path / INDEX, lambda f: epath.Path(f).write_text(json.dumps(index, indent=1)))
+    multihost_utils.sync_global_devices(f"lit features indexed {fp}")
+    index = _read_index(path)
+    logs.info("LiT features: wrote %s, %d records x %d views x %d features in %.1f s (%d unreadable)",
+                 path, n, len(views), num_features, time.perf_counter() - t0, len(index["unreadable"]))
+    return index
+
+
+class FeatureSource:
+    """A complete store as a random-access source: `len`, `[i] -> {"features": f32 [V, F]}` or
+    `{"error": reason}` for a record whose image could not be read. Picklable (grain workers)."""
+
+    def __init__(self, path):
+        self.path = epath.Path(path)
+        index = _read_index(self.path)
+        if index is None:
+            raise FileNotFoundError(f"LiT features: {self.path / INDEX} does not exist (an incomplete "
+                                    "or missing store; `ensure_features` writes it)")
+        self.index = index
+        self.num_records, self.views = index["num_records"], tuple(index["views"])
+        self.num_features, self._files = index["num_features"], index["num_files"]
+        self._unreadable = {int(k): v for k, v in index["unreadable"].items()}
+        self._batch = index["global_batch"]
+        self._local_batch = self._batch // self._files
+        batches = -(-self.num_records // self._batch)
+        sizes = [sum(len(_local_rows(j, self.num_records, self._batch, self._local_batch, p))
+                     for j in range(batches)) for p in range(self._files)]
+        self._offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+        self._records = grain.sources.ArrayRecordDataSource(
+            [str(self.path / _file_name(p, self._files)) for p in range(self._files)])
+        if len(self._records) != self.num_records:
+            raise ValueError(f"LiT features: {self.path} holds {len(self._records)} records, its "
+                             f"{INDEX} says {self.num_records}")
+
+    def __len__(self) -> int:
+        return self.num_records
+
+    def __getitem__(self, i: int) -> dict:
+        if i in self._unreadable:
+            return {"error": self._unreadable[i]}
+        # Global batch j of B records, process p's rows [p*b, (p+1)*b) of it (make_eval_batches):
+        # record i is row (i // B) * b + i % B - p * b of process p's file.
+        j, r = divmod(int(i), self._batch)
+        p = r // self._local_batch
+        raw = self._records[int(self._offsets[p] + j * self._local_batch + r - p * self._local_batch)]
+        return {"features": np.frombuffer(raw, np.float32).reshape(len(self.views), self.num_features)}
+
+    def __repr__(self):
+        return f"FeatureSource({str(self.path)!r}, n={self.num_records}, views={self.views})"
+
+
+def ensure_features(model, params, source, store_root, *, mesh, image_size, value_range, views=VIEWS[:1],
+                    batch_size: int = 64) -> FeatureSource:
+    """The store of `source`'s trunk features under `store_root/<fingerprint>/`, written if missing.
+
+    For evaluation of a locked trunk: `fs = ensure_features(model, params, eval_source, root, ...)`,
+    then `model.apply({"params": p}, fs[i]["features"][0][None], method=model.image_head)` embeds
+    record i with any head `p` on top of the same trunk.
+    """
+    fp = fingerprint(model, params, source, mesh=mesh, image_size=image_size, value_range=value_range,
+                     views=views)
+    path = epath.Path(store_root) / fp
+    _write(model, params, source, path, fp, mesh=mesh, image_size=image_size, value_range=value_range,
+           views=views, batch_size=batch_size, progress=True)
+    return FeatureSource(path)
+
+
+def training_stores(config, model, params, trainable_mask_flat: dict, mesh, workdir) -> list[FeatureSource]:
+    """One store per entry of `config.input.data` (in order) under `<workdir>/features/`, with the
+    views the augmentation needs; raises naming the config key when the trunk cannot be stored."""
+    check_cacheable(config, trainable_mask_flat)
+    data_dir = config.input.get("data_dir")
+    return [ensure_features(model, params, sources.get_source(entry, data_dir=data_dir),
+                            epath.Path(workdir) / "features", mesh=mesh, image_size=config.input.image_size,
+                            value_range=config.input.get("value_range", "efficientnet"), views=views_of(config),
+                            batch_size=config.get("eval_batch_size", 64))
+            for entry in config.input.data]
