@@ -44,7 +44,9 @@ def _sharded_value_and_grad(fn, args, specs, argnums, n):
 def data():
     rng = np.random.default_rng(0)
     return dict(zimg=_normalised(rng, B, D), ztxt=_normalised(rng, B, D),
-                zref=_normalised(rng, B, 5), t=np.float32(4.0), b=np.float32(-2.5), rng=rng)
+                fimg=3 * rng.normal(size=(B, 5)).astype(np.float32),  # features: not normalised
+                ftxt=rng.normal(size=(B, 6)).astype(np.float32),
+                t=np.float32(4.0), b=np.float32(-2.5), rng=rng)
 
 
 # ----------------------------------------------------------------------------- open_clip parity
@@ -142,11 +144,14 @@ def ref_dcl(zimg, ztxt, t):
     return total / (2 * n)
 
 
-def ref_cwcl(zimg, ztxt, t, zref, ref_modality="image", symmetric=False):
-    """Srinivasa et al. 2023, with U the frozen (reference) modality:
+def ref_cwcl(zimg, ztxt, t, fimg, ftxt, ref_modality="image", symmetric=False):
+    """Srinivasa et al. 2023, Eq. 2-3, with U the frozen (reference) modality and u_i its own
+    features of input i, normalised:
     L_{U->V} = -1/N sum_i 1/(sum_j w_ij) sum_j w_ij log softmax_j(<p_i, q_j> / tau),
-    w_ij = <zref_i, zref_j>/2 + 1/2."""
-    zimg, ztxt, zref = (x.astype(np.float64) for x in (zimg, ztxt, zref))
+    w_ij = <u_i, u_j>/2 + 1/2."""
+    zimg, ztxt = zimg.astype(np.float64), ztxt.astype(np.float64)
+    zref = (fimg if ref_modality == "image" else ftxt).astype(np.float64)
+    zref = zref / np.linalg.norm(zref, axis=1, keepdims=True)
     p, q = (zimg, ztxt) if ref_modality == "image" else (ztxt, zimg)
     n = len(p)
     w = np.array([[0.5 * zref[i] @ zref[j] + 0.5 for j in range(n)] for i in range(n)])
@@ -215,16 +220,16 @@ def test_dcl_matches_paper_reference(data):
 @pytest.mark.parametrize("ref_modality", ["image", "text"])
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_cwcl_matches_paper_reference(data, ref_modality, symmetric):
-    value = losses.cwcl_loss(data["zimg"], data["ztxt"], data["t"], data["zref"],
+    feats = data["fimg"], data["ftxt"]
+    value = losses.cwcl_loss(data["zimg"], data["ztxt"], data["t"], *feats,
                              ref_modality=ref_modality, symmetric=symmetric)
-    _close(value, ref_cwcl(data["zimg"], data["ztxt"], data["t"], data["zref"],
-                           ref_modality, symmetric))
+    _close(value, ref_cwcl(data["zimg"], data["ztxt"], data["t"], *feats, ref_modality, symmetric))
 
 
 def test_cwcl_direction_matters(data):
     """The two directions differ, so the docstring's choice of direction is a real one."""
-    one = losses.cwcl_loss(data["zimg"], data["ztxt"], data["t"], data["zref"])
-    other = losses.cwcl_loss(data["zimg"], data["ztxt"], data["t"], data["zref"],
+    one = losses.cwcl_loss(data["zimg"], data["ztxt"], data["t"], data["fimg"], data["ftxt"])
+    other = losses.cwcl_loss(data["zimg"], data["ztxt"], data["t"], data["fimg"], data["ftxt"],
                              ref_modality="text")
     assert abs(float(one) - float(other)) > 1e-3
 
@@ -288,8 +293,8 @@ def _cases(data, tokens):
             (0, 1, 2, 3)),
         "dcl": (losses.dcl_loss, (zi, zt, t), (bs, bs, rep), (0, 1, 2)),
         "cwcl": (lambda *a, axis_name=None: losses.cwcl_loss(
-            *a, axis_name=axis_name, symmetric=True), (zi, zt, t, data["zref"]),
-            (bs, bs, rep, bs), (0, 1, 2)),
+            *a, axis_name=axis_name, symmetric=True), (zi, zt, t, data["fimg"], data["ftxt"]),
+            (bs, bs, rep, bs, bs), (0, 1, 2)),
         "multi_positive_ids": (lambda zi, zt, t, ids, axis_name=None:
                                losses.multi_positive_contrastive(zi, zt, t, labels=ids,
                                                                  axis_name=axis_name),
@@ -417,8 +422,8 @@ def test_bad_inputs_raise_clear_errors(data):
         losses.multi_positive_contrastive(zi, zt, t)
     with pytest.raises(ValueError, match="pos_mask"):
         losses.multi_positive_contrastive(zi, zt, t, pos_mask=np.ones((B, B - 1), bool))
-    with pytest.raises(ValueError, match="zref"):
-        losses.cwcl_loss(zi, zt, t, data["zref"][:3])
+    with pytest.raises(ValueError, match="image features"):
+        losses.cwcl_loss(zi, zt, t, data["fimg"][:3], data["ftxt"])
     with pytest.raises(ValueError, match="at least 2"):
         losses.dcl_loss(zi[:1], zt[:1], t)
     with pytest.raises(ValueError, match="widths"):

@@ -419,39 +419,42 @@ def dcl_loss(zimg, ztxt, t, axis_name=None):
 # ----------------------------------------------------------------------------- CWCL
 
 
-def cwcl_loss(zimg, ztxt, t, zref, axis_name=None, ref_modality="image", symmetric=False):
-    """Continuously Weighted Contrastive Loss (Srinivasa et al., NeurIPS 2023).
+def cwcl_loss(zimg, ztxt, t, img_features, txt_features, axis_name=None, ref_modality="image",
+              symmetric=False):
+    """Continuously Weighted Contrastive Loss (Srinivasa et al., NeurIPS 2023, Sec. 3, Eq. 2-3).
 
-    Cross-modal transfer from a frozen pre-trained modality U (whose embeddings of the batch
-    are zref) to a modality V being trained. With p the U-side and q the V-side embeddings of
-    the pair (for ref_modality="image": p = zimg, q = ztxt), the paper's Eq. defines
+    Cross-modal transfer from a frozen pre-trained modality U to a modality V being trained.
+    With p_i the U-side and q_i the V-side embeddings of pair i (ref_modality="image": p = zimg,
+    q = ztxt; "text": p = ztxt, q = zimg) and u_i the frozen U model's own features of the same
+    input, L2-normalised:
 
-        L_{U->V} = -1/B sum_i sum_j w_ij / (sum_k w_ik) * log softmax_j(t <p_i, q_j>),
-        w_ij = (1 + <zref_i, zref_j>) / 2  in [0, 1],
+        L_{U->V} = -1/B sum_i 1/(sum_j w_ij) sum_j w_ij log [exp(t <p_i, q_j>) / sum_k exp(t <p_i, q_k>)]
+        w_ij     = (1 + <u_i, u_j>) / 2  in [0, 1]                           (intra-modal weights)
 
-    i.e. the anchor p_i is from the frozen modality, the softmax runs over the candidates
-    q_j of the other modality, and the target for candidate j is u_i's intra-modal similarity
-    to u_j, rows normalised to sum 1. With w = identity it is the one-directional CLIP loss.
-    The weights are targets: no gradient flows through zref.
-
-    symmetric=True averages in L_{V->U} (anchors q_i, softmax over p_j, the same weights
-    since w is symmetric): (L_{U->V} + L_{V->U}) / 2, the CLIP-style symmetric form.
+    i.e. every candidate q_j is a positive of anchor p_i to the degree u_i and u_j are similar in
+    the frozen modality; with w = identity it is the one-directional CLIP loss. The weights come
+    from the frozen modality's features (the locked trunk's pre_logits, or the stored LiT
+    features), never from a trained head, and carry no gradient. symmetric=True averages in
+    L_{V->U} (anchors q_i, softmax over p_j; the same weights, w being symmetric).
 
     Args:
       zimg, ztxt: [b, D] embeddings; t: scalar logit scale.
-      zref: [b, D'] L2-normalised embeddings of the frozen tower (may be zimg itself in LiT).
+      img_features: [b, F] the image trunk's features; txt_features: [b, F'] the text tower's;
+        only those of `ref_modality` are used.
       axis_name: mesh axis or None.
-      ref_modality: "image" or "text", the modality U whose structure is transferred.
+      ref_modality: "image" or "text", the frozen modality U whose structure is transferred.
       symmetric: add the V->U direction.
     """
     _check_pair(zimg, ztxt, t)
-    if zref.ndim != 2 or zref.shape[0] != zimg.shape[0]:
-        raise ValueError(f"zref must be [B, D'] with B = {zimg.shape[0]}, got {zref.shape}")
     if ref_modality not in ("image", "text"):
         raise ValueError(f"ref_modality must be 'image' or 'text', got {ref_modality!r}")
+    u = img_features if ref_modality == "image" else txt_features
+    if u.ndim != 2 or u.shape[0] != zimg.shape[0]:
+        raise ValueError(f"{ref_modality} features must be [B, F] with B = {zimg.shape[0]}, got {u.shape}")
     _, n = _axis_info(axis_name)
-    zref = lax.stop_gradient(zref)
-    w = (1.0 + _sim(zref, _gather(zref, axis_name))) / 2.0  # [b, B], rows = local anchors
+    u = lax.stop_gradient(u.astype(jnp.float32))
+    u = u / (jnp.linalg.norm(u, axis=-1, keepdims=True) + 1e-8)
+    w = (1.0 + _sim(u, _gather(u, axis_name))) / 2.0  # [b, B], rows = local anchors
     targets = w / jnp.sum(w, axis=-1, keepdims=True)
     p, q = (zimg, ztxt) if ref_modality == "image" else (ztxt, zimg)
     local = _soft_ce_sum(t * _sim(p, _gather(q, axis_name)), targets)
@@ -595,8 +598,10 @@ class Loss:
     """A loss function and the inputs it takes, positionally, by name.
 
     Names are the model's outputs (`zimg`, `ztxt`, `t`, `b`, and every `img/<k>` / `txt/<k>` of
-    the towers' out dicts: `img/tokens`, `txt/tokens`, `txt/mask`, ...), `frozen/zimg` /
-    `frozen/ztxt` (the embeddings with their gradient stopped) and `batch/<field>` (a field of the
+    the towers' out dicts: `img/tokens`, `img/tokens_proj`, `txt/mask`, ...), `frozen/zimg` /
+    `frozen/ztxt` (the embeddings with their gradient stopped), `frozen/img_features` /
+    `frozen/txt_features` (the towers' pre_logits with their gradient stopped; with stored LiT
+    features, those features) and `batch/<field>` (a field of the
     input batch, e.g. `batch/label` with `config.input.label=True`). The trainer looks the names
     up, splits batched inputs over the mesh's batch axes and runs `fn(*inputs, axis_name=...,
     **config.loss)` under one `jax.shard_map`: adding a loss touches only this table.
@@ -609,7 +614,7 @@ LOSSES = {
     "softmax": Loss(softmax_contrastive, ("zimg", "ztxt", "t")),
     "sigmoid": Loss(sigmoid_loss, ("zimg", "ztxt", "t", "b")),
     "dcl": Loss(dcl_loss, ("zimg", "ztxt", "t")),
-    "cwcl": Loss(cwcl_loss, ("zimg", "ztxt", "t", "frozen/zimg")),
+    "cwcl": Loss(cwcl_loss, ("zimg", "ztxt", "t", "frozen/img_features", "frozen/txt_features")),
     "multi_positive": Loss(multi_positive_contrastive, ("zimg", "ztxt", "t", "batch/label")),
-    "filip": Loss(filip_loss, ("img/tokens", "txt/tokens", "txt/mask", "t")),
+    "filip": Loss(filip_loss, ("img/tokens_proj", "txt/tokens_proj", "txt/mask", "t")),
 }
