@@ -132,15 +132,19 @@ def _log_softmax(x):
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
-def ref_dcl(zimg, ztxt, t):
-    """Yeh et al. 2022, cross-modal: -s_ii + log sum_{j != i} exp(s_ij), both directions."""
+def ref_dcl(zimg, ztxt, t, sigma=None):
+    """Yeh et al. 2022, cross-modal: -w_i s_ii + log sum_{j != i} exp(s_ij), both directions;
+    w_i = 1 (DCL, Eq. 6) or the vMF weight 2 - exp(<z_i, z_i+>/sigma) / mean_k exp(<z_k, z_k+>/sigma)
+    (DCLW, Eq. 7)."""
     zimg, ztxt = zimg.astype(np.float64), ztxt.astype(np.float64)
     n = len(zimg)
+    cos = np.array([zimg[i] @ ztxt[i] for i in range(n)])
+    w = np.ones(n) if sigma is None else 2 - np.exp(cos / sigma) / np.mean(np.exp(cos / sigma))
     total = 0.0
     for s in (t * zimg @ ztxt.T, t * ztxt @ zimg.T):
         for i in range(n):
             neg = [s[i, j] for j in range(n) if j != i]
-            total += -s[i, i] + np.log(np.sum(np.exp(neg)))
+            total += -w[i] * s[i, i] + np.log(np.sum(np.exp(neg)))
     return total / (2 * n)
 
 
@@ -215,6 +219,30 @@ def tokens():
 def test_dcl_matches_paper_reference(data):
     value = losses.dcl_loss(data["zimg"], data["ztxt"], data["t"])
     _close(value, ref_dcl(data["zimg"], data["ztxt"], data["t"]))
+
+
+def test_dclw_matches_paper_reference(data):
+    value = losses.dclw_loss(data["zimg"], data["ztxt"], data["t"], sigma=0.5)
+    _close(value, ref_dcl(data["zimg"], data["ztxt"], data["t"], sigma=0.5))
+    assert abs(float(value) - float(losses.dcl_loss(data["zimg"], data["ztxt"], data["t"]))) > 1e-3
+
+
+def test_alignment_and_uniformity_match_paper_reference(data):
+    """Wang & Isola 2020: align = E ||x - y||^2, uniform = log mean_{i<j} exp(-2 ||x_i - x_j||^2)."""
+    zi, zt = data["zimg"].astype(np.float64), data["ztxt"].astype(np.float64)
+    _close(losses.alignment_loss(data["zimg"], data["ztxt"]), np.mean(np.sum((zi - zt) ** 2, axis=1)))
+    pd = [np.sum((zi[i] - zi[j]) ** 2) for i in range(B) for j in range(i + 1, B)]
+    _close(losses.uniformity_loss(data["zimg"]), np.log(np.mean(np.exp(-2.0 * np.array(pd)))))
+
+
+def test_regularisers_add_their_weighted_terms(data):
+    zi, zt, t = data["zimg"], data["ztxt"], data["t"]
+    spec = losses.with_regularisers(losses.LOSSES["softmax"], align_weight=0.5, uniform_weight=0.25)
+    assert spec.inputs == ("zimg", "ztxt", "t", "zimg", "ztxt")
+    expected = (losses.softmax_contrastive(zi, zt, t) + 0.5 * losses.alignment_loss(zi, zt)
+                + 0.25 * (losses.uniformity_loss(zi) + losses.uniformity_loss(zt)) / 2)
+    _close(spec.fn(zi, zt, t, zi, zt), expected)
+    assert losses.with_regularisers(losses.LOSSES["softmax"]) is losses.LOSSES["softmax"]
 
 
 @pytest.mark.parametrize("ref_modality", ["image", "text"])
@@ -292,6 +320,9 @@ def _cases(data, tokens):
             *a, axis_name=axis_name, impl="ring"), (zi, zt, t, b), (bs, bs, rep, rep),
             (0, 1, 2, 3)),
         "dcl": (losses.dcl_loss, (zi, zt, t), (bs, bs, rep), (0, 1, 2)),
+        "dclw": (losses.dclw_loss, (zi, zt, t), (bs, bs, rep), (0, 1, 2)),
+        "align_uniform": (losses.with_regularisers(losses.LOSSES["dcl"], 0.5, 0.5).fn,
+                          (zi, zt, t, zi, zt), (bs, bs, rep, bs, bs), (0, 1, 2)),
         "cwcl": (lambda *a, axis_name=None: losses.cwcl_loss(
             *a, axis_name=axis_name, symmetric=True), (zi, zt, t, data["fimg"], data["ftxt"]),
             (bs, bs, rep, bs, bs), (0, 1, 2)),
@@ -311,7 +342,7 @@ def _cases(data, tokens):
     }
 
 
-CASES = ["softmax", "softmax_ring", "sigmoid", "sigmoid_ring", "dcl", "cwcl", "multi_positive_ids",
+CASES = ["softmax", "softmax_ring", "sigmoid", "sigmoid_ring", "dcl", "dclw", "align_uniform", "cwcl", "multi_positive_ids",
          "multi_positive_mask", "filip"]
 
 

@@ -385,8 +385,26 @@ def sigmoid_loss(zimg, ztxt, t, b, axis_name=None, impl="all_gather"):
 # ----------------------------------------------------------------------------- DCL
 
 
+def _decoupled(zimg, ztxt, t, axis_name, weight):
+    """Sum over the local rows of both directions' decoupled terms, the positive's scaled by
+    `weight` [b] (1 for DCL): sum_i w_i (-t <zimg_i, ztxt_i>) + log sum_{j != i} exp(t <., .>)."""
+    idx, n = _axis_info(axis_name)
+    b = zimg.shape[0]
+    if b * n < 2:
+        raise ValueError(f"dcl_loss needs a global batch of at least 2, got {b * n}")
+    pos_mask = _is_positive(b, b * n, idx * b)
+    pos = t * _pair_logits(zimg, ztxt)  # [b], the same in both directions
+
+    def negatives(logits):  # logits: [b, B] -> sum_i log sum_{j != i} exp
+        return jnp.sum(jax.nn.logsumexp(jnp.where(pos_mask, -jnp.inf, logits), axis=-1))
+
+    local = (-2 * jnp.sum(weight * pos) + negatives(t * _sim(zimg, _gather(ztxt, axis_name)))
+             + negatives(t * _sim(ztxt, _gather(zimg, axis_name))))
+    return _psum(local, axis_name) / (2 * b * n)
+
+
 def dcl_loss(zimg, ztxt, t, axis_name=None):
-    """Decoupled Contrastive Learning loss (Yeh et al. 2022), image-text form, symmetric.
+    """Decoupled Contrastive Learning loss (Yeh et al. 2022, Eq. 6), image-text form, symmetric.
 
     InfoNCE with the positive removed from the denominator:
 
@@ -400,20 +418,71 @@ def dcl_loss(zimg, ztxt, t, axis_name=None):
       zimg, ztxt: [b, D] embeddings; t: scalar logit scale; axis_name: mesh axis or None.
     """
     _check_pair(zimg, ztxt, t)
+    return _decoupled(zimg, ztxt, t, axis_name, 1.0)
+
+
+def dclw_loss(zimg, ztxt, t, axis_name=None, sigma=0.5):
+    """Weighted DCL (DCLW, Yeh et al. 2022, Eq. 7): DCL whose positive term of pair i is
+    scaled by the von Mises-Fisher weight
+
+        w_i = 2 - exp(<zimg_i, ztxt_i> / sigma) / E_k[exp(<zimg_k, ztxt_k> / sigma)],
+
+    the expectation over the GLOBAL batch's pairs (the official code's 2 - B softmax_i(.);
+    it keeps the weight's gradient, so does this). Pairs that are already close weigh less,
+    hard positives more; the weights average to 1. sigma: the paper's 0.5.
+    """
+    _check_pair(zimg, ztxt, t)
+    _, n = _axis_info(axis_name)
+    s = _pair_logits(zimg, ztxt) / sigma  # [b]
+    log_mean = jax.nn.logsumexp(_gather(s, axis_name)) - jnp.log(s.shape[0] * n)
+    return _decoupled(zimg, ztxt, t, axis_name, 2.0 - jnp.exp(s - log_mean))
+
+
+# ----------------------------------------------------------------------------- alignment, uniformity
+
+
+def alignment_loss(zimg, ztxt, axis_name=None, alpha=2.0):
+    """Alignment (Wang & Isola 2020, Eq. 4 with alpha = 2): E_i ||zimg_i - ztxt_i||_2^alpha."""
+    diff = zimg.astype(jnp.float32) - ztxt.astype(jnp.float32)
+    _, n = _axis_info(axis_name)
+    local = jnp.sum(jnp.sum(diff * diff, axis=-1) ** (alpha / 2))
+    return _psum(local, axis_name) / (zimg.shape[0] * n)
+
+
+def uniformity_loss(z, axis_name=None, temp=2.0):
+    """Uniformity (Wang & Isola 2020, Eq. 5, t = 2): log E_{i != j} exp(-t ||z_i - z_j||^2),
+    over the GLOBAL batch's distinct pairs (the paper's `pdist`). z: [b, D] L2-normalised."""
     idx, n = _axis_info(axis_name)
-    b = zimg.shape[0]
-    if b * n < 2:
-        raise ValueError(f"dcl_loss needs a global batch of at least 2, got {b * n}")
-    pos_mask = _is_positive(b, b * n, idx * b)
+    b = z.shape[0]
+    z = z.astype(jnp.float32)
+    sq = jnp.maximum(2.0 - 2.0 * _sim(z, _gather(z, axis_name)), 0.0)  # [b, B] on the sphere
+    off = ~_is_positive(b, b * n, idx * b)
+    local = jnp.sum(jnp.where(off, jnp.exp(-temp * sq), 0.0))
+    return jnp.log(_psum(local, axis_name) / (b * n * (b * n - 1)))
 
-    def decoupled_sum(logits):  # logits: [b, B]
-        pos = jnp.sum(jnp.where(pos_mask, logits, 0.0), axis=-1)
-        neg = jax.nn.logsumexp(jnp.where(pos_mask, -jnp.inf, logits), axis=-1)
-        return jnp.sum(neg - pos)
 
-    local = (decoupled_sum(t * _sim(zimg, _gather(ztxt, axis_name)))
-             + decoupled_sum(t * _sim(ztxt, _gather(zimg, axis_name))))
-    return _psum(local, axis_name) / (2 * b * n)
+def with_regularisers(loss, align_weight=0.0, uniform_weight=0.0):
+    """`loss` (a `Loss`) plus align_weight * alignment_loss(zimg, ztxt) + uniform_weight *
+    (uniformity_loss(zimg) + uniformity_loss(ztxt)) / 2 (Wang & Isola 2020 as regularisers;
+    config `loss.align_weight`, `loss.uniform_weight`). Unchanged when both weights are 0."""
+    if not align_weight and not uniform_weight:
+        return loss
+    k = len(loss.inputs)
+
+    def fn(*args, axis_name=None, **kwargs):
+        zimg, ztxt = args[k:]
+        value = loss.fn(*args[:k], axis_name=axis_name, **kwargs)
+        if align_weight:
+            value = value + align_weight * alignment_loss(zimg, ztxt, axis_name)
+        if uniform_weight:
+            value = value + uniform_weight * (uniformity_loss(zimg, axis_name)
+                                              + uniformity_loss(ztxt, axis_name)) / 2
+        return value
+
+    return Loss(fn, loss.inputs + ("zimg", "ztxt"))
+
+
+REGULARISER_KEYS = ("align_weight", "uniform_weight")
 
 
 # ----------------------------------------------------------------------------- CWCL
@@ -614,6 +683,7 @@ LOSSES = {
     "softmax": Loss(softmax_contrastive, ("zimg", "ztxt", "t")),
     "sigmoid": Loss(sigmoid_loss, ("zimg", "ztxt", "t", "b")),
     "dcl": Loss(dcl_loss, ("zimg", "ztxt", "t")),
+    "dclw": Loss(dclw_loss, ("zimg", "ztxt", "t")),
     "cwcl": Loss(cwcl_loss, ("zimg", "ztxt", "t", "frozen/img_features", "frozen/txt_features")),
     "multi_positive": Loss(multi_positive_contrastive, ("zimg", "ztxt", "t", "batch/label")),
     "filip": Loss(filip_loss, ("img/tokens_proj", "txt/tokens_proj", "txt/mask", "t")),

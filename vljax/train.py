@@ -132,8 +132,9 @@ def make_loss(config, mesh):
     name = config.loss.name
     if name not in losses.LOSSES:
         raise ValueError(f"config key `loss.name`: unknown loss {name!r} (known: {', '.join(losses.LOSSES)})")
-    spec = losses.LOSSES[name]
-    kwargs = {k: v for k, v in config.loss.items() if k != "name"}
+    reg = {k: config.loss[k] for k in losses.REGULARISER_KEYS if k in config.loss}
+    spec = losses.with_regularisers(losses.LOSSES[name], **reg)
+    kwargs = {k: v for k, v in config.loss.items() if k != "name" and k not in reg}
     axes = sharding.batch_axes(mesh)
     axis = axes[0] if len(axes) == 1 else axes
     bspec = P(axes)
