@@ -277,6 +277,19 @@ def test_multi_positive_matches_reference_for_ids_sets_and_masks(data):
     _close(value, ref_multi_positive(data["zimg"], data["ztxt"], data["t"], mask))
 
 
+def test_multi_positive_unlabeled_records_are_not_positives(data):
+    """Label -1 (or an empty label set) is no label: those records pair only with themselves."""
+    zi, zt, t = data["zimg"], data["ztxt"], data["t"]
+    ids = np.full(B, -1)
+    ids[:2] = 3  # two records share a label; the rest are unlabeled
+    mask = np.zeros((B, B), bool)
+    mask[:2, :2] = True
+    _close(losses.multi_positive_contrastive(zi, zt, t, labels=ids), ref_multi_positive(zi, zt, t, mask))
+    sets = np.zeros((B, 4), np.int32)
+    sets[:2, 1] = 1
+    _close(losses.multi_positive_contrastive(zi, zt, t, labels=sets), ref_multi_positive(zi, zt, t, mask))
+
+
 def test_multi_positive_with_unique_ids_is_clip(data):
     value = losses.multi_positive_contrastive(data["zimg"], data["ztxt"], data["t"],
                                               labels=np.arange(B))

@@ -25,6 +25,8 @@ def _config(manifest, loss, recipe, steps):
     config.loss = dict(name=loss)
     if loss == "filip" and recipe == "lit":
         config.lit_cache = False  # stored features have no tokens (refused, see below)
+    if loss == "multi_positive":
+        config.input.label = True  # the wiring only: the shapes manifest has no `label` (all -1: CLIP)
     return config
 
 
@@ -69,9 +71,21 @@ def test_cwcl_on_a_trained_tower_is_refused(manifest, tmp_path):
         train.Trainer(config, str(tmp_path / "run"))
 
 
+def test_multi_positive_without_labels_is_refused(manifest, tmp_path):
+    config = tiny_config(manifest, "clip", steps=10)
+    config.loss = dict(name="multi_positive")
+    with pytest.raises(ValueError, match="`input.label`"):
+        train.Trainer(config, str(tmp_path / "run"))
+    config.input.label = True
+    config.input.data = [dict(source="tfds", name="vljax_emoji", split="train")]  # no label_key
+    with pytest.raises(ValueError, match=r"`input.data\[0\].label_key`"):
+        train.Trainer(config, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run")
+
+
 # (loss, recipe) pairs the trainer runs; CWCL only with a locked tower, FILIP with recomputed trunk.
 RUNS = [("softmax", "clip"), ("dcl", "clip"), ("filip", "clip"), ("filip", "lit"), ("dcl", "lit"),
-        ("cwcl", "lit")]
+        ("cwcl", "lit"), ("dclw", "clip"), ("multi_positive", "lit")]
 
 
 @pytest.mark.slow

@@ -546,9 +546,10 @@ def multi_positive_contrastive(zimg, ztxt, t, labels=None, pos_mask=None, axis_n
     With no extra positives it is exactly softmax_contrastive.
 
     Give exactly one of:
-      labels: [b] int ids (duplicate captions share an id) or [b, K] label vectors (e.g.
-        multi-hot label sets); elements i, j are positives when their labels are equal
-        (the whole vector, for [b, K]).
+      labels: [b] int ids (duplicate captions share an id; -1 = no label) or [b, K] label
+        vectors (e.g. multi-hot label sets; all-zero = no label); elements i, j are positives
+        when their labels are equal (the whole vector, for [b, K]); unlabeled elements are
+        positives of themselves only.
       pos_mask: [b, B] bool, row i's positives among the GLOBAL batch (with axis_name: this
         device's rows of the [B, B] mask, sharded like the batch). Need not be symmetric.
     Other args as in softmax_contrastive.
@@ -565,7 +566,11 @@ def multi_positive_contrastive(zimg, ztxt, t, labels=None, pos_mask=None, axis_n
             raise ValueError(f"labels must be [B] or [B, K] with B = {b}, got {labels.shape}")
         all_labels = _gather(labels, axis_name)
         eq = labels[:, None] == all_labels[None, :]
-        mask_i2t = (eq if labels.ndim == 1 else jnp.all(eq, axis=-1)) | diag
+        if labels.ndim == 1:  # -1 = no label: an unlabeled record is no other's positive
+            eq = eq & (labels[:, None] >= 0)
+        else:  # an empty label set likewise
+            eq = jnp.all(eq, axis=-1) & jnp.any(labels != 0, axis=-1)[:, None]
+        mask_i2t = eq | diag
         mask_t2i = mask_i2t  # label equality is symmetric
     else:
         if pos_mask.shape != (b, b * n):

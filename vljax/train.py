@@ -153,15 +153,24 @@ def make_loss(config, mesh):
     return loss
 
 
-def check_loss(config, trainable_mask) -> None:
+def check_loss(config, trainable_mask, sources=()) -> None:
     """Refuses, before any work, a loss whose inputs this recipe cannot give: image-tower outputs
     (`img/...`, e.g. FILIP's tokens) under `lit_cache` (the stored trunk features are pooled: they
-    have no tokens), and CWCL weights from a tower that is trained (the paper transfers the
-    structure of a frozen pre-trained modality)."""
+    have no tokens), CWCL weights from a tower that is trained (the paper transfers the
+    structure of a frozen pre-trained modality), and batch labels that the input does not read
+    (`input.label`) or a source does not have (a TFDS source without `label_key`)."""
     name = config.loss.name
     spec = losses.LOSSES.get(name)
     if spec is None:
         return  # make_loss names the unknown loss
+    if "batch/label" in spec.inputs:
+        if not config.input.get("label", False):
+            raise ValueError(f"config key `input.label`: loss {name!r} takes the batch's labels; set "
+                             "`input.label=True` (and give each source its labels)")
+        for i, source in enumerate(sources):
+            if hasattr(source, "label_key") and not source.label_key:
+                raise ValueError(f"config key `input.data[{i}].label_key`: loss {name!r} takes labels, but "
+                                 f"{source!r} names no label feature; every record would be unlabeled")
     if config.get("lit_cache", False):
         tokens = [k for k in spec.inputs if k.startswith("img/")]
         if tokens:
@@ -272,12 +281,11 @@ class Trainer:
         # The data sources are opened (manifests parsed, TFDS datasets found) before anything is
         # written: a bad source is refused with the workdir untouched.
         from vljax.data import sources
-        for entry in config.input.data:
-            sources.get_source(entry, data_dir=config.input.get("data_dir"))
+        opened = [sources.get_source(entry, data_dir=config.input.get("data_dir")) for entry in config.input.data]
 
         params = factory.abstract_params(self.model, self.spec)
         self.tx, self.lr_fn, self.trainable_mask = optim.make_optimizer(config, params)
-        check_loss(config, self.trainable_mask)
+        check_loss(config, self.trainable_mask, opened)
         init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
         self._init_params, self._init_opt = make_init_fns(self.model, self.tx, config)
         abstract = {"params": params, "opt_state": jax.eval_shape(self._init_opt, params),
