@@ -54,6 +54,7 @@ _TOP = {
     "plot": (False, (bool,)),
     "progress": (False, (bool,)),
     "nonfinite": (False, (str,)),
+    "stages": (False, (list, tuple, type(None))),
 }
 # config.input is read key by key (vljax/data/pipeline.py's docstring lists them).
 _INPUT = {
@@ -318,6 +319,10 @@ def validate(config) -> None:
     _loss(config.loss)
     _optax(config.optax)
     _schedule(config.schedule, config.total_steps)
+    if config.get("nonfinite", "stop") not in ("stop", "skip"):
+        raise ValueError(f"config key `nonfinite`: {config.nonfinite!r} is not 'stop' or 'skip'")
+    from vljax import stages
+    stages.parse(config)
     validate_evals(config.get("evals"))
 
 
