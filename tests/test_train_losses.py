@@ -1,14 +1,13 @@
 """Every loss through the one trainer: the inputs it declares reach it (FILIP's projected tokens
 and text masks, CWCL's frozen features), it learns on the tiny set, compiles once, gives the same
 losses on 1 and 8 devices, and a recipe that cannot feed it is refused before any work."""
-import logging
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import losses_of, make_shapes_manifest, tiny_config
+from helpers import fit_counting_step_compiles, losses_of, make_shapes_manifest, tiny_config
 
 from vljax import config_check, train
 from vljax.models.text import TextTransformer
@@ -94,14 +93,7 @@ def test_loss_learns_and_compiles_once(loss, recipe, manifest, tmp_path, caplog)
     config = _config(manifest, loss, recipe, steps=30)
     config_check.validate(config)
     trainer = train.Trainer(config, str(tmp_path))
-    jax.config.update("jax_log_compiles", True)
-    try:
-        with caplog.at_level(logging.WARNING):
-            trainer.fit()
-    finally:
-        jax.config.update("jax_log_compiles", False)
-    compiles = [r for r in caplog.records if "Finished XLA compilation of jit(step_fn)" in r.getMessage()]
-    assert len(compiles) == 1
+    assert fit_counting_step_compiles(trainer, caplog) == 1
     losses = losses_of(tmp_path)
     first, last = np.mean(losses[:5]), np.mean(losses[-5:])
     if loss == "cwcl":
