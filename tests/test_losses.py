@@ -477,7 +477,7 @@ def test_bad_inputs_raise_clear_errors(data):
 def test_losses_registry():
     assert {k: v.fn for k, v in losses.LOSSES.items()} == {
         "softmax": losses.softmax_contrastive, "sigmoid": losses.sigmoid_loss,
-        "dcl": losses.dcl_loss, "cwcl": losses.cwcl_loss,
+        "dcl": losses.dcl_loss, "dclw": losses.dclw_loss, "cwcl": losses.cwcl_loss,
         "multi_positive": losses.multi_positive_contrastive, "filip": losses.filip_loss}
     # Every declared input is a positional parameter of the function, in order.
     import inspect
