@@ -233,7 +233,7 @@ def _unknown_value(key, value, known) -> ValueError:
 
 
 def _loss(cfg) -> None:
-    from vljax.losses import LOSSES
+    from vljax.losses import LOSSES, REGULARISER_KEYS
     name = cfg.get("name")
     if name not in LOSSES:
         raise _unknown_value("loss.name", name, LOSSES)
@@ -242,7 +242,7 @@ def _loss(cfg) -> None:
     arrays = {p.name for p in params if p.default is p.empty} | _LOSS_ARRAYS
     args = arguments(fn, drop=arrays)
     if args is not None:
-        _check_keys(cfg, args | {"name"}, "loss.")
+        _check_keys(cfg, args | {"name", *REGULARISER_KEYS}, "loss.")
 
 
 def _optax(cfg) -> None:

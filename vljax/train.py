@@ -132,8 +132,9 @@ def make_loss(config, mesh):
     name = config.loss.name
     if name not in losses.LOSSES:
         raise ValueError(f"config key `loss.name`: unknown loss {name!r} (known: {', '.join(losses.LOSSES)})")
-    spec = losses.LOSSES[name]
-    kwargs = {k: v for k, v in config.loss.items() if k != "name"}
+    reg = {k: config.loss[k] for k in losses.REGULARISER_KEYS if k in config.loss}
+    spec = losses.with_regularisers(losses.LOSSES[name], **reg)
+    kwargs = {k: v for k, v in config.loss.items() if k != "name" and k not in reg}
     axes = sharding.batch_axes(mesh)
     axis = axes[0] if len(axes) == 1 else axes
     bspec = P(axes)
@@ -152,12 +153,51 @@ def make_loss(config, mesh):
     return loss
 
 
+def check_loss(config, trainable_mask, sources=()) -> None:
+    """Refuses, before any work, a loss whose inputs this recipe cannot give: image-tower outputs
+    (`img/...`, e.g. FILIP's tokens) under `lit_cache` (the stored trunk features are pooled: they
+    have no tokens), CWCL weights from a tower that is trained (the paper transfers the
+    structure of a frozen pre-trained modality), and batch labels that the input does not read
+    (`input.label`) or a source does not have (a TFDS source without `label_key`)."""
+    name = config.loss.name
+    spec = losses.LOSSES.get(name)
+    if spec is None:
+        return  # make_loss names the unknown loss
+    if "batch/label" in spec.inputs:
+        if not config.input.get("label", False):
+            raise ValueError(f"config key `input.label`: loss {name!r} takes the batch's labels; set "
+                             "`input.label=True` (and give each source its labels)")
+        for i, source in enumerate(sources):
+            if hasattr(source, "label_key") and not source.label_key:
+                raise ValueError(f"config key `input.data[{i}].label_key`: loss {name!r} takes labels, but "
+                                 f"{source!r} names no label feature; every record would be unlabeled")
+    if config.get("lit_cache", False):
+        tokens = [k for k in spec.inputs if k.startswith("img/")]
+        if tokens:
+            raise ValueError(f"config keys `loss.name`={name!r} and `lit_cache`=True conflict: the loss takes "
+                             f"{', '.join(tokens)} from the image tower, but the stored LiT features are the "
+                             "trunk's pooled pre_logits (no tokens); set `lit_cache=False` to run the locked "
+                             "trunk every step, or choose another loss")
+    if "frozen/img_features" in spec.inputs:
+        tower = {"image": "img", "text": "txt"}[config.loss.get("ref_modality", "image")]
+        trained = sorted(k for k, v in _flat(trainable_mask).items()
+                         if v and k.startswith(f"{tower}/") and not k.startswith(f"{tower}/head/"))
+        if trained:
+            raise ValueError(f"config key `loss.ref_modality`: CWCL takes its weights from the frozen "
+                             f"{tower!r} tower's features, but `schedule` trains {trained[0]} (and "
+                             f"{len(trained) - 1} more); lock that tower's trunk (e.g. ('{tower}/(?!head/).*', None))")
+
+
 def loss_inputs(zimg, ztxt, out, batch) -> dict:
     """Everything a loss may take, by name (see `losses.Loss`). Float inputs go to float32: losses
     run in float32 whatever the towers' compute dtype (bf16 logits lose the ranking)."""
+    img_features = batch["image_features"] if "image_features" in batch else out.get("img/pre_logits")
     values = {"zimg": zimg, "ztxt": ztxt, **out,
               "frozen/zimg": jax.lax.stop_gradient(zimg), "frozen/ztxt": jax.lax.stop_gradient(ztxt),
               **{f"batch/{k}": v for k, v in batch.items()}}
+    for k, v in (("frozen/img_features", img_features), ("frozen/txt_features", out.get("txt/pre_logits"))):
+        if v is not None:
+            values[k] = jax.lax.stop_gradient(v)
     return {k: (v.astype(jnp.float32) if v is not None and jnp.issubdtype(v.dtype, jnp.floating) else v)
             for k, v in values.items() if v is not None}
 
@@ -241,11 +281,11 @@ class Trainer:
         # The data sources are opened (manifests parsed, TFDS datasets found) before anything is
         # written: a bad source is refused with the workdir untouched.
         from vljax.data import sources
-        for entry in config.input.data:
-            sources.get_source(entry, data_dir=config.input.get("data_dir"))
+        opened = [sources.get_source(entry, data_dir=config.input.get("data_dir")) for entry in config.input.data]
 
         params = factory.abstract_params(self.model, self.spec)
         self.tx, self.lr_fn, self.trainable_mask = optim.make_optimizer(config, params)
+        check_loss(config, self.trainable_mask, opened)
         init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
         self._init_params, self._init_opt = make_init_fns(self.model, self.tx, config)
         abstract = {"params": params, "opt_state": jax.eval_shape(self._init_opt, params),

@@ -1,5 +1,6 @@
 """Evaluators for language-image models: zero-shot classification, generalised zero-shot,
-retrieval, zero-shot multi-label, few-shot linear probes; model soups; plots.
+retrieval, zero-shot multi-label, few-shot linear probes, the embedding space's geometry
+(modality gap, alignment, uniformity); model soups; plots.
 
 Every evaluator is built from plain arguments and has `run(embedder) -> {metric: float}`,
 where `embedder` follows `base.Embedder`. The trainer builds them from config entries:
@@ -9,6 +10,7 @@ from vljax.evaluators.base import Embedder, Evaluator
 from vljax.evaluators.fewshot import FewShotEvaluator
 from vljax.evaluators.gzsl import GZSLEvaluator
 from vljax.evaluators.multilabel import MultilabelEvaluator
+from vljax.evaluators.representation import RepresentationEvaluator
 from vljax.evaluators.retrieval import RetrievalEvaluator
 from vljax.evaluators.soups import greedy_soup, uniform_soup
 from vljax.evaluators.zeroshot import ZeroShotEvaluator
@@ -19,8 +21,9 @@ EVALUATORS = {
     "multilabel": MultilabelEvaluator,
     "gzsl": GZSLEvaluator,
     "fewshot": FewShotEvaluator,
+    "representation": RepresentationEvaluator,
 }
 
 __all__ = ["EVALUATORS", "Embedder", "Evaluator", "FewShotEvaluator", "GZSLEvaluator",
-           "MultilabelEvaluator", "RetrievalEvaluator", "ZeroShotEvaluator", "greedy_soup",
+           "MultilabelEvaluator", "RepresentationEvaluator", "RetrievalEvaluator", "ZeroShotEvaluator", "greedy_soup",
            "uniform_soup"]
