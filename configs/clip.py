@@ -12,16 +12,21 @@ At scale (TPU pod / GPUs): `--config=configs/clip.py:img=B/16,txt=B,size=224,bat
 use `mesh=[("data", -1)]` or `[("data", -1), ("fsdp", 8)]` with `sharding_rules=[(".*", "fsdp")]`,
 `dtype="bfloat16"`, `remat=True`.
 
-Config arguments: img (ViT variant, default "Ti/8" at reduced width), txt (text variant), size, batch, steps.
+FLIP-style masked training: `:pd=0.5,tune=30` drops half of the image patches for all but the last 30
+steps, which train unmasked (`config.stages`, vljax/stages.py); `seed=` picks the run's seed.
+
+Config arguments: img (ViT variant, default "Ti/8" at reduced width), txt (text variant), size, batch,
+steps, pd (patch dropout), tune (unmasked steps at the end, with pd), seed.
 """
 import ml_collections
 
 from vljax import config_check
 
 def get_config(arg=None):
-    a = config_check.parse_arg(arg, "configs/clip.py", img="tiny", txt="tiny", size=64, batch=64, steps=300)
+    a = config_check.parse_arg(arg, "configs/clip.py", img="tiny", txt="tiny", size=64, batch=64, steps=300,
+                               pd=0.0, tune=0, seed=0)
     c = ml_collections.ConfigDict()
-    c.seed = 0
+    c.seed = a["seed"]
     c.total_steps = a["steps"]
     c.log_every = 25
     c.eval_every = 150
@@ -61,6 +66,10 @@ def get_config(arg=None):
     c.grad_clip_norm = 1.0
     c.schedule = [(".*", dict(decay_type="cosine", warmup_steps=30))]
 
+    if a["pd"] > 0:  # FLIP: masked for most of the run, then an unmasked tune
+        c.stages = [dict(until=a["steps"] - a["tune"], patch_dropout=a["pd"])]
+        if a["tune"]:
+            c.stages.append(dict(until=a["steps"], patch_dropout=0.0))
     c.evals = dict(
         emoji=dict(type="zeroshot", data=dict(name="vljax_emoji", split="test", label="category"),
                    templates="icon"),

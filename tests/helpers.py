@@ -96,3 +96,18 @@ def tiny_config(manifest, recipe="clip", steps=30, batch=16):
 def losses_of(workdir):
     return [r["train/loss"] for r in metrics.read_metrics(os.path.join(workdir, "metrics.jsonl"))
             if "train/loss" in r]
+
+
+def fit_counting_step_compiles(trainer, caplog) -> int:
+    """Runs trainer.fit() and returns how often the update step compiled (1 when the state it
+    returns has the shardings and types it was given)."""
+    import logging
+
+    import jax
+    jax.config.update("jax_log_compiles", True)
+    try:
+        with caplog.at_level(logging.WARNING):
+            trainer.fit()
+    finally:
+        jax.config.update("jax_log_compiles", False)
+    return sum("Finished XLA compilation of jit(step_fn)" in r.getMessage() for r in caplog.records)

@@ -44,7 +44,9 @@ def _sharded_value_and_grad(fn, args, specs, argnums, n):
 def data():
     rng = np.random.default_rng(0)
     return dict(zimg=_normalised(rng, B, D), ztxt=_normalised(rng, B, D),
-                zref=_normalised(rng, B, 5), t=np.float32(4.0), b=np.float32(-2.5), rng=rng)
+                fimg=3 * rng.normal(size=(B, 5)).astype(np.float32),  # features: not normalised
+                ftxt=rng.normal(size=(B, 6)).astype(np.float32),
+                t=np.float32(4.0), b=np.float32(-2.5), rng=rng)
 
 
 # ----------------------------------------------------------------------------- open_clip parity
@@ -130,23 +132,30 @@ def _log_softmax(x):
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
-def ref_dcl(zimg, ztxt, t):
-    """Yeh et al. 2022, cross-modal: -s_ii + log sum_{j != i} exp(s_ij), both directions."""
+def ref_dcl(zimg, ztxt, t, sigma=None):
+    """Yeh et al. 2022, cross-modal: -w_i s_ii + log sum_{j != i} exp(s_ij), both directions;
+    w_i = 1 (DCL, Eq. 6) or the vMF weight 2 - exp(<z_i, z_i+>/sigma) / mean_k exp(<z_k, z_k+>/sigma)
+    (DCLW, Eq. 7)."""
     zimg, ztxt = zimg.astype(np.float64), ztxt.astype(np.float64)
     n = len(zimg)
+    cos = np.array([zimg[i] @ ztxt[i] for i in range(n)])
+    w = np.ones(n) if sigma is None else 2 - np.exp(cos / sigma) / np.mean(np.exp(cos / sigma))
     total = 0.0
     for s in (t * zimg @ ztxt.T, t * ztxt @ zimg.T):
         for i in range(n):
             neg = [s[i, j] for j in range(n) if j != i]
-            total += -s[i, i] + np.log(np.sum(np.exp(neg)))
+            total += -w[i] * s[i, i] + np.log(np.sum(np.exp(neg)))
     return total / (2 * n)
 
 
-def ref_cwcl(zimg, ztxt, t, zref, ref_modality="image", symmetric=False):
-    """Srinivasa et al. 2023, with U the frozen (reference) modality:
+def ref_cwcl(zimg, ztxt, t, fimg, ftxt, ref_modality="image", symmetric=False):
+    """Srinivasa et al. 2023, Eq. 2-3, with U the frozen (reference) modality and u_i its own
+    features of input i, normalised:
     L_{U->V} = -1/N sum_i 1/(sum_j w_ij) sum_j w_ij log softmax_j(<p_i, q_j> / tau),
-    w_ij = <zref_i, zref_j>/2 + 1/2."""
-    zimg, ztxt, zref = (x.astype(np.float64) for x in (zimg, ztxt, zref))
+    w_ij = <u_i, u_j>/2 + 1/2."""
+    zimg, ztxt = zimg.astype(np.float64), ztxt.astype(np.float64)
+    zref = (fimg if ref_modality == "image" else ftxt).astype(np.float64)
+    zref = zref / np.linalg.norm(zref, axis=1, keepdims=True)
     p, q = (zimg, ztxt) if ref_modality == "image" else (ztxt, zimg)
     n = len(p)
     w = np.array([[0.5 * zref[i] @ zref[j] + 0.5 for j in range(n)] for i in range(n)])
@@ -212,19 +221,43 @@ def test_dcl_matches_paper_reference(data):
     _close(value, ref_dcl(data["zimg"], data["ztxt"], data["t"]))
 
 
+def test_dclw_matches_paper_reference(data):
+    value = losses.dclw_loss(data["zimg"], data["ztxt"], data["t"], sigma=0.5)
+    _close(value, ref_dcl(data["zimg"], data["ztxt"], data["t"], sigma=0.5))
+    assert abs(float(value) - float(losses.dcl_loss(data["zimg"], data["ztxt"], data["t"]))) > 1e-3
+
+
+def test_alignment_and_uniformity_match_paper_reference(data):
+    """Wang & Isola 2020: align = E ||x - y||^2, uniform = log mean_{i<j} exp(-2 ||x_i - x_j||^2)."""
+    zi, zt = data["zimg"].astype(np.float64), data["ztxt"].astype(np.float64)
+    _close(losses.alignment_loss(data["zimg"], data["ztxt"]), np.mean(np.sum((zi - zt) ** 2, axis=1)))
+    pd = [np.sum((zi[i] - zi[j]) ** 2) for i in range(B) for j in range(i + 1, B)]
+    _close(losses.uniformity_loss(data["zimg"]), np.log(np.mean(np.exp(-2.0 * np.array(pd)))))
+
+
+def test_regularisers_add_their_weighted_terms(data):
+    zi, zt, t = data["zimg"], data["ztxt"], data["t"]
+    spec = losses.with_regularisers(losses.LOSSES["softmax"], align_weight=0.5, uniform_weight=0.25)
+    assert spec.inputs == ("zimg", "ztxt", "t", "zimg", "ztxt")
+    expected = (losses.softmax_contrastive(zi, zt, t) + 0.5 * losses.alignment_loss(zi, zt)
+                + 0.25 * (losses.uniformity_loss(zi) + losses.uniformity_loss(zt)) / 2)
+    _close(spec.fn(zi, zt, t, zi, zt), expected)
+    assert losses.with_regularisers(losses.LOSSES["softmax"]) is losses.LOSSES["softmax"]
+
+
 @pytest.mark.parametrize("ref_modality", ["image", "text"])
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_cwcl_matches_paper_reference(data, ref_modality, symmetric):
-    value = losses.cwcl_loss(data["zimg"], data["ztxt"], data["t"], data["zref"],
+    feats = data["fimg"], data["ftxt"]
+    value = losses.cwcl_loss(data["zimg"], data["ztxt"], data["t"], *feats,
                              ref_modality=ref_modality, symmetric=symmetric)
-    _close(value, ref_cwcl(data["zimg"], data["ztxt"], data["t"], data["zref"],
-                           ref_modality, symmetric))
+    _close(value, ref_cwcl(data["zimg"], data["ztxt"], data["t"], *feats, ref_modality, symmetric))
 
 
 def test_cwcl_direction_matters(data):
     """The two directions differ, so the docstring's choice of direction is a real one."""
-    one = losses.cwcl_loss(data["zimg"], data["ztxt"], data["t"], data["zref"])
-    other = losses.cwcl_loss(data["zimg"], data["ztxt"], data["t"], data["zref"],
+    one = losses.cwcl_loss(data["zimg"], data["ztxt"], data["t"], data["fimg"], data["ftxt"])
+    other = losses.cwcl_loss(data["zimg"], data["ztxt"], data["t"], data["fimg"], data["ftxt"],
                              ref_modality="text")
     assert abs(float(one) - float(other)) > 1e-3
 
@@ -242,6 +275,19 @@ def test_multi_positive_matches_reference_for_ids_sets_and_masks(data):
     mask = rng.random((B, B)) < 0.2  # not symmetric
     value = losses.multi_positive_contrastive(data["zimg"], data["ztxt"], data["t"], pos_mask=mask)
     _close(value, ref_multi_positive(data["zimg"], data["ztxt"], data["t"], mask))
+
+
+def test_multi_positive_unlabeled_records_are_not_positives(data):
+    """Label -1 (or an empty label set) is no label: those records pair only with themselves."""
+    zi, zt, t = data["zimg"], data["ztxt"], data["t"]
+    ids = np.full(B, -1)
+    ids[:2] = 3  # two records share a label; the rest are unlabeled
+    mask = np.zeros((B, B), bool)
+    mask[:2, :2] = True
+    _close(losses.multi_positive_contrastive(zi, zt, t, labels=ids), ref_multi_positive(zi, zt, t, mask))
+    sets = np.zeros((B, 4), np.int32)
+    sets[:2, 1] = 1
+    _close(losses.multi_positive_contrastive(zi, zt, t, labels=sets), ref_multi_positive(zi, zt, t, mask))
 
 
 def test_multi_positive_with_unique_ids_is_clip(data):
@@ -287,9 +333,12 @@ def _cases(data, tokens):
             *a, axis_name=axis_name, impl="ring"), (zi, zt, t, b), (bs, bs, rep, rep),
             (0, 1, 2, 3)),
         "dcl": (losses.dcl_loss, (zi, zt, t), (bs, bs, rep), (0, 1, 2)),
+        "dclw": (losses.dclw_loss, (zi, zt, t), (bs, bs, rep), (0, 1, 2)),
+        "align_uniform": (losses.with_regularisers(losses.LOSSES["dcl"], 0.5, 0.5).fn,
+                          (zi, zt, t, zi, zt), (bs, bs, rep, bs, bs), (0, 1, 2)),
         "cwcl": (lambda *a, axis_name=None: losses.cwcl_loss(
-            *a, axis_name=axis_name, symmetric=True), (zi, zt, t, data["zref"]),
-            (bs, bs, rep, bs), (0, 1, 2)),
+            *a, axis_name=axis_name, symmetric=True), (zi, zt, t, data["fimg"], data["ftxt"]),
+            (bs, bs, rep, bs, bs), (0, 1, 2)),
         "multi_positive_ids": (lambda zi, zt, t, ids, axis_name=None:
                                losses.multi_positive_contrastive(zi, zt, t, labels=ids,
                                                                  axis_name=axis_name),
@@ -306,7 +355,7 @@ def _cases(data, tokens):
     }
 
 
-CASES = ["softmax", "softmax_ring", "sigmoid", "sigmoid_ring", "dcl", "cwcl", "multi_positive_ids",
+CASES = ["softmax", "softmax_ring", "sigmoid", "sigmoid_ring", "dcl", "dclw", "align_uniform", "cwcl", "multi_positive_ids",
          "multi_positive_mask", "filip"]
 
 
@@ -417,8 +466,8 @@ def test_bad_inputs_raise_clear_errors(data):
         losses.multi_positive_contrastive(zi, zt, t)
     with pytest.raises(ValueError, match="pos_mask"):
         losses.multi_positive_contrastive(zi, zt, t, pos_mask=np.ones((B, B - 1), bool))
-    with pytest.raises(ValueError, match="zref"):
-        losses.cwcl_loss(zi, zt, t, data["zref"][:3])
+    with pytest.raises(ValueError, match="image features"):
+        losses.cwcl_loss(zi, zt, t, data["fimg"][:3], data["ftxt"])
     with pytest.raises(ValueError, match="at least 2"):
         losses.dcl_loss(zi[:1], zt[:1], t)
     with pytest.raises(ValueError, match="widths"):
@@ -428,7 +477,7 @@ def test_bad_inputs_raise_clear_errors(data):
 def test_losses_registry():
     assert {k: v.fn for k, v in losses.LOSSES.items()} == {
         "softmax": losses.softmax_contrastive, "sigmoid": losses.sigmoid_loss,
-        "dcl": losses.dcl_loss, "cwcl": losses.cwcl_loss,
+        "dcl": losses.dcl_loss, "dclw": losses.dclw_loss, "cwcl": losses.cwcl_loss,
         "multi_positive": losses.multi_positive_contrastive, "filip": losses.filip_loss}
     # Every declared input is a positional parameter of the function, in order.
     import inspect

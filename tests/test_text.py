@@ -66,11 +66,13 @@ def test_other_pool_types(pool_type):
 
 
 def test_shorter_sequences_use_the_first_positions():
-    model, params, (_, out) = run(causal=True)
+    model, params, (_, out) = run(causal=True, eot_id=EOT)
     _, short = model.apply({"params": params}, ids()[:, :6])
     # Causal: the first 6 positions do not depend on the cut-off rest.
     np.testing.assert_allclose(short["tokens"], out["tokens"][:, :6], atol=1e-6)
-    assert "mask" not in out                 # no pad_id, no mask
+    # No pad_id: the real tokens are those up to the first end-of-text token (EOT pooling).
+    first_eot = np.argmax(ids() == EOT, axis=1)
+    np.testing.assert_array_equal(out["mask"], np.arange(10)[None] <= first_eot[:, None])
 
 
 def test_errors():

@@ -1,6 +1,5 @@
 """The one trainer: every recipe learns, meshes agree, a resumed run equals an uninterrupted one,
 bad records are counted, bad configs are refused."""
-import logging
 import os
 import subprocess
 import sys
@@ -9,7 +8,7 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
-from helpers import REPO, losses_of, make_shapes_manifest, tiny_config
+from helpers import REPO, fit_counting_step_compiles, losses_of, make_shapes_manifest, tiny_config
 
 from vljax import checkpoints, config_check, metrics, train
 
@@ -24,16 +23,9 @@ def test_recipe_learns(recipe, manifest, tmp_path, caplog):
     config = tiny_config(manifest, recipe, steps=40)
     config_check.validate(config)
     trainer = train.Trainer(config, str(tmp_path))
-    jax.config.update("jax_log_compiles", True)
-    try:
-        with caplog.at_level(logging.WARNING):
-            trainer.fit()
-    finally:
-        jax.config.update("jax_log_compiles", False)
     # The step compiles once: the state it returns has the shardings and types it was given
     # (a second compilation is what makes early steps of plain JAX loops slow).
-    compiles = [r for r in caplog.records if "Finished XLA compilation of jit(step_fn)" in r.getMessage()]
-    assert len(compiles) == 1
+    assert fit_counting_step_compiles(trainer, caplog) == 1
     losses = losses_of(tmp_path)
     assert len(losses) == 40
     first, last = np.mean(losses[:5]), np.mean(losses[-5:])

@@ -54,6 +54,7 @@ _TOP = {
     "plot": (False, (bool,)),
     "progress": (False, (bool,)),
     "nonfinite": (False, (str,)),
+    "stages": (False, (list, tuple, type(None))),
 }
 # config.input is read key by key (vljax/data/pipeline.py's docstring lists them).
 _INPUT = {
@@ -232,7 +233,7 @@ def _unknown_value(key, value, known) -> ValueError:
 
 
 def _loss(cfg) -> None:
-    from vljax.losses import LOSSES
+    from vljax.losses import LOSSES, REGULARISER_KEYS
     name = cfg.get("name")
     if name not in LOSSES:
         raise _unknown_value("loss.name", name, LOSSES)
@@ -241,7 +242,7 @@ def _loss(cfg) -> None:
     arrays = {p.name for p in params if p.default is p.empty} | _LOSS_ARRAYS
     args = arguments(fn, drop=arrays)
     if args is not None:
-        _check_keys(cfg, args | {"name"}, "loss.")
+        _check_keys(cfg, args | {"name", *REGULARISER_KEYS}, "loss.")
 
 
 def _optax(cfg) -> None:
@@ -318,6 +319,10 @@ def validate(config) -> None:
     _loss(config.loss)
     _optax(config.optax)
     _schedule(config.schedule, config.total_steps)
+    if config.get("nonfinite", "stop") not in ("stop", "skip"):
+        raise ValueError(f"config key `nonfinite`: {config.nonfinite!r} is not 'stop' or 'skip'")
+    from vljax import stages
+    stages.parse(config)
     validate_evals(config.get("evals"))
 
 

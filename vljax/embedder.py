@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from vljax import sharding
+from vljax import logs, sharding
 from vljax.data import pipeline
 from vljax.data import sources as sources_lib
 
@@ -50,6 +50,12 @@ def _pad(x: np.ndarray, n: int) -> np.ndarray:
 def _local(x: jax.Array) -> np.ndarray:
     """A replicated global array as numpy (this process's copy)."""
     return np.asarray(x.addressable_data(0))
+
+
+def _name(data) -> str:
+    if isinstance(data, (dict, ml_collections.ConfigDict)):
+        return f"{data.get('name', data.get('path', '?'))}/{data.get('split', '')}".rstrip("/")
+    return getattr(data, "name", type(data).__name__)
 
 
 def data_key(data):
@@ -80,8 +86,9 @@ class Embedder:
     """
 
     def __init__(self, model, params, tokenizer, *, mesh, image_size: int, value_range,
-                 batch_size: int = 64, data_dir=None, feature_store=None):
+                 batch_size: int = 64, data_dir=None, feature_store=None, progress: bool = True):
         self.model, self.tokenizer, self.mesh = model, tokenizer, mesh
+        self.progress = progress
         self.feature_store = feature_store
         self.image_size, self.value_range, self.data_dir = int(image_size), value_range, data_dir
         shards = math.prod(mesh.shape[a] for a in sharding.batch_axes(mesh))
@@ -142,7 +149,9 @@ class Embedder:
             value_range=self.value_range, data_dir=self.data_dir)
         n, b, s = batches.num_examples, batches.batch, self.image_size
         z = mask = None
-        for j, batch in enumerate(batches):
+        bar = logs.progress(batches, desc=f"embed {_name(data)}", total=len(batches), unit="batch",
+                            leave=False, enabled=self.progress)
+        for j, batch in enumerate(bar):
             x = jax.make_array_from_process_local_data(
                 self._batch_sharding, _pad(batch["image"], b), (self.batch_size, s, s, 3))
             m = jax.make_array_from_process_local_data(
@@ -172,7 +181,8 @@ class Embedder:
         n, pi, pc = len(store), jax.process_index(), jax.process_count()
         b = self.batch_size // pc
         z = mask = None
-        for j in range(-(-n // self.batch_size)):
+        for j in logs.progress(range(-(-n // self.batch_size)), desc=f"embed {_name(data)}", unit="batch",
+                               leave=False, enabled=self.progress):
             rows = range(min(j * self.batch_size + pi * b, n), min(j * self.batch_size + (pi + 1) * b, n))
             recs = [store[i] for i in rows]
             ok = np.asarray([("features" in r) for r in recs], bool)

@@ -54,6 +54,15 @@ def spec_from_config(config) -> dict:
         model[tower].setdefault("dtype", str(config.get("dtype", "float32")))
         if config.get("remat", False):
             model[tower].setdefault("remat", True)
+    if model.get("image_model") == "vit" and config.get("stages"):
+        # Training stages at a lower resolution (vljax/stages.py): the learned position embedding
+        # lives at the final resolution's grid and is resampled for the smaller stages.
+        from vljax import stages
+        from vljax.models.vit import ViT
+        if stages.changes_image_size(config) and model["image"].get("posemb", "learn") == "learn":
+            p = ViT(**{k: v for k, v in model["image"].items() if k != "dtype"}).config()["patch_size"]
+            size = int(config.input.image_size)
+            model["image"].setdefault("posemb_grid", [size // p[0], size // p[1]])
     value_range = _plain(config.input.get("value_range", "efficientnet"))
     return {"model": model, "tokenizer": _plain(config.tokenizer),
             "image_size": int(config.input.image_size), "value_range": value_range,

@@ -49,7 +49,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from vljax import sharding
+from vljax import logs, sharding
 from vljax.data import pipeline, sources
 from vljax.data.preprocess import Preprocess
 
@@ -153,7 +153,7 @@ def write_features(model, params, source, path, *, mesh, image_size, value_range
 def _write(model, params, source, path, fp, *, mesh, image_size, value_range, views, batch_size, progress):
     index = _read_index(path)
     if index is not None and index["fingerprint"] == fp:
-        logging.info("LiT features: reusing %s (%d records x %s)", path, index["num_records"], index["views"])
+        logging.debug("LiT features: reusing %s (%d records x %s)", path, index["num_records"], index["views"])
         return index
     unknown = [v for v in views if v not in VIEWS]
     if unknown:
@@ -218,7 +218,7 @@ def _write(model, params, source, path, fp, *, mesh, image_size, value_range, vi
         _write_atomic(path / INDEX, lambda f: epath.Path(f).write_text(json.dumps(index, indent=1)))
     multihost_utils.sync_global_devices(f"lit features indexed {fp}")
     index = _read_index(path)
-    logging.info("LiT features: wrote %s, %d records x %d views x %d features in %.1f s (%d unreadable)",
+    logs.info("LiT features: wrote %s, %d records x %d views x %d features in %.1f s (%d unreadable)",
                  path, n, len(views), num_features, time.perf_counter() - t0, len(index["unreadable"]))
     return index
 

@@ -97,5 +97,6 @@ def progress(iterable=None, *, desc: str, total: int | None = None, unit: str = 
     """A tqdm progress bar over `iterable` (or a manual one: `bar.update(n)`) on process 0;
     elsewhere, or with `enabled=False`, the same object silently does nothing."""
     cls = _tqdm_class()
-    return cls(iterable, desc=desc, total=total, unit=unit, dynamic_ncols=True, leave=True,
+    kwargs.setdefault("leave", True)
+    return cls(iterable, desc=desc, total=total, unit=unit, dynamic_ncols=True,
                disable=not (enabled and _is_main_process()), **kwargs)

@@ -385,8 +385,26 @@ def sigmoid_loss(zimg, ztxt, t, b, axis_name=None, impl="all_gather"):
 # ----------------------------------------------------------------------------- DCL
 
 
+def _decoupled(zimg, ztxt, t, axis_name, weight):
+    """Sum over the local rows of both directions' decoupled terms, the positive's scaled by
+    `weight` [b] (1 for DCL): sum_i w_i (-t <zimg_i, ztxt_i>) + log sum_{j != i} exp(t <., .>)."""
+    idx, n = _axis_info(axis_name)
+    b = zimg.shape[0]
+    if b * n < 2:
+        raise ValueError(f"dcl_loss needs a global batch of at least 2, got {b * n}")
+    pos_mask = _is_positive(b, b * n, idx * b)
+    pos = t * _pair_logits(zimg, ztxt)  # [b], the same in both directions
+
+    def negatives(logits):  # logits: [b, B] -> sum_i log sum_{j != i} exp
+        return jnp.sum(jax.nn.logsumexp(jnp.where(pos_mask, -jnp.inf, logits), axis=-1))
+
+    local = (-2 * jnp.sum(weight * pos) + negatives(t * _sim(zimg, _gather(ztxt, axis_name)))
+             + negatives(t * _sim(ztxt, _gather(zimg, axis_name))))
+    return _psum(local, axis_name) / (2 * b * n)
+
+
 def dcl_loss(zimg, ztxt, t, axis_name=None):
-    """Decoupled Contrastive Learning loss (Yeh et al. 2022), image-text form, symmetric.
+    """Decoupled Contrastive Learning loss (Yeh et al. 2022, Eq. 6), image-text form, symmetric.
 
     InfoNCE with the positive removed from the denominator:
 
@@ -400,58 +418,112 @@ def dcl_loss(zimg, ztxt, t, axis_name=None):
       zimg, ztxt: [b, D] embeddings; t: scalar logit scale; axis_name: mesh axis or None.
     """
     _check_pair(zimg, ztxt, t)
+    return _decoupled(zimg, ztxt, t, axis_name, 1.0)
+
+
+def dclw_loss(zimg, ztxt, t, axis_name=None, sigma=0.5):
+    """Weighted DCL (DCLW, Yeh et al. 2022, Eq. 7): DCL whose positive term of pair i is
+    scaled by the von Mises-Fisher weight
+
+        w_i = 2 - exp(<zimg_i, ztxt_i> / sigma) / E_k[exp(<zimg_k, ztxt_k> / sigma)],
+
+    the expectation over the GLOBAL batch's pairs (the official code's 2 - B softmax_i(.);
+    it keeps the weight's gradient, so does this). Pairs that are already close weigh less,
+    hard positives more; the weights average to 1. sigma: the paper's 0.5.
+    """
+    _check_pair(zimg, ztxt, t)
+    _, n = _axis_info(axis_name)
+    s = _pair_logits(zimg, ztxt) / sigma  # [b]
+    log_mean = jax.nn.logsumexp(_gather(s, axis_name)) - jnp.log(s.shape[0] * n)
+    return _decoupled(zimg, ztxt, t, axis_name, 2.0 - jnp.exp(s - log_mean))
+
+
+# ----------------------------------------------------------------------------- alignment, uniformity
+
+
+def alignment_loss(zimg, ztxt, axis_name=None, alpha=2.0):
+    """Alignment (Wang & Isola 2020, Eq. 4 with alpha = 2): E_i ||zimg_i - ztxt_i||_2^alpha."""
+    diff = zimg.astype(jnp.float32) - ztxt.astype(jnp.float32)
+    _, n = _axis_info(axis_name)
+    local = jnp.sum(jnp.sum(diff * diff, axis=-1) ** (alpha / 2))
+    return _psum(local, axis_name) / (zimg.shape[0] * n)
+
+
+def uniformity_loss(z, axis_name=None, temp=2.0):
+    """Uniformity (Wang & Isola 2020, Eq. 5, t = 2): log E_{i != j} exp(-t ||z_i - z_j||^2),
+    over the GLOBAL batch's distinct pairs (the paper's `pdist`). z: [b, D] L2-normalised."""
     idx, n = _axis_info(axis_name)
-    b = zimg.shape[0]
-    if b * n < 2:
-        raise ValueError(f"dcl_loss needs a global batch of at least 2, got {b * n}")
-    pos_mask = _is_positive(b, b * n, idx * b)
+    b = z.shape[0]
+    z = z.astype(jnp.float32)
+    sq = jnp.maximum(2.0 - 2.0 * _sim(z, _gather(z, axis_name)), 0.0)  # [b, B] on the sphere
+    off = ~_is_positive(b, b * n, idx * b)
+    local = jnp.sum(jnp.where(off, jnp.exp(-temp * sq), 0.0))
+    return jnp.log(_psum(local, axis_name) / (b * n * (b * n - 1)))
 
-    def decoupled_sum(logits):  # logits: [b, B]
-        pos = jnp.sum(jnp.where(pos_mask, logits, 0.0), axis=-1)
-        neg = jax.nn.logsumexp(jnp.where(pos_mask, -jnp.inf, logits), axis=-1)
-        return jnp.sum(neg - pos)
 
-    local = (decoupled_sum(t * _sim(zimg, _gather(ztxt, axis_name)))
-             + decoupled_sum(t * _sim(ztxt, _gather(zimg, axis_name))))
-    return _psum(local, axis_name) / (2 * b * n)
+def with_regularisers(loss, align_weight=0.0, uniform_weight=0.0):
+    """`loss` (a `Loss`) plus align_weight * alignment_loss(zimg, ztxt) + uniform_weight *
+    (uniformity_loss(zimg) + uniformity_loss(ztxt)) / 2 (Wang & Isola 2020 as regularisers;
+    config `loss.align_weight`, `loss.uniform_weight`). Unchanged when both weights are 0."""
+    if not align_weight and not uniform_weight:
+        return loss
+    k = len(loss.inputs)
+
+    def fn(*args, axis_name=None, **kwargs):
+        zimg, ztxt = args[k:]
+        value = loss.fn(*args[:k], axis_name=axis_name, **kwargs)
+        if align_weight:
+            value = value + align_weight * alignment_loss(zimg, ztxt, axis_name)
+        if uniform_weight:
+            value = value + uniform_weight * (uniformity_loss(zimg, axis_name)
+                                              + uniformity_loss(ztxt, axis_name)) / 2
+        return value
+
+    return Loss(fn, loss.inputs + ("zimg", "ztxt"))
+
+
+REGULARISER_KEYS = ("align_weight", "uniform_weight")
 
 
 # ----------------------------------------------------------------------------- CWCL
 
 
-def cwcl_loss(zimg, ztxt, t, zref, axis_name=None, ref_modality="image", symmetric=False):
-    """Continuously Weighted Contrastive Loss (Srinivasa et al., NeurIPS 2023).
+def cwcl_loss(zimg, ztxt, t, img_features, txt_features, axis_name=None, ref_modality="image",
+              symmetric=False):
+    """Continuously Weighted Contrastive Loss (Srinivasa et al., NeurIPS 2023, Sec. 3, Eq. 2-3).
 
-    Cross-modal transfer from a frozen pre-trained modality U (whose embeddings of the batch
-    are zref) to a modality V being trained. With p the U-side and q the V-side embeddings of
-    the pair (for ref_modality="image": p = zimg, q = ztxt), the paper's Eq. defines
+    Cross-modal transfer from a frozen pre-trained modality U to a modality V being trained.
+    With p_i the U-side and q_i the V-side embeddings of pair i (ref_modality="image": p = zimg,
+    q = ztxt; "text": p = ztxt, q = zimg) and u_i the frozen U model's own features of the same
+    input, L2-normalised:
 
-        L_{U->V} = -1/B sum_i sum_j w_ij / (sum_k w_ik) * log softmax_j(t <p_i, q_j>),
-        w_ij = (1 + <zref_i, zref_j>) / 2  in [0, 1],
+        L_{U->V} = -1/B sum_i 1/(sum_j w_ij) sum_j w_ij log [exp(t <p_i, q_j>) / sum_k exp(t <p_i, q_k>)]
+        w_ij     = (1 + <u_i, u_j>) / 2  in [0, 1]                           (intra-modal weights)
 
-    i.e. the anchor p_i is from the frozen modality, the softmax runs over the candidates
-    q_j of the other modality, and the target for candidate j is u_i's intra-modal similarity
-    to u_j, rows normalised to sum 1. With w = identity it is the one-directional CLIP loss.
-    The weights are targets: no gradient flows through zref.
-
-    symmetric=True averages in L_{V->U} (anchors q_i, softmax over p_j, the same weights
-    since w is symmetric): (L_{U->V} + L_{V->U}) / 2, the CLIP-style symmetric form.
+    i.e. every candidate q_j is a positive of anchor p_i to the degree u_i and u_j are similar in
+    the frozen modality; with w = identity it is the one-directional CLIP loss. The weights come
+    from the frozen modality's features (the locked trunk's pre_logits, or the stored LiT
+    features), never from a trained head, and carry no gradient. symmetric=True averages in
+    L_{V->U} (anchors q_i, softmax over p_j; the same weights, w being symmetric).
 
     Args:
       zimg, ztxt: [b, D] embeddings; t: scalar logit scale.
-      zref: [b, D'] L2-normalised embeddings of the frozen tower (may be zimg itself in LiT).
+      img_features: [b, F] the image trunk's features; txt_features: [b, F'] the text tower's;
+        only those of `ref_modality` are used.
       axis_name: mesh axis or None.
-      ref_modality: "image" or "text", the modality U whose structure is transferred.
+      ref_modality: "image" or "text", the frozen modality U whose structure is transferred.
       symmetric: add the V->U direction.
     """
     _check_pair(zimg, ztxt, t)
-    if zref.ndim != 2 or zref.shape[0] != zimg.shape[0]:
-        raise ValueError(f"zref must be [B, D'] with B = {zimg.shape[0]}, got {zref.shape}")
     if ref_modality not in ("image", "text"):
         raise ValueError(f"ref_modality must be 'image' or 'text', got {ref_modality!r}")
+    u = img_features if ref_modality == "image" else txt_features
+    if u.ndim != 2 or u.shape[0] != zimg.shape[0]:
+        raise ValueError(f"{ref_modality} features must be [B, F] with B = {zimg.shape[0]}, got {u.shape}")
     _, n = _axis_info(axis_name)
-    zref = lax.stop_gradient(zref)
-    w = (1.0 + _sim(zref, _gather(zref, axis_name))) / 2.0  # [b, B], rows = local anchors
+    u = lax.stop_gradient(u.astype(jnp.float32))
+    u = u / (jnp.linalg.norm(u, axis=-1, keepdims=True) + 1e-8)
+    w = (1.0 + _sim(u, _gather(u, axis_name))) / 2.0  # [b, B], rows = local anchors
     targets = w / jnp.sum(w, axis=-1, keepdims=True)
     p, q = (zimg, ztxt) if ref_modality == "image" else (ztxt, zimg)
     local = _soft_ce_sum(t * _sim(p, _gather(q, axis_name)), targets)
@@ -474,9 +546,10 @@ def multi_positive_contrastive(zimg, ztxt, t, labels=None, pos_mask=None, axis_n
     With no extra positives it is exactly softmax_contrastive.
 
     Give exactly one of:
-      labels: [b] int ids (duplicate captions share an id) or [b, K] label vectors (e.g.
-        multi-hot label sets); elements i, j are positives when their labels are equal
-        (the whole vector, for [b, K]).
+      labels: [b] int ids (duplicate captions share an id; -1 = no label) or [b, K] label
+        vectors (e.g. multi-hot label sets; all-zero = no label); elements i, j are positives
+        when their labels are equal (the whole vector, for [b, K]); unlabeled elements are
+        positives of themselves only.
       pos_mask: [b, B] bool, row i's positives among the GLOBAL batch (with axis_name: this
         device's rows of the [B, B] mask, sharded like the batch). Need not be symmetric.
     Other args as in softmax_contrastive.
@@ -493,7 +566,11 @@ def multi_positive_contrastive(zimg, ztxt, t, labels=None, pos_mask=None, axis_n
             raise ValueError(f"labels must be [B] or [B, K] with B = {b}, got {labels.shape}")
         all_labels = _gather(labels, axis_name)
         eq = labels[:, None] == all_labels[None, :]
-        mask_i2t = (eq if labels.ndim == 1 else jnp.all(eq, axis=-1)) | diag
+        if labels.ndim == 1:  # -1 = no label: an unlabeled record is no other's positive
+            eq = eq & (labels[:, None] >= 0)
+        else:  # an empty label set likewise
+            eq = jnp.all(eq, axis=-1) & jnp.any(labels != 0, axis=-1)[:, None]
+        mask_i2t = eq | diag
         mask_t2i = mask_i2t  # label equality is symmetric
     else:
         if pos_mask.shape != (b, b * n):
@@ -595,8 +672,10 @@ class Loss:
     """A loss function and the inputs it takes, positionally, by name.
 
     Names are the model's outputs (`zimg`, `ztxt`, `t`, `b`, and every `img/<k>` / `txt/<k>` of
-    the towers' out dicts: `img/tokens`, `txt/tokens`, `txt/mask`, ...), `frozen/zimg` /
-    `frozen/ztxt` (the embeddings with their gradient stopped) and `batch/<field>` (a field of the
+    the towers' out dicts: `img/tokens`, `img/tokens_proj`, `txt/mask`, ...), `frozen/zimg` /
+    `frozen/ztxt` (the embeddings with their gradient stopped), `frozen/img_features` /
+    `frozen/txt_features` (the towers' pre_logits with their gradient stopped; with stored LiT
+    features, those features) and `batch/<field>` (a field of the
     input batch, e.g. `batch/label` with `config.input.label=True`). The trainer looks the names
     up, splits batched inputs over the mesh's batch axes and runs `fn(*inputs, axis_name=...,
     **config.loss)` under one `jax.shard_map`: adding a loss touches only this table.
@@ -609,7 +688,8 @@ LOSSES = {
     "softmax": Loss(softmax_contrastive, ("zimg", "ztxt", "t")),
     "sigmoid": Loss(sigmoid_loss, ("zimg", "ztxt", "t", "b")),
     "dcl": Loss(dcl_loss, ("zimg", "ztxt", "t")),
-    "cwcl": Loss(cwcl_loss, ("zimg", "ztxt", "t", "frozen/zimg")),
+    "dclw": Loss(dclw_loss, ("zimg", "ztxt", "t")),
+    "cwcl": Loss(cwcl_loss, ("zimg", "ztxt", "t", "frozen/img_features", "frozen/txt_features")),
     "multi_positive": Loss(multi_positive_contrastive, ("zimg", "ztxt", "t", "batch/label")),
-    "filip": Loss(filip_loss, ("img/tokens", "txt/tokens", "txt/mask", "t")),
+    "filip": Loss(filip_loss, ("img/tokens_proj", "txt/tokens_proj", "txt/mask", "t")),
 }

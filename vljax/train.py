@@ -18,7 +18,7 @@ from etils import epath
 from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
-from vljax import checkpoints, factory, losses, metrics, optim, pretrained, sharding
+from vljax import checkpoints, factory, logs, losses, metrics, optim, pretrained, sharding, stages
 from vljax.embedder import Embedder
 from vljax.models.two_towers import TwoTowers
 
@@ -132,8 +132,9 @@ def make_loss(config, mesh):
     name = config.loss.name
     if name not in losses.LOSSES:
         raise ValueError(f"config key `loss.name`: unknown loss {name!r} (known: {', '.join(losses.LOSSES)})")
-    spec = losses.LOSSES[name]
-    kwargs = {k: v for k, v in config.loss.items() if k != "name"}
+    reg = {k: config.loss[k] for k in losses.REGULARISER_KEYS if k in config.loss}
+    spec = losses.with_regularisers(losses.LOSSES[name], **reg)
+    kwargs = {k: v for k, v in config.loss.items() if k != "name" and k not in reg}
     axes = sharding.batch_axes(mesh)
     axis = axes[0] if len(axes) == 1 else axes
     bspec = P(axes)
@@ -152,12 +153,51 @@ def make_loss(config, mesh):
     return loss
 
 
+def check_loss(config, trainable_mask, sources=()) -> None:
+    """Refuses, before any work, a loss whose inputs this recipe cannot give: image-tower outputs
+    (`img/...`, e.g. FILIP's tokens) under `lit_cache` (the stored trunk features are pooled: they
+    have no tokens), CWCL weights from a tower that is trained (the paper transfers the
+    structure of a frozen pre-trained modality), and batch labels that the input does not read
+    (`input.label`) or a source does not have (a TFDS source without `label_key`)."""
+    name = config.loss.name
+    spec = losses.LOSSES.get(name)
+    if spec is None:
+        return  # make_loss names the unknown loss
+    if "batch/label" in spec.inputs:
+        if not config.input.get("label", False):
+            raise ValueError(f"config key `input.label`: loss {name!r} takes the batch's labels; set "
+                             "`input.label=True` (and give each source its labels)")
+        for i, source in enumerate(sources):
+            if hasattr(source, "label_key") and not source.label_key:
+                raise ValueError(f"config key `input.data[{i}].label_key`: loss {name!r} takes labels, but "
+                                 f"{source!r} names no label feature; every record would be unlabeled")
+    if config.get("lit_cache", False):
+        tokens = [k for k in spec.inputs if k.startswith("img/")]
+        if tokens:
+            raise ValueError(f"config keys `loss.name`={name!r} and `lit_cache`=True conflict: the loss takes "
+                             f"{', '.join(tokens)} from the image tower, but the stored LiT features are the "
+                             "trunk's pooled pre_logits (no tokens); set `lit_cache=False` to run the locked "
+                             "trunk every step, or choose another loss")
+    if "frozen/img_features" in spec.inputs:
+        tower = {"image": "img", "text": "txt"}[config.loss.get("ref_modality", "image")]
+        trained = sorted(k for k, v in _flat(trainable_mask).items()
+                         if v and k.startswith(f"{tower}/") and not k.startswith(f"{tower}/head/"))
+        if trained:
+            raise ValueError(f"config key `loss.ref_modality`: CWCL takes its weights from the frozen "
+                             f"{tower!r} tower's features, but `schedule` trains {trained[0]} (and "
+                             f"{len(trained) - 1} more); lock that tower's trunk (e.g. ('{tower}/(?!head/).*', None))")
+
+
 def loss_inputs(zimg, ztxt, out, batch) -> dict:
     """Everything a loss may take, by name (see `losses.Loss`). Float inputs go to float32: losses
     run in float32 whatever the towers' compute dtype (bf16 logits lose the ranking)."""
+    img_features = batch["image_features"] if "image_features" in batch else out.get("img/pre_logits")
     values = {"zimg": zimg, "ztxt": ztxt, **out,
               "frozen/zimg": jax.lax.stop_gradient(zimg), "frozen/ztxt": jax.lax.stop_gradient(ztxt),
               **{f"batch/{k}": v for k, v in batch.items()}}
+    for k, v in (("frozen/img_features", img_features), ("frozen/txt_features", out.get("txt/pre_logits"))):
+        if v is not None:
+            values[k] = jax.lax.stop_gradient(v)
     return {k: (v.astype(jnp.float32) if v is not None and jnp.issubdtype(v.dtype, jnp.floating) else v)
             for k, v in values.items() if v is not None}
 
@@ -241,11 +281,11 @@ class Trainer:
         # The data sources are opened (manifests parsed, TFDS datasets found) before anything is
         # written: a bad source is refused with the workdir untouched.
         from vljax.data import sources
-        for entry in config.input.data:
-            sources.get_source(entry, data_dir=config.input.get("data_dir"))
+        opened = [sources.get_source(entry, data_dir=config.input.get("data_dir")) for entry in config.input.data]
 
         params = factory.abstract_params(self.model, self.spec)
         self.tx, self.lr_fn, self.trainable_mask = optim.make_optimizer(config, params)
+        check_loss(config, self.trainable_mask, opened)
         init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
         self._init_params, self._init_opt = make_init_fns(self.model, self.tx, config)
         abstract = {"params": params, "opt_state": jax.eval_shape(self._init_opt, params),
@@ -260,7 +300,7 @@ class Trainer:
             # The latest intact checkpoint: a damaged one is moved aside and the previous one used.
             self.state, self.data_state = self.ckpt.restore(None, self.abstract_state)
             self.start_step = int(jax.device_get(self.state["step"]))
-            logging.info("resumed from step %d", self.start_step)
+            logs.info("resumed from step %d", self.start_step)
         elif require_checkpoint:
             raise FileNotFoundError(f"no checkpoint in {self.ckpt.directory}")
         else:
@@ -279,17 +319,31 @@ class Trainer:
                           init_rng, train_rng)
 
     # -- input ---------------------------------------------------------------------------------
-    def make_input(self):
-        """The training iterator; with `config.lit_cache` it reads the locked trunk's stored features
-        (written once under <workdir>/features/ with the current sharded params) instead of images."""
+    def make_input(self, stage: stages.Stage | None = None):
+        """The training iterator (of `stage`: its image size, text length and own stream); with
+        `config.lit_cache` it reads the locked trunk's stored features (written once under
+        <workdir>/features/ with the current sharded params) instead of images."""
         from vljax.data import pipeline
+        stage = stage or stages.parse(self.config)[0]
         stores = None
         if self.config.get("lit_cache", False):
             from vljax import features
             stores = features.training_stores(self.config, self.model, self.state["params"],
                                               _flat(self.trainable_mask), self.mesh, self.workdir)
-        return pipeline.make_train_iterator(self.config.input, self.tokenizer, seed=self.config.seed,
-                                            features=stores)
+        inp, tokenizer = self.config.input, self.tokenizer
+        if stage.image_size != inp.image_size:
+            inp = inp.copy_and_resolve_references()
+            inp.image_size = stage.image_size
+        if stage.max_len != self.spec["tokenizer"]["max_len"]:
+            tokenizer = factory.build_tokenizer({"tokenizer": {**self.spec["tokenizer"], "max_len": stage.max_len}})
+        seed = self.config.seed + 1_000_003 * stage.index  # stage 0: the unstaged stream
+        return pipeline.make_train_iterator(inp, tokenizer, seed=seed, features=stores)
+
+    def stage_model(self, stage: stages.Stage) -> TwoTowers:
+        """The model as the stage trains it (its patch dropout); the same parameters."""
+        if stage.patch_dropout is None:
+            return self.model
+        return self.model.clone(image={**(self.model.image or {}), "patch_dropout": stage.patch_dropout})
 
     # -- evaluation -------------------------------------------------------------------------------
     def evaluators(self):
@@ -311,7 +365,7 @@ class Trainer:
                                       image_size=inp.image_size,
                                       value_range=inp.get("value_range", "efficientnet"),
                                       batch_size=self.config.get("eval_batch_size", 64),
-                                      feature_store=store)
+                                      feature_store=store, progress=self.config.get("progress", True))
             return self._embedder
         return self._embedder.with_params(params)
 
@@ -324,28 +378,35 @@ class Trainer:
     def evaluate(self, step: int, params=None) -> dict:
         emb = self.embedder(params)
         results = {}
-        for name, ev in self.evaluators().items():
-            t0 = time.perf_counter()
-            results.update(ev.run(emb))
-            results[f"time/eval_{name}_s"] = time.perf_counter() - t0
+        with logs.phase(f"evaluation at step {step}", evals=len(self.evaluators())):
+            for name, ev in self.evaluators().items():
+                t0 = time.perf_counter()
+                results.update(ev.run(emb))
+                results[f"time/eval_{name}_s"] = time.perf_counter() - t0
         return results
 
     # -- training ------------------------------------------------------------------------------
     def fit(self):
         config, mesh = self.config, self.mesh
         writer_enabled = jax.process_index() == 0
-        data_iter = self.make_input()
         start = self.start_step
-        if self.data_state is not None:
-            data_iter.set_state(self.data_state)
         writer = metrics.MetricWriter(self.workdir, enabled=writer_enabled,
                                       resume_step=start if self.data_state is not None else None)
-
         loss = make_loss(config, mesh)
-        step_fn = make_train_step(self.model, self.tx, loss, self.trainable_mask)
         batch_sh = sharding.batch_sharding(mesh)
-        train_step = jax.jit(step_fn, in_shardings=(self.state_sh, batch_sh),
-                             out_shardings=(self.state_sh, None), donate_argnums=(0,))
+        schedule = stages.parse(config)
+
+        def enter(stage, data_state=None):
+            """The stage's input stream (restored to `data_state` when it is this stage's) and step."""
+            it = self.make_input(stage)
+            if data_state is not None and data_state.get("stage", 0) == stage.index:
+                it.set_state(data_state["iterator"])
+            step_fn = make_train_step(self.stage_model(stage), self.tx, loss, self.trainable_mask)
+            fn = jax.jit(step_fn, in_shardings=(self.state_sh, batch_sh),
+                         out_shardings=(self.state_sh, None), donate_argnums=(0,))
+            return stage, it, fn
+
+        stage, data_iter, train_step = enter(stages.at(schedule, start), self.data_state)
         self.train_step = train_step  # kept for inspection (compilations, lowering)
 
         total = config.total_steps
@@ -366,6 +427,12 @@ class Trainer:
         try:
             with jax.set_mesh(mesh):
                 while step < total:
+                    if step >= stage.until:  # the next stage: its input and its compiled step
+                        skipped = data_iter.skipped
+                        stage, data_iter, train_step = enter(stages.at(schedule, step))
+                        data_iter.skipped = dict(skipped)
+                        logs.info("stage %d from step %d: image size %d, text length %d, patch dropout %s",
+                                  stage.index, step, stage.image_size, stage.max_len, stage.patch_dropout)
                     batch = next(data_iter)
                     skipped = {k: v for k, v in batch.items() if k.startswith("skipped/")}
                     batch = {k: v for k, v in batch.items() if not k.startswith("skipped/")}
@@ -407,12 +474,13 @@ class Trainer:
                         results = self.evaluate(step)
                         writer.write(step, results)
                         if selector.update(step, results, self.state["params"]):
-                            logging.info("early stopping at step %d: %s has not improved for %d evaluations",
+                            logs.info("early stopping at step %d: %s has not improved for %d evaluations",
                                          step, selector.metric, selector.patience)
                             stop = True
                         t_last = time.perf_counter()
                     if save:
-                        self.ckpt.save(step, self.state, data_iter.get_state(), force=True)
+                        self.ckpt.save(step, self.state, {"stage": stage.index, "iterator": data_iter.get_state()},
+                                       force=True)
                     if stop:
                         if step < total and not selector.stopped:
                             logging.warning("preempted (SIGTERM) at step %d: checkpoint saved, exiting", step)

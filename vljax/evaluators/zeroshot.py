@@ -29,45 +29,45 @@ def class_text_embeddings(embedder: base.Embedder, texts: Sequence[Sequence[str]
     return np.split(z, splits)
 
 
-def ensemble(per_class: Sequence[np.ndarray], weights: np.ndarray | None = None) -> np.ndarray:
-    """Prompt ensembling: per class the (weighted) mean of its normalised sentence embeddings,
-    renormalised (CLIP's recipe). `weights` [T] applies when every class has T sentences.
+def ensemble(per_class: Sequence[np.ndarray]) -> np.ndarray:
+    """Prompt ensembling: per class the mean of its normalised sentence embeddings,
+    renormalised (CLIP's recipe).
 
     Returns: [C, D] L2-normalised class embeddings.
     """
-    if weights is None:
-        means = [z.mean(axis=0) for z in per_class]
-    else:
-        means = [np.tensordot(weights, z, axes=1) for z in per_class]
-    return base.l2_normalize(np.stack(means).astype(np.float32))
+    return base.l2_normalize(np.stack([z.mean(axis=0) for z in per_class]).astype(np.float32))
 
 
 def zpe_weights(zimg: np.ndarray, ztpl: np.ndarray, logit_scale: float,
-                temperature: float = 1.0, zref: np.ndarray | None = None,
+                zref: np.ndarray | None = None, select_threshold: float | None = None,
                 batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """Zero-shot prompt ensembling weights (ZPE; Allingham et al., ICML 2023).
+    """Zero-shot prompt ensembling weights (ZPE; Allingham et al., ICML 2023, Sec. 3, and the
+    official notebook in google/uncertainty-baselines, `get_weights` / `mad_method`).
 
     With template p's logits l_p(x, c) = logit_scale * <zimg(x), ztpl[p, c]>, the naive
     "max-logit" score E_x[max_c l_p(x, c)] prefers templates whose words are frequent in
-    pre-training (every class scores high with them), not templates that fit the task. ZPE
-    first removes that bias by normalising each logit by its expectation over images,
-        lbar_p(c) = E_x' [l_p(x', c)],
-    the expectation the paper takes over the pre-training distribution, estimated on a sample
-    of images (`zref`); without one, the unlabeled test images stand in for it (the default).
-    A template scores how much its best class stands out on the test images,
+    pre-training (every class scores high with them). ZPE removes that bias with the expected
+    logit over images, averaged over both sources (the notebook's debias_mode="both"):
+
+        lbar_p(c) = (E_{x' ~ pretraining proxy}[l_p(x', c)] + E_{x ~ test}[l_p(x, c)]) / 2,
+
+    (the test images alone when no proxy `zref` is given), scores each template by
         s_p = E_x [max_c (l_p(x, c) - lbar_p(c))],
-    and the weights are softmax_p(s_p / temperature). A constant logit bias cancels; the scale
-    matters (the scores are in logit units, so it sets how peaked the weights are). No label
-    is used.
+    and weights w = softmax_p(s_p). The selection variant ("ZPE (prompt selection)", the
+    paper's headline) keeps only the outlier templates by the median absolute deviation,
+    (s_p - median(s)) / MAD(s) > select_threshold (0.5 for ImageNet, 2.0 for the fine-grained
+    sets in the paper); the weights of the others are set to 0 (the kept ones keep their
+    softmax values, as in the notebook). Should nothing pass, the best template is kept (the
+    notebook reports accuracy 0 there). No label is used.
 
     Args:
       zimg: [N, D] normalised test-image embeddings.
       ztpl: [P, C, D] normalised embedding of template p filled with class c.
-      zref: [M, D] images that estimate lbar (default: `zimg`).
+      zref: [M, D] pretraining-proxy images (e.g. the training collection's), or None.
+      select_threshold: the MAD threshold, or None to keep every template.
     Returns:
-      (weights [P] summing to 1, scores [P]).
+      (weights [P], scores [P]).
     """
-    zref = zimg if zref is None else zref
     num_p, num_c, _ = ztpl.shape
     flat = ztpl.reshape(num_p * num_c, -1).T  # [D, P*C]: one BLAS matmul per chunk
 
@@ -75,12 +75,30 @@ def zpe_weights(zimg: np.ndarray, ztpl: np.ndarray, logit_scale: float,
         return (logit_scale * (z @ flat)).reshape(len(z), num_p, num_c)
 
     # Logits are linear in the image embedding: their mean is the mean embedding's logits.
-    lbar = logits(zref.mean(axis=0, keepdims=True))[0]  # [P, C]
+    lbar = logits(zimg.mean(axis=0, keepdims=True))[0]  # [P, C]
+    if zref is not None:
+        lbar = 0.5 * (lbar + logits(zref.mean(axis=0, keepdims=True))[0])
     chunk = max(1, min(batch_size, (1 << 22) // (num_p * num_c)))  # bound [b, P, C] memory
     scores = sum((logits(zimg[s]) - lbar).max(axis=2).sum(axis=0)
                  for s in base.batch_slices(len(zimg), chunk)) / len(zimg)
-    w = np.exp((scores - scores.max()) / temperature)
-    return w / w.sum(), scores
+    w = np.exp(scores - scores.max())
+    w = w / w.sum()
+    if select_threshold is not None:
+        med = np.median(scores)
+        mad = np.median(np.abs(scores - med))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            keep = (scores - med) / mad > select_threshold
+        keep[np.argmax(scores)] = True
+        w = np.where(keep, w, 0.0)
+    return w, scores
+
+
+def logit_average(per_class: Sequence[np.ndarray], weights: np.ndarray) -> np.ndarray:
+    """ZPE's classifier: the weighted average of the templates' LOGITS, sum_p w_p l_p(x, c).
+    Logits are linear in the text embedding, so it is one [C, D] matrix, sum_p w_p ztpl[p, c],
+    NOT renormalised per class (renormalising would rescale each class's logits). Its scores
+    are the averaged logits over logit_scale, and rank the classes the same way."""
+    return np.stack([np.tensordot(weights, z, axes=1) for z in per_class]).astype(np.float32)
 
 
 def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
@@ -143,8 +161,8 @@ class ZeroShotEvaluator(base.Evaluator):
     def __init__(self, data, labels: Sequence[int], class_names: Sequence[str] | str,
                  *, name: str, templates: str | Sequence[str] | None = "clip80",
                  descriptions: str | os.PathLike | Mapping[str, Sequence[str]] | None = None,
-                 canonicalize: bool = True, zpe: bool = False, zpe_temperature: float = 1.0,
-                 ks: Sequence[int] = (1, 5), plot_dir: str | None = None,
+                 canonicalize: bool = True, zpe: bool = False, zpe_reference=None,
+                 zpe_select: float | None = None, ks: Sequence[int] = (1, 5), plot_dir: str | None = None,
                  groups: Sequence[int] | None = None):
         """
         Args:
@@ -155,7 +173,11 @@ class ZeroShotEvaluator(base.Evaluator):
           templates: a `prompts.TEMPLATES` key or a list; None for descriptions only.
           descriptions: CuPL sentences per class (JSON path or dict), mixed with the templates.
           canonicalize: clean class names with `prompts.canonicalize_name`.
-          zpe: weight templates by ZPE scores (needs templates and no descriptions).
+          zpe: weight templates by ZPE scores and average their logits (needs templates and
+            no descriptions; see `zpe_weights`).
+          zpe_reference: pretraining-proxy images (a source) for ZPE's debiasing, beside the
+            test images; None debiases with the test images only.
+          zpe_select: ZPE's MAD selection threshold (the paper: 0.5 ImageNet, 2.0 fine-grained).
           groups: [N] group ids, one per record (e.g. an emoji's category when the labels are
             its subcategories), for the worst-group accuracy.
         """
@@ -172,17 +194,29 @@ class ZeroShotEvaluator(base.Evaluator):
             raise ValueError(f"{name}: {len(self.groups)} groups for {len(self.labels)} records")
         if zpe and (templates is None or descriptions is not None):
             raise ValueError("ZPE weights templates: give templates and no descriptions")
+        if (zpe_reference is not None or zpe_select is not None) and not zpe:
+            raise ValueError(f"{name}: zpe_reference / zpe_select need zpe=True")
         self.texts = prompts.class_texts(self.class_names, templates, descriptions)
-        self.name, self.zpe, self.zpe_temperature = name, zpe, zpe_temperature
+        self.name, self.zpe, self.zpe_reference, self.zpe_select = name, zpe, zpe_reference, zpe_select
         self.ks, self.plot_dir = tuple(ks), plot_dir
 
     @classmethod
     def from_config(cls, name: str, spec: dict, *, plot_dir: str | None = None):
         """From config entry `evals.<name>` = dict(type="zeroshot", data=dict(name=..., split=...,
-        label=..., max_examples=..., group=...), templates=..., ...); `group` names an integer
-        feature whose values group the records (worst-group accuracy)."""
+        label=..., max_examples=..., group=...), templates=..., zpe=..., zpe_reference=dict(name=...,
+        split=..., max_examples=...), zpe_select=...); `group` names an integer feature whose
+        values group the records (worst-group accuracy)."""
         data, kwargs = data_lib.split_spec(name, spec)
         group_key = data.pop("group", None)
+        ref = kwargs.get("zpe_reference")
+        if ref is not None:
+            ref = dict(ref)
+            data_lib.check_keys(f"{name}.zpe_reference", ref, ("name", "split", "data_dir", "max_examples"))
+            if "name" not in ref:
+                raise ValueError(f"config key `evals.{name}.zpe_reference.name` is missing")
+            kwargs["zpe_reference"] = data_lib.first(
+                data_lib.open_source(ref["name"], ref.get("split", "train"), ref.get("data_dir")),
+                ref.get("max_examples"))
         source, labels, class_names = data_lib.classification(name, data)
         if group_key is not None:
             kwargs["groups"] = [int(data_lib.field(source, i, group_key))
@@ -197,9 +231,12 @@ class ZeroShotEvaluator(base.Evaluator):
         weights = None
         if self.zpe:
             ztpl = np.stack(per_class, axis=1)  # [P, C, D]
-            weights, _ = zpe_weights(zimg, ztpl, float(embedder.logit_scale),
-                                     self.zpe_temperature)
-        ztxt = ensemble(per_class, weights)
+            zref = None if self.zpe_reference is None else base.image_embeddings(
+                embedder, self.zpe_reference)[0]
+            weights, _ = zpe_weights(zimg, ztpl, float(embedder.logit_scale), zref, self.zpe_select)
+            ztxt = logit_average(per_class, weights)
+        else:
+            ztxt = ensemble(per_class)
         ranks, preds = ranks_and_predictions(zimg, ztxt, labels)
         metrics = accuracies(ranks, labels, self.ks,
                              None if self.groups is None else self.groups[index])

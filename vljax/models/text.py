@@ -24,8 +24,10 @@ class TextTransformer(nn.Module):
       "argmax" the position of the largest id (OpenAI CLIP, open_clip default, HF CLIP configs
                with the legacy eos_token_id == 2): the same as "eot" when eot is the top id.
       "first" / "last" / "mean" (plain mean over all L positions, as big_vision) / "map".
-    pad_id: when set, out["mask"] = tokens != pad_id ([B, L] bool) for token-level consumers;
-      attention is never masked (CLIP relies on the causal mask, SigLIP trains unmasked).
+    out["mask"] ([B, L] bool, True = a real token) for token-level consumers (FILIP): with
+      `pad_id`, tokens != pad_id; else with "eot" / "argmax" pooling, the positions up to and
+      including the end-of-text one (CLIP pads after it, with 0 or eot); else every position.
+      Attention is never masked (CLIP relies on the causal mask, SigLIP trains unmasked).
     variant: a ViT size string ("B", "So400m", ...) for width/depth/mlp_dim/num_heads.
     """
     variant: str | None = None
@@ -69,7 +71,8 @@ class TextTransformer(nn.Module):
           the sequence is then L + M long (<= max_len), pooling positions shift by M.
           Without it the tower is unchanged.
         out["tokens"]: [B, L (+ M), width] after the final norm; out["pre_logits"]: pooled
-        [B, width]; out["logits"] with a head; out["mask"]: [B, L (+ M)] bool when pad_id is set.
+        [B, width]; out["logits"] with a head; out["mask"]: [B, L (+ M)] bool, the real tokens
+        (see the class; prefix positions count as real).
         """
         if self.pool_type not in POOL_TYPES:
             raise ValueError(f"Unknown pool_type {self.pool_type!r}; expected one of {POOL_TYPES}")
@@ -99,12 +102,15 @@ class TextTransformer(nn.Module):
                        dtype=self.dtype, param_dtype=self.param_dtype, name="Encoder_0")(
                            x, not train)
         out["tokens"] = x
+        positions = jnp.arange(seq_len)[None, :]
         if self.pad_id is not None:
             mask = tokens != self.pad_id
             if prefix is not None:
                 mask = jnp.concatenate([mask[:, :1], jnp.ones((b, num_prefix), bool),
                                         mask[:, 1:]], axis=1)
             out["mask"] = mask
+        else:
+            out["mask"] = jnp.ones((b, seq_len), bool)
 
         if self.pool_type in ("eot", "argmax"):
             if self.pool_type == "argmax":
@@ -115,6 +121,8 @@ class TextTransformer(nn.Module):
                 is_eot = tokens == self.eot_id
                 idx = jnp.where(is_eot.any(axis=1), jnp.argmax(is_eot, axis=1) + num_prefix,
                                 seq_len - 1)
+            if self.pad_id is None:
+                out["mask"] = positions <= idx[:, None]
             x = jnp.take_along_axis(x, idx[:, None, None], axis=1)[:, 0]
         elif self.pool_type == "first":
             x = x[:, 0]

@@ -13,6 +13,21 @@ def _l2_normalize(z):
     return z / (jnp.linalg.norm(z, axis=-1, keepdims=True) + 1e-8)
 
 
+def _project_tokens(tower, tokens):
+    """tokens [B, N, W] -> [B, N, D]: the tower's own projection head (`head/...`, the Dense that
+    maps pre_logits into the joint space) applied to every token, each L2-normalised: FILIP's
+    token features (Yao et al. 2021, Sec. 3.1.1: "the token-wise features ... after the linear
+    projection and normalisation"). Shares the head's parameters, so a token-level loss trains
+    the projection every evaluator scores with. Returns None for a tower without a head."""
+    head = tower.variables.get("params", {}).get("head")
+    if head is None:
+        return None
+    x = jnp.einsum("bnw,wd->bnd", tokens, head["kernel"].astype(tokens.dtype))
+    if "bias" in head:
+        x = x + head["bias"].astype(x.dtype)
+    return _l2_normalize(x)
+
+
 class TwoTowers(nn.Module):
     """Image tower + text tower + learned logit scale (and optional bias).
 
@@ -35,7 +50,9 @@ class TwoTowers(nn.Module):
 
         Returns (zimg [B, D] or None, ztxt [B, D] or None, out), embeddings L2-normalised;
         out["t"] = exp(t), out["b"] (when there is a bias), out["img/<k>"] / out["txt/<k>"] for
-        every entry of the towers' out dicts (tokens, pre_logits, mask, ...).
+        every entry of the towers' out dicts (tokens, pre_logits, mask, ...), and
+        out["img/tokens_proj"] / out["txt/tokens_proj"] [B, N, D]: the tokens through the tower's
+        head, per-token L2-normalised (FILIP's late interaction; None without a head).
         """
         out = {}
         zimg = ztxt = None
@@ -43,12 +60,15 @@ class TwoTowers(nn.Module):
             tower = get_model(self.image_model)(**(self.image or {}), name="img")
             zimg, out_img = tower(images, train=train)
             out.update({f"img/{k}": v for k, v in out_img.items()})
+            if "tokens" in out_img:
+                out["img/tokens_proj"] = _project_tokens(tower, out_img["tokens"])
             zimg = _l2_normalize(zimg)
         if texts is not None:
             tower = get_model(self.text_model)(**(self.text or {}), name="txt")
             kw = {} if text_prefix is None else {"prefix": text_prefix}
             ztxt, out_txt = tower(texts, train=train, **kw)
             out.update({f"txt/{k}": v for k, v in out_txt.items()})
+            out["txt/tokens_proj"] = _project_tokens(tower, out_txt["tokens"])
             ztxt = _l2_normalize(ztxt)
         if zimg is not None and ztxt is not None and zimg.shape[-1] != ztxt.shape[-1]:
             raise ValueError(f"Image embeddings {zimg.shape} and text embeddings {ztxt.shape} "

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vljax.convert.posemb import resize_grid
 from vljax.models.common import Encoder, MAPHead, posemb_sincos_2d
 
 Dtype = Any
@@ -74,6 +75,8 @@ class ViT(nn.Module):
     num_registers: extra learned tokens (Darcet et al. 2023), dropped before pooling.
     ln_pre: LayerNorm before the transformer (CLIP). patch_bias: bias in the patch stem.
     num_classes: > 0 adds the Dense `head` (the projection in a two-tower model).
+    posemb_grid: (h, w) patches of the learned position embedding (default: the input's grid);
+      inputs on another grid use it resampled bilinearly (training stages at a lower resolution).
     patch_dropout: fraction of patch tokens dropped per example in training (FLIP), after the
       position embedding and before the encoder; class and register tokens are always kept,
       pooling sees the kept tokens only. Uses the "dropout" rng stream; off at evaluation.
@@ -95,6 +98,7 @@ class ViT(nn.Module):
     ln_eps: float = 1e-6
     dropout: float = 0.0
     patch_dropout: float = 0.0
+    posemb_grid: tuple[int, int] | None = None
     remat: bool = False
     scan: bool = False
     dtype: Dtype = jnp.float32
@@ -156,8 +160,11 @@ class ViT(nn.Module):
         x = x.reshape(b, h * w, width)
 
         if self.posemb == "learn":
+            gh, gw = self.posemb_grid or (h, w)
             pe = self.param("pos_embedding", nn.initializers.normal(stddev=1 / np.sqrt(width)),
-                            (1, h * w, width), self.param_dtype)
+                            (1, gh * gw, width), self.param_dtype)
+            if (gh, gw) != (h, w):  # a smaller training stage (vljax/stages.py): resampled
+                pe = resize_grid(pe.reshape(gh, gw, width), (h, w), xp=jnp).reshape(1, h * w, width)
         elif self.posemb == "sincos2d":
             pe = posemb_sincos_2d(h, w, width, dtype=self.param_dtype)
         else:

@@ -1,0 +1,116 @@
+"""Every loss through the one trainer: the inputs it declares reach it (FILIP's projected tokens
+and text masks, CWCL's frozen features), it learns on the tiny set, compiles once, gives the same
+losses on 1 and 8 devices, and a recipe that cannot feed it is refused before any work."""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import fit_counting_step_compiles, losses_of, make_shapes_manifest, tiny_config
+
+from vljax import config_check, train
+from vljax.models.text import TextTransformer
+from vljax.models.two_towers import TwoTowers
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    return make_shapes_manifest(str(tmp_path_factory.mktemp("shapes")))
+
+
+def _config(manifest, loss, recipe, steps):
+    config = tiny_config(manifest, recipe, steps=steps)
+    config.loss = dict(name=loss)
+    if loss == "filip" and recipe == "lit":
+        config.lit_cache = False  # stored features have no tokens (refused, see below)
+    if loss == "multi_positive":
+        config.input.label = True  # the wiring only: the shapes manifest has no `label` (all -1: CLIP)
+    return config
+
+
+def test_causal_text_mask_ends_at_eot():
+    """CLIP text has no pad id: the real tokens are those up to and including end-of-text."""
+    tower = TextTransformer(width=16, depth=1, num_heads=2, vocab_size=64, max_len=6, eot_id=63,
+                            num_classes=8)
+    tokens = jnp.array([[62, 5, 63, 0, 0, 0], [62, 7, 8, 9, 10, 63], [62, 1, 2, 0, 0, 0]])
+    (_, out), _ = tower.init_with_output(jax.random.key(0), tokens)
+    np.testing.assert_array_equal(out["mask"], [[1, 1, 1, 0, 0, 0], [1] * 6, [1] * 6])
+
+
+def test_projected_tokens_share_the_head():
+    """img/tokens_proj is the head applied per token, normalised: the class token's equals zimg."""
+    model = TwoTowers(image=dict(width=16, depth=1, num_heads=2, patch_size=8, num_classes=8, pool_type="cls"),
+                      text=dict(width=16, depth=1, num_heads=2, vocab_size=64, max_len=6, eot_id=63,
+                                num_classes=8))
+    images, texts = jnp.ones((2, 16, 16, 3)), jnp.array([[62, 5, 63, 0, 0, 0]] * 2)
+    (zimg, ztxt, out), _ = model.init_with_output(jax.random.key(0), images, texts)
+    assert out["img/tokens_proj"].shape == (2, 5, 8) and out["txt/tokens_proj"].shape == (2, 6, 8)
+    np.testing.assert_allclose(out["img/tokens_proj"][:, 0], zimg, atol=1e-6)
+    np.testing.assert_allclose(out["txt/tokens_proj"][:, 2], ztxt, atol=1e-6)  # the EOT token
+    np.testing.assert_allclose(jnp.linalg.norm(out["txt/tokens_proj"], axis=-1), 1.0, atol=1e-5)
+
+
+def test_filip_with_stored_features_is_refused_before_work(manifest, tmp_path):
+    config = tiny_config(manifest, "lit", steps=10)
+    config.loss = dict(name="filip")
+    with pytest.raises(ValueError, match="`loss.name`='filip' and `lit_cache`=True conflict"):
+        train.Trainer(config, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_cwcl_on_a_trained_tower_is_refused(manifest, tmp_path):
+    """CWCL takes the frozen modality's structure: image weights need a locked image trunk."""
+    config = tiny_config(manifest, "clip", steps=10)
+    config.loss = dict(name="cwcl")
+    with pytest.raises(ValueError, match="`loss.ref_modality`.*img/"):
+        train.Trainer(config, str(tmp_path / "run"))
+    config.loss = dict(name="cwcl", ref_modality="text")
+    with pytest.raises(ValueError, match="txt/"):
+        train.Trainer(config, str(tmp_path / "run"))
+
+
+def test_multi_positive_without_labels_is_refused(manifest, tmp_path):
+    config = tiny_config(manifest, "clip", steps=10)
+    config.loss = dict(name="multi_positive")
+    with pytest.raises(ValueError, match="`input.label`"):
+        train.Trainer(config, str(tmp_path / "run"))
+    config.input.label = True
+    config.input.data = [dict(source="tfds", name="vljax_emoji", split="train")]  # no label_key
+    with pytest.raises(ValueError, match=r"`input.data\[0\].label_key`"):
+        train.Trainer(config, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run")
+
+
+# (loss, recipe) pairs the trainer runs; CWCL only with a locked tower, FILIP with recomputed trunk.
+RUNS = [("softmax", "clip"), ("dcl", "clip"), ("filip", "clip"), ("filip", "lit"), ("dcl", "lit"),
+        ("cwcl", "lit"), ("dclw", "clip"), ("multi_positive", "lit")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss,recipe", RUNS)
+def test_loss_learns_and_compiles_once(loss, recipe, manifest, tmp_path, caplog):
+    config = _config(manifest, loss, recipe, steps=30)
+    config_check.validate(config)
+    trainer = train.Trainer(config, str(tmp_path))
+    assert fit_counting_step_compiles(trainer, caplog) == 1
+    losses = losses_of(tmp_path)
+    first, last = np.mean(losses[:5]), np.mean(losses[-5:])
+    if loss == "cwcl":
+        # A random trunk's features are all alike (cosine near 1): the targets are near uniform
+        # and the loss's floor is near log B. It must still move towards that floor.
+        assert last < first and last > np.log(config.input.batch_size) - 0.5, (first, last)
+    else:
+        assert last < 0.8 * first, (loss, recipe, first, last)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss,recipe", [("filip", "clip"), ("cwcl", "lit")])
+def test_loss_equal_on_1_and_8_devices(loss, recipe, manifest, tmp_path):
+    results = []
+    for n in (1, 8):
+        config = _config(manifest, loss, recipe, steps=4)
+        config.mesh = [("data", n)]
+        train.train_and_evaluate(config, str(tmp_path / str(n)), devices=jax.devices()[:n])
+        results.append(losses_of(tmp_path / str(n)))
+    np.testing.assert_allclose(results[1], results[0], rtol=1e-4)
