@@ -78,6 +78,8 @@ class RidgeProbe:
 class FewShotEvaluator(base.Evaluator):
     """Metrics "fewshot/<name>/<k>shot" (mean test accuracy over seeds) and
     ".../<k>shot_std" for each k of `shots`."""
+    DATA_KEYS = ("name", "label", "label_key", "train_split", "test_split", "per_class",
+                 "data_dir", "max_examples")  # the keys of `evals.<name>.data` (checked by config_check too)
 
     def __init__(self, train_data, train_labels: Sequence[int], test_data,
                  test_labels: Sequence[int], *, name: str,
@@ -122,8 +124,7 @@ class FewShotEvaluator(base.Evaluator):
         """
         del plot_dir  # no plots
         data, kwargs = data_lib.split_spec(name, spec)
-        data_lib.check_keys(name, data, ("name", "label", "label_key", "train_split",
-                                         "test_split", "per_class", "data_dir", "max_examples"))
+        data_lib.check_keys(name, data, cls.DATA_KEYS)
         data_dir, per_class = data.get("data_dir"), int(data.get("per_class", 40))
         train = data_lib.open_source(data["name"], data.get("train_split", "train"), data_dir)
         label_key = data.get("label") or data.get("label_key") or data_lib.default_label_key(train)

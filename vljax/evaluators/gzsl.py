@@ -54,6 +54,7 @@ def gzsl_metrics(scores: np.ndarray, labels: np.ndarray, seen: np.ndarray, *,
 
 class GZSLEvaluator(base.Evaluator):
     """Metrics "gzsl/<name>/seen", ".../unseen", ".../harmonic", ".../zsl"."""
+    DATA_KEYS = data_lib.CLASSIFICATION_KEYS  # the keys of `evals.<name>.data` (checked by config_check too)
 
     def __init__(self, data, labels: Sequence[int], class_names: Sequence[str] | str,
                  seen_classes: Sequence[int] | Sequence[str], *, name: str,
