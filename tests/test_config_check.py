@@ -24,6 +24,7 @@ def _load(name):
     ("clip", None), ("clip", "img=B/16,txt=B,size=224,batch=32768,steps=100"),
     ("siglip", None), ("siglip", "img=So400m/14,txt=B,size=224"),
     ("lit", None), ("lit", "steps=200,batch=64"), ("lit_eval", None), ("lit_eval", "steps=100"),
+    ("adapt", None), ("adapt", "seeds=1,coop_steps=50"),
 ])
 def test_every_shipped_config_validates(name, arg):
     config_check.validate(_load(name).get_config(arg))

@@ -137,6 +137,7 @@ def test_zeroshot_accuracies_by_hand():
         "zeroshot/toy/top5": 1.0,     # k clipped to the 3 classes
         # recall per class: 1/2, 1/2, 3/3
         "zeroshot/toy/mean_per_class": (0.5 + 0.5 + 1.0) / 3,
+        "zeroshot/toy/worst_class": 0.5,
     })
     np.testing.assert_array_equal(result.confusion, [[1, 1, 0], [0, 1, 1], [0, 0, 3]])
     np.testing.assert_array_equal(result.predictions, [0, 1, 1, 2, 2, 2, 2])
@@ -239,7 +240,9 @@ def test_gzsl_by_hand():
     # Per class: S = mean(1/2, 1) = .75, U = mean(0, 1) = .5, H = 2 .75 .5 / 1.25 = .6.
     # ZSL (unseen images among unseen classes only): image 3 -> class 2, all correct.
     assert ev.run(emb) == pytest.approx({"gzsl/toy/seen": 0.75, "gzsl/toy/unseen": 0.5,
-                                         "gzsl/toy/harmonic": 0.6, "gzsl/toy/zsl": 1.0})
+                                         "gzsl/toy/harmonic": 0.6, "gzsl/toy/zsl": 1.0,
+                                         "gzsl/toy/ausuc": 0.875,
+                                         "gzsl/toy/best_harmonic": 1.5 / 1.75})
     per_image = gzsl.GZSLEvaluator(images, labels, ["a", "b", "c", "d"], seen_classes=[0, 1],
                                    name="toy", templates="name", per_class=False).run(emb)
     assert per_image["gzsl/toy/seen"] == pytest.approx(2 / 3)
@@ -248,8 +251,44 @@ def test_gzsl_by_hand():
     # Calibrated stacking fixes image 3: U = 1, H = 2 .75 / 1.75.
     calibrated = gzsl.GZSLEvaluator(images, labels, ["a", "b", "c", "d"], seen_classes=[0, 1],
                                     name="toy", templates="name", gamma=0.2).run(emb)
-    assert calibrated == pytest.approx({"gzsl/toy/seen": 0.75, "gzsl/toy/unseen": 1.0,
-                                        "gzsl/toy/harmonic": 1.5 / 1.75, "gzsl/toy/zsl": 1.0})
+    assert {k: v for k, v in calibrated.items() if k.split("/")[-1] in
+            ("seen", "unseen", "harmonic", "zsl")} == pytest.approx(
+        {"gzsl/toy/seen": 0.75, "gzsl/toy/unseen": 1.0, "gzsl/toy/harmonic": 1.5 / 1.75,
+         "gzsl/toy/zsl": 1.0})
+
+
+def test_gzsl_calibration_sweep_and_ausuc_by_hand():
+    emb, images, labels = gzsl_case()
+    scores = normalize(np.asarray(emb.image_table))
+    seen = np.array([True, True, False, False])
+    # d = best seen - best unseen per image: 1, -.884, 1, .768 - .640 = .128, -1, -1.
+    # Seen-side predictions are right for images 0-2, unseen-side ones for images 3-5.
+    gammas, s, u = gzsl.calibration_sweep(scores, labels, seen)
+    np.testing.assert_allclose(gammas, [-2, (-1 - .884) / 2, (.128 - .884) / 2,
+                                        (1 + .128) / 2, 2], atol=2e-3)
+    # gamma -2: all seen (S 1, U 0); above -1: images 4, 5 go unseen (U .5); above -.884:
+    # image 1 too (S .75); above .128: image 3 (U 1); above 1: all unseen (S 0).
+    np.testing.assert_allclose(s, [1, 1, .75, .75, 0])
+    np.testing.assert_allclose(u, [0, .5, .5, 1, 1])
+    # Area: .5 * 1 (U 0 -> .5) + .5 * .75 (U .5 -> 1) = .875.
+    assert gzsl.ausuc(s, u) == pytest.approx(0.875)
+    got = gzsl.GZSLEvaluator(images, labels, ["a", "b", "c", "d"], seen_classes=[0, 1],
+                             name="toy", templates="name").run(emb)
+    assert got["gzsl/toy/ausuc"] == pytest.approx(0.875)
+    assert got["gzsl/toy/best_harmonic"] == pytest.approx(1.5 / 1.75)
+    # A perfect classifier: the curve passes through (1, 1), AUSUC = 1.
+    perfect = np.eye(4)[labels] + 0.0
+    assert gzsl.ausuc(*gzsl.calibration_sweep(perfect, labels, seen)[1:]) == pytest.approx(1.0)
+
+
+def test_worst_class_and_worst_group_by_hand():
+    # Ranks of the true class: labels 0, 0, 1, 1, 2; correct = [1, 0, 1, 1, 0].
+    ranks, labels = np.array([0, 1, 0, 0, 2]), np.array([0, 0, 1, 1, 2])
+    out = zeroshot.accuracies(ranks, labels, (1,), groups=np.array([5, 5, 5, 7, 7]))
+    # Per class 1/2, 1, 0 -> worst 0. Group 5: images 0-2, 2/3; group 7: images 3-4, 1/2.
+    assert out["worst_class"] == 0.0
+    assert out["worst_group"] == pytest.approx(0.5)
+    assert out["mean_per_class"] == pytest.approx(0.5)
 
 
 # -------------------------------------------------------------------------- retrieval
@@ -333,9 +372,30 @@ def test_multilabel_evaluator():
     # Normalised images: (.99, .11, 0), (.11, .97, .22), (.64, 0, .77). red ranks img0 first,
     # green img1, blue img2 then img1 (both positives first): every AP is 1. Top-1 labels
     # red, green, blue are all correct: P 3/3, R 3/4.
+    # Per label (top-1 sets): red and green P 1 R 1, blue P 1 R 1/2 (img1's blue missed).
     assert got == pytest.approx({"multilabel/toy/mAP": 1.0, "multilabel/toy/precision@1": 1.0,
                                  "multilabel/toy/recall@1": 0.75,
-                                 "multilabel/toy/f1@1": 2 * 0.75 / 1.75})
+                                 "multilabel/toy/f1@1": 2 * 0.75 / 1.75,
+                                 "multilabel/toy/CP@1": 1.0, "multilabel/toy/CR@1": 2.5 / 3,
+                                 "multilabel/toy/CF1@1": 2 * (2.5 / 3) / (1 + 2.5 / 3),
+                                 "multilabel/toy/OP@1": 1.0, "multilabel/toy/OR@1": 0.75,
+                                 "multilabel/toy/OF1@1": 2 * 0.75 / 1.75})
+
+
+def test_cp_cr_cf1_op_or_of1_by_hand():
+    pred = np.array([[1, 0, 0], [1, 0, 0]], bool)
+    targets = np.array([[1, 0, 1], [0, 1, 0]], bool)
+    # red: TP 1 of 2 predicted, 1 positive -> P 1/2, R 1; green, blue never predicted -> P 0,
+    # R 0. CP 1/6, CR 1/3, CF1 2 (1/18) / (1/2) = 2/9; OP 1/2, OR 1/3, OF1 2 (1/6) / (5/6) = .4.
+    assert multilabel.set_metrics(pred, targets) == pytest.approx(
+        {"CP": 1 / 6, "CR": 1 / 3, "CF1": 2 / 9, "OP": 0.5, "OR": 1 / 3, "OF1": 0.4})
+    # A label without any positive is left out of the class averages.
+    pred3 = np.concatenate([pred, [[0], [1]]], axis=1)
+    targets3 = np.concatenate([targets, [[0], [0]]], axis=1)
+    got = multilabel.set_metrics(pred3, targets3)
+    assert got["CP"] == pytest.approx(1 / 6) and got["OP"] == pytest.approx(1 / 3)
+    np.testing.assert_array_equal(multilabel.topk_set(np.array([[.1, .9, .5]]), 2),
+                                  [[False, True, True]])
 
 
 # ---------------------------------------------------------------------------- few-shot
@@ -443,7 +503,7 @@ def test_registry_builds_from_kwargs():
     metrics = {}
     for kind, kwargs in config.items():
         metrics.update(EVALUATORS[kind](**kwargs).run(emb))
-    assert set(EVALUATORS) == {"zeroshot", "retrieval", "multilabel", "gzsl", "fewshot", "representation"}
+    assert {"zeroshot", "retrieval", "multilabel", "gzsl", "fewshot", "representation"} <= set(EVALUATORS)
     assert metrics["zeroshot/toy/top1"] == pytest.approx(5 / 7)
     # Images 0-2 against cat/dog/bird: images 0 and 1 retrieve their own caption first,
     # image 2 (0, 1, 0) retrieves "dog".

@@ -193,6 +193,7 @@ def test_evaluate_a_transformers_clip(hf_clip_dir, shapes):
     config.evals = TINY_EVALS
     results = evaluate.evaluate(Predictor.load(path), config, only=["emoji"])
     assert set(results) == {"zeroshot/emoji/top1", "zeroshot/emoji/top5", "zeroshot/emoji/mean_per_class",
+                            "zeroshot/emoji/worst_class",
                             "time/eval_emoji_s"}
     assert 0.0 <= results["zeroshot/emoji/top1"] <= results["zeroshot/emoji/top5"] <= 1.0
 

@@ -75,11 +75,50 @@ class RidgeProbe:
         return np.concatenate(preds)
 
 
+def embed_train_test(embedder: base.Embedder, train_data, num_train: int, used: np.ndarray,
+                     test_data):
+    """Embeds only the train records in `used` (a large train split is never embedded whole)
+    and the test set.
+
+    Returns (feats [M, D], row [num_train]: the row of feats holding train record i, -1 when
+    it was not used or could not be read, test [T, D], test_index [T] readable test records).
+    """
+    feats, readable = base.image_embeddings(embedder, data_lib.Subset(train_data, used))
+    row = np.full(num_train, -1)
+    row[used[readable]] = np.arange(len(readable))
+    test, test_index = base.image_embeddings(embedder, test_data)
+    return feats, row, test, test_index
+
+
+FEWSHOT_DATA_KEYS = ("name", "label", "label_key", "train_split", "test_split", "per_class",
+                     "data_dir", "max_examples")
+
+
+def fewshot_data(name: str, data: dict):
+    """(train subset, train labels, test source, test labels, class names) of the few-shot data
+    entry `evals.<name>.data` (see `FewShotEvaluator.from_config`)."""
+    data_lib.check_keys(name, data, FEWSHOT_DATA_KEYS)
+    data_dir, per_class = data.get("data_dir"), int(data.get("per_class", 40))
+    train = data_lib.open_source(data["name"], data.get("train_split", "train"), data_dir)
+    label_key = data.get("label") or data.get("label_key") or data_lib.default_label_key(train)
+    chosen, labels, counts = [], [], {}
+    for i in range(len(train)):
+        y = int(data_lib.field(train, i, label_key))
+        if counts.get(y, 0) < per_class:
+            counts[y] = counts.get(y, 0) + 1
+            chosen.append(i)
+            labels.append(y)
+    test = data_lib.first(data_lib.open_source(data["name"], data.get("test_split", "test"),
+                                               data_dir), data.get("max_examples"))
+    test_labels = [int(data_lib.field(test, i, label_key)) for i in range(len(test))]
+    return (data_lib.Subset(train, chosen), labels, test, test_labels,
+            data_lib.class_names(train, label_key))
+
+
 class FewShotEvaluator(base.Evaluator):
     """Metrics "fewshot/<name>/<k>shot" (mean test accuracy over seeds) and
     ".../<k>shot_std" for each k of `shots`."""
-    DATA_KEYS = ("name", "label", "label_key", "train_split", "test_split", "per_class",
-                 "data_dir", "max_examples")  # the keys of `evals.<name>.data` (checked by config_check too)
+    DATA_KEYS = FEWSHOT_DATA_KEYS
 
     def __init__(self, train_data, train_labels: Sequence[int], test_data,
                  test_labels: Sequence[int], *, name: str,
@@ -124,21 +163,8 @@ class FewShotEvaluator(base.Evaluator):
         """
         del plot_dir  # no plots
         data, kwargs = data_lib.split_spec(name, spec)
-        data_lib.check_keys(name, data, cls.DATA_KEYS)
-        data_dir, per_class = data.get("data_dir"), int(data.get("per_class", 40))
-        train = data_lib.open_source(data["name"], data.get("train_split", "train"), data_dir)
-        label_key = data.get("label") or data.get("label_key") or data_lib.default_label_key(train)
-        chosen, labels, counts = [], [], {}
-        for i in range(len(train)):
-            y = int(data_lib.field(train, i, label_key))
-            if counts.get(y, 0) < per_class:
-                counts[y] = counts.get(y, 0) + 1
-                chosen.append(i)
-                labels.append(y)
-        test = data_lib.first(data_lib.open_source(data["name"], data.get("test_split", "test"),
-                                                   data_dir), data.get("max_examples"))
-        test_labels = [int(data_lib.field(test, i, label_key)) for i in range(len(test))]
-        return cls(data_lib.Subset(train, chosen), labels, test, test_labels, name=name, **kwargs)
+        train, labels, test, test_labels, _ = fewshot_data(name, data)
+        return cls(train, labels, test, test_labels, name=name, **kwargs)
 
     def _split(self, seed: int) -> tuple[list[np.ndarray], np.ndarray]:
         """Per seed: train indices of the first `shots` images of each class for every shot
@@ -156,10 +182,8 @@ class FewShotEvaluator(base.Evaluator):
     def run(self, embedder: base.Embedder) -> dict[str, float]:
         # Embed only the train records some seed uses: a large train split is never embedded.
         used = np.unique(np.concatenate([np.concatenate(t + [h]) for t, h in self.splits]))
-        feats, readable = base.image_embeddings(embedder, data_lib.Subset(self.train_data, used))
-        row = np.full(len(self.train_labels), -1)
-        row[used[readable]] = np.arange(len(readable))
-        test, test_index = base.image_embeddings(embedder, self.test_data)
+        feats, row, test, test_index = embed_train_test(
+            embedder, self.train_data, len(self.train_labels), used, self.test_data)
         test_labels = self.test_labels[test_index]
 
         def readable_only(idx):  # a record that cannot be read trains no probe

@@ -9,6 +9,14 @@ Accuracies are averaged per class by default (Xian et al.'s protocol), per image
 Calibrated stacking (Chao et al., 2016) subtracts `gamma` from the scores of seen classes to
 counter a model's bias towards them; scores are cosine similarities, so `gamma` is in cosine
 units and does not depend on the model's temperature.
+
+The calibration sweep (Chao et al., "An empirical study and analysis of generalized zero-shot
+learning for object recognition in the wild", ECCV 2016, Sec. 3.2): as gamma runs from -inf
+(everything predicted seen) to +inf (everything unseen), (U(gamma), S(gamma)) traces the
+seen-unseen accuracy curve, and its area (AUSUC, trapezoidal over U) summarises the trade-off
+independently of one gamma. The curve is exact: an image's prediction only changes at
+gamma = d_i = (best seen score - best unseen score), so evaluating between consecutive d_i
+visits every point of it.
 """
 import os
 from collections.abc import Mapping, Sequence
@@ -52,9 +60,51 @@ def gzsl_metrics(scores: np.ndarray, labels: np.ndarray, seen: np.ndarray, *,
     return {"seen": s, "unseen": u, "harmonic": float(h), "zsl": zsl}
 
 
+def calibration_sweep(scores: np.ndarray, labels: np.ndarray, seen: np.ndarray, *,
+                      per_class: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(gammas [G], S [G], U [G]): the seen-unseen curve over every distinct calibration.
+
+    Args: as `gzsl_metrics`. gammas ascend, from below every d_i (U = 0) to above all (S = 0).
+    """
+    unseen = ~seen
+    seen_idx, unseen_idx = np.flatnonzero(seen), np.flatnonzero(unseen)
+    best_seen = seen_idx[np.argmax(scores[:, seen_idx], axis=1)]
+    best_unseen = unseen_idx[np.argmax(scores[:, unseen_idx], axis=1)]
+    rows = np.arange(len(scores))
+    d = scores[rows, best_seen] - scores[rows, best_unseen]
+    cut = np.unique(d)
+    gammas = np.concatenate([[cut[0] - 1.0], (cut[1:] + cut[:-1]) / 2, [cut[-1] + 1.0]])
+    # Image i is predicted seen while gamma < d_i (argmax keeps the lower index on a tie, which
+    # the midpoints never produce).
+    pred_seen = gammas[:, None] < d[None, :]                                  # [G, N]
+    correct = np.where(pred_seen, best_seen == labels, best_unseen == labels)  # [G, N]
+    is_seen = seen[labels]
+
+    def mean_acc(group):
+        w = group.astype(np.float64)
+        if per_class:  # each class of the group weighs equally
+            counts = np.bincount(labels[group], minlength=len(seen))
+            w = np.where(group, 1.0 / np.maximum(counts[labels], 1), 0.0)
+            w /= max(len(np.unique(labels[group])), 1)
+        else:
+            w /= max(group.sum(), 1)
+        return correct.astype(np.float64) @ w
+
+    return gammas, mean_acc(is_seen), mean_acc(~is_seen)
+
+
+def ausuc(s: np.ndarray, u: np.ndarray) -> float:
+    """Area under the seen (y) - unseen (x) accuracy curve, trapezoidal, points sorted by U."""
+    order = np.lexsort((-s, u))
+    x, y = u[order], s[order]
+    return float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2))
+
+
 class GZSLEvaluator(base.Evaluator):
-    """Metrics "gzsl/<name>/seen", ".../unseen", ".../harmonic", ".../zsl"."""
-    DATA_KEYS = data_lib.CLASSIFICATION_KEYS  # the keys of `evals.<name>.data` (checked by config_check too)
+    """Metrics "gzsl/<name>/seen", ".../unseen", ".../harmonic", ".../zsl" at `gamma`, and over
+    the calibration sweep ".../ausuc" and ".../best_harmonic" (the best H any gamma reaches: an
+    upper bound, gamma chosen on the test images)."""
+    DATA_KEYS = data_lib.CLASSIFICATION_KEYS  # the keys of `evals.<name>.data` (config_check reads them)
 
     def __init__(self, data, labels: Sequence[int], class_names: Sequence[str] | str,
                  seen_classes: Sequence[int] | Sequence[str], *, name: str,
@@ -96,6 +146,11 @@ class GZSLEvaluator(base.Evaluator):
     def run(self, embedder: base.Embedder) -> dict[str, float]:
         zimg, index = base.image_embeddings(embedder, self.data)
         ztxt = zeroshot.ensemble(zeroshot.class_text_embeddings(embedder, self.texts))
-        metrics = gzsl_metrics(zimg @ ztxt.T, self.labels[index], self.seen, gamma=self.gamma,
+        scores, labels = zimg @ ztxt.T, self.labels[index]
+        metrics = gzsl_metrics(scores, labels, self.seen, gamma=self.gamma,
                                per_class=self.per_class)
+        _, s, u = calibration_sweep(scores, labels, self.seen, per_class=self.per_class)
+        metrics["ausuc"] = ausuc(s, u)
+        h = np.where(s + u > 0, 2 * s * u / np.maximum(s + u, 1e-12), 0.0)
+        metrics["best_harmonic"] = float(h.max())
         return {f"gzsl/{self.name}/{k}": v for k, v in metrics.items()}

@@ -9,6 +9,12 @@ embedding; no threshold is learned, so the metrics are ranking metrics.
   precision@k / recall@k / F1@k, micro-averaged: the top-k labels of each image are its
     predictions; with TP the total number of correct predictions over all images,
     P@k = TP / (N k), R@k = TP / (number of true labels), F1@k = 2 P R / (P + R).
+  CP / CR / CF1 / OP / OR / OF1 (the multi-label recognition convention, e.g. Chen et al.,
+    "Multi-Label Image Recognition with Graph Convolutional Networks", CVPR 2019, Sec. 4.1), of
+    a set of predicted labels per image (scores above a threshold, or the top k):
+    per-class precision TP_c / (TP_c + FP_c) (0 for a class never predicted) and recall
+    TP_c / (TP_c + FN_c), averaged over the labels with a positive: CP, CR; CF1 = 2 CP CR /
+    (CP + CR); overall OP = sum TP / sum (TP + FP), OR = sum TP / sum (TP + FN), OF1 likewise.
 """
 import os
 from collections.abc import Mapping, Sequence
@@ -53,6 +59,30 @@ def topk_metrics(scores: np.ndarray, targets: np.ndarray, k: int) -> dict[str, f
     return {f"precision@{k}": p, f"recall@{k}": r, f"f1@{k}": f1}
 
 
+def set_metrics(pred: np.ndarray, targets: np.ndarray) -> dict[str, float]:
+    """CP, CR, CF1, OP, OR, OF1 of predicted label sets pred [N, L] bool vs targets [N, L] bool
+    (see the module docstring)."""
+    pred, targets = np.asarray(pred, bool), np.asarray(targets, bool)
+    tp = (pred & targets).sum(0).astype(np.float64)
+    npred, npos = pred.sum(0).astype(np.float64), targets.sum(0).astype(np.float64)
+    has = npos > 0
+    cp = float(np.mean(np.where(npred > 0, tp / np.maximum(npred, 1), 0.0)[has]))
+    cr = float(np.mean((tp / np.maximum(npos, 1))[has]))
+    op = float(tp.sum() / max(npred.sum(), 1))
+    orr = float(tp.sum() / max(npos.sum(), 1))
+
+    def f1(a, b):
+        return 2 * a * b / (a + b) if a + b > 0 else 0.0
+    return {"CP": cp, "CR": cr, "CF1": f1(cp, cr), "OP": op, "OR": orr, "OF1": f1(op, orr)}
+
+
+def topk_set(scores: np.ndarray, k: int) -> np.ndarray:
+    """[N, L] bool: each image's k highest-scoring labels."""
+    pred = np.zeros(scores.shape, bool)
+    np.put_along_axis(pred, base.top_k(scores, k), True, axis=1)
+    return pred
+
+
 def to_multi_hot(labels: np.ndarray | Sequence[Sequence[int]], num_labels: int) -> np.ndarray:
     """A [N, L] 0/1 array, or N lists of label indices -> [N, L] bool."""
     if isinstance(labels, np.ndarray) and labels.ndim == 2:
@@ -67,8 +97,9 @@ def to_multi_hot(labels: np.ndarray | Sequence[Sequence[int]], num_labels: int) 
 
 
 class MultilabelEvaluator(base.Evaluator):
-    """Metrics "multilabel/<name>/mAP", ".../precision@k", ".../recall@k", ".../f1@k"."""
-    DATA_KEYS = data_lib.CLASSIFICATION_KEYS  # the keys of `evals.<name>.data` (checked by config_check too)
+    """Metrics "multilabel/<name>/mAP", ".../precision@k", ".../recall@k", ".../f1@k", and
+    ".../CP@k" ... ".../OF1@k" of the top-k label sets."""
+    DATA_KEYS = data_lib.CLASSIFICATION_KEYS  # the keys of `evals.<name>.data` (config_check reads them)
 
     def __init__(self, data, labels, class_names: Sequence[str] | str, *,
                  name: str, templates: str | Sequence[str] | None = "clip80",
@@ -113,4 +144,6 @@ class MultilabelEvaluator(base.Evaluator):
         metrics = {"mAP": mean_average_precision(scores, targets)}
         for k in self.ks:
             metrics.update(topk_metrics(scores, targets, k))
+            metrics.update({f"{m}@{k}": v for m, v in
+                            set_metrics(topk_set(scores, k), targets).items()})
         return {f"multilabel/{self.name}/{k}": v for k, v in metrics.items()}

@@ -5,6 +5,9 @@ same initialisation instead of their predictions; one model's inference cost.
   greedy soup: sort the ingredients by held-out score (best first), start from the best and
     add each next one if the soup of the kept ingredients plus it scores at least as well as
     the current soup on held-out data.
+  WiSE-FT (Wortsman et al., "Robust fine-tuning of zero-shot models", CVPR 2022, Eq. 1): the
+    weight-space ensemble theta_alpha = (1 - alpha) theta_zero-shot + alpha theta_fine-tuned,
+    a soup of two ingredients with weights (1 - alpha, alpha).
 """
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -16,12 +19,25 @@ import numpy as np
 Params = Any  # a pytree of arrays
 
 
-def _mean(params_list: Sequence[Params]) -> Params:
-    """Leaf-wise mean, accumulated in float32 and cast back to each leaf's dtype."""
-    def mean(*leaves):
-        acc = sum(jnp.asarray(x, jnp.float32) for x in leaves) / len(leaves)
+def weighted_soup(params_list: Sequence[Params], weights: Sequence[float]) -> Params:
+    """Leaf-wise sum_i weights[i] params_list[i], accumulated in float32 and cast back to each
+    leaf's dtype."""
+    if len(params_list) != len(weights):
+        raise ValueError(f"{len(params_list)} ingredients but {len(weights)} weights")
+
+    def mix(*leaves):
+        acc = sum(w * jnp.asarray(x, jnp.float32) for w, x in zip(weights, leaves))
         return acc.astype(jnp.result_type(leaves[0]))
-    return jax.tree.map(mean, *params_list)
+    return jax.tree.map(mix, *params_list)
+
+
+def _mean(params_list: Sequence[Params]) -> Params:
+    return weighted_soup(params_list, [1.0 / len(params_list)] * len(params_list))
+
+
+def wise_ft(zeroshot: Params, finetuned: Params, alpha: float) -> Params:
+    """WiSE-FT's theta_alpha = (1 - alpha) zeroshot + alpha finetuned (Eq. 1)."""
+    return weighted_soup([zeroshot, finetuned], [1.0 - alpha, alpha])
 
 
 def uniform_soup(params_list: Sequence[Params]) -> Params:

@@ -124,16 +124,21 @@ def ranks_and_predictions(zimg: np.ndarray, ztxt: np.ndarray, labels: np.ndarray
     return np.concatenate(ranks), np.concatenate(preds)
 
 
-def accuracies(ranks: np.ndarray, labels: np.ndarray, ks: Sequence[int] = (1, 5)
-               ) -> dict[str, float]:
-    """Top-k accuracies and mean per-class recall (over classes with at least one image).
+def accuracies(ranks: np.ndarray, labels: np.ndarray, ks: Sequence[int] = (1, 5),
+               groups: np.ndarray | None = None) -> dict[str, float]:
+    """Top-k accuracies, mean and worst per-class recall (over classes with at least one
+    image) and, with `groups`, the worst-group top-1 accuracy (the lowest accuracy over the
+    groups; "Distributionally robust neural networks", Sagawa et al., ICLR 2020).
 
-    Args: ranks [N] 0-based rank of the true class, labels [N].
+    Args: ranks [N] 0-based rank of the true class, labels [N], groups [N] ints or None.
     """
     out = {f"top{k}": float(np.mean(ranks < k)) for k in ks}
     correct = ranks == 0
-    out["mean_per_class"] = float(np.mean([correct[labels == c].mean()
-                                           for c in np.unique(labels)]))
+    per_class = [correct[labels == c].mean() for c in np.unique(labels)]
+    out["mean_per_class"] = float(np.mean(per_class))
+    out["worst_class"] = float(np.min(per_class))
+    if groups is not None:
+        out["worst_group"] = float(min(correct[groups == g].mean() for g in np.unique(groups)))
     return out
 
 
@@ -148,7 +153,8 @@ class ZeroShotResult:
 class ZeroShotEvaluator(base.Evaluator):
     """Zero-shot classification of labeled images against class-name prompts.
 
-    Metrics: "zeroshot/<name>/top1", ".../top5" (each k of `ks`), ".../mean_per_class".
+    Metrics: "zeroshot/<name>/top1", ".../top5" (each k of `ks`), ".../mean_per_class",
+    ".../worst_class", and ".../worst_group" with `groups`.
     With `plot_dir`, each run writes "<plot_dir>/confusion_<name>.png".
     """
     DATA_KEYS = data_lib.CLASSIFICATION_KEYS  # the keys of `evals.<name>.data` (checked by config_check too)
@@ -157,7 +163,8 @@ class ZeroShotEvaluator(base.Evaluator):
                  *, name: str, templates: str | Sequence[str] | None = "clip80",
                  descriptions: str | os.PathLike | Mapping[str, Sequence[str]] | None = None,
                  canonicalize: bool = True, zpe: bool = False, zpe_reference=None,
-                 zpe_select: float | None = None, ks: Sequence[int] = (1, 5), plot_dir: str | None = None):
+                 zpe_select: float | None = None, ks: Sequence[int] = (1, 5), plot_dir: str | None = None,
+                 groups: Sequence[int] | None = None):
         """
         Args:
           data: the images, a source (vljax/evaluators/data.py); only the embedder reads them.
@@ -172,6 +179,8 @@ class ZeroShotEvaluator(base.Evaluator):
           zpe_reference: pretraining-proxy images (a source) for ZPE's debiasing, beside the
             test images; None debiases with the test images only.
           zpe_select: ZPE's MAD selection threshold (the paper: 0.5 ImageNet, 2.0 fine-grained).
+          groups: [N] group ids, one per record (e.g. an emoji's category when the labels are
+            its subcategories), for the worst-group accuracy.
         """
         names = prompts.load_class_names(class_names)
         self.class_names = [prompts.canonicalize_name(n) for n in names] if canonicalize \
@@ -181,6 +190,9 @@ class ZeroShotEvaluator(base.Evaluator):
             raise ValueError(f"{name}: {len(self.data)} records but {len(self.labels)} labels")
         if self.labels.min() < 0 or self.labels.max() >= len(self.class_names):
             raise ValueError(f"{name}: labels must lie in [0, {len(self.class_names)})")
+        self.groups = None if groups is None else np.asarray(groups, np.int64)
+        if self.groups is not None and len(self.groups) != len(self.labels):
+            raise ValueError(f"{name}: {len(self.groups)} groups for {len(self.labels)} records")
         if zpe and (templates is None or descriptions is not None):
             raise ValueError("ZPE weights templates: give templates and no descriptions")
         if (zpe_reference is not None or zpe_select is not None) and not zpe:
@@ -192,9 +204,11 @@ class ZeroShotEvaluator(base.Evaluator):
     @classmethod
     def from_config(cls, name: str, spec: dict, *, plot_dir: str | None = None):
         """From config entry `evals.<name>` = dict(type="zeroshot", data=dict(name=..., split=...,
-        label=..., max_examples=...), templates=..., zpe=..., zpe_reference=dict(name=...,
-        split=..., max_examples=...), zpe_select=...)."""
+        label=..., max_examples=..., group=...), templates=..., zpe=..., zpe_reference=dict(name=...,
+        split=..., max_examples=...), zpe_select=...); `group` names an integer feature whose
+        values group the records (worst-group accuracy)."""
         data, kwargs = data_lib.split_spec(name, spec)
+        group_key = data.pop("group", None)
         ref = kwargs.get("zpe_reference")
         if ref is not None:
             ref = dict(ref)
@@ -205,6 +219,9 @@ class ZeroShotEvaluator(base.Evaluator):
                 data_lib.open_source(ref["name"], ref.get("split", "train"), ref.get("data_dir")),
                 ref.get("max_examples"))
         source, labels, class_names = data_lib.classification(name, data)
+        if group_key is not None:
+            kwargs["groups"] = [int(data_lib.field(source, i, group_key))
+                                for i in range(len(source))]
         kwargs.setdefault("plot_dir", plot_dir)
         return cls(source, labels, class_names, name=name, **kwargs)
 
@@ -222,7 +239,8 @@ class ZeroShotEvaluator(base.Evaluator):
         else:
             ztxt = ensemble(per_class)
         ranks, preds = ranks_and_predictions(zimg, ztxt, labels)
-        metrics = accuracies(ranks, labels, self.ks)
+        metrics = accuracies(ranks, labels, self.ks,
+                             None if self.groups is None else self.groups[index])
         cm = confusion_matrix(labels, preds, len(self.class_names))
         return ZeroShotResult({f"zeroshot/{self.name}/{k}": v for k, v in metrics.items()},
                               cm, preds, weights)

@@ -70,10 +70,13 @@ class Bert(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, tokens, train=False):
+    def __call__(self, tokens, train=False, prefix=None):
+        """tokens: int [B, L]; prefix: optional [B, M, hidden_size] embeddings inserted after the
+        first token ([CLS]) in place of word embeddings (CoOp's learned context,
+        vljax/adapt/coop.py); they take positions 1..M, the prompt's tokens shift by M."""
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(f"Bert expects int token ids [B, L], got {tokens.dtype}{tokens.shape}")
-        length = tokens.shape[1]
+        length = tokens.shape[1] + (0 if prefix is None else prefix.shape[1])
         if length > self.max_position_embeddings:
             raise ValueError(f"sequence length {length} > max_position_embeddings "
                              f"{self.max_position_embeddings}")
@@ -85,9 +88,14 @@ class Bert(nn.Module):
 
         embed = lambda n, name: nn.Embed(n, self.hidden_size, name=name, **kw)  # noqa: E731
         x = embed(self.vocab_size, "word_embeddings")(tokens)
+        if prefix is not None:
+            x = jnp.concatenate([x[:, :1], prefix.astype(x.dtype), x[:, 1:]], axis=1)
+            mask = jnp.concatenate([mask[:, :1], jnp.ones(prefix.shape[:2], bool), mask[:, 1:]],
+                                   axis=1)
         x = x + embed(self.max_position_embeddings, "position_embeddings")(jnp.arange(length))
         # A single segment: every token has type 0 (row 0 of the table).
-        x = x + embed(self.type_vocab_size, "token_type_embeddings")(jnp.zeros_like(tokens))
+        x = x + embed(self.type_vocab_size, "token_type_embeddings")(
+            jnp.zeros(x.shape[:2], jnp.int32))
         x = nn.LayerNorm(epsilon=self.ln_eps, name="embeddings_ln", **kw)(x)
         x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
 

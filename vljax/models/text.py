@@ -63,25 +63,35 @@ class TextTransformer(nn.Module):
         return cfg
 
     @nn.compact
-    def __call__(self, tokens, train: bool = False):
+    def __call__(self, tokens, train: bool = False, prefix=None):
         """tokens: int [B, L] with L <= max_len -> (features [B, num_classes or width], out).
 
-        out["tokens"]: [B, L, width] after the final norm; out["pre_logits"]: pooled [B, width];
-        out["logits"] with a head; out["mask"]: [B, L] bool, the real tokens (see the class).
+        prefix: optional [B, M, width] embeddings inserted after the first token (the start
+          token), before the rest of the prompt (CoOp's learned context, vljax/adapt/coop.py);
+          the sequence is then L + M long (<= max_len), pooling positions shift by M.
+          Without it the tower is unchanged.
+        out["tokens"]: [B, L (+ M), width] after the final norm; out["pre_logits"]: pooled
+        [B, width]; out["logits"] with a head; out["mask"]: [B, L (+ M)] bool, the real tokens
+        (see the class; prefix positions count as real).
         """
         if self.pool_type not in POOL_TYPES:
             raise ValueError(f"Unknown pool_type {self.pool_type!r}; expected one of {POOL_TYPES}")
         if tokens.ndim != 2:
             raise ValueError(f"TextTransformer expects token ids [B, L], got shape {tokens.shape}")
         b, seq_len = tokens.shape
-        if seq_len > self.max_len:
-            raise ValueError(f"Text length {seq_len} exceeds max_len={self.max_len}")
+        num_prefix = 0 if prefix is None else prefix.shape[1]
+        if seq_len + num_prefix > self.max_len:
+            raise ValueError(f"Text length {seq_len} (+ {num_prefix} prefix) exceeds "
+                             f"max_len={self.max_len}")
         cfg = self.config()
         width = cfg["width"]
         out = {}
 
         x = nn.Embed(self.vocab_size, width, dtype=self.dtype, param_dtype=self.param_dtype,
                      embedding_init=nn.initializers.normal(stddev=0.02), name="Embed_0")(tokens)
+        if prefix is not None:
+            x = jnp.concatenate([x[:, :1], prefix.astype(x.dtype), x[:, 1:]], axis=1)
+            seq_len += num_prefix
         pe = self.param("pos_embedding", nn.initializers.normal(stddev=1 / np.sqrt(width)),
                         (1, self.max_len, width), self.param_dtype)
         x = x + pe[:, :seq_len].astype(x.dtype)
@@ -94,18 +104,23 @@ class TextTransformer(nn.Module):
         out["tokens"] = x
         positions = jnp.arange(seq_len)[None, :]
         if self.pad_id is not None:
-            out["mask"] = tokens != self.pad_id
+            mask = tokens != self.pad_id
+            if prefix is not None:
+                mask = jnp.concatenate([mask[:, :1], jnp.ones((b, num_prefix), bool),
+                                        mask[:, 1:]], axis=1)
+            out["mask"] = mask
         else:
             out["mask"] = jnp.ones((b, seq_len), bool)
 
         if self.pool_type in ("eot", "argmax"):
             if self.pool_type == "argmax":
-                idx = jnp.argmax(tokens, axis=1)
+                idx = jnp.argmax(tokens, axis=1) + num_prefix
             else:
                 if self.eot_id is None:
                     raise ValueError("pool_type='eot' needs eot_id")
                 is_eot = tokens == self.eot_id
-                idx = jnp.where(is_eot.any(axis=1), jnp.argmax(is_eot, axis=1), seq_len - 1)
+                idx = jnp.where(is_eot.any(axis=1), jnp.argmax(is_eot, axis=1) + num_prefix,
+                                seq_len - 1)
             if self.pad_id is None:
                 out["mask"] = positions <= idx[:, None]
             x = jnp.take_along_axis(x, idx[:, None, None], axis=1)[:, 0]

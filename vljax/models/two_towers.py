@@ -44,8 +44,9 @@ class TwoTowers(nn.Module):
     bias_init: float | None = None
 
     @nn.compact
-    def __call__(self, images, texts, train: bool = False):
-        """images: [B, H, W, C] or None; texts: int [B, L] or None.
+    def __call__(self, images, texts, train: bool = False, text_prefix=None):
+        """images: [B, H, W, C] or None; texts: int [B, L] or None; text_prefix: optional
+        [B, M, W] embeddings the text tower inserts after its first token (CoOp context).
 
         Returns (zimg [B, D] or None, ztxt [B, D] or None, out), embeddings L2-normalised;
         out["t"] = exp(t), out["b"] (when there is a bias), out["img/<k>"] / out["txt/<k>"] for
@@ -64,7 +65,8 @@ class TwoTowers(nn.Module):
             zimg = _l2_normalize(zimg)
         if texts is not None:
             tower = get_model(self.text_model)(**(self.text or {}), name="txt")
-            ztxt, out_txt = tower(texts, train=train)
+            kw = {} if text_prefix is None else {"prefix": text_prefix}
+            ztxt, out_txt = tower(texts, train=train, **kw)
             out.update({f"txt/{k}": v for k, v in out_txt.items()})
             out["txt/tokens_proj"] = _project_tokens(tower, out_txt["tokens"])
             ztxt = _l2_normalize(ztxt)

@@ -1,0 +1,150 @@
+"""Few-shot adaptation: Tip-Adapter(-F) against the paper's equations written out, the cross-modal
+probe, and the evaluator's protocol (choices on held-out train images only) on constructed data."""
+import numpy as np
+import pytest
+from test_evaluators import TableEmbedder, index_images, normalize
+
+from vljax.evaluators import EVALUATORS, crossmodal, fewshot, fewshot_adapt, tip_adapter
+
+
+def _reference_tip(f, keys, labels, w, scale, alpha, beta, num_classes):
+    """Eq. 3-4 of Zhang et al. one test image and one cache entry at a time."""
+    out = []
+    for fi in f:
+        logits = scale * np.array([fi @ w[c] for c in range(num_classes)])
+        for k, y in zip(keys, labels):
+            logits[y] += alpha * np.exp(-beta * (1.0 - fi @ k))
+        out.append(logits)
+    return np.array(out)
+
+
+def test_tip_logits_equal_the_equations():
+    rng = np.random.default_rng(0)
+    f, keys, w = (normalize(rng.normal(size=s)) for s in ((5, 8), (6, 8), (3, 8)))
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    got = tip_adapter.tip_logits(f, keys, tip_adapter.one_hot(labels, 3), w, 7.0, 2.5, 3.0)
+    ref = _reference_tip(f, keys, labels, w, 7.0, 2.5, 3.0, 3)
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5)
+
+
+def _clusters(seed, n_per_class, num_classes=4, dim=16, noise=0.35):
+    rng = np.random.default_rng(seed)
+    centers = normalize(rng.normal(size=(num_classes, dim)))
+    labels = np.repeat(np.arange(num_classes), n_per_class)
+    x = normalize(centers[labels] + noise * rng.normal(size=(len(labels), dim)))
+    return centers, x, labels
+
+
+def test_search_keeps_zero_shot_when_the_cache_is_noise_and_uses_a_good_cache():
+    centers, x, y = _clusters(0, 20)
+    tr, he = np.arange(len(y)) % 2 == 0, np.arange(len(y)) % 2 == 1  # both hold every class
+    values = tip_adapter.one_hot(y[tr], 4)
+    # Text weights are the class centres (a perfect zero-shot classifier); keys with shuffled
+    # labels only hurt: the search must pick alpha = 0.
+    bad = tip_adapter.one_hot(np.random.default_rng(1).permutation(y[tr]), 4)
+    alpha, _, acc = tip_adapter.search(x[he], y[he], x[tr], bad, centers, 10.0)
+    assert alpha == 0.0
+    assert acc == np.mean(np.argmax(x[he] @ centers.T, 1) == y[he])
+    # Useless text weights (all classes alike) and a correct cache: the cache must carry it.
+    alpha, _, acc = tip_adapter.search(x[he], y[he], x[tr], values,
+                                       np.tile(centers[:1], (4, 1)), 10.0)
+    assert alpha > 0 and acc > 0.9
+
+
+def test_tip_f_lowers_the_training_loss_and_leaves_values_alone():
+    centers, x, y = _clusters(2, 8, noise=0.8)
+    values = tip_adapter.one_hot(y, 4)
+    w = np.tile(centers[:1], (4, 1))
+
+    def loss(k):
+        logits = np.asarray(tip_adapter.tip_logits(x, k, values, w, 10.0, 1.0, 1.0))
+        logits = logits - logits.max(1, keepdims=True)
+        return -np.mean(logits[np.arange(len(y)), y] - np.log(np.exp(logits).sum(1)))
+
+    keys = tip_adapter.finetune_keys(x, y, x, values, w, 10.0, steps=50, lr=1e-2)
+    assert keys.shape == x.shape and not np.allclose(keys, x)
+    assert loss(keys) < loss(x) - 0.05
+
+
+def test_crossmodal_probe_uses_text_as_samples():
+    # One shot per class far off its centre: text embeddings (the centres) fix the probe.
+    centers, x, y = _clusters(3, 30, noise=0.35)
+    one_shot = np.array([np.flatnonzero(y == c)[0] for c in range(4)])
+    test = np.setdiff1d(np.arange(len(y)), one_shot)
+    accs = {}
+    for name, probe in (
+            ("ridge", fewshot.RidgeProbe(x[one_shot], y[one_shot], 4, [0.1])),
+            ("crossmodal", crossmodal.crossmodal_probe(x[one_shot], y[one_shot], centers,
+                                                       [0.1], text_repeats=4))):
+        accs[name] = np.mean(probe.predict(x[test]) == y[test])
+    assert accs["crossmodal"] > accs["ridge"] + 0.1
+    # Text samples alone (no image) already give the nearest-centre classifier's accuracy.
+    only_text = crossmodal.crossmodal_probe(np.zeros((0, 16)), np.zeros(0, int), centers, [0.1])
+    nearest = np.mean(np.argmax(x[test] @ centers.T, 1) == y[test])
+    assert np.mean(only_text.predict(x[test]) == y[test]) == pytest.approx(nearest, abs=0.02)
+
+
+def _evaluator_case(text_good: bool):
+    centers, table, labels = _clusters(4, 40, noise=0.35)
+    names = ["cat", "dog", "bird", "fish"]
+    wrong = np.roll(centers, 1, axis=0)  # text of class c points at class c-1's images
+    texts = {f"a photo of a {n}.": (centers if text_good else wrong)[i]
+             for i, n in enumerate(names)}
+    train = np.concatenate([np.flatnonzero(labels == c)[:30] for c in range(4)])
+    test = np.setdiff1d(np.arange(len(labels)), train)
+    images = index_images(len(labels))
+    ev = fewshot_adapt.FewShotAdaptEvaluator(
+        [images[i] for i in train], labels[train], [images[i] for i in test], labels[test],
+        names, name="toy", templates=["a photo of a {}."], shots=(1, 4, 16), seeds=2,
+        methods=("zeroshot", "ridge", "crossmodal", "tip", "tip_f"), holdout_per_class=10,
+        tip_f_steps=20)
+    return ev, TableEmbedder(table, texts)
+
+
+@pytest.mark.parametrize("text_good", [True, False])
+def test_adapt_evaluator_tip_matches_the_better_of_zero_shot_and_the_cache(text_good):
+    ev, emb = _evaluator_case(text_good)
+    got = ev.run(emb)
+    zs = got["fewshot_adapt/toy/zeroshot"]
+    assert zs > 0.9 if text_good else zs < 0.1
+    for k in (1, 4, 16):
+        tip = got[f"fewshot_adapt/toy/tip/{k}shot"]
+        # alpha = 0 is in the grid: with good text the search keeps (at least nearly) zero-shot;
+        # with wrong text the cache takes over and beats it by far.
+        assert tip >= (zs - 0.05 if text_good else 0.5)
+    assert got["fewshot_adapt/toy/ridge/16shot"] > 0.85
+    assert set(got) == {"fewshot_adapt/toy/zeroshot"} | {
+        f"fewshot_adapt/toy/{m}/{k}shot{s}" for m in ("ridge", "crossmodal", "tip", "tip_f")
+        for k in (1, 4, 16) for s in ("", "_std")}
+
+
+def test_adapt_evaluator_never_chooses_on_test_images():
+    ev, emb = _evaluator_case(True)
+    train_records = set(ev.train_data)
+    for train_sets, held in ev.splits:
+        assert not np.intersect1d(np.concatenate(train_sets), held).size
+    ev.run(emb)
+    # Every image embedded is either a train record or one of the test set, embedded once.
+    test_calls = [c for c in emb.image_calls if set(c) & set(ev.test_data)]
+    assert len(test_calls) == 1 and not set(test_calls[0]) & train_records
+    assert EVALUATORS["fewshot_adapt"] is fewshot_adapt.FewShotAdaptEvaluator
+    with pytest.raises(ValueError, match="unknown methods"):
+        fewshot_adapt.FewShotAdaptEvaluator([0], [0], [1], [0], ["a"], name="x",
+                                            methods=("nope",))
+
+
+def test_wise_ft_is_the_linear_interpolation_of_eq1(tmp_path):
+    from vljax import wise_ft
+    from vljax.evaluators import soups
+    p0 = {"w": np.array([1.0, 2.0], np.float32), "t": np.float32(0.0)}
+    p1 = {"w": np.array([3.0, -2.0], np.float32), "t": np.float32(1.0)}
+    for alpha in (0.0, 0.25, 1.0):
+        mix = soups.wise_ft(p0, p1, alpha)
+        np.testing.assert_allclose(mix["w"], (1 - alpha) * p0["w"] + alpha * p1["w"], rtol=1e-6)
+        assert mix["w"].dtype == np.float32
+    np.testing.assert_array_equal(soups.wise_ft(p0, p1, 0.0)["w"], p0["w"])
+    results = [{"alpha": a, "metrics": {"id": a, "ood": 1 - a * a}} for a in (0.0, 0.5, 1.0)]
+    png = wise_ft.plot(results, "id", "ood", str(tmp_path / "w.png"))
+    assert open(png, "rb").read()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="nope"):
+        wise_ft.plot(results, "nope", "ood", str(tmp_path / "x.png"))
