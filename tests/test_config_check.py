@@ -80,7 +80,7 @@ def test_keys_follow_the_classes_named_in_the_config():
     """model.image is checked against the tower named by image_model, loss against the named loss."""
     config = _load("siglip").get_config()
     config_check.validate(config)  # loss.impl is a sigmoid_loss argument
-    config.loss.name = "softmax"
+    config.loss.name = "dcl"  # no impl= (softmax and sigmoid have ring forms)
     with pytest.raises(ValueError, match=r"`loss.impl`: unknown"):
         config_check.validate(config)
     config = _load("lit").get_config()

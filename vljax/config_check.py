@@ -280,9 +280,7 @@ def validate_evals(evals) -> None:
     """`config.evals` alone (vljax.evaluate runs a config's evals on any model)."""
     if not evals:
         return
-    from vljax import eval_builder
     from vljax.evaluators import EVALUATORS
-    loaders = getattr(eval_builder, "_LOADERS", None)  # type -> vljax.data.eval_sets function name
     for name, spec in evals.items():
         where = f"evals.{name}"
         _dict(spec, where)
@@ -297,14 +295,8 @@ def validate_evals(evals) -> None:
         if data is None:
             raise ValueError(f"config key `{where}.data` is missing")
         _dict(data, where + ".data")
-        data_args = None
-        if loaders and kind in loaders:
-            from vljax.data import eval_sets
-            data_args = arguments(getattr(eval_sets, loaders[kind]), drop=("image_size", "value_range"))
-        elif hasattr(cls, "DATA_KEYS"):
-            data_args = set(cls.DATA_KEYS)
-        if data_args is not None:
-            _check_keys(data, data_args, where + ".data.")
+        if hasattr(cls, "DATA_KEYS"):  # each evaluator type declares the keys of its data entry
+            _check_keys(data, set(cls.DATA_KEYS), where + ".data.")
 
 
 def validate(config) -> None:

@@ -53,6 +53,12 @@ def make_init_fns(model, tx, config):
     return init_params, tx.init
 
 
+def init_params(model, config, rng):
+    """Random params of `model` at `config`'s input shapes, on one device, without pretrained towers
+    (tests and benchmarks; training builds its state in its shards with `init_state`)."""
+    return jax.jit(lambda r: model.init(r, *_dummy_inputs(config))["params"])(rng)
+
+
 def init_state(init_params, init_opt, shardings, model_init, init_rng, train_rng) -> dict:
     """A fresh train state created in its `shardings` (see `make_init_fns`), with the pretrained
     towers of `model_init` ({"img": NAME_OR_PATH, ...}) written into the params' shards."""

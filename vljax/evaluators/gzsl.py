@@ -104,6 +104,7 @@ class GZSLEvaluator(base.Evaluator):
     """Metrics "gzsl/<name>/seen", ".../unseen", ".../harmonic", ".../zsl" at `gamma`, and over
     the calibration sweep ".../ausuc" and ".../best_harmonic" (the best H any gamma reaches: an
     upper bound, gamma chosen on the test images)."""
+    DATA_KEYS = data_lib.CLASSIFICATION_KEYS  # the keys of `evals.<name>.data` (config_check reads them)
 
     def __init__(self, data, labels: Sequence[int], class_names: Sequence[str] | str,
                  seen_classes: Sequence[int] | Sequence[str], *, name: str,

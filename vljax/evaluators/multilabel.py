@@ -99,6 +99,7 @@ def to_multi_hot(labels: np.ndarray | Sequence[Sequence[int]], num_labels: int) 
 class MultilabelEvaluator(base.Evaluator):
     """Metrics "multilabel/<name>/mAP", ".../precision@k", ".../recall@k", ".../f1@k", and
     ".../CP@k" ... ".../OF1@k" of the top-k label sets."""
+    DATA_KEYS = data_lib.CLASSIFICATION_KEYS  # the keys of `evals.<name>.data` (config_check reads them)
 
     def __init__(self, data, labels, class_names: Sequence[str] | str, *,
                  name: str, templates: str | Sequence[str] | None = "clip80",
@@ -127,7 +128,7 @@ class MultilabelEvaluator(base.Evaluator):
         `label_key`) is a Sequence(ClassLabel) feature ("tags" in emoji and openclipart)."""
         del plot_dir  # no plots
         data, kwargs = data_lib.split_spec(name, spec)
-        data_lib.check_keys(name, data, data_lib.CLASSIFICATION_KEYS)
+        data_lib.check_keys(name, data, cls.DATA_KEYS)
         source = data_lib.open_source(data["name"], data.get("split", "test"), data.get("data_dir"))
         label_key = data.get("label") or data.get("label_key") or "tags"
         names = data_lib.class_names(source, label_key)

@@ -50,6 +50,7 @@ def recall_at_k(zimg: np.ndarray, ztxt: np.ndarray, text_to_image: np.ndarray,
 
 class RetrievalEvaluator(base.Evaluator):
     """Metrics "retrieval/<name>/i2t_r1", ".../t2i_r1", ... for each k of `ks`."""
+    DATA_KEYS = ("name", "split", "data_dir", "max_examples", "exclude")  # the keys of `evals.<name>.data` (checked by config_check too)
 
     def __init__(self, data, captions: Sequence[Sequence[str]], *, name: str,
                  ks: Sequence[int] = (1, 5, 10)):
@@ -79,7 +80,7 @@ class RetrievalEvaluator(base.Evaluator):
         """
         del plot_dir  # no plots
         data, kwargs = data_lib.split_spec(name, spec)
-        data_lib.check_keys(name, data, ("name", "split", "data_dir", "max_examples", "exclude"))
+        data_lib.check_keys(name, data, cls.DATA_KEYS)
         source = data_lib.open_source(data["name"], data.get("split", "test"), data.get("data_dir"))
         pattern = re.compile(data["exclude"]) if data.get("exclude") else None
         candidates = []  # (record, its captions) after `exclude`, then the first max_examples
