@@ -157,7 +157,8 @@ class ZeroShotEvaluator(base.Evaluator):
     ".../worst_class", and ".../worst_group" with `groups`.
     With `plot_dir`, each run writes "<plot_dir>/confusion_<name>.png".
     """
-    DATA_KEYS = data_lib.CLASSIFICATION_KEYS  # the keys of `evals.<name>.data` (checked by config_check too)
+    # The keys of `evals.<name>.data` (checked by config_check too); `group`: worst-group accuracy.
+    DATA_KEYS = data_lib.CLASSIFICATION_KEYS + ("group",)
 
     def __init__(self, data, labels: Sequence[int], class_names: Sequence[str] | str,
                  *, name: str, templates: str | Sequence[str] | None = "clip80",
