@@ -13,7 +13,9 @@ def _linear_resize_axis(x, new: int, axis: int, xp=np):
         return xp.repeat(x, new, axis=axis)
     pos = np.arange(new) * ((old - 1) / (new - 1)) if new > 1 else np.zeros(1)
     lo = np.clip(np.floor(pos).astype(int), 0, old - 2)
-    frac = (pos - lo).reshape([-1 if a == axis else 1 for a in range(x.ndim)]).astype(np.float32)
+    frac = (pos - lo).reshape([-1 if a == axis else 1 for a in range(x.ndim)])
+    if xp is not np:  # inside a traced model: the model's dtype (numpy keeps float64, exact)
+        frac = frac.astype(x.dtype)
     a, b = xp.take(x, lo, axis=axis), xp.take(x, lo + 1, axis=axis)
     return a * (1 - frac) + b * frac
 
