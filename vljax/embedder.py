@@ -177,7 +177,8 @@ class Embedder:
             data, (dict, ml_collections.ConfigDict)) else data
         store = features.ensure_features(self.model, self.params, source, self.feature_store,
                                          mesh=self.mesh, image_size=self.image_size,
-                                         value_range=self.value_range, batch_size=self.batch_size)
+                                         value_range=self.value_range, batch_size=self.batch_size,
+                                         progress=self.progress)
         n, pi, pc = len(store), jax.process_index(), jax.process_count()
         b = self.batch_size // pc
         z = mask = None

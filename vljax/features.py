@@ -218,7 +218,8 @@ def _write(model, params, source, path, fp, *, mesh, image_size, value_range, vi
         _write_atomic(path / INDEX, lambda f: epath.Path(f).write_text(json.dumps(index, indent=1)))
     multihost_utils.sync_global_devices(f"lit features indexed {fp}")
     index = _read_index(path)
-    logs.info("LiT features: wrote %s, %d records x %d views x %d features in %.1f s (%d unreadable)",
+    (logs.info if progress else logging.debug)(
+        "LiT features: wrote %s, %d records x %d views x %d features in %.1f s (%d unreadable)",
                  path, n, len(views), num_features, time.perf_counter() - t0, len(index["unreadable"]))
     return index
 
@@ -267,7 +268,7 @@ class FeatureSource:
 
 
 def ensure_features(model, params, source, store_root, *, mesh, image_size, value_range, views=VIEWS[:1],
-                    batch_size: int = 64) -> FeatureSource:
+                    batch_size: int = 64, progress: bool = True) -> FeatureSource:
     """The store of `source`'s trunk features under `store_root/<fingerprint>/`, written if missing.
 
     For evaluation of a locked trunk: `fs = ensure_features(model, params, eval_source, root, ...)`,
@@ -278,7 +279,7 @@ def ensure_features(model, params, source, store_root, *, mesh, image_size, valu
                      views=views)
     path = epath.Path(store_root) / fp
     _write(model, params, source, path, fp, mesh=mesh, image_size=image_size, value_range=value_range,
-           views=views, batch_size=batch_size, progress=True)
+           views=views, batch_size=batch_size, progress=progress)
     return FeatureSource(path)
 
 
