@@ -50,6 +50,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vljax import logs, sharding
+from vljax.embedder import _pad  # the one place batches are padded
 from vljax.data import pipeline, sources
 from vljax.data.preprocess import Preprocess
 
@@ -106,10 +107,6 @@ def _local_rows(j: int, n: int, batch: int, local_batch: int, p: int) -> range:
     """Records of global batch j that process p reads (`pipeline.make_eval_batches`)."""
     lo = j * batch + p * local_batch
     return range(min(lo, n), min(lo + local_batch, n))
-
-
-def _pad(x: np.ndarray, n: int) -> np.ndarray:
-    return np.concatenate([x, np.zeros((n - len(x),) + x.shape[1:], x.dtype)]) if len(x) < n else x
 
 
 def _file_name(p: int, count: int) -> str:

@@ -87,31 +87,6 @@ def _release_host_memory() -> None:
         pass
 
 
-def to_global(tree, shardings):
-    """Host values (the same in every process) -> global jax.Arrays with the given shardings.
-
-    Unlike device_put, this works when the shardings span devices of other processes.
-    """
-    def put(x, s):
-        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-            data = np.asarray(jax.random.key_data(x))
-            glob = jax.make_array_from_callback(data.shape, s, lambda idx: data[idx])
-            return jax.random.wrap_key_data(glob, impl=jax.random.key_impl(x))
-        x = np.asarray(x)
-        return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
-    return jax.tree.map(put, tree, shardings)
-
-
-def to_host(tree):
-    """Global jax.Arrays -> numpy on every process (gathers shards held by other processes)."""
-    from jax.experimental import multihost_utils
-    def get(x):
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-        return np.asarray(x)
-    return jax.tree.map(get, tree)
-
-
 def _flat(tree):
     return traverse_util.flatten_dict(tree, sep="/")
 
