@@ -173,16 +173,36 @@ def ref_cwcl(zimg, ztxt, t, fimg, ftxt, ref_modality="image", symmetric=False):
     return one_way(p, q)
 
 
-def ref_multi_positive(zimg, ztxt, t, mask):
-    """Uniform target over the positives of each row (mask | identity), rows of mask^T for t2i."""
+def ref_multi_positive(zimg, ztxt, t, weights):
+    """UniCL / soft-target contrastive loss from its equations: q_ii = 1, q_ij = weights_ij,
+    p = q / row sums; (sum_i -sum_j p_ij log softmax_j(t zimg_i.ztxt_j) + the same with the
+    modalities swapped and q^T) / 2B."""
     zimg, ztxt = zimg.astype(np.float64), ztxt.astype(np.float64)
-    mask = np.asarray(mask, bool) | np.eye(len(zimg), dtype=bool)
+    q = np.asarray(weights, np.float64).copy()
+    np.fill_diagonal(q, 1.0)
     total = 0.0
-    for logits, m in ((t * zimg @ ztxt.T, mask), (t * ztxt @ zimg.T, mask.T)):
+    for logits, m in ((t * zimg @ ztxt.T, q), (t * ztxt @ zimg.T, q.T)):
         logp = _log_softmax(logits)
-        for i in range(len(m)):
-            total += -np.mean(logp[i][m[i]])
+        p = m / m.sum(axis=1, keepdims=True)
+        total += -np.sum(p * logp)
     return total / (2 * len(zimg))
+
+
+def ref_weights(positives, labels, min_overlap=1.0, weighting="uniform"):
+    """w_ij of each `loss.positives` mode, element by element from its definition."""
+    n = len(labels)
+    w = np.zeros((n, n))
+    for i in range(n):
+        for j in range(n):
+            if positives == "labels":
+                w[i, j] = float(labels[i] == labels[j] and labels[i] >= 0)
+            elif positives == "captions":
+                w[i, j] = float(list(labels[i]) == list(labels[j]))
+            else:
+                a, c = set(np.flatnonzero(labels[i])), set(np.flatnonzero(labels[j]))
+                jac = len(a & c) / len(a | c) if a | c else 0.0
+                w[i, j] = (jac if weighting == "jaccard" else 1.0) if a | c and jac >= min_overlap else 0.0
+    return w
 
 
 def ref_filip_similarity(img, txt, txt_mask, img_mask):
@@ -262,19 +282,44 @@ def test_cwcl_direction_matters(data):
     assert abs(float(one) - float(other)) > 1e-3
 
 
-def test_multi_positive_matches_reference_for_ids_sets_and_masks(data):
+def _label_sets(rng, n=B, k=6):
+    """Multi-hot [n, k] label sets with repeats, overlaps and two empty sets (unlabeled)."""
+    sets = (rng.random((5, k)) < 0.35)[rng.integers(0, 5, size=n)].copy()
+    sets[rng.random((n, k)) < 0.1] ^= True
+    sets[:2] = False
+    return sets
+
+
+def _captions(rng, n=B, length=5):
+    """Token ids [n, L] with duplicate captions (4 distinct ones)."""
+    return rng.integers(0, 50, size=(4, length)).astype(np.int32)[rng.integers(0, 4, size=n)]
+
+
+MULTI_POSITIVE_MODES = [
+    ("labels", {}), ("captions", {}), ("label_sets", {}), ("label_sets", dict(min_overlap=0.5)),
+    ("label_sets", dict(min_overlap=1e-6)), ("label_sets", dict(min_overlap=1e-6, weighting="jaccard")),
+    ("label_sets", dict(min_overlap=0.4, weighting="jaccard"))]
+
+
+@pytest.mark.parametrize("positives,options", MULTI_POSITIVE_MODES)
+def test_multi_positive_matches_reference(positives, options, data):
     rng = np.random.default_rng(2)
-    ids = rng.integers(0, 5, size=B)  # duplicates: several positives per row
-    value = losses.multi_positive_contrastive(data["zimg"], data["ztxt"], data["t"], labels=ids)
-    _close(value, ref_multi_positive(data["zimg"], data["ztxt"], data["t"],
-                                     ids[:, None] == ids[None, :]))
-    sets = rng.integers(0, 2, size=(3, 4))[rng.integers(0, 3, size=B)]  # 3 distinct label sets
-    value = losses.multi_positive_contrastive(data["zimg"], data["ztxt"], data["t"], labels=sets)
-    same = np.all(sets[:, None] == sets[None, :], axis=-1)
-    _close(value, ref_multi_positive(data["zimg"], data["ztxt"], data["t"], same))
-    mask = rng.random((B, B)) < 0.2  # not symmetric
-    value = losses.multi_positive_contrastive(data["zimg"], data["ztxt"], data["t"], pos_mask=mask)
-    _close(value, ref_multi_positive(data["zimg"], data["ztxt"], data["t"], mask))
+    labels = {"labels": np.where(rng.random(B) < 0.2, -1, rng.integers(0, 4, size=B)),
+              "captions": _captions(rng), "label_sets": _label_sets(rng)}[positives]
+    w = ref_weights(positives, labels, **options)
+    assert w.sum() > np.trace(w)  # some rows have positives besides themselves
+    value = losses.multi_positive_contrastive(data["zimg"], data["ztxt"], data["t"], labels,
+                                              positives=positives, **options)
+    _close(value, ref_multi_positive(data["zimg"], data["ztxt"], data["t"], w))
+
+
+def test_multi_positive_label_set_options_differ(data):
+    """Equal sets, overlapping sets and Jaccard weights are three different targets here."""
+    sets = _label_sets(np.random.default_rng(2))
+    values = [float(losses.multi_positive_contrastive(data["zimg"], data["ztxt"], data["t"], sets,
+                                                      positives="label_sets", **o))
+              for o in (dict(), dict(min_overlap=1e-6), dict(min_overlap=1e-6, weighting="jaccard"))]
+    assert min(abs(a - b) for a, b in itertools.combinations(values, 2)) > 1e-3, values
 
 
 def test_multi_positive_unlabeled_records_are_not_positives(data):
@@ -284,15 +329,16 @@ def test_multi_positive_unlabeled_records_are_not_positives(data):
     ids[:2] = 3  # two records share a label; the rest are unlabeled
     mask = np.zeros((B, B), bool)
     mask[:2, :2] = True
-    _close(losses.multi_positive_contrastive(zi, zt, t, labels=ids), ref_multi_positive(zi, zt, t, mask))
-    sets = np.zeros((B, 4), np.int32)
-    sets[:2, 1] = 1
-    _close(losses.multi_positive_contrastive(zi, zt, t, labels=sets), ref_multi_positive(zi, zt, t, mask))
+    _close(losses.multi_positive_contrastive(zi, zt, t, ids), ref_multi_positive(zi, zt, t, mask))
+    sets = np.zeros((B, 4), bool)
+    sets[:2, 1] = True
+    for options in (dict(), dict(min_overlap=1e-6, weighting="jaccard")):
+        _close(losses.multi_positive_contrastive(zi, zt, t, sets, positives="label_sets", **options),
+               ref_multi_positive(zi, zt, t, mask))
 
 
 def test_multi_positive_with_unique_ids_is_clip(data):
-    value = losses.multi_positive_contrastive(data["zimg"], data["ztxt"], data["t"],
-                                              labels=np.arange(B))
+    value = losses.multi_positive_contrastive(data["zimg"], data["ztxt"], data["t"], np.arange(B))
     _close(value, losses.softmax_contrastive(data["zimg"], data["ztxt"], data["t"]))
 
 
@@ -323,7 +369,6 @@ def _cases(data, tokens):
     rng = np.random.default_rng(3)
     bs, rep = P("data"), P()
     zi, zt, t, b = data["zimg"], data["ztxt"], data["t"], data["b"]
-    mask = rng.random((B, B)) < 0.2
     return {
         "softmax": (losses.softmax_contrastive, (zi, zt, t), (bs, bs, rep), (0, 1, 2)),
         "softmax_ring": (lambda *a, axis_name=None: losses.softmax_contrastive(
@@ -339,15 +384,12 @@ def _cases(data, tokens):
         "cwcl": (lambda *a, axis_name=None: losses.cwcl_loss(
             *a, axis_name=axis_name, symmetric=True), (zi, zt, t, data["fimg"], data["ftxt"]),
             (bs, bs, rep, bs, bs), (0, 1, 2)),
-        "multi_positive_ids": (lambda zi, zt, t, ids, axis_name=None:
-                               losses.multi_positive_contrastive(zi, zt, t, labels=ids,
-                                                                 axis_name=axis_name),
-                               (zi, zt, t, rng.integers(0, 5, size=B)), (bs, bs, rep, bs),
-                               (0, 1, 2)),
-        "multi_positive_mask": (lambda zi, zt, t, m, axis_name=None:
-                                losses.multi_positive_contrastive(zi, zt, t, pos_mask=m,
-                                                                  axis_name=axis_name),
-                                (zi, zt, t, mask), (bs, bs, rep, P("data", None)), (0, 1, 2)),
+        **{f"multi_positive_{mode}": (
+            lambda zi, zt, t, y, axis_name=None, mode=mode, o=o: losses.multi_positive_contrastive(
+                zi, zt, t, y, axis_name=axis_name, positives=mode, **o),
+            (zi, zt, t, y), (bs, bs, rep, bs), (0, 1, 2))
+           for mode, y, o in (("labels", rng.integers(-1, 5, size=B), {}), ("captions", _captions(rng), {}),
+                              ("label_sets", _label_sets(rng), dict(min_overlap=0.3, weighting="jaccard")))},
         "filip": (lambda it, tt, tm, t, im, axis_name=None: losses.filip_loss(
             it, tt, tm, t, axis_name=axis_name, img_mask=im),
             (tokens["img"], tokens["txt"], tokens["txt_mask"], t, tokens["img_mask"]),
@@ -355,8 +397,8 @@ def _cases(data, tokens):
     }
 
 
-CASES = ["softmax", "softmax_ring", "sigmoid", "sigmoid_ring", "dcl", "dclw", "align_uniform", "cwcl", "multi_positive_ids",
-         "multi_positive_mask", "filip"]
+CASES = ["softmax", "softmax_ring", "sigmoid", "sigmoid_ring", "dcl", "dclw", "align_uniform", "cwcl", "multi_positive_labels",
+         "multi_positive_captions", "multi_positive_label_sets", "filip"]
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -462,10 +504,15 @@ def test_bad_inputs_raise_clear_errors(data):
         losses.sigmoid_loss(zi, zt, t, b, impl="bidir")
     with pytest.raises(ValueError, match="impl"):
         losses.softmax_contrastive(zi, zt, t, impl="gather")
-    with pytest.raises(ValueError, match="exactly one"):
-        losses.multi_positive_contrastive(zi, zt, t)
-    with pytest.raises(ValueError, match="pos_mask"):
-        losses.multi_positive_contrastive(zi, zt, t, pos_mask=np.ones((B, B - 1), bool))
+    with pytest.raises(ValueError, match=r"\[B\] with B = 16 for positives='labels'"):
+        losses.multi_positive_contrastive(zi, zt, t, np.ones((B, 3), bool))
+    with pytest.raises(ValueError, match="`loss.positives`"):
+        losses.multi_positive_contrastive(zi, zt, t, np.ones(B, int), positives="tags")
+    with pytest.raises(ValueError, match="`loss.min_overlap`"):
+        losses.multi_positive_contrastive(zi, zt, t, np.ones((B, 3), bool), positives="label_sets",
+                                          min_overlap=0.0)
+    with pytest.raises(ValueError, match="`loss.min_overlap` / `loss.weighting`"):
+        losses.multi_positive_contrastive(zi, zt, t, np.ones(B, int), weighting="jaccard")
     with pytest.raises(ValueError, match="image features"):
         losses.cwcl_loss(zi, zt, t, data["fimg"][:3], data["ftxt"])
     with pytest.raises(ValueError, match="at least 2"):

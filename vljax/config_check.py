@@ -67,6 +67,7 @@ _INPUT = {
     "read_threads": (False, (int,)),
     "worker_buffer": (False, (int,)),
     "label": (False, (bool,)),
+    "labels": (False, (bool,)),
     "keep_captions": (False, (bool,)),
     "data_dir": (False, (str, type(None))),
 }

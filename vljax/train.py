@@ -114,7 +114,7 @@ def make_loss(config, mesh):
     if name not in losses.LOSSES:
         raise ValueError(f"config key `loss.name`: unknown loss {name!r} (known: {', '.join(losses.LOSSES)})")
     reg = {k: config.loss[k] for k in losses.REGULARISER_KEYS if k in config.loss}
-    spec = losses.with_regularisers(losses.LOSSES[name], **reg)
+    spec = losses.with_regularisers(losses.LOSSES[name].bind(config.loss), **reg)
     kwargs = {k: v for k, v in config.loss.items() if k != "name" and k not in reg}
     axes = sharding.batch_axes(mesh)
     axis = axes[0] if len(axes) == 1 else axes
@@ -123,7 +123,8 @@ def make_loss(config, mesh):
     def loss(values):
         missing = [k for k in spec.inputs if k not in values]
         if missing:
-            hint = " (set `input.label=True` and give the data labels)" if "batch/label" in missing else ""
+            hint = "".join(f" (set `input.{k[6:]}=True` and give the data its labels)"
+                           for k in missing if k in ("batch/label", "batch/labels"))
             raise ValueError(f"config key `loss.name`: loss {name!r} takes {', '.join(missing)}, which this "
                              f"model and batch do not provide{hint}; available: {', '.join(sorted(values))}")
         args = [values[k] for k in spec.inputs]
@@ -138,20 +139,27 @@ def check_loss(config, trainable_mask, sources=()) -> None:
     """Refuses, before any work, a loss whose inputs this recipe cannot give: image-tower outputs
     (`img/...`, e.g. FILIP's tokens) under `lit_cache` (the stored trunk features are pooled: they
     have no tokens), CWCL weights from a tower that is trained (the paper transfers the
-    structure of a frozen pre-trained modality), and batch labels that the input does not read
-    (`input.label`) or a source does not have (a TFDS source without `label_key`)."""
+    structure of a frozen pre-trained modality), and batch labels / label sets that the input does
+    not read (`input.label` / `input.labels`) or a source does not have (`data.sources.missing_labels`)."""
     name = config.loss.name
     spec = losses.LOSSES.get(name)
     if spec is None:
         return  # make_loss names the unknown loss
-    if "batch/label" in spec.inputs:
-        if not config.input.get("label", False):
-            raise ValueError(f"config key `input.label`: loss {name!r} takes the batch's labels; set "
-                             "`input.label=True` (and give each source its labels)")
+    spec = spec.bind(config.loss)
+    from vljax.data.sources import missing_labels
+    for field in ("label", "labels"):
+        if f"batch/{field}" not in spec.inputs:
+            continue
+        what = {"label": "class labels", "labels": "label sets"}[field]
+        if not config.input.get(field, False):
+            raise ValueError(f"config key `input.{field}`: loss {name!r} (`loss.positives`="
+                             f"{config.loss.get('positives', 'labels')!r}) takes the batch's {what}; set "
+                             f"`input.{field}=True` (and give each source its {what})")
         for i, source in enumerate(sources):
-            if hasattr(source, "label_key") and not source.label_key:
-                raise ValueError(f"config key `input.data[{i}].label_key`: loss {name!r} takes labels, but "
-                                 f"{source!r} names no label feature; every record would be unlabeled")
+            why = missing_labels(source, field)
+            if why:
+                raise ValueError(f"config key `input.data[{i}].{why}: loss {name!r} takes {what}, but "
+                                 f"{source!r} has none; every record would be unlabeled")
     if config.get("lit_cache", False):
         tokens = [k for k in spec.inputs if k.startswith("img/")]
         if tokens:

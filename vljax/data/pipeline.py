@@ -11,6 +11,8 @@ Training config (`config.input`, an ml_collections ConfigDict or a dict):
     num_workers=2,               # grain worker processes; 0 = in this process
     read_threads=4,              # threads per worker that read + preprocess examples
     label=False,                 # add batch["label"] from each source's label_key (-1 if none)
+    labels=False,                # add batch["labels"]: label sets (tfds labels_key, jsonl num_labels)
+                                 # multi-hot bool [B, K] over the union of the sources' label names
     data_dir=None,               # TFDS data dir; default <assets>/tfds
 
 Shuffling is grain's global index shuffle (random access, no buffer), reseeded every epoch, so
@@ -42,7 +44,8 @@ class TrainIterator:
     """Iterator over this process's training batches:
 
         {"image": f32 [B, S, S, 3] (or "image_features": f32 [B, F] with stored features),
-         "text": i32 [B, L], "label": i32 [B] (config.input.label), "skipped/<reason>": int64 scalar}
+         "text": i32 [B, L], "label": i32 [B] (config.input.label), "labels": bool [B, K] (multi-hot
+         label sets, config.input.labels), "skipped/<reason>": int64 scalar}
 
     `skipped/<reason>` (missing_file, decode_error, empty_caption, read_error) is how many records
     this process has skipped so far, cumulative, across restores: pop these keys before sharding
@@ -142,12 +145,16 @@ def make_train_dataset(config, tokenizer, *, seed: int, process_index: int = 0,
         raise ValueError(f"config.input.data has {len(entries)} sources but {len(features)} feature stores")
     data_dir = _get(config, "data_dir")
     batch = _local_batch_size(int(config["batch_size"]), process_count)
+    opened = [sources_lib.get_source(entry, data_dir=data_dir) for entry in entries]
+    space = sources_lib.label_space(opened) if _get(config, "labels", False) else None
     parts, weights = [], []
-    for i, entry in enumerate(entries):
-        src = sources_lib.get_source(entry, data_dir=data_dir)
+    for i, (entry, src) in enumerate(zip(entries, opened)):
+        names = src.label_names
         if features is not None:
             src = sources_lib.WithFeatures(src, features[i], where=f"config.input.data[{i}]")
         ds = grain.MapDataset.source(src)
+        if space is not None:
+            ds = ds.map(sources_lib.LabelsIn(names, space))
         ds = ds.shuffle(seed=_seed(seed, i)).repeat()  # reshuffled every epoch
         parts.append(ds)
         weights.append(float(entry.get("weight", 1.0)))
@@ -162,6 +169,7 @@ def make_train_dataset(config, tokenizer, *, seed: int, process_index: int = 0,
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
                                               prefetch_buffer_size=max(2 * batch, threads)))
     collate = Collate(tokenizer, with_label=bool(_get(config, "label", False)),
+                      num_labels=None if space is None else len(space),
                       keep_captions=bool(_get(config, "keep_captions", False)))
     ds = SkipCountingBatch(ds, batch, collate)
     workers = int(_get(config, "num_workers", 0))

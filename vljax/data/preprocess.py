@@ -19,14 +19,15 @@ SKIPPED_KEY = "_skipped"
 
 @dataclasses.dataclass(frozen=True)
 class Preprocess:
-    """record -> {"image": float32 [S, S, 3], "caption": str, "label": int} or {"skip": reason}.
+    """record -> {"image": float32 [S, S, 3], "caption": str, "label": int, "labels": list[int]}
+    or {"skip": reason}.
 
     Train mode (called by grain's random_map with an rng): random resized crop with area fraction
     in `crop_scale`, greyscale with probability `greyscale`, colour jitter of `colour_jitter`
     strength, a random caption. No horizontal flip: captions say "left" and "right".
     Eval mode (rng None): resize shorter side + centre crop, the first caption.
     A record with stored trunk features (`sources.WithFeatures`) gives {"image_features": f32 [F],
-    "caption", "label"} instead: no image is decoded.
+    "caption", "label", "labels"} instead: no image is decoded.
     """
     image_size: int
     value_range: object = "efficientnet"
@@ -61,8 +62,7 @@ class Preprocess:
             img = T.random_greyscale(img, rng, self.greyscale)
         if self.force_greyscale:
             img = img.convert("L").convert("RGB")
-        return {"image": T.normalize(img, self.value_range), "caption": caption or "",
-                "label": int(record.get("label", -1))}
+        return {"image": T.normalize(img, self.value_range), "caption": caption or "", **_labels(record)}
 
     def _stored_features(self, record: dict, caption, rng) -> dict:
         """A locked trunk's stored views [V, F] (colour, grey; vljax/features.py) in place of the
@@ -73,12 +73,16 @@ class Preprocess:
         grey = rng is not None and self.greyscale > 0 and rng.uniform() < self.greyscale
         if grey and len(feats) < 2:
             raise ValueError("input.augment.greyscale > 0 but the feature store has no grey view")
-        return {"image_features": feats[int(grey)], "caption": caption or "",
-                "label": int(record.get("label", -1))}
+        return {"image_features": feats[int(grey)], "caption": caption or "", **_labels(record)}
 
     def eval(self, record: dict) -> dict:
         """Deterministic variant for MapDataset.map."""
         return self(record, None)
+
+
+def _labels(record: dict) -> dict:
+    """The record's class label (-1: none) and label set ([]: none), carried to the batch."""
+    return {"label": int(record.get("label", -1)), "labels": list(record.get("labels", []))}
 
 
 def count_skips(examples) -> np.ndarray:
@@ -91,10 +95,12 @@ def count_skips(examples) -> np.ndarray:
 @dataclasses.dataclass(frozen=True)
 class Collate:
     """Stacks valid examples and tokenises their captions:
-    {"image" | "image_features", "text", "label"?, "caption"?, "_skipped"}."""
+    {"image" | "image_features", "text", "label"?, "labels"?, "caption"?, "_skipped"};
+    "labels" (with num_labels = K) is the label sets multi-hot, bool [B, K]."""
     tokenizer: object  # tok(list[str]) -> int32 [N, L]
     with_label: bool = False
     keep_captions: bool = False
+    num_labels: int | None = None
 
     def __call__(self, examples, skipped: np.ndarray) -> dict:
         captions = [ex["caption"] for ex in examples]
@@ -103,6 +109,11 @@ class Collate:
                  "text": np.asarray(self.tokenizer(captions), np.int32)}
         if self.with_label:
             batch["label"] = np.asarray([ex["label"] for ex in examples], np.int32)
+        if self.num_labels is not None:
+            hot = np.zeros((len(examples), self.num_labels), bool)
+            for row, ex in zip(hot, examples):
+                row[ex["labels"]] = True
+            batch["labels"] = hot
         if self.keep_captions:
             batch["caption"] = np.asarray(captions, dtype=object)
         batch[SKIPPED_KEY] = skipped
