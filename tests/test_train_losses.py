@@ -1,7 +1,10 @@
 """Every loss through the one trainer: the inputs it declares reach it (FILIP's projected tokens
 and text masks, CWCL's frozen features), it learns on the tiny set, compiles once, gives the same
 losses on 1 and 8 devices, and a recipe that cannot feed it is refused before any work."""
+import math
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +28,10 @@ def _config(manifest, loss, recipe, steps):
     if loss == "filip" and recipe == "lit":
         config.lit_cache = False  # stored features have no tokens (refused, see below)
     if loss == "multi_positive":
-        config.input.label = True  # the wiring only: the shapes manifest has no `label` (all -1: CLIP)
+        # The shapes manifest's label sets ({shape}): 16 of 48 records share each one.
+        config.loss.positives = "label_sets"
+        config.input.labels = True
+        config.input.data[0]["num_labels"] = 3
     return config
 
 
@@ -71,20 +77,64 @@ def test_cwcl_on_a_trained_tower_is_refused(manifest, tmp_path):
 
 
 def test_multi_positive_without_labels_is_refused(manifest, tmp_path):
+    """Each `loss.positives` that the data cannot give is refused before any work, naming the key."""
     config = tiny_config(manifest, "clip", steps=10)
-    config.loss = dict(name="multi_positive")
-    with pytest.raises(ValueError, match="`input.label`"):
-        train.Trainer(config, str(tmp_path / "run"))
-    config.input.label = True
-    config.input.data = [dict(source="tfds", name="vljax_emoji", split="train")]  # no label_key
-    with pytest.raises(ValueError, match=r"`input.data\[0\].label_key`"):
-        train.Trainer(config, str(tmp_path / "run"))
+    config.loss = dict(name="multi_positive")  # positives="labels": shared class labels
+    refusals = [("`input.label`: loss 'multi_positive'", {}),
+                (r"`input.data\[0\].path`.*has none", dict(label=True)),  # no record has a 'label'
+                (r"`input.data\[0\].label_key`", dict(label=True, data=[dict(source="tfds", name="vljax_emoji",
+                                                                                split="train")]))]
+    for match, inp in refusals:
+        config.input.update(inp)
+        with pytest.raises(ValueError, match=match):
+            train.Trainer(config, str(tmp_path / "run"))
+    config = tiny_config(manifest, "clip", steps=10)
+    config.loss = dict(name="multi_positive", positives="label_sets")
+    refusals = [("`input.labels`: loss 'multi_positive' \\(`loss.positives`='label_sets'\\)", {}),
+                (r"`input.data\[0\].num_labels`", dict(labels=True)),
+                (r"`input.data\[0\].labels_key`", dict(data=[dict(source="tfds", name="vljax_emoji", split="train")]))]
+    for match, inp in refusals:
+        config.input.update(inp)
+        with pytest.raises(ValueError, match=match):
+            train.Trainer(config, str(tmp_path / "run"))
     assert not os.path.exists(tmp_path / "run")
+    config.loss.positives = "tags"
+    with pytest.raises(ValueError, match="`loss.positives`: 'tags' is not one of"):
+        config_check.validate(config)
+
+
+@pytest.mark.slow
+def test_multi_positive_config_through_main(tmp_path):
+    """`python -m vljax.main` trains multi_positive on the tiny JSONL set's label sets."""
+    from helpers import REPO
+    cfg = tmp_path / "tiny.py"
+    cfg.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {os.path.join(REPO, 'tests')!r})\n"
+        "import helpers\n\n"
+        "def get_config(arg=None):\n"
+        f"    c = helpers.tiny_config(helpers.make_shapes_manifest({str(tmp_path / 'shapes')!r}, n_per=1), 'clip', steps=8, batch=8)\n"
+        "    c.loss = dict(name='multi_positive', positives='label_sets', min_overlap=1.0)\n"
+        "    c.input.labels = True\n"
+        "    c.input.data[0]['num_labels'] = 3\n"
+        "    return c\n")
+    proc = subprocess.run([sys.executable, "-m", "vljax.main", f"--config={cfg}", f"--workdir={tmp_path / 'wd'}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": REPO})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = losses_of(tmp_path / "wd")
+    assert len(losses) == 8 and all(np.isfinite(losses))
+
+
+def _expected_log_positives(records, per_label, batch):
+    others, same, draws = records - 1, per_label - 1, batch - 1
+    return sum(math.comb(same, x) * math.comb(others - same, draws - x) / math.comb(others, draws)
+               * math.log(1 + x) for x in range(min(same, draws) + 1))
 
 
 # (loss, recipe) pairs the trainer runs; CWCL only with a locked tower, FILIP with recomputed trunk.
 RUNS = [("softmax", "clip"), ("dcl", "clip"), ("filip", "clip"), ("filip", "lit"), ("dcl", "lit"),
-        ("cwcl", "lit"), ("dclw", "clip"), ("multi_positive", "lit")]
+        ("cwcl", "lit"), ("dclw", "clip"), ("multi_positive", "clip"), ("multi_positive", "lit")]
 
 
 @pytest.mark.slow
@@ -96,7 +146,12 @@ def test_loss_learns_and_compiles_once(loss, recipe, manifest, tmp_path, caplog)
     assert fit_counting_step_compiles(trainer, caplog) == 1
     losses = losses_of(tmp_path)
     first, last = np.mean(losses[:5]), np.mean(losses[-5:])
-    if loss == "cwcl":
+    if loss == "multi_positive":
+        # Its floor is the targets' entropy, E log |P(i)| (|P(i)| - 1 hypergeometric: 15 other
+        # records of the same shape among 47, 15 drawn): the excess above it must shrink.
+        floor = _expected_log_positives(records=48, per_label=16, batch=config.input.batch_size)
+        assert last - floor < 0.85 * (first - floor), (first, last, floor)
+    elif loss == "cwcl":
         # A random trunk's features are all alike (cosine near 1): the targets are near uniform
         # and the loss's floor is near log B. It must still move towards that floor.
         assert last < first and last > np.log(config.input.batch_size) - 0.5, (first, last)
@@ -105,7 +160,8 @@ def test_loss_learns_and_compiles_once(loss, recipe, manifest, tmp_path, caplog)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loss,recipe", [("filip", "clip"), ("cwcl", "lit")])
+@pytest.mark.parametrize("loss,recipe", [("filip", "clip"), ("cwcl", "lit"), ("multi_positive", "clip"),
+                                         ("multi_positive", "lit")])
 def test_loss_equal_on_1_and_8_devices(loss, recipe, manifest, tmp_path):
     results = []
     for n in (1, 8):

@@ -84,7 +84,7 @@ _SOURCE_ALIASES = {"tfds": {"text_key"}}  # another name of caption_key
 _SOURCE_RENAMES = {"folder": {"root": "path"}}  # argument -> config key
 # Loss arguments that are arrays the trainer passes (not hyperparameters), besides the ones
 # without a default.
-_LOSS_ARRAYS = {"axis_name", "labels", "pos_mask", "img_mask", "txt_mask"}
+_LOSS_ARRAYS = {"axis_name", "labels", "img_mask", "txt_mask"}
 # Keys of config.optax that optim.py takes out before calling the optimizer builder.
 _OPTAX_EXTRA = {"name", "weight_decay", "wd_mask", "scale_wd_by_lr"}
 # Schedule-entry keys that optim.make_optimizer takes out before calling make_schedule.
@@ -244,6 +244,7 @@ def _loss(cfg) -> None:
     args = arguments(fn, drop=arrays)
     if args is not None:
         _check_keys(cfg, args | {"name", *REGULARISER_KEYS}, "loss.")
+    LOSSES[name].bind(cfg)  # the options that choose inputs (multi_positive's `positives`)
 
 
 def _optax(cfg) -> None:
