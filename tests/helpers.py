@@ -93,6 +93,21 @@ def tiny_config(manifest, recipe="clip", steps=30, batch=16):
     return c
 
 
+def tiny_config_file(path, shapes_dir, lines=(), steps=4, batch=8):
+    """Writes a config file (for `python -m vljax.main --config=path`) of `tiny_config` on a shapes
+    manifest under `shapes_dir` (one image per colour and shape), then `lines` (statements on `c`)."""
+    body = "".join(f"    {line}\n" for line in lines)
+    with open(path, "w") as f:
+        f.write("import sys\n"
+                f"sys.path.insert(0, {os.path.join(REPO, 'tests')!r})\n"
+                "import helpers\n\n"
+                "def get_config(arg=None):\n"
+                f"    c = helpers.tiny_config(helpers.make_shapes_manifest({str(shapes_dir)!r}, n_per=1), "
+                f"'clip', steps={steps}, batch={batch})\n"
+                f"{body}    return c\n")
+    return path
+
+
 def losses_of(workdir):
     return [r["train/loss"] for r in metrics.read_metrics(os.path.join(workdir, "metrics.jsonl"))
             if "train/loss" in r]

@@ -11,7 +11,7 @@ import zlib
 import jax
 import numpy as np
 import pytest
-from helpers import REPO, make_shapes_manifest, tiny_config
+from helpers import REPO, make_shapes_manifest, tiny_config, tiny_config_file
 
 from vljax import train
 from vljax.inference import cli
@@ -112,15 +112,7 @@ def _screen_lines(stderr):
 
 @pytest.mark.slow
 def test_main_prints_a_few_lines_unless_verbosity_asks(tmp_path):
-    cfg = tmp_path / "tiny.py"
-    cfg.write_text(
-        "import sys\n"
-        f"sys.path.insert(0, {os.path.join(REPO, 'tests')!r})\n"
-        "import helpers\n\n"
-        "def get_config(arg=None):\n"
-        f"    c = helpers.tiny_config(helpers.make_shapes_manifest({str(tmp_path / 'shapes')!r}, n_per=1), 'clip', steps=4, batch=8)\n"
-        "    c.ckpt_every, c.progress = 2, True\n"
-        "    return c\n")
+    cfg = tiny_config_file(tmp_path / "tiny.py", tmp_path / "shapes", lines=["c.ckpt_every, c.progress = 2, True"])
     runs = {}
     for name, extra in (("quiet", []), ("verbose", ["--verbosity=0"])):
         proc = _run("vljax.main", [f"--config={cfg}", f"--workdir={tmp_path / name}", *extra])

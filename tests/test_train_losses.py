@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import fit_counting_step_compiles, losses_of, make_shapes_manifest, tiny_config
+from helpers import (REPO, fit_counting_step_compiles, losses_of, make_shapes_manifest, tiny_config,
+                     tiny_config_file)
 
 from vljax import config_check, train
 from vljax.models.text import TextTransformer
@@ -106,18 +107,9 @@ def test_multi_positive_without_labels_is_refused(manifest, tmp_path):
 @pytest.mark.slow
 def test_multi_positive_config_through_main(tmp_path):
     """`python -m vljax.main` trains multi_positive on the tiny JSONL set's label sets."""
-    from helpers import REPO
-    cfg = tmp_path / "tiny.py"
-    cfg.write_text(
-        "import sys\n"
-        f"sys.path.insert(0, {os.path.join(REPO, 'tests')!r})\n"
-        "import helpers\n\n"
-        "def get_config(arg=None):\n"
-        f"    c = helpers.tiny_config(helpers.make_shapes_manifest({str(tmp_path / 'shapes')!r}, n_per=1), 'clip', steps=8, batch=8)\n"
-        "    c.loss = dict(name='multi_positive', positives='label_sets', min_overlap=1.0)\n"
-        "    c.input.labels = True\n"
-        "    c.input.data[0]['num_labels'] = 3\n"
-        "    return c\n")
+    cfg = tiny_config_file(tmp_path / "tiny.py", tmp_path / "shapes", steps=8, lines=[
+        "c.loss = dict(name='multi_positive', positives='label_sets', min_overlap=1.0)",
+        "c.input.labels = True", "c.input.data[0]['num_labels'] = 3"])
     proc = subprocess.run([sys.executable, "-m", "vljax.main", f"--config={cfg}", f"--workdir={tmp_path / 'wd'}"],
                           cwd=REPO, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": REPO})
