@@ -22,8 +22,6 @@ def manifest(tmp_path_factory):
 def _config(manifest, loss, recipe, steps):
     config = tiny_config(manifest, recipe, steps=steps)
     config.loss = dict(name=loss)
-    if loss == "filip" and recipe == "lit":
-        config.lit_cache = False  # stored features have no tokens (refused, see below)
     if loss == "multi_positive":
         config.input.label = True  # the wiring only: the shapes manifest has no `label` (all -1: CLIP)
     return config
@@ -51,14 +49,6 @@ def test_projected_tokens_share_the_head():
     np.testing.assert_allclose(jnp.linalg.norm(out["txt/tokens_proj"], axis=-1), 1.0, atol=1e-5)
 
 
-def test_filip_with_stored_features_is_refused_before_work(manifest, tmp_path):
-    config = tiny_config(manifest, "lit", steps=10)
-    config.loss = dict(name="filip")
-    with pytest.raises(ValueError, match="`loss.name`='filip' and `lit_cache`=True conflict"):
-        train.Trainer(config, str(tmp_path / "run"))
-    assert not os.path.exists(tmp_path / "run")
-
-
 def test_cwcl_on_a_trained_tower_is_refused(manifest, tmp_path):
     """CWCL takes the frozen modality's structure: image weights need a locked image trunk."""
     config = tiny_config(manifest, "clip", steps=10)
@@ -82,7 +72,8 @@ def test_multi_positive_without_labels_is_refused(manifest, tmp_path):
     assert not os.path.exists(tmp_path / "run")
 
 
-# (loss, recipe) pairs the trainer runs; CWCL only with a locked tower, FILIP with recomputed trunk.
+# (loss, recipe) pairs the trainer runs; CWCL only with a locked tower; LiT with the feature store
+# (FILIP's: the trunk's tokens stored too).
 RUNS = [("softmax", "clip"), ("dcl", "clip"), ("filip", "clip"), ("filip", "lit"), ("dcl", "lit"),
         ("cwcl", "lit"), ("dclw", "clip"), ("multi_positive", "lit")]
 
