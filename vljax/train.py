@@ -341,7 +341,8 @@ class Trainer:
                                       image_size=inp.image_size,
                                       value_range=inp.get("value_range", "efficientnet"),
                                       batch_size=self.config.get("eval_batch_size", 64),
-                                      feature_store=store, progress=False)  # inside training: one line per round
+                                      feature_store=store, progress=False,  # inside training: one line per round
+                                      similarity=self.spec["similarity"])  # the trained loss's
             return self._embedder
         return self._embedder.with_params(params)
 
