@@ -121,3 +121,53 @@ def test_config_errors_name_the_key():
     with pytest.raises(ValueError, match="zpe.*similarity"):
         eval_builder.build({"evals": dict(z=dict(type="zeroshot", data=dict(name="fashion_mnist"), zpe=True,
                                                  similarity="filip"))})
+
+
+@pytest.mark.slow
+def test_main_trains_filip_lit_with_the_cache_and_evaluates_by_late_interaction(tmp_path):
+    """`python -m vljax.main` on the tiny JSONL set: LiT + FILIP with lit_cache trains (loss
+    falls), its spec records similarity "filip", and the evaluations it logs are the
+    late-interaction ones, as `vljax.evaluate` computes them for the saved model."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import ml_collections
+    from helpers import REPO, losses_of
+    from vljax import evaluate as evaluate_lib
+    from vljax import metrics as metrics_lib
+    from vljax.inference import Predictor
+    cfg = tmp_path / "filip.py"
+    cfg.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {os.path.join(REPO, 'tests')!r})\n"
+        "import helpers\n\n"
+        "def get_config(arg=None):\n"
+        f"    c = helpers.tiny_config(helpers.make_shapes_manifest({str(tmp_path / 'shapes')!r}), 'lit', steps=30)\n"
+        "    c.loss = dict(name='filip')\n"
+        "    c.eval_every = 30\n"
+        "    c.evals = dict(ret=dict(type='retrieval', data=dict(name='emoji', split='test', max_examples=16)),\n"
+        "                   zs=dict(type='zeroshot', data=dict(name='fashion_mnist', split='test', max_examples=16),\n"
+        "                           templates='name'))\n"
+        "    return c\n")
+    wd = tmp_path / "wd"
+    proc = subprocess.run([sys.executable, "-m", "vljax.main", f"--config={cfg}", f"--workdir={wd}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": REPO})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = losses_of(wd)
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
+    assert json.loads((wd / "model_spec.json").read_text())["similarity"] == "filip"
+    logged = [r for r in metrics_lib.read_metrics(str(wd / "metrics.jsonl")) if "retrieval/ret/i2t_r1" in r][-1]
+    predictor = Predictor.load(str(wd))
+    assert predictor.embedder.similarity == "filip"
+    config = ml_collections.ConfigDict(dict(evals=json.loads((wd / "config.json").read_text())["evals"]))
+    by_model = evaluate_lib.evaluate(predictor, config)
+    for ev in config.evals.values():
+        ev.similarity = "filip"
+    assert evaluate_lib.evaluate(predictor, config).items() >= {k: v for k, v in by_model.items()
+                                                               if not k.startswith("time/")}.items()
+    for k in ("retrieval/ret/i2t_r1", "retrieval/ret/t2i_r5", "zeroshot/zs/top1"):
+        # The trainer scores the stored (float16) trunk tokens, vljax.evaluate recomputes them:
+        # at most one of 16 ranks may flip.
+        assert abs(logged[k] - by_model[k]) <= 1 / 16 + 1e-9, (k, logged[k], by_model[k])

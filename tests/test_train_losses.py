@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from helpers import fit_counting_step_compiles, losses_of, make_shapes_manifest, tiny_config
 
-from vljax import config_check, train
+from vljax import config_check, features, sharding, stages, train
 from vljax.models.text import TextTransformer
 from vljax.models.two_towers import TwoTowers
 
@@ -96,7 +96,7 @@ def test_loss_learns_and_compiles_once(loss, recipe, manifest, tmp_path, caplog)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loss,recipe", [("filip", "clip"), ("cwcl", "lit")])
+@pytest.mark.parametrize("loss,recipe", [("filip", "clip"), ("filip", "lit"), ("cwcl", "lit")])
 def test_loss_equal_on_1_and_8_devices(loss, recipe, manifest, tmp_path):
     results = []
     for n in (1, 8):
@@ -105,3 +105,31 @@ def test_loss_equal_on_1_and_8_devices(loss, recipe, manifest, tmp_path):
         train.train_and_evaluate(config, str(tmp_path / str(n)), devices=jax.devices()[:n])
         results.append(losses_of(tmp_path / str(n)))
     np.testing.assert_allclose(results[1], results[0], rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_filip_on_stored_tokens_equals_the_recomputed_trunk(manifest, tmp_path):
+    """LiT + FILIP with lit_cache: the store keeps the trunk's tokens (float16), every device holds
+    its rows of the batch's image_tokens, and the steps equal those that run the locked trunk on
+    the images, to float16's precision (2^-11 relative on the tokens)."""
+    results = {}
+    for cache in (True, False):
+        config = _config(manifest, "filip", "lit", steps=5)
+        config.lit_cache = cache
+        trainer = train.Trainer(config, str(tmp_path / str(cache)))
+        if cache:
+            batch = next(trainer.make_input(stages.at(stages.parse(config), 0)))
+            store = features.FeatureSource(next((tmp_path / "True" / "features").iterdir()))
+            assert store.token_shape == (17, 32) and store[0]["tokens"].dtype == np.float16
+            tokens = batch["image_tokens"]
+            assert tokens.shape == (16, 17, 32) and tokens.dtype == np.float16
+            sharded = sharding.shard_batch({"image_tokens": tokens}, trainer.mesh)["image_tokens"]
+            rows = 16 // len(jax.devices())
+            for shard in sharded.addressable_shards:  # each device: its own rows, nothing more
+                lo = shard.index[0].start
+                assert shard.data.shape == (rows, 17, 32)
+                np.testing.assert_array_equal(np.asarray(shard.data), tokens[lo:lo + rows])
+        trainer.fit()
+        results[cache] = losses_of(tmp_path / str(cache))
+    assert len(results[True]) == 5
+    np.testing.assert_allclose(results[True], results[False], rtol=2e-3)
