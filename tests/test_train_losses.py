@@ -13,7 +13,7 @@ import pytest
 from helpers import (REPO, fit_counting_step_compiles, losses_of, make_shapes_manifest, tiny_config,
                      tiny_config_file)
 
-from vljax import config_check, train
+from vljax import config_check, features, sharding, stages, train
 from vljax.models.text import TextTransformer
 from vljax.models.two_towers import TwoTowers
 
@@ -26,8 +26,6 @@ def manifest(tmp_path_factory):
 def _config(manifest, loss, recipe, steps):
     config = tiny_config(manifest, recipe, steps=steps)
     config.loss = dict(name=loss)
-    if loss == "filip" and recipe == "lit":
-        config.lit_cache = False  # stored features have no tokens (refused, see below)
     if loss == "multi_positive":
         # The shapes manifest's label sets ({shape}): 16 of 48 records share each one.
         config.loss.positives = "label_sets"
@@ -56,14 +54,6 @@ def test_projected_tokens_share_the_head():
     np.testing.assert_allclose(out["img/tokens_proj"][:, 0], zimg, atol=1e-6)
     np.testing.assert_allclose(out["txt/tokens_proj"][:, 2], ztxt, atol=1e-6)  # the EOT token
     np.testing.assert_allclose(jnp.linalg.norm(out["txt/tokens_proj"], axis=-1), 1.0, atol=1e-5)
-
-
-def test_filip_with_stored_features_is_refused_before_work(manifest, tmp_path):
-    config = tiny_config(manifest, "lit", steps=10)
-    config.loss = dict(name="filip")
-    with pytest.raises(ValueError, match="`loss.name`='filip' and `lit_cache`=True conflict"):
-        train.Trainer(config, str(tmp_path / "run"))
-    assert not os.path.exists(tmp_path / "run")
 
 
 def test_cwcl_on_a_trained_tower_is_refused(manifest, tmp_path):
@@ -124,7 +114,8 @@ def _expected_log_positives(records, per_label, batch):
                * math.log(1 + x) for x in range(min(same, draws) + 1))
 
 
-# (loss, recipe) pairs the trainer runs; CWCL only with a locked tower, FILIP with recomputed trunk.
+# (loss, recipe) pairs the trainer runs; CWCL only with a locked tower; LiT with the feature store
+# (FILIP's: the trunk's tokens stored too).
 RUNS = [("softmax", "clip"), ("dcl", "clip"), ("filip", "clip"), ("filip", "lit"), ("dcl", "lit"),
         ("cwcl", "lit"), ("dclw", "clip"), ("multi_positive", "clip"), ("multi_positive", "lit")]
 
@@ -152,8 +143,8 @@ def test_loss_learns_and_compiles_once(loss, recipe, manifest, tmp_path, caplog)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loss,recipe", [("filip", "clip"), ("cwcl", "lit"), ("multi_positive", "clip"),
-                                         ("multi_positive", "lit")])
+@pytest.mark.parametrize("loss,recipe", [("filip", "clip"), ("filip", "lit"), ("cwcl", "lit"),
+                                         ("multi_positive", "clip"), ("multi_positive", "lit")])
 def test_loss_equal_on_1_and_8_devices(loss, recipe, manifest, tmp_path):
     results = []
     for n in (1, 8):
@@ -162,3 +153,31 @@ def test_loss_equal_on_1_and_8_devices(loss, recipe, manifest, tmp_path):
         train.train_and_evaluate(config, str(tmp_path / str(n)), devices=jax.devices()[:n])
         results.append(losses_of(tmp_path / str(n)))
     np.testing.assert_allclose(results[1], results[0], rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_filip_on_stored_tokens_equals_the_recomputed_trunk(manifest, tmp_path):
+    """LiT + FILIP with lit_cache: the store keeps the trunk's tokens (float16), every device holds
+    its rows of the batch's image_tokens, and the steps equal those that run the locked trunk on
+    the images, to float16's precision (2^-11 relative on the tokens)."""
+    results = {}
+    for cache in (True, False):
+        config = _config(manifest, "filip", "lit", steps=5)
+        config.lit_cache = cache
+        trainer = train.Trainer(config, str(tmp_path / str(cache)))
+        if cache:
+            batch = next(trainer.make_input(stages.at(stages.parse(config), 0)))
+            store = features.FeatureSource(next((tmp_path / "True" / "features").iterdir()))
+            assert store.token_shape == (17, 32) and store[0]["tokens"].dtype == np.float16
+            tokens = batch["image_tokens"]
+            assert tokens.shape == (16, 17, 32) and tokens.dtype == np.float16
+            sharded = sharding.shard_batch({"image_tokens": tokens}, trainer.mesh)["image_tokens"]
+            rows = 16 // len(jax.devices())
+            for shard in sharded.addressable_shards:  # each device: its own rows, nothing more
+                lo = shard.index[0].start
+                assert shard.data.shape == (rows, 17, 32)
+                np.testing.assert_array_equal(np.asarray(shard.data), tokens[lo:lo + rows])
+        trainer.fit()
+        results[cache] = losses_of(tmp_path / str(cache))
+    assert len(results[True]) == 5
+    np.testing.assert_allclose(results[True], results[False], rtol=2e-3)

@@ -1,7 +1,10 @@
 """Embedder: a two-tower model's towers, jitted once on the training mesh, streaming eval data.
 
 It implements the protocol evaluators use (vljax/evaluators/base.py): `embed_images(data)`,
-`embed_texts(texts)`, `logit_scale`, `logit_bias`.
+`embed_texts(texts)`, `logit_scale`, `logit_bias`, `similarity`, and for late interaction (FILIP,
+vljax/evaluators/late_interaction.py) `embed_image_tokens(data)` / `embed_text_tokens(texts)`:
+the projected, per-token normalised tokens (out["img/tokens_proj"], out["txt/tokens_proj"]),
+streamed the same way; only the set's tokens [N, T, D] are kept.
 
 - Parameters stay as they are: global jax.Arrays with any sharding over `mesh` (the training
   state's, e.g. FSDP-sharded; nothing is gathered to the host), or host arrays (then put on
@@ -36,7 +39,8 @@ from vljax.data import sources as sources_lib
 class Embedded:
     """Image embeddings of the readable records of a source, in record order.
 
-    z: [M, D] float32 (L2-normalised by the model). index: [M] int, their record indices.
+    z: [M, D] float32 (L2-normalised by the model), or [M, N, D] projected tokens
+    (`embed_image_tokens`). index: [M] int, their record indices.
     """
     z: np.ndarray
     index: np.ndarray
@@ -50,6 +54,32 @@ def _pad(x: np.ndarray, n: int) -> np.ndarray:
 def _local(x: jax.Array) -> np.ndarray:
     """A replicated global array as numpy (this process's copy)."""
     return np.asarray(x.addressable_data(0))
+
+
+def _pick(out: dict, *keys):
+    return tuple(out[k] for k in keys)
+
+
+class _Rows:
+    """Per-batch outputs [B, ...] of a streamed set, gathered into [N, ...] rows in record order
+    (the one accumulator of `_stream` and `_stream_features`)."""
+
+    def __init__(self, n: int, batch_size: int):
+        self.n, self.batch_size, self.z, self.mask = n, batch_size, None, None
+
+    def put(self, j: int, zb: np.ndarray, mb: np.ndarray) -> None:
+        if self.z is None:
+            self.z, self.mask = np.zeros((self.n,) + zb.shape[1:], np.float32), np.zeros((self.n,), bool)
+        lo, hi = j * self.batch_size, min((j + 1) * self.batch_size, self.n)
+        self.z[lo:hi], self.mask[lo:hi] = zb[:hi - lo], mb[:hi - lo]
+
+    def result(self, data, why: str) -> Embedded:
+        if self.z is None:
+            raise ValueError(f"nothing to embed: {data!r} has no records")
+        index = np.flatnonzero(self.mask)
+        if not len(index):
+            raise ValueError(f"no record of {data!r} could be read{why}")
+        return Embedded(z=self.z[index] if len(index) < self.n else self.z, index=index)
 
 
 def _name(data) -> str:
@@ -83,11 +113,15 @@ class Embedder:
       image_size, value_range: preprocessing, as `config.input` says for the model.
       batch_size: the global batch; rounded up to a multiple of the batch shards and processes.
       data_dir: TFDS data dir for data given as config entries.
+      similarity: how evaluators score by default: "global" (cosine of the pooled embeddings) or
+        "filip" (late interaction; a model trained with loss "filip", vljax/factory.py's spec).
     """
 
     def __init__(self, model, params, tokenizer, *, mesh, image_size: int, value_range,
-                 batch_size: int = 64, data_dir=None, feature_store=None, progress: bool = True):
+                 batch_size: int = 64, data_dir=None, feature_store=None, progress: bool = True,
+                 similarity: str = "global"):
         self.model, self.tokenizer, self.mesh = model, tokenizer, mesh
+        self.similarity = similarity
         self.progress = progress
         self.feature_store = feature_store
         self.image_size, self.value_range, self.data_dir = int(image_size), value_range, data_dir
@@ -103,6 +137,15 @@ class Embedder:
                             out_shardings=replicated)
         self._head = jax.jit(lambda p, f, m: (model.apply({"params": p}, f, method=model.image_head), m),
                              out_shardings=(replicated, replicated))
+        # Late interaction: the projected tokens (and the text masks) instead of the pooled z.
+        self._img_tok = jax.jit(lambda p, x, m: (model.apply({"params": p}, x, None)[2]["img/tokens_proj"], m),
+                                out_shardings=(replicated, replicated))
+        self._txt_tok = jax.jit(lambda p, t: _pick(model.apply({"params": p}, None, t)[2],
+                                                   "txt/tokens_proj", "txt/mask"),
+                                out_shardings=replicated)
+        self._head_tok = jax.jit(lambda p, f, t, m: (model.apply({"params": p}, f, t.astype(f.dtype),
+                                                                 method=model.image_head_tokens)[1], m),
+                                 out_shardings=(replicated, replicated))
         self._images, self._texts = {}, {}
 
     def with_params(self, params) -> "Embedder":
@@ -136,19 +179,28 @@ class Embedder:
     def embed_images(self, data) -> Embedded:
         """data: a source config entry (dict(source="tfds", name=..., split=...)) or a source
         object -> the embeddings of its readable records (see `Embedded`)."""
-        key = data_key(data)
+        return self._cached(data, tokens=False)
+
+    def embed_image_tokens(self, data) -> Embedded:
+        """Like `embed_images`, with z the projected, per-token L2-normalised image tokens
+        [M, N, D] (out["img/tokens_proj"]; every image token is real: no mask)."""
+        return self._cached(data, tokens=True)
+
+    def _cached(self, data, tokens: bool) -> Embedded:
+        key = (data_key(data), tokens)
         if key not in self._images:
-            self._images[key] = (self._stream(data), data)  # data kept: an id() key stays unique
+            self._images[key] = (self._stream(data, tokens), data)  # data kept: an id() key stays unique
         return self._images[key][0]
 
-    def _stream(self, data) -> Embedded:
+    def _stream(self, data, tokens: bool) -> Embedded:
         if self.feature_store is not None:
-            return self._stream_features(data)
+            return self._stream_features(data, tokens)
         batches = pipeline.make_eval_batches(
             data, batch_size=self.batch_size, image_size=self.image_size,
             value_range=self.value_range, data_dir=self.data_dir)
-        n, b, s = batches.num_examples, batches.batch, self.image_size
-        z = mask = None
+        b, s = batches.batch, self.image_size
+        rows = _Rows(batches.num_examples, self.batch_size)
+        fn = self._img_tok if tokens else self._img
         bar = logs.progress(batches, desc=f"embed {_name(data)}", total=len(batches), unit="batch",
                             leave=False, enabled=self.progress)
         for j, batch in enumerate(bar):
@@ -156,73 +208,77 @@ class Embedder:
                 self._batch_sharding, _pad(batch["image"], b), (self.batch_size, s, s, 3))
             m = jax.make_array_from_process_local_data(
                 self._batch_sharding, _pad(batch["mask"], b), (self.batch_size,))
-            zb, mb = self._img(self.params, x, m)
-            zb, mb = _local(zb), _local(mb)
-            if z is None:
-                z, mask = np.zeros((n, zb.shape[1]), np.float32), np.zeros((n,), bool)
-            lo, hi = j * self.batch_size, min((j + 1) * self.batch_size, n)
-            z[lo:hi], mask[lo:hi] = zb[:hi - lo], mb[:hi - lo]
-        if z is None:
-            raise ValueError(f"nothing to embed: {data!r} has no records")
-        index = np.flatnonzero(mask)
-        if not len(index):
-            raise ValueError(f"no record of {data!r} could be read (skipped: {batches.skipped})")
-        return Embedded(z=z[index] if len(index) < n else z, index=index)
+            rows.put(j, *(_local(a) for a in fn(self.params, x, m)))
+        return rows.result(data, f" (skipped: {batches.skipped})")
 
-    def _stream_features(self, data) -> Embedded:
-        """A locked trunk: its features of `data` come from the feature store (written once, on
-        the first evaluation; vljax/features.py), and each evaluation runs only the image head."""
+    def _stream_features(self, data, tokens: bool) -> Embedded:
+        """A locked trunk: its features of `data` (and tokens, for late interaction) come from the
+        feature store (written once, on the first evaluation; vljax/features.py), and each
+        evaluation runs only the image head (and its token projection)."""
         from vljax import features
         source = sources_lib.get_source(dict(data), data_dir=self.data_dir) if isinstance(
             data, (dict, ml_collections.ConfigDict)) else data
         store = features.ensure_features(self.model, self.params, source, self.feature_store,
                                          mesh=self.mesh, image_size=self.image_size,
                                          value_range=self.value_range, batch_size=self.batch_size,
-                                         progress=self.progress)
+                                         progress=self.progress, tokens=tokens)
         n, pi, pc = len(store), jax.process_index(), jax.process_count()
         b = self.batch_size // pc
-        z = mask = None
+        rows = _Rows(n, self.batch_size)
+        shapes = {"features": (store.num_features,), "tokens": store.token_shape}
         for j in logs.progress(range(-(-n // self.batch_size)), desc=f"embed {_name(data)}", unit="batch",
                                leave=False, enabled=self.progress):
-            rows = range(min(j * self.batch_size + pi * b, n), min(j * self.batch_size + (pi + 1) * b, n))
-            recs = [store[i] for i in rows]
-            ok = np.asarray([("features" in r) for r in recs], bool)
-            f = np.stack([r["features"][0] if "features" in r else np.zeros(store.num_features, np.float32)
-                          for r in recs]) if recs else np.zeros((0, store.num_features), np.float32)
-            x = jax.make_array_from_process_local_data(self._batch_sharding, _pad(f, b),
-                                                       (self.batch_size, store.num_features))
+            recs = [store[i] for i in range(min(j * self.batch_size + pi * b, n),
+                                            min(j * self.batch_size + (pi + 1) * b, n))]
+            ok = np.asarray([("features" in r) for r in recs], bool).reshape(len(recs))
+
+            def stacked(k):  # this process's rows of the global batch, view 0 (colour), padded
+                dtype = np.float32 if k == "features" else features.TOKENS_DTYPE
+                f = np.zeros((len(recs),) + shapes[k], dtype)
+                for r, rec in enumerate(recs):
+                    if "features" in rec:
+                        f[r] = rec[k][0]
+                return jax.make_array_from_process_local_data(self._batch_sharding, _pad(f, b),
+                                                              (self.batch_size,) + shapes[k])
             m = jax.make_array_from_process_local_data(self._batch_sharding, _pad(ok, b), (self.batch_size,))
-            zb, mb = (_local(a) for a in self._head(self.params, x, m))
-            if z is None:
-                z, mask = np.zeros((n, zb.shape[1]), np.float32), np.zeros((n,), bool)
-            lo, hi = j * self.batch_size, min((j + 1) * self.batch_size, n)
-            z[lo:hi], mask[lo:hi] = zb[:hi - lo], mb[:hi - lo]
-        index = np.flatnonzero(mask)
-        if not len(index):
-            raise ValueError(f"no record of {data!r} could be read")
-        return Embedded(z=z[index] if len(index) < n else z, index=index)
+            out = (self._head_tok(self.params, stacked("features"), stacked("tokens"), m) if tokens
+                   else self._head(self.params, stacked("features"), m))
+            rows.put(j, *(_local(a) for a in out))
+        return rows.result(data, "")
 
     # -- texts and in-memory images ------------------------------------------------------------
-    def _host_batches(self, fn, x: np.ndarray) -> np.ndarray:
-        """fn over host rows x [N, ...] (the same on every process) in padded global batches."""
+    def _host_batches(self, fn, x: np.ndarray):
+        """fn over host rows x [N, ...] (the same on every process) in padded global batches; fn
+        returns an array or a tuple of arrays (float outputs come back float32)."""
         out = []
         for lo in range(0, len(x), self.batch_size):
             chunk = _pad(x[lo:lo + self.batch_size], self.batch_size)
             g = jax.make_array_from_callback(chunk.shape, self._batch_sharding,
                                              lambda idx, c=chunk: c[idx])
-            out.append(_local(fn(g))[:len(x) - lo])
+            out.append(jax.tree.map(lambda a, n=len(x) - lo: _local(a)[:n], fn(g)))
         if not out:
             raise ValueError("nothing to embed: got no rows")
-        return np.concatenate(out).astype(np.float32)
+        cat = lambda *a: np.concatenate(a).astype(np.float32 if np.issubdtype(a[0].dtype, np.floating)  # noqa: E731
+                                                 else a[0].dtype)
+        return jax.tree.map(cat, *out)
 
     def embed_texts(self, texts) -> np.ndarray:
         """texts: N strings -> [N, D] float32 L2-normalised; cached per tuple of texts."""
+        return self._text_cached(texts, tokens=False)
+
+    def embed_text_tokens(self, texts) -> tuple[np.ndarray, np.ndarray]:
+        """texts: N strings -> (tokens [N, L, D] float32, the projected per-token L2-normalised
+        text tokens, out["txt/tokens_proj"]; mask [N, L] bool, True = a real token); cached."""
+        return self._text_cached(texts, tokens=True)
+
+    def _text_cached(self, texts, tokens: bool):
         if isinstance(texts, str):
             raise TypeError("embed_texts takes a list of strings, got one string")
-        key = tuple(texts)
+        key = (tuple(texts), tokens)
         if key not in self._texts:
-            ids = np.asarray(self.tokenizer(list(key)), np.int32)
-            self._texts[key] = self._host_batches(lambda t: self._txt(self.params, t), ids)
+            ids = np.asarray(self.tokenizer(list(key[0])), np.int32)
+            fn = self._txt_tok if tokens else self._txt
+            self._texts[key] = self._host_batches(lambda t: fn(self.params, t), ids)
         return self._texts[key]
 
     def embed_image_array(self, images: np.ndarray) -> np.ndarray:

@@ -34,7 +34,8 @@ def evaluate(predictor, config, only=None, plot_dir: str | None = None) -> dict[
     embedder = Embedder(predictor.model, predictor.params, predictor.tokenizer,
                         mesh=sharding.make_mesh([("data", -1)]), image_size=predictor.image_size,
                         value_range=predictor.value_range,
-                        batch_size=config.get("eval_batch_size", 64))
+                        batch_size=config.get("eval_batch_size", 64),
+                        similarity=predictor.embedder.similarity)  # the model's (its spec)
     results = {}
     for name, ev in evaluators.items():
         t0 = time.perf_counter()

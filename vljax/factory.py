@@ -12,7 +12,9 @@ The spec (a JSON-able dict):
 
     {"model": TwoTowers kwargs (tower dtypes as strings), "tokenizer": get_tokenizer kwargs,
      "image_size": 112, "value_range": "efficientnet" | [lo, hi] | "clip" | ...,
-     "logits": "softmax" | "sigmoid"}
+     "logits": "softmax" | "sigmoid",
+     "similarity": "global" | "filip"}    # how evaluators score by default: the trained loss's
+                                          # (a FILIP model by late interaction); absent = "global"
 """
 from __future__ import annotations
 
@@ -66,7 +68,8 @@ def spec_from_config(config) -> dict:
     value_range = _plain(config.input.get("value_range", "efficientnet"))
     return {"model": model, "tokenizer": _plain(config.tokenizer),
             "image_size": int(config.input.image_size), "value_range": value_range,
-            "logits": "sigmoid" if config.loss.name == "sigmoid" else "softmax"}
+            "logits": "sigmoid" if config.loss.name == "sigmoid" else "softmax",
+            "similarity": "filip" if config.loss.name == "filip" else "global"}
 
 
 def build_model(spec: dict) -> TwoTowers:
@@ -134,6 +137,10 @@ class Bundle:
     @property
     def sigmoid(self) -> bool:
         return self.spec.get("logits") == "sigmoid"
+
+    @property
+    def similarity(self) -> str:
+        return self.spec.get("similarity", "global")
 
     def preprocess(self, image) -> np.ndarray:
         """One image (path, bytes, PIL image or uint8 array, any mode and size) -> f32 [S, S, 3].

@@ -14,10 +14,19 @@ cannot be stored (`check_cacheable`).
 
 Store layout, `<root>/<fingerprint>/` (etils.epath paths, so gs:// workdirs work as local ones):
 
-    features-<p>-of-<P>.array_record   written by process p of P: records p, p + P, p + 2P, ... of the
-                                       source, each the float32 bytes of [V, F] (b"" if unreadable)
+    features-<p>-of-<P>.array_record   written by process p of P: process p's rows of every global
+                                       batch, each the float32 bytes of [V, F] (pre_logits), then,
+                                       in a store with tokens, the float16 bytes of [V, N, W] (the
+                                       trunk's final tokens); b"" if unreadable
     index.json                         {"fingerprint", "num_records": N, "views", "num_features": F,
-                                        "dtype": "float32", "num_files": P, "unreadable": {i: reason}}
+                                        "dtype": "float32", "tokens": [N, W] or null,
+                                        "tokens_dtype": "float16", "num_files": P, "unreadable": {i: reason}}
+
+Tokens (`tokens=True`, for a loss or evaluator that takes `img/` token inputs, e.g. FILIP): the
+trunk's out["tokens"] are stored too, in float16 (half the bytes; EfficientNet-Lite0 at 112 px:
+16 x 1280 per view, 40 KiB). float16 keeps 11 significant bits, so the stored tokens are the
+trunk's to a relative 2^-11 (~5e-4); the pooled features stay float32. A value beyond float16's
+range is refused when written (naming the store), never stored as inf.
 
 Each process writes only its rows (`pipeline.make_eval_batches` gives process p rows [p*b, (p+1)*b)
 of every global batch);
@@ -56,6 +65,7 @@ from vljax.data.preprocess import Preprocess
 
 INDEX = "index.json"
 VIEWS = ("colour", "grey")
+TOKENS_DTYPE = "float16"
 
 
 def check_cacheable(config, trainable_mask_flat: dict) -> None:
@@ -93,13 +103,23 @@ def _digest(tree, mesh) -> list[str]:
     return [f"{v:.5e}" for v in np.concatenate([np.ravel(x) for x in jax.tree.leaves(values)])]
 
 
-def fingerprint(model, params, source, *, mesh, image_size, value_range, views) -> str:
+def needs_tokens(config) -> bool:
+    """Whether the configured loss takes the image tower's token outputs (`img/...`: FILIP's
+    `img/tokens_proj`), so the store must keep the trunk's tokens (vljax.losses.LOSSES)."""
+    from vljax import losses
+    spec = losses.LOSSES.get(config.loss.name)
+    return spec is not None and any(k.startswith("img/") for k in spec.inputs)
+
+
+def fingerprint(model, params, source, *, mesh, image_size, value_range, views, tokens=False) -> str:
     """16 hex digits naming what determines the features: source, trunk and preprocessing."""
     where = getattr(source, "data_dir", None) or getattr(source, "path", None) or getattr(source, "root", None)
     image_cfg = {k: v for k, v in (model.image or {}).items() if k not in ("num_classes", "head_bias")}
     parts = dict(source=repr(source), where=str(where), n=len(source), image_model=model.image_model,
                  image=image_cfg, trunk=_digest(_trunk_params(params), mesh), image_size=int(image_size),
                  value_range=pipeline._value_range(value_range), views=list(views))
+    if tokens:  # a store without tokens is never taken for one with them (or back)
+        parts["tokens"] = TOKENS_DTYPE
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -134,20 +154,23 @@ def _write_atomic(dst: epath.Path, write) -> None:
 
 
 def write_features(model, params, source, path, *, mesh, image_size, value_range, views=VIEWS[:1],
-                   batch_size: int = 64, progress: bool = True) -> dict:
+                   batch_size: int = 64, progress: bool = True, tokens: bool = False) -> dict:
     """Writes the store of `source` at `path` (module docstring) unless a complete one with the same
     fingerprint is there; returns its index. Called by every process (the trunk runs on the mesh).
 
     params: the model's params as they are (global arrays, sharded as training shards them).
     views: names in VIEWS ("colour", "grey"); batch_size: global, rounded up to the batch shards.
+    tokens: also store the trunk's final tokens (float16; module docstring).
     """
     fp = fingerprint(model, params, source, mesh=mesh, image_size=image_size, value_range=value_range,
-                     views=views)
+                     views=views, tokens=tokens)
     return _write(model, params, source, epath.Path(path), fp, mesh=mesh, image_size=image_size,
-                  value_range=value_range, views=views, batch_size=batch_size, progress=progress)
+                  value_range=value_range, views=views, batch_size=batch_size, progress=progress,
+                  tokens=tokens)
 
 
-def _write(model, params, source, path, fp, *, mesh, image_size, value_range, views, batch_size, progress):
+def _write(model, params, source, path, fp, *, mesh, image_size, value_range, views, batch_size, progress,
+           tokens=False):
     index = _read_index(path)
     if index is not None and index["fingerprint"] == fp:
         logging.debug("LiT features: reusing %s (%d records x %s)", path, index["num_records"], index["views"])
@@ -159,7 +182,7 @@ def _write(model, params, source, path, fp, *, mesh, image_size, value_range, vi
     shards = math.prod(mesh.shape[a] for a in sharding.batch_axes(mesh))
     batch_size = -(-max(batch_size, pc) // math.lcm(shards, pc)) * math.lcm(shards, pc)
     bspec = P(sharding.batch_axes(mesh))
-    trunk = jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.image_trunk),
+    trunk = jax.jit(lambda p, x: model.apply({"params": p}, x, tokens=tokens, method=model.image_trunk),
                     out_shardings=NamedSharding(mesh, bspec))
     passes = [pipeline.make_eval_batches(source, batch_size=batch_size, image_size=image_size,
                                          value_range=value_range, greyscale=v == "grey") for v in views]
@@ -169,10 +192,10 @@ def _write(model, params, source, path, fp, *, mesh, image_size, value_range, vi
                          require_caption=False)
     path.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    unreadable, num_features = {}, None
+    unreadable, num_features, token_shape = {}, None, None
 
     def write(local_file):
-        nonlocal num_features
+        nonlocal num_features, token_shape
         writer = ArrayRecordWriter(local_file, "group_size:1")
         bar = None
         if progress and pi == 0:
@@ -180,17 +203,23 @@ def _write(model, params, source, path, fp, *, mesh, image_size, value_range, vi
             bar = tqdm(total=n_local, desc=f"LiT features {source!r}", unit="img", dynamic_ncols=True)
         with jax.set_mesh(mesh):
             for batches in zip(*passes):
-                rows = []
+                rows, toks = [], []
                 for b in batches:  # every process takes part, with its (padded) rows
                     x = jax.make_array_from_process_local_data(
                         sharding.batch_sharding(mesh), _pad(b["image"], local_b),
                         (batch_size,) + b["image"].shape[1:])
-                    rows.append(multihost_utils.global_array_to_host_local_array(trunk(params, x), mesh, bspec))
+                    out = multihost_utils.global_array_to_host_local_array(trunk(params, x), mesh, bspec)
+                    rows.append(out[0] if tokens else out)
+                    if tokens:
+                        toks.append(_to_tokens_dtype(np.asarray(out[1], np.float32), path))
                 rows = np.stack([np.asarray(r, np.float32) for r in rows], axis=1)  # [b, V, F]
                 num_features = rows.shape[-1]
+                if tokens:
+                    toks = np.stack(toks, axis=1)  # [b, V, N, W]
+                    token_shape = list(toks.shape[2:])
                 for j, (i, ok) in enumerate(zip(batches[0]["index"], batches[0]["mask"])):
                     if ok:
-                        writer.write(rows[j].tobytes())
+                        writer.write(rows[j].tobytes() + (toks[j].tobytes() if tokens else b""))
                     else:  # an unreadable record: its reason, as the image pipeline would give it
                         writer.write(b"")
                         unreadable[int(i)] = reasons.eval(source[int(i)]).get("skip", "decode_error")
@@ -210,7 +239,7 @@ def _write(model, params, source, path, fp, *, mesh, image_size, value_range, vi
             merged.update(json.loads(side.read_text()))
             side.unlink()
         index = dict(fingerprint=fp, num_records=n, views=list(views), num_features=num_features,
-                     dtype="float32", num_files=pc, global_batch=batch_size, source=repr(source),
+                     dtype="float32", tokens=token_shape, tokens_dtype=TOKENS_DTYPE, num_files=pc, global_batch=batch_size, source=repr(source),
                      unreadable=merged)
         _write_atomic(path / INDEX, lambda f: epath.Path(f).write_text(json.dumps(index, indent=1)))
     multihost_utils.sync_global_devices(f"lit features indexed {fp}")
@@ -221,9 +250,18 @@ def _write(model, params, source, path, fp, *, mesh, image_size, value_range, vi
     return index
 
 
+def _to_tokens_dtype(x: np.ndarray, path) -> np.ndarray:
+    y = x.astype(TOKENS_DTYPE)
+    if not np.all(np.isfinite(y)) and np.all(np.isfinite(x)):
+        raise ValueError(f"LiT features {path}: the trunk's tokens exceed {TOKENS_DTYPE}'s range "
+                         f"(max |x| = {np.abs(x).max():.3g}); they cannot be stored")
+    return y
+
+
 class FeatureSource:
-    """A complete store as a random-access source: `len`, `[i] -> {"features": f32 [V, F]}` or
-    `{"error": reason}` for a record whose image could not be read. Picklable (grain workers)."""
+    """A complete store as a random-access source: `len`, `[i] -> {"features": f32 [V, F]}`
+    (and `"tokens": f16 [V, N, W]` in a store with tokens) or `{"error": reason}` for a record
+    whose image could not be read. Picklable (grain workers)."""
 
     def __init__(self, path):
         self.path = epath.Path(path)
@@ -234,6 +272,7 @@ class FeatureSource:
         self.index = index
         self.num_records, self.views = index["num_records"], tuple(index["views"])
         self.num_features, self._files = index["num_features"], index["num_files"]
+        self.token_shape = tuple(index["tokens"]) if index.get("tokens") else None
         self._unreadable = {int(k): v for k, v in index["unreadable"].items()}
         self._batch = index["global_batch"]
         self._local_batch = self._batch // self._files
@@ -258,35 +297,42 @@ class FeatureSource:
         j, r = divmod(int(i), self._batch)
         p = r // self._local_batch
         raw = self._records[int(self._offsets[p] + j * self._local_batch + r - p * self._local_batch)]
-        return {"features": np.frombuffer(raw, np.float32).reshape(len(self.views), self.num_features)}
+        v, f = len(self.views), self.num_features
+        rec = {"features": np.frombuffer(raw, np.float32, count=v * f).reshape(v, f)}
+        if self.token_shape is not None:
+            rec["tokens"] = np.frombuffer(raw, TOKENS_DTYPE, offset=4 * v * f).reshape(v, *self.token_shape)
+        return rec
 
     def __repr__(self):
         return f"FeatureSource({str(self.path)!r}, n={self.num_records}, views={self.views})"
 
 
 def ensure_features(model, params, source, store_root, *, mesh, image_size, value_range, views=VIEWS[:1],
-                    batch_size: int = 64, progress: bool = True) -> FeatureSource:
+                    batch_size: int = 64, progress: bool = True, tokens: bool = False) -> FeatureSource:
     """The store of `source`'s trunk features under `store_root/<fingerprint>/`, written if missing.
 
     For evaluation of a locked trunk: `fs = ensure_features(model, params, eval_source, root, ...)`,
     then `model.apply({"params": p}, fs[i]["features"][0][None], method=model.image_head)` embeds
-    record i with any head `p` on top of the same trunk.
+    record i with any head `p` on top of the same trunk (with `tokens`, `method=model.image_head_tokens`
+    on `fs[i]["features"]` and `fs[i]["tokens"]` gives the projected tokens too).
     """
     fp = fingerprint(model, params, source, mesh=mesh, image_size=image_size, value_range=value_range,
-                     views=views)
+                     views=views, tokens=tokens)
     path = epath.Path(store_root) / fp
     _write(model, params, source, path, fp, mesh=mesh, image_size=image_size, value_range=value_range,
-           views=views, batch_size=batch_size, progress=progress)
+           views=views, batch_size=batch_size, progress=progress, tokens=tokens)
     return FeatureSource(path)
 
 
 def training_stores(config, model, params, trainable_mask_flat: dict, mesh, workdir) -> list[FeatureSource]:
     """One store per entry of `config.input.data` (in order) under `<workdir>/features/`, with the
-    views the augmentation needs; raises naming the config key when the trunk cannot be stored."""
+    views the augmentation needs, and the trunk's tokens when the loss takes them (`needs_tokens`);
+    raises naming the config key when the trunk cannot be stored."""
     check_cacheable(config, trainable_mask_flat)
+    tokens = needs_tokens(config)
     data_dir = config.input.get("data_dir")
     return [ensure_features(model, params, sources.get_source(entry, data_dir=data_dir),
                             epath.Path(workdir) / "features", mesh=mesh, image_size=config.input.image_size,
                             value_range=config.input.get("value_range", "efficientnet"), views=views_of(config),
-                            batch_size=config.get("eval_batch_size", 64))
+                            batch_size=config.get("eval_batch_size", 64), tokens=tokens)
             for entry in config.input.data]

@@ -22,7 +22,7 @@ class Predictor:
     """A model with its tokenizer and image preprocessing; calls are batched and compiled once."""
 
     def __init__(self, model, params, tokenizer, *, image_size: int, value_range, batch_size: int = 32,
-                 loss: str = "softmax"):
+                 loss: str = "softmax", similarity: str = "global"):
         import jax
 
         from vljax import sharding
@@ -33,7 +33,7 @@ class Predictor:
         # A few photos at a time: one local device is enough (vljax.evaluate shards data sets).
         mesh = sharding.make_mesh([("data", 1)], devices=jax.local_devices()[:1])
         self.embedder = Embedder(model, params, tokenizer, mesh=mesh, image_size=image_size,
-                                 value_range=value_range, batch_size=batch_size)
+                                 value_range=value_range, batch_size=batch_size, similarity=similarity)
 
     # -- loading --------------------------------------------------------------------------------
     @classmethod
@@ -46,7 +46,7 @@ class Predictor:
     def from_bundle(cls, bundle, batch_size: int = 32) -> "Predictor":
         return cls(bundle.model, bundle.params, bundle.tokenizer, image_size=bundle.image_size,
                    value_range=bundle.value_range, batch_size=batch_size,
-                   loss="sigmoid" if bundle.sigmoid else "softmax")
+                   loss="sigmoid" if bundle.sigmoid else "softmax", similarity=bundle.similarity)
 
     # -- inputs ---------------------------------------------------------------------------------
     def preprocess(self, images) -> np.ndarray:

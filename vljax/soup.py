@@ -67,7 +67,8 @@ def cook(spec, model, ingredients, evaluators, select_metric: str, batch_size: i
         key = id(params)
         if key not in scored:
             emb = Embedder(model, params, tokenizer, mesh=mesh, image_size=spec["image_size"],
-                           value_range=factory.value_range(spec), batch_size=batch_size)
+                           value_range=factory.value_range(spec), batch_size=batch_size,
+                           similarity=spec.get("similarity", "global"))
             metrics = {}
             for ev in evaluators.values():
                 metrics.update(ev.run(emb))

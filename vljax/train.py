@@ -136,11 +136,10 @@ def make_loss(config, mesh):
 
 
 def check_loss(config, trainable_mask, sources=()) -> None:
-    """Refuses, before any work, a loss whose inputs this recipe cannot give: image-tower outputs
-    (`img/...`, e.g. FILIP's tokens) under `lit_cache` (the stored trunk features are pooled: they
-    have no tokens), CWCL weights from a tower that is trained (the paper transfers the
-    structure of a frozen pre-trained modality), and batch labels / label sets that the input does
-    not read (`input.label` / `input.labels`) or a source does not have (`data.sources.missing_labels`)."""
+    """Refuses, before any work, a loss whose inputs this recipe cannot give: CWCL weights from a
+    tower that is trained (the paper transfers the structure of a frozen pre-trained modality), and
+    batch labels / label sets that the input does not read (`input.label` / `input.labels`) or a
+    source does not have (`data.sources.missing_labels`)."""
     name = config.loss.name
     spec = losses.LOSSES.get(name)
     if spec is None:
@@ -160,13 +159,6 @@ def check_loss(config, trainable_mask, sources=()) -> None:
             if why:
                 raise ValueError(f"config key `input.data[{i}].{why}: loss {name!r} takes {what}, but "
                                  f"{source!r} has none; every record would be unlabeled")
-    if config.get("lit_cache", False):
-        tokens = [k for k in spec.inputs if k.startswith("img/")]
-        if tokens:
-            raise ValueError(f"config keys `loss.name`={name!r} and `lit_cache`=True conflict: the loss takes "
-                             f"{', '.join(tokens)} from the image tower, but the stored LiT features are the "
-                             "trunk's pooled pre_logits (no tokens); set `lit_cache=False` to run the locked "
-                             "trunk every step, or choose another loss")
     if "frozen/img_features" in spec.inputs:
         tower = {"image": "img", "text": "txt"}[config.loss.get("ref_modality", "image")]
         trained = sorted(k for k, v in _flat(trainable_mask).items()
@@ -200,18 +192,22 @@ def make_train_step(model, tx, loss, trainable_mask):
     """One optimizer (micro-)step. Gradients are computed for trainable parameters only.
 
     A batch with "image_features" ([B, F], a locked trunk's stored features, vljax/features.py)
-    instead of "image" runs only the image tower's head on them.
+    instead of "image" runs only the image tower's head on them; with "image_tokens" ([B, N, W],
+    the trunk's stored tokens) also the tower's token projection (out["img/tokens_proj"], FILIP).
     """
 
     def forward(params, batch, rng):
-        if "image_features" in batch:
-            zimg = model.apply({"params": params}, batch["image_features"], train=True,
-                               rngs={"dropout": rng}, method=model.image_head)
-            _, ztxt, out = model.apply({"params": params}, None, batch["text"], train=True,
-                                       rngs={"dropout": rng})
-            return zimg, ztxt, out
-        return model.apply({"params": params}, batch["image"], batch["text"], train=True,
-                           rngs={"dropout": rng})
+        kw = dict(train=True, rngs={"dropout": rng})
+        if "image_features" not in batch:
+            return model.apply({"params": params}, batch["image"], batch["text"], **kw)
+        _, ztxt, out = model.apply({"params": params}, None, batch["text"], **kw)
+        if "image_tokens" in batch:
+            zimg, out["img/tokens_proj"] = model.apply(
+                {"params": params}, batch["image_features"], batch["image_tokens"].astype(jnp.float32),
+                method=model.image_head_tokens, **kw)
+        else:
+            zimg = model.apply({"params": params}, batch["image_features"], method=model.image_head, **kw)
+        return zimg, ztxt, out
 
     def step_fn(state, batch):
         rng, step_rng = jax.random.split(state["rng"])
@@ -354,7 +350,8 @@ class Trainer:
                                       image_size=inp.image_size,
                                       value_range=inp.get("value_range", "efficientnet"),
                                       batch_size=self.config.get("eval_batch_size", 64),
-                                      feature_store=store, progress=False)  # inside training: one line per round
+                                      feature_store=store, progress=False,  # inside training: one line per round
+                                      similarity=self.spec["similarity"])  # the trained loss's
             return self._embedder
         return self._embedder.with_params(params)
 

@@ -32,7 +32,8 @@ def sweep(spec, model, params0, params1, alphas: Sequence[float], evaluators,
     for alpha in alphas:
         params = soups.wise_ft(params0, params1, float(alpha))
         emb = Embedder(model, params, tokenizer, mesh=mesh, image_size=spec["image_size"],
-                       value_range=factory.value_range(spec), batch_size=batch_size)
+                       value_range=factory.value_range(spec), batch_size=batch_size,
+                       similarity=spec.get("similarity", "global"))
         metrics = {}
         for ev in evaluators.values():
             metrics.update(ev.run(emb))

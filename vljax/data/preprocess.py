@@ -27,7 +27,8 @@ class Preprocess:
     strength, a random caption. No horizontal flip: captions say "left" and "right".
     Eval mode (rng None): resize shorter side + centre crop, the first caption.
     A record with stored trunk features (`sources.WithFeatures`) gives {"image_features": f32 [F],
-    "caption", "label", "labels"} instead: no image is decoded.
+    "caption", "label", "labels"} instead (and "image_tokens" f16 [N, W] from a store with tokens): no
+    image is decoded.
     """
     image_size: int
     value_range: object = "efficientnet"
@@ -73,7 +74,10 @@ class Preprocess:
         grey = rng is not None and self.greyscale > 0 and rng.uniform() < self.greyscale
         if grey and len(feats) < 2:
             raise ValueError("input.augment.greyscale > 0 but the feature store has no grey view")
-        return {"image_features": feats[int(grey)], "caption": caption or "", **_labels(record)}
+        ex = {"image_features": feats[int(grey)], "caption": caption or "", **_labels(record)}
+        if "tokens" in record:  # the trunk's tokens, same view (a token-level loss: FILIP)
+            ex["image_tokens"] = record["tokens"][int(grey)]
+        return ex
 
     def eval(self, record: dict) -> dict:
         """Deterministic variant for MapDataset.map."""
@@ -95,7 +99,7 @@ def count_skips(examples) -> np.ndarray:
 @dataclasses.dataclass(frozen=True)
 class Collate:
     """Stacks valid examples and tokenises their captions:
-    {"image" | "image_features", "text", "label"?, "labels"?, "caption"?, "_skipped"};
+    {"image" | "image_features", "image_tokens"?, "text", "label"?, "labels"?, "caption"?, "_skipped"};
     "labels" (with num_labels = K) is the label sets multi-hot, bool [B, K]."""
     tokenizer: object  # tok(list[str]) -> int32 [N, L]
     with_label: bool = False
@@ -107,6 +111,8 @@ class Collate:
         key = "image_features" if "image_features" in examples[0] else "image"
         batch = {key: np.stack([ex[key] for ex in examples]),
                  "text": np.asarray(self.tokenizer(captions), np.int32)}
+        if "image_tokens" in examples[0]:
+            batch["image_tokens"] = np.stack([ex["image_tokens"] for ex in examples])
         if self.with_label:
             batch["label"] = np.asarray([ex["label"] for ex in examples], np.int32)
         if self.num_labels is not None:

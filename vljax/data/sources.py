@@ -242,7 +242,8 @@ class JsonlSource:
 
 class WithFeatures:
     """A source whose records carry a locked trunk's stored features instead of the image, so no
-    image is decoded: `"features": f32 [V, F]` (views, vljax/features.py), or `"features_skip": reason`
+    image is decoded: `"features": f32 [V, F]` (views, vljax/features.py; and `"tokens"` [V, N, W]
+    from a store with tokens), or `"features_skip": reason`
     when the store could not read the image (counted as that reason, after the caption check, as
     the image pipeline counts it)."""
 
@@ -260,7 +261,8 @@ class WithFeatures:
         record.pop("image", None)
         if "error" not in record:
             f = self.features[index]
-            record.update({"features": f["features"]} if "features" in f else {"features_skip": f["error"]})
+            record.update({k: f[k] for k in ("features", "tokens") if k in f} if "features" in f
+                          else {"features_skip": f["error"]})
         return record
 
     def __repr__(self):

@@ -5,6 +5,13 @@ as in CLIP_benchmark's zeroshot_retrieval and big_vision's image_text retrieval)
   text -> image: a caption is a hit at k if ITS image is among its k best images.
 
 Ties rank the lower index first (deterministic; see `base.ranks_of`).
+
+Similarity (`similarity`, default: the model's, see vljax/evaluators/late_interaction.py):
+"global" scores by the cosine of the pooled embeddings; "filip" by FILIP's late interaction
+(Yao et al. 2021, Sec. 3.1.1): image -> text ranks texts by the image-to-text similarity
+i2t(x, y) = mean over image tokens of the best text token, text -> image ranks images by the
+text-to-image similarity t2i(x, y) = mean over text tokens of the best image token, each the
+direction the paper's loss (Eqs. 4-5) trains for that query; computed in chunks.
 """
 import re
 from collections.abc import Sequence
@@ -13,6 +20,7 @@ import numpy as np
 
 from vljax.evaluators import base
 from vljax.evaluators import data as data_lib
+from vljax.evaluators import late_interaction
 
 
 def recall_at_k(zimg: np.ndarray, ztxt: np.ndarray, text_to_image: np.ndarray,
@@ -27,20 +35,27 @@ def recall_at_k(zimg: np.ndarray, ztxt: np.ndarray, text_to_image: np.ndarray,
     Returns:
       {"i2t_r{k}": ..., "t2i_r{k}": ...} for each k.
     """
-    n_img, n_txt = len(zimg), len(ztxt)
+    i2t = ((s, zimg[s] @ ztxt.T) for s in base.batch_slices(len(zimg), batch_size))
+    t2i = ((s, ztxt[s] @ zimg.T) for s in base.batch_slices(len(ztxt), batch_size))
+    return recall_from_blocks(i2t, t2i, len(zimg), len(ztxt), text_to_image, ks)
+
+
+def recall_from_blocks(i2t_blocks, t2i_blocks, n_img: int, n_txt: int, text_to_image: np.ndarray,
+                       ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """Retrieval recalls from score blocks: `i2t_blocks` yields (s, [len(s), n_txt]) for slices s
+    of the images covering them all, `t2i_blocks` (s, [len(s), n_img]) for slices of the texts."""
     if np.bincount(text_to_image, minlength=n_img).min() == 0:
         raise ValueError("every image needs at least one caption")
     # i2t: the rank of an image's best-ranked caption. Its best caption is the positive with
     # the highest score (lowest index on ties), which every other positive ranks behind.
     i2t_rank = np.empty(n_img, np.int64)
-    for s in base.batch_slices(n_img, batch_size):
-        block = zimg[s] @ ztxt.T
+    for s, block in i2t_blocks:
         positive = text_to_image[None, :] == np.arange(s.start, s.stop)[:, None]
         best = np.argmax(np.where(positive, block, -np.inf), axis=1)
         i2t_rank[s] = base.ranks_of(block, best)
     t2i_rank = np.empty(n_txt, np.int64)
-    for s in base.batch_slices(n_txt, batch_size):
-        t2i_rank[s] = base.ranks_of(ztxt[s] @ zimg.T, text_to_image[s])
+    for s, block in t2i_blocks:
+        t2i_rank[s] = base.ranks_of(block, text_to_image[s])
     out = {}
     for k in ks:
         out[f"i2t_r{k}"] = float(np.mean(i2t_rank < k))
@@ -53,13 +68,18 @@ class RetrievalEvaluator(base.Evaluator):
     DATA_KEYS = ("name", "split", "data_dir", "max_examples", "exclude")  # the keys of `evals.<name>.data` (checked by config_check too)
 
     def __init__(self, data, captions: Sequence[Sequence[str]], *, name: str,
-                 ks: Sequence[int] = (1, 5, 10)):
+                 ks: Sequence[int] = (1, 5, 10), similarity: str | None = None,
+                 filip_chunk: Sequence[int] = late_interaction.DEFAULT_CHUNK):
         """
         Args:
           data: the images, a source (vljax/evaluators/data.py).
           captions: N lists of captions, captions[i] describing record i of `data` (a str is one
             caption); every record needs at least one.
+          similarity: "global", "filip" (module docstring), or None for the model's.
+          filip_chunk: (images, texts) scored per block with "filip".
         """
+        self.chunk = late_interaction.check(similarity, filip_chunk)
+        self.similarity = similarity
         if len(data) != len(captions):
             raise ValueError(f"{name}: {len(data)} records but {len(captions)} caption lists")
         self.data = data
@@ -94,10 +114,19 @@ class RetrievalEvaluator(base.Evaluator):
         return cls(data_lib.Subset(source, kept), captions, name=name, **kwargs)
 
     def run(self, embedder: base.Embedder) -> dict[str, float]:
-        zimg, index = base.image_embeddings(embedder, self.data)
+        filip = late_interaction.resolve(self.similarity, embedder) == "filip"
+        if filip:
+            img, index = late_interaction.image_tokens(embedder, self.data)
+        else:
+            zimg, index = base.image_embeddings(embedder, self.data)
         captions = [self.captions[i] for i in index]  # of the readable images
         texts = [c for cs in captions for c in cs]
         text_to_image = np.repeat(np.arange(len(captions)), [len(c) for c in captions])
-        ztxt = base.text_embeddings(embedder, texts)
-        metrics = recall_at_k(zimg, ztxt, text_to_image, self.ks)
+        if filip:
+            txt, mask = late_interaction.text_tokens(embedder, texts)
+            i2t = late_interaction.blocks(img, txt, mask, "i2t", rows="images", chunk=self.chunk)
+            t2i = late_interaction.blocks(img, txt, mask, "t2i", rows="texts", chunk=self.chunk)
+            metrics = recall_from_blocks(i2t, t2i, len(img), len(txt), text_to_image, self.ks)
+        else:
+            metrics = recall_at_k(zimg, base.text_embeddings(embedder, texts), text_to_image, self.ks)
         return {f"retrieval/{self.name}/{k}": v for k, v in metrics.items()}

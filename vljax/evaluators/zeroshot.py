@@ -1,5 +1,13 @@
 """Zero-shot classification: class text embeddings (prompt ensembling, optional ZPE weighting),
 top-k / mean per-class accuracy and the confusion matrix.
+
+With `similarity="filip"` (or a model trained with the FILIP loss, see
+vljax/evaluators/late_interaction.py) images are scored by FILIP's late interaction in the
+image -> text direction, i2t(x, y) = mean over image tokens of the best text-token similarity,
+as the paper classifies (Yao et al. 2021, Sec. 3.1.1 and 3.1.2). Token-level class
+representations cannot be averaged like CLIP's pooled embeddings, so the prompt ensemble
+averages the late-interaction SIMILARITIES over a class's prompts (Sec. 3.1.2, "prompt
+ensemble"): s(x, c) = 1/T_c sum_p i2t(x, prompt_p(c)).
 """
 import dataclasses
 import os
@@ -9,6 +17,7 @@ import numpy as np
 
 from vljax.evaluators import base
 from vljax.evaluators import data as data_lib
+from vljax.evaluators import late_interaction
 from vljax.evaluators import plots
 from vljax.evaluators import prompts
 
@@ -116,12 +125,34 @@ def ranks_and_predictions(zimg: np.ndarray, ztxt: np.ndarray, labels: np.ndarray
     rank the lower class index first (see `base.ranks_of`).
     Args: zimg [N, D], ztxt [C, D], labels [N]. Returns: ([N], [N]).
     """
+    return ranks_from_blocks(((s, zimg[s] @ ztxt.T) for s in base.batch_slices(len(zimg), batch_size)),
+                             labels)
+
+
+def ranks_from_blocks(blocks, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rank of the true class [N], top-1 class [N]) from score blocks (s, [len(s), C]) that
+    cover the images in order."""
     ranks, preds = [], []
-    for s in base.batch_slices(len(zimg), batch_size):
-        scores = zimg[s] @ ztxt.T
+    for s, scores in blocks:
         ranks.append(base.ranks_of(scores, labels[s]))
         preds.append(np.argmax(scores, axis=1))  # first maximum: the lower index on ties
     return np.concatenate(ranks), np.concatenate(preds)
+
+
+def filip_class_blocks(img: np.ndarray, per_class_tokens, chunk=late_interaction.DEFAULT_CHUNK):
+    """Yields (s, [len(s), C]) FILIP zero-shot scores: per class, the i2t late-interaction
+    similarity averaged over its prompts (module docstring).
+
+    Args:
+      img: [N, T, D] projected normalised image tokens.
+      per_class_tokens: (tokens [P, L, D], mask [P, L]) of all prompts, and class_of [P] ints.
+    """
+    (txt, mask), class_of = per_class_tokens
+    num_c = int(class_of.max()) + 1
+    average = np.zeros((len(txt), num_c), np.float32)  # [P, C]: 1/T_c where prompt p is of class c
+    average[np.arange(len(txt)), class_of] = 1.0 / np.bincount(class_of, minlength=num_c)[class_of]
+    for s, block in late_interaction.blocks(img, txt, mask, "i2t", rows="images", chunk=chunk):
+        yield s, block @ average
 
 
 def accuracies(ranks: np.ndarray, labels: np.ndarray, ks: Sequence[int] = (1, 5),
@@ -165,7 +196,8 @@ class ZeroShotEvaluator(base.Evaluator):
                  descriptions: str | os.PathLike | Mapping[str, Sequence[str]] | None = None,
                  canonicalize: bool = True, zpe: bool = False, zpe_reference=None,
                  zpe_select: float | None = None, ks: Sequence[int] = (1, 5), plot_dir: str | None = None,
-                 groups: Sequence[int] | None = None):
+                 groups: Sequence[int] | None = None, similarity: str | None = None,
+                 filip_chunk: Sequence[int] = late_interaction.DEFAULT_CHUNK):
         """
         Args:
           data: the images, a source (vljax/evaluators/data.py); only the embedder reads them.
@@ -182,7 +214,14 @@ class ZeroShotEvaluator(base.Evaluator):
           zpe_select: ZPE's MAD selection threshold (the paper: 0.5 ImageNet, 2.0 fine-grained).
           groups: [N] group ids, one per record (e.g. an emoji's category when the labels are
             its subcategories), for the worst-group accuracy.
+          similarity: "global", "filip" (module docstring), or None for the model's.
+          filip_chunk: (images, prompts) scored per block with "filip".
         """
+        self.chunk = late_interaction.check(similarity, filip_chunk)
+        self.similarity = similarity
+        if zpe and similarity == "filip":
+            raise ValueError(f"config keys `evals.{name}.zpe` and `similarity`='filip' conflict: ZPE "
+                             "weights templates by pooled-embedding logits; use one of them")
         names = prompts.load_class_names(class_names)
         self.class_names = [prompts.canonicalize_name(n) for n in names] if canonicalize \
             else names
@@ -227,6 +266,8 @@ class ZeroShotEvaluator(base.Evaluator):
         return cls(source, labels, class_names, name=name, **kwargs)
 
     def evaluate(self, embedder: base.Embedder) -> ZeroShotResult:
+        if late_interaction.resolve(self.similarity, embedder) == "filip":
+            return self._evaluate_filip(embedder)
         zimg, index = base.image_embeddings(embedder, self.data)
         labels = self.labels[index]
         per_class = class_text_embeddings(embedder, self.texts)
@@ -240,6 +281,21 @@ class ZeroShotEvaluator(base.Evaluator):
         else:
             ztxt = ensemble(per_class)
         ranks, preds = ranks_and_predictions(zimg, ztxt, labels)
+        return self._result(ranks, preds, labels, index, weights)
+
+    def _evaluate_filip(self, embedder: base.Embedder) -> ZeroShotResult:
+        if self.zpe:
+            raise ValueError(f"config key `evals.{self.name}.zpe`: the model scores by FILIP late "
+                             "interaction; ZPE weights pooled-embedding logits (set similarity='global')")
+        img, index = late_interaction.image_tokens(embedder, self.data)
+        labels = self.labels[index]
+        flat = [t for ts in self.texts for t in ts]
+        class_of = np.repeat(np.arange(len(self.texts)), [len(ts) for ts in self.texts])
+        blocks = filip_class_blocks(img, (late_interaction.text_tokens(embedder, flat), class_of), self.chunk)
+        ranks, preds = ranks_from_blocks(blocks, labels)
+        return self._result(ranks, preds, labels, index, None)
+
+    def _result(self, ranks, preds, labels, index, weights) -> ZeroShotResult:
         metrics = accuracies(ranks, labels, self.ks,
                              None if self.groups is None else self.groups[index])
         cm = confusion_matrix(labels, preds, len(self.class_names))

@@ -84,10 +84,16 @@ class TwoTowers(nn.Module):
     # LiT with a locked trunk whose features are stored (vljax/features.py): the image tower
     # split at its projection head, both halves the real tower module (params `img/...`).
     @nn.compact
-    def image_trunk(self, images, train: bool = False):
-        """images: [B, H, W, C] -> the image tower's features before its head (pre_logits), [B, F]."""
+    def image_trunk(self, images, train: bool = False, tokens: bool = False):
+        """images: [B, H, W, C] -> the image tower's features before its head (pre_logits), [B, F];
+        with `tokens`, (pre_logits [B, F], the tower's final tokens out["tokens"] [B, N, W])."""
         _, out = get_model(self.image_model)(**(self.image or {}), name="img")(images, train=train)
-        return out["pre_logits"]
+        if not tokens:
+            return out["pre_logits"]
+        if "tokens" not in out:
+            raise ValueError(f"image model {self.image_model!r} gives no out['tokens'] (it has "
+                             f"{sorted(out)}): a token-level loss cannot use its stored features")
+        return out["pre_logits"], out["tokens"]
 
     @nn.compact
     def image_head(self, features, train: bool = False):
@@ -96,3 +102,12 @@ class TwoTowers(nn.Module):
         tower = get_model(self.image_model)(**(self.image or {}), name="img")
         zimg, _ = tower(None, train=train, features=features)
         return _l2_normalize(zimg)
+
+    @nn.compact
+    def image_head_tokens(self, features, tokens, train: bool = False):
+        """features: [B, F], tokens: [B, N, W] from `image_trunk(..., tokens=True)` -> (zimg [B, D],
+        tokens_proj [B, N, D]): the tower's own head on the pooled features and, per token, the
+        projection `__call__` gives as out["img/tokens_proj"] (FILIP on stored LiT features)."""
+        tower = get_model(self.image_model)(**(self.image or {}), name="img")
+        zimg, _ = tower(None, train=train, features=features)
+        return _l2_normalize(zimg), _project_tokens(tower, tokens)
