@@ -18,6 +18,11 @@ streamed the same way; only the set's tokens [N, T, D] are kept.
   evaluation round: params are fixed), so evaluators over the same data or class prompts share
   one forward pass.
 - The last batch is padded to the batch size in one place, `_pad`, so each tower compiles once.
+- Nothing waits per batch: batches are decoded ahead in threads or grain worker processes
+  (`workers`, config.input.eval_workers), each batch's tower call is dispatched before the
+  previous batch's result is copied to the host (`_one_behind`), and the jitted towers are
+  shared by every Embedder of an equal model on the same mesh (`_towers`), so a fresh Embedder
+  per evaluation compiles nothing after the first.
 """
 from __future__ import annotations
 
@@ -58,6 +63,61 @@ def _local(x: jax.Array) -> np.ndarray:
 
 def _pick(out: dict, *keys):
     return tuple(out[k] for k in keys)
+
+
+def _one_behind(outputs):
+    """outputs: an iterator of dispatched tower calls (pytrees of replicated global arrays) ->
+    their host copies (numpy, this process's copy), in order. Call j+1 is dispatched (the next
+    batch made and put on the mesh) before call j's result is waited for, so the host prepares
+    batch j+1 while the devices run batch j and the device->host copy starts as soon as j ends."""
+    prev = None
+    for out in outputs:
+        local = jax.tree.map(lambda a: a.addressable_data(0), out)
+        for a in jax.tree.leaves(local):
+            a.copy_to_host_async()
+        if prev is not None:
+            yield jax.tree.map(np.asarray, prev)
+        prev = local
+    if prev is not None:
+        yield jax.tree.map(np.asarray, prev)
+
+
+class _Towers:
+    """The jitted tower functions of `model` on `mesh`, outputs replicated."""
+
+    def __init__(self, model, mesh):
+        replicated = NamedSharding(mesh, P())
+        self.img = jax.jit(lambda p, x, m: (model.apply({"params": p}, x, None)[0], m),
+                           out_shardings=(replicated, replicated))
+        self.txt = jax.jit(lambda p, t: model.apply({"params": p}, None, t)[1],
+                           out_shardings=replicated)
+        self.head = jax.jit(lambda p, f, m: (model.apply({"params": p}, f, method=model.image_head), m),
+                            out_shardings=(replicated, replicated))
+        # Late interaction: the projected tokens (and the text masks) instead of the pooled z.
+        self.img_tok = jax.jit(lambda p, x, m: (model.apply({"params": p}, x, None)[2]["img/tokens_proj"], m),
+                               out_shardings=(replicated, replicated))
+        self.txt_tok = jax.jit(lambda p, t: _pick(model.apply({"params": p}, None, t)[2],
+                                                  "txt/tokens_proj", "txt/mask"),
+                               out_shardings=replicated)
+        self.head_tok = jax.jit(lambda p, f, t, m: (model.apply({"params": p}, f, t.astype(f.dtype),
+                                                                method=model.image_head_tokens)[1], m),
+                                out_shardings=(replicated, replicated))
+
+
+_TOWERS: list = []  # [(model, mesh, _Towers)], the most recent last
+
+
+def _towers(model, mesh) -> _Towers:
+    """The towers of an equal model (flax modules compare by their fields; they are not
+    hashable) on the same mesh, jitted once per process: jax caches compilations per jitted
+    function, so Embedders made afresh for each evaluation reuse them."""
+    for i, (m, me, t) in enumerate(_TOWERS):
+        if me == mesh and m == model:
+            _TOWERS.append(_TOWERS.pop(i))
+            return t
+    _TOWERS.append((model, mesh, _Towers(model, mesh)))
+    del _TOWERS[:-4]  # a few models at most (soups, WiSE-FT) are evaluated in one process
+    return _TOWERS[-1][2]
 
 
 class _Rows:
@@ -115,14 +175,17 @@ class Embedder:
       data_dir: TFDS data dir for data given as config entries.
       similarity: how evaluators score by default: "global" (cosine of the pooled embeddings) or
         "filip" (late interaction; a model trained with loss "filip", vljax/factory.py's spec).
+      read_threads, workers: batches decoded ahead by this many threads, or by `workers` grain
+        worker processes when > 0 (config.input.eval_workers; the tokenizer must be picklable).
     """
 
     def __init__(self, model, params, tokenizer, *, mesh, image_size: int, value_range,
                  batch_size: int = 64, data_dir=None, feature_store=None, progress: bool = True,
-                 similarity: str = "global"):
+                 similarity: str = "global", read_threads: int = 4, workers: int = 0):
         self.model, self.tokenizer, self.mesh = model, tokenizer, mesh
         self.similarity = similarity
         self.progress = progress
+        self.read_threads, self.workers = int(read_threads), int(workers)
         self.feature_store = feature_store
         self.image_size, self.value_range, self.data_dir = int(image_size), value_range, data_dir
         shards = math.prod(mesh.shape[a] for a in sharding.batch_axes(mesh))
@@ -130,27 +193,11 @@ class Embedder:
         self.batch_size = -(-int(batch_size) // step) * step
         self._batch_sharding = sharding.batch_sharding(mesh)
         self.params = self._on_mesh(params)
-        replicated = NamedSharding(mesh, P())
-        self._img = jax.jit(lambda p, x, m: (model.apply({"params": p}, x, None)[0], m),
-                            out_shardings=(replicated, replicated))
-        self._txt = jax.jit(lambda p, t: model.apply({"params": p}, None, t)[1],
-                            out_shardings=replicated)
-        self._head = jax.jit(lambda p, f, m: (model.apply({"params": p}, f, method=model.image_head), m),
-                             out_shardings=(replicated, replicated))
-        # Late interaction: the projected tokens (and the text masks) instead of the pooled z.
-        self._img_tok = jax.jit(lambda p, x, m: (model.apply({"params": p}, x, None)[2]["img/tokens_proj"], m),
-                                out_shardings=(replicated, replicated))
-        self._txt_tok = jax.jit(lambda p, t: _pick(model.apply({"params": p}, None, t)[2],
-                                                   "txt/tokens_proj", "txt/mask"),
-                                out_shardings=replicated)
-        self._head_tok = jax.jit(lambda p, f, t, m: (model.apply({"params": p}, f, t.astype(f.dtype),
-                                                                 method=model.image_head_tokens)[1], m),
-                                 out_shardings=(replicated, replicated))
+        self._fn = _towers(model, mesh)
         self._images, self._texts = {}, {}
 
     def with_params(self, params) -> "Embedder":
-        """The same towers (compiled once) over other params, with empty caches: the trainer's
-        evaluations at every eval step reuse one compilation."""
+        """The same towers over other params, with empty caches (one per evaluation)."""
         new = copy.copy(self)
         new.params = self._on_mesh(params)
         new._images, new._texts = {}, {}
@@ -197,18 +244,23 @@ class Embedder:
             return self._stream_features(data, tokens)
         batches = pipeline.make_eval_batches(
             data, batch_size=self.batch_size, image_size=self.image_size,
-            value_range=self.value_range, data_dir=self.data_dir)
+            value_range=self.value_range, data_dir=self.data_dir, read_threads=self.read_threads,
+            workers=self.workers)
         b, s = batches.batch, self.image_size
         rows = _Rows(batches.num_examples, self.batch_size)
-        fn = self._img_tok if tokens else self._img
+        fn = self._fn.img_tok if tokens else self._fn.img
         bar = logs.progress(batches, desc=f"embed {_name(data)}", total=len(batches), unit="batch",
                             leave=False, enabled=self.progress)
-        for j, batch in enumerate(bar):
-            x = jax.make_array_from_process_local_data(
-                self._batch_sharding, _pad(batch["image"], b), (self.batch_size, s, s, 3))
-            m = jax.make_array_from_process_local_data(
-                self._batch_sharding, _pad(batch["mask"], b), (self.batch_size,))
-            rows.put(j, *(_local(a) for a in fn(self.params, x, m)))
+
+        def dispatched():
+            for batch in bar:
+                x = jax.make_array_from_process_local_data(
+                    self._batch_sharding, _pad(batch["image"], b), (self.batch_size, s, s, 3))
+                m = jax.make_array_from_process_local_data(
+                    self._batch_sharding, _pad(batch["mask"], b), (self.batch_size,))
+                yield fn(self.params, x, m)
+        for j, out in enumerate(_one_behind(dispatched())):
+            rows.put(j, *out)
         return rows.result(data, f" (skipped: {batches.skipped})")
 
     def _stream_features(self, data, tokens: bool) -> Embedded:
@@ -226,8 +278,8 @@ class Embedder:
         b = self.batch_size // pc
         rows = _Rows(n, self.batch_size)
         shapes = {"features": (store.num_features,), "tokens": store.token_shape}
-        for j in logs.progress(range(-(-n // self.batch_size)), desc=f"embed {_name(data)}", unit="batch",
-                               leave=False, enabled=self.progress):
+
+        def dispatched(j):
             recs = [store[i] for i in range(min(j * self.batch_size + pi * b, n),
                                             min(j * self.batch_size + (pi + 1) * b, n))]
             ok = np.asarray([("features" in r) for r in recs], bool).reshape(len(recs))
@@ -241,26 +293,29 @@ class Embedder:
                 return jax.make_array_from_process_local_data(self._batch_sharding, _pad(f, b),
                                                               (self.batch_size,) + shapes[k])
             m = jax.make_array_from_process_local_data(self._batch_sharding, _pad(ok, b), (self.batch_size,))
-            out = (self._head_tok(self.params, stacked("features"), stacked("tokens"), m) if tokens
-                   else self._head(self.params, stacked("features"), m))
-            rows.put(j, *(_local(a) for a in out))
+            return (self._fn.head_tok(self.params, stacked("features"), stacked("tokens"), m) if tokens
+                    else self._fn.head(self.params, stacked("features"), m))
+        steps = logs.progress(range(-(-n // self.batch_size)), desc=f"embed {_name(data)}", unit="batch",
+                              leave=False, enabled=self.progress)
+        for j, out in enumerate(_one_behind(map(dispatched, steps))):
+            rows.put(j, *out)
         return rows.result(data, "")
 
     # -- texts and in-memory images ------------------------------------------------------------
     def _host_batches(self, fn, x: np.ndarray):
         """fn over host rows x [N, ...] (the same on every process) in padded global batches; fn
         returns an array or a tuple of arrays (float outputs come back float32)."""
-        out = []
-        for lo in range(0, len(x), self.batch_size):
-            chunk = _pad(x[lo:lo + self.batch_size], self.batch_size)
-            g = jax.make_array_from_callback(chunk.shape, self._batch_sharding,
-                                             lambda idx, c=chunk: c[idx])
-            out.append(jax.tree.map(lambda a, n=len(x) - lo: _local(a)[:n], fn(g)))
+        def dispatched():
+            for lo in range(0, len(x), self.batch_size):
+                chunk = _pad(x[lo:lo + self.batch_size], self.batch_size)
+                yield fn(jax.make_array_from_callback(chunk.shape, self._batch_sharding,
+                                                      lambda idx, c=chunk: c[idx]))
+        out = list(_one_behind(dispatched()))
         if not out:
             raise ValueError("nothing to embed: got no rows")
         cat = lambda *a: np.concatenate(a).astype(np.float32 if np.issubdtype(a[0].dtype, np.floating)  # noqa: E731
                                                  else a[0].dtype)
-        return jax.tree.map(cat, *out)
+        return jax.tree.map(lambda *a: cat(*a)[:len(x)], *out)
 
     def embed_texts(self, texts) -> np.ndarray:
         """texts: N strings -> [N, D] float32 L2-normalised; cached per tuple of texts."""
@@ -277,7 +332,7 @@ class Embedder:
         key = (tuple(texts), tokens)
         if key not in self._texts:
             ids = np.asarray(self.tokenizer(list(key[0])), np.int32)
-            fn = self._txt_tok if tokens else self._txt
+            fn = self._fn.txt_tok if tokens else self._fn.txt
             self._texts[key] = self._host_batches(lambda t: fn(self.params, t), ids)
         return self._texts[key]
 
@@ -287,4 +342,4 @@ class Embedder:
         images = np.asarray(images, np.float32)
         ones = np.ones((self.batch_size,), bool)
         mask = jax.make_array_from_callback(ones.shape, self._batch_sharding, lambda idx: ones[idx])
-        return self._host_batches(lambda x: self._img(self.params, x, mask)[0], images)
+        return self._host_batches(lambda x: self._fn.img(self.params, x, mask)[0], images)

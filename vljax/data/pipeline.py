@@ -10,6 +10,8 @@ Training config (`config.input`, an ml_collections ConfigDict or a dict):
     augment=dict(random_resized_crop=(0.8, 1.0), greyscale=0.1, colour_jitter=0.0),
     num_workers=2,               # grain worker processes; 0 = in this process
     read_threads=4,              # threads per worker that read + preprocess examples
+    eval_workers=0,              # evaluation: grain worker processes decoding whole batches;
+                                 # 0 = threads of this process (vljax/embedder.py)
     label=False,                 # add batch["label"] from each source's label_key (-1 if none)
     labels=False,                # add batch["labels"]: label sets (tfds labels_key, jsonl num_labels)
                                  # multi-hot bool [B, K] over the union of the sources' label names
@@ -18,6 +20,7 @@ Training config (`config.input`, an ml_collections ConfigDict or a dict):
 Shuffling is grain's global index shuffle (random access, no buffer), reseeded every epoch, so
 there is no shuffle_buffer setting.
 """
+import dataclasses
 import math
 
 from absl import flags
@@ -28,7 +31,7 @@ import numpy as np
 
 from vljax.data import sources as sources_lib
 from vljax.data.preprocess import (SKIP_REASONS, SKIPPED_KEY, Collate, Preprocess,
-                                   SkipCountingBatch)
+                                   SkipCountingBatch, count_skips)
 
 
 def _seed(*parts: int) -> int:
@@ -174,12 +177,7 @@ def make_train_dataset(config, tokenizer, *, seed: int, process_index: int = 0,
     ds = SkipCountingBatch(ds, batch, collate)
     workers = int(_get(config, "num_workers", 0))
     if workers > 0:
-        # grain's worker processes read absl flags; outside an absl app they are unparsed and
-        # every worker would die with UnparsedFlagAccessError. Defaults are what they would get.
-        if not flags.FLAGS.is_parsed():
-            flags.FLAGS.mark_as_parsed()
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-            num_workers=workers, per_worker_buffer_size=int(_get(config, "worker_buffer", 2))))
+        ds = _worker_prefetch(ds, workers, buffer=int(_get(config, "worker_buffer", 2)))
     return ds
 
 
@@ -203,7 +201,7 @@ def make_train_iterator(config, tokenizer, *, seed: int, process_index: int | No
 
 
 def make_eval_batches(data, *, batch_size: int, image_size: int, value_range="efficientnet",
-                      tokenizer=None, data_dir=None, read_threads: int = 4,
+                      tokenizer=None, data_dir=None, read_threads: int = 4, workers: int = 0,
                       process_index: int | None = None, process_count: int | None = None,
                       greyscale: bool = False):
     """Yields this process's rows of the eval batches over one source, in order, each record once.
@@ -219,33 +217,61 @@ def make_eval_batches(data, *, batch_size: int, image_size: int, value_range="ef
     mask False (counted in `EvalBatches.skipped`). Every process yields `num_batches` batches,
     as collective evaluation steps need. `greyscale=True` turns every image grey (3 equal
     channels), exactly as the training augmentation does (the grey view of stored LiT features).
+
+    Whole batches are read, decoded and preprocessed ahead of the consumer, `read_threads` at a
+    time in threads, or in `workers` grain worker processes (config.input.eval_workers; the
+    tokenizer must then be picklable), while the consumer runs the towers on earlier batches.
     """
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     source = sources_lib.get_source(data, data_dir=data_dir) if isinstance(
         data, (dict, ml_collections.ConfigDict)) else data
     return EvalBatches(source, batch_size=batch_size, image_size=image_size, value_range=value_range,
-                       tokenizer=tokenizer, read_threads=read_threads,
+                       tokenizer=tokenizer, read_threads=read_threads, workers=workers,
                        process_index=process_index, process_count=process_count, greyscale=greyscale)
 
 
-class _ProcessRows:
-    """The records process p reads, in order: rows [j*B + p*b, j*B + (p+1)*b) of every global
-    batch j, cut at the end of the source."""
+def _worker_prefetch(ds: grain.IterDataset, workers: int, buffer: int) -> grain.IterDataset:
+    """`ds` computed in `workers` grain worker processes (element order kept)."""
+    # grain's worker processes read absl flags; outside an absl app they are unparsed and
+    # every worker would die with UnparsedFlagAccessError. Defaults are what they would get.
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=buffer))
 
-    def __init__(self, source, global_batch: int, process_index: int, process_count: int):
-        self.source, self.B = source, global_batch
-        self.b = global_batch // process_count
-        self.lo = process_index * self.b
-        n = len(source)
-        self.rows = [j * self.B + r for j in range(math.ceil(n / self.B))
-                     for r in range(self.lo, self.lo + self.b) if j * self.B + r < n]
 
-    def __len__(self):
-        return len(self.rows)
+@dataclasses.dataclass(frozen=True)
+class _EvalBatch:
+    """j -> process p's rows of global batch j (see make_eval_batches), with "_skipped": how many
+    of them could not be read, per reason (int64 [len(SKIP_REASONS)]). Picklable: it runs in
+    grain's worker processes or threads."""
+    source: object
+    pre: Preprocess
+    tokenizer: object
+    global_batch: int
+    batch: int
+    lo: int  # p * b
 
-    def __getitem__(self, k):
-        return {**self.source[self.rows[k]], "index": self.rows[k]}
+    def __call__(self, j: int) -> dict:
+        first = j * self.global_batch + self.lo
+        n = max(0, min(self.batch, len(self.source) - first))
+        s = self.pre.image_size
+        image = np.zeros((n, s, s, 3), np.float32)
+        label = np.full((n,), -1, np.int32)
+        mask = np.zeros((n,), bool)
+        captions, skipped = [""] * n, []
+        for k in range(n):
+            ex = self.pre.eval(self.source[first + k])
+            if "skip" in ex:
+                skipped.append(ex)
+                continue
+            image[k], label[k], mask[k], captions[k] = ex["image"], ex["label"], True, ex["caption"]
+        out = {"image": image, "label": label, "index": np.arange(first, first + n, dtype=np.int32),
+               "mask": mask, SKIPPED_KEY: count_skips(skipped)}
+        if self.tokenizer is not None:
+            out["text"] = (np.asarray(self.tokenizer(captions), np.int32) if n else
+                           np.zeros((0, self.tokenizer.max_len), np.int32))
+        return out
 
 
 class EvalBatches:
@@ -253,48 +279,33 @@ class EvalBatches:
     the last pass, per reason; `num_batches` is the same on every process."""
 
     def __init__(self, source, *, batch_size, image_size, value_range, tokenizer, read_threads,
-                 process_index, process_count, greyscale=False):
+                 process_index, process_count, workers=0, greyscale=False):
         self.source = source
         self.batch = _local_batch_size(batch_size, process_count)
         self.global_batch = batch_size
         self.num_examples = len(self.source)
         self.num_batches = math.ceil(self.num_examples / batch_size)
         # Without a tokenizer nothing reads the captions: records without one still count.
-        self._pre = Preprocess(image_size=image_size, value_range=_value_range(value_range),
-                               require_caption=tokenizer is not None, force_greyscale=greyscale)
-        self._tok, self._threads = tokenizer, read_threads
-        self._shard = (process_index, process_count)
+        pre = Preprocess(image_size=image_size, value_range=_value_range(value_range),
+                         require_caption=tokenizer is not None, force_greyscale=greyscale)
+        self._make = _EvalBatch(source, pre, tokenizer, batch_size, self.batch, process_index * self.batch)
+        self._threads, self._workers = int(read_threads), int(workers)
         self.skipped = dict.fromkeys(SKIP_REASONS, 0)
 
     def __len__(self):
         return self.num_batches
 
     def __iter__(self):
-        pi, pc = self._shard
-        rows = _ProcessRows(self.source, self.global_batch, pi, pc)
-        ds = grain.MapDataset.source(rows).map(lambda r: (r["index"], self._pre.eval(r)))
-        it = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=self._threads,
-                                                       prefetch_buffer_size=2 * self.batch)))
+        ds = grain.MapDataset.range(self.num_batches).map(self._make)
+        ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=self._threads,
+                                                  prefetch_buffer_size=max(1, self._threads)))
+        if self._workers > 0:
+            ds = _worker_prefetch(ds, self._workers, buffer=1)
         self.skipped = dict.fromkeys(SKIP_REASONS, 0)
-        s = self._pre.image_size
-        for j in range(self.num_batches):
-            n = max(0, min(self.batch, self.num_examples - j * self.global_batch - rows.lo))
-            exs = [ex for _, ex in zip(range(n), it)]
-            image = np.zeros((n, s, s, 3), np.float32)
-            label = np.full((n,), -1, np.int32)
-            index = np.asarray([i for i, _ in exs], np.int32).reshape(n)
-            mask = np.zeros((n,), bool)
-            captions = [""] * n
-            for k, (_, ex) in enumerate(exs):
-                if "skip" in ex:
-                    self.skipped[ex["skip"]] += 1
-                    continue
-                image[k], label[k], mask[k], captions[k] = ex["image"], ex["label"], True, ex["caption"]
-            out = {"image": image, "label": label, "index": index, "mask": mask}
-            if self._tok is not None:
-                out["text"] = (np.asarray(self._tok(captions), np.int32) if n else
-                               np.zeros((0, self._tok.max_len), np.int32))
-            yield out
+        for batch in ds:
+            for reason, n in zip(SKIP_REASONS, batch.pop(SKIPPED_KEY)):
+                self.skipped[reason] += int(n)
+            yield batch
 
 
 def first_examples(data, n: int, *, image_size: int, value_range="efficientnet", data_dir=None):
