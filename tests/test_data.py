@@ -457,6 +457,24 @@ def test_eval_batches_slice_and_mask(tmp_path):
     assert sum(int(b["mask"].sum()) for p in per for b in p) == 8
 
 
+def test_eval_batches_from_worker_processes_equal_threads(tmp_path):
+    """eval_workers: the same batches, in order, and the same skip counts as threads in-process."""
+    root = _bad_records_folder(tmp_path)
+    data = dict(source="folder", path=str(root), label_from_folder=True)
+    runs = {}
+    for workers in (0, 2):
+        ev = pipeline.make_eval_batches(data, batch_size=4, image_size=8, tokenizer=CharTokenizer(),
+                                        workers=workers, process_index=0, process_count=1)
+        runs[workers] = (list(ev), dict(ev.skipped))
+    (threads, skipped), (procs, skipped_procs) = runs[0], runs[2]
+    assert skipped_procs == skipped == {"missing_file": 1, "decode_error": 1, "empty_caption": 1, "read_error": 0}
+    assert len(procs) == len(threads) == 3
+    for a, b in zip(threads, procs):
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+
+
 def test_evaluators_read_metadata_of_a_tiny_tfds_set(tmp_path):
     from vljax.evaluators import FewShotEvaluator, MultilabelEvaluator, RetrievalEvaluator
     from vljax.evaluators import ZeroShotEvaluator, data as eval_data

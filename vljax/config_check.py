@@ -65,6 +65,7 @@ _INPUT = {
     "augment": (False, (dict, type(None))),
     "num_workers": (False, (int,)),
     "read_threads": (False, (int,)),
+    "eval_workers": (False, (int,)),
     "worker_buffer": (False, (int,)),
     "label": (False, (bool,)),
     "labels": (False, (bool,)),

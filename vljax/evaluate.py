@@ -35,6 +35,7 @@ def evaluate(predictor, config, only=None, plot_dir: str | None = None) -> dict[
                         mesh=sharding.make_mesh([("data", -1)]), image_size=predictor.image_size,
                         value_range=predictor.value_range,
                         batch_size=config.get("eval_batch_size", 64),
+                        workers=config.get("input", {}).get("eval_workers", 0),
                         similarity=predictor.embedder.similarity)  # the model's (its spec)
     results = {}
     for name, ev in evaluators.items():

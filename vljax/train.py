@@ -350,6 +350,7 @@ class Trainer:
                                       image_size=inp.image_size,
                                       value_range=inp.get("value_range", "efficientnet"),
                                       batch_size=self.config.get("eval_batch_size", 64),
+                                      workers=inp.get("eval_workers", 0),  # decoding: threads when 0
                                       feature_store=store, progress=False,  # inside training: one line per round
                                       similarity=self.spec["similarity"])  # the trained loss's
             return self._embedder
