@@ -23,7 +23,8 @@ from vljax import logs
 
 
 def evaluate(predictor, config, only=None, plot_dir: str | None = None) -> dict[str, float]:
-    """Runs `config.evals` (or those named in `only`) on a `Predictor`; {metric: value}.
+    """Runs `config.evals` (or those named in `only`) on a model (`factory.load`'s Bundle or a
+    `Predictor`); {metric: value}.
 
     One Embedder streams every eval set over a mesh of all devices (params replicated), with the
     model's image size and normalisation; evals over the same data or class prompts share it.
@@ -36,7 +37,7 @@ def evaluate(predictor, config, only=None, plot_dir: str | None = None) -> dict[
                         value_range=predictor.value_range,
                         batch_size=config.get("eval_batch_size", 64),
                         workers=config.get("input", {}).get("eval_workers", 0),
-                        similarity=predictor.embedder.similarity)  # the model's (its spec)
+                        similarity=predictor.similarity)  # the model's (its spec)
     results = {}
     for name, ev in evaluators.items():
         t0 = time.perf_counter()

@@ -29,7 +29,7 @@ class Predictor:
         from vljax.embedder import Embedder
         self.model, self.params, self.tokenizer = model, params, tokenizer
         self.image_size, self.value_range = image_size, value_range
-        self.sigmoid = loss == "sigmoid"
+        self.sigmoid, self.similarity = loss == "sigmoid", similarity
         # A few photos at a time: one local device is enough (vljax.evaluate shards data sets).
         mesh = sharding.make_mesh([("data", 1)], devices=jax.local_devices()[:1])
         self.embedder = Embedder(model, params, tokenizer, mesh=mesh, image_size=image_size,

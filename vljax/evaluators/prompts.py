@@ -191,12 +191,15 @@ def load_class_names(source: str | os.PathLike | Sequence[str]) -> list[str]:
 
 def load_descriptions(source: str | os.PathLike | Mapping[str, Sequence[str]]
                       ) -> dict[str, list[str]]:
-    """CuPL descriptions: a JSON file or dict mapping class name -> list of sentences."""
+    """CuPL descriptions: a JSON file or dict mapping class name -> list of sentences; keys that
+    start with "_" (e.g. "_about": where the sentences come from) are notes, not classes."""
     if isinstance(source, (str, os.PathLike)):
         with open(source, encoding="utf-8") as f:
             source = json.load(f)
     out = {}
     for name, sentences in source.items():
+        if str(name).startswith("_"):
+            continue
         if isinstance(sentences, str):
             sentences = [sentences]
         out[str(name)] = [str(s) for s in sentences]
