@@ -104,6 +104,16 @@ class _Towers:
                                 out_shardings=(replicated, replicated))
 
 
+def _same(a, b) -> bool:
+    """Equal modules; one whose fields cannot be compared (arrays in its config) only to itself."""
+    if a is b:
+        return True
+    try:
+        return bool(a == b)
+    except (TypeError, ValueError):
+        return False
+
+
 _TOWERS: list = []  # [(model, mesh, _Towers)], the most recent last
 
 
@@ -112,7 +122,7 @@ def _towers(model, mesh) -> _Towers:
     hashable) on the same mesh, jitted once per process: jax caches compilations per jitted
     function, so Embedders made afresh for each evaluation reuse them."""
     for i, (m, me, t) in enumerate(_TOWERS):
-        if me == mesh and m == model:
+        if me == mesh and _same(m, model):
             _TOWERS.append(_TOWERS.pop(i))
             return t
     _TOWERS.append((model, mesh, _Towers(model, mesh)))
