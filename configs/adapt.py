@@ -43,15 +43,16 @@ def get_config(arg=None):
                 cocoop_steps=a["cocoop_steps"], cocoop_lr=0.02, cocoop_batch_size=4)
     methods = ["zeroshot", "ridge", "crossmodal", "tip", "tip_f", "coop"]
     shots = [1, 2, 4, 8, 16]
+    tip = dict(tip_f_epochs=20)  # Tip-Adapter-F: the paper's 20 epochs (lr 1e-3, batch 256)
     fmnist = dict(name="vljax_fashion_mnist", max_examples=2000)
     c.evals = dict(
         fmnist_fewshot=dict(type="fewshot_adapt", data=dict(fmnist, per_class=26),
                             methods=methods, shots=shots, seeds=a["seeds"], templates="clip80",
-                            coop=coop),
+                            coop=coop, **tip),
         emoji_fewshot=dict(type="fewshot_adapt",
                            data=dict(name="vljax_emoji", label="category", per_class=26),
                            methods=methods, shots=shots, seeds=a["seeds"], templates="icon",
-                           coop=coop),
+                           coop=coop, **tip),
         # CoCoOp runs the text tower once per (image, class): its own entries, on 500 Fashion-MNIST
         # test images, one seed, 4 and 16 shots (the splits are those of the entries above).
         fmnist_cocoop=dict(type="fewshot_adapt", data=dict(fmnist, per_class=26, max_examples=500),

@@ -27,6 +27,48 @@ def test_tip_logits_equal_the_equations():
     np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5)
 
 
+def test_search_grid_is_the_official_one():
+    # utils.search_hp of gaopengcuhk/Tip-Adapter, search_scale 7 and 3, search_step 200 and 20.
+    betas, alphas = tip_adapter.search_grid(7, 200), tip_adapter.search_grid(3, 20)
+    assert len(betas) == 200 and betas[0] == 0.1 and betas[1] == 0.1345 and betas[-1] == 6.9655
+    assert alphas[:3] == (0.1, 0.245, 0.39) and alphas[-1] == 2.855
+    assert max(tip_adapter.DEFAULT_BETAS) == tip_adapter.search_grid(50, 200)[-1]
+
+
+def test_search_is_the_best_pair_of_the_equations_on_held_out_images():
+    rng = np.random.default_rng(5)
+    f, keys, w = (normalize(rng.normal(size=s)) for s in ((40, 8), (9, 8), (3, 8)))
+    labels, y = np.repeat(np.arange(3), 3), rng.integers(0, 3, 40)
+    alphas, betas = (0.0, 0.5, 2.0, 8.0), (1.0, 4.0, 16.0)
+    accs = {(a, b): np.mean(np.argmax(_reference_tip(f, keys, labels, w, 3.0, a, b, 3), 1) == y)
+            for a in alphas for b in betas}
+    best = max(accs.values())
+    # Ties: the smallest alpha, then the smallest beta.
+    want = min((a, b) for (a, b), acc in accs.items() if acc == best)
+    got = tip_adapter.search(f, y, keys, tip_adapter.one_hot(labels, 3), w, 3.0,
+                             alphas[::-1], betas[::-1])
+    assert got[:2] == want and got[2] == pytest.approx(best)
+
+
+def test_tip_f_step_is_adamw_on_the_gradient_of_the_equations():
+    # One epoch of at most 256 images = one full-batch AdamW step (torch semantics: decoupled
+    # weight decay lr * wd * k, eps outside the square root; first step: m^ = g, v^ = g^2).
+    rng = np.random.default_rng(6)
+    f, keys, w = (normalize(rng.normal(size=s)) for s in ((12, 8), (6, 8), (3, 8)))
+    y, labels = rng.integers(0, 3, 12), np.repeat(np.arange(3), 2)
+    values, scale, alpha, beta, lr, wd = tip_adapter.one_hot(labels, 3), 5.0, 1.5, 2.0, 1e-2, 0.01
+    logits = _reference_tip(f, keys, labels, w, scale, alpha, beta, 3)
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    affinity = np.exp(-beta * (1.0 - f @ keys.T))                     # [M, NK]
+    dlogits = (p - np.eye(3)[y]) / len(y)                               # d mean CE / d logits
+    grad = alpha * beta * ((dlogits @ values.T) * affinity).T @ f       # [NK, D]
+    want = keys - lr * wd * keys - lr * grad / (np.abs(grad) + 1e-4)
+    got = tip_adapter.finetune_keys(f, y, keys, values, w, scale, alpha=alpha, beta=beta,
+                                    epochs=1, lr=lr, weight_decay=wd)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 def _clusters(seed, n_per_class, num_classes=4, dim=16, noise=0.35):
     rng = np.random.default_rng(seed)
     centers = normalize(rng.normal(size=(num_classes, dim)))
@@ -61,7 +103,7 @@ def test_tip_f_lowers_the_training_loss_and_leaves_values_alone():
         logits = logits - logits.max(1, keepdims=True)
         return -np.mean(logits[np.arange(len(y)), y] - np.log(np.exp(logits).sum(1)))
 
-    keys = tip_adapter.finetune_keys(x, y, x, values, w, 10.0, steps=50, lr=1e-2)
+    keys = tip_adapter.finetune_keys(x, y, x, values, w, 10.0, epochs=50, lr=1e-2)
     assert keys.shape == x.shape and not np.allclose(keys, x)
     assert loss(keys) < loss(x) - 0.05
 
@@ -97,7 +139,7 @@ def _evaluator_case(text_good: bool):
         [images[i] for i in train], labels[train], [images[i] for i in test], labels[test],
         names, name="toy", templates=["a photo of a {}."], shots=(1, 4, 16), seeds=2,
         methods=("zeroshot", "ridge", "crossmodal", "tip", "tip_f"), holdout_per_class=10,
-        tip_f_steps=20)
+        tip_f_epochs=20)
     return ev, TableEmbedder(table, texts)
 
 

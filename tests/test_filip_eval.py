@@ -59,7 +59,8 @@ def setup(tmp_path_factory):
         ref[f"retrieval/ret/i2t_r{k}"] = np.mean([(owner[top_t[i]] == i).any() for i in range(len(img))])
         top_i = np.argsort(-t2i.T, axis=1)[:, :k]  # text -> image by t2i
         ref[f"retrieval/ret/t2i_r{k}"] = np.mean([(top_i[j] == owner[j]).any() for j in range(len(owner))])
-    return dict(model=model, params=params, tok=tok, evaluators=evaluators, index=index, img=img, ref=ref)
+    return dict(model=model, params=params, tok=tok, evaluators=evaluators, index=index, img=img, ref=ref,
+                class_scores=scores)
 
 
 def _metrics(setup, emb):
@@ -113,6 +114,26 @@ def test_similarity_defaults_to_the_model_and_the_config_overrides_it(setup):
         zs.similarity = "filip"
     assert {k: by_model["filip"][k] for k in setup["ref"] if k.startswith("zeroshot")} == pytest.approx(
         {k: v for k, v in setup["ref"].items() if k.startswith("zeroshot")})
+
+
+def test_gzsl_scores_a_filip_model_by_late_interaction(setup):
+    """GZSL's class scores for a FILIP model are the zero-shot FILIP scores (i2t averaged over each
+    class's prompts), chunked or not; the same evaluator scores a global model by cosine."""
+    from vljax.evaluators.gzsl import GZSLEvaluator
+    zs = setup["evaluators"]["zs"]
+    gz = GZSLEvaluator(zs.data, zs.labels, zs.class_names, seen_classes=[0], name="gz",
+                       templates=["a photo of {}.", "{}", "art of the {}"], canonicalize=False,
+                       filip_chunk=(3, 2))
+    assert gz.texts == zs.texts
+    mesh = sharding.make_mesh([("data", 1)], devices=jax.devices()[:1])
+    emb = {s: Embedder(setup["model"], setup["params"], setup["tok"], mesh=mesh, image_size=SIZE,
+                       value_range=VALUE_RANGE, batch_size=8, similarity=s) for s in ("global", "filip")}
+    scores, index = gz.scores(emb["filip"])
+    np.testing.assert_array_equal(index, setup["index"])
+    np.testing.assert_allclose(scores, setup["class_scores"], atol=1e-5)
+    cosine, _ = gz.scores(emb["global"])
+    assert np.abs(cosine - scores).max() > 1e-3  # another similarity, not the same numbers
+    assert set(gz.run(emb["filip"])) >= {"gzsl/gz/harmonic", "gzsl/gz/ausuc"}
 
 
 def test_config_errors_name_the_key():

@@ -506,6 +506,13 @@ def cwcl_loss(zimg, ztxt, t, img_features, txt_features, axis_name=None, ref_mod
     features), never from a trained head, and carry no gradient. symmetric=True averages in
     L_{V->U} (anchors q_i, softmax over p_j; the same weights, w being symmetric).
 
+    Limitation, measured: the weights are near-uniform when the frozen features are all
+    non-negative (a CNN's pooled post-ReLU features, e.g. EfficientNet-Lite's pre_logits: cosines
+    0.09-1, mean 0.37, so every w_ij >= 0.5). At batch 128 the targets' entropy is then 4.848 against
+    ln 128 = 4.852, the loss is minimised by nearly equal logits, and the LiT demo trained with CWCL
+    stays at loss 4.851 with held-out retrieval at chance (experiments/README.md, loss ablation).
+    The paper's frozen towers are transformers whose embeddings spread over the sphere.
+
     Args:
       zimg, ztxt: [b, D] embeddings; t: scalar logit scale.
       img_features: [b, F] the image trunk's features; txt_features: [b, F'] the text tower's;

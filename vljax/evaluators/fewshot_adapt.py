@@ -38,7 +38,7 @@ class FewShotAdaptEvaluator(fewshot.FewShotEvaluator):
                  templates: str | Sequence[str] = "clip80",
                  l2_regs: Sequence[float] = fewshot.DEFAULT_L2_REGS, holdout_per_class: int = 10,
                  alphas: Sequence[float] = tip_adapter.DEFAULT_ALPHAS,
-                 betas: Sequence[float] = tip_adapter.DEFAULT_BETAS, tip_f_steps: int = 200,
+                 betas: Sequence[float] = tip_adapter.DEFAULT_BETAS, tip_f_epochs: int = 20,
                  text_repeats: int = 1, coop: dict | None = None):
         """
         Args (beyond `FewShotEvaluator`'s):
@@ -46,7 +46,7 @@ class FewShotAdaptEvaluator(fewshot.FewShotEvaluator):
           methods: a subset of METHODS.
           templates: the zero-shot classifier's prompt templates (`prompts.TEMPLATES` key).
           alphas / betas: Tip-Adapter's search grids.
-          tip_f_steps: Tip-Adapter-F's fine-tuning steps.
+          tip_f_epochs: Tip-Adapter-F's fine-tuning epochs (the paper's 20).
           text_repeats: the weight of each text sample in the cross-modal probe.
           coop: keyword arguments of `vljax.adapt.coop.CoOpConfig` (context length, steps, lr).
         """
@@ -64,7 +64,7 @@ class FewShotAdaptEvaluator(fewshot.FewShotEvaluator):
         self.class_names = [prompts.canonicalize_name(n) for n in class_names]
         self.texts = prompts.class_texts(self.class_names, templates, None)
         self.methods, self.alphas, self.betas = tuple(methods), tuple(alphas), tuple(betas)
-        self.tip_f_steps, self.text_repeats = tip_f_steps, text_repeats
+        self.tip_f_epochs, self.text_repeats = tip_f_epochs, text_repeats
         self.coop = dict(coop or {})
 
     @classmethod
@@ -131,7 +131,7 @@ class FewShotAdaptEvaluator(fewshot.FewShotEvaluator):
             keys, values = x, tip_adapter.one_hot(y, self.num_classes)
             if method == "tip_f":
                 keys = tip_adapter.finetune_keys(x, y, keys, values, ztxt, scale,
-                                                 steps=self.tip_f_steps, seed=seed)
+                                                 epochs=self.tip_f_epochs, seed=seed)
             alpha, beta, _ = tip_adapter.search(x_held, y_held, keys, values, ztxt, scale,
                                                 self.alphas, self.betas)
             return np.argmax(np.asarray(tip_adapter.tip_logits(

@@ -25,7 +25,7 @@ import numpy as np
 
 from vljax.evaluators import base
 from vljax.evaluators import data as data_lib
-from vljax.evaluators import prompts
+from vljax.evaluators import late_interaction, prompts
 from vljax.evaluators import zeroshot
 
 
@@ -110,7 +110,8 @@ class GZSLEvaluator(base.Evaluator):
                  seen_classes: Sequence[int] | Sequence[str], *, name: str,
                  templates: str | Sequence[str] | None = "clip80",
                  descriptions: str | os.PathLike | Mapping[str, Sequence[str]] | None = None,
-                 canonicalize: bool = True, gamma: float = 0.0, per_class: bool = True):
+                 canonicalize: bool = True, gamma: float = 0.0, per_class: bool = True,
+                 similarity: str | None = None, filip_chunk=late_interaction.DEFAULT_CHUNK):
         """
         Args:
           data: test images of seen and unseen classes, a source (vljax/evaluators/data.py).
@@ -118,7 +119,11 @@ class GZSLEvaluator(base.Evaluator):
           class_names: all C class names (or a file).
           seen_classes: the seen classes, as indices or as names (before canonicalisation).
           gamma: calibrated-stacking offset subtracted from seen-class cosine scores.
+          similarity / filip_chunk: as in the zero-shot evaluator ("global", "filip", or None for
+            the model's own).
         """
+        self.chunk = late_interaction.check(similarity, filip_chunk)
+        self.similarity = similarity
         names = prompts.load_class_names(class_names)
         seen = np.zeros(len(names), bool)
         for c in seen_classes:
@@ -143,10 +148,27 @@ class GZSLEvaluator(base.Evaluator):
         source, labels, class_names = data_lib.classification(name, data)
         return cls(source, labels, class_names, name=name, **kwargs)
 
-    def run(self, embedder: base.Embedder) -> dict[str, float]:
+    def scores(self, embedder: base.Embedder) -> tuple[np.ndarray, np.ndarray]:
+        """-> (scores [N, C], record indices [N]): cosine to the prompt-ensembled class embeddings,
+        or, for a model scored by late interaction (the FILIP loss, or `similarity="filip"`), the
+        zero-shot evaluator's FILIP class scores (i2t, averaged over each class's prompts)."""
+        if late_interaction.resolve(self.similarity, embedder) == "filip":
+            img, index = late_interaction.image_tokens(embedder, self.data)
+            flat = [t for ts in self.texts for t in ts]
+            class_of = np.repeat(np.arange(len(self.texts)), [len(ts) for ts in self.texts])
+            blocks = zeroshot.filip_class_blocks(img, (late_interaction.text_tokens(embedder, flat), class_of),
+                                                 self.chunk)
+            scores = np.zeros((len(index), len(self.texts)), np.float32)
+            for s, block in blocks:
+                scores[s] = block
+            return scores, index
         zimg, index = base.image_embeddings(embedder, self.data)
         ztxt = zeroshot.ensemble(zeroshot.class_text_embeddings(embedder, self.texts))
-        scores, labels = zimg @ ztxt.T, self.labels[index]
+        return zimg @ ztxt.T, index
+
+    def run(self, embedder: base.Embedder) -> dict[str, float]:
+        scores, index = self.scores(embedder)
+        labels = self.labels[index]
         metrics = gzsl_metrics(scores, labels, self.seen, gamma=self.gamma,
                                per_class=self.per_class)
         _, s, u = calibration_sweep(scores, labels, self.seen, per_class=self.per_class)
