@@ -50,7 +50,7 @@ JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_
 RECORD = st.fixed_dictionaries(
     {"image": TEXT.filter(lambda s: s.strip() and "\x00" not in s)},
     optional={"captions": st.lists(TEXT, max_size=3) | JSON, "caption": TEXT | JSON,
-              "label": st.integers() | JSON, "labels": JSON})
+              "label": st.integers() | JSON, "labels": st.lists(st.integers(0, 1000), max_size=3) | JSON})
 
 
 def _manifest(tmp_path_factory, lines):
@@ -83,10 +83,13 @@ def test_manifest_valid_records_round_trip(tmp_path_factory, record):
     valid = (isinstance(caps, list) and all(isinstance(c, str) for c in caps)) if "captions" in record \
         else isinstance(record.get("caption"), str)
     valid = valid and type(record.get("label", -1)) is int
+    labels = record.get("labels", [])
+    valid = valid and isinstance(labels, list) and all(type(x) is int for x in labels)  # a label set
     assume(valid)
     r = sources.JsonlSource(_manifest(tmp_path_factory, [json.dumps(record)]))[0]
     assert r["captions"] == (caps if "captions" in record else [record["caption"]])
     assert r["label"] == record.get("label", -1)
+    assert r["labels"] == labels
 
 
 # -- image decoding ---------------------------------------------------------------------------
