@@ -295,14 +295,20 @@ def _reason(e: Exception) -> str:
 def _quiet_background_errors():
     """While a damaged checkpoint is read, orbax's asyncio reads fail in background coroutines
     and threads, each printing a traceback ("Event loop is closed", "Exception ignored in
-    <coroutine ...>"); the one error that matters is raised in the caller. Mute the others."""
+    <coroutine ...>", and asyncio's "Future exception was never retrieved" logged when a failed
+    read's future is collected); the one error that matters is raised in the caller. Mute the others."""
     hooks = sys.unraisablehook, threading.excepthook
     sys.unraisablehook = lambda _: None
     threading.excepthook = lambda _: None
+    def drop(_record):  # a logging filter that keeps nothing
+        return False
+    asyncio_log = logging.getLogger("asyncio")
+    asyncio_log.addFilter(drop)
     try:
         yield
     finally:
-        gc.collect()  # coroutines left unawaited report now, while muted
+        gc.collect()  # coroutines and futures left unawaited report now, while muted
+        asyncio_log.removeFilter(drop)
         sys.unraisablehook, threading.excepthook = hooks
 
 
