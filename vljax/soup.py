@@ -50,6 +50,20 @@ def load_ingredients(workdirs, all_steps: bool = False):
     return spec, model, out
 
 
+def score(spec, model, params, tokenizer, evaluators, mesh, batch_size: int = 64) -> dict:
+    """{metric: value} of `params` on every evaluator: one Embedder with the model spec's image
+    size, normalisation and similarity (shared by soups and WiSE-FT)."""
+    from vljax import factory
+    from vljax.embedder import Embedder
+    emb = Embedder(model, params, tokenizer, mesh=mesh, image_size=spec["image_size"],
+                   value_range=factory.value_range(spec), batch_size=batch_size,
+                   similarity=spec.get("similarity", "global"))
+    metrics = {}
+    for ev in evaluators.values():
+        metrics.update(ev.run(emb))
+    return metrics
+
+
 def cook(spec, model, ingredients, evaluators, select_metric: str, batch_size: int = 64) -> dict:
     """Scores each ingredient, the uniform soup and the greedy soup on every evaluator.
 
@@ -57,7 +71,6 @@ def cook(spec, model, ingredients, evaluators, select_metric: str, batch_size: i
              "greedy": {"metrics", "params", "ingredients": [names], "steps": [...]}}.
     """
     from vljax import factory, sharding
-    from vljax.embedder import Embedder
     tokenizer = factory.build_tokenizer(spec)
     mesh = sharding.make_mesh([("data", -1)])
     names, params_list = [n for n, _ in ingredients], [p for _, p in ingredients]
@@ -66,12 +79,7 @@ def cook(spec, model, ingredients, evaluators, select_metric: str, batch_size: i
     def evaluate(params):
         key = id(params)
         if key not in scored:
-            emb = Embedder(model, params, tokenizer, mesh=mesh, image_size=spec["image_size"],
-                           value_range=factory.value_range(spec), batch_size=batch_size,
-                           similarity=spec.get("similarity", "global"))
-            metrics = {}
-            for ev in evaluators.values():
-                metrics.update(ev.run(emb))
+            metrics = score(spec, model, params, tokenizer, evaluators, mesh, batch_size)
             if select_metric not in metrics:
                 raise ValueError(f"select_metric {select_metric!r} is not among the metrics: {sorted(metrics)}")
             scored[key] = (params, metrics)  # params kept alive so that id() stays unique

@@ -25,18 +25,13 @@ def sweep(spec, model, params0, params1, alphas: Sequence[float], evaluators,
           batch_size: int = 64) -> list[dict]:
     """[{"alpha", "metrics"}] for each alpha: theta_alpha scored on every evaluator."""
     from vljax import factory, sharding
-    from vljax.embedder import Embedder
+    from vljax.soup import score
     tokenizer = factory.build_tokenizer(spec)
     mesh = sharding.make_mesh([("data", -1)])
     out = []
     for alpha in alphas:
         params = soups.wise_ft(params0, params1, float(alpha))
-        emb = Embedder(model, params, tokenizer, mesh=mesh, image_size=spec["image_size"],
-                       value_range=factory.value_range(spec), batch_size=batch_size,
-                       similarity=spec.get("similarity", "global"))
-        metrics = {}
-        for ev in evaluators.values():
-            metrics.update(ev.run(emb))
+        metrics = score(spec, model, params, tokenizer, evaluators, mesh, batch_size)
         out.append({"alpha": float(alpha), "metrics": metrics})
     return out
 

@@ -153,11 +153,7 @@ class GZSLEvaluator(base.Evaluator):
         or, for a model scored by late interaction (the FILIP loss, or `similarity="filip"`), the
         zero-shot evaluator's FILIP class scores (i2t, averaged over each class's prompts)."""
         if late_interaction.resolve(self.similarity, embedder) == "filip":
-            img, index = late_interaction.image_tokens(embedder, self.data)
-            flat = [t for ts in self.texts for t in ts]
-            class_of = np.repeat(np.arange(len(self.texts)), [len(ts) for ts in self.texts])
-            blocks = zeroshot.filip_class_blocks(img, (late_interaction.text_tokens(embedder, flat), class_of),
-                                                 self.chunk)
+            blocks, index = zeroshot.filip_class_scores(embedder, self.data, self.texts, self.chunk)
             scores = np.zeros((len(index), len(self.texts)), np.float32)
             for s, block in blocks:
                 scores[s] = block

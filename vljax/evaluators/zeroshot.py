@@ -155,6 +155,15 @@ def filip_class_blocks(img: np.ndarray, per_class_tokens, chunk=late_interaction
         yield s, block @ average
 
 
+def filip_class_scores(embedder, data, texts, chunk=late_interaction.DEFAULT_CHUNK):
+    """-> (blocks, record indices): `filip_class_blocks` of the set's image tokens against every
+    prompt of `texts` (one list of sentences per class), the tokens streamed by `embedder`."""
+    img, index = late_interaction.image_tokens(embedder, data)
+    flat = [t for ts in texts for t in ts]
+    class_of = np.repeat(np.arange(len(texts)), [len(ts) for ts in texts])
+    return filip_class_blocks(img, (late_interaction.text_tokens(embedder, flat), class_of), chunk), index
+
+
 def accuracies(ranks: np.ndarray, labels: np.ndarray, ks: Sequence[int] = (1, 5),
                groups: np.ndarray | None = None) -> dict[str, float]:
     """Top-k accuracies, mean and worst per-class recall (over classes with at least one
@@ -287,11 +296,8 @@ class ZeroShotEvaluator(base.Evaluator):
         if self.zpe:
             raise ValueError(f"config key `evals.{self.name}.zpe`: the model scores by FILIP late "
                              "interaction; ZPE weights pooled-embedding logits (set similarity='global')")
-        img, index = late_interaction.image_tokens(embedder, self.data)
+        blocks, index = filip_class_scores(embedder, self.data, self.texts, self.chunk)
         labels = self.labels[index]
-        flat = [t for ts in self.texts for t in ts]
-        class_of = np.repeat(np.arange(len(self.texts)), [len(ts) for ts in self.texts])
-        blocks = filip_class_blocks(img, (late_interaction.text_tokens(embedder, flat), class_of), self.chunk)
         ranks, preds = ranks_from_blocks(blocks, labels)
         return self._result(ranks, preds, labels, index, None)
 
