@@ -3,7 +3,8 @@ r"""The LiT demo recipe with another contrastive loss: one row of the loss ablat
     python -m vljax.main --config=configs/lit_ablation.py:loss=dclw,seed=1 --workdir=/tmp/abl_dclw_1
     python experiments/loss_ablation.py          # every loss x seeds, the table in experiments/README.md
 
-Everything is configs/lit.py (same data, towers, locked parts, schedule, 300 steps, batch 128) except
+Everything is configs/lit.py (same data, towers, locked parts, schedule, batch 128; 300 steps, the demo's
+length when the ablation was run) except
 the loss and what that loss needs, each as its paper sets it:
 - softmax: CLIP / LiT (Radford et al. 2021; Zhai et al. 2022). The demo's loss.
 - sigmoid: SigLIP (Zhai et al. 2023, Sec. 3): learned temperature init 10 and bias init -10.

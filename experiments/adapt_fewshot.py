@@ -1,7 +1,7 @@
 r"""Issue 11's tables: few-shot adapters and prompt learning, base-to-new, label-free adaptation,
 GZSL calibration, on the LiT demo model (configs/adapt.py's evals).
 
-    python -m vljax.main --config=configs/lit.py --workdir=/tmp/adapt_lit       # the model, once
+    python -m vljax.main --config=configs/lit.py:steps=300 --workdir=/tmp/adapt_lit       # the model, once
     python experiments/adapt_fewshot.py --model=/tmp/adapt_lit                   # all evals
     python experiments/adapt_fewshot.py --model=/tmp/adapt_lit --only=fmnist_fewshot,emoji_fewshot
     python experiments/adapt_fewshot.py --table                                  # tables from the JSON
