@@ -19,7 +19,8 @@ top-3 sets; the same evaluator and "icon" templates as configs/lit_eval.py) and 
 retrieval, once, at the last step. `python -m vljax.evaluate --model=/tmp/vljax_lit
 --config=configs/lit_multilabel.py` scores the caption-trained demo on the same evaluations.
 
-Config arguments: kind, template, seed, steps, batch.
+Config arguments: kind, template, eval_templates ("train": the trained prompt; or a template set), seed,
+steps, batch.
 """
 import os
 import sys
@@ -32,7 +33,7 @@ from vljax import config_check  # noqa: E402
 
 def get_config(arg=None):
     a = config_check.parse_arg(arg, "configs/lit_multilabel.py", kind="wan", template="an icon of {}.",
-                               seed=0, steps=500, batch=128)
+                               eval_templates="train", seed=0, steps=500, batch=128)
     c = lit.get_config(f"steps={a['steps']},batch={a['batch']}")
     c.seed = a["seed"]
     c.input.labels = True
@@ -41,7 +42,10 @@ def get_config(arg=None):
     c.model.temperature_init = 10.0
     c.model.bias_init = -10.0
     c.loss = dict(name="multilabel", kind=a["kind"], template=a["template"])
-    tags = dict(type="multilabel", templates="icon")
+    # Scored with the prompt the loss trained (the other templates' embeddings were never trained
+    # against images); `:eval_templates=icon` gives configs/lit_eval.py's 5-template ensemble.
+    templates = [a["template"]] if a["eval_templates"] == "train" else a["eval_templates"]
+    tags = dict(type="multilabel", templates=templates)
     c.evals = dict(
         openclipart_tags=dict(tags, data=dict(name="vljax_openclipart", split="test")),
         emoji_tags=dict(tags, data=dict(name="vljax_emoji", split="test")),

@@ -185,8 +185,9 @@ def label_prompts(config, tokenizer, opened) -> np.ndarray | None:
     template = config.loss.get("template") or "a photo of a {}."
     if "{}" not in template:
         raise ValueError(f"config key `loss.template`: {template!r} has no '{{}}' for the label name")
+    from vljax.evaluators.prompts import canonicalize_name  # as the multi-label evaluator writes them
     names = sources.label_space(opened)
-    return np.asarray(tokenizer([template.format(n.replace("_", " ")) for n in names]), np.int32)
+    return np.asarray(tokenizer([template.format(canonicalize_name(n)) for n in names]), np.int32)
 
 
 def loss_inputs(zimg, ztxt, out, batch) -> dict:
