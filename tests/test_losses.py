@@ -525,7 +525,8 @@ def test_losses_registry():
     assert {k: v.fn for k, v in losses.LOSSES.items()} == {
         "softmax": losses.softmax_contrastive, "sigmoid": losses.sigmoid_loss,
         "dcl": losses.dcl_loss, "dclw": losses.dclw_loss, "cwcl": losses.cwcl_loss,
-        "multi_positive": losses.multi_positive_contrastive, "filip": losses.filip_loss}
+        "multi_positive": losses.multi_positive_contrastive, "filip": losses.filip_loss,
+        "multilabel": losses.multilabel_loss}
     # Every declared input is a positional parameter of the function, in order.
     import inspect
     for name, loss in losses.LOSSES.items():

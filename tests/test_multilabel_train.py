@@ -58,3 +58,42 @@ def test_trained_head_beats_zero_shot_map():
         assert got[f"multilabel_train/toy/{loss}/CF1@thr"] > 0.5
     assert "multilabel_train/toy/zeroshot/OF1@3" in got
     assert EVALUATORS["multilabel_train"] is MultilabelTrainEvaluator
+
+
+def _ref_trainer_loss(zimg, zlab, t, b, y, kind):
+    """The trainer's multi-label loss written out: mean over labeled images of the mean over labels."""
+    logits = t * zimg.astype(np.float64) @ zlab.T.astype(np.float64) + b
+    p = 1 / (1 + np.exp(-logits))
+    if kind == "wan":
+        ce = -(y * np.log(p) + (1 - y) * np.log(1 - p))
+        per = np.where(y == 1, ce, ce / (y.shape[1] - 1))
+    else:  # asl, defaults gamma- 4, gamma+ 1, m .05
+        pm = np.maximum(p - 0.05, 0)
+        per = np.where(y == 1, -(1 - p) * np.log(p), -(pm ** 4) * np.log(1 - pm))
+    labeled = y.sum(1) > 0
+    return per.mean(1)[labeled].mean()
+
+
+@pytest.mark.parametrize("kind", ["wan", "asl"])
+def test_trainer_loss_equals_the_formula_on_1_and_8_devices(kind):
+    import jax
+    from jax.sharding import PartitionSpec as P
+
+    from vljax import losses
+    rng = np.random.default_rng(0)
+    zimg, zlab = normalize(rng.normal(size=(16, 8))), normalize(rng.normal(size=(5, 8)))
+    y = (rng.random((16, 5)) < 0.3).astype(np.float32)
+    y[[3, 9]] = 0  # unlabeled records: left out of the mean
+    t, b = np.float32(7.0), np.float32(-2.0)
+    ref = _ref_trainer_loss(zimg, zlab, t, b, y, kind)
+    one = losses.multilabel_loss(zimg, zlab, t, b, y, kind=kind)
+    assert float(one) == pytest.approx(ref, rel=1e-5)
+    from test_losses import _sharded_value_and_grad
+    value, grad = _sharded_value_and_grad(
+        lambda zi, zl, y_, axis_name: losses.multilabel_loss(zi, zl, t, b, y_, axis_name=axis_name, kind=kind),
+        (zimg, zlab, y), (P("data"), P(), P("data")), argnums=(0, 1), n=8)
+    assert float(value) == pytest.approx(ref, rel=1e-5)
+    single = jax.grad(lambda zi, zl: losses.multilabel_loss(zi, zl, t, b, y, kind=kind), argnums=(0, 1))(zimg, zlab)
+    for g8, g1 in zip(grad, single):
+        np.testing.assert_allclose(g8, g1, rtol=1e-4, atol=1e-7)
+    assert float(losses.multilabel_loss(zimg, zlab, t, b, np.zeros_like(y), kind=kind)) == 0.0

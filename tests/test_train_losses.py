@@ -31,6 +31,12 @@ def _config(manifest, loss, recipe, steps):
         config.loss.positives = "label_sets"
         config.input.labels = True
         config.input.data[0]["num_labels"] = 3
+    if loss == "multilabel":
+        # The shapes manifest's label sets ({shape} of 3) against 3 label prompts; SigLIP's t and b.
+        config.loss.kind = "wan"
+        config.input.labels = True
+        config.input.data[0]["num_labels"] = 3
+        config.model.bias_init = -10.0
     return config
 
 
@@ -94,6 +100,29 @@ def test_multi_positive_without_labels_is_refused(manifest, tmp_path):
         config_check.validate(config)
 
 
+def test_multilabel_needs_label_sets_and_a_bias(manifest, tmp_path):
+    """The multi-label loss takes the batch's label sets and the model's logit bias: a recipe
+    without either is refused before any work, naming the key; with both, the trainer embeds one
+    prompt per label of the label space (`loss.template`)."""
+    config = _config(manifest, "multilabel", "clip", steps=10)
+    config.model.bias_init = None
+    with pytest.raises(ValueError, match="`model.bias_init`: loss 'multilabel'"):
+        train.Trainer(config, str(tmp_path / "run"))
+    config = _config(manifest, "multilabel", "clip", steps=10)
+    config.input.labels = False
+    with pytest.raises(ValueError, match="`input.labels`: loss 'multilabel'"):
+        train.Trainer(config, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run")
+    config = _config(manifest, "multilabel", "clip", steps=10)
+    config.loss.template = "a drawing of shape {}"
+    trainer = train.Trainer(config, str(tmp_path / "run"))
+    expected = np.asarray(trainer.tokenizer([f"a drawing of shape {k}" for k in "012"]))
+    np.testing.assert_array_equal(trainer.label_text, expected)
+    config.loss.template = "no slot"
+    with pytest.raises(ValueError, match="`loss.template`"):
+        train.Trainer(config, str(tmp_path / "run2"))
+
+
 @pytest.mark.slow
 def test_multi_positive_config_through_main(tmp_path):
     """`python -m vljax.main` trains multi_positive on the tiny JSONL set's label sets."""
@@ -117,7 +146,8 @@ def _expected_log_positives(records, per_label, batch):
 # (loss, recipe) pairs the trainer runs; CWCL only with a locked tower; LiT with the feature store
 # (FILIP's: the trunk's tokens stored too).
 RUNS = [("softmax", "clip"), ("dcl", "clip"), ("filip", "clip"), ("filip", "lit"), ("dcl", "lit"),
-        ("cwcl", "lit"), ("dclw", "clip"), ("multi_positive", "clip"), ("multi_positive", "lit")]
+        ("cwcl", "lit"), ("dclw", "clip"), ("multi_positive", "clip"), ("multi_positive", "lit"),
+        ("multilabel", "clip"), ("multilabel", "lit")]
 
 
 @pytest.mark.slow
@@ -144,7 +174,8 @@ def test_loss_learns_and_compiles_once(loss, recipe, manifest, tmp_path, caplog)
 
 @pytest.mark.slow
 @pytest.mark.parametrize("loss,recipe", [("filip", "clip"), ("filip", "lit"), ("cwcl", "lit"),
-                                         ("multi_positive", "clip"), ("multi_positive", "lit")])
+                                         ("multi_positive", "clip"), ("multi_positive", "lit"),
+                                         ("multilabel", "lit")])
 def test_loss_equal_on_1_and_8_devices(loss, recipe, manifest, tmp_path):
     results = []
     for n in (1, 8):

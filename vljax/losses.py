@@ -711,6 +711,73 @@ def filip_loss(img_tokens, txt_tokens, txt_mask, t, axis_name=None, img_mask=Non
     return _psum(local, axis_name) / (2 * b * n)
 
 
+# ----------------------------------------------------------------------------- multi-label
+
+
+def bce_elementwise(logits, targets):
+    """Binary cross-entropy per (image, label): -[y log p + (1 - y) log(1 - p)], p = sigmoid(logits)."""
+    return -(targets * jax.nn.log_sigmoid(logits) + (1 - targets) * jax.nn.log_sigmoid(-logits))
+
+
+def asl_elementwise(logits, targets, gamma_neg: float = 4.0, gamma_pos: float = 1.0,
+                    margin: float = 0.05, eps: float = 1e-8):
+    """Asymmetric loss per (image, label) (Ridnik et al., ICCV 2021, Eq. 6-8): positives
+    (1 - p)^gamma_pos log p; negatives p_m^gamma_neg log(1 - p_m) with p_m = max(p - m, 0), so easy
+    negatives are down-weighted and those under the margin (often missing positives) discarded.
+    gamma_pos defaults to 1, not the paper's 0 (their Table 4: close)."""
+    p = jax.nn.sigmoid(logits)
+    p_m = jnp.maximum(p - margin, 0.0)
+    pos = targets * (1 - p) ** gamma_pos * jnp.log(jnp.maximum(p, eps))
+    neg = (1 - targets) * p_m ** gamma_neg * jnp.log(jnp.maximum(1 - p_m, eps))
+    return -(pos + neg)
+
+
+def wan_elementwise(logits, targets):
+    """Weak assume-negative per (image, label) (Cole et al., CVPR 2021, Sec. 3.2): unobserved
+    labels are negatives weighted 1 / (L - 1), L the number of labels."""
+    weight = 1.0 / max(targets.shape[-1] - 1, 1)
+    per = bce_elementwise(logits, targets)
+    return targets * per + weight * (1 - targets) * per
+
+
+MULTILABEL = {"bce": bce_elementwise, "asl": asl_elementwise, "wan": wan_elementwise}
+
+
+def multilabel_loss(zimg, zlabels, t, b, labels, axis_name=None, kind="wan", template=None,
+                    gamma_neg: float = 4.0, gamma_pos: float = 1.0, margin: float = 0.05):
+    """Multi-label training on image–label-prompt logits (the trainer's `loss.name="multilabel"`).
+
+        l_ij = t <zimg_i, zlabels_j> + b,   loss = mean over labeled images i of
+               1/K sum_j ell(l_ij, y_ij),
+
+    zlabels [K, D]: the text tower's embeddings of one prompt per label of the label space
+    (`loss.template`, default "a photo of a {}.", filled with each label name by the trainer and
+    embedded by the trained text tower inside the step, so the tower learns from the tags), the same
+    on every device; labels [B, K] the batch's multi-hot label sets (`input.labels=True`). ell
+    (`kind`): "bce", "asl" (Ridnik et al. 2021; `gamma_neg`, `gamma_pos`, `margin`) or "wan"
+    (Cole et al. 2021, the positive-unlabelled weak assume-negative loss). A record with an empty
+    label set carries no information about which tags are absent and is left out of the mean (the
+    value is 0 for a batch without any labeled record). t and b are the model's logit scale and
+    bias (SigLIP's parameterisation: set `model.bias_init`, e.g. -10).
+    """
+    del template  # the trainer's: it builds zlabels' prompts
+    if kind not in MULTILABEL:
+        raise ValueError(f"config key `loss.kind`: {kind!r} is not one of {sorted(MULTILABEL)}")
+    _check_scalar("t", t)
+    _check_scalar("b", b)
+    if zlabels.ndim != 2 or labels.shape[-1] != zlabels.shape[0]:
+        raise ValueError(f"labels {labels.shape} must be [B, K] for the K = {zlabels.shape[0]} label "
+                         f"prompts")
+    y = labels.astype(jnp.float32)
+    logits = t * zimg @ zlabels.T + b
+    opts = dict(gamma_neg=gamma_neg, gamma_pos=gamma_pos, margin=margin) if kind == "asl" else {}
+    per_image = MULTILABEL[kind](logits, y, **opts).mean(axis=-1)
+    labeled = (y.sum(axis=-1) > 0).astype(jnp.float32)
+    total = _psum(jnp.sum(per_image * labeled), axis_name)
+    count = _psum(jnp.sum(labeled), axis_name)
+    return total / jnp.maximum(count, 1.0)
+
+
 @dataclasses.dataclass(frozen=True)
 class Loss:
     """A loss function and the inputs it takes, positionally, by name.
@@ -749,4 +816,5 @@ LOSSES = {
     "cwcl": Loss(cwcl_loss, ("zimg", "ztxt", "t", "frozen/img_features", "frozen/txt_features")),
     "multi_positive": Loss(multi_positive_contrastive, ("zimg", "ztxt", "t"), _positives_input),
     "filip": Loss(filip_loss, ("img/tokens_proj", "txt/tokens_proj", "txt/mask", "t")),
+    "multilabel": Loss(multilabel_loss, ("zimg", "labels/ztxt", "t", "b", "batch/labels")),
 }

@@ -128,7 +128,9 @@ def make_loss(config, mesh):
             raise ValueError(f"config key `loss.name`: loss {name!r} takes {', '.join(missing)}, which this "
                              f"model and batch do not provide{hint}; available: {', '.join(sorted(values))}")
         args = [values[k] for k in spec.inputs]
-        specs = tuple(P() if np.ndim(a) == 0 else bspec for a in args)
+        # Scalars and `labels/...` (one row per label, not per example) are the same on every device.
+        specs = tuple(P() if np.ndim(a) == 0 or k.startswith("labels/") else bspec
+                      for k, a in zip(spec.inputs, args))
         local = lambda *a: spec.fn(*a, axis_name=axis, **kwargs)  # noqa: E731
         return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P())(*args)
 
@@ -159,6 +161,9 @@ def check_loss(config, trainable_mask, sources=()) -> None:
             if why:
                 raise ValueError(f"config key `input.data[{i}].{why}: loss {name!r} takes {what}, but "
                                  f"{source!r} has none; every record would be unlabeled")
+    if "b" in spec.inputs and config.model.get("bias_init") is None:
+        raise ValueError(f"config key `model.bias_init`: loss {name!r} takes the model's logit bias b, "
+                         "which this model does not have; set it (e.g. -10.0, SigLIP's)")
     if "frozen/img_features" in spec.inputs:
         tower = {"image": "img", "text": "txt"}[config.loss.get("ref_modality", "image")]
         trained = sorted(k for k, v in _flat(trainable_mask).items()
@@ -167,6 +172,22 @@ def check_loss(config, trainable_mask, sources=()) -> None:
             raise ValueError(f"config key `loss.ref_modality`: CWCL takes its weights from the frozen "
                              f"{tower!r} tower's features, but `schedule` trains {trained[0]} (and "
                              f"{len(trained) - 1} more); lock that tower's trunk (e.g. ('{tower}/(?!head/).*', None))")
+
+
+def label_prompts(config, tokenizer, opened) -> np.ndarray | None:
+    """[K, L] token ids of `config.loss.template` (default "a photo of a {}.") filled with each name
+    of the batches' label space (`sources.label_space`: the sorted union of the sources' label
+    names, the columns of batch["labels"]), for a loss that takes "labels/ztxt"; None otherwise."""
+    spec = losses.LOSSES.get(config.loss.name)
+    if spec is None or "labels/ztxt" not in spec.bind(config.loss).inputs:
+        return None
+    from vljax.data import sources
+    template = config.loss.get("template") or "a photo of a {}."
+    if "{}" not in template:
+        raise ValueError(f"config key `loss.template`: {template!r} has no '{{}}' for the label name")
+    from vljax.evaluators.prompts import canonicalize_name  # as the multi-label evaluator writes them
+    names = sources.label_space(opened)
+    return np.asarray(tokenizer([template.format(canonicalize_name(n)) for n in names]), np.int32)
 
 
 def loss_inputs(zimg, ztxt, out, batch) -> dict:
@@ -188,15 +209,24 @@ def loss_inputs(zimg, ztxt, out, batch) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def make_train_step(model, tx, loss, trainable_mask):
+def make_train_step(model, tx, loss, trainable_mask, label_text=None):
     """One optimizer (micro-)step. Gradients are computed for trainable parameters only.
 
     A batch with "image_features" ([B, F], a locked trunk's stored features, vljax/features.py)
     instead of "image" runs only the image tower's head on them; with "image_tokens" ([B, N, W],
     the trunk's stored tokens) also the tower's token projection (out["img/tokens_proj"], FILIP).
+    `label_text` ([K, L] token ids of one prompt per label, `label_prompts`) is embedded by the text
+    tower in every step (out["labels/ztxt"], the multi-label loss's classifier).
     """
 
     def forward(params, batch, rng):
+        zimg, ztxt, out = _towers(params, batch, rng)
+        if label_text is not None:
+            _, out["labels/ztxt"], _ = model.apply({"params": params}, None, label_text, train=True,
+                                                   rngs={"dropout": rng})
+        return zimg, ztxt, out
+
+    def _towers(params, batch, rng):
         kw = dict(train=True, rngs={"dropout": rng})
         if "image_features" not in batch:
             return model.apply({"params": params}, batch["image"], batch["text"], **kw)
@@ -271,6 +301,7 @@ class Trainer:
         params = factory.abstract_params(self.model, self.spec)
         self.tx, self.lr_fn, self.trainable_mask = optim.make_optimizer(config, params)
         check_loss(config, self.trainable_mask, opened)
+        self.label_text = label_prompts(config, self.tokenizer, opened)
         init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
         self._init_params, self._init_opt = make_init_fns(self.model, self.tx, config)
         abstract = {"params": params, "opt_state": jax.eval_shape(self._init_opt, params),
@@ -388,7 +419,8 @@ class Trainer:
             it = self.make_input(stage)
             if data_state is not None and data_state.get("stage", 0) == stage.index:
                 it.set_state(data_state["iterator"])
-            step_fn = make_train_step(self.stage_model(stage), self.tx, loss, self.trainable_mask)
+            step_fn = make_train_step(self.stage_model(stage), self.tx, loss, self.trainable_mask,
+                                      self.label_text)
             fn = jax.jit(step_fn, in_shardings=(self.state_sh, batch_sh),
                          out_shardings=(self.state_sh, None), donate_argnums=(0,))
             return stage, it, fn

@@ -25,24 +25,20 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from vljax import losses
+
 
 def bce(logits, targets):
-    return optax.sigmoid_binary_cross_entropy(logits, targets).mean()
+    return losses.bce_elementwise(logits, targets).mean()
 
 
 def asl(logits, targets, gamma_neg: float = 4.0, gamma_pos: float = 1.0, margin: float = 0.05,
         eps: float = 1e-8):
-    p = jax.nn.sigmoid(logits)
-    p_m = jnp.maximum(p - margin, 0.0)
-    pos = targets * (1 - p) ** gamma_pos * jnp.log(jnp.maximum(p, eps))
-    neg = (1 - targets) * p_m ** gamma_neg * jnp.log(jnp.maximum(1 - p_m, eps))
-    return -(pos + neg).mean()
+    return losses.asl_elementwise(logits, targets, gamma_neg, gamma_pos, margin, eps).mean()
 
 
 def wan(logits, targets):
-    weight = 1.0 / (targets.shape[-1] - 1)
-    per = optax.sigmoid_binary_cross_entropy(logits, targets)
-    return (targets * per + weight * (1 - targets) * per).mean()
+    return losses.wan_elementwise(logits, targets).mean()
 
 
 LOSSES = {"bce": bce, "asl": asl, "wan": wan}
