@@ -25,7 +25,10 @@ the trained prompt (mAP, CP/CR/CF1/OP/OR/OF1 of the top-3 sets; configs/lit_eval
 and held-out emoji retrieval, once, at the last step. `python -m vljax.evaluate --model=/tmp/vljax_lit
 --config=configs/lit_multilabel.py` scores the caption-trained demo on the same evaluations.
 
-Config arguments: kind, template, eval_templates ("train": the trained prompt; or a template set), seed,
+`:captions=1` keeps the demo's softmax loss on the captions and adds the tags' loss weighted
+`tags_weight` (`loss.multilabel_weight`), so one model is trained for retrieval and for tags.
+
+Config arguments: kind, template, captions, tags_weight, eval_templates ("train": the trained prompt; or a template set), seed,
 steps, batch.
 """
 import os
@@ -38,7 +41,7 @@ from vljax import config_check  # noqa: E402
 
 
 def get_config(arg=None):
-    a = config_check.parse_arg(arg, "configs/lit_multilabel.py", kind="bce", template="an icon of {}.",
+    a = config_check.parse_arg(arg, "configs/lit_multilabel.py", kind="bce", template="an icon of {}.", captions=0, tags_weight=1.0,
                                eval_templates="train", seed=0, steps=500, batch=128)
     c = lit.get_config(f"steps={a['steps']},batch={a['batch']}")
     c.seed = a["seed"]
@@ -47,7 +50,11 @@ def get_config(arg=None):
         entry["labels_key"] = "tags"
     c.model.temperature_init = 10.0
     c.model.bias_init = -10.0
-    c.loss = dict(name="multilabel", kind=a["kind"], template=a["template"])
+    if a["captions"]:  # the demo's softmax on the captions, plus the tags' loss
+        c.loss = dict(name="softmax", multilabel_weight=a["tags_weight"], multilabel_kind=a["kind"],
+                      multilabel_template=a["template"])
+    else:
+        c.loss = dict(name="multilabel", kind=a["kind"], template=a["template"])
     # Scored with the prompt the loss trained (the other templates' embeddings were never trained
     # against images); `:eval_templates=icon` gives configs/lit_eval.py's 5-template ensemble.
     templates = [a["template"]] if a["eval_templates"] == "train" else a["eval_templates"]

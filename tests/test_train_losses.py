@@ -25,6 +25,13 @@ def manifest(tmp_path_factory):
 
 def _config(manifest, loss, recipe, steps):
     config = tiny_config(manifest, recipe, steps=steps)
+    if loss == "softmax+multilabel":  # captions' contrastive loss plus the tags' multi-label loss
+        config.loss = dict(name="softmax", multilabel_weight=1.0, multilabel_kind="bce",
+                           multilabel_template="a {} shape")
+        config.input.labels = True
+        config.input.data[0]["num_labels"] = 3
+        config.model.bias_init = -10.0
+        return config
     config.loss = dict(name=loss)
     if loss == "multi_positive":
         # The shapes manifest's label sets ({shape}): 16 of 48 records share each one.
@@ -121,6 +128,13 @@ def test_multilabel_needs_label_sets_and_a_bias(manifest, tmp_path):
     config.loss.template = "no slot"
     with pytest.raises(ValueError, match="`loss.template`"):
         train.Trainer(config, str(tmp_path / "run2"))
+    # Added to a contrastive loss: the same needs, its own template key.
+    config = _config(manifest, "softmax+multilabel", "clip", steps=10)
+    trainer = train.Trainer(config, str(tmp_path / "run3"))
+    np.testing.assert_array_equal(trainer.label_text, trainer.tokenizer([f"a {k} shape" for k in "012"]))
+    config.model.bias_init = None
+    with pytest.raises(ValueError, match="`model.bias_init`: loss 'softmax \\+ multilabel_weight'"):
+        train.Trainer(config, str(tmp_path / "run4"))
 
 
 @pytest.mark.slow
@@ -147,7 +161,7 @@ def _expected_log_positives(records, per_label, batch):
 # (FILIP's: the trunk's tokens stored too).
 RUNS = [("softmax", "clip"), ("dcl", "clip"), ("filip", "clip"), ("filip", "lit"), ("dcl", "lit"),
         ("cwcl", "lit"), ("dclw", "clip"), ("multi_positive", "clip"), ("multi_positive", "lit"),
-        ("multilabel", "clip"), ("multilabel", "lit")]
+        ("multilabel", "clip"), ("multilabel", "lit"), ("softmax+multilabel", "lit")]
 
 
 @pytest.mark.slow
@@ -175,7 +189,7 @@ def test_loss_learns_and_compiles_once(loss, recipe, manifest, tmp_path, caplog)
 @pytest.mark.slow
 @pytest.mark.parametrize("loss,recipe", [("filip", "clip"), ("filip", "lit"), ("cwcl", "lit"),
                                          ("multi_positive", "clip"), ("multi_positive", "lit"),
-                                         ("multilabel", "lit")])
+                                         ("multilabel", "lit"), ("softmax+multilabel", "clip")])
 def test_loss_equal_on_1_and_8_devices(loss, recipe, manifest, tmp_path):
     results = []
     for n in (1, 8):

@@ -461,28 +461,46 @@ def uniformity_loss(z, axis_name=None, temp=2.0):
     return jnp.log(_psum(local, axis_name) / (b * n * (b * n - 1)))
 
 
-def with_regularisers(loss, align_weight=0.0, uniform_weight=0.0):
-    """`loss` (a `Loss`) plus align_weight * alignment_loss(zimg, ztxt) + uniform_weight *
-    (uniformity_loss(zimg) + uniformity_loss(ztxt)) / 2 (Wang & Isola 2020 as regularisers;
-    config `loss.align_weight`, `loss.uniform_weight`). Unchanged when both weights are 0."""
-    if not align_weight and not uniform_weight:
+def with_regularisers(loss, align_weight=0.0, uniform_weight=0.0, multilabel_weight=0.0,
+                     multilabel_kind="bce", multilabel_template=None):
+    """`loss` (a `Loss`) plus
+      align_weight * alignment_loss(zimg, ztxt) + uniform_weight * (uniformity_loss(zimg) +
+      uniformity_loss(ztxt)) / 2 (Wang & Isola 2020 as regularisers), and
+      multilabel_weight * multilabel_loss(zimg, labels/ztxt, t, b, batch/labels, kind=multilabel_kind)
+      (the multi-label loss on the batch's tag sets added to a contrastive loss on its captions;
+      `multilabel_template` is the label prompt, see `multilabel_loss`),
+    from config `loss.align_weight`, ... Unchanged when every weight is 0."""
+    if not align_weight and not uniform_weight and not multilabel_weight:
         return loss
     k = len(loss.inputs)
+    extra = ("zimg", "ztxt") if align_weight or uniform_weight else ()
+    if multilabel_weight:
+        if multilabel_kind not in MULTILABEL:
+            raise ValueError(f"config key `loss.multilabel_kind`: {multilabel_kind!r} is not one of "
+                             f"{sorted(MULTILABEL)}")
+        extra += ("zimg", "labels/ztxt", "t", "b", "batch/labels")
 
     def fn(*args, axis_name=None, **kwargs):
-        zimg, ztxt = args[k:]
-        value = loss.fn(*args[:k], axis_name=axis_name, **kwargs)
-        if align_weight:
-            value = value + align_weight * alignment_loss(zimg, ztxt, axis_name)
-        if uniform_weight:
-            value = value + uniform_weight * (uniformity_loss(zimg, axis_name)
-                                              + uniformity_loss(ztxt, axis_name)) / 2
+        named, rest = args[:k], list(args[k:])
+        value = loss.fn(*named, axis_name=axis_name, **kwargs)
+        if align_weight or uniform_weight:
+            zimg, ztxt = rest[:2]
+            rest = rest[2:]
+            if align_weight:
+                value = value + align_weight * alignment_loss(zimg, ztxt, axis_name)
+            if uniform_weight:
+                value = value + uniform_weight * (uniformity_loss(zimg, axis_name)
+                                                  + uniformity_loss(ztxt, axis_name)) / 2
+        if multilabel_weight:
+            value = value + multilabel_weight * multilabel_loss(*rest, axis_name=axis_name,
+                                                                kind=multilabel_kind)
         return value
 
-    return Loss(fn, loss.inputs + ("zimg", "ztxt"))
+    return Loss(fn, loss.inputs + extra)
 
 
-REGULARISER_KEYS = ("align_weight", "uniform_weight")
+REGULARISER_KEYS = ("align_weight", "uniform_weight", "multilabel_weight", "multilabel_kind",
+                    "multilabel_template")
 
 
 # ----------------------------------------------------------------------------- CWCL

@@ -113,9 +113,8 @@ def make_loss(config, mesh):
     name = config.loss.name
     if name not in losses.LOSSES:
         raise ValueError(f"config key `loss.name`: unknown loss {name!r} (known: {', '.join(losses.LOSSES)})")
-    reg = {k: config.loss[k] for k in losses.REGULARISER_KEYS if k in config.loss}
-    spec = losses.with_regularisers(losses.LOSSES[name].bind(config.loss), **reg)
-    kwargs = {k: v for k, v in config.loss.items() if k != "name" and k not in reg}
+    spec = loss_spec(config)
+    kwargs = {k: v for k, v in config.loss.items() if k != "name" and k not in losses.REGULARISER_KEYS}
     axes = sharding.batch_axes(mesh)
     axis = axes[0] if len(axes) == 1 else axes
     bspec = P(axes)
@@ -137,25 +136,34 @@ def make_loss(config, mesh):
     return loss
 
 
+def loss_spec(config) -> losses.Loss:
+    """The configured loss with the inputs its options choose and its regularisers
+    (`losses.REGULARISER_KEYS`); raises KeyError for an unknown `loss.name`."""
+    reg = {k: config.loss[k] for k in losses.REGULARISER_KEYS if k in config.loss}
+    return losses.with_regularisers(losses.LOSSES[config.loss.name].bind(config.loss), **reg)
+
+
 def check_loss(config, trainable_mask, sources=()) -> None:
     """Refuses, before any work, a loss whose inputs this recipe cannot give: CWCL weights from a
     tower that is trained (the paper transfers the structure of a frozen pre-trained modality), and
     batch labels / label sets that the input does not read (`input.label` / `input.labels`) or a
     source does not have (`data.sources.missing_labels`)."""
     name = config.loss.name
-    spec = losses.LOSSES.get(name)
-    if spec is None:
+    if name not in losses.LOSSES:
         return  # make_loss names the unknown loss
-    spec = spec.bind(config.loss)
+    spec = loss_spec(config)
     from vljax.data.sources import missing_labels
+    if config.loss.get("multilabel_weight"):
+        name = f"{name} + multilabel_weight"
     for field in ("label", "labels"):
         if f"batch/{field}" not in spec.inputs:
             continue
         what = {"label": "class labels", "labels": "label sets"}[field]
         if not config.input.get(field, False):
-            raise ValueError(f"config key `input.{field}`: loss {name!r} (`loss.positives`="
-                             f"{config.loss.get('positives', 'labels')!r}) takes the batch's {what}; set "
-                             f"`input.{field}=True` (and give each source its {what})")
+            why = (f" (`loss.positives`={config.loss.get('positives', 'labels')!r})"
+                   if config.loss.name == "multi_positive" else "")
+            raise ValueError(f"config key `input.{field}`: loss {name!r}{why} takes the batch's {what}; "
+                             f"set `input.{field}=True` (and give each source its {what})")
         for i, source in enumerate(sources):
             why = missing_labels(source, field)
             if why:
@@ -175,16 +183,17 @@ def check_loss(config, trainable_mask, sources=()) -> None:
 
 
 def label_prompts(config, tokenizer, opened) -> np.ndarray | None:
-    """[K, L] token ids of `config.loss.template` (default "a photo of a {}.") filled with each name
+    """[K, L] token ids of `config.loss.template` (`loss.multilabel_template` when the multi-label
+    loss is added to another; default "a photo of a {}.") filled with each name
     of the batches' label space (`sources.label_space`: the sorted union of the sources' label
     names, the columns of batch["labels"]), for a loss that takes "labels/ztxt"; None otherwise."""
-    spec = losses.LOSSES.get(config.loss.name)
-    if spec is None or "labels/ztxt" not in spec.bind(config.loss).inputs:
+    if config.loss.name not in losses.LOSSES or "labels/ztxt" not in loss_spec(config).inputs:
         return None
     from vljax.data import sources
-    template = config.loss.get("template") or "a photo of a {}."
+    key = "template" if config.loss.name == "multilabel" else "multilabel_template"
+    template = config.loss.get(key) or "a photo of a {}."
     if "{}" not in template:
-        raise ValueError(f"config key `loss.template`: {template!r} has no '{{}}' for the label name")
+        raise ValueError(f"config key `loss.{key}`: {template!r} has no '{{}}' for the label name")
     from vljax.evaluators.prompts import canonicalize_name  # as the multi-label evaluator writes them
     names = sources.label_space(opened)
     return np.asarray(tokenizer([template.format(canonicalize_name(n)) for n in names]), np.int32)
