@@ -125,6 +125,7 @@ def test_multilabel_needs_label_sets_and_a_bias(manifest, tmp_path):
     trainer = train.Trainer(config, str(tmp_path / "run"))
     expected = np.asarray(trainer.tokenizer([f"a drawing of shape {k}" for k in "012"]))
     np.testing.assert_array_equal(trainer.label_text, expected)
+    assert trainer.spec["logits"] == "sigmoid"  # inference gives each label its own probability
     config.loss.template = "no slot"
     with pytest.raises(ValueError, match="`loss.template`"):
         train.Trainer(config, str(tmp_path / "run2"))

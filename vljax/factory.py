@@ -68,7 +68,8 @@ def spec_from_config(config) -> dict:
     value_range = _plain(config.input.get("value_range", "efficientnet"))
     return {"model": model, "tokenizer": _plain(config.tokenizer),
             "image_size": int(config.input.image_size), "value_range": value_range,
-            "logits": "sigmoid" if config.loss.name == "sigmoid" else "softmax",
+            # Per-label probabilities for models trained on independent binary decisions.
+            "logits": "sigmoid" if config.loss.name in ("sigmoid", "multilabel") else "softmax",
             "similarity": "filip" if config.loss.name == "filip" else "global"}
 
 
