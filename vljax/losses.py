@@ -27,6 +27,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import optax
 from jax import lax
 
 
@@ -734,7 +735,7 @@ def filip_loss(img_tokens, txt_tokens, txt_mask, t, axis_name=None, img_mask=Non
 
 def bce_elementwise(logits, targets):
     """Binary cross-entropy per (image, label): -[y log p + (1 - y) log(1 - p)], p = sigmoid(logits)."""
-    return -(targets * jax.nn.log_sigmoid(logits) + (1 - targets) * jax.nn.log_sigmoid(-logits))
+    return optax.sigmoid_binary_cross_entropy(logits, targets)
 
 
 def asl_elementwise(logits, targets, gamma_neg: float = 4.0, gamma_pos: float = 1.0,
