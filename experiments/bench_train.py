@@ -19,7 +19,13 @@ Every step is timed after a blocking wait; the table reports the median, the 90t
 the worst step after the first (compile) step, pairs/s from the median, and the number of XLA
 compilations of the step (a second compilation is the classic cause of slow early steps). FLOP/s of
 the vljax step use the analytic model FLOPs (of the kept tokens under patch dropout) (XLA's cost analysis is kept beside them in the JSON),
-against an XLA matmul in the same dtype timed after every step (`_MatmulPeak`).
+against an XLA matmul in the same dtype timed after every step (`_MatmulPeak`). "vs HF" divides by
+the faster transformers run of the table.
+
+    # host malloc: vljax and transformers with and without vljax/hostmem.py, alternating steps.
+    python experiments/bench_train.py --threads=1 \
+        --frameworks=vljax,vljax_glibc,transformers,transformers_glibc \
+        --out=experiments/results/bench_train_1thread.json
 """
 from __future__ import annotations
 
@@ -50,7 +56,9 @@ SIZES = {
 
 _SIZES = flags.DEFINE_list("sizes", ["tiny", "base"], f"Sizes among {list(SIZES)}.")
 _FRAMEWORKS = flags.DEFINE_list("frameworks", ["vljax", "transformers", "open_clip"],
-                                "Frameworks to time; `vljax_pd` is vljax with --patch_dropout.")
+                                "Frameworks to time; `vljax_pd` is vljax with --patch_dropout; a "
+                                "`_glibc` suffix (`vljax_glibc`, `transformers_glibc`) runs it with "
+                                "glibc's default malloc (VLJAX_KEEP_HOST_MEMORY=0, vljax/hostmem.py).")
 _STEPS = flags.DEFINE_integer("steps", 0, "Timed steps after the first (0: tiny 20, base 6, b16 20).")
 _THREADS = flags.DEFINE_integer("threads", 0, "CPU threads for both frameworks (0 = all cores).")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype (vljax).")
@@ -67,6 +75,7 @@ _SEQUENTIAL = flags.DEFINE_bool("sequential", False, "Run the frameworks one aft
                                 "of alternating their steps.")
 
 N_BATCHES = 8  # distinct real batches, cycled
+GLIBC = "_glibc"  # framework suffix: the worker keeps glibc's malloc defaults
 DEFAULT_STEPS = {"tiny": 20, "base": 6, "b16": 20}
 
 
@@ -335,6 +344,7 @@ def run_open_clip(size_name: str, steps: int):
 
 def worker(spec: str):
     framework, size_name = spec.split(":")
+    framework = framework.removesuffix(GLIBC)
     load = os.getloadavg()
     steps = _STEPS.value or DEFAULT_STEPS[size_name]
     if framework in ("vljax", "vljax_pd"):
@@ -384,13 +394,16 @@ def main(argv):
             if _THREADS.value:  # the same cores for both: XLA's pool follows the affinity mask
                 cmd = ["taskset", "-c", ",".join(str(i) for i in range(_THREADS.value))] + cmd
             cmds[fw] = cmd
+        envs = {fw: dict(os.environ, **({"VLJAX_KEEP_HOST_MEMORY": "0"} if fw.endswith(GLIBC) else {}))
+                for fw in cmds}
         groups = [[fw] for fw in cmds] if _SEQUENTIAL.value else [list(cmds)]
         for group in groups:
             print(f"[bench_train] {size}: {' and '.join(group)}" + (" alternating steps" if len(group) > 1 else ""),
                   flush=True)
             errs = {fw: tempfile.TemporaryFile("w+") for fw in group}  # a pipe could fill and block
             procs = {fw: subprocess.Popen(cmds[fw], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                          stderr=errs[fw], text=True, cwd=root) for fw in group}
+                                          stderr=errs[fw], text=True, cwd=root, env=envs[fw])
+                     for fw in group}
             gated = [fw for fw in group if fw != "open_clip"]
             alive = set(gated)
             for i in range((_STEPS.value or DEFAULT_STEPS[size]) + 1):
@@ -439,8 +452,9 @@ def print_table(results):
         if "median_s" not in r:
             print(f"| {size} | {fw} | {r.get('skipped') or r.get('error', '')[-100:]!r} |")
             continue
-        hf = results.get(f"transformers:{size}", {})
-        ratio = r["pairs_per_s"] / hf["pairs_per_s"] if "pairs_per_s" in hf else float("nan")
+        hf = [results.get(f"transformers{v}:{size}", {}).get("pairs_per_s") for v in ("", GLIBC)]
+        hf = max([x for x in hf if x] or [float("nan")])  # the faster transformers run
+        ratio = r["pairs_per_s"] / hf
         frac = r.get("flops_fraction_of_peak")
         print(f"| {size} | {fw} | {SIZES[size]['batch']} | {r['median_s']:.3f} | {r['p90_s']:.3f} | "
               f"{r['worst_s']:.3f} | {r['first_step_s']:.2f} | {r['pairs_per_s']:.1f} | {ratio:.2f}x | "
