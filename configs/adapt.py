@@ -39,13 +39,13 @@ from vljax import config_check  # noqa: E402
 
 def get_config(arg=None):
     a = config_check.parse_arg(arg, "configs/adapt.py", seeds=3, coop_steps=100,
-                               cocoop_steps=100, steps=300, batch=128)
+                               cocoop_steps=100, steps=300, batch=128, tip_f_epochs=20)
     c = lit.get_config(f"steps={a['steps']},batch={a['batch']}")
     coop = dict(n_ctx=4, ctx_init="a photo of a", steps=a["coop_steps"], lr=0.02, batch_size=32,
                 cocoop_steps=a["cocoop_steps"], cocoop_lr=0.02, cocoop_batch_size=4)
     methods = ["zeroshot", "ridge", "crossmodal", "tip", "tip_f", "coop"]
     shots = [1, 2, 4, 8, 16]
-    tip = dict(tip_f_epochs=20)  # Tip-Adapter-F: the paper's 20 epochs (lr 1e-3, batch 256)
+    tip = dict(tip_f_epochs=a["tip_f_epochs"])  # Tip-Adapter-F epochs (lr 1e-3, batch 256)
     fmnist = dict(name="vljax_fashion_mnist", max_examples=2000)
     c.evals = dict(
         fmnist_fewshot=dict(type="fewshot_adapt", data=dict(fmnist, per_class=26),
