@@ -24,7 +24,7 @@ the faster transformers run of the table.
 
     # host malloc: vljax and transformers with and without vljax/hostmem.py, alternating steps.
     python experiments/bench_train.py --threads=1 \
-        --frameworks=vljax,vljax_glibc,transformers,transformers_glibc \
+        --frameworks=vljax,vljax_keep,transformers,transformers_keep \
         --out=experiments/results/bench_train_1thread.json
 """
 from __future__ import annotations
@@ -57,8 +57,8 @@ SIZES = {
 _SIZES = flags.DEFINE_list("sizes", ["tiny", "base"], f"Sizes among {list(SIZES)}.")
 _FRAMEWORKS = flags.DEFINE_list("frameworks", ["vljax", "transformers", "open_clip"],
                                 "Frameworks to time; `vljax_pd` is vljax with --patch_dropout; a "
-                                "`_glibc` suffix (`vljax_glibc`, `transformers_glibc`) runs it with "
-                                "glibc's default malloc (VLJAX_KEEP_HOST_MEMORY=0, vljax/hostmem.py).")
+                                "`_keep` suffix (`vljax_keep`, `transformers_keep`) runs it with "
+                                "VLJAX_KEEP_HOST_MEMORY=1 (vljax/hostmem.py).")
 _STEPS = flags.DEFINE_integer("steps", 0, "Timed steps after the first (0: tiny 20, base 6, b16 20).")
 _THREADS = flags.DEFINE_integer("threads", 0, "CPU threads for both frameworks (0 = all cores).")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype (vljax).")
@@ -75,7 +75,7 @@ _SEQUENTIAL = flags.DEFINE_bool("sequential", False, "Run the frameworks one aft
                                 "of alternating their steps.")
 
 N_BATCHES = 8  # distinct real batches, cycled
-GLIBC = "_glibc"  # framework suffix: the worker keeps glibc's malloc defaults
+KEEP = "_keep"  # framework suffix: the worker keeps freed host memory (vljax/hostmem.py)
 DEFAULT_STEPS = {"tiny": 20, "base": 6, "b16": 20}
 
 
@@ -344,7 +344,7 @@ def run_open_clip(size_name: str, steps: int):
 
 def worker(spec: str):
     framework, size_name = spec.split(":")
-    framework = framework.removesuffix(GLIBC)
+    framework = framework.removesuffix(KEEP)
     load = os.getloadavg()
     steps = _STEPS.value or DEFAULT_STEPS[size_name]
     if framework in ("vljax", "vljax_pd"):
@@ -394,7 +394,7 @@ def main(argv):
             if _THREADS.value:  # the same cores for both: XLA's pool follows the affinity mask
                 cmd = ["taskset", "-c", ",".join(str(i) for i in range(_THREADS.value))] + cmd
             cmds[fw] = cmd
-        envs = {fw: dict(os.environ, **({"VLJAX_KEEP_HOST_MEMORY": "0"} if fw.endswith(GLIBC) else {}))
+        envs = {fw: dict(os.environ, VLJAX_KEEP_HOST_MEMORY="1" if fw.endswith(KEEP) else "0")
                 for fw in cmds}
         groups = [[fw] for fw in cmds] if _SEQUENTIAL.value else [list(cmds)]
         for group in groups:
@@ -452,7 +452,7 @@ def print_table(results):
         if "median_s" not in r:
             print(f"| {size} | {fw} | {r.get('skipped') or r.get('error', '')[-100:]!r} |")
             continue
-        hf = [results.get(f"transformers{v}:{size}", {}).get("pairs_per_s") for v in ("", GLIBC)]
+        hf = [results.get(f"transformers{v}:{size}", {}).get("pairs_per_s") for v in ("", KEEP)]
         hf = max([x for x in hf if x] or [float("nan")])  # the faster transformers run
         ratio = r["pairs_per_s"] / hf
         frac = r.get("flops_fraction_of_peak")

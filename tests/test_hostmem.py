@@ -16,18 +16,20 @@ _PROBE = textwrap.dedent("""
 
     f = jax.jit(lambda x: jnp.sin(x @ x + 1.0) @ jnp.cos(x) + jnp.exp(-x))
     x = jnp.ones((4096, 4096), jnp.float32) * 1e-3
-    f(x).block_until_ready()
-    f(x).block_until_ready()
-    r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(3):
+    faults = []
+    for _ in range(13):
+        r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         f(x).block_until_ready()
-    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0) / 3
-    print(int(hostmem.keep_freed_memory()), int(faults))
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)
+    faults = sorted(faults[3:])
+    print(int(hostmem.keep_freed_memory()), faults[len(faults) // 2])
 """)
 
 
-def _probe(keep: str) -> tuple[int, float]:
-    env = dict(os.environ, VLJAX_KEEP_HOST_MEMORY=keep, XLA_FLAGS="")
+def _probe(keep: str | None) -> tuple[int, float]:
+    """(applied, median minor faults of a call) in a fresh process."""
+    env = {k: v for k, v in os.environ.items() if k != "VLJAX_KEEP_HOST_MEMORY"}
+    env.update(XLA_FLAGS="", **({"VLJAX_KEEP_HOST_MEMORY": keep} if keep else {}))
     out = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -38,10 +40,12 @@ def _probe(keep: str) -> tuple[int, float]:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt is Linux-only")
 def test_large_xla_buffers_are_reused_without_page_faults():
     applied, faults = _probe("1")
-    applied_off, faults_off = _probe("0")
+    applied_off, faults_off = _probe(None)  # the default: off
     assert (applied, applied_off) == (1, 0)
-    # Off: each call maps its temp buffer anew and faults in every 4 KiB page of it (>= 16k pages
-    # for one 64 MB buffer). On: the freed heap blocks are reused, nearly no fault.
+    # The median call after three warm-up calls. Off: each call maps its temp buffers anew and
+    # faults in every 4 KiB page of them (>= 16k pages for one 64 MB buffer). On: the freed heap
+    # blocks are reused (an occasional call still extends the heap when the blocks' order left no
+    # hole large enough, hence the median).
     assert faults_off > 16_000, faults_off
     assert faults < 0.05 * faults_off, (faults, faults_off)
 
