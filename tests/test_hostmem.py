@@ -1,4 +1,5 @@
-"""vljax.hostmem: XLA:CPU's per-execution temp buffer is not page-faulted again at every call."""
+"""vljax.hostmem: with VLJAX_KEEP_HOST_MEMORY=1, XLA:CPU's per-execution temp buffer is reused,
+not page-faulted again at every call; without it (the default), glibc is left as it is."""
 import os
 import subprocess
 import sys
@@ -6,16 +7,17 @@ import textwrap
 
 import pytest
 
-# A jitted function whose temp buffer (four 64 MB intermediates) is far above glibc's mmap
-# threshold; the minor page faults of its later calls are counted in a fresh process.
+# A jitted function whose temp buffer (a 64 MB intermediate, [16384, 1024] float32) is far above
+# glibc's mmap threshold; the minor page faults of its later calls are counted in a fresh process.
 _PROBE = textwrap.dedent("""
     import resource, sys
     import jax, jax.numpy as jnp
     import vljax
     from vljax import hostmem
 
-    f = jax.jit(lambda x: jnp.sin(x @ x + 1.0) @ jnp.cos(x) + jnp.exp(-x))
-    x = jnp.ones((4096, 4096), jnp.float32) * 1e-3
+    w = jnp.full((64, 1024), 1e-2, jnp.float32)
+    f = jax.jit(lambda x: jnp.sin(x @ w) @ w.T)
+    x = jnp.ones((16384, 64), jnp.float32)
     faults = []
     for _ in range(13):
         r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -43,9 +45,9 @@ def test_large_xla_buffers_are_reused_without_page_faults():
     applied_off, faults_off = _probe(None)  # the default: off
     assert (applied, applied_off) == (1, 0)
     # The median call after three warm-up calls. Off: each call maps its temp buffers anew and
-    # faults in every 4 KiB page of them (>= 16k pages for one 64 MB buffer). On: the freed heap
+    # faults in every 4 KiB page of them. On: the freed heap
     # blocks are reused (an occasional call still extends the heap when the blocks' order left no
     # hole large enough, hence the median).
-    assert faults_off > 16_000, faults_off
+    assert faults_off > 8_000, faults_off  # 64 MB = 16,384 pages; half of them at least
     assert faults < 0.05 * faults_off, (faults, faults_off)
 
