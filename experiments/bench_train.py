@@ -427,7 +427,7 @@ def main(argv):
                 stderr = errs[fw].read()
                 line = [l for l in stdout.splitlines() if l.startswith("RESULT ")]
                 if proc.returncode or not line:
-                    results[f"{fw}:{size}"] = dict(error=stderr[-2000:])
+                    results[f"{fw}:{size}"] = dict(error=stderr[-2000:], returncode=proc.returncode)
                     print(stderr[-2000:])
                 else:
                     results[f"{fw}:{size}"] = json.loads(line[-1][7:])
@@ -450,7 +450,8 @@ def print_table(results):
             continue
         fw, size = key.split(":")
         if "median_s" not in r:
-            print(f"| {size} | {fw} | {r.get('skipped') or r.get('error', '')[-100:]!r} |")
+            why = r.get("skipped") or f"exit status {r.get('returncode')}: {r.get('error', '')[-100:]!r}"
+            print(f"| {size} | {fw} | {why} |")
             continue
         hf = [results.get(f"transformers{v}:{size}", {}).get("pairs_per_s") for v in ("", KEEP)]
         hf = max([x for x in hf if x] or [float("nan")])  # the faster transformers run
