@@ -26,6 +26,7 @@ Linux/glibc.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
 
@@ -33,31 +34,25 @@ import sys
 M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
 ENV = "VLJAX_KEEP_HOST_MEMORY"
 
-_state: dict[str, object] = {}
 
-
+@functools.cache
 def keep_freed_memory() -> bool:
     """Configures glibc's malloc to keep freed memory for reuse; True when it was applied.
 
     Idempotent. Applied only when `VLJAX_KEEP_HOST_MEMORY=1` (or true / yes / on), on Linux with
     glibc.
     """
-    if "applied" in _state:
-        return bool(_state["applied"])
-    applied = False
-    if os.environ.get(ENV, "0").strip().lower() in ("1", "true", "yes", "on") \
-            and sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(None)
-            libc.gnu_get_libc_version  # glibc only: musl's mallopt is a stub
-            mallopt = libc.mallopt
-        except (OSError, AttributeError):
-            mallopt = None
-        if mallopt is not None:
-            mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-            # -1 disables trimming (mallopt(3)); one arena, so that every thread's large blocks
-            # come from the main heap, which (unlike the other arenas' 64 MB heaps) can grow.
-            applied = all(mallopt(param, value) == 1 for param, value in
-                          ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1)))
-    _state["applied"] = applied
-    return applied
+    if os.environ.get(ENV, "0").strip().lower() not in ("1", "true", "yes", "on") \
+            or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # glibc only: musl's mallopt is a stub
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    # -1 disables trimming (mallopt(3)); one arena, so that every thread's large blocks come from
+    # the main heap, which (unlike the other arenas' 64 MB heaps) can grow.
+    return all(mallopt(param, value) == 1 for param, value in
+               ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1)))
