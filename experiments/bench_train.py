@@ -22,7 +22,8 @@ the vljax step use the analytic model FLOPs (of the kept tokens under patch drop
 against an XLA matmul in the same dtype timed after every step (`_MatmulPeak`). "vs HF" divides by
 the faster transformers run of the table.
 
-    # host malloc: vljax and transformers with and without vljax/hostmem.py, alternating steps.
+    # host malloc: vljax and transformers with and without vljax/hostmem.py, alternating steps
+    # (`_keep`: the setting `python -m vljax.main` applies on a CPU run).
     python experiments/bench_train.py --threads=1 \
         --frameworks=vljax,vljax_keep,transformers,transformers_keep \
         --out=experiments/results/bench_train_1thread.json
@@ -58,7 +59,8 @@ _SIZES = flags.DEFINE_list("sizes", ["tiny", "base"], f"Sizes among {list(SIZES)
 _FRAMEWORKS = flags.DEFINE_list("frameworks", ["vljax", "transformers", "open_clip"],
                                 "Frameworks to time; `vljax_pd` is vljax with --patch_dropout; a "
                                 "`_keep` suffix (`vljax_keep`, `transformers_keep`) runs it with "
-                                "VLJAX_KEEP_HOST_MEMORY=1 (vljax/hostmem.py).")
+                                "VLJAX_KEEP_HOST_MEMORY=1 (vljax/hostmem.py: what `python -m "
+                                "vljax.main` does on a CPU run), the others with =0.")
 _STEPS = flags.DEFINE_integer("steps", 0, "Timed steps after the first (0: tiny 20, base 6, b16 20).")
 _THREADS = flags.DEFINE_integer("threads", 0, "CPU threads for both frameworks (0 = all cores).")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype (vljax).")

@@ -123,5 +123,9 @@ def test_main_prints_a_few_lines_unless_verbosity_asks(tmp_path):
     assert not [ln for ln in quiet if absl_info.match(ln)], quiet
     assert len(quiet) <= 5, quiet  # the JAX line and the final line naming the outputs
     assert quiet[-1].split("] ", 1)[1].startswith("train: ") and str(tmp_path / "quiet") in quiet[-1]
+    # A CPU run through the CLI keeps freed host memory (vljax/hostmem.py) and says so.
+    from vljax import hostmem
+    if not hostmem.accelerator_possible() and hostmem.setting() is None:
+        assert any("host memory: freed blocks kept" in ln for ln in quiet), quiet
     # --verbosity brings the libraries' INFO logs back (orbax logs every checkpoint save).
     assert len([ln for ln in runs["verbose"] if absl_info.match(ln)]) > 10

@@ -4,4 +4,4 @@ __version__ = "0.1.0"
 
 from vljax import hostmem as _hostmem
 
-_hostmem.keep_freed_memory()  # VLJAX_KEEP_HOST_MEMORY=1, before JAX starts its CPU client
+_hostmem.at_import()  # VLJAX_KEEP_HOST_MEMORY=1: before JAX starts its CPU client

@@ -5,6 +5,8 @@ colon (`--config=configs/lit.py:steps=50`) is passed to the config file's `get_c
 `--mode=eval` evaluates the latest checkpoint of an existing workdir without training.
 Output: one line per phase and progress bars; `--verbosity=0` adds the INFO logs of vljax and its
 libraries (orbax, tfds, grain), `--verbosity=1` debug logs.
+On a CPU run, glibc keeps freed host memory so that XLA:CPU's step buffers are reused, not
+page-faulted anew every step (vljax/hostmem.py; `VLJAX_KEEP_HOST_MEMORY=0` turns it off).
 """
 from __future__ import annotations
 
@@ -31,6 +33,11 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logs.setup(verbose=flags.FLAGS["verbosity"].present)
+    from vljax import hostmem
+    try:
+        keep_host = hostmem.cli_prepare()  # before JAX starts its CPU client
+    except ValueError as e:
+        raise SystemExit(f"vljax.main: {e}") from None
     config = _CONFIG.value
     # Validate before anything heavy (device start-up, data, weights) runs or is written.
     from vljax import config_check
@@ -41,8 +48,10 @@ def main(argv):
 
     import jax
     init_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    logs.info("JAX %s, %d process(es), %d device(s): %s", jax.__version__, jax.process_count(),
-              jax.device_count(), jax.devices()[0].device_kind)
+    keep_host = hostmem.cli_apply(jax.default_backend(), keep_host)
+    logs.info("JAX %s, %d process(es), %d device(s): %s%s", jax.__version__, jax.process_count(),
+              jax.device_count(), jax.devices()[0].device_kind,
+              "; host memory: freed blocks kept (vljax/hostmem.py)" if keep_host else "")
 
     from vljax import checkpoints, train
     workdir = _WORKDIR.value
