@@ -13,7 +13,9 @@ use `mesh=[("data", -1)]` or `[("data", -1), ("fsdp", 8)]` with `sharding_rules=
 `dtype="bfloat16"`, `remat=True`.
 
 FLIP-style masked training: `:pd=0.5,tune=30` drops half of the image patches for all but the last 30
-steps, which train unmasked (`config.stages`, vljax/stages.py); `seed=` picks the run's seed.
+steps, which train unmasked (`config.stages`, vljax/stages.py); `seed=` picks the run's seed. FLIP's
+equal-memory budget (2x batch, same epochs): `:pd=0.5,tune=15,batch=128,steps=150`; its equal wall-clock
+one: `:pd=0.5,tune=42,steps=420` (experiments/flip_recipe.py compares them).
 
 Config arguments: img (ViT variant, default "Ti/8" at reduced width), txt (text variant), size, batch,
 steps, pd (patch dropout), tune (unmasked steps at the end, with pd), seed.
