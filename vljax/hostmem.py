@@ -124,9 +124,10 @@ def cli_prepare() -> bool:
 def cli_apply(backend: str, prepared: bool) -> bool:
     """`python -m vljax.main`, once JAX runs: keeps freed memory on a CPU run that `cli_prepare`
     prepared, or wherever the variable asked for it. True when the setting is in effect."""
-    if setting() is None:
+    chosen = setting()
+    if chosen is None:
         return prepared and backend == "cpu" and keep_freed_memory()
-    return bool(setting()) and keep_freed_memory()
+    return chosen and keep_freed_memory()
 
 
 def at_import() -> bool:

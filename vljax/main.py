@@ -16,7 +16,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from vljax import logs
+from vljax import hostmem, logs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and plots go.")
@@ -33,7 +33,6 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logs.setup(verbose=flags.FLAGS["verbosity"].present)
-    from vljax import hostmem
     try:
         keep_host = hostmem.cli_prepare()  # before JAX starts its CPU client
     except ValueError as e:
