@@ -26,7 +26,9 @@ through the 6-layer text tower; the image tower is frozen and every image is emb
 - emoji_worst_group: zero-shot emoji subcategories with the worst category's accuracy.
 
 Config arguments (`--config=configs/adapt.py:seeds=1,coop_steps=50`): seeds, coop_steps,
-cocoop_steps (also lit.py's steps, batch).
+cocoop_steps, tip_f_epochs, tip_views (Tip-Adapter's augmented views per few-shot image; 0: none),
+tip_crop_min (their random crops' smallest area fraction; 1.0: flips only) (also lit.py's steps,
+batch).
 """
 import os
 import sys
@@ -39,13 +41,16 @@ from vljax import config_check  # noqa: E402
 
 def get_config(arg=None):
     a = config_check.parse_arg(arg, "configs/adapt.py", seeds=3, coop_steps=100,
-                               cocoop_steps=100, steps=300, batch=128, tip_f_epochs=20)
+                               cocoop_steps=100, steps=300, batch=128, tip_f_epochs=20,
+                               tip_views=10, tip_crop_min=0.5)
     c = lit.get_config(f"steps={a['steps']},batch={a['batch']}")
     coop = dict(n_ctx=4, ctx_init="a photo of a", steps=a["coop_steps"], lr=0.02, batch_size=32,
                 cocoop_steps=a["cocoop_steps"], cocoop_lr=0.02, cocoop_batch_size=4)
     methods = ["zeroshot", "ridge", "crossmodal", "tip", "tip_f", "coop"]
     shots = [1, 2, 4, 8, 16]
-    tip = dict(tip_f_epochs=a["tip_f_epochs"])  # Tip-Adapter-F epochs (lr 1e-3, batch 256)
+    # Tip-Adapter-F epochs (lr 1e-3, batch 256); augmented views per cache image (official: 10).
+    tip = dict(tip_f_epochs=a["tip_f_epochs"], augment_views=a["tip_views"],
+               augment_crop_scale=(a["tip_crop_min"], 1.0))
     fmnist = dict(name="vljax_fashion_mnist", max_examples=2000)
     c.evals = dict(
         fmnist_fewshot=dict(type="fewshot_adapt", data=dict(fmnist, per_class=26),

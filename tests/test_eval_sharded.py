@@ -67,6 +67,11 @@ def evals_config(data_dir):
         ml=dict(type="multilabel", data=dict(data, label="tags"), templates="name", ks=(1,)),
         fs=dict(type="fewshot", data=dict(name=NAME, per_class=4, data_dir=data_dir), shots=(1, 2),
                 seeds=2, l2_regs=(1.0,)),
+        # Tip-Adapter's augmented views (random crops and flips of the train images) embedded on
+        # the mesh equal the reference's.
+        fa=dict(type="fewshot_adapt", data=dict(name=NAME, per_class=4, data_dir=data_dir),
+                methods=("zeroshot", "ridge", "tip", "tip_f"), shots=(1, 2), seeds=2,
+                templates="name", holdout_per_class=2, augment_views=2, tip_f_epochs=2),
     )
 
 

@@ -84,8 +84,13 @@ def test_store_round_trips_and_skips_unreadable(lit, manifest, tmp_path):
     again = features.ensure_features(model, params, src, tmp_path, **kw)
     assert again.path == store.path and [f.stat().st_mtime_ns for f in files] == mtimes
     other = jax.tree.map(lambda x: x * 1.01, params)
-    assert features.fingerprint(model, other, src, **{k: kw[k] for k in ("mesh", "image_size", "value_range",
-                                                                          "views")}) != store.path.name
+    fp_kw = {k: kw[k] for k in ("mesh", "image_size", "value_range", "views")}
+    assert features.fingerprint(model, other, src, **fp_kw) != store.path.name
+    # Other images, the same count: subsets of other records, augmented views (few-shot evals).
+    from vljax.evaluators.data import AugmentedView, Subset
+    prints = {features.fingerprint(model, params, s, **fp_kw) for s in (
+        Subset(src, [0, 1]), Subset(src, [0, 2]), AugmentedView(src, 0), AugmentedView(src, 1))}
+    assert len(prints) == 4 and store.path.name not in prints
 
 
 def test_pipeline_over_store_equals_image_pipeline(lit, tmp_path):

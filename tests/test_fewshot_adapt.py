@@ -69,6 +69,83 @@ def test_tip_f_step_is_adamw_on_the_gradient_of_the_equations():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_cache_keys_average_the_views_and_tip_f_trains_on_view_e_mod_v():
+    rng = np.random.default_rng(8)
+    v0, v1 = normalize(rng.normal(size=(12, 8))), normalize(rng.normal(size=(12, 8)))
+    mean = (v0 + v1) / 2
+    np.testing.assert_allclose(tip_adapter.cache_keys(np.stack([v0, v1])),
+                               mean / np.linalg.norm(mean, axis=1, keepdims=True), rtol=1e-6)
+    w, y = normalize(rng.normal(size=(3, 8))), rng.integers(0, 3, 12)
+    keys, values = normalize(rng.normal(size=(6, 8))), tip_adapter.one_hot(np.arange(6) % 3, 3)
+
+    def tune(views, epochs):
+        return tip_adapter.finetune_keys(np.asarray(views), y, keys, values, w, 5.0,
+                                         epochs=epochs, lr=1e-2)
+    # Epoch 0 trains on view 0 (so one view is the unaugmented call), epoch 1 on view 1, and the
+    # views cycle: V = 3 and V = 2 agree over 2 epochs.
+    np.testing.assert_allclose(tune([v0, v1], 1), tune(v0, 1), rtol=1e-6)
+    np.testing.assert_allclose(tune([v0, v0], 2), tune(v0, 2), rtol=1e-6)
+    np.testing.assert_allclose(tune([v0, v1, v0], 2), tune([v0, v1], 2), rtol=1e-6)
+    assert np.abs(tune([v0, v1], 2) - tune([v0, v0], 2)).max() > 1e-4
+
+
+def _square_image(size=24, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+
+
+def test_augmented_view_is_a_fixed_crop_and_flip_of_each_record():
+    from vljax.embedder import data_key
+    from vljax.evaluators.data import AugmentedView, Subset
+    img = _square_image()
+    records = [{"image": img, "captions": [""], "label": 0}, {"image": b"not an image"},
+               {"image": np.zeros((30, 50, 3), np.uint8), "captions": [""], "label": 1}]
+    view = AugmentedView(records, view=0, seed=3)
+    np.testing.assert_array_equal(view[0]["image"], AugmentedView(records, 0, 3)[0]["image"])
+    assert view[0]["label"] == 0 and view[1] is records[1]  # undecodable: passed on unchanged
+    assert view[2]["image"].shape == (50, 50, 3)               # a square of the longer side
+    # A crop of the whole square image is the image itself or its mirror, and both occur.
+    whole = [AugmentedView(records, v, crop_scale=(1.0, 1.0))[0]["image"] for v in range(40)]
+    same = [np.array_equal(x, img) for x in whole]
+    mirror = [np.array_equal(x, img[:, ::-1]) for x in whole]
+    assert all(a or b for a, b in zip(same, mirror)) and 10 < sum(same) < 30
+    crops = [AugmentedView(records, v, flip=False)[0]["image"] for v in range(5)]
+    assert len({x.tobytes() for x in crops}) == 5 and img.tobytes() not in {x.tobytes() for x in crops}
+    # Distinct views and subsets have distinct cache keys and reprs (the feature store's key).
+    assert data_key(AugmentedView(records, 0)) != data_key(AugmentedView(records, 1))
+    assert repr(AugmentedView(records, 0)) != repr(AugmentedView(records, 1))
+    assert repr(Subset(records, [0, 1])) != repr(Subset(records, [0, 2]))
+
+
+class _ViewRecordingEmbedder(TableEmbedder):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.views = []
+
+    def embed_images(self, data):
+        if hasattr(data, "augmentation"):
+            self.views.append((data.view, [data[i] for i in range(len(data))]))
+        return super().embed_images(data)
+
+
+def test_adapt_evaluator_augments_only_the_few_shot_images_for_tip():
+    ev, emb = _evaluator_case(True, augment_views=3)
+    emb = _ViewRecordingEmbedder(emb.image_table, emb.text_table)
+    plain = _evaluator_case(True, augment_views=0)[0].run(emb)
+    assert emb.views == []
+    got = ev.run(emb)
+    shots = {ev.train_data[i] for train_sets, _ in ev.splits for i in train_sets[-1]}
+    assert [v for v, _ in emb.views] == [0, 1, 2]
+    assert all(set(records) == shots and len(records) == len(shots) for _, records in emb.views)
+    assert not shots & set(ev.test_data)  # (a seed's held-out images may be another's shots)
+    # The table embedder gives every view the image's own embedding: the mean of equal views is
+    # the unaugmented key, so every metric is the unaugmented evaluator's.
+    assert got == pytest.approx(plain, abs=1e-9)
+    ridge_only = _evaluator_case(True, augment_views=3, methods=("zeroshot", "ridge"))[0]
+    emb.views.clear()
+    ridge_only.run(emb)
+    assert emb.views == []
+
+
 def _clusters(seed, n_per_class, num_classes=4, dim=16, noise=0.35):
     rng = np.random.default_rng(seed)
     centers = normalize(rng.normal(size=(num_classes, dim)))
@@ -126,7 +203,8 @@ def test_crossmodal_probe_uses_text_as_samples():
     assert np.mean(only_text.predict(x[test]) == y[test]) == pytest.approx(nearest, abs=0.02)
 
 
-def _evaluator_case(text_good: bool):
+def _evaluator_case(text_good: bool, augment_views: int = 10,
+                    methods=("zeroshot", "ridge", "crossmodal", "tip", "tip_f")):
     centers, table, labels = _clusters(4, 40, noise=0.35)
     names = ["cat", "dog", "bird", "fish"]
     wrong = np.roll(centers, 1, axis=0)  # text of class c points at class c-1's images
@@ -138,8 +216,7 @@ def _evaluator_case(text_good: bool):
     ev = fewshot_adapt.FewShotAdaptEvaluator(
         [images[i] for i in train], labels[train], [images[i] for i in test], labels[test],
         names, name="toy", templates=["a photo of a {}."], shots=(1, 4, 16), seeds=2,
-        methods=("zeroshot", "ridge", "crossmodal", "tip", "tip_f"), holdout_per_class=10,
-        tip_f_epochs=20)
+        methods=methods, holdout_per_class=10, tip_f_epochs=20, augment_views=augment_views)
     return ev, TableEmbedder(table, texts)
 
 
@@ -173,6 +250,10 @@ def test_adapt_evaluator_never_chooses_on_test_images():
     with pytest.raises(ValueError, match="unknown methods"):
         fewshot_adapt.FewShotAdaptEvaluator([0], [0], [1], [0], ["a"], name="x",
                                             methods=("nope",))
+    for bad in (dict(augment_views=-1), dict(augment_crop_scale=(0.0, 1.0)),
+                dict(augment_crop_scale=(0.9, 0.5))):
+        with pytest.raises(ValueError, match=f"x: {next(iter(bad))}"):
+            fewshot_adapt.FewShotAdaptEvaluator([0], [0], [1], [0], ["a"], name="x", **bad)
 
 
 def test_wise_ft_is_the_linear_interpolation_of_eq1(tmp_path):

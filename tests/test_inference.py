@@ -135,6 +135,25 @@ def test_standalone_evaluation_equals_the_trainers(workdir):
         np.testing.assert_allclose(results[k], logged[k], atol=1e-6, err_msg=k)
 
 
+def test_evaluate_cli_writes_the_metrics_of_evaluate(workdir, tmp_path):
+    """`python -m vljax.evaluate` (the user's command) writes what `evaluate.evaluate` returns,
+    and on a CPU run keeps freed host memory as vljax.main does."""
+    out = tmp_path / "metrics.json"
+    proc = subprocess.run([sys.executable, "-m", "vljax.evaluate", f"--model={workdir}", "--evals=emoji",
+                           f"--out={out}"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": REPO})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    written = json.load(open(out))
+    want = evaluate.evaluate(Predictor.load(workdir), p_config(workdir), only=["emoji"])
+    assert written["model"] == workdir and "zeroshot/emoji/top1" in written
+    for k in want:
+        if not k.startswith("time/"):
+            np.testing.assert_allclose(written[k], want[k], atol=1e-6, err_msg=k)
+    from vljax import hostmem
+    if not hostmem.accelerator_possible() and hostmem.setting() is None:
+        assert "host memory: freed blocks kept" in proc.stderr, proc.stderr[-3000:]
+
+
 def test_main_eval_mode(workdir, tmp_path):
     before = open(os.path.join(workdir, "config.json")).read()
     cfg = tmp_path / "eval_config.py"

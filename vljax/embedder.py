@@ -168,6 +168,8 @@ def data_key(data):
         return ("jsonl", str(data.path))
     if isinstance(data, sources_lib.FolderSource):
         return ("folder", str(data.root))
+    if hasattr(data, "source") and hasattr(data, "augmentation"):  # an augmented view (evaluators)
+        return ("augmented", data_key(data.source), data.augmentation)
     if hasattr(data, "source") and hasattr(data, "indices"):  # a subset of records
         return ("subset", data_key(data.source), tuple(data.indices))
     return ("object", id(data))

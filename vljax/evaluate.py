@@ -7,7 +7,8 @@ r"""Evaluate a model with a config's evaluators: a vljax workdir or a converted 
 transformers CLIP directory). The evaluators are `config.evals` (default: the workdir's own
 config.json), built by vljax/eval_builder.py; images are streamed with the MODEL's image size and
 normalisation, so a converted CLIP at 224 px is evaluated on the same data as a demo LiT model at 112 px.
-Unlike `vljax.main --mode=eval`, nothing is written into the model's directory.
+Unlike `vljax.main --mode=eval`, nothing is written into the model's directory. On a CPU run
+freed host memory is kept, as in `vljax.main` (vljax/hostmem.py; `VLJAX_KEEP_HOST_MEMORY=0`: off).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from vljax import logs
+from vljax import hostmem, logs
 
 
 def evaluate(predictor, config, only=None, plot_dir: str | None = None) -> dict[str, float]:
@@ -67,10 +68,14 @@ def main(argv):
     from vljax import factory
     path = os.path.expanduser(_MODEL.value)
     try:
+        keep_host = hostmem.cli_prepare()  # before JAX starts its CPU client (as vljax.main)
         config = _CONFIG.value if _CONFIG.value is not None else _workdir_config(path)
         config_check.validate_evals(config.get("evals"))
     except (OSError, ValueError) as e:
         raise SystemExit(f"vljax.evaluate: {e}") from None
+    import jax
+    if hostmem.cli_apply(jax.default_backend(), keep_host):
+        logs.info("host memory: freed blocks kept (vljax/hostmem.py)")
     try:
         predictor = factory.load(path)
     except (OSError, ValueError) as e:

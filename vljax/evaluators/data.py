@@ -11,8 +11,15 @@ human-readable for prompts, as each demo builder documents (emoji subcategories
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+
+import numpy as np
+from PIL import Image
+
 from vljax.data import sources as sources_lib
 from vljax.data import tfds_writer
+from vljax.data import transforms as T
 
 ALIASES = {"emoji": "vljax_emoji", "openclipart": "vljax_openclipart",
            "fashion_mnist": "vljax_fashion_mnist"}
@@ -38,7 +45,62 @@ class Subset:
         return self.source.info
 
     def __repr__(self):
-        return f"Subset({self.source!r}, n={len(self)})"
+        # The indices' digest: a repr names the images (the LiT feature store's fingerprint).
+        digest = hashlib.sha1(np.asarray(self.indices, np.int64).tobytes()).hexdigest()[:12]
+        return f"Subset({self.source!r}, n={len(self)}, indices={digest})"
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentedView:
+    """View number `view` of every record of `source` (a source itself): the image after a random
+    resized crop (area fraction in `crop_scale`, aspect ratio log-uniform in [3/4, 4/3]) and,
+    when `flip`, a horizontal flip with probability 1/2, drawn from rng(seed, view, i). A view is
+    therefore the same at every read, in every process and grain worker.
+
+    Tip-Adapter's cache augmentation (official `build_cache_model`: RandomResizedCrop(scale=(0.5,
+    1)) and RandomHorizontalFlip, one pass over the few-shot set per view). The crop is returned
+    as a square uint8 image with the record's longer side, which the eval transform then scales
+    to the model's size: one more (bicubic) resampling than torchvision's crop-to-224.
+    A record that cannot be decoded is passed on unchanged, and the embedder skips it as usual.
+    """
+    source: object
+    view: int
+    seed: int = 0
+    crop_scale: tuple = (0.5, 1.0)
+    flip: bool = True
+
+    def __len__(self):
+        return len(self.source)
+
+    @property
+    def augmentation(self) -> tuple:
+        """What, beside the source, determines the images (the embedder's cache key)."""
+        return (self.view, self.seed, tuple(self.crop_scale), self.flip)
+
+    def __getitem__(self, i):
+        record = self.source[i]
+        if not isinstance(record, dict) or "error" in record or "image" not in record:
+            return record
+        try:
+            img = T.decode_image(record["image"])
+        except (FileNotFoundError, *T.DECODE_ERRORS):
+            return record
+        rng = np.random.default_rng([self.seed, self.view, int(i)])
+        img = T.random_resized_crop(img, max(img.size), rng, scale=tuple(self.crop_scale))
+        if self.flip and rng.uniform() < 0.5:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return {**record, "image": np.asarray(img, np.uint8)}
+
+    def raw(self, i):
+        return raw_record(self.source, i)
+
+    @property
+    def info(self):
+        return self.source.info
+
+    def __repr__(self):
+        return (f"AugmentedView({self.source!r}, view={self.view}, seed={self.seed}, "
+                f"crop_scale={tuple(self.crop_scale)}, flip={self.flip})")
 
 
 def open_source(name: str, split: str, data_dir=None, label_key: str | None = None):

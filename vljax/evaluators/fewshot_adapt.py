@@ -3,8 +3,10 @@
   zeroshot    the prompt-ensemble classifier (no shots).
   ridge       the image-only ridge probe (`fewshot.RidgeProbe`).
   crossmodal  the ridge probe with class text embeddings as extra samples (`crossmodal.py`).
-  tip         Tip-Adapter: the training-free cache, alpha and beta searched (`tip_adapter.py`).
-  tip_f       Tip-Adapter-F: the cache keys fine-tuned, alpha and beta searched again.
+  tip         Tip-Adapter: the training-free cache, alpha and beta searched (`tip_adapter.py`);
+              each key the mean of `augment_views` augmented views of its image (official: 10).
+  tip_f       Tip-Adapter-F: the cache keys fine-tuned on the augmented views, alpha and beta
+              searched again.
   coop        CoOp: learned context vectors in the text tower's input (`vljax/adapt/coop.py`).
   cocoop      CoCoOp: CoOp's context plus an image-conditioned meta-net token.
 
@@ -13,6 +15,10 @@ for each k of `shots` (nested), and `holdout_per_class` further train images per
 which ridge's l2 and Tip-Adapter's alpha / beta are chosen. Test images are never used for a
 choice. Metrics: "fewshot_adapt/<name>/<method>/<k>shot" (mean test accuracy over seeds) and
 ".../<k>shot_std", and "fewshot_adapt/<name>/zeroshot".
+
+Only Tip-Adapter(-F) sees augmented views (`data.AugmentedView`, embedded once per view and
+few-shot image, cached by the embedder); the other methods take each image once, unaugmented,
+as their references (big_vision's probe; CoOp on frozen image embeddings).
 
 coop / cocoop need the text tower itself: the embedder must offer `prompt_learner()`
 (vljax/embedder.py does); the image tower stays frozen and its embeddings are streamed once.
@@ -39,6 +45,7 @@ class FewShotAdaptEvaluator(fewshot.FewShotEvaluator):
                  l2_regs: Sequence[float] = fewshot.DEFAULT_L2_REGS, holdout_per_class: int = 10,
                  alphas: Sequence[float] = tip_adapter.DEFAULT_ALPHAS,
                  betas: Sequence[float] = tip_adapter.DEFAULT_BETAS, tip_f_epochs: int = 20,
+                 augment_views: int = 10, augment_crop_scale: Sequence[float] = (0.5, 1.0),
                  text_repeats: int = 1, coop: dict | None = None):
         """
         Args (beyond `FewShotEvaluator`'s):
@@ -47,12 +54,21 @@ class FewShotAdaptEvaluator(fewshot.FewShotEvaluator):
           templates: the zero-shot classifier's prompt templates (`prompts.TEMPLATES` key).
           alphas / betas: Tip-Adapter's search grids.
           tip_f_epochs: Tip-Adapter-F's fine-tuning epochs (the paper's 20).
+          augment_views: augmented views per few-shot image for Tip-Adapter(-F)'s cache and
+            training (the official augment_epoch, 10); 0: each image once, unaugmented.
+          augment_crop_scale: the views' random resized crop area range (official (0.5, 1);
+            (1, 1): horizontal flips only).
           text_repeats: the weight of each text sample in the cross-modal probe.
           coop: keyword arguments of `vljax.adapt.coop.CoOpConfig` (context length, steps, lr).
         """
         unknown = sorted(set(methods) - set(METHODS))
         if unknown:
             raise ValueError(f"{name}: unknown methods {unknown} (known: {list(METHODS)})")
+        if augment_views < 0:
+            raise ValueError(f"{name}: augment_views must be >= 0, got {augment_views}")
+        if not (len(augment_crop_scale) == 2 and 0 < augment_crop_scale[0] <= augment_crop_scale[1] <= 1):
+            raise ValueError(f"{name}: augment_crop_scale must be (lo, hi) with 0 < lo <= hi <= 1, "
+                             f"got {augment_crop_scale}")
         if holdout_per_class <= 0:
             raise ValueError(f"{name}: holdout_per_class must be positive (alpha, beta and l2 "
                              "are chosen on held-out train images)")
@@ -65,6 +81,8 @@ class FewShotAdaptEvaluator(fewshot.FewShotEvaluator):
         self.texts = prompts.class_texts(self.class_names, templates, None)
         self.methods, self.alphas, self.betas = tuple(methods), tuple(alphas), tuple(betas)
         self.tip_f_epochs, self.text_repeats = tip_f_epochs, text_repeats
+        self.augment_views = int(augment_views)
+        self.augment_crop_scale = tuple(float(x) for x in augment_crop_scale)
         self.coop = dict(coop or {})
 
     @classmethod
@@ -99,6 +117,7 @@ class FewShotAdaptEvaluator(fewshot.FewShotEvaluator):
             learner = coop_lib.PromptLearner.from_embedder(embedder, self.class_names,
                                                            **self.coop)
 
+        views, view_row = self._augmented_views(embedder, row)
         accs = {(m, k): [] for m in self.methods if m != "zeroshot" for k in self.shots}
         for seed, (train_sets, held) in enumerate(self.splits):
             held = held[row[held] >= 0]
@@ -106,19 +125,42 @@ class FewShotAdaptEvaluator(fewshot.FewShotEvaluator):
             for k, idx in zip(self.shots, train_sets):
                 idx = idx[row[idx] >= 0]  # a record that cannot be read trains nothing
                 x, y = feats[row[idx]], self.train_labels[idx]
+                xv = views[:, view_row[idx]] if views is not None else x[None]
                 for m in self.methods:
                     if m == "zeroshot":
                         continue
                     pred = self._predict(m, x, y, x_held, y_held, test, ztxt, scale, seed,
-                                         learner)
+                                         learner, xv)
                     accs[(m, k)].append(float(np.mean(pred == y_test)))
         for (m, k), a in accs.items():
             out[f"{prefix}/{m}/{k}shot"] = float(np.mean(a))
             out[f"{prefix}/{m}/{k}shot_std"] = float(np.std(a))
         return out
 
-    def _predict(self, method, x, y, x_held, y_held, test, ztxt, scale, seed, learner):
-        """Test predictions [M] of `method` trained on (x [N, D], y [N])."""
+    def _augmented_views(self, embedder, row):
+        """(views [V, U, D], view_row [num_train]: the column of `views` holding train record i)
+        for the U readable few-shot images of every seed (the held-out images are not
+        augmented), or (None, None) when no method takes views."""
+        if not (self.augment_views and {"tip", "tip_f"} & set(self.methods)):
+            return None, None
+        shots = np.unique(np.concatenate([t[-1] for t, _ in self.splits]))  # nested: the largest
+        shots = shots[row[shots] >= 0]
+        subset = data_lib.Subset(self.train_data, shots)
+        views = []
+        for v in range(self.augment_views):
+            z, index = base.image_embeddings(embedder, data_lib.AugmentedView(
+                subset, view=v, crop_scale=self.augment_crop_scale))
+            if len(index) != len(shots):  # readable unaugmented, so readable in every view
+                raise ValueError(f"{self.name}: {len(shots) - len(index)} few-shot images could "
+                                 f"not be read in augmented view {v}")
+            views.append(z[np.argsort(index)])
+        view_row = np.full(len(self.train_labels), -1)
+        view_row[shots] = np.arange(len(shots))
+        return np.stack(views), view_row
+
+    def _predict(self, method, x, y, x_held, y_held, test, ztxt, scale, seed, learner, xv):
+        """Test predictions [M] of `method` trained on (x [N, D], y [N]); xv [V, N, D]: the
+        augmented views of x (x[None] without augmentation)."""
         if method == "ridge":
             probe, r = self._ridge(x, y, x_held, y_held, lambda a, b: fewshot.RidgeProbe(
                 a, b, self.num_classes, self.l2_regs))
@@ -128,9 +170,9 @@ class FewShotAdaptEvaluator(fewshot.FewShotEvaluator):
                 a, b, ztxt, self.l2_regs, self.text_repeats))
             return probe.predict(test, r)
         if method in ("tip", "tip_f"):
-            keys, values = x, tip_adapter.one_hot(y, self.num_classes)
+            keys, values = tip_adapter.cache_keys(xv), tip_adapter.one_hot(y, self.num_classes)
             if method == "tip_f":
-                keys = tip_adapter.finetune_keys(x, y, keys, values, ztxt, scale,
+                keys = tip_adapter.finetune_keys(xv, y, keys, values, ztxt, scale,
                                                  epochs=self.tip_f_epochs, seed=seed)
             alpha, beta, _ = tip_adapter.search(x_held, y_held, keys, values, ztxt, scale,
                                                 self.alphas, self.betas)

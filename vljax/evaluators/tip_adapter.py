@@ -30,10 +30,19 @@ cross-entropy on the few-shot images at fixed alpha and beta, with the official 
 (lr 1e-3, eps 1e-4, weight decay 0.01 = torch's default), cosine schedule over all steps,
 batch 256, 20 epochs; then alpha and beta are searched again.
 
-Not reproduced: the official cache averages each key over 10 augmented views (random resized
-crop, flip) and Tip-Adapter-F sees fresh augmentations every epoch; here every image is
-embedded once, unaugmented. The official Tip-Adapter-F also keeps the epoch with the best TEST
-accuracy; here the last epoch is used.
+Augmentation (official `build_cache_model` and `run_tip_adapter_F`): each cache key is the mean
+of the image's embeddings over V augmented views (`augment_epoch` = 10: random resized crop of
+area 0.5-1 and a horizontal flip, `evaluators.data.AugmentedView`), re-normalised, and
+Tip-Adapter-F trains on augmented images, fresh ones every epoch; here epoch e takes view
+e mod V of the same V views (20 epochs over 10 views: each view twice). `cache_keys` averages
+the views; the keys and the held-out / test images the search and the predictions see are
+unaugmented, as the official val / test features. One deviation: the official code averages
+the tower's raw features and normalises the mean; the embedder protocol returns normalised
+embeddings, so here the views are normalised before they are averaged (the mean's direction
+weights every view equally instead of by its feature norm).
+
+Not reproduced: the official Tip-Adapter-F keeps the epoch with the best TEST accuracy; here
+the last epoch is used (no choice is made on test images).
 """
 from collections.abc import Sequence
 
@@ -51,6 +60,13 @@ def search_grid(scale: float, steps: int) -> tuple[float, ...]:
 # beta: official grid, widest official search_scale (50). alpha: model logit units (see above).
 DEFAULT_BETAS = search_grid(50.0, 200)
 DEFAULT_ALPHAS = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0, 100.0, 1000.0)
+
+
+def cache_keys(views) -> np.ndarray:
+    """Keys [NK, D] from the embeddings of V augmented views [V, NK, D] of the few-shot images:
+    the L2-normalised mean over views (official `build_cache_model`; module docstring)."""
+    mean = np.asarray(views, np.float32).mean(axis=0)
+    return mean / np.maximum(np.linalg.norm(mean, axis=-1, keepdims=True), 1e-12)
 
 
 def cache_logits(zimg, keys, values, beta):
@@ -89,14 +105,16 @@ def finetune_keys(zimg, labels, keys, values, ztxt, logit_scale, *, alpha: float
                   weight_decay: float = 0.01, batch_size: int = 256, seed: int = 0
                   ) -> np.ndarray:
     """Tip-Adapter-F: the keys [NK, D] after `epochs` epochs of AdamW on the cross-entropy of
-    the Tip-Adapter logits of the few-shot images (zimg [M, D], labels [M]), shuffled into
-    mini-batches of `batch_size` (the last one smaller); values, text weights, alpha and beta
-    fixed. Defaults: the official recipe (module docstring); alpha = beta = 1 (the official
-    init_beta; init_alpha is 1.17-10 per dataset at scale 100, i.e. 0.14-1.2 at t = 12)."""
+    the Tip-Adapter logits of the few-shot images (zimg [M, D], or [V, M, D]: V augmented views
+    of them, epoch e training on view e mod V), labels [M], shuffled into mini-batches of
+    `batch_size` (the last one smaller); values, text weights, alpha and beta fixed. Defaults:
+    the official recipe (module docstring); alpha = beta = 1 (the official init_beta; init_alpha
+    is 1.17-10 per dataset at scale 100, i.e. 0.14-1.2 at t = 12)."""
     zimg = jnp.asarray(zimg, jnp.float32)
+    views = zimg if zimg.ndim == 3 else zimg[None]
     labels = jnp.asarray(labels, jnp.int32)
     values, ztxt = jnp.asarray(values, jnp.float32), jnp.asarray(ztxt, jnp.float32)
-    n = len(zimg)
+    n = views.shape[1]
     per_epoch = -(-n // batch_size)
     opt = optax.adamw(optax.cosine_decay_schedule(lr, epochs * per_epoch), eps=1e-4,
                       weight_decay=weight_decay)
@@ -114,11 +132,12 @@ def finetune_keys(zimg, labels, keys, values, ztxt, logit_scale, *, alpha: float
     k = jnp.asarray(keys, jnp.float32)
     state = opt.init(k)
     rng = np.random.default_rng(seed)
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        x = views[epoch % len(views)]
         order = rng.permutation(n)
         for i in range(per_epoch):
             idx = order[i * batch_size:(i + 1) * batch_size]
-            k, state = step(k, state, zimg[idx], labels[idx])
+            k, state = step(k, state, x[idx], labels[idx])
     return np.asarray(k)
 
 
