@@ -134,11 +134,11 @@ def resize_small_center_crop(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
-def random_resized_crop(img: Image.Image, size: int, rng: np.random.Generator,
-                        scale=(0.8, 1.0), ratio=(3 / 4, 4 / 3)) -> Image.Image:
-    """Train transform: a crop of random area fraction in `scale` and aspect ratio in `ratio`
-    (log-uniform), resized to size x size. Falls back to the central crop (Inception-style)."""
-    w, h = img.size
+def random_crop_box(w: int, h: int, rng: np.random.Generator, scale=(0.8, 1.0),
+                    ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int] | None:
+    """(left, top, right, bottom) of a crop of a w x h image with random area fraction in
+    `scale` and aspect ratio in `ratio` (log-uniform); None when 10 draws found none
+    (Inception-style: the caller falls back to the central crop)."""
     area = w * h
     log_ratio = np.log(ratio)
     for _ in range(10):
@@ -147,9 +147,18 @@ def random_resized_crop(img: Image.Image, size: int, rng: np.random.Generator,
         cw, ch = round(np.sqrt(target * aspect)), round(np.sqrt(target / aspect))
         if 0 < cw <= w and 0 < ch <= h:
             left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-            return img.resize((size, size), Image.Resampling.BICUBIC,
-                              box=(left, top, left + cw, top + ch))
-    return resize_small_center_crop(img, size)
+            return left, top, left + cw, top + ch
+    return None
+
+
+def random_resized_crop(img: Image.Image, size: int, rng: np.random.Generator,
+                        scale=(0.8, 1.0), ratio=(3 / 4, 4 / 3)) -> Image.Image:
+    """Train transform: a crop of random area fraction in `scale` and aspect ratio in `ratio`
+    (log-uniform), resized to size x size. Falls back to the central crop (Inception-style)."""
+    box = random_crop_box(*img.size, rng, scale, ratio)
+    if box is None:
+        return resize_small_center_crop(img, size)
+    return img.resize((size, size), Image.Resampling.BICUBIC, box=box)
 
 
 def random_greyscale(img: Image.Image, rng: np.random.Generator, p: float) -> Image.Image:

@@ -59,8 +59,9 @@ class AugmentedView:
 
     Tip-Adapter's cache augmentation (official `build_cache_model`: RandomResizedCrop(scale=(0.5,
     1)) and RandomHorizontalFlip, one pass over the few-shot set per view). The crop is returned
-    as a square uint8 image with the record's longer side, which the eval transform then scales
-    to the model's size: one more (bicubic) resampling than torchvision's crop-to-224.
+    stretched to a square of its own longer side (no more pixels than it has, whatever the
+    photo's size), which the eval transform then scales to the model's size: one more (bicubic)
+    resampling than torchvision's crop-to-224.
     A record that cannot be decoded is passed on unchanged, and the embedder skips it as usual.
     """
     source: object
@@ -86,7 +87,13 @@ class AugmentedView:
         except (FileNotFoundError, *T.DECODE_ERRORS):
             return record
         rng = np.random.default_rng([self.seed, self.view, int(i)])
-        img = T.random_resized_crop(img, max(img.size), rng, scale=tuple(self.crop_scale))
+        w, h = img.size
+        box = T.random_crop_box(w, h, rng, scale=tuple(self.crop_scale))
+        if box is None:  # the central square, as random_resized_crop falls back to
+            side = min(w, h)
+            box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
+        side = max(box[2] - box[0], box[3] - box[1])  # never more pixels than the crop has
+        img = img.resize((side, side), Image.Resampling.BICUBIC, box=box)
         if self.flip and rng.uniform() < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return {**record, "image": np.asarray(img, np.uint8)}
