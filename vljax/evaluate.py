@@ -75,7 +75,7 @@ def main(argv):
         raise SystemExit(f"vljax.evaluate: {e}") from None
     import jax
     if hostmem.cli_apply(jax.default_backend(), keep_host):
-        logs.info("host memory: freed blocks kept (vljax/hostmem.py)")
+        logs.info(hostmem.APPLIED)
     try:
         predictor = factory.load(path)
     except (OSError, ValueError) as e:

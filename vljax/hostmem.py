@@ -51,6 +51,7 @@ import sys
 M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
 ENV = "VLJAX_KEEP_HOST_MEMORY"
 _ON, _OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+APPLIED = "host memory: freed blocks kept (vljax/hostmem.py)"  # what the CLIs log when it applies
 
 
 def setting() -> bool | None:

@@ -50,7 +50,7 @@ def main(argv):
     keep_host = hostmem.cli_apply(jax.default_backend(), keep_host)
     logs.info("JAX %s, %d process(es), %d device(s): %s%s", jax.__version__, jax.process_count(),
               jax.device_count(), jax.devices()[0].device_kind,
-              "; host memory: freed blocks kept (vljax/hostmem.py)" if keep_host else "")
+              f"; {hostmem.APPLIED}" if keep_host else "")
 
     from vljax import checkpoints, train
     workdir = _WORKDIR.value

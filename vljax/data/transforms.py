@@ -151,6 +151,13 @@ def random_crop_box(w: int, h: int, rng: np.random.Generator, scale=(0.8, 1.0),
     return None
 
 
+def central_square_box(w: int, h: int) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of the central min(w, h) square of a w x h image."""
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    return left, top, left + side, top + side
+
+
 def random_resized_crop(img: Image.Image, size: int, rng: np.random.Generator,
                         scale=(0.8, 1.0), ratio=(3 / 4, 4 / 3)) -> Image.Image:
     """Train transform: a crop of random area fraction in `scale` and aspect ratio in `ratio`

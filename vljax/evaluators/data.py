@@ -88,10 +88,8 @@ class AugmentedView:
             return record
         rng = np.random.default_rng([self.seed, self.view, int(i)])
         w, h = img.size
-        box = T.random_crop_box(w, h, rng, scale=tuple(self.crop_scale))
-        if box is None:  # the central square, as random_resized_crop falls back to
-            side = min(w, h)
-            box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
+        # No crop found in 10 draws: the central square, as random_resized_crop falls back to.
+        box = T.random_crop_box(w, h, rng, scale=tuple(self.crop_scale)) or T.central_square_box(w, h)
         side = max(box[2] - box[0], box[3] - box[1])  # never more pixels than the crop has
         img = img.resize((side, side), Image.Resampling.BICUBIC, box=box)
         if self.flip and rng.uniform() < 0.5:
