@@ -117,7 +117,7 @@ class FewShotAdaptEvaluator(fewshot.FewShotEvaluator):
             learner = coop_lib.PromptLearner.from_embedder(embedder, self.class_names,
                                                            **self.coop)
 
-        views, view_row = self._augmented_views(embedder, row)
+        views, view_row = self.augmented_views(embedder, row)
         accs = {(m, k): [] for m in self.methods if m != "zeroshot" for k in self.shots}
         for seed, (train_sets, held) in enumerate(self.splits):
             held = held[row[held] >= 0]
@@ -137,7 +137,7 @@ class FewShotAdaptEvaluator(fewshot.FewShotEvaluator):
             out[f"{prefix}/{m}/{k}shot_std"] = float(np.std(a))
         return out
 
-    def _augmented_views(self, embedder, row):
+    def augmented_views(self, embedder, row):
         """(views [V, U, D], view_row [num_train]: the column of `views` holding train record i)
         for the U readable few-shot images of every seed (the held-out images are not
         augmented), or (None, None) when no method takes views."""
