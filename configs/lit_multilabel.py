@@ -9,7 +9,8 @@ top two blocks and head trained, batch 128, the schedule) except:
 - the batches carry each image's tag set (`input.labels=True`, the `tags` Sequence(ClassLabel) of
   both datasets, mapped into one label space: the sorted union of their 65 + 128 tag names);
 - the loss (`loss.name="multilabel"`, vljax/losses.py) scores every image against one prompt per
-  tag ("an icon of {}.", embedded by the trained text tower in every step) with the logit scale and
+  tag ("an icon of {}.", embedded by the trained text tower in every step; MiniLM's locked
+  embeddings and blocks 0-3 run on the prompts once per run, vljax/train.py `locked_text_blocks`) with the logit scale and
   bias of SigLIP (t init 10, b init -10) and trains with `kind`: "bce" (the default), "asl"
   (Ridnik et al. 2021) or "wan" (weak assume-negative, Cole et al. 2021, the positive-unlabelled
   loss: an absent tag is a negative weighted 1 / (K - 1)). Records with no tag are left out.

@@ -81,3 +81,43 @@ def test_errors():
         model.init(jax.random.key(0), jnp.zeros((1, 11), jnp.int32))
     with pytest.raises(ValueError, match="Unknown pool_type 'cls'"):
         TextTransformer(**TINY, pool_type="cls").init(jax.random.key(0), ids())
+
+
+@pytest.mark.parametrize("tower", ["causal_eot", "bidirectional_map", "bert"])
+def test_split_at_a_block_equals_the_whole_tower(tower):
+    """`stop_after=k` then `lower=(k, states)` (the label prompts' locked lower blocks run once,
+    vljax/train.py) gives the unsplit tower's features and tokens, for every k; misuse raises."""
+    from vljax.models.bert import Bert
+    if tower == "bert":
+        model = Bert(vocab_size=50, hidden_size=32, num_layers=3, num_heads=2, intermediate_size=64,
+                     num_classes=16)
+    else:
+        kw = dict(causal=True, eot_id=EOT) if tower == "causal_eot" else dict(
+            causal=False, pool_type="map", eot_id=None)
+        model = TextTransformer(**{**TINY, "depth": 3}, num_classes=16, **kw)
+    seq = ids()
+    params = model.init(jax.random.key(0), seq)["params"]
+    ref, out = model.apply({"params": params}, seq)
+    for k in range(4):
+        states = jax.jit(lambda p, k=k: model.apply({"params": p}, seq, stop_after=k))(params)
+        assert states.shape == (3, 10, 32)
+        z, o = jax.jit(lambda p, s, k=k: model.apply({"params": p}, seq, lower=(k, s)))(params, states)
+        np.testing.assert_allclose(z, ref, atol=1e-5)
+        np.testing.assert_allclose(o["tokens"], out["tokens"], atol=1e-5)
+        np.testing.assert_array_equal(o["mask"], out["mask"])
+    with pytest.raises(ValueError, match="not both"):
+        model.apply({"params": params}, seq, stop_after=1, lower=(1, states))
+    with pytest.raises(ValueError, match="layer 4 of a tower of 3"):
+        model.apply({"params": params}, seq, stop_after=4)
+    with pytest.raises(ValueError, match="prefix"):
+        model.apply({"params": params}, seq, prefix=jnp.zeros((3, 1, 32)), lower=(1, states))
+
+
+def test_a_scanned_encoder_is_not_split():
+    model = TextTransformer(**TINY, scan=True)
+    params = model.init(jax.random.key(0), ids())["params"]
+    with pytest.raises(ValueError, match="scanned encoder"):
+        model.apply({"params": params}, ids(), stop_after=1)
+    whole = model.apply({"params": params}, ids(), stop_after=2)  # the whole stack: allowed
+    z, _ = model.apply({"params": params}, ids(), lower=(2, whole))
+    np.testing.assert_allclose(z, model.apply({"params": params}, ids())[0], atol=1e-5)

@@ -137,10 +137,12 @@ def _run_main(config_py, workdir, env_devices, extra=(), timeout=600):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["siglip", "lit"])
+@pytest.mark.parametrize("recipe", ["siglip", "lit", "lit_tags"])
 def test_two_processes_equal_one(recipe, manifest, tmp_path):
     """2 JAX processes x 4 CPU devices (jax.distributed on localhost) train exactly as 1 x 8; with
-    LiT each process writes its rows of the feature store and reads its rows of each batch."""
+    LiT each process writes its rows of the feature store and reads its rows of each batch; with
+    LiT on label sets (multi-label loss, the text tower's embeddings and block 0 locked) the label
+    prompts' locked block runs once, on the global mesh, and feeds every step."""
     import portpicker
     config_py = tmp_path / "tiny.py"
     config_py.write_text(
@@ -148,9 +150,17 @@ def test_two_processes_equal_one(recipe, manifest, tmp_path):
         f"sys.path.insert(0, {os.path.join(REPO, 'tests')!r})\n"
         "from helpers import tiny_config\n\n\n"
         "def get_config(arg=None):\n"
-        f"    c = tiny_config({manifest!r}, {recipe!r}, steps=5)\n"
+        f"    c = tiny_config({manifest!r}, {recipe.split('_')[0]!r}, steps=5)\n"
         f"    if {recipe!r} == 'lit':\n"
         "        c.input.augment = dict(random_resized_crop=None, greyscale=0.5)\n"
+        f"    if {recipe!r} == 'lit_tags':\n"
+        "        c.loss = dict(name='multilabel', kind='bce')\n"
+        "        c.input.labels = True\n"
+        "        c.input.data[0]['num_labels'] = 3\n"
+        "        c.model.bias_init = -10.0\n"
+        "        c.schedule = [('img/head/.*', dict(decay_type='cosine')), ('img/.*', None),\n"
+        "                      ('txt/(Embed_0|pos_embedding|Encoder_0/encoderblock_0/).*', None),\n"
+        "                      ('.*', dict(decay_type='cosine'))]\n"
         "    return c\n")
     one = _run_main(config_py, tmp_path / "one", 8)
     out = one.communicate(timeout=600)[0]
@@ -159,11 +169,15 @@ def test_two_processes_equal_one(recipe, manifest, tmp_path):
     procs = [_run_main(config_py, tmp_path / "two", 4,
                        (f"--coordinator=localhost:{port}", "--num_processes=2", f"--process_id={i}"))
              for i in range(2)]
+    outs = []
     for p in procs:
-        out = p.communicate(timeout=600)[0]
-        assert p.returncode == 0, out[-3000:]
+        outs.append(p.communicate(timeout=600)[0])
+        assert p.returncode == 0, outs[-1][-3000:]
     np.testing.assert_allclose(losses_of(tmp_path / "two"), losses_of(tmp_path / "one"), rtol=1e-5)
     assert len(losses_of(tmp_path / "one")) == 5
+    if recipe == "lit_tags":
+        msg = "label prompts: 1 locked text blocks run once"
+        assert msg in out and msg in outs[0]  # 1 x 8 devices, and process 0 of 2 x 4
     if recipe == "lit":
         assert len(list((tmp_path / "one").glob("features/*/*.array_record"))) == 1
         assert len(list((tmp_path / "two").glob("features/*/*.array_record"))) == 2  # one per process

@@ -227,3 +227,63 @@ def test_filip_on_stored_tokens_equals_the_recomputed_trunk(manifest, tmp_path):
         results[cache] = losses_of(tmp_path / str(cache))
     assert len(results[True]) == 5
     np.testing.assert_allclose(results[True], results[False], rtol=2e-3)
+
+
+def _schedule_locking(*patterns):
+    tune = dict(decay_type="cosine", warmup_steps=3)
+    return [(p, None) for p in patterns] + [(".*", tune)]
+
+
+def test_locked_text_blocks_counts_the_locked_bottom_of_the_text_tower(manifest, tmp_path):
+    """The label prompts skip the text blocks that are locked with everything below them: none
+    when an embedding trains, a dropout is on or the blocks are scanned; stops at the first
+    block that trains."""
+    def count(lines, **text):
+        config = _config(manifest, "multilabel", "clip", steps=4)
+        config.model.text.update(depth=3, **text)
+        config.schedule = _schedule_locking(*lines)
+        spec = train.factory.spec_from_config(config)
+        import vljax.optim
+        mask = vljax.optim.make_optimizer(config, train.factory.abstract_params(
+            train.factory.build_model(spec), spec))[2]
+        return train.locked_text_blocks(spec, mask)
+
+    stem = "txt/(Embed_0|pos_embedding).*"
+    assert count([stem, "txt/Encoder_0/encoderblock_[01]/.*"]) == 2
+    assert count([stem, "txt/Encoder_0/encoderblock_[02]/.*"]) == 1  # block 1 trains
+    assert count([stem, "txt/Encoder_0/.*", "txt/head/.*"]) == 3    # the whole tower but its norm
+    assert count(["txt/Encoder_0/encoderblock_[01]/.*"]) == 0        # its embeddings train
+    assert count([stem, "txt/Encoder_0/encoderblock_[01]/.*"], dropout=0.1) == 0
+    assert count([stem, "txt/Encoder_0/.*"], scan=True) == 0
+    assert count([]) == 0
+
+
+@pytest.mark.parametrize("loss,tower", [
+    pytest.param("multilabel", "text_transformer", marks=pytest.mark.slow),
+    ("softmax+multilabel", "bert")])  # the demo's text tower (configs/lit_multilabel.py)
+def test_label_prompts_run_locked_text_blocks_once(loss, tower, manifest, tmp_path):
+    """With the text tower's embeddings and lowest block locked, the label prompts' states after
+    that block are computed once and every step runs only the blocks above: the same losses, step
+    by step, as the step that runs the whole tower on them (8 devices)."""
+    results = {}
+    for cached in (True, False):
+        config = _config(manifest, loss, "lit", steps=6)
+        if tower == "bert":
+            config.tokenizer = dict(kind="bert", max_len=16)
+            config.model.text_model = "bert"
+            config.model.text = dict(vocab_size=30522, hidden_size=32, num_layers=2, num_heads=2,
+                                     intermediate_size=64, num_classes=32)
+            stem = "txt/(word_embeddings|position_embeddings|token_type_embeddings|embeddings_ln)/.*"
+            block0 = "txt/encoderblock_0/.*"
+        else:
+            stem, block0 = "txt/(Embed_0|pos_embedding).*", "txt/Encoder_0/encoderblock_0/.*"
+        config.schedule = [("img/head/.*", dict(decay_type="cosine", warmup_steps=3)),
+                           ("img/.*", None)] + _schedule_locking(stem, block0)
+        trainer = train.Trainer(config, str(tmp_path / str(cached)))
+        assert trainer.label_blocks == 1
+        if not cached:
+            trainer.label_blocks = 0  # the step that runs every block on the prompts
+        trainer.fit()
+        results[cached] = losses_of(tmp_path / str(cached))
+    assert len(results[True]) == 6
+    np.testing.assert_allclose(results[True], results[False], rtol=1e-6, atol=1e-7)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import re
 import time
 
 import jax
@@ -16,7 +17,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 from flax import traverse_util
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vljax import checkpoints, factory, logs, losses, metrics, optim, pretrained, sharding, stages
 from vljax.embedder import Embedder
@@ -199,6 +200,36 @@ def label_prompts(config, tokenizer, opened) -> np.ndarray | None:
     return np.asarray(tokenizer([template.format(canonicalize_name(n)) for n in names]), np.int32)
 
 
+_TXT_BLOCK = re.compile(r"^txt/(?:Encoder_0/)?encoderblock_(\d+)/")
+_TXT_AFTER_BLOCKS = re.compile(r"^txt/(?:Encoder_0/encoder_norm|MAPHead_0|pooler|head)/")
+
+
+def locked_text_blocks(spec: dict, trainable_mask) -> int:
+    """How many of the text tower's lowest blocks are locked together with everything below them
+    (embeddings, position embedding): those run on the label prompts once, not in every step
+    (`TwoTowers.text_lower`). 0 when nothing is locked there, when the tower's dropout is on (a
+    locked block still draws dropout masks in training, so its output is not fixed), or when
+    the blocks are scanned (stacked: one parameter for every block)."""
+    text = spec["model"].get("text") or {}
+    if spec["model"].get("text_model", "text_transformer") not in ("text_transformer", "bert"):
+        return 0  # the towers that take stop_after / lower
+    if text.get("dropout") or text.get("dropout_rate") or text.get("scan"):
+        return 0
+    trainable = {k: v for k, v in _flat(trainable_mask).items() if k.startswith("txt/")}
+    blocks: dict[int, bool] = {}
+    for k, v in trainable.items():
+        m = _TXT_BLOCK.match(k)
+        if m:
+            i = int(m.group(1))
+            blocks[i] = blocks.get(i, False) or bool(v)
+        elif not _TXT_AFTER_BLOCKS.match(k) and v:
+            return 0  # an embedding table trains: every block's input changes
+    n = 0
+    while n in blocks and not blocks[n]:
+        n += 1
+    return n
+
+
 def loss_inputs(zimg, ztxt, out, batch) -> dict:
     """Everything a loss may take, by name (see `losses.Loss`). Float inputs go to float32: losses
     run in float32 whatever the towers' compute dtype (bf16 logits lose the ranking)."""
@@ -218,21 +249,26 @@ def loss_inputs(zimg, ztxt, out, batch) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def make_train_step(model, tx, loss, trainable_mask, label_text=None):
-    """One optimizer (micro-)step. Gradients are computed for trainable parameters only.
+def make_train_step(model, tx, loss, trainable_mask, label_text=None, label_blocks=0):
+    """One optimizer (micro-)step, `step_fn(state, batch[, label_states])`. Gradients are
+    computed for trainable parameters only.
 
     A batch with "image_features" ([B, F], a locked trunk's stored features, vljax/features.py)
     instead of "image" runs only the image tower's head on them; with "image_tokens" ([B, N, W],
     the trunk's stored tokens) also the tower's token projection (out["img/tokens_proj"], FILIP).
     `label_text` ([K, L] token ids of one prompt per label, `label_prompts`) is embedded by the text
-    tower in every step (out["labels/ztxt"], the multi-label loss's classifier).
+    tower in every step (out["labels/ztxt"], the multi-label loss's classifier). With
+    `label_blocks` = k > 0 (`locked_text_blocks`) the step takes `label_states`, the prompts'
+    states after the k locked lowest blocks (`TwoTowers.text_lower`, computed once per run), and
+    runs only the blocks above them: the same embeddings, without recomputing fixed values.
     """
 
-    def forward(params, batch, rng):
+    def forward(params, batch, rng, label_states):
         zimg, ztxt, out = _towers(params, batch, rng)
         if label_text is not None:
+            lower = None if not label_blocks else (label_blocks, label_states)
             _, out["labels/ztxt"], _ = model.apply({"params": params}, None, label_text, train=True,
-                                                   rngs={"dropout": rng})
+                                                   rngs={"dropout": rng}, text_lower=lower)
         return zimg, ztxt, out
 
     def _towers(params, batch, rng):
@@ -248,13 +284,16 @@ def make_train_step(model, tx, loss, trainable_mask, label_text=None):
             zimg = model.apply({"params": params}, batch["image_features"], method=model.image_head, **kw)
         return zimg, ztxt, out
 
-    def step_fn(state, batch):
+    def step_fn(state, batch, label_states=None):
+        if label_blocks and label_states is None:
+            raise ValueError(f"this step skips the label prompts' {label_blocks} locked text "
+                             f"blocks: pass their states (TwoTowers.text_lower)")
         rng, step_rng = jax.random.split(state["rng"])
         trainable, frozen = _split(state["params"], trainable_mask)
 
         def objective(tr):
             params = _join(tr, jax.lax.stop_gradient(frozen))
-            zimg, ztxt, out = forward(params, batch, step_rng)
+            zimg, ztxt, out = forward(params, batch, step_rng, label_states)
             return loss(loss_inputs(zimg, ztxt, out, batch)), out
 
         (value, out), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
@@ -311,6 +350,8 @@ class Trainer:
         self.tx, self.lr_fn, self.trainable_mask = optim.make_optimizer(config, params)
         check_loss(config, self.trainable_mask, opened)
         self.label_text = label_prompts(config, self.tokenizer, opened)
+        self.label_blocks = (locked_text_blocks(self.spec, self.trainable_mask)
+                             if self.label_text is not None else 0)
         init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
         self._init_params, self._init_opt = make_init_fns(self.model, self.tx, config)
         abstract = {"params": params, "opt_state": jax.eval_shape(self._init_opt, params),
@@ -396,6 +437,19 @@ class Trainer:
             return self._embedder
         return self._embedder.with_params(params)
 
+    def label_states(self, model=None):
+        """The label prompts' states after the text tower's locked lowest blocks
+        (`self.label_blocks` of them, `locked_text_blocks`), replicated: computed once from the
+        current (locked, so final) parameters and fed to every step."""
+        model = self.model if model is None else model
+        fn = jax.jit(lambda p: model.apply({"params": p}, jnp.asarray(self.label_text),
+                                           self.label_blocks, method=TwoTowers.text_lower),
+                     out_shardings=NamedSharding(self.mesh, P()))
+        states = fn(self.state["params"])
+        logs.info("label prompts: %d locked text blocks run once for the %d prompts, not in every step",
+                  self.label_blocks, len(self.label_text))
+        return states
+
     def _image_trunk_locked(self) -> bool:
         """Every image-tower parameter outside its head is locked (LiT) and lit_cache is on."""
         flat = _flat(self.trainable_mask)
@@ -428,11 +482,17 @@ class Trainer:
             it = self.make_input(stage)
             if data_state is not None and data_state.get("stage", 0) == stage.index:
                 it.set_state(data_state["iterator"])
-            step_fn = make_train_step(self.stage_model(stage), self.tx, loss, self.trainable_mask,
-                                      self.label_text)
-            fn = jax.jit(step_fn, in_shardings=(self.state_sh, batch_sh),
+            model = self.stage_model(stage)
+            step_fn = make_train_step(model, self.tx, loss, self.trainable_mask,
+                                      self.label_text, self.label_blocks)
+            if not self.label_blocks:
+                fn = jax.jit(step_fn, in_shardings=(self.state_sh, batch_sh),
+                             out_shardings=(self.state_sh, None), donate_argnums=(0,))
+                return stage, it, fn
+            states = self.label_states(model)
+            fn = jax.jit(step_fn, in_shardings=(self.state_sh, batch_sh, states.sharding),
                          out_shardings=(self.state_sh, None), donate_argnums=(0,))
-            return stage, it, fn
+            return stage, it, lambda state, batch: fn(state, batch, states)
 
         stage, data_iter, train_step = enter(stages.at(schedule, start), self.data_state)
         self.train_step = train_step  # kept for inspection (compilations, lowering)

@@ -9,6 +9,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from vljax.models.common import split_range
+
 POOL_TYPES = ("mean", "cls", "first")
 
 
@@ -70,10 +72,17 @@ class Bert(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, tokens, train=False, prefix=None):
+    def __call__(self, tokens, train=False, prefix=None, stop_after=None, lower=None):
         """tokens: int [B, L]; prefix: optional [B, M, hidden_size] embeddings inserted after the
         first token ([CLS]) in place of word embeddings (CoOp's learned context,
-        vljax/adapt/coop.py); they take positions 1..M, the prompt's tokens shift by M."""
+        vljax/adapt/coop.py); they take positions 1..M, the prompt's tokens shift by M.
+
+        Split at a layer (a locked lower part run once, `TwoTowers.text_lower`):
+          stop_after=k: returns only the states after the embeddings and the first k layers,
+            [B, L, hidden_size];
+          lower=(k, states): `states` is that output for the same `tokens`; the embeddings and
+            the first k layers are skipped, so the result equals the unsplit call's.
+        """
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(f"Bert expects int token ids [B, L], got {tokens.dtype}{tokens.shape}")
         length = tokens.shape[1] + (0 if prefix is None else prefix.shape[1])
@@ -82,27 +91,33 @@ class Bert(nn.Module):
                              f"{self.max_position_embeddings}")
         if self.pool_type not in POOL_TYPES:
             raise ValueError(f"pool_type {self.pool_type!r} not in {POOL_TYPES}")
+        start, stop = split_range(self.num_layers, prefix, stop_after, lower)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         mask = tokens != self.pad_id
         out = {}
 
-        embed = lambda n, name: nn.Embed(n, self.hidden_size, name=name, **kw)  # noqa: E731
-        x = embed(self.vocab_size, "word_embeddings")(tokens)
-        if prefix is not None:
-            x = jnp.concatenate([x[:, :1], prefix.astype(x.dtype), x[:, 1:]], axis=1)
-            mask = jnp.concatenate([mask[:, :1], jnp.ones(prefix.shape[:2], bool), mask[:, 1:]],
-                                   axis=1)
-        x = x + embed(self.max_position_embeddings, "position_embeddings")(jnp.arange(length))
-        # A single segment: every token has type 0 (row 0 of the table).
-        x = x + embed(self.type_vocab_size, "token_type_embeddings")(
-            jnp.zeros(x.shape[:2], jnp.int32))
-        x = nn.LayerNorm(epsilon=self.ln_eps, name="embeddings_ln", **kw)(x)
-        x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+        if lower is None:
+            embed = lambda n, name: nn.Embed(n, self.hidden_size, name=name, **kw)  # noqa: E731
+            x = embed(self.vocab_size, "word_embeddings")(tokens)
+            if prefix is not None:
+                x = jnp.concatenate([x[:, :1], prefix.astype(x.dtype), x[:, 1:]], axis=1)
+                mask = jnp.concatenate([mask[:, :1], jnp.ones(prefix.shape[:2], bool),
+                                        mask[:, 1:]], axis=1)
+            x = x + embed(self.max_position_embeddings, "position_embeddings")(jnp.arange(length))
+            # A single segment: every token has type 0 (row 0 of the table).
+            x = x + embed(self.type_vocab_size, "token_type_embeddings")(
+                jnp.zeros(x.shape[:2], jnp.int32))
+            x = nn.LayerNorm(epsilon=self.ln_eps, name="embeddings_ln", **kw)(x)
+            x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+        else:
+            x = lower[1]
 
         layer_cls = nn.remat(BertLayer, static_argnums=(3,)) if self.remat else BertLayer
-        for i in range(self.num_layers):
+        for i in range(start, stop):
             x = layer_cls(self.num_heads, self.intermediate_size, self.ln_eps,
                           self.dropout_rate, name=f"encoderblock_{i}", **kw)(x, mask, train)
+        if stop_after is not None:
+            return x
         out["tokens"], out["mask"] = x, mask
 
         if self.pool_type == "mean":
@@ -120,3 +135,4 @@ class Bert(nn.Module):
         if self.normalize:
             x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
         return x, out
+

@@ -128,6 +128,20 @@ class Encoder1DBlock(nn.Module):
         return x, None
 
 
+def split_range(depth, prefix, stop_after, lower) -> tuple[int, int]:
+    """The layers [start, stop) a call runs (the `stop_after` / `lower` split of a text
+    tower: the states after layer k are computed once and fed back in)."""
+    if stop_after is not None and lower is not None:
+        raise ValueError("pass stop_after (the lower part) or lower (the rest), not both")
+    if lower is not None and prefix is not None:
+        raise ValueError("a prefix enters below the first layer: it cannot join a lower=(k, states) "
+                         "call, whose first k layers already ran")
+    k = stop_after if lower is None else lower[0]
+    if k is not None and not 0 <= k <= depth:
+        raise ValueError(f"split after layer {k} of a tower of {depth} layers")
+    return (0, depth) if k is None else ((0, k) if lower is None else (k, depth))
+
+
 class Encoder(nn.Module):
     """A stack of `depth` Encoder1DBlocks followed by the final LayerNorm `encoder_norm`.
 
@@ -148,8 +162,16 @@ class Encoder(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, deterministic: bool = True):
-        """x: [B, L, D] -> (normed [B, L, D], pre-norm [B, L, D])."""
+    def __call__(self, x, deterministic: bool = True, start: int = 0, stop: int | None = None):
+        """x: [B, L, D] -> (normed [B, L, D], pre-norm [B, L, D]).
+
+        start / stop: run blocks [start, stop) only (x: the states after block start - 1); with
+        stop < depth the final norm is not applied and both outputs are the states after block
+        stop - 1. A scanned stack runs whole or not at all."""
+        stop = self.depth if stop is None else stop
+        if self.scan and (start, stop) not in ((0, self.depth), (self.depth, self.depth)):
+            raise ValueError(f"a scanned encoder (scan=True) stacks its blocks: it cannot run "
+                             f"blocks [{start}, {stop}) of {self.depth}")
         block_cls = Encoder1DBlock
         if self.remat:
             # argnums count `self`: 0=self, 1=x, 2=deterministic (a Python bool, kept static).
@@ -157,14 +179,16 @@ class Encoder(nn.Module):
         kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, act=self.act,
                   ln_eps=self.ln_eps, causal=self.causal, dropout=self.dropout,
                   dtype=self.dtype, param_dtype=self.param_dtype)
-        if self.scan:
+        if self.scan and start < stop:
             stack = nn.scan(block_cls, variable_axes={"params": 0},
                             split_rngs={"params": True, "dropout": True},
                             in_axes=nn.broadcast, length=self.depth)
             x, _ = stack(name="encoderblock", **kw)(x, deterministic)
-        else:
-            for i in range(self.depth):
+        elif not self.scan:
+            for i in range(start, stop):
                 x, _ = block_cls(name=f"encoderblock_{i}", **kw)(x, deterministic)
+        if stop < self.depth:
+            return x, x
         normed = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, param_dtype=self.param_dtype,
                               name="encoder_norm")(x)
         return normed, x

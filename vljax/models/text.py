@@ -5,7 +5,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from vljax.models.common import Encoder, MAPHead
+from vljax.models.common import Encoder, MAPHead, split_range
 from vljax.models.vit import decode_variant
 
 Dtype = Any
@@ -63,7 +63,7 @@ class TextTransformer(nn.Module):
         return cfg
 
     @nn.compact
-    def __call__(self, tokens, train: bool = False, prefix=None):
+    def __call__(self, tokens, train: bool = False, prefix=None, stop_after=None, lower=None):
         """tokens: int [B, L] with L <= max_len -> (features [B, num_classes or width], out).
 
         prefix: optional [B, M, width] embeddings inserted after the first token (the start
@@ -73,6 +73,12 @@ class TextTransformer(nn.Module):
         out["tokens"]: [B, L (+ M), width] after the final norm; out["pre_logits"]: pooled
         [B, width]; out["logits"] with a head; out["mask"]: [B, L (+ M)] bool, the real tokens
         (see the class; prefix positions count as real).
+
+        Split at a block (a locked lower part run once, `TwoTowers.text_lower`):
+          stop_after=k: returns only the states after the position embedding and the first k
+            blocks, [B, L, width] (k = depth: before the final norm);
+          lower=(k, states): `states` is that output for the same `tokens`; the embeddings and
+            the first k blocks are skipped, so the result equals the unsplit call's.
         """
         if self.pool_type not in POOL_TYPES:
             raise ValueError(f"Unknown pool_type {self.pool_type!r}; expected one of {POOL_TYPES}")
@@ -85,23 +91,29 @@ class TextTransformer(nn.Module):
                              f"max_len={self.max_len}")
         cfg = self.config()
         width = cfg["width"]
+        start, stop = split_range(cfg["depth"], prefix, stop_after, lower)
         out = {}
 
-        x = nn.Embed(self.vocab_size, width, dtype=self.dtype, param_dtype=self.param_dtype,
-                     embedding_init=nn.initializers.normal(stddev=0.02), name="Embed_0")(tokens)
-        if prefix is not None:
-            x = jnp.concatenate([x[:, :1], prefix.astype(x.dtype), x[:, 1:]], axis=1)
-            seq_len += num_prefix
-        pe = self.param("pos_embedding", nn.initializers.normal(stddev=1 / np.sqrt(width)),
-                        (1, self.max_len, width), self.param_dtype)
-        x = x + pe[:, :seq_len].astype(x.dtype)
-        x = nn.Dropout(rate=self.dropout)(x, not train)
-        x, _ = Encoder(depth=cfg["depth"], num_heads=cfg["num_heads"], mlp_dim=cfg["mlp_dim"],
-                       act=self.act, ln_eps=self.ln_eps, causal=self.causal,
-                       dropout=self.dropout, remat=self.remat, scan=self.scan,
-                       dtype=self.dtype, param_dtype=self.param_dtype, name="Encoder_0")(
-                           x, not train)
-        out["tokens"] = x
+        if lower is None:
+            x = nn.Embed(self.vocab_size, width, dtype=self.dtype, param_dtype=self.param_dtype,
+                         embedding_init=nn.initializers.normal(stddev=0.02), name="Embed_0")(tokens)
+            if prefix is not None:
+                x = jnp.concatenate([x[:, :1], prefix.astype(x.dtype), x[:, 1:]], axis=1)
+                seq_len += num_prefix
+            pe = self.param("pos_embedding", nn.initializers.normal(stddev=1 / np.sqrt(width)),
+                            (1, self.max_len, width), self.param_dtype)
+            x = x + pe[:, :seq_len].astype(x.dtype)
+            x = nn.Dropout(rate=self.dropout)(x, not train)
+        else:
+            x = lower[1]
+        normed, x = Encoder(depth=cfg["depth"], num_heads=cfg["num_heads"], mlp_dim=cfg["mlp_dim"],
+                            act=self.act, ln_eps=self.ln_eps, causal=self.causal,
+                            dropout=self.dropout, remat=self.remat, scan=self.scan,
+                            dtype=self.dtype, param_dtype=self.param_dtype, name="Encoder_0")(
+                                x, not train, start, stop)
+        if stop_after is not None:
+            return x
+        x = out["tokens"] = normed
         positions = jnp.arange(seq_len)[None, :]
         if self.pad_id is not None:
             mask = tokens != self.pad_id

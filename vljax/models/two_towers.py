@@ -44,9 +44,11 @@ class TwoTowers(nn.Module):
     bias_init: float | None = None
 
     @nn.compact
-    def __call__(self, images, texts, train: bool = False, text_prefix=None):
+    def __call__(self, images, texts, train: bool = False, text_prefix=None, text_lower=None):
         """images: [B, H, W, C] or None; texts: int [B, L] or None; text_prefix: optional
-        [B, M, W] embeddings the text tower inserts after its first token (CoOp context).
+        [B, M, W] embeddings the text tower inserts after its first token (CoOp context);
+        text_lower: optional (k, states), states = `text_lower(texts, k)`: the text tower skips
+        its embeddings and first k blocks (run once for fixed texts through locked blocks).
 
         Returns (zimg [B, D] or None, ztxt [B, D] or None, out), embeddings L2-normalised;
         out["t"] = exp(t), out["b"] (when there is a bias), out["img/<k>"] / out["txt/<k>"] for
@@ -66,6 +68,8 @@ class TwoTowers(nn.Module):
         if texts is not None:
             tower = get_model(self.text_model)(**(self.text or {}), name="txt")
             kw = {} if text_prefix is None else {"prefix": text_prefix}
+            if text_lower is not None:
+                kw["lower"] = text_lower
             ztxt, out_txt = tower(texts, train=train, **kw)
             out.update({f"txt/{k}": v for k, v in out_txt.items()})
             out["txt/tokens_proj"] = _project_tokens(tower, out_txt["tokens"])
@@ -80,6 +84,15 @@ class TwoTowers(nn.Module):
         if self.bias_init is not None:
             out["b"] = self.param("b", nn.initializers.constant(self.bias_init), (), jnp.float32)
         return zimg, ztxt, out
+
+    @nn.compact
+    def text_lower(self, texts, layers: int, train: bool = False):
+        """texts: int [B, L] -> the text tower's states after its embeddings and first `layers`
+        blocks, [B, L, W]: the part `__call__(..., text_lower=(layers, states))` skips. The
+        multi-label loss's label prompts are fixed texts: with those blocks locked, the trainer
+        runs them once, not in every step (vljax/train.py, `locked_text_blocks`)."""
+        return get_model(self.text_model)(**(self.text or {}), name="txt")(
+            texts, train=train, stop_after=layers)
 
     # LiT with a locked trunk whose features are stored (vljax/features.py): the image tower
     # split at its projection head, both halves the real tower module (params `img/...`).
