@@ -88,6 +88,7 @@ class ReferenceEmbedder:
     def __init__(self, model, params, tokenizer):
         self.model, self.params, self.tokenizer = model, params, tokenizer
         self.logit_scale, self.logit_bias = float(np.exp(params["t"])), None
+        self.image_size = SIZE  # Tip-Adapter's augmented views are cropped to it
         self._pre = Preprocess(image_size=SIZE, value_range=VALUE_RANGE, require_caption=False)
 
     def embed_images(self, data):
@@ -118,7 +119,16 @@ def setup(tmp_path_factory):
     ref = ReferenceEmbedder(model, params, tok)
     source = evaluators["zs"].data
     return dict(data_dir=data_dir, model=model, params=params, tok=tok, evaluators=evaluators,
-                source=source, ref_images=ref.embed_images(source), ref_metrics=run_all(evaluators, ref))
+                source=source, ref_images=ref.embed_images(source), ref_metrics=run_all(evaluators, ref),
+                ref_views=_tip_views(evaluators["fa"], ref))
+
+
+def _tip_views(ev, emb):
+    """Tip-Adapter's augmented views of the few-shot images, embedded ([V, U, D], view_row)."""
+    from vljax.evaluators import fewshot
+    used = np.unique(np.concatenate([np.concatenate(t + [h]) for t, h in ev.splits]))
+    _, row, _, _ = fewshot.embed_train_test(emb, ev.train_data, len(ev.train_labels), used, ev.test_data)
+    return ev.augmented_views(emb, row)
 
 
 def _check(setup, emb):
@@ -131,6 +141,11 @@ def _check(setup, emb):
     np.testing.assert_allclose(emb.embed_texts(texts),
                                ReferenceEmbedder(setup["model"], setup["params"], setup["tok"]).embed_texts(texts),
                                atol=1e-5)
+    # The views themselves (the accuracies below are too coarse to tell two crops apart).
+    views, view_row = _tip_views(setup["evaluators"]["fa"], emb)
+    assert views.shape[:2] == (2, 9) and setup["ref_views"][0].shape == views.shape
+    np.testing.assert_array_equal(view_row, setup["ref_views"][1])
+    np.testing.assert_allclose(views, setup["ref_views"][0], atol=1e-5)
     metrics = run_all(setup["evaluators"], emb)
     assert metrics.keys() == setup["ref_metrics"].keys()
     assert metrics == pytest.approx(setup["ref_metrics"], abs=1e-6)

@@ -109,6 +109,17 @@ def test_augmented_view_is_a_fixed_crop_and_flip_of_each_record():
     same = [np.array_equal(x, img) for x in whole]
     mirror = [np.array_equal(x, img[:, ::-1]) for x in whole]
     assert all(a or b for a, b in zip(same, mirror)) and 10 < sum(same) < 30
+    # With the model's size: cropped straight to it, and the eval transform leaves it as it is
+    # (resampled once, as torchvision's RandomResizedCrop(224)).
+    from PIL import Image
+
+    from vljax.data import transforms as T
+    sized = AugmentedView(records, view=0, seed=3, size=24)
+    for i in (0, 2):
+        x = sized[i]["image"]
+        assert x.shape == (24, 24, 3)
+        np.testing.assert_array_equal(np.asarray(T.resize_small_center_crop(Image.fromarray(x), 24)), x)
+    assert repr(sized) != repr(view) and data_key(sized) != data_key(view)
     crops = [AugmentedView(records, v, flip=False)[0]["image"] for v in range(5)]
     assert len({x.tobytes() for x in crops}) == 5 and img.tobytes() not in {x.tobytes() for x in crops}
     # Distinct views and subsets have distinct cache keys and reprs (the feature store's key).

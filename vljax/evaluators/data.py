@@ -57,11 +57,12 @@ class AugmentedView:
     when `flip`, a horizontal flip with probability 1/2, drawn from rng(seed, view, i). A view is
     therefore the same at every read, in every process and grain worker.
 
-    Tip-Adapter's cache augmentation (official `build_cache_model`: RandomResizedCrop(scale=(0.5,
-    1)) and RandomHorizontalFlip, one pass over the few-shot set per view). The crop is returned
-    stretched to a square of its own longer side (no more pixels than it has, whatever the
-    photo's size), which the eval transform then scales to the model's size: one more (bicubic)
-    resampling than torchvision's crop-to-224.
+    Tip-Adapter's cache augmentation (official `build_cache_model`: RandomResizedCrop(size=224,
+    scale=(0.5, 1), bicubic) and RandomHorizontalFlip, one pass over the few-shot set per view).
+    With `size` (the model's input size) the crop is resized straight to size x size, bicubic, as
+    torchvision does: the eval transform then leaves it as it is (a square of the model's size),
+    so the view is resampled once. Without it the crop is stretched to a square of its own longer
+    side (no more pixels than it has), which the eval transform then scales: one more resampling.
     A record that cannot be decoded is passed on unchanged, and the embedder skips it as usual.
     """
     source: object
@@ -69,6 +70,7 @@ class AugmentedView:
     seed: int = 0
     crop_scale: tuple = (0.5, 1.0)
     flip: bool = True
+    size: int | None = None
 
     def __len__(self):
         return len(self.source)
@@ -76,7 +78,7 @@ class AugmentedView:
     @property
     def augmentation(self) -> tuple:
         """What, beside the source, determines the images (the embedder's cache key)."""
-        return (self.view, self.seed, tuple(self.crop_scale), self.flip)
+        return (self.view, self.seed, tuple(self.crop_scale), self.flip, self.size)
 
     def __getitem__(self, i):
         record = self.source[i]
@@ -90,7 +92,7 @@ class AugmentedView:
         w, h = img.size
         # No crop found in 10 draws: the central square, as random_resized_crop falls back to.
         box = T.random_crop_box(w, h, rng, scale=tuple(self.crop_scale)) or T.central_square_box(w, h)
-        side = max(box[2] - box[0], box[3] - box[1])  # never more pixels than the crop has
+        side = self.size or max(box[2] - box[0], box[3] - box[1])  # else no more pixels than the crop
         img = img.resize((side, side), Image.Resampling.BICUBIC, box=box)
         if self.flip and rng.uniform() < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
@@ -105,7 +107,7 @@ class AugmentedView:
 
     def __repr__(self):
         return (f"AugmentedView({self.source!r}, view={self.view}, seed={self.seed}, "
-                f"crop_scale={tuple(self.crop_scale)}, flip={self.flip})")
+                f"crop_scale={tuple(self.crop_scale)}, flip={self.flip}, size={self.size})")
 
 
 def open_source(name: str, split: str, data_dir=None, label_key: str | None = None):

@@ -146,10 +146,13 @@ class FewShotAdaptEvaluator(fewshot.FewShotEvaluator):
         shots = np.unique(np.concatenate([t[-1] for t, _ in self.splits]))  # nested: the largest
         shots = shots[row[shots] >= 0]
         subset = data_lib.Subset(self.train_data, shots)
+        # Cropped straight to the model's input size (one resampling, as torchvision's
+        # RandomResizedCrop(224)); an embedder that does not say its size gets square crops.
+        size = getattr(embedder, "image_size", None)
         views = []
         for v in range(self.augment_views):
             z, index = base.image_embeddings(embedder, data_lib.AugmentedView(
-                subset, view=v, crop_scale=self.augment_crop_scale))
+                subset, view=v, crop_scale=self.augment_crop_scale, size=size))
             if len(index) != len(shots):  # readable unaugmented, so readable in every view
                 raise ValueError(f"{self.name}: {len(shots) - len(index)} few-shot images could "
                                  f"not be read in augmented view {v}")

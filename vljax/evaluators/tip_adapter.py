@@ -32,7 +32,8 @@ batch 256, 20 epochs; then alpha and beta are searched again.
 
 Augmentation (official `build_cache_model` and `run_tip_adapter_F`): each cache key is the mean
 of the image's embeddings over V augmented views (`augment_epoch` = 10: random resized crop of
-area 0.5-1 and a horizontal flip, `evaluators.data.AugmentedView`), re-normalised, and
+area 0.5-1 resized straight to the model's input size, bicubic, and a horizontal flip,
+`evaluators.data.AugmentedView`), re-normalised, and
 Tip-Adapter-F trains on augmented images, fresh ones every epoch; here epoch e takes view
 e mod V of the same V views (20 epochs over 10 views: each view twice). `cache_keys` averages
 the views; the keys and the held-out / test images the search and the predictions see are
