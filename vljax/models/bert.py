@@ -135,4 +135,3 @@ class Bert(nn.Module):
         if self.normalize:
             x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
         return x, out
-
