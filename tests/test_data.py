@@ -182,6 +182,23 @@ def test_openclipart_svg_metadata(tmp_path):
     assert demo_openclipart.readable_path("signs_and_symbols/map-symbols") == "signs and symbols map symbols"
 
 
+def test_openclipart_build_leaves_out_unusable_pngs_with_a_reason(tmp_path):
+    # Debian's openclipart-png holds PNGs of 231M and 623M pixels: PIL refuses those at open
+    # (over twice its limit); the build must leave them out, not stop (scripts/setup.sh did).
+    from test_cli import png_claiming
+    cases = {"bomb": png_claiming(20990, 29700), "large": png_claiming(8000, 6000), "junk": b"not a png"}
+    for name, data in cases.items():
+        (tmp_path / f"{name}.png").write_bytes(data)
+    reasons = {name: demo_openclipart._prepare(str(tmp_path / f"{name}.png")) for name in cases}
+    assert "623403000 pixels" in reasons["bomb"] and "decode budget" in reasons["bomb"]
+    assert reasons["large"] == "8000x6000 pixels, over the build's decode budget of 40,000,000"
+    assert reasons["junk"] == "UnreadableImage: unknown image format"
+    assert demo_openclipart._prepare(str(tmp_path / "missing.png")).startswith("FileNotFoundError")
+    Image.new("RGB", (300, 200), (255, 0, 0)).save(tmp_path / "ok.png")
+    with Image.open(io.BytesIO(demo_openclipart._prepare(str(tmp_path / "ok.png")))) as img:
+        assert img.size == (demo_openclipart.MAX_SIDE, demo_openclipart.MAX_SIDE * 2 // 3)
+
+
 # --- decoding and transforms --------------------------------------------------------------------
 
 def _roundtrip(img: Image.Image, fmt="PNG") -> np.ndarray:

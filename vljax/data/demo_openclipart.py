@@ -78,8 +78,13 @@ def _prepare(path: str) -> bytes | str:
     try:
         with Image.open(path) as img:  # reads the header only
             w, h = img.size
-        if w * h > MAX_PIXELS:
-            return f"{w}x{h} pixels, over the build's decode budget of {MAX_PIXELS:,}"
+    except Image.DecompressionBombError as e:  # PIL refuses over twice its own limit at open
+        return f"{e} (the build's decode budget is {MAX_PIXELS:,})"
+    except (OSError, ValueError, SyntaxError, EOFError):  # decode_image below names the reason
+        w = h = 0
+    if w * h > MAX_PIXELS:
+        return f"{w}x{h} pixels, over the build's decode budget of {MAX_PIXELS:,}"
+    try:
         return W.encode_png(T.resize_max_side(T.decode_image(path), MAX_SIDE))
     except (FileNotFoundError, *T.DECODE_ERRORS) as e:
         return f"{type(e).__name__}: {e}"
