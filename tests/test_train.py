@@ -80,6 +80,7 @@ def test_resume_equals_uninterrupted(manifest, tmp_path, monkeypatch):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow  # 50 s; test_resume_equals_uninterrupted keeps plain resumption in the fast set
 def test_resume_with_stored_features_equals_uninterrupted(manifest, tmp_path, monkeypatch):
     """LiT on stored features (two views): the resumed run reuses the store and the data iterator."""
     config = tiny_config(manifest, "lit", steps=6)
