@@ -78,6 +78,7 @@ def _check_quiet(nb, max_lines):
     assert len(text.splitlines()) <= max_lines, text
 
 
+@pytest.mark.slow  # 50 s; test_notebook_is_valid_and_compiles checks it in the fast set
 def test_scale_notebook_runs_tiny_siglip_on_an_fsdp_mesh(tmp_path, monkeypatch):
     steps = 3
     nb = _execute(SCALE, tmp_path / "scale.ipynb", dict(STEPS=steps, FSDP=4, WORKDIR=str(tmp_path / "run")),

@@ -258,8 +258,9 @@ def test_locked_text_blocks_counts_the_locked_bottom_of_the_text_tower(manifest,
     assert count([]) == 0
 
 
+@pytest.mark.slow  # about a minute each; the split itself is checked fast (tests/test_text.py)
 @pytest.mark.parametrize("loss,tower", [
-    pytest.param("multilabel", "text_transformer", marks=pytest.mark.slow),
+    ("multilabel", "text_transformer"),
     ("softmax+multilabel", "bert")])  # the demo's text tower (configs/lit_multilabel.py)
 def test_label_prompts_run_locked_text_blocks_once(loss, tower, manifest, tmp_path):
     """With the text tower's embeddings and lowest block locked, the label prompts' states after
