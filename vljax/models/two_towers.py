@@ -5,7 +5,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from vljax.models import get_model
+from vljax.models.registry import get_model
 
 
 def _l2_normalize(z):

@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vljax.convert.posemb import resize_grid
 from vljax.models.common import Encoder, MAPHead, posemb_sincos_2d
+from vljax.models.posemb import resize_grid
 
 Dtype = Any
 

@@ -1,0 +1,24 @@
+"""Encoders by name: `get_model("vit")(**cfg)` builds a flax.linen tower from a config dict.
+
+The one place a tower name is resolved: `TwoTowers` and the config check read `MODELS`.
+"""
+from vljax.models.bert import Bert
+from vljax.models.efficientnet import EfficientNetLite
+from vljax.models.text import TextTransformer
+from vljax.models.vit import ViT
+
+# name -> zero-argument function returning the model class (callers call it, e.g.
+# `module_fields(MODELS[name]())`).
+MODELS = {
+    "vit": lambda: ViT,
+    "text_transformer": lambda: TextTransformer,
+    "bert": lambda: Bert,
+    "efficientnet_lite": lambda: EfficientNetLite,
+}
+
+
+def get_model(name: str):
+    """The flax.linen module class registered as `name` (see MODELS)."""
+    if name not in MODELS:
+        raise ValueError(f"Unknown model {name!r}; known models: {sorted(MODELS)}")
+    return MODELS[name]()
