@@ -4,13 +4,15 @@ Every loader returns `(model_kwargs, params)`: `TwoTowers(**model_kwargs).apply(
 images, texts)` runs the checkpoint. Loaders check the result against the model's own parameter
 shapes and raise ValueError naming any missing / unexpected key or wrong shape.
 
-Helpers shared by the converters live here: flat "a/b/c" key dicts, a state dict that records
-which keys were read, and the check against a model's abstract parameters.
+Helpers shared by the converters live here: flat "a/b/c" key dicts, the read-once `StateDict`
+(one reader, one error type: `CheckpointError`), and the check against a model's abstract parameters.
 """
 from collections.abc import Mapping
 
 import jax
 import numpy as np
+
+from vljax.models import TwoTowers
 
 
 def flatten(tree: Mapping, prefix: str = "") -> dict[str, np.ndarray]:
@@ -37,37 +39,32 @@ def unflatten(flat: Mapping[str, np.ndarray]) -> dict:
     return tree
 
 
-class TensorReader:
-    """Reads a PyTorch-named state dict by key for hand-written converters (BERT, EfficientNet):
-    `read(key, shape)` pops the tensor, checks its shape (ValueError) and casts it to `dtype`;
-    a missing key is a KeyError naming it; `finish()` raises on every key nobody read, apart from
-    names ending in one of `ignore` (buffers such as BN's num_batches_tracked)."""
+class CheckpointError(ValueError):
+    """A checkpoint's tensors do not fit the converter: a missing key (`MissingKeyError`), a shape,
+    or keys nobody read. Every message names the checkpoint (`StateDict.source`) and the keys."""
 
-    def __init__(self, state: Mapping[str, np.ndarray], source: str, dtype=np.float32,
-                 ignore: tuple[str, ...] = ()):
-        self.state, self.source, self.dtype, self.ignore = dict(state), source, dtype, tuple(ignore)
+    def __str__(self):  # the message as given (KeyError's str would quote it)
+        return str(self.args[0]) if self.args else ""
 
-    def __call__(self, key: str, shape) -> np.ndarray:
-        if key not in self.state:
-            raise KeyError(f"{self.source}: missing key '{key}'")
-        value = self.state.pop(key)
-        if value.shape != tuple(shape):
-            raise ValueError(f"{self.source}: '{key}' has shape {value.shape}, expected {tuple(shape)}")
-        return np.asarray(value, self.dtype)
 
-    def finish(self):
-        left = [k for k in self.state if not k.endswith(self.ignore)] if self.ignore else list(self.state)
-        if left:
-            raise ValueError(f"{self.source}: {len(left)} unused checkpoint keys, e.g. '{left[0]}'")
+class MissingKeyError(CheckpointError, KeyError):
+    """The converter needs a key the checkpoint lacks (a KeyError too, for `except KeyError`)."""
 
 
 class StateDict:
-    """Read-once view of a checkpoint's {key: array}: `pop` what is used, then `finish()`
-    raises on every key nobody read, so a silently ignored weight cannot slip through."""
+    """Read-once view of a checkpoint's {key: array}, the one reader every converter uses: `pop`
+    what is used (shape checked, cast to `dtype` when given), then `finish()` raises on every key
+    nobody read, so a silently ignored weight cannot slip through.
 
-    def __init__(self, arrays: Mapping[str, np.ndarray], source: str, ignore: tuple = ()):
+    ignore: names dropped up front (buffers that carry no weights, e.g. BN's
+      `num_batches_tracked`, HF's `position_ids`): a key equal to one or ending in "." + one.
+    Raises CheckpointError (MissingKeyError for a missing key), naming `source` and the keys.
+    """
+
+    def __init__(self, arrays: Mapping[str, np.ndarray], source: str, ignore: tuple = (),
+                 dtype=None):
         self._arrays = dict(arrays)
-        self.source = source
+        self.source, self.dtype = source, dtype
         for k in [k for k in self._arrays if any(k == i or k.endswith("." + i) for i in ignore)]:
             del self._arrays[k]
 
@@ -78,12 +75,13 @@ class StateDict:
         return list(self._arrays)
 
     def pop(self, key: str, shape: tuple | None = None) -> np.ndarray:
+        """The array under `key`, removed from the view; `shape` checked when given."""
         if key not in self._arrays:
-            raise ValueError(f"{self.source}: missing key {key!r}")
-        v = np.asarray(self._arrays.pop(key))
+            raise MissingKeyError(f"{self.source}: missing key {key!r}")
+        v = np.asarray(self._arrays.pop(key), self.dtype)
         if shape is not None and tuple(v.shape) != tuple(shape):
-            raise ValueError(f"{self.source}: key {key!r} has shape {tuple(v.shape)}, "
-                             f"expected {tuple(shape)}")
+            raise CheckpointError(f"{self.source}: key {key!r} has shape {tuple(v.shape)}, "
+                                  f"expected {tuple(shape)}")
         return v
 
     def put(self, key: str, value: np.ndarray):
@@ -91,9 +89,13 @@ class StateDict:
         self._arrays[key] = value
 
     def finish(self):
+        """Raises CheckpointError naming every key nobody popped (the first in checkpoint order)."""
         if self._arrays:
+            first = next(iter(self._arrays))
             listed = ", ".join(f"{k} {tuple(np.shape(v))}" for k, v in sorted(self._arrays.items()))
-            raise ValueError(f"{self.source}: unexpected keys not used by the model: {listed}")
+            raise CheckpointError(
+                f"{self.source}: {len(self._arrays)} unused checkpoint keys, e.g. '{first}'; "
+                f"unexpected keys not used by the model: {listed}")
 
 
 def check_params(model, params: Mapping, *example_inputs) -> None:
@@ -117,8 +119,6 @@ def check_two_towers(model_kwargs: Mapping, params: Mapping,
                      image_size: tuple[int, int] | None = None) -> None:
     """check_params for a TwoTowers config; image_size (H, W) defaults to the one a square
     learned position embedding implies."""
-    from vljax.models import TwoTowers  # noqa: PLC0415  (keeps this module import-light)
-
     images = texts = None
     if image_size is not None:
         images = jax.ShapeDtypeStruct((1, *image_size, 3), np.float32)

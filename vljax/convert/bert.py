@@ -10,7 +10,8 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from vljax import assets
-from vljax.convert import TensorReader
+from vljax.convert import StateDict
+from vljax.models.bert import Bert
 
 # Bert field <- config.json key.
 CONFIG_KEYS = {
@@ -33,7 +34,8 @@ def _strip_prefix(state):
 
 def bert_params_from_state_dict(state, kwargs, source="state dict"):
     """state: {HF name: [out, in] arrays}; kwargs: Bert fields. Returns the Bert param tree."""
-    read = TensorReader(_strip_prefix(state), source, np.float32, ignore=IGNORED)
+    sd = StateDict(_strip_prefix(state), source, ignore=IGNORED, dtype=np.float32)
+    read = sd.pop
     d, heads = kwargs["hidden_size"], kwargs["num_heads"]
     dh, inter = d // heads, kwargs["intermediate_size"]
 
@@ -70,13 +72,13 @@ def bert_params_from_state_dict(state, kwargs, source="state dict"):
             "output": dense(f"{p}.output.dense", inter, d),
             "output_ln": layer_norm(f"{p}.output.LayerNorm"),
         }
-    if "pooler.dense.weight" in read.state:
+    if "pooler.dense.weight" in sd:
         pooler = dense("pooler.dense", d, d)
         if kwargs.get("pool_type") == "cls":  # other poolings have no such parameter
             params["pooler"] = pooler
     elif kwargs.get("pool_type") == "cls":
         raise KeyError(f"{source}: pool_type='cls' needs 'pooler.dense.weight', not in checkpoint")
-    read.finish()
+    sd.finish()
     return params
 
 
@@ -118,7 +120,6 @@ def load_bert(model_dir, **overrides):
 
 
 def _bert_fields():
-    from vljax.models.bert import Bert
     return {f for f in Bert.__dataclass_fields__ if f not in ("parent", "name")}
 
 

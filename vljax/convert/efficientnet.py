@@ -10,7 +10,7 @@ import re
 import numpy as np
 
 from vljax import assets
-from vljax.convert import TensorReader
+from vljax.convert import StateDict
 from vljax.convert.torch_pickle import load_torch_pickle
 from vljax.models.efficientnet import HEAD_CHANNELS, STEM_CHANNELS, VARIANTS, block_specs
 
@@ -33,7 +33,8 @@ def efficientnet_params_from_state_dict(state, variant, num_classes=IMAGENET_CLA
                                         source="state dict"):
     """state: {torch name: array}. num_classes: 1000 keeps the ImageNet head; anything
     else leaves "head" out (a new head / projection is initialised by the caller)."""
-    read = TensorReader(state, source, np.float64, ignore=("num_batches_tracked",))  # fold in float64
+    sd = StateDict(state, source, ignore=("num_batches_tracked",), dtype=np.float64)  # fold in float64
+    read = sd.pop
     params = {"stem_conv": _conv_bn(read, "_conv_stem", "_bn0", 3, STEM_CHANNELS, 3)}
     for i, s in enumerate(block_specs(variant)):
         p, hidden, block = f"_blocks.{i}", s["cin"] * s["expand"], {}
@@ -49,7 +50,7 @@ def efficientnet_params_from_state_dict(state, variant, num_classes=IMAGENET_CLA
     fc_b = read("_fc.bias", (IMAGENET_CLASSES,))
     if num_classes == IMAGENET_CLASSES:
         params["head"] = {"kernel": fc_w.T.astype(np.float32), "bias": fc_b.astype(np.float32)}
-    read.finish()
+    sd.finish()
     return params
 
 
