@@ -108,7 +108,9 @@ def accelerator_possible() -> bool:
     if importlib.util.find_spec("libtpu") is not None:
         return True
     try:
-        import jax_plugins  # namespace package of the CUDA / ROCm plugins
+        # Only probed: a namespace package that exists when a CUDA / ROCm plugin is installed (and
+        # importing it must not import jax before one_arena()).
+        import jax_plugins  # noqa: PLC0415
         if any(pkgutil.iter_modules(jax_plugins.__path__)):
             return True
     except ImportError:

@@ -19,6 +19,9 @@ import logging
 import sys
 import time
 
+from absl import logging as absl_logging
+from tqdm import tqdm
+
 _LOGGER = logging.getLogger("vljax")
 # Python loggers of libraries that do not go through absl (or may log before absl is set up).
 _THIRD_PARTY = ("absl", "orbax", "tensorflow_datasets", "grain", "jax", "etils", "array_record")
@@ -27,7 +30,9 @@ _THIRD_PARTY = ("absl", "orbax", "tensorflow_datasets", "grain", "jax", "etils",
 def _is_main_process() -> bool:
     if "jax" not in sys.modules:  # nothing multi-process can have started without jax
         return True
-    import jax
+    # Imported here, never at the top: `python -m vljax.main` imports this module before
+    # hostmem.cli_prepare(), which must run before jax is imported (importing jax starts a thread).
+    import jax  # noqa: PLC0415
     try:
         return jax.process_index() == 0
     except RuntimeError:  # backends not initialised yet
@@ -48,7 +53,6 @@ def setup(verbose: bool = False) -> None:
     _LOGGER.setLevel(logging.INFO)
     if verbose:
         return
-    from absl import logging as absl_logging
     absl_logging.set_verbosity(absl_logging.WARNING)
     for name in _THIRD_PARTY:
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -76,19 +80,19 @@ def phase(name: str, **details):
 
 
 def _tqdm_class():
+    # IPython and ipywidgets are optional (notebooks only, not vljax dependencies): imported on use.
     try:
-        from IPython import get_ipython
+        from IPython import get_ipython  # noqa: PLC0415
         kernel = get_ipython() is not None and "IPKernelApp" in get_ipython().config
     except ImportError:
         kernel = False
     if kernel:
         try:
-            import ipywidgets  # noqa: F401  tqdm.notebook needs it and raises without it
-            from tqdm.notebook import tqdm
-            return tqdm
+            import ipywidgets  # noqa: F401, PLC0415  tqdm.notebook needs it and raises without it
+            from tqdm.notebook import tqdm as notebook_tqdm  # noqa: PLC0415
+            return notebook_tqdm
         except ImportError:
             pass
-    from tqdm import tqdm
     return tqdm
 
 

@@ -18,6 +18,11 @@ from ml_collections import config_flags
 
 from vljax import hostmem, logs
 
+# Only absl, ml_collections, hostmem and logs are imported above: everything that imports jax
+# (config_check, train, checkpoints, jax itself) is imported inside main() after
+# hostmem.cli_prepare(), whose one-arena limit reaches only threads that have not allocated yet
+# (importing jax starts one).
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and plots go.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "Train (and evaluate), or only evaluate.")
@@ -39,20 +44,20 @@ def main(argv):
         raise SystemExit(f"vljax.main: {e}") from None
     config = _CONFIG.value
     # Validate before anything heavy (device start-up, data, weights) runs or is written.
-    from vljax import config_check
+    from vljax import config_check  # noqa: PLC0415  (after cli_prepare, see the top)
     try:
         config_check.validate(config)
     except ValueError as e:
         raise SystemExit(f"{config_flags.get_config_filename(flags.FLAGS['config'])}: {e}") from None
 
-    import jax
+    import jax  # noqa: PLC0415  (after cli_prepare, see the top)
     init_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     keep_host = hostmem.cli_apply(jax.default_backend(), keep_host)
     logs.info("JAX %s, %d process(es), %d device(s): %s%s", jax.__version__, jax.process_count(),
               jax.device_count(), jax.devices()[0].device_kind,
               f"; {hostmem.APPLIED}" if keep_host else "")
 
-    from vljax import checkpoints, train
+    from vljax import checkpoints, train  # noqa: PLC0415  (after cli_prepare, see the top)
     workdir = _WORKDIR.value
     if "://" not in workdir:  # gs://... stays as it is
         workdir = os.path.abspath(os.path.expanduser(workdir))
@@ -71,7 +76,7 @@ def init_distributed(coordinator=None, num_processes=None, process_id=None) -> N
     or hosts you list yourself), otherwise by JAX's cluster auto-detection (Cloud TPU pod
     slices, SLURM, Open MPI, Kubernetes JobSets), so that the same command run on every host of a
     pod joins one job. On a machine in no cluster it is a single-process run."""
-    import jax
+    import jax  # noqa: PLC0415  (after cli_prepare, see the top)
     if coordinator:
         # Collectives between CPU devices of several processes (tests, CPU clusters); no effect
         # on accelerators.

@@ -12,16 +12,18 @@ from absl import logging
 import jax
 import numpy as np
 
+from vljax.convert.bert import load_minilm
+from vljax.convert.big_vision import load_big_vision_vit
+from vljax.convert.efficientnet import load_efficientnet_lite
+
 
 def _efficientnet(variant):
     def load():
-        from vljax.convert.efficientnet import load_efficientnet_lite
         return load_efficientnet_lite(variant)[1]
     return load
 
 
 def _minilm():
-    from vljax.convert.bert import load_minilm
     return load_minilm()[1]
 
 
@@ -34,7 +36,6 @@ LOADERS = {
 def load_tower(spec: str):
     """Params of one tower by name (see LOADERS) or big_vision ViT `.npz` path."""
     if spec.endswith(".npz"):
-        from vljax.convert.big_vision import load_big_vision_vit
         return load_big_vision_vit(spec)[1]
     if spec not in LOADERS:
         raise ValueError(f"config key `model_init`: unknown pretrained tower {spec!r} "

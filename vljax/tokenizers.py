@@ -19,6 +19,7 @@ import ftfy
 import numpy as np
 import tokenizers
 from tokenizers import models, pre_tokenizers
+from tokenizers.implementations import BertWordPieceTokenizer
 
 from vljax import assets
 
@@ -205,7 +206,6 @@ class BertTokenizer(Tokenizer):
         if tokenizer_file is not None and vocab_file is not None:
             raise ValueError("give tokenizer_file or vocab_file, not both")
         if vocab_file is not None:
-            from tokenizers.implementations import BertWordPieceTokenizer
             source = str(vocab_file)
             words = pathlib.Path(vocab_file).read_text(encoding="utf-8").split("\n")
             missing = [t for t in BERT_SPECIALS if t not in words]

@@ -12,6 +12,7 @@ import re
 import numpy as np
 
 from vljax.convert import check_params, check_two_towers, flatten, unflatten
+from vljax.models import ViT
 
 _BLOCK = re.compile(r"^encoderblock_(\d+)$")
 
@@ -143,8 +144,6 @@ def load_big_vision(path: str, image: dict | None = None,
 
 def load_big_vision_vit(path: str, **overrides) -> tuple[dict, dict]:
     """A big_vision ViT npz (classifier or image tower alone) -> (ViT kwargs, params)."""
-    from vljax.models import ViT  # noqa: PLC0415
-
     params = unflatten(read_npz(path))
     if "img" in params and "Transformer" not in params:
         raise ValueError(f"{path}: a two-tower checkpoint; use load_big_vision")

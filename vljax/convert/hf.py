@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable
 
 import numpy as np
+from safetensors.numpy import load_file
 
 from vljax.convert import StateDict, check_two_towers, unflatten
 
@@ -143,8 +144,6 @@ def act_from_hf(name: str, where: str) -> str:
 
 def read_safetensors_dir(path: str) -> dict[str, np.ndarray]:
     """model.safetensors, or the shards a model.safetensors.index.json lists."""
-    from safetensors.numpy import load_file  # noqa: PLC0415
-
     single = os.path.join(path, "model.safetensors")
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(single):
@@ -161,6 +160,8 @@ def read_safetensors_dir(path: str) -> dict[str, np.ndarray]:
 
 
 def _load_config(path: str, model_type: str):
+    # Imported on use: transformers takes about 2 s to import, and only reading an HF config needs
+    # it (open_clip, to_hf and the factory import this module for its key tables).
     import transformers  # noqa: PLC0415  (configs only: no torch import)
 
     cfg_file = os.path.join(path, "config.json")

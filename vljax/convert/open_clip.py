@@ -12,11 +12,13 @@ import os
 from collections.abc import Mapping
 
 import numpy as np
+from safetensors.numpy import load_file
 
 from vljax.convert import StateDict, check_two_towers, unflatten
 from vljax.convert.hf import (
     Row, apply_rows, attention_rows, fold_cls_posemb, layer_norm_rows, linear_rows, patch_rows,
     pop_scalar, split_in_proj)
+from vljax.convert.torch_pickle import load_torch_pickle
 
 # open_clip config options vljax reproduces; any other value for these keys is refused.
 _VISION_DEFAULTS = dict(head_width=64, mlp_ratio=4.0, ls_init_value=None, attentional_pool=False,
@@ -195,10 +197,8 @@ def load_open_clip(path: str, model_cfg: str | Mapping,
     if not os.path.exists(path):
         raise ValueError(f"open_clip checkpoint {path!r} does not exist")
     if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file  # noqa: PLC0415
         state_dict = load_file(path)
     else:
-        from vljax.convert.torch_pickle import load_torch_pickle  # noqa: PLC0415
         state_dict = load_torch_pickle(path)
         # Training checkpoints wrap the weights: {"state_dict": {...}, "epoch": ...}.
         if any(k.startswith("state_dict.") for k in state_dict):

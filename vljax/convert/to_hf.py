@@ -9,6 +9,8 @@ import os
 from collections.abc import Mapping
 
 import numpy as np
+import transformers
+from safetensors.numpy import save_file
 
 from vljax.convert import flatten
 from vljax.convert.hf import VLJAX_TO_HF_ACT, clip_rows, siglip_rows
@@ -63,8 +65,6 @@ def _image_size(params: Mapping, patch: int) -> int:
 
 
 def clip_config(model_kwargs: Mapping, params: Mapping):
-    import transformers  # noqa: PLC0415
-
     arch = "clip"
     v, vc, t, tc = _resolved(model_kwargs)
     _check_common(v, vc, t, arch)
@@ -96,8 +96,6 @@ def clip_config(model_kwargs: Mapping, params: Mapping):
 
 
 def siglip_config(model_kwargs: Mapping, params: Mapping):
-    import transformers  # noqa: PLC0415
-
     arch = "siglip"
     v, vc, t, tc = _resolved(model_kwargs)
     _check_common(v, vc, t, arch)
@@ -134,8 +132,6 @@ def export_hf(model_kwargs: Mapping, params: Mapping, out_dir: str, arch: str = 
 
     model_kwargs: TwoTowers kwargs; params: its parameter tree {"img", "txt", "t"[, "b"]}.
     """
-    from safetensors.numpy import save_file  # noqa: PLC0415
-
     if arch not in ("clip", "siglip"):
         raise ValueError(f"Unknown export arch {arch!r}: transformers equivalents exist for "
                          "'clip' (CLIPModel) and 'siglip' (SiglipModel)")

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from vljax.adapt import coop as coop_lib
 from vljax.evaluators import base, fewshot, prompts, zeroshot
 from vljax.evaluators import data as data_lib
 
@@ -91,7 +92,6 @@ class BaseToNewEvaluator(base.Evaluator):
             results["templates"] = [accs(lambda z, cls: z @ ztxt[cls].T)]
         learned = [m for m in self.methods if m != "templates"]
         if learned:
-            from vljax.adapt import coop as coop_lib
             learner = coop_lib.PromptLearner.from_embedder(embedder, self.class_names,
                                                            **self.coop)
             for m in learned:

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from vljax.adapt import coop as coop_lib
 from vljax.evaluators import base, crossmodal, fewshot, prompts, tip_adapter, zeroshot
 from vljax.evaluators import data as data_lib
 
@@ -113,7 +114,6 @@ class FewShotAdaptEvaluator(fewshot.FewShotEvaluator):
             out[f"{prefix}/zeroshot"] = float(np.mean(np.argmax(test @ ztxt.T, 1) == y_test))
         learner = None
         if {"coop", "cocoop"} & set(self.methods):
-            from vljax.adapt import coop as coop_lib
             learner = coop_lib.PromptLearner.from_embedder(embedder, self.class_names,
                                                            **self.coop)
 

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from vljax.adapt import coop as coop_lib
+from vljax.adapt import pseudo_label
 from vljax.evaluators import base, prompts, zeroshot
 from vljax.evaluators import data as data_lib
 
@@ -56,8 +58,6 @@ class LabelFreeEvaluator(base.Evaluator):
         return cls(target, test, labels, names, name=name, **kwargs)
 
     def run(self, embedder: base.Embedder) -> dict[str, float]:
-        from vljax.adapt import coop as coop_lib
-        from vljax.adapt import pseudo_label
         target, _ = base.image_embeddings(embedder, self.target_data)
         test, index = base.image_embeddings(embedder, self.test_data)
         y_test = self.test_labels[index]

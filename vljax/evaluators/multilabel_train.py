@@ -9,8 +9,10 @@ with p >= `threshold` (".../CF1@thr"; zero-shot cosines have no probability to t
 """
 from collections.abc import Sequence
 
+import jax
 import numpy as np
 
+from vljax.adapt import multilabel as ml
 from vljax.evaluators import base, multilabel, prompts, zeroshot
 from vljax.evaluators import data as data_lib
 
@@ -33,7 +35,6 @@ class MultilabelTrainEvaluator(base.Evaluator):
           class_names: the L label names, prompted with `templates`.
           losses: keys of `vljax.adapt.multilabel.LOSSES`.
         """
-        from vljax.adapt import multilabel as ml
         unknown = sorted(set(losses) - set(ml.LOSSES))
         if unknown:
             raise ValueError(f"{name}: unknown losses {unknown} (known: {sorted(ml.LOSSES)})")
@@ -77,8 +78,6 @@ class MultilabelTrainEvaluator(base.Evaluator):
         return out
 
     def run(self, embedder: base.Embedder) -> dict[str, float]:
-        import jax
-        from vljax.adapt import multilabel as ml
         train, train_index = base.image_embeddings(embedder, self.train_data)
         test, test_index = base.image_embeddings(embedder, self.test_data)
         y_train, y_test = self.train_targets[train_index], self.test_targets[test_index]
