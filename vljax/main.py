@@ -52,7 +52,7 @@ def main(argv):
               jax.device_count(), jax.devices()[0].device_kind,
               f"; {hostmem.APPLIED}" if keep_host else "")
 
-    from vljax import checkpoints, train
+    from vljax import checkpoints, nonfinite, train
     workdir = _WORKDIR.value
     if "://" not in workdir:  # gs://... stays as it is
         workdir = os.path.abspath(os.path.expanduser(workdir))
@@ -62,7 +62,7 @@ def main(argv):
                 train.train_and_evaluate(config, workdir)
             else:
                 train.evaluate_workdir(config, workdir)
-    except (train.NonFiniteError, checkpoints.CheckpointError) as e:
+    except (nonfinite.NonFiniteError, checkpoints.CheckpointError) as e:
         raise SystemExit(f"vljax.main: {e}") from None
 
 
