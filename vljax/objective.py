@@ -206,11 +206,12 @@ def inference_spec(loss_cfg) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def check(config, trainable_mask, sources_=()) -> None:
+def check(config, trainable_mask, opened=()) -> None:
     """Refuses, before any work, a loss whose inputs this recipe cannot give: CWCL weights from a
     tower that is trained (the paper transfers the structure of a frozen pre-trained modality), and
     batch labels / label sets that the input does not read (`input.label` / `input.labels`) or a
-    source does not have (`data.sources.missing_labels`), and a logit bias the model lacks."""
+    source among the `opened` ones does not have (`sources.missing_labels`), and a logit bias the
+    model lacks."""
     loss = spec(config.loss)
     name = config.loss.name
     if config.loss.get("multilabel_weight"):
@@ -224,7 +225,7 @@ def check(config, trainable_mask, sources_=()) -> None:
                    if resolve(config.loss.name).chosen is not None else "")
             raise ValueError(f"config key `input.{field}`: loss {name!r}{why} takes the batch's {what}; "
                              f"set `input.{field}=True` (and give each source its {what})")
-        for i, source in enumerate(sources_):
+        for i, source in enumerate(opened):
             why = sources.missing_labels(source, field)
             if why:
                 raise ValueError(f"config key `input.data[{i}].{why}: loss {name!r} takes {what}, but "
@@ -256,7 +257,8 @@ def label_prompts(config, tokenizer, opened) -> np.ndarray | None:
     template = config.loss.get(key) or _DEFAULT_TEMPLATE
     if "{}" not in template:
         raise ValueError(f"config key `loss.{key}`: {template!r} has no '{{}}' for the label name")
-    names = sources.label_space(opened)  # written as the multi-label evaluator writes them
+    names = sources.label_space(opened)
+    # Each name written as the multi-label evaluator writes it.
     return np.asarray(tokenizer([template.format(canonicalize_name(n)) for n in names]), np.int32)
 
 
