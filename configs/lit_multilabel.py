@@ -8,7 +8,7 @@ Everything is configs/lit.py (locked EfficientNet-Lite0 with its stored features
 top two blocks and head trained, batch 128, the schedule) except:
 - the batches carry each image's tag set (`input.labels=True`, the `tags` Sequence(ClassLabel) of
   both datasets, mapped into one label space: the sorted union of their 65 + 128 tag names);
-- the loss (`loss.name="multilabel"`, vljax/losses.py) scores every image against one prompt per
+- the loss (`loss.name="multilabel"`, vljax/losses/multilabel.py) scores every image against one prompt per
   tag ("an icon of {}.", embedded by the trained text tower in every step; MiniLM's locked
   embeddings and blocks 0-3 run on the prompts once per run, vljax/train.py `locked_text_blocks`) with the logit scale and
   bias of SigLIP (t init 10, b init -10) and trains with `kind`: "bce" (the default), "asl"

@@ -28,7 +28,7 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from configs import lit_multilabel  # noqa: E402
-from vljax import sharding, stages, train  # noqa: E402
+from vljax import objective, sharding, stages, train  # noqa: E402
 
 
 def main():
@@ -49,7 +49,7 @@ def main():
     it = trainer.make_input(stage)
     batches = [sharding.shard_batch({n: v for n, v in next(it).items() if not n.startswith("skipped/")},
                                     trainer.mesh) for _ in range(4)]
-    loss = train.make_loss(config, trainer.mesh)
+    loss = objective.make_loss(config, trainer.mesh)
     states = trainer.label_states()
     runs = {}
     for name, blocks in (("every block, every step", 0), (f"blocks 0-{k - 1} once", k)):

@@ -34,7 +34,7 @@ from absl import app, flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from configs import lit as lit_config  # noqa: E402
-from vljax import optim, pretrained, sharding, train  # noqa: E402
+from vljax import objective, optim, pretrained, sharding, train  # noqa: E402
 from vljax.data import pipeline  # noqa: E402
 
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps of each kind (after one compile step).")
@@ -90,7 +90,7 @@ def main(argv):
         if spec:
             params = pretrained.write_tower(params, pretrained.load_tower(spec), tower)
     tx, _, mask = optim.make_optimizer(config, params)
-    loss = train.make_loss(config, mesh)
+    loss = objective.make_loss(config, mesh)
     images, texts = real_batches(config, tokenizer, N_BATCHES)
 
     # The stored features: the trunk's features of every image, as features.write_features computes them.

@@ -189,7 +189,7 @@ def vljax_step(config, devices):
     and donation as in Trainer.fit) on the trainer's state: (train_step, state, mesh, init_s)."""
     import jax
     import numpy as np
-    from vljax import optim, sharding, train
+    from vljax import objective, optim, sharding, train
 
     mesh = sharding.make_mesh(config.mesh, devices=devices)
     model = train.build_model(config)
@@ -201,7 +201,7 @@ def vljax_step(config, devices):
              "rng": jax.random.key(1)}
     state_sh = sharding.state_shardings(jax.eval_shape(lambda s: s, state), mesh, [(".*", "replicate")])
     state = jax.device_put(state, state_sh)
-    step_fn = train.make_train_step(model, tx, train.make_loss(config, mesh), mask)
+    step_fn = train.make_train_step(model, tx, objective.make_loss(config, mesh), mask)
     train_step = jax.jit(step_fn, in_shardings=(state_sh, sharding.batch_sharding(mesh)),
                          out_shardings=(state_sh, None), donate_argnums=(0,))  # as Trainer.fit
     return train_step, state, mesh, init_s

@@ -9,7 +9,7 @@ import pytest
 from helpers import make_shapes_manifest, tiny_config
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from vljax import features, sharding, train
+from vljax import features, objective, sharding, train
 from vljax.data import pipeline, sources
 from vljax.models.two_towers import TwoTowers
 
@@ -131,7 +131,7 @@ def test_step_reads_sharded_features_not_a_table(lit, tmp_path, n_devices):
     b, f = feats.shape
     assert {s.data.shape for s in feats.addressable_shards} == {(b // n_devices, f)}
     assert feats.sharding.is_equivalent_to(NamedSharding(trainer.mesh, P("data")), 2)
-    step = train.make_train_step(trainer.model, trainer.tx, train.make_loss(config, trainer.mesh),
+    step = train.make_train_step(trainer.model, trainer.tx, objective.make_loss(config, trainer.mesh),
                                  trainer.trainable_mask)
     with jax.set_mesh(trainer.mesh):
         closed = jax.make_jaxpr(step)(trainer.state, glob)

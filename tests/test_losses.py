@@ -11,7 +11,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vljax import losses
+from vljax import losses, objective
 
 B, D = 16, 8  # global batch divisible by 8 devices
 RTOL, ATOL = 1e-5, 1e-6
@@ -257,12 +257,12 @@ def test_alignment_and_uniformity_match_paper_reference(data):
 
 def test_regularisers_add_their_weighted_terms(data):
     zi, zt, t = data["zimg"], data["ztxt"], data["t"]
-    spec = losses.with_regularisers(losses.LOSSES["softmax"], align_weight=0.5, uniform_weight=0.25)
+    spec = objective.with_regularisers(objective.LOSSES["softmax"], align_weight=0.5, uniform_weight=0.25)
     assert spec.inputs == ("zimg", "ztxt", "t", "zimg", "ztxt")
     expected = (losses.softmax_contrastive(zi, zt, t) + 0.5 * losses.alignment_loss(zi, zt)
                 + 0.25 * (losses.uniformity_loss(zi) + losses.uniformity_loss(zt)) / 2)
     _close(spec.fn(zi, zt, t, zi, zt), expected)
-    assert losses.with_regularisers(losses.LOSSES["softmax"]) is losses.LOSSES["softmax"]
+    assert objective.with_regularisers(objective.LOSSES["softmax"]) is objective.LOSSES["softmax"]
 
 
 @pytest.mark.parametrize("ref_modality", ["image", "text"])
@@ -379,7 +379,7 @@ def _cases(data, tokens):
             (0, 1, 2, 3)),
         "dcl": (losses.dcl_loss, (zi, zt, t), (bs, bs, rep), (0, 1, 2)),
         "dclw": (losses.dclw_loss, (zi, zt, t), (bs, bs, rep), (0, 1, 2)),
-        "align_uniform": (losses.with_regularisers(losses.LOSSES["dcl"], 0.5, 0.5).fn,
+        "align_uniform": (objective.with_regularisers(objective.LOSSES["dcl"], 0.5, 0.5).fn,
                           (zi, zt, t, zi, zt), (bs, bs, rep, bs, bs), (0, 1, 2)),
         "cwcl": (lambda *a, axis_name=None: losses.cwcl_loss(
             *a, axis_name=axis_name, symmetric=True), (zi, zt, t, data["fimg"], data["ftxt"]),
@@ -522,13 +522,13 @@ def test_bad_inputs_raise_clear_errors(data):
 
 
 def test_losses_registry():
-    assert {k: v.fn for k, v in losses.LOSSES.items()} == {
+    assert {k: v.fn for k, v in objective.LOSSES.items()} == {
         "softmax": losses.softmax_contrastive, "sigmoid": losses.sigmoid_loss,
         "dcl": losses.dcl_loss, "dclw": losses.dclw_loss, "cwcl": losses.cwcl_loss,
         "multi_positive": losses.multi_positive_contrastive, "filip": losses.filip_loss,
         "multilabel": losses.multilabel_loss}
     # Every declared input is a positional parameter of the function, in order.
     import inspect
-    for name, loss in losses.LOSSES.items():
+    for name, loss in objective.LOSSES.items():
         params = list(inspect.signature(loss.fn).parameters)
         assert len(loss.inputs) <= len(params) and "axis_name" in params, name

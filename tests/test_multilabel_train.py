@@ -101,16 +101,16 @@ def test_trainer_loss_equals_the_formula_on_1_and_8_devices(kind):
 
 def test_multilabel_added_to_a_contrastive_loss():
     """with_regularisers(softmax, multilabel_weight=w) = softmax + w * multilabel_loss."""
-    from vljax import losses
+    from vljax import losses, objective
     rng = np.random.default_rng(1)
     zimg, ztxt = normalize(rng.normal(size=(8, 6))), normalize(rng.normal(size=(8, 6)))
     zlab = normalize(rng.normal(size=(4, 6)))
     y = (rng.random((8, 4)) < 0.4).astype(np.float32)
     t, b = np.float32(5.0), np.float32(-3.0)
-    spec = losses.with_regularisers(losses.LOSSES["softmax"], multilabel_weight=0.5, multilabel_kind="asl")
+    spec = objective.with_regularisers(objective.LOSSES["softmax"], multilabel_weight=0.5, multilabel_kind="asl")
     assert spec.inputs == ("zimg", "ztxt", "t", "zimg", "labels/ztxt", "t", "b", "batch/labels")
     value = spec.fn(zimg, ztxt, t, zimg, zlab, t, b, y)
     expected = losses.softmax_contrastive(zimg, ztxt, t) + 0.5 * _ref_trainer_loss(zimg, zlab, t, b, y, "asl")
     assert float(value) == pytest.approx(float(expected), rel=1e-5)
     with pytest.raises(ValueError, match="`loss.multilabel_kind`"):
-        losses.with_regularisers(losses.LOSSES["softmax"], multilabel_weight=1.0, multilabel_kind="focal")
+        objective.with_regularisers(objective.LOSSES["softmax"], multilabel_weight=1.0, multilabel_kind="focal")

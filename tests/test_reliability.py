@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from helpers import losses_of, make_shapes_manifest, tiny_config
 
-from vljax import checkpoints, metrics, train
+from vljax import checkpoints, metrics, nonfinite, train
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def test_nonfinite_step_stops_the_run_and_keeps_the_good_checkpoints(manifest, t
     config = _diverging(manifest)
     workdir = str(tmp_path / "run")
     trainer = train.Trainer(config, workdir)
-    with pytest.raises(train.NonFiniteError, match=r"non-finite training at step (\d+)") as info:
+    with pytest.raises(nonfinite.NonFiniteError, match=r"non-finite training at step (\d+)") as info:
         trainer.fit()
     bad = info.value.step
     assert 1 <= bad < config.total_steps

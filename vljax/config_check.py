@@ -8,8 +8,8 @@ such as `loss.temprature` would otherwise be ignored or fail deep inside a trace
 The known keys come from what consumes them, read at run time so that new options need no edit
 here: `model` from `TwoTowers`' fields, `model.image` / `model.text` from the tower class named by
 `image_model` / `text_model` in vljax.models.MODELS (flax modules are dataclasses), `tokenizer`
-from the tokenizer class, `loss` from the loss function's signature in vljax.losses.LOSSES (less
-the arrays and `axis_name` the trainer passes), `optax` from the optimizer builder in
+from the tokenizer class, `loss` from vljax.objective (the registered loss function's signature,
+less the arrays and `axis_name` the trainer passes), `optax` from the optimizer builder in
 vljax.optim.OPTIMIZERS, `schedule` entries from `optim.make_schedule`, `input.data[i]` from the
 source class of its kind, `evals.<name>` from the evaluator class's constructor and its data
 loader. Only keys that no signature gives are listed here (`input`, `input.augment`, ...).
@@ -21,6 +21,8 @@ import difflib
 import inspect
 import numbers
 import os
+
+from vljax import objective
 
 # key -> (required, allowed types)
 _TOP = {
@@ -83,9 +85,6 @@ _MODEL = {"image_model": (True, (str,)), "text_model": (True, (str,)),
 _DATA_ENTRY_EXTRA = {"source", "weight"}
 _SOURCE_ALIASES = {"tfds": {"text_key"}}  # another name of caption_key
 _SOURCE_RENAMES = {"folder": {"root": "path"}}  # argument -> config key
-# Loss arguments that are arrays the trainer passes (not hyperparameters), besides the ones
-# without a default.
-_LOSS_ARRAYS = {"axis_name", "labels", "img_mask", "txt_mask"}
 # Keys of config.optax that optim.py takes out before calling the optimizer builder.
 _OPTAX_EXTRA = {"name", "weight_decay", "wd_mask", "scale_wd_by_lr"}
 # Schedule-entry keys that optim.make_optimizer takes out before calling make_schedule.
@@ -235,17 +234,14 @@ def _unknown_value(key, value, known) -> ValueError:
 
 
 def _loss(cfg) -> None:
-    from vljax.losses import LOSSES, REGULARISER_KEYS
+    """The loss name and its options, as vljax.objective resolves them."""
     name = cfg.get("name")
-    if name not in LOSSES:
-        raise _unknown_value("loss.name", name, LOSSES)
-    fn = LOSSES[name].fn
-    params = inspect.signature(fn).parameters.values()
-    arrays = {p.name for p in params if p.default is p.empty} | _LOSS_ARRAYS
-    args = arguments(fn, drop=arrays)
-    if args is not None:
-        _check_keys(cfg, args | {"name", *REGULARISER_KEYS}, "loss.")
-    LOSSES[name].bind(cfg)  # the options that choose inputs (multi_positive's `positives`)
+    if name not in objective.LOSSES:
+        raise _unknown_value("loss.name", name, objective.LOSSES)
+    known = objective.option_keys(name)
+    if known is not None:
+        _check_keys(cfg, known, "loss.")
+    objective.spec(cfg)  # checks the options that choose inputs (multi_positive's) and the regularisers'
 
 
 def _optax(cfg) -> None:

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from vljax import tokenizers
+from vljax import objective, tokenizers
 from vljax.models.two_towers import TwoTowers
 
 SPEC_FILE = "model_spec.json"
@@ -68,9 +68,7 @@ def spec_from_config(config) -> dict:
     value_range = _plain(config.input.get("value_range", "efficientnet"))
     return {"model": model, "tokenizer": _plain(config.tokenizer),
             "image_size": int(config.input.image_size), "value_range": value_range,
-            # Per-label probabilities for models trained on independent binary decisions.
-            "logits": "sigmoid" if config.loss.name in ("sigmoid", "multilabel") else "softmax",
-            "similarity": "filip" if config.loss.name == "filip" else "global"}
+            **objective.inference_spec(config.loss)}  # "logits", "similarity": the trained loss's
 
 
 def build_model(spec: dict) -> TwoTowers:

@@ -58,7 +58,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from vljax import logs, sharding
+from vljax import logs, objective, sharding
 from vljax.embedder import _pad  # the one place batches are padded
 from vljax.data import pipeline, sources
 from vljax.data.preprocess import Preprocess
@@ -104,11 +104,9 @@ def _digest(tree, mesh) -> list[str]:
 
 
 def needs_tokens(config) -> bool:
-    """Whether the configured loss takes the image tower's token outputs (`img/...`: FILIP's
-    `img/tokens_proj`), so the store must keep the trunk's tokens (vljax.losses.LOSSES)."""
-    from vljax import losses
-    spec = losses.LOSSES.get(config.loss.name)
-    return spec is not None and any(k.startswith("img/") for k in spec.inputs)
+    """Whether the configured loss takes the image tower's token outputs (FILIP's
+    `img/tokens_proj`), so the store must keep the trunk's tokens (`objective.needs_tokens`)."""
+    return objective.needs_tokens(config.loss)
 
 
 def fingerprint(model, params, source, *, mesh, image_size, value_range, views, tokens=False) -> str:

@@ -57,7 +57,7 @@ def main(argv):
               jax.device_count(), jax.devices()[0].device_kind,
               f"; {hostmem.APPLIED}" if keep_host else "")
 
-    from vljax import checkpoints, train  # noqa: PLC0415  (after cli_prepare, see the top)
+    from vljax import checkpoints, nonfinite, train  # noqa: PLC0415  (after cli_prepare, see the top)
     workdir = _WORKDIR.value
     if "://" not in workdir:  # gs://... stays as it is
         workdir = os.path.abspath(os.path.expanduser(workdir))
@@ -67,7 +67,7 @@ def main(argv):
                 train.train_and_evaluate(config, workdir)
             else:
                 train.evaluate_workdir(config, workdir)
-    except (train.NonFiniteError, checkpoints.CheckpointError) as e:
+    except (nonfinite.NonFiniteError, checkpoints.CheckpointError) as e:
         raise SystemExit(f"vljax.main: {e}") from None
 
 

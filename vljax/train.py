@@ -1,14 +1,13 @@
 """The one trainer for every recipe (CLIP, SigLIP, LiT, ...): recipes differ by config only.
 
-Sections: mesh -> model and initial state -> shardings -> input -> update step -> loop
-(log, evaluate, checkpoint, preempt). The training state is one pytree:
+Sections: mesh -> model and initial state -> shardings -> input -> update step (vljax/step.py, on
+the loss of vljax/objective.py) -> loop (log, evaluate, checkpoint, preempt; vljax/nonfinite.py,
+vljax/selection.py). The training state is one pytree:
 `{"params", "opt_state", "step", "rng"}`; the data iterator's state is saved beside it.
 """
 from __future__ import annotations
 
 import ctypes
-import json
-import re
 import time
 
 import jax
@@ -16,10 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from etils import epath
-from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from vljax import checkpoints, factory, logs, losses, metrics, optim, pretrained, sharding, stages
+from vljax import (checkpoints, factory, logs, metrics, nonfinite, objective, optim, pretrained, selection,
+                   sharding, stages)
+from vljax.step import flat as _flat, locked_text_blocks, make_train_step
 from vljax.embedder import Embedder
 from vljax.models.two_towers import TwoTowers
 
@@ -88,233 +88,9 @@ def _release_host_memory() -> None:
         pass
 
 
-def _flat(tree):
-    return traverse_util.flatten_dict(tree, sep="/")
-
-
-def _split(params, mask):
-    """Splits params into (trainable, frozen) flat dicts by a bool pytree of the same structure."""
-    fp, fm = _flat(params), _flat(mask)
-    return ({k: v for k, v in fp.items() if fm[k]}, {k: v for k, v in fp.items() if not fm[k]})
-
-
-def _join(trainable, frozen):
-    return traverse_util.unflatten_dict({**trainable, **frozen}, sep="/")
-
-
 # ----------------------------------------------------------------------------------------------
-# Loss
+# Trainer
 # ----------------------------------------------------------------------------------------------
-
-
-def make_loss(config, mesh):
-    """Returns loss(values) -> scalar: the configured loss (`losses.LOSSES[config.loss.name]`)
-    on the inputs it declares, looked up in `values` (model outputs, `frozen/...`, `batch/...`),
-    under one shard_map over the batch axes."""
-    name = config.loss.name
-    if name not in losses.LOSSES:
-        raise ValueError(f"config key `loss.name`: unknown loss {name!r} (known: {', '.join(losses.LOSSES)})")
-    spec = loss_spec(config)
-    kwargs = {k: v for k, v in config.loss.items() if k != "name" and k not in losses.REGULARISER_KEYS}
-    axes = sharding.batch_axes(mesh)
-    axis = axes[0] if len(axes) == 1 else axes
-    bspec = P(axes)
-
-    def loss(values):
-        missing = [k for k in spec.inputs if k not in values]
-        if missing:
-            hint = "".join(f" (set `input.{k[6:]}=True` and give the data its labels)"
-                           for k in missing if k in ("batch/label", "batch/labels"))
-            raise ValueError(f"config key `loss.name`: loss {name!r} takes {', '.join(missing)}, which this "
-                             f"model and batch do not provide{hint}; available: {', '.join(sorted(values))}")
-        args = [values[k] for k in spec.inputs]
-        # Scalars and `labels/...` (one row per label, not per example) are the same on every device.
-        specs = tuple(P() if np.ndim(a) == 0 or k.startswith("labels/") else bspec
-                      for k, a in zip(spec.inputs, args))
-        local = lambda *a: spec.fn(*a, axis_name=axis, **kwargs)  # noqa: E731
-        return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P())(*args)
-
-    return loss
-
-
-def loss_spec(config) -> losses.Loss:
-    """The configured loss with the inputs its options choose and its regularisers
-    (`losses.REGULARISER_KEYS`); raises KeyError for an unknown `loss.name`."""
-    reg = {k: config.loss[k] for k in losses.REGULARISER_KEYS if k in config.loss}
-    return losses.with_regularisers(losses.LOSSES[config.loss.name].bind(config.loss), **reg)
-
-
-def check_loss(config, trainable_mask, sources=()) -> None:
-    """Refuses, before any work, a loss whose inputs this recipe cannot give: CWCL weights from a
-    tower that is trained (the paper transfers the structure of a frozen pre-trained modality), and
-    batch labels / label sets that the input does not read (`input.label` / `input.labels`) or a
-    source does not have (`data.sources.missing_labels`)."""
-    name = config.loss.name
-    if name not in losses.LOSSES:
-        return  # make_loss names the unknown loss
-    spec = loss_spec(config)
-    from vljax.data.sources import missing_labels
-    if config.loss.get("multilabel_weight"):
-        name = f"{name} + multilabel_weight"
-    for field in ("label", "labels"):
-        if f"batch/{field}" not in spec.inputs:
-            continue
-        what = {"label": "class labels", "labels": "label sets"}[field]
-        if not config.input.get(field, False):
-            why = (f" (`loss.positives`={config.loss.get('positives', 'labels')!r})"
-                   if config.loss.name == "multi_positive" else "")
-            raise ValueError(f"config key `input.{field}`: loss {name!r}{why} takes the batch's {what}; "
-                             f"set `input.{field}=True` (and give each source its {what})")
-        for i, source in enumerate(sources):
-            why = missing_labels(source, field)
-            if why:
-                raise ValueError(f"config key `input.data[{i}].{why}: loss {name!r} takes {what}, but "
-                                 f"{source!r} has none; every record would be unlabeled")
-    if "b" in spec.inputs and config.model.get("bias_init") is None:
-        raise ValueError(f"config key `model.bias_init`: loss {name!r} takes the model's logit bias b, "
-                         "which this model does not have; set it (e.g. -10.0, SigLIP's)")
-    if "frozen/img_features" in spec.inputs:
-        tower = {"image": "img", "text": "txt"}[config.loss.get("ref_modality", "image")]
-        trained = sorted(k for k, v in _flat(trainable_mask).items()
-                         if v and k.startswith(f"{tower}/") and not k.startswith(f"{tower}/head/"))
-        if trained:
-            raise ValueError(f"config key `loss.ref_modality`: CWCL takes its weights from the frozen "
-                             f"{tower!r} tower's features, but `schedule` trains {trained[0]} (and "
-                             f"{len(trained) - 1} more); lock that tower's trunk (e.g. ('{tower}/(?!head/).*', None))")
-
-
-def label_prompts(config, tokenizer, opened) -> np.ndarray | None:
-    """[K, L] token ids of `config.loss.template` (`loss.multilabel_template` when the multi-label
-    loss is added to another; default "a photo of a {}.") filled with each name
-    of the batches' label space (`sources.label_space`: the sorted union of the sources' label
-    names, the columns of batch["labels"]), for a loss that takes "labels/ztxt"; None otherwise."""
-    if config.loss.name not in losses.LOSSES or "labels/ztxt" not in loss_spec(config).inputs:
-        return None
-    from vljax.data import sources
-    key = "template" if config.loss.name == "multilabel" else "multilabel_template"
-    template = config.loss.get(key) or "a photo of a {}."
-    if "{}" not in template:
-        raise ValueError(f"config key `loss.{key}`: {template!r} has no '{{}}' for the label name")
-    from vljax.evaluators.prompts import canonicalize_name  # as the multi-label evaluator writes them
-    names = sources.label_space(opened)
-    return np.asarray(tokenizer([template.format(canonicalize_name(n)) for n in names]), np.int32)
-
-
-_TXT_BLOCK = re.compile(r"^txt/(?:Encoder_0/)?encoderblock_(\d+)/")
-_TXT_AFTER_BLOCKS = re.compile(r"^txt/(?:Encoder_0/encoder_norm|MAPHead_0|pooler|head)/")
-
-
-def locked_text_blocks(spec: dict, trainable_mask) -> int:
-    """How many of the text tower's lowest blocks are locked together with everything below them
-    (embeddings, position embedding): those run on the label prompts once, not in every step
-    (`TwoTowers.text_lower`). 0 when nothing is locked there, when the tower's dropout is on (a
-    locked block still draws dropout masks in training, so its output is not fixed), or when
-    the blocks are scanned (stacked: one parameter for every block)."""
-    text = spec["model"].get("text") or {}
-    if spec["model"].get("text_model", "text_transformer") not in ("text_transformer", "bert"):
-        return 0  # the towers that take stop_after / lower
-    if text.get("dropout") or text.get("dropout_rate") or text.get("scan"):
-        return 0
-    trainable = {k: v for k, v in _flat(trainable_mask).items() if k.startswith("txt/")}
-    blocks: dict[int, bool] = {}
-    for k, v in trainable.items():
-        m = _TXT_BLOCK.match(k)
-        if m:
-            i = int(m.group(1))
-            blocks[i] = blocks.get(i, False) or bool(v)
-        elif not _TXT_AFTER_BLOCKS.match(k) and v:
-            return 0  # an embedding table trains: every block's input changes
-    n = 0
-    while n in blocks and not blocks[n]:
-        n += 1
-    return n
-
-
-def loss_inputs(zimg, ztxt, out, batch) -> dict:
-    """Everything a loss may take, by name (see `losses.Loss`). Float inputs go to float32: losses
-    run in float32 whatever the towers' compute dtype (bf16 logits lose the ranking)."""
-    img_features = batch["image_features"] if "image_features" in batch else out.get("img/pre_logits")
-    values = {"zimg": zimg, "ztxt": ztxt, **out,
-              "frozen/zimg": jax.lax.stop_gradient(zimg), "frozen/ztxt": jax.lax.stop_gradient(ztxt),
-              **{f"batch/{k}": v for k, v in batch.items()}}
-    for k, v in (("frozen/img_features", img_features), ("frozen/txt_features", out.get("txt/pre_logits"))):
-        if v is not None:
-            values[k] = jax.lax.stop_gradient(v)
-    return {k: (v.astype(jnp.float32) if v is not None and jnp.issubdtype(v.dtype, jnp.floating) else v)
-            for k, v in values.items() if v is not None}
-
-
-# ----------------------------------------------------------------------------------------------
-# Update step
-# ----------------------------------------------------------------------------------------------
-
-
-def make_train_step(model, tx, loss, trainable_mask, label_text=None, label_blocks=0):
-    """One optimizer (micro-)step, `step_fn(state, batch[, label_states])`. Gradients are
-    computed for trainable parameters only.
-
-    A batch with "image_features" ([B, F], a locked trunk's stored features, vljax/features.py)
-    instead of "image" runs only the image tower's head on them; with "image_tokens" ([B, N, W],
-    the trunk's stored tokens) also the tower's token projection (out["img/tokens_proj"], FILIP).
-    `label_text` ([K, L] token ids of one prompt per label, `label_prompts`) is embedded by the text
-    tower in every step (out["labels/ztxt"], the multi-label loss's classifier). With
-    `label_blocks` = k > 0 (`locked_text_blocks`) the step takes `label_states`, the prompts'
-    states after the k locked lowest blocks (`TwoTowers.text_lower`, computed once per run), and
-    runs only the blocks above them: the same embeddings, without recomputing fixed values.
-    """
-
-    def forward(params, batch, rng, label_states):
-        zimg, ztxt, out = _towers(params, batch, rng)
-        if label_text is not None:
-            lower = None if not label_blocks else (label_blocks, label_states)
-            _, out["labels/ztxt"], _ = model.apply({"params": params}, None, label_text, train=True,
-                                                   rngs={"dropout": rng}, text_lower=lower)
-        return zimg, ztxt, out
-
-    def _towers(params, batch, rng):
-        kw = dict(train=True, rngs={"dropout": rng})
-        if "image_features" not in batch:
-            return model.apply({"params": params}, batch["image"], batch["text"], **kw)
-        _, ztxt, out = model.apply({"params": params}, None, batch["text"], **kw)
-        if "image_tokens" in batch:
-            zimg, out["img/tokens_proj"] = model.apply(
-                {"params": params}, batch["image_features"], batch["image_tokens"].astype(jnp.float32),
-                method=model.image_head_tokens, **kw)
-        else:
-            zimg = model.apply({"params": params}, batch["image_features"], method=model.image_head, **kw)
-        return zimg, ztxt, out
-
-    def step_fn(state, batch, label_states=None):
-        if label_blocks and label_states is None:
-            raise ValueError(f"this step skips the label prompts' {label_blocks} locked text "
-                             f"blocks: pass their states (TwoTowers.text_lower)")
-        rng, step_rng = jax.random.split(state["rng"])
-        trainable, frozen = _split(state["params"], trainable_mask)
-
-        def objective(tr):
-            params = _join(tr, jax.lax.stop_gradient(frozen))
-            zimg, ztxt, out = forward(params, batch, step_rng, label_states)
-            return loss(loss_inputs(zimg, ztxt, out, batch)), out
-
-        (value, out), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
-        zeros = {k: jnp.zeros_like(v) for k, v in frozen.items()}
-        grads = _join(grads, zeros)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = jax.tree.map(lambda p, u: p + u, state["params"], updates)
-        grad_norm = jnp.sqrt(sum(jnp.vdot(g, g) for g in jax.tree.leaves(grads)))
-        # A non-finite loss or gradient never reaches the state: the update is dropped (params and
-        # optimizer state stay as they were) and the step reports it; the loop stops or counts it.
-        finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-        new_state = {"params": keep(params, state["params"]), "opt_state": keep(opt_state, state["opt_state"]),
-                     "step": state["step"] + 1, "rng": rng}
-        m = {"train/loss": value, "train/grad_norm": grad_norm, "train/t": out["t"],
-             "train/nonfinite": 1.0 - finite.astype(jnp.float32)}
-        if "b" in out:
-            m["train/b"] = out["b"]
-        return new_state, m
-
-    return step_fn
 
 
 def _with_shardings(abstract, shardings):
@@ -348,8 +124,8 @@ class Trainer:
 
         params = factory.abstract_params(self.model, self.spec)
         self.tx, self.lr_fn, self.trainable_mask = optim.make_optimizer(config, params)
-        check_loss(config, self.trainable_mask, opened)
-        self.label_text = label_prompts(config, self.tokenizer, opened)
+        objective.check(config, self.trainable_mask, opened)
+        self.label_text = objective.label_prompts(config, self.tokenizer, opened)
         self.label_blocks = (locked_text_blocks(self.spec, self.trainable_mask)
                              if self.label_text is not None else 0)
         init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
@@ -473,7 +249,7 @@ class Trainer:
         start = self.start_step
         writer = metrics.MetricWriter(self.workdir, enabled=writer_enabled,
                                       resume_step=start if self.data_state is not None else None)
-        loss = make_loss(config, mesh)
+        loss = objective.make_loss(config, mesh)
         batch_sh = sharding.batch_sharding(mesh)
         schedule = stages.parse(config)
 
@@ -502,14 +278,14 @@ class Trainer:
         accum = config.get("grad_accum_steps", 1)  # the schedules count optimizer steps
         eval_every = config.get("eval_every", 0)
         ckpt_every = config.get("ckpt_every", 0)
-        selector = _Selector(self.workdir, config.get("select_metric"), config.get("early_stop_patience", 0))
+        selector = selection.Selector(self.workdir, config.get("select_metric"), config.get("early_stop_patience", 0))
         guard = checkpoints.PreemptionGuard()
         bar = None
         if writer_enabled and config.get("progress", True):
             from tqdm import tqdm
             bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
         pairs_per_step = config.input.batch_size
-        guard_nonfinite = _NonFiniteGuard(config.get("nonfinite", "stop"))
+        guard_nonfinite = nonfinite.NonFiniteGuard(config.get("nonfinite", "stop"))
         acc, t_last, s_last = [], time.perf_counter(), start
         step, in_flight, prev = start, None, None
         try:
@@ -573,7 +349,7 @@ class Trainer:
                         if step < total and not selector.stopped:
                             logging.warning("preempted (SIGTERM) at step %d: checkpoint saved, exiting", step)
                         break
-        except NonFiniteError as e:
+        except nonfinite.NonFiniteError as e:
             writer.write(e.step, {"train/loss": e.loss, "train/grad_norm": e.grad_norm, "train/nonfinite": 1.0})
             raise
         finally:
@@ -589,88 +365,6 @@ class Trainer:
         if writer_enabled and config.get("plot", True):
             metrics.plot_curves(self.workdir)
         return self.state
-
-
-class NonFiniteError(RuntimeError):
-    """Training produced a non-finite loss or gradient norm (config.nonfinite="stop")."""
-
-    def __init__(self, message, step, loss, grad_norm):
-        super().__init__(message)
-        self.step, self.loss, self.grad_norm = step, loss, grad_norm
-
-
-class _NonFiniteGuard:
-    """`config.nonfinite`: "stop" (default) ends the run at the first non-finite step with a
-    message naming it and the last finite values; the step dropped its update, so the state is
-    the last good one and no checkpoint of it is written (the kept ones stay). "skip" drops such
-    updates and goes on; `train/nonfinite` (the fraction of dropped steps) is logged either way."""
-
-    def __init__(self, mode: str):
-        if mode not in ("stop", "skip"):
-            raise ValueError(f"config key `nonfinite`: {mode!r} is not 'stop' or 'skip'")
-        self.mode, self.last_good = mode, None
-
-    def check(self, m, step: int) -> None:
-        if m is None or self.mode == "skip":
-            return
-        loss, grad_norm, bad = (float(m[k]) for k in ("train/loss", "train/grad_norm", "train/nonfinite"))
-        if not bad:
-            self.last_good = (step, loss, grad_norm)
-            return
-        last = ("no finite step before it" if self.last_good is None else
-                "last finite step {}: loss {:.4g}, grad norm {:.4g}".format(*self.last_good))
-        raise NonFiniteError(f"non-finite training at step {step}: loss {loss}, grad norm {grad_norm} "
-                             f"({last}). The update was dropped and no checkpoint was written; lower "
-                             "`lr`, set `grad_clip_norm`, or `nonfinite='skip'` to drop such steps and go on.",
-                             step, loss, grad_norm)
-
-
-class _Selector:
-    """Model selection on a held-out metric (`config.select_metric`, e.g. a val-split retrieval R@1):
-    the best evaluation's params go to WORKDIR/best (orbax), its metrics to the final `best/...`
-    row; with `early_stop_patience` > 0 training stops after that many evaluations without gain."""
-
-    def __init__(self, workdir, metric, patience):
-        self.metric, self.patience = metric, int(patience or 0)
-        self.path = epath.Path(workdir) / "best.json"
-        self.best = {}
-        if metric and self.path.exists():
-            self.best = json.loads(self.path.read_text())
-        self.bad_evals = self.best.get("bad_evals", 0)
-        self.stopped = False
-        self._ckpt = checkpoints.Checkpointer(epath.Path(workdir) / "best", max_to_keep=1) if metric else None
-
-    def update(self, step, results, params) -> bool:
-        """Records an evaluation; True when training should stop early."""
-        if not self.metric:
-            return False
-        if self.metric not in results:
-            raise ValueError(f"config key `select_metric`: {self.metric!r} is not among the evaluation "
-                             f"metrics ({', '.join(sorted(k for k in results if not k.startswith('time/')))})")
-        value = float(results[self.metric])
-        if not self.best or value > self.best["value"]:
-            self.best = {"step": int(step), "value": value,
-                         "metrics": {k: float(v) for k, v in results.items() if not k.startswith("time/")}}
-            self.bad_evals = 0
-            self._ckpt.save(step, {"params": params}, {}, force=True)
-        else:
-            self.bad_evals += 1
-        self.best["bad_evals"] = self.bad_evals
-        if jax.process_index() == 0:
-            self.path.write_text(json.dumps(self.best, indent=1))
-        self.stopped = bool(self.patience) and self.bad_evals >= self.patience
-        return self.stopped
-
-    def summary(self) -> dict:
-        if not self.best:
-            return {}
-        out = {f"best/{k}": v for k, v in self.best["metrics"].items()}
-        out["best/step"] = self.best["step"]
-        return out
-
-    def close(self):
-        if self._ckpt is not None:
-            self._ckpt.close()
 
 
 def train_and_evaluate(config, workdir: str, devices=None):

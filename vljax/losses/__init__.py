@@ -1,0 +1,40 @@
+"""Contrastive losses over language-image embeddings: pure functions of arrays.
+
+Conventions shared by every loss here:
+  * `zimg: [B, D]`, `ztxt: [B, D]` are L2-normalised embeddings; row i of both is a pair.
+  * `t` is the logit scale (already exponentiated, a scalar), `b` the SigLIP bias (a scalar).
+  * The value is the mean over the GLOBAL batch.
+  * `axis_name=None` treats the arrays as the whole batch. With an axis name (or a tuple of
+    mesh axes when the batch is split over several; checked on a 2 x 4 mesh) the function must
+    run inside `jax.shard_map` on per-device shards of the batch
+    (`in_specs=P(axis)` for batched arrays, `P()` for `t` / `b`); it returns, replicated on every
+    device, the value of the single-device call on the gathered batch, and its gradients equal
+    the single-device gradients too. The positive of local row i is global column
+    `axis_index * b_local + i`.
+
+Cross-device negatives come from `lax.all_gather`, whose transpose (`psum_scatter`) returns
+the gradient of every gathered row to the device that owns it; the per-device partial sums are
+combined with `lax.psum`, whose transpose hands every device the cotangent unscaled.
+`sigmoid_loss(impl="ring")` and `softmax_contrastive(impl="ring")` instead pass text chunks
+around the axis with `lax.ppermute` under a `jax.custom_vjp` whose backward travels the ring too
+(`collectives.ring`), keeping per-device memory O(b_local^2) at any device count.
+
+One module per family: `contrastive` (CLIP softmax, DCL, DCLW), `sigmoid` (SigLIP), `soft_targets`
+(multi-positive, CWCL), `filip`, `multilabel`, `regularisers` (alignment, uniformity), over the
+shared `common` (checks, blocks) and `collectives` (gather, psum, ring). The signatures take arrays
+and hyperparameters only; which config selects which loss, and with which inputs, is
+`vljax.objective`'s.
+"""
+from vljax.losses.contrastive import dcl_loss, dclw_loss, softmax_contrastive
+from vljax.losses.filip import filip_loss, filip_similarity
+from vljax.losses.multilabel import (MULTILABEL, asl_elementwise, bce_elementwise, multilabel_loss,
+                                     wan_elementwise)
+from vljax.losses.regularisers import alignment_loss, uniformity_loss
+from vljax.losses.sigmoid import sigmoid_loss
+from vljax.losses.soft_targets import (POSITIVES, WEIGHTINGS, check_positives, cwcl_loss,
+                                       multi_positive_contrastive, positive_weights)
+
+__all__ = ["MULTILABEL", "POSITIVES", "WEIGHTINGS", "alignment_loss", "asl_elementwise",
+           "bce_elementwise", "check_positives", "cwcl_loss", "dcl_loss", "dclw_loss", "filip_loss",
+           "filip_similarity", "multi_positive_contrastive", "multilabel_loss", "positive_weights",
+           "sigmoid_loss", "softmax_contrastive", "uniformity_loss", "wan_elementwise"]

@@ -1,0 +1,308 @@
+"""The training objective: the one place a configured loss (`config.loss`) is resolved.
+
+A loss is registered once, by name, with the inputs it takes (`register`); everything the rest of
+vljax asks about the configured loss is answered here, from that entry:
+
+  * `spec(loss_cfg)`         the `Loss` with the inputs its options choose and its regularisers;
+  * `make_loss(config, mesh)` the scalar loss of the step, under one `jax.shard_map`;
+  * `loss_inputs(...)`       every value a loss may take, by name (model outputs, batch fields);
+  * `option_keys(name)`      the config keys `loss.<key>` it accepts (vljax.config_check);
+  * `check(config, ...)`     refuses a recipe that cannot give the loss its inputs (vljax.train);
+  * `label_prompts(...)`     the label prompts a multi-label loss embeds (vljax.train);
+  * `needs_tokens(loss_cfg)` whether stored LiT features must keep the trunk's tokens (vljax.features);
+  * `inference_spec(loss_cfg)` how a model trained on it scores (`logits`, `similarity`; vljax.factory).
+
+Adding a loss that takes existing inputs is one `register(...)` call next to its function (from any
+module, a test's included); a loss with a new kind of input also adds it to `loss_inputs`.
+Nothing outside this module compares a loss name to a string.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from jax.sharding import PartitionSpec as P
+
+from vljax import losses, sharding
+from vljax.data import sources
+from vljax.evaluators.prompts import canonicalize_name
+
+# Keys of config.loss that the regularisers take (`with_regularisers`), beside the loss's own;
+# REGULARISER_KEYS adds the added multi-label loss's prompt, which `label_prompts` reads.
+_REGULARISER_OPTIONS = ("align_weight", "uniform_weight", "multilabel_weight", "multilabel_kind")
+REGULARISER_KEYS = (*_REGULARISER_OPTIONS, "multilabel_template")
+# Loss arguments that are arrays the trainer passes (not config options), besides the ones
+# without a default.
+LOSS_ARRAYS = frozenset({"axis_name", "labels", "img_mask", "txt_mask"})
+# Where multi_positive's positives come from (config `loss.positives`) -> the input it takes.
+POSITIVE_INPUTS = {"labels": "batch/label", "label_sets": "batch/labels", "captions": "batch/text"}
+_DEFAULT_TEMPLATE = "a photo of a {}."
+
+
+@dataclasses.dataclass(frozen=True)
+class Loss:
+    """A loss function and the inputs it takes, positionally, by name.
+
+    Names are the model's outputs (`zimg`, `ztxt`, `t`, `b`, and every `img/<k>` / `txt/<k>` of
+    the towers' out dicts: `img/tokens`, `img/tokens_proj`, `txt/mask`, ...), `frozen/zimg` /
+    `frozen/ztxt` (the embeddings with their gradient stopped), `frozen/img_features` /
+    `frozen/txt_features` (the towers' pre_logits with their gradient stopped; with stored LiT
+    features, those features), `labels/ztxt` (the label prompts' embeddings, `label_prompts`) and
+    `batch/<field>` (a field of the input batch, e.g. `batch/label` with `config.input.label=True`).
+    `make_loss` looks the names up, splits batched inputs over the mesh's batch axes and runs
+    `fn(*inputs, axis_name=..., **options)` under one `jax.shard_map`.
+    `chosen(options) -> names` appends the inputs that the loss's options choose (multi_positive's
+    `positives`); `bind(config.loss)` gives the loss with them. `config_keys` are keys of
+    config.loss that this module reads for the loss (its label prompt) and `fn` does not take.
+    `logits` / `similarity` are how a model trained on it scores at inference (vljax.factory).
+    """
+    fn: Callable
+    inputs: tuple[str, ...]
+    chosen: Callable | None = None
+    config_keys: tuple[str, ...] = ()
+    logits: str = "softmax"
+    similarity: str = "global"
+
+    def bind(self, options) -> Loss:
+        """The loss with the inputs its options (config.loss) choose; checks those options."""
+        if self.chosen is None:
+            return self
+        return dataclasses.replace(self, inputs=self.inputs + self.chosen(options), chosen=None)
+
+
+LOSSES: dict[str, Loss] = {}
+
+
+def register(name: str, fn: Callable, inputs, *, chosen: Callable | None = None, config_keys=(),
+             logits: str = "softmax", similarity: str = "global", replace: bool = False) -> Loss:
+    """Makes `fn` the loss `config.loss.name = name`, taking `inputs` (names, see `Loss`) first,
+    then `axis_name=` and its options from config.loss. Returns the entry. A name already taken
+    is refused unless `replace`."""
+    if name in LOSSES and not replace:
+        raise ValueError(f"loss {name!r} is already registered (to {LOSSES[name].fn.__qualname__}); "
+                         "pass replace=True to override it")
+    if logits not in ("softmax", "sigmoid") or similarity not in ("global", "filip"):
+        raise ValueError(f"loss {name!r}: logits must be 'softmax' or 'sigmoid' and similarity "
+                         f"'global' or 'filip', got {logits!r}, {similarity!r}")
+    LOSSES[name] = Loss(fn, tuple(inputs), chosen, tuple(config_keys), logits, similarity)
+    return LOSSES[name]
+
+
+def _positives_input(options) -> tuple[str, ...]:
+    positives = options.get("positives", "labels")
+    losses.check_positives(positives, options.get("min_overlap", 1.0), options.get("weighting", "uniform"))
+    return (POSITIVE_INPUTS[positives],)
+
+
+register("softmax", losses.softmax_contrastive, ("zimg", "ztxt", "t"))
+register("sigmoid", losses.sigmoid_loss, ("zimg", "ztxt", "t", "b"), logits="sigmoid")
+register("dcl", losses.dcl_loss, ("zimg", "ztxt", "t"))
+register("dclw", losses.dclw_loss, ("zimg", "ztxt", "t"))
+register("cwcl", losses.cwcl_loss, ("zimg", "ztxt", "t", "frozen/img_features", "frozen/txt_features"))
+register("multi_positive", losses.multi_positive_contrastive, ("zimg", "ztxt", "t"), chosen=_positives_input)
+register("filip", losses.filip_loss, ("img/tokens_proj", "txt/tokens_proj", "txt/mask", "t"),
+         similarity="filip")
+# Per-label probabilities: a model trained on independent binary decisions scores with sigmoid.
+register("multilabel", losses.multilabel_loss, ("zimg", "labels/ztxt", "t", "b", "batch/labels"),
+         config_keys=("template",), logits="sigmoid")
+
+
+# ----------------------------------------------------------------------------------------------
+# Resolving config.loss
+# ----------------------------------------------------------------------------------------------
+
+
+def resolve(name) -> Loss:
+    """The registered loss `name`; ValueError naming `loss.name` for an unknown one."""
+    if name not in LOSSES:
+        raise ValueError(f"config key `loss.name`: unknown loss {name!r} (known: {', '.join(LOSSES)})")
+    return LOSSES[name]
+
+
+def option_keys(name) -> set[str] | None:
+    """The keys config.loss may hold for loss `name`: `name`, its function's keyword options (less
+    the arrays the trainer passes), its `config_keys` and the regularisers'; None when the
+    function takes **kwargs (anything goes)."""
+    loss = resolve(name)
+    params = inspect.signature(loss.fn).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    options = {p.name for p in params if p.default is not p.empty
+               and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - LOSS_ARRAYS
+    return options | {"name", *loss.config_keys, *REGULARISER_KEYS}
+
+
+def _options(loss_cfg, loss: Loss) -> dict:
+    """The config.loss entries that go to the loss function as keywords."""
+    skip = {"name", *loss.config_keys, *REGULARISER_KEYS}
+    return {k: v for k, v in loss_cfg.items() if k not in skip}
+
+
+def with_regularisers(loss: Loss, align_weight=0.0, uniform_weight=0.0, multilabel_weight=0.0,
+                      multilabel_kind="bce") -> Loss:
+    """`loss` plus
+      align_weight * alignment_loss(zimg, ztxt) + uniform_weight * (uniformity_loss(zimg) +
+      uniformity_loss(ztxt)) / 2 (Wang & Isola 2020 as regularisers), and
+      multilabel_weight * multilabel_loss(zimg, labels/ztxt, t, b, batch/labels, kind=multilabel_kind)
+      (the multi-label loss on the batch's tag sets added to a contrastive loss on its captions;
+      its label prompts are `label_prompts`'),
+    from config `loss.align_weight`, ... Unchanged when every weight is 0."""
+    if not align_weight and not uniform_weight and not multilabel_weight:
+        return loss
+    k = len(loss.inputs)
+    extra = ("zimg", "ztxt") if align_weight or uniform_weight else ()
+    if multilabel_weight:
+        if multilabel_kind not in losses.MULTILABEL:
+            raise ValueError(f"config key `loss.multilabel_kind`: {multilabel_kind!r} is not one of "
+                             f"{sorted(losses.MULTILABEL)}")
+        extra += ("zimg", "labels/ztxt", "t", "b", "batch/labels")
+
+    def fn(*args, axis_name=None, **kwargs):
+        named, rest = args[:k], list(args[k:])
+        value = loss.fn(*named, axis_name=axis_name, **kwargs)
+        if align_weight or uniform_weight:
+            zimg, ztxt = rest[:2]
+            rest = rest[2:]
+            if align_weight:
+                value = value + align_weight * losses.alignment_loss(zimg, ztxt, axis_name)
+            if uniform_weight:
+                value = value + uniform_weight * (losses.uniformity_loss(zimg, axis_name)
+                                                  + losses.uniformity_loss(ztxt, axis_name)) / 2
+        if multilabel_weight:
+            value = value + multilabel_weight * losses.multilabel_loss(*rest, axis_name=axis_name,
+                                                                       kind=multilabel_kind)
+        return value
+
+    return dataclasses.replace(loss, fn=fn, inputs=loss.inputs + extra, chosen=None)
+
+
+def spec(loss_cfg) -> Loss:
+    """The configured loss (config.loss) with the inputs its options choose and its regularisers
+    (`REGULARISER_KEYS`); ValueError naming the key of an unknown name or a bad option."""
+    reg = {k: loss_cfg[k] for k in _REGULARISER_OPTIONS if k in loss_cfg}
+    return with_regularisers(resolve(loss_cfg.get("name")).bind(loss_cfg), **reg)
+
+
+def needs_tokens(loss_cfg) -> bool:
+    """Whether the configured loss takes the image tower's token outputs (`img/...`: FILIP's
+    `img/tokens_proj`), so that stored LiT features must keep the trunk's tokens."""
+    return any(k.startswith("img/") for k in spec(loss_cfg).inputs)
+
+
+def inference_spec(loss_cfg) -> dict:
+    """How a model trained on the configured loss scores at inference, the model spec's fields:
+    {"logits": "softmax" | "sigmoid", "similarity": "global" | "filip"}."""
+    loss = resolve(loss_cfg.get("name"))
+    return {"logits": loss.logits, "similarity": loss.similarity}
+
+
+# ----------------------------------------------------------------------------------------------
+# What the recipe must give the loss
+# ----------------------------------------------------------------------------------------------
+
+
+def check(config, trainable_mask, opened=()) -> None:
+    """Refuses, before any work, a loss whose inputs this recipe cannot give: CWCL weights from a
+    tower that is trained (the paper transfers the structure of a frozen pre-trained modality), and
+    batch labels / label sets that the input does not read (`input.label` / `input.labels`) or a
+    source among the `opened` ones does not have (`sources.missing_labels`), and a logit bias the
+    model lacks."""
+    loss = spec(config.loss)
+    name = config.loss.name
+    if config.loss.get("multilabel_weight"):
+        name = f"{name} + multilabel_weight"
+    for field in ("label", "labels"):
+        if f"batch/{field}" not in loss.inputs:
+            continue
+        what = {"label": "class labels", "labels": "label sets"}[field]
+        if not config.input.get(field, False):
+            why = (f" (`loss.positives`={config.loss.get('positives', 'labels')!r})"
+                   if resolve(config.loss.name).chosen is not None else "")
+            raise ValueError(f"config key `input.{field}`: loss {name!r}{why} takes the batch's {what}; "
+                             f"set `input.{field}=True` (and give each source its {what})")
+        for i, source in enumerate(opened):
+            why = sources.missing_labels(source, field)
+            if why:
+                raise ValueError(f"config key `input.data[{i}].{why}: loss {name!r} takes {what}, but "
+                                 f"{source!r} has none; every record would be unlabeled")
+    if "b" in loss.inputs and config.model.get("bias_init") is None:
+        raise ValueError(f"config key `model.bias_init`: loss {name!r} takes the model's logit bias b, "
+                         "which this model does not have; set it (e.g. -10.0, SigLIP's)")
+    if "frozen/img_features" in loss.inputs:
+        tower = {"image": "img", "text": "txt"}[config.loss.get("ref_modality", "image")]
+        flat = traverse_util.flatten_dict(trainable_mask, sep="/")
+        trained = sorted(k for k, v in flat.items()
+                         if v and k.startswith(f"{tower}/") and not k.startswith(f"{tower}/head/"))
+        if trained:
+            raise ValueError(f"config key `loss.ref_modality`: CWCL takes its weights from the frozen "
+                             f"{tower!r} tower's features, but `schedule` trains {trained[0]} (and "
+                             f"{len(trained) - 1} more); lock that tower's trunk (e.g. ('{tower}/(?!head/).*', None))")
+
+
+def label_prompts(config, tokenizer, opened) -> np.ndarray | None:
+    """[K, L] token ids of the label prompt (`loss.template` for a loss that takes the prompts
+    itself, `loss.multilabel_template` when the multi-label loss is added to another; default
+    "a photo of a {}.") filled with each name of the batches' label space (`sources.label_space`:
+    the sorted union of the `opened` sources' label names, the columns of batch["labels"]), for a
+    loss that takes "labels/ztxt"; None otherwise."""
+    loss = resolve(config.loss.get("name"))
+    if "labels/ztxt" not in spec(config.loss).inputs:
+        return None
+    key = "template" if "template" in loss.config_keys else "multilabel_template"
+    template = config.loss.get(key) or _DEFAULT_TEMPLATE
+    if "{}" not in template:
+        raise ValueError(f"config key `loss.{key}`: {template!r} has no '{{}}' for the label name")
+    names = sources.label_space(opened)
+    # Each name written as the multi-label evaluator writes it.
+    return np.asarray(tokenizer([template.format(canonicalize_name(n)) for n in names]), np.int32)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loss in the step
+# ----------------------------------------------------------------------------------------------
+
+
+def loss_inputs(zimg, ztxt, out, batch) -> dict:
+    """Everything a loss may take, by name (see `Loss`). Float inputs go to float32: losses run in
+    float32 whatever the towers' compute dtype (bf16 logits lose the ranking)."""
+    img_features = batch["image_features"] if "image_features" in batch else out.get("img/pre_logits")
+    values = {"zimg": zimg, "ztxt": ztxt, **out,
+              "frozen/zimg": jax.lax.stop_gradient(zimg), "frozen/ztxt": jax.lax.stop_gradient(ztxt),
+              **{f"batch/{k}": v for k, v in batch.items()}}
+    for k, v in (("frozen/img_features", img_features), ("frozen/txt_features", out.get("txt/pre_logits"))):
+        if v is not None:
+            values[k] = jax.lax.stop_gradient(v)
+    return {k: (v.astype(jnp.float32) if v is not None and jnp.issubdtype(v.dtype, jnp.floating) else v)
+            for k, v in values.items() if v is not None}
+
+
+def make_loss(config, mesh):
+    """Returns loss(values) -> scalar: the configured loss (`spec(config.loss)`) on the inputs it
+    declares, looked up in `values` (`loss_inputs`), under one shard_map over the batch axes."""
+    name = config.loss.get("name")
+    loss = spec(config.loss)
+    kwargs = _options(config.loss, resolve(name))
+    axes = sharding.batch_axes(mesh)
+    axis = axes[0] if len(axes) == 1 else axes
+    bspec = P(axes)
+
+    def fn(values):
+        missing = [k for k in loss.inputs if k not in values]
+        if missing:
+            hint = "".join(f" (set `input.{k[6:]}=True` and give the data its labels)"
+                           for k in missing if k in ("batch/label", "batch/labels"))
+            raise ValueError(f"config key `loss.name`: loss {name!r} takes {', '.join(missing)}, which this "
+                             f"model and batch do not provide{hint}; available: {', '.join(sorted(values))}")
+        args = [values[k] for k in loss.inputs]
+        # Scalars and `labels/...` (one row per label, not per example) are the same on every device.
+        specs = tuple(P() if np.ndim(a) == 0 or k.startswith("labels/") else bspec
+                      for k, a in zip(loss.inputs, args))
+        local = lambda *a: loss.fn(*a, axis_name=axis, **kwargs)  # noqa: E731
+        return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P())(*args)
+
+    return fn

@@ -1,0 +1,128 @@
+"""The update step: one optimizer (micro-)step of the configured loss, a pure function of the
+training state and a batch (`make_train_step`), with gradients for the trainable parameters only.
+"""
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+from vljax import objective
+
+
+def flat(tree):
+    """A params-like pytree -> {"img/.../kernel": leaf}."""
+    return traverse_util.flatten_dict(tree, sep="/")
+
+
+def split(params, mask):
+    """Splits params into (trainable, frozen) flat dicts by a bool pytree of the same structure."""
+    fp, fm = flat(params), flat(mask)
+    return ({k: v for k, v in fp.items() if fm[k]}, {k: v for k, v in fp.items() if not fm[k]})
+
+
+def join(trainable, frozen):
+    return traverse_util.unflatten_dict({**trainable, **frozen}, sep="/")
+
+
+
+_TXT_BLOCK = re.compile(r"^txt/(?:Encoder_0/)?encoderblock_(\d+)/")
+_TXT_AFTER_BLOCKS = re.compile(r"^txt/(?:Encoder_0/encoder_norm|MAPHead_0|pooler|head)/")
+
+
+def locked_text_blocks(spec: dict, trainable_mask) -> int:
+    """How many of the text tower's lowest blocks are locked together with everything below them
+    (embeddings, position embedding): those run on the label prompts once, not in every step
+    (`TwoTowers.text_lower`). 0 when nothing is locked there, when the tower's dropout is on (a
+    locked block still draws dropout masks in training, so its output is not fixed), or when
+    the blocks are scanned (stacked: one parameter for every block)."""
+    text = spec["model"].get("text") or {}
+    if spec["model"].get("text_model", "text_transformer") not in ("text_transformer", "bert"):
+        return 0  # the towers that take stop_after / lower
+    if text.get("dropout") or text.get("dropout_rate") or text.get("scan"):
+        return 0
+    trainable = {k: v for k, v in flat(trainable_mask).items() if k.startswith("txt/")}
+    blocks: dict[int, bool] = {}
+    for k, v in trainable.items():
+        m = _TXT_BLOCK.match(k)
+        if m:
+            i = int(m.group(1))
+            blocks[i] = blocks.get(i, False) or bool(v)
+        elif not _TXT_AFTER_BLOCKS.match(k) and v:
+            return 0  # an embedding table trains: every block's input changes
+    n = 0
+    while n in blocks and not blocks[n]:
+        n += 1
+    return n
+
+
+
+def make_train_step(model, tx, loss, trainable_mask, label_text=None, label_blocks=0):
+    """One optimizer (micro-)step, `step_fn(state, batch[, label_states])`. Gradients are
+    computed for trainable parameters only.
+
+    A batch with "image_features" ([B, F], a locked trunk's stored features, vljax/features.py)
+    instead of "image" runs only the image tower's head on them; with "image_tokens" ([B, N, W],
+    the trunk's stored tokens) also the tower's token projection (out["img/tokens_proj"], FILIP).
+    `label_text` ([K, L] token ids of one prompt per label, `objective.label_prompts`) is embedded by the text
+    tower in every step (out["labels/ztxt"], the multi-label loss's classifier). With
+    `label_blocks` = k > 0 (`locked_text_blocks`) the step takes `label_states`, the prompts'
+    states after the k locked lowest blocks (`TwoTowers.text_lower`, computed once per run), and
+    runs only the blocks above them: the same embeddings, without recomputing fixed values.
+    """
+
+    def forward(params, batch, rng, label_states):
+        zimg, ztxt, out = _towers(params, batch, rng)
+        if label_text is not None:
+            lower = None if not label_blocks else (label_blocks, label_states)
+            _, out["labels/ztxt"], _ = model.apply({"params": params}, None, label_text, train=True,
+                                                   rngs={"dropout": rng}, text_lower=lower)
+        return zimg, ztxt, out
+
+    def _towers(params, batch, rng):
+        kw = dict(train=True, rngs={"dropout": rng})
+        if "image_features" not in batch:
+            return model.apply({"params": params}, batch["image"], batch["text"], **kw)
+        _, ztxt, out = model.apply({"params": params}, None, batch["text"], **kw)
+        if "image_tokens" in batch:
+            zimg, out["img/tokens_proj"] = model.apply(
+                {"params": params}, batch["image_features"], batch["image_tokens"].astype(jnp.float32),
+                method=model.image_head_tokens, **kw)
+        else:
+            zimg = model.apply({"params": params}, batch["image_features"], method=model.image_head, **kw)
+        return zimg, ztxt, out
+
+    def step_fn(state, batch, label_states=None):
+        if label_blocks and label_states is None:
+            raise ValueError(f"this step skips the label prompts' {label_blocks} locked text "
+                             f"blocks: pass their states (TwoTowers.text_lower)")
+        rng, step_rng = jax.random.split(state["rng"])
+        trainable, frozen = split(state["params"], trainable_mask)
+
+        def loss_and_out(tr):
+            params = join(tr, jax.lax.stop_gradient(frozen))
+            zimg, ztxt, out = forward(params, batch, step_rng, label_states)
+            return loss(objective.loss_inputs(zimg, ztxt, out, batch)), out
+
+        (value, out), grads = jax.value_and_grad(loss_and_out, has_aux=True)(trainable)
+        zeros = {k: jnp.zeros_like(v) for k, v in frozen.items()}
+        grads = join(grads, zeros)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = jax.tree.map(lambda p, u: p + u, state["params"], updates)
+        grad_norm = jnp.sqrt(sum(jnp.vdot(g, g) for g in jax.tree.leaves(grads)))
+        # A non-finite loss or gradient never reaches the state: the update is dropped (params and
+        # optimizer state stay as they were) and the step reports it; the loop stops or counts it.
+        finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        new_state = {"params": keep(params, state["params"]), "opt_state": keep(opt_state, state["opt_state"]),
+                     "step": state["step"] + 1, "rng": rng}
+        m = {"train/loss": value, "train/grad_norm": grad_norm, "train/t": out["t"],
+             "train/nonfinite": 1.0 - finite.astype(jnp.float32)}
+        if "b" in out:
+            m["train/b"] = out["b"]
+        return new_state, m
+
+    return step_fn
+
