@@ -8,25 +8,30 @@ aliases "emoji", "openclipart", "fashion_mnist". `max_examples` keeps the first 
 storage order, which TFDS hashes, so it is a fixed pseudo-random sample. Class names are
 human-readable for prompts, as each demo builder documents (emoji subcategories
 "animal mammal", Fashion-MNIST "t-shirt/top").
+
+An evaluator whose DATA_KEYS hold "source" also takes a full source entry of any registered kind
+(vljax/data/sources): dict(source="jsonl", path=..., class_names=[...]), dict(source="folder",
+path=...), dict(source="tfds", name=..., split=...), beside its own keys (`max_examples`, ...).
+Labels, class names and captions are read through the source's metadata accessors
+(`label_of`, `class_names_of`, `captions_of`, ...), never by decoding an image.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 
 import numpy as np
 from PIL import Image
 
 from vljax.data import sources as sources_lib
-from vljax.data import tfds_writer
 from vljax.data import transforms as T
+from vljax.data.sources import base as source_base
 
 ALIASES = {"emoji": "vljax_emoji", "openclipart": "vljax_openclipart",
            "fashion_mnist": "vljax_fashion_mnist"}
 
 
 class Subset:
-    """Records `indices` of a source, in that order (a source itself)."""
+    """Records `indices` of a source, in that order (a source itself, with its metadata)."""
 
     def __init__(self, source, indices):
         self.source, self.indices = source, [int(i) for i in indices]
@@ -44,10 +49,31 @@ class Subset:
     def info(self):
         return self.source.info
 
+    def cache_key(self) -> str:
+        return source_base.digest("subset", sources_lib.cache_key(self.source),
+                                  source_base.indices_digest(self.indices))
+
+    def missing_labels(self, field: str) -> str | None:
+        return sources_lib.missing_labels(self.source, field)
+
+    def captions_of(self, i: int) -> list[str]:
+        return self.source.captions_of(self.indices[i])
+
+    def label_of(self, i: int, key: str | None = None) -> int:
+        return self.source.label_of(self.indices[i], key)
+
+    def label_set_of(self, i: int, key: str | None = None) -> list[int]:
+        return self.source.label_set_of(self.indices[i], key)
+
+    def class_names_of(self, key: str | None = None) -> list[str]:
+        return self.source.class_names_of(key)
+
+    def label_set_names(self, key: str | None = None) -> list[str]:
+        return self.source.label_set_names(key)
+
     def __repr__(self):
-        # The indices' digest: a repr names the images (the LiT feature store's fingerprint).
-        digest = hashlib.sha1(np.asarray(self.indices, np.int64).tobytes()).hexdigest()[:12]
-        return f"Subset({self.source!r}, n={len(self)}, indices={digest})"
+        # The indices' digest: a repr names the images.
+        return f"Subset({self.source!r}, n={len(self)}, indices={source_base.indices_digest(self.indices)[:12]})"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,8 +103,11 @@ class AugmentedView:
 
     @property
     def augmentation(self) -> tuple:
-        """What, beside the source, determines the images (the embedder's cache key)."""
+        """What, beside the source, determines the images (part of its cache key)."""
         return (self.view, self.seed, tuple(self.crop_scale), self.flip, self.size)
+
+    def cache_key(self) -> str:
+        return source_base.digest("augmented", sources_lib.cache_key(self.source), list(self.augmentation))
 
     def __getitem__(self, i):
         record = self.source[i]
@@ -137,15 +166,13 @@ def field(source, i: int, key: str):
 
 
 def default_label_key(source) -> str:
-    features = source.info.features
-    for key in ("label", "category"):
-        if key in features:
-            return key
-    raise ValueError(f"{source!r}: no 'label' or 'category' feature; set `label` in the eval's data")
+    """The integer class feature of TFDS `source` that an entry without `label` reads."""
+    return source.class_key()
 
 
 def class_names(source, label_key: str) -> list[str]:
-    return tfds_writer.read_class_names(source.info, label_key)
+    """The names of `source`'s classes of feature `label_key` (a ClassLabel or a label set)."""
+    return source.class_names_of(label_key)
 
 
 def text(x) -> str:
