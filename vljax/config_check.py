@@ -274,6 +274,7 @@ def validate_evals(evals) -> None:
     if not evals:
         return
     from vljax.evaluators import EVALUATORS
+    from vljax.evaluators import data as eval_data
     for name, spec in evals.items():
         where = f"evals.{name}"
         _dict(spec, where)
@@ -289,7 +290,8 @@ def validate_evals(evals) -> None:
             raise ValueError(f"config key `{where}.data` is missing")
         _dict(data, where + ".data")
         if hasattr(cls, "DATA_KEYS"):  # each evaluator type declares the keys of its data entry
-            _check_keys(data, set(cls.DATA_KEYS), where + ".data.")
+            # (with `source`, where it takes one, the source kind's keys replace TFDS `name`/`split`)
+            _check_keys(data, eval_data.entry_keys(data, cls.DATA_KEYS, where + ".data"), where + ".data.")
 
 
 def validate(config) -> None:

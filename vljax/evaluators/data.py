@@ -140,8 +140,23 @@ class AugmentedView:
 
 
 def open_source(name: str, split: str, data_dir=None, label_key: str | None = None):
+    """TFDS dataset `name` (or a demo alias, `ALIASES`), split `split`."""
     return sources_lib.TfdsSource(ALIASES.get(name, name), split, data_dir=data_dir,
                                   label_key=label_key)
+
+
+def open_entry(name: str, data: dict, default_split: str = "test"):
+    """The source of data entry `evals.<name>.data`: with `source`, that registered kind built from
+    the entry's keys it declares (errors name `evals.<name>.data.<key>`); without, TFDS `name` (a
+    TFDS name or a demo alias) and `split` (default `default_split`) under `data_dir`."""
+    if "source" not in data:
+        return open_source(data["name"], data.get("split", default_split), data.get("data_dir"))
+    where = f"evals.{name}.data"
+    cls = sources_lib.source_class(data["source"], where)
+    entry = {k: v for k, v in data.items() if k in cls.config_keys() or k == "source"}
+    if cls is sources_lib.TfdsSource and "name" in entry:
+        entry["name"] = ALIASES.get(entry["name"], entry["name"])
+    return sources_lib.get_source(entry, where=where)
 
 
 def first(source, max_examples: int | None):
@@ -184,30 +199,47 @@ def split_spec(name: str, spec: dict) -> tuple[dict, dict]:
     spec = dict(spec)
     spec.pop("type", None)
     data = dict(spec.pop("data", None) or {})
-    if "name" not in data:
+    if "name" not in data and "source" not in data:
         raise ValueError(f"config key `evals.{name}.data.name` is missing")
     return data, spec
 
 
+# The keys of an entry without `source` that name its TFDS set (a `source` entry has its kind's).
+TFDS_KEYS = ("name", "split", "data_dir")
+
+
+def entry_keys(data: dict, allowed, where: str = "evals.data") -> set[str]:
+    """The keys entry `data` may hold, of an evaluator that declares `allowed`: with `source` (when
+    the evaluator takes one: "source" in `allowed`), TFDS_KEYS give way to the kind's keys."""
+    allowed = set(allowed)
+    if "source" not in data or "source" not in allowed:
+        return allowed
+    cls = sources_lib.source_class(data["source"], where)
+    return (allowed - set(TFDS_KEYS)) | cls.config_keys()
+
+
 def check_keys(name: str, data: dict, allowed) -> None:
-    unknown = sorted(set(data) - set(allowed))
+    allowed = entry_keys(data, allowed, f"evals.{name}.data")
+    unknown = sorted(set(data) - allowed)
     if unknown:
         raise ValueError(f"config key `evals.{name}.data`: unknown keys {unknown} "
                          f"(allowed: {sorted(allowed)})")
 
 
-CLASSIFICATION_KEYS = ("name", "split", "label", "label_key", "data_dir", "max_examples")
+CLASSIFICATION_KEYS = ("name", "split", "label", "label_key", "data_dir", "max_examples", "source")
 
 
 def classification(name: str, data: dict):
     """(source, labels [N] ints, class names) of a classification entry `evals.<name>.data`.
 
-    `label` (or `label_key`): an integer ClassLabel feature; default "label", else "category"
-    (emoji and openclipart also have "subcategory" / "top_category")."""
+    `label` (or `label_key`): an integer ClassLabel feature of a TFDS set; default the source's
+    `label_key`, else "label", else "category" (emoji and openclipart also have "subcategory" /
+    "top_category"). Other kinds give their own labels and names (a folder: its folders; JSONL:
+    `label` and the source's `class_names`)."""
     check_keys(name, data, CLASSIFICATION_KEYS)
-    source = open_source(data["name"], data.get("split", "test"), data.get("data_dir"))
-    label_key = data.get("label") or data.get("label_key") or default_label_key(source)
-    names = class_names(source, label_key)
+    source = open_entry(name, data)
+    label_key = data.get("label") or data.get("label_key")
+    names = source.class_names_of(label_key)
     source = first(source, data.get("max_examples"))
-    labels = [int(field(source, i, label_key)) for i in range(len(source))]
+    labels = [source.label_of(i, label_key) for i in range(len(source))]
     return source, labels, names
