@@ -74,11 +74,11 @@ def test_a_kind_registered_outside_vljax_is_checked_built_batched_keyed_and_eval
 
 
 def test_unknown_kinds_keys_and_types_are_named():
-    with pytest.raises(ValueError, match=r"`config.input.data.source`: 'webdataset' is not one of"):
+    with pytest.raises(ValueError, match=r"`input.data.source`: 'webdataset' is not one of"):
         sources.get_source(dict(source="webdataset", path="x"))
     with pytest.raises(ValueError, match=r"`input.data\[1\].path` is missing \(source 'jsonl'\)"):
         sources.get_source(dict(source="jsonl"), where="input.data[1]")
-    with pytest.raises(ValueError, match=r"`config.input.data.root`: unknown for source 'folder'"):
+    with pytest.raises(ValueError, match=r"`input.data.root`: unknown for source 'folder'"):
         sources.get_source(dict(source="folder", root="x"))
     with pytest.raises(ValueError, match=r"`evals.t.data.source`: 'parquet' is not one of"):
         ZeroShotEvaluator.from_config("t", dict(data=dict(source="parquet", path="x")))

@@ -158,11 +158,12 @@ def _name(data) -> str:
     return getattr(data, "name", type(data).__name__)
 
 
-def data_key(data) -> str:
+def data_key(data, data_dir=None) -> str:
     """The cache key naming which images `data` holds (labels and captions do not matter): its
-    source's `cache_key()` (vljax/data/sources/base.py); anything else is a TypeError naming it."""
+    source's `cache_key()` (vljax/data/sources/base.py; a config entry is opened, TFDS under
+    `data_dir` unless it names one); anything else is a TypeError naming its type."""
     if isinstance(data, (dict, ml_collections.ConfigDict)):
-        return sources_lib.cache_key(sources_lib.get_source(dict(data)))
+        return sources_lib.cache_key(sources_lib.get_source(dict(data), data_dir=data_dir))
     return sources_lib.cache_key(data)
 
 
@@ -237,7 +238,7 @@ class Embedder:
         return self._cached(data, tokens=True)
 
     def _cached(self, data, tokens: bool) -> Embedded:
-        key = (data_key(data), tokens)
+        key = (data_key(data, self.data_dir), tokens)
         if key not in self._images:
             self._images[key] = self._stream(data, tokens)
         return self._images[key]

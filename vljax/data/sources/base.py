@@ -86,7 +86,7 @@ class Source(abc.ABC):
         return {*cls.REQUIRED, *cls.OPTIONAL, *cls.ALIASES}
 
     @classmethod
-    def from_config(cls, entry, data_dir=None, where: str = "config.input.data") -> "Source":
+    def from_config(cls, entry, data_dir=None, where: str = "input.data") -> "Source":
         """An instance from config entry `entry` of this kind (its keys checked, errors naming
         `<where>.<key>`)."""
         cls.check_keys(entry, where)
@@ -102,7 +102,7 @@ class Source(abc.ABC):
         return cls(**kwargs)
 
     @classmethod
-    def check_keys(cls, entry, where: str = "config.input.data") -> None:
+    def check_keys(cls, entry, where: str = "input.data") -> None:
         """No key of `entry` outside the declared ones (and ENTRY_KEYS), and every required one."""
         unknown = sorted(set(entry.keys()) - cls.config_keys() - set(ENTRY_KEYS))
         if unknown:
@@ -173,24 +173,26 @@ SOURCES: dict[str, type] = {}
 
 def register(kind: str, cls: type | None = None):
     """Registers source class `cls` under config name `kind` (`source=kind`); as a decorator,
-    `@register(kind)`. Registering a taken name with another class is an error."""
+    `@register(kind)`. Registering a taken name with another class is an error (the same class
+    again, e.g. from a reloaded module, replaces it)."""
     def add(c):
-        if SOURCES.get(kind, c) is not c:
-            raise ValueError(f"source kind {kind!r} is already registered ({SOURCES[kind].__name__})")
+        old = SOURCES.get(kind, c)
+        if (old.__module__, old.__qualname__) != (c.__module__, c.__qualname__):
+            raise ValueError(f"source kind {kind!r} is already registered ({old.__module__}.{old.__qualname__})")
         c.KIND = kind
         SOURCES[kind] = c
         return c
     return add if cls is None else add(cls)
 
 
-def source_class(kind, where: str = "config.input.data") -> type:
+def source_class(kind, where: str = "input.data") -> type:
     """The class registered as `kind`; an unknown kind is an error naming `<where>.source`."""
     if kind not in SOURCES:
         raise ValueError(f"config key `{where}.source`: {kind!r} is not one of {sorted(SOURCES)}")
     return SOURCES[kind]
 
 
-def check_entry(entry, where: str = "config.input.data") -> type:
+def check_entry(entry, where: str = "input.data") -> type:
     """The class of config entry `entry`, after checking its kind and keys (errors name
     `<where>.<key>`)."""
     cls = source_class(entry.get("source", DEFAULT_KIND), where)
@@ -198,7 +200,7 @@ def check_entry(entry, where: str = "config.input.data") -> type:
     return cls
 
 
-def get_source(cfg, data_dir=None, where: str = "config.input.data") -> Source:
+def get_source(cfg, data_dir=None, where: str = "input.data") -> Source:
     """A source from one entry of config.input.data, e.g.
     dict(source="tfds", name="vljax_emoji", split="train", label_key="category", labels_key="tags"),
     dict(source="folder", path=...), dict(source="jsonl", path=..., num_labels=K); `source`
