@@ -23,6 +23,7 @@ import numbers
 import os
 
 from vljax.data import sources
+from vljax.evaluators import data as eval_data
 
 # key -> (required, allowed types)
 _TOP = {
@@ -274,7 +275,6 @@ def validate_evals(evals) -> None:
     if not evals:
         return
     from vljax.evaluators import EVALUATORS
-    from vljax.evaluators import data as eval_data
     for name, spec in evals.items():
         where = f"evals.{name}"
         _dict(spec, where)
