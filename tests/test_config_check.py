@@ -59,6 +59,11 @@ TYPOS = [
     (_set("input.batchsize", 8), "input.batchsize", "batch_size"),
     (_set("model_init.image", "minilm"), "model_init.image", None),
     (lambda c: c.input.data[0].update(splt="train"), "input.data[0].splt", "split"),
+    # A source entry's keys are its kind's (vljax/data/sources): a folder's, a JSONL manifest's.
+    (lambda c: c.input.update(data=[dict(source="folder", path="x", label_from_foldr=True)]),
+     "input.data[0].label_from_foldr", "label_from_folder"),
+    (lambda c: c.input.update(data=[dict(source="jsonl", path="x", num_label=3)]),
+     "input.data[0].num_label", "num_labels"),
     (lambda c: c.update(schedule=[(".*", dict(warmup=3))]), "schedule[0].warmup", "warmup_steps"),
 ]
 

@@ -199,6 +199,9 @@ class SyntheticSource:
     def __len__(self):
         return self.n
 
+    def cache_key(self):  # the embedder's cache key (vljax/data/sources/base.py)
+        return f"synthetic:{self.n}"
+
     def __getitem__(self, i):
         img = np.random.default_rng(i).integers(0, 256, size=(48, 48, 3), dtype=np.uint8)
         return {"id": str(i), "image": tfds_writer.encode_png(T.Image.fromarray(img)),

@@ -93,12 +93,19 @@ def _square_image(size=24, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
 
 
+class _Records(list):
+    """Records in memory, a source (it names its records for the embedder's cache)."""
+
+    def cache_key(self):
+        return "test-records"
+
+
 def test_augmented_view_is_a_fixed_crop_and_flip_of_each_record():
     from vljax.embedder import data_key
     from vljax.evaluators.data import AugmentedView, Subset
     img = _square_image()
-    records = [{"image": img, "captions": [""], "label": 0}, {"image": b"not an image"},
-               {"image": np.zeros((30, 50, 3), np.uint8), "captions": [""], "label": 1}]
+    records = _Records([{"image": img, "captions": [""], "label": 0}, {"image": b"not an image"},
+                        {"image": np.zeros((30, 50, 3), np.uint8), "captions": [""], "label": 1}])
     view = AugmentedView(records, view=0, seed=3)
     np.testing.assert_array_equal(view[0]["image"], AugmentedView(records, 0, 3)[0]["image"])
     assert view[0]["label"] == 0 and view[1] is records[1]  # undecodable: passed on unchanged

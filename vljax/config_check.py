@@ -11,7 +11,7 @@ here: `model` from `TwoTowers`' fields, `model.image` / `model.text` from the to
 from the tokenizer class, `loss` from vljax.objective (the registered loss function's signature,
 less the arrays and `axis_name` the trainer passes), `optax` from the optimizer builder in
 vljax.optim.OPTIMIZERS, `schedule` entries from `optim.make_schedule`, `input.data[i]` from the
-source class of its kind, `evals.<name>` from the evaluator class's constructor and its data
+source class of its kind (its declared keys), `evals.<name>` from the evaluator class's constructor and its data
 loader. Only keys that no signature gives are listed here (`input`, `input.augment`, ...).
 """
 from __future__ import annotations
@@ -23,6 +23,8 @@ import numbers
 import os
 
 from vljax import objective
+from vljax.data import sources
+from vljax.evaluators import data as eval_data
 
 # key -> (required, allowed types)
 _TOP = {
@@ -81,10 +83,6 @@ _AUGMENT = {
 }
 _MODEL = {"image_model": (True, (str,)), "text_model": (True, (str,)),
           "image": (True, (dict,)), "text": (True, (dict,))}
-# Keys of an input.data entry that get_source reads besides its source class's arguments.
-_DATA_ENTRY_EXTRA = {"source", "weight"}
-_SOURCE_ALIASES = {"tfds": {"text_key"}}  # another name of caption_key
-_SOURCE_RENAMES = {"folder": {"root": "path"}}  # argument -> config key
 # Keys of config.optax that optim.py takes out before calling the optimizer builder.
 _OPTAX_EXTRA = {"name", "weight_decay", "wd_mask", "scale_wd_by_lr"}
 # Schedule-entry keys that optim.make_optimizer takes out before calling make_schedule.
@@ -167,21 +165,13 @@ def _input(cfg) -> None:
         grey = cfg.augment.get("greyscale") or 0.0
         if not 0.0 <= grey <= 1.0:
             raise ValueError(f"config key `input.augment.greyscale` is a probability, got {grey}")
-    from vljax.data import sources
-    classes = {"tfds": sources.TfdsSource, "folder": sources.FolderSource, "jsonl": sources.JsonlSource}
     for i, entry in enumerate(cfg.data):
         where = f"input.data[{i}]"
         _dict(entry, where)
-        kind = entry.get("source", "tfds")
-        if kind not in classes:
-            raise ValueError(f"config key `{where}.source`: {kind!r} is not one of {sorted(classes)}")
-        renames = _SOURCE_RENAMES.get(kind, {})
-        args = {renames.get(a, a) for a in arguments(classes[kind].__init__)}
-        _check_keys(entry, args | _SOURCE_ALIASES.get(kind, set()) | _DATA_ENTRY_EXTRA, where + ".")
-        required = {"tfds": ("name", "split"), "folder": ("path",), "jsonl": ("path",)}[kind]
-        for key in required:
-            if key not in entry:
-                raise ValueError(f"config key `{where}.{key}` is missing (source {kind!r})")
+        # The kind's class declares its keys (vljax/data/sources/base.py); typos get a suggestion.
+        cls = sources.source_class(entry.get("source", sources.DEFAULT_KIND), where)
+        _check_keys(entry, cls.config_keys() | set(sources.ENTRY_KEYS), where + ".")
+        sources.check_entry(entry, where)
 
 
 def _tokenizer(cfg) -> None:
@@ -295,7 +285,8 @@ def validate_evals(evals) -> None:
             raise ValueError(f"config key `{where}.data` is missing")
         _dict(data, where + ".data")
         if hasattr(cls, "DATA_KEYS"):  # each evaluator type declares the keys of its data entry
-            _check_keys(data, set(cls.DATA_KEYS), where + ".data.")
+            # (with `source`, where it takes one, the source kind's keys replace TFDS `name`/`split`)
+            _check_keys(data, eval_data.entry_keys(data, cls.DATA_KEYS, where + ".data"), where + ".data.")
 
 
 def validate(config) -> None:

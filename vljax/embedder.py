@@ -158,21 +158,13 @@ def _name(data) -> str:
     return getattr(data, "name", type(data).__name__)
 
 
-def data_key(data):
-    """A hashable key naming which images `data` holds (labels and captions do not matter)."""
+def data_key(data, data_dir=None) -> str:
+    """The cache key naming which images `data` holds (labels and captions do not matter): its
+    source's `cache_key()` (vljax/data/sources/base.py; a config entry is opened, TFDS under
+    `data_dir` unless it names one); anything else is a TypeError naming its type."""
     if isinstance(data, (dict, ml_collections.ConfigDict)):
-        return data_key(sources_lib.get_source(dict(data)))
-    if isinstance(data, sources_lib.TfdsSource):
-        return ("tfds", data.name, data.split, data.data_dir, data.image_key)
-    if isinstance(data, sources_lib.JsonlSource):
-        return ("jsonl", str(data.path))
-    if isinstance(data, sources_lib.FolderSource):
-        return ("folder", str(data.root))
-    if hasattr(data, "source") and hasattr(data, "augmentation"):  # an augmented view (evaluators)
-        return ("augmented", data_key(data.source), data.augmentation)
-    if hasattr(data, "source") and hasattr(data, "indices"):  # a subset of records
-        return ("subset", data_key(data.source), tuple(data.indices))
-    return ("object", id(data))
+        return sources_lib.cache_key(sources_lib.get_source(dict(data), data_dir=data_dir))
+    return sources_lib.cache_key(data)
 
 
 class Embedder:
@@ -246,10 +238,10 @@ class Embedder:
         return self._cached(data, tokens=True)
 
     def _cached(self, data, tokens: bool) -> Embedded:
-        key = (data_key(data), tokens)
+        key = (data_key(data, self.data_dir), tokens)
         if key not in self._images:
-            self._images[key] = (self._stream(data, tokens), data)  # data kept: an id() key stays unique
-        return self._images[key][0]
+            self._images[key] = self._stream(data, tokens)
+        return self._images[key]
 
     def _stream(self, data, tokens: bool) -> Embedded:
         if self.feature_store is not None:

@@ -110,10 +110,10 @@ def needs_tokens(config) -> bool:
 
 
 def fingerprint(model, params, source, *, mesh, image_size, value_range, views, tokens=False) -> str:
-    """16 hex digits naming what determines the features: source, trunk and preprocessing."""
-    where = getattr(source, "data_dir", None) or getattr(source, "path", None) or getattr(source, "root", None)
+    """16 hex digits naming what determines the features: source (its records' cache key,
+    vljax/data/sources/base.py), trunk and preprocessing."""
     image_cfg = {k: v for k, v in (model.image or {}).items() if k not in ("num_classes", "head_bias")}
-    parts = dict(source=repr(source), where=str(where), n=len(source), image_model=model.image_model,
+    parts = dict(source=sources.cache_key(source), n=len(source), image_model=model.image_model,
                  image=image_cfg, trunk=_digest(_trunk_params(params), mesh), image_size=int(image_size),
                  value_range=pipeline._value_range(value_range), views=list(views))
     if tokens:  # a store without tokens is never taken for one with them (or back)

@@ -8,25 +8,30 @@ aliases "emoji", "openclipart", "fashion_mnist". `max_examples` keeps the first 
 storage order, which TFDS hashes, so it is a fixed pseudo-random sample. Class names are
 human-readable for prompts, as each demo builder documents (emoji subcategories
 "animal mammal", Fashion-MNIST "t-shirt/top").
+
+An evaluator whose DATA_KEYS hold "source" also takes a full source entry of any registered kind
+(vljax/data/sources): dict(source="jsonl", path=..., class_names=[...]), dict(source="folder",
+path=...), dict(source="tfds", name=..., split=...), beside its own keys (`max_examples`, ...).
+Labels, class names and captions are read through the source's metadata accessors
+(`label_of`, `class_names_of`, `captions_of`, ...), never by decoding an image.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 
 import numpy as np
 from PIL import Image
 
 from vljax.data import sources as sources_lib
-from vljax.data import tfds_writer
 from vljax.data import transforms as T
+from vljax.data.sources import base as source_base
 
 ALIASES = {"emoji": "vljax_emoji", "openclipart": "vljax_openclipart",
            "fashion_mnist": "vljax_fashion_mnist"}
 
 
 class Subset:
-    """Records `indices` of a source, in that order (a source itself)."""
+    """Records `indices` of a source, in that order (a source itself, with its metadata)."""
 
     def __init__(self, source, indices):
         self.source, self.indices = source, [int(i) for i in indices]
@@ -44,10 +49,31 @@ class Subset:
     def info(self):
         return self.source.info
 
+    def cache_key(self) -> str:
+        return source_base.digest("subset", sources_lib.cache_key(self.source),
+                                  source_base.indices_digest(self.indices))
+
+    def missing_labels(self, field: str) -> str | None:
+        return sources_lib.missing_labels(self.source, field)
+
+    def captions_of(self, i: int) -> list[str]:
+        return self.source.captions_of(self.indices[i])
+
+    def label_of(self, i: int, key: str | None = None) -> int:
+        return self.source.label_of(self.indices[i], key)
+
+    def label_set_of(self, i: int, key: str | None = None) -> list[int]:
+        return self.source.label_set_of(self.indices[i], key)
+
+    def class_names_of(self, key: str | None = None) -> list[str]:
+        return self.source.class_names_of(key)
+
+    def label_set_names(self, key: str | None = None) -> list[str]:
+        return self.source.label_set_names(key)
+
     def __repr__(self):
-        # The indices' digest: a repr names the images (the LiT feature store's fingerprint).
-        digest = hashlib.sha1(np.asarray(self.indices, np.int64).tobytes()).hexdigest()[:12]
-        return f"Subset({self.source!r}, n={len(self)}, indices={digest})"
+        # The indices' digest: a repr names the images.
+        return f"Subset({self.source!r}, n={len(self)}, indices={source_base.indices_digest(self.indices)[:12]})"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,8 +103,11 @@ class AugmentedView:
 
     @property
     def augmentation(self) -> tuple:
-        """What, beside the source, determines the images (the embedder's cache key)."""
+        """What, beside the source, determines the images (part of its cache key)."""
         return (self.view, self.seed, tuple(self.crop_scale), self.flip, self.size)
+
+    def cache_key(self) -> str:
+        return source_base.digest("augmented", sources_lib.cache_key(self.source), list(self.augmentation))
 
     def __getitem__(self, i):
         record = self.source[i]
@@ -111,8 +140,23 @@ class AugmentedView:
 
 
 def open_source(name: str, split: str, data_dir=None, label_key: str | None = None):
+    """TFDS dataset `name` (or a demo alias, `ALIASES`), split `split`."""
     return sources_lib.TfdsSource(ALIASES.get(name, name), split, data_dir=data_dir,
                                   label_key=label_key)
+
+
+def open_entry(name: str, data: dict, default_split: str = "test"):
+    """The source of data entry `evals.<name>.data`: with `source`, that registered kind built from
+    the entry's keys it declares (errors name `evals.<name>.data.<key>`); without, TFDS `name` (a
+    TFDS name or a demo alias) and `split` (default `default_split`) under `data_dir`."""
+    if "source" not in data:
+        return open_source(data["name"], data.get("split", default_split), data.get("data_dir"))
+    where = f"evals.{name}.data"
+    cls = sources_lib.source_class(data["source"], where)
+    entry = {k: v for k, v in data.items() if k in cls.config_keys() or k == "source"}
+    if cls is sources_lib.TfdsSource and "name" in entry:
+        entry["name"] = ALIASES.get(entry["name"], entry["name"])
+    return sources_lib.get_source(entry, where=where)
 
 
 def first(source, max_examples: int | None):
@@ -137,15 +181,13 @@ def field(source, i: int, key: str):
 
 
 def default_label_key(source) -> str:
-    features = source.info.features
-    for key in ("label", "category"):
-        if key in features:
-            return key
-    raise ValueError(f"{source!r}: no 'label' or 'category' feature; set `label` in the eval's data")
+    """The integer class feature of TFDS `source` that an entry without `label` reads."""
+    return source.class_key()
 
 
 def class_names(source, label_key: str) -> list[str]:
-    return tfds_writer.read_class_names(source.info, label_key)
+    """The names of `source`'s classes of feature `label_key` (a ClassLabel or a label set)."""
+    return source.class_names_of(label_key)
 
 
 def text(x) -> str:
@@ -157,30 +199,47 @@ def split_spec(name: str, spec: dict) -> tuple[dict, dict]:
     spec = dict(spec)
     spec.pop("type", None)
     data = dict(spec.pop("data", None) or {})
-    if "name" not in data:
+    if "name" not in data and "source" not in data:
         raise ValueError(f"config key `evals.{name}.data.name` is missing")
     return data, spec
 
 
+# The keys of an entry without `source` that name its TFDS set (a `source` entry has its kind's).
+TFDS_KEYS = ("name", "split", "data_dir")
+
+
+def entry_keys(data: dict, allowed, where: str = "evals.data") -> set[str]:
+    """The keys entry `data` may hold, of an evaluator that declares `allowed`: with `source` (when
+    the evaluator takes one: "source" in `allowed`), TFDS_KEYS give way to the kind's keys."""
+    allowed = set(allowed)
+    if "source" not in data or "source" not in allowed:
+        return allowed
+    cls = sources_lib.source_class(data["source"], where)
+    return (allowed - set(TFDS_KEYS)) | cls.config_keys()
+
+
 def check_keys(name: str, data: dict, allowed) -> None:
-    unknown = sorted(set(data) - set(allowed))
+    allowed = entry_keys(data, allowed, f"evals.{name}.data")
+    unknown = sorted(set(data) - allowed)
     if unknown:
         raise ValueError(f"config key `evals.{name}.data`: unknown keys {unknown} "
                          f"(allowed: {sorted(allowed)})")
 
 
-CLASSIFICATION_KEYS = ("name", "split", "label", "label_key", "data_dir", "max_examples")
+CLASSIFICATION_KEYS = ("name", "split", "label", "label_key", "data_dir", "max_examples", "source")
 
 
 def classification(name: str, data: dict):
     """(source, labels [N] ints, class names) of a classification entry `evals.<name>.data`.
 
-    `label` (or `label_key`): an integer ClassLabel feature; default "label", else "category"
-    (emoji and openclipart also have "subcategory" / "top_category")."""
+    `label` (or `label_key`): an integer ClassLabel feature of a TFDS set; default the source's
+    `label_key`, else "label", else "category" (emoji and openclipart also have "subcategory" /
+    "top_category"). Other kinds give their own labels and names (a folder: its folders; JSONL:
+    `label` and the source's `class_names`)."""
     check_keys(name, data, CLASSIFICATION_KEYS)
-    source = open_source(data["name"], data.get("split", "test"), data.get("data_dir"))
-    label_key = data.get("label") or data.get("label_key") or default_label_key(source)
-    names = class_names(source, label_key)
+    source = open_entry(name, data)
+    label_key = data.get("label") or data.get("label_key")
+    names = source.class_names_of(label_key)
     source = first(source, data.get("max_examples"))
-    labels = [int(field(source, i, label_key)) for i in range(len(source))]
+    labels = [source.label_of(i, label_key) for i in range(len(source))]
     return source, labels, names

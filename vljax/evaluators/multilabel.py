@@ -125,16 +125,17 @@ class MultilabelEvaluator(base.Evaluator):
     def from_config(cls, name: str, spec: dict, *, plot_dir: str | None = None):
         """From config entry `evals.<name>` = dict(type="multilabel", data=dict(name=...,
         split=..., label="tags", max_examples=...), templates=..., ...); `label` (or
-        `label_key`) is a Sequence(ClassLabel) feature ("tags" in emoji and openclipart)."""
+        `label_key`) is a Sequence(ClassLabel) feature of a TFDS set (default the source's
+        `labels_key`, else "tags", as in emoji and openclipart); `data` may be a source entry of
+        any kind with label sets (vljax/evaluators/data.py)."""
         del plot_dir  # no plots
         data, kwargs = data_lib.split_spec(name, spec)
         data_lib.check_keys(name, data, cls.DATA_KEYS)
-        source = data_lib.open_source(data["name"], data.get("split", "test"), data.get("data_dir"))
-        label_key = data.get("label") or data.get("label_key") or "tags"
-        names = data_lib.class_names(source, label_key)
+        source = data_lib.open_entry(name, data)
+        label_key = data.get("label") or data.get("label_key")
+        names = source.label_set_names(label_key)
         source = data_lib.first(source, data.get("max_examples"))
-        labels = [np.asarray(data_lib.field(source, i, label_key), np.int64)
-                  for i in range(len(source))]
+        labels = [np.asarray(source.label_set_of(i, label_key), np.int64) for i in range(len(source))]
         return cls(source, labels, names, name=name, **kwargs)
 
     def run(self, embedder: base.Embedder) -> dict[str, float]:

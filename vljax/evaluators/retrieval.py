@@ -65,7 +65,7 @@ def recall_from_blocks(i2t_blocks, t2i_blocks, n_img: int, n_txt: int, text_to_i
 
 class RetrievalEvaluator(base.Evaluator):
     """Metrics "retrieval/<name>/i2t_r1", ".../t2i_r1", ... for each k of `ks`."""
-    DATA_KEYS = ("name", "split", "data_dir", "max_examples", "exclude")  # the keys of `evals.<name>.data` (checked by config_check too)
+    DATA_KEYS = ("name", "split", "data_dir", "max_examples", "exclude", "source")  # the keys of `evals.<name>.data` (checked by config_check too)
 
     def __init__(self, data, captions: Sequence[Sequence[str]], *, name: str,
                  ks: Sequence[int] = (1, 5, 10), similarity: str | None = None,
@@ -91,7 +91,8 @@ class RetrievalEvaluator(base.Evaluator):
     @classmethod
     def from_config(cls, name: str, spec: dict, *, plot_dir: str | None = None):
         """From config entry `evals.<name>` = dict(type="retrieval", data=dict(name=..., split=...,
-        exclude=..., max_examples=...), ks=...).
+        exclude=..., max_examples=...), ks=...); `data` may be a source entry of any kind
+        (vljax/evaluators/data.py).
 
         `exclude`: a regex; records with a caption that matches it are left out (e.g. "skin tone"
         keeps one image per emoji instead of near-duplicates that differ only in skin tone).
@@ -101,12 +102,11 @@ class RetrievalEvaluator(base.Evaluator):
         del plot_dir  # no plots
         data, kwargs = data_lib.split_spec(name, spec)
         data_lib.check_keys(name, data, cls.DATA_KEYS)
-        source = data_lib.open_source(data["name"], data.get("split", "test"), data.get("data_dir"))
+        source = data_lib.open_entry(name, data)
         pattern = re.compile(data["exclude"]) if data.get("exclude") else None
         candidates = []  # (record, its captions) after `exclude`, then the first max_examples
         for i in range(len(source)):
-            caps = data_lib.field(source, i, source.caption_key)
-            caps = [data_lib.text(c) for c in ([caps] if isinstance(caps, (bytes, str)) else caps)]
+            caps = source.captions_of(i)
             if pattern is None or not any(pattern.search(c) for c in caps):
                 candidates.append((i, [c.strip() for c in caps if c.strip()]))
         candidates = [(i, caps) for i, caps in candidates[:data.get("max_examples")] if caps]

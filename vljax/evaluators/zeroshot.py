@@ -261,16 +261,16 @@ class ZeroShotEvaluator(base.Evaluator):
         ref = kwargs.get("zpe_reference")
         if ref is not None:
             ref = dict(ref)
-            data_lib.check_keys(f"{name}.zpe_reference", ref, ("name", "split", "data_dir", "max_examples"))
-            if "name" not in ref:
+            data_lib.check_keys(f"{name}.zpe_reference", ref,
+                                ("name", "split", "data_dir", "max_examples", "source"))
+            if "name" not in ref and "source" not in ref:
                 raise ValueError(f"config key `evals.{name}.zpe_reference.name` is missing")
             kwargs["zpe_reference"] = data_lib.first(
-                data_lib.open_source(ref["name"], ref.get("split", "train"), ref.get("data_dir")),
+                data_lib.open_entry(f"{name}.zpe_reference", ref, default_split="train"),
                 ref.get("max_examples"))
         source, labels, class_names = data_lib.classification(name, data)
         if group_key is not None:
-            kwargs["groups"] = [int(data_lib.field(source, i, group_key))
-                                for i in range(len(source))]
+            kwargs["groups"] = [source.label_of(i, group_key) for i in range(len(source))]
         kwargs.setdefault("plot_dir", plot_dir)
         return cls(source, labels, class_names, name=name, **kwargs)
 
