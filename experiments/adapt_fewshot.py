@@ -33,9 +33,7 @@ def run(model: str, only, config_arg, out: str) -> dict:
     config = _load_config(config_arg)
     evaluators = eval_builder.build(config, only=only)
     bundle = factory.load(model)
-    emb = Embedder(bundle.model, bundle.params, bundle.tokenizer,
-                   mesh=sharding.make_mesh([("data", -1)]), image_size=bundle.image_size,
-                   value_range=bundle.value_range, batch_size=64)
+    emb = Embedder.from_bundle(bundle, mesh=sharding.make_mesh([("data", -1)]), batch_size=64)
     results = json.load(open(out)) if os.path.exists(out) else {}
     for name, ev in evaluators.items():
         t0 = time.perf_counter()

@@ -45,8 +45,7 @@ def finetune(model_dir: str, out_dir: str, train_images: int, steps: int, lr: fl
         feats.append(np.asarray(feats_fn(b.params, batch["image"]))[keep])
         index.append(batch["index"][keep])
     x, y = np.concatenate(feats), np.asarray(labels)[np.concatenate(index)]
-    emb = Embedder(b.model, b.params, b.tokenizer, mesh=sharding.make_mesh([("data", -1)]),
-                   image_size=b.image_size, value_range=b.value_range)
+    emb = Embedder.from_bundle(b, mesh=sharding.make_mesh([("data", -1)]))
     texts = prompts.class_texts([prompts.canonicalize_name(n) for n in names], "clip80", None)
     ztxt = jnp.asarray(zeroshot.ensemble(zeroshot.class_text_embeddings(emb, texts)))
     scale = float(np.exp(b.params["t"]))

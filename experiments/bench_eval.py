@@ -34,7 +34,7 @@ from absl import app, flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from configs import lit as lit_config  # noqa: E402
-from vljax import sharding, train  # noqa: E402
+from vljax import factory, sharding, train  # noqa: E402
 from vljax.data import pipeline  # noqa: E402
 from vljax.embedder import Embedder  # noqa: E402
 from vljax.evaluators import zeroshot  # noqa: E402
@@ -67,11 +67,11 @@ def main(argv):
     n = len(ev.data)
     n_texts = sum(len(t) for t in ev.texts)
     mesh = sharding.make_mesh([("data", -1)])
+    bundle = factory.Bundle(model, params, tokenizer, factory.spec_from_config(config))
 
     def embedder():
-        return Embedder(model, params, tokenizer, mesh=mesh, image_size=config.input.image_size,
-                        value_range=config.input.value_range, batch_size=_BATCH.value,
-                        read_threads=_THREADS.value, workers=_WORKERS.value)
+        return Embedder.from_bundle(bundle, mesh=mesh, batch_size=_BATCH.value,
+                                    read_threads=_THREADS.value, workers=_WORKERS.value)
 
     def timed_run():
         t0 = time.perf_counter()

@@ -103,7 +103,7 @@ def _small_model():
 
 
 def child(what: str) -> dict:
-    from vljax import sharding
+    from vljax import factory, sharding
     from vljax.embedder import Embedder
     from vljax.evaluators import ZeroShotEvaluator
     mesh = sharding.make_mesh([("data", -1)])
@@ -127,8 +127,8 @@ def child(what: str) -> dict:
         n = len(ev.data)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t0 = time.perf_counter()
-    emb = Embedder(model, params, tok, mesh=mesh, image_size=SIZE, value_range=value_range,
-                   batch_size=_BATCH.value)
+    bundle = factory.Bundle(model, params, tok, {"image_size": SIZE, "value_range": value_range})
+    emb = Embedder.from_bundle(bundle, mesh=mesh, batch_size=_BATCH.value)
     metrics = ev.run(emb)
     seconds = time.perf_counter() - t0
     return dict(images=n, image_size=SIZE, model=desc, seconds=seconds, images_per_s=n / seconds,

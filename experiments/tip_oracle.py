@@ -75,8 +75,7 @@ def main():
     evs = eval_builder.build(adapt.get_config(args.config_arg),
                              only=["fmnist_fewshot", "emoji_fewshot"])
     b = factory.load(args.model)
-    emb = Embedder(b.model, b.params, b.tokenizer, mesh=sharding.make_mesh([("data", -1)]),
-                   image_size=b.image_size, value_range=b.value_range, batch_size=64)
+    emb = Embedder.from_bundle(b, mesh=sharding.make_mesh([("data", -1)]), batch_size=64)
     for ev in evs.values():
         print("\n".join(diagnose(ev, emb)), flush=True)
 

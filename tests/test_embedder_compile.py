@@ -1,11 +1,13 @@
 """Embedders made afresh for each evaluation (vljax.evaluate, soups, benchmarks) share the towers
-jitted for an equal model on the same mesh: after the first, an evaluation compiles nothing."""
+jitted for an equal model on the same mesh: after the first, an evaluation compiles nothing.
+An Embedder is built from a model bundle; batch size and padding come from vljax/data/batching.py."""
 import jax
 import numpy as np
 
 from test_eval_sharded import SIZE, VALUE_RANGE, SyntheticSource, model_and_params
-from vljax import sharding
-from vljax.embedder import Embedder
+from vljax import factory, sharding
+from vljax.data import batching
+from vljax.embedder import Embedder, TowerCache
 
 
 def _embed(model, params, tok, mesh):
@@ -42,3 +44,36 @@ def test_fresh_embedder_of_an_equal_model_compiles_nothing():
         for a, b in zip(first, got):
             np.testing.assert_array_equal(a, b)
     assert not np.allclose(first[0], scaled[0], atol=1e-3)  # the params are not baked in
+
+
+def test_from_bundle_embeds_as_the_bundle_spec_says():
+    model, params, tok = model_and_params()
+    mesh = sharding.make_mesh([("data", 2)], devices=jax.devices()[:2])
+    spec = {"image_size": SIZE, "value_range": list(VALUE_RANGE), "similarity": "global"}  # as JSON gives it
+    emb = Embedder.from_bundle(factory.Bundle(model, params, tok, spec), mesh=mesh, batch_size=5,
+                               progress=False)
+    assert (emb.image_size, emb.value_range, emb.similarity, emb.batch_size) == (SIZE, VALUE_RANGE, "global", 6)
+    for a, b in zip(_embed(model, params, tok, mesh), (emb.embed_images(SyntheticSource(12)).z,
+                                                       emb.embed_texts(["a", "bb", "ccc"]))):
+        np.testing.assert_array_equal(a, b)  # batch 6 or 8: the same embeddings
+
+
+def test_tower_cache_is_owned_and_keeps_the_most_recent():
+    model, _, _ = model_and_params()
+    one, two = (sharding.make_mesh([("data", n)], devices=jax.devices()[:n]) for n in (1, 2))
+    cache = TowerCache(size=1)
+    towers = cache.get(model, one)
+    assert cache.get(model, one) is towers
+    assert cache.get(model, two) is not towers  # evicts (model, one)
+    assert cache.get(model, one) is not towers
+    assert Embedder.shared_towers.get(model, one) is not towers  # another cache, other towers
+
+
+def test_batching_rounds_up_to_the_shards_and_pads_with_zero_rows():
+    mesh = sharding.make_mesh([("data", 4)], devices=jax.devices()[:4])
+    assert [batching.global_batch_size(b, mesh) for b in (1, 4, 5, 8)] == [4, 4, 8, 8]
+    assert batching.global_batch_size(3, mesh, process_count=8) == 8
+    x = np.arange(6, dtype=np.float32).reshape(3, 2)
+    padded = batching.pad_rows(x, 5)
+    np.testing.assert_array_equal(padded, [[0, 1], [2, 3], [4, 5], [0, 0], [0, 0]])
+    assert padded.dtype == np.float32 and batching.pad_rows(x, 3) is x

@@ -508,3 +508,26 @@ def test_registry_builds_from_kwargs():
     # Images 0-2 against cat/dog/bird: images 0 and 1 retrieve their own caption first,
     # image 2 (0, 1, 0) retrieves "dog".
     assert metrics["retrieval/toy/i2t_r1"] == pytest.approx(2 / 3)
+
+
+def test_run_all_merges_metrics_in_order_with_timings():
+    """One runner for the trainer, vljax.evaluate, soups and WiSE-FT: each evaluator's metrics,
+    merged in config order, and `time/eval_<name>_s` per evaluator unless `timed=False`."""
+    seen = []
+
+    class Toy(base.Evaluator):
+        def __init__(self, name, value):
+            self.name, self.value = name, value
+
+        def run(self, embedder):
+            seen.append((self.name, embedder))
+            return {f"toy/{self.name}/m": self.value}
+
+    emb = TableEmbedder(np.eye(2), {})
+    evs = {"b": Toy("b", 1.0), "a": Toy("a", 0.5)}
+    got = base.run_all(evs, emb)
+    assert list(got) == ["toy/b/m", "time/eval_b_s", "toy/a/m", "time/eval_a_s"]
+    assert got["toy/b/m"] == 1.0 and got["toy/a/m"] == 0.5
+    assert all(got[f"time/eval_{n}_s"] >= 0 for n in evs)
+    assert seen == [("b", emb), ("a", emb)]  # one embedder shared by every evaluator
+    assert base.run_all(evs, emb, timed=False) == {"toy/b/m": 1.0, "toy/a/m": 0.5}

@@ -17,27 +17,35 @@ streamed the same way; only the set's tokens [N, T, D] are kept.
 - Results are cached per data (images) and per tuple of texts for the Embedder's lifetime (one
   evaluation round: params are fixed), so evaluators over the same data or class prompts share
   one forward pass.
-- The last batch is padded to the batch size in one place, `_pad`, so each tower compiles once.
+- The batch size is rounded up and the last batch padded by vljax/data/batching.py (the helper
+  the feature store uses too), so each tower compiles once.
 - Nothing waits per batch: batches are decoded ahead in threads or grain worker processes
   (`workers`, config.input.eval_workers), each batch's tower call is dispatched before the
   previous batch's result is copied to the host (`_one_behind`), and the jitted towers are
-  shared by every Embedder of an equal model on the same mesh (`_towers`), so a fresh Embedder
-  per evaluation compiles nothing after the first.
+  shared by every Embedder of an equal model on the same mesh (a `TowerCache`, by default the
+  class's `Embedder.shared_towers`), so a fresh Embedder per evaluation compiles nothing after
+  the first.
+- A locked image trunk (LiT with `lit_cache`) is embedded from the feature store
+  (vljax/features.py: this module imports it, never the other way).
+
+Build one with `Embedder.from_bundle(bundle, mesh=...)`: a model bundle (`factory.Bundle`, an
+`inference.Predictor`) carries the model, params, tokenizer, image preprocessing and similarity.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-import math
+from typing import ClassVar
 
 import jax
 import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from vljax import logs, sharding
+from vljax import features, logs, sharding
 from vljax.data import pipeline
 from vljax.data import sources as sources_lib
+from vljax.data.batching import global_batch_size, pad_rows
 
 
 @dataclasses.dataclass
@@ -49,11 +57,6 @@ class Embedded:
     """
     z: np.ndarray
     index: np.ndarray
-
-
-def _pad(x: np.ndarray, n: int) -> np.ndarray:
-    """x [m, ...] -> [n, ...], zero rows appended (m <= n): the one place batches are padded."""
-    return np.concatenate([x, np.zeros((n - len(x),) + x.shape[1:], x.dtype)]) if len(x) < n else x
 
 
 def _local(x: jax.Array) -> np.ndarray:
@@ -114,20 +117,27 @@ def _same(a, b) -> bool:
         return False
 
 
-_TOWERS: list = []  # [(model, mesh, _Towers)], the most recent last
+class TowerCache:
+    """The jitted towers of the `size` most recently used (model, mesh) pairs.
 
+    `get` returns the towers of an equal model (flax modules compare by their fields; they are
+    not hashable) on the same mesh, jitted once: jax caches compilations per jitted function, so
+    Embedders made afresh for each evaluation with the same cache reuse them. A few models at
+    most (soups, WiSE-FT) are evaluated in one process, hence the small default size.
+    """
 
-def _towers(model, mesh) -> _Towers:
-    """The towers of an equal model (flax modules compare by their fields; they are not
-    hashable) on the same mesh, jitted once per process: jax caches compilations per jitted
-    function, so Embedders made afresh for each evaluation reuse them."""
-    for i, (m, me, t) in enumerate(_TOWERS):
-        if me == mesh and _same(m, model):
-            _TOWERS.append(_TOWERS.pop(i))
-            return t
-    _TOWERS.append((model, mesh, _Towers(model, mesh)))
-    del _TOWERS[:-4]  # a few models at most (soups, WiSE-FT) are evaluated in one process
-    return _TOWERS[-1][2]
+    def __init__(self, size: int = 4):
+        self.size = int(size)
+        self._entries = []  # [(model, mesh, _Towers)], the most recent last
+
+    def get(self, model, mesh) -> _Towers:
+        for i, (m, me, t) in enumerate(self._entries):
+            if me == mesh and _same(m, model):
+                self._entries.append(self._entries.pop(i))
+                return t
+        self._entries.append((model, mesh, _Towers(model, mesh)))
+        del self._entries[:-self.size]
+        return self._entries[-1][2]
 
 
 class _Rows:
@@ -170,6 +180,8 @@ def data_key(data, data_dir=None) -> str:
 class Embedder:
     """Embeds eval data and texts with fixed params on `mesh` (see the module docstring).
 
+    `Embedder.from_bundle(bundle, mesh=...)` is the usual way to make one.
+
     Args:
       model: a TwoTowers. params: its parameters (global jax.Arrays on `mesh`, or host arrays).
       tokenizer: `tok(list[str]) -> int32 [N, L]`.
@@ -181,24 +193,40 @@ class Embedder:
         "filip" (late interaction; a model trained with loss "filip", vljax/factory.py's spec).
       read_threads, workers: batches decoded ahead by this many threads, or by `workers` grain
         worker processes when > 0 (config.input.eval_workers; the tokenizer must be picklable).
+      feature_store: the root of a locked trunk's feature stores (vljax/features.py), or None.
+      towers: the cache of jitted towers to draw from (default: `Embedder.shared_towers`).
     """
+
+    shared_towers: ClassVar[TowerCache] = TowerCache()
 
     def __init__(self, model, params, tokenizer, *, mesh, image_size: int, value_range,
                  batch_size: int = 64, data_dir=None, feature_store=None, progress: bool = True,
-                 similarity: str = "global", read_threads: int = 4, workers: int = 0):
+                 similarity: str = "global", read_threads: int = 4, workers: int = 0,
+                 towers: TowerCache | None = None):
         self.model, self.tokenizer, self.mesh = model, tokenizer, mesh
         self.similarity = similarity
         self.progress = progress
         self.read_threads, self.workers = int(read_threads), int(workers)
         self.feature_store = feature_store
         self.image_size, self.value_range, self.data_dir = int(image_size), value_range, data_dir
-        shards = math.prod(mesh.shape[a] for a in sharding.batch_axes(mesh))
-        step = math.lcm(shards, jax.process_count())
-        self.batch_size = -(-int(batch_size) // step) * step
+        self.batch_size = global_batch_size(batch_size, mesh)
         self._batch_sharding = sharding.batch_sharding(mesh)
         self.params = self._on_mesh(params)
-        self._fn = _towers(model, mesh)
+        self._fn = (self.shared_towers if towers is None else towers).get(model, mesh)
         self._images, self._texts = {}, {}
+
+    @classmethod
+    def from_bundle(cls, bundle, *, mesh, params=None, **kwargs) -> "Embedder":
+        """The Embedder of a model bundle: anything with `model`, `params`, `tokenizer`,
+        `image_size`, `value_range` and `similarity` (`factory.Bundle`, `inference.Predictor`),
+        so images are preprocessed and scored as the model's spec says.
+
+        params: other params of the same model (default: the bundle's). kwargs: the other
+        `Embedder` arguments (batch_size, workers, feature_store, progress, data_dir, ...).
+        """
+        return cls(bundle.model, bundle.params if params is None else params, bundle.tokenizer,
+                   mesh=mesh, image_size=bundle.image_size, value_range=bundle.value_range,
+                   similarity=bundle.similarity, **kwargs)
 
     def with_params(self, params) -> "Embedder":
         """The same towers over other params, with empty caches (one per evaluation)."""
@@ -259,9 +287,9 @@ class Embedder:
         def dispatched():
             for batch in bar:
                 x = jax.make_array_from_process_local_data(
-                    self._batch_sharding, _pad(batch["image"], b), (self.batch_size, s, s, 3))
+                    self._batch_sharding, pad_rows(batch["image"], b), (self.batch_size, s, s, 3))
                 m = jax.make_array_from_process_local_data(
-                    self._batch_sharding, _pad(batch["mask"], b), (self.batch_size,))
+                    self._batch_sharding, pad_rows(batch["mask"], b), (self.batch_size,))
                 yield fn(self.params, x, m)
         for j, out in enumerate(_one_behind(dispatched())):
             rows.put(j, *out)
@@ -271,7 +299,6 @@ class Embedder:
         """A locked trunk: its features of `data` (and tokens, for late interaction) come from the
         feature store (written once, on the first evaluation; vljax/features.py), and each
         evaluation runs only the image head (and its token projection)."""
-        from vljax import features
         source = sources_lib.get_source(dict(data), data_dir=self.data_dir) if isinstance(
             data, (dict, ml_collections.ConfigDict)) else data
         store = features.ensure_features(self.model, self.params, source, self.feature_store,
@@ -294,9 +321,9 @@ class Embedder:
                 for r, rec in enumerate(recs):
                     if "features" in rec:
                         f[r] = rec[k][0]
-                return jax.make_array_from_process_local_data(self._batch_sharding, _pad(f, b),
+                return jax.make_array_from_process_local_data(self._batch_sharding, pad_rows(f, b),
                                                               (self.batch_size,) + shapes[k])
-            m = jax.make_array_from_process_local_data(self._batch_sharding, _pad(ok, b), (self.batch_size,))
+            m = jax.make_array_from_process_local_data(self._batch_sharding, pad_rows(ok, b), (self.batch_size,))
             return (self._fn.head_tok(self.params, stacked("features"), stacked("tokens"), m) if tokens
                     else self._fn.head(self.params, stacked("features"), m))
         steps = logs.progress(range(-(-n // self.batch_size)), desc=f"embed {_name(data)}", unit="batch",
@@ -311,7 +338,7 @@ class Embedder:
         returns an array or a tuple of arrays (float outputs come back float32)."""
         def dispatched():
             for lo in range(0, len(x), self.batch_size):
-                chunk = _pad(x[lo:lo + self.batch_size], self.batch_size)
+                chunk = pad_rows(x[lo:lo + self.batch_size], self.batch_size)
                 yield fn(jax.make_array_from_callback(chunk.shape, self._batch_sharding,
                                                       lambda idx, c=chunk: c[idx]))
         out = list(_one_behind(dispatched()))

@@ -6,11 +6,14 @@
 `type` picks the evaluator class; each class reads its own metadata (labels, class names,
 captions, tags) from its `data` entry (`from_config`), without decoding an image. Images are
 read and preprocessed by the Embedder at run time (vljax/embedder.py), with the model's image
-size and normalisation.
+size and normalisation; `run_all(evaluators, embedder)` runs them all (vljax/evaluators/base.py).
 """
 from __future__ import annotations
 
 from vljax.evaluators import EVALUATORS
+from vljax.evaluators.base import run_all
+
+__all__ = ["build", "build_one", "run_all"]
 
 
 def build_one(name: str, spec: dict, *, plot_dir: str | None = None):

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -25,26 +24,21 @@ from vljax import hostmem, logs
 
 def evaluate(predictor, config, only=None, plot_dir: str | None = None) -> dict[str, float]:
     """Runs `config.evals` (or those named in `only`) on a model (`factory.load`'s Bundle or a
-    `Predictor`); {metric: value}.
+    `Predictor`); {metric: value}, with `time/eval_<name>_s` as the trainer writes them.
 
     One Embedder streams every eval set over a mesh of all devices (params replicated), with the
-    model's image size and normalisation; evals over the same data or class prompts share it.
+    model's image size, normalisation and similarity; evals over the same data or class prompts
+    share it.
     """
+    # Imported here, not at the top: `python -m vljax.evaluate` sets up host memory
+    # (hostmem.cli_prepare) before anything imports JAX, as vljax.main does.
     from vljax import eval_builder, sharding
     from vljax.embedder import Embedder
     evaluators = eval_builder.build(config, plot_dir, only=only)
-    embedder = Embedder(predictor.model, predictor.params, predictor.tokenizer,
-                        mesh=sharding.make_mesh([("data", -1)]), image_size=predictor.image_size,
-                        value_range=predictor.value_range,
-                        batch_size=config.get("eval_batch_size", 64),
-                        workers=config.get("input", {}).get("eval_workers", 0),
-                        similarity=predictor.similarity)  # the model's (its spec)
-    results = {}
-    for name, ev in evaluators.items():
-        t0 = time.perf_counter()
-        results.update(ev.run(embedder))
-        results[f"time/eval_{name}_s"] = time.perf_counter() - t0
-    return results
+    embedder = Embedder.from_bundle(predictor, mesh=sharding.make_mesh([("data", -1)]),
+                                    batch_size=config.get("eval_batch_size", 64),
+                                    workers=config.get("input", {}).get("eval_workers", 0))
+    return eval_builder.run_all(evaluators, embedder)
 
 
 def _workdir_config(path):

@@ -28,6 +28,7 @@ import numpy as np
 from etils import epath
 
 from vljax import objective, tokenizers
+from vljax.data.preprocess import canonical_value_range, eval_image
 from vljax.models.two_towers import TwoTowers
 
 SPEC_FILE = "model_spec.json"
@@ -86,8 +87,8 @@ def build_tokenizer(spec: dict):
 
 
 def value_range(spec: dict):
-    v = spec.get("value_range", "efficientnet")
-    return tuple(v) if isinstance(v, list) else v
+    """The spec's value range as preprocessing takes it (`preprocess.canonical_value_range`)."""
+    return canonical_value_range(spec.get("value_range", "efficientnet"))
 
 
 def write_spec(workdir, spec: dict) -> None:
@@ -142,11 +143,10 @@ class Bundle:
         return self.spec.get("similarity", "global")
 
     def preprocess(self, image) -> np.ndarray:
-        """One image (path, bytes, PIL image or uint8 array, any mode and size) -> f32 [S, S, 3].
-        Raises ValueError naming the reason when it cannot be decoded."""
-        from vljax.data import transforms as T
-        pil = T.decode_image(image)
-        return T.normalize(T.resize_small_center_crop(pil, self.image_size), self.value_range)
+        """One image (path, bytes, PIL image or uint8 array, any mode and size) -> f32 [S, S, 3]
+        (`preprocess.eval_image`). Raises ValueError (`transforms.UnreadableImage`) naming the
+        image and the reason when it cannot be read."""
+        return eval_image(image, self.image_size, self.value_range)
 
 
 def load(path, *, step: int | None = None, shardings=None) -> Bundle:

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import tempfile
 import time
@@ -57,21 +56,28 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm import tqdm
 
 from vljax import logs, objective, sharding
-from vljax.embedder import _pad  # the one place batches are padded
 from vljax.data import pipeline, sources
-from vljax.data.preprocess import Preprocess
+from vljax.data.batching import global_batch_size, pad_rows
+from vljax.data.preprocess import Preprocess, canonical_value_range
 
 INDEX = "index.json"
 VIEWS = ("colour", "grey")
 TOKENS_DTYPE = "float16"
 
 
+def image_trunk_locked(trainable_mask_flat: dict) -> bool:
+    """Whether the image tower has a trunk (img/ parameters outside img/head/) and every one of
+    them is locked (False in the flat trainable mask {"img/...": bool}): its features are fixed."""
+    trunk = [v for k, v in trainable_mask_flat.items() if k.startswith("img/") and not k.startswith("img/head/")]
+    return bool(trunk) and not any(trunk)
+
+
 def check_cacheable(config, trainable_mask_flat: dict) -> None:
     """Raises naming the config key when storing features would change what is trained."""
-    trunk = {k: v for k, v in trainable_mask_flat.items() if k.startswith("img/") and not k.startswith("img/head/")}
-    if not trunk or any(trunk.values()):
+    if not image_trunk_locked(trainable_mask_flat):
         raise ValueError("config key `lit_cache`: the image tower's trunk (every img/ parameter outside "
                          "img/head/) must be locked by `schedule` (None) to store its features")
     aug = config.input.get("augment") or {}
@@ -115,7 +121,7 @@ def fingerprint(model, params, source, *, mesh, image_size, value_range, views, 
     image_cfg = {k: v for k, v in (model.image or {}).items() if k not in ("num_classes", "head_bias")}
     parts = dict(source=sources.cache_key(source), n=len(source), image_model=model.image_model,
                  image=image_cfg, trunk=_digest(_trunk_params(params), mesh), image_size=int(image_size),
-                 value_range=pipeline._value_range(value_range), views=list(views))
+                 value_range=canonical_value_range(value_range), views=list(views))
     if tokens:  # a store without tokens is never taken for one with them (or back)
         parts["tokens"] = TOKENS_DTYPE
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -177,8 +183,7 @@ def _write(model, params, source, path, fp, *, mesh, image_size, value_range, vi
     if unknown:
         raise ValueError(f"LiT features: unknown views {unknown} (known: {VIEWS})")
     pi, pc = jax.process_index(), jax.process_count()
-    shards = math.prod(mesh.shape[a] for a in sharding.batch_axes(mesh))
-    batch_size = -(-max(batch_size, pc) // math.lcm(shards, pc)) * math.lcm(shards, pc)
+    batch_size = global_batch_size(batch_size, mesh)
     bspec = P(sharding.batch_axes(mesh))
     trunk = jax.jit(lambda p, x: model.apply({"params": p}, x, tokens=tokens, method=model.image_trunk),
                     out_shardings=NamedSharding(mesh, bspec))
@@ -186,7 +191,7 @@ def _write(model, params, source, path, fp, *, mesh, image_size, value_range, vi
                                          value_range=value_range, greyscale=v == "grey") for v in views]
     n, local_b = len(source), passes[0].batch
     n_local = sum(len(_local_rows(i, n, batch_size, local_b, pi)) for i in range(passes[0].num_batches))
-    reasons = Preprocess(image_size=image_size, value_range=pipeline._value_range(value_range),
+    reasons = Preprocess(image_size=image_size, value_range=canonical_value_range(value_range),
                          require_caption=False)
     path.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -197,14 +202,13 @@ def _write(model, params, source, path, fp, *, mesh, image_size, value_range, vi
         writer = ArrayRecordWriter(local_file, "group_size:1")
         bar = None
         if progress and pi == 0:
-            from tqdm import tqdm
             bar = tqdm(total=n_local, desc=f"LiT features {source!r}", unit="img", dynamic_ncols=True)
         with jax.set_mesh(mesh):
             for batches in zip(*passes):
                 rows, toks = [], []
                 for b in batches:  # every process takes part, with its (padded) rows
                     x = jax.make_array_from_process_local_data(
-                        sharding.batch_sharding(mesh), _pad(b["image"], local_b),
+                        sharding.batch_sharding(mesh), pad_rows(b["image"], local_b),
                         (batch_size,) + b["image"].shape[1:])
                     out = multihost_utils.global_array_to_host_local_array(trunk(params, x), mesh, bspec)
                     rows.append(out[0] if tokens else out)

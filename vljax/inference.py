@@ -15,7 +15,15 @@ import argparse
 import os
 import sys
 
+import jax
 import numpy as np
+from absl import logging as absl_logging
+
+from vljax import factory, logs, sharding
+from vljax.data import transforms as T
+from vljax.data.preprocess import eval_image
+from vljax.embedder import Embedder
+from vljax.evaluators import prompts, zeroshot
 
 
 class Predictor:
@@ -23,23 +31,17 @@ class Predictor:
 
     def __init__(self, model, params, tokenizer, *, image_size: int, value_range, batch_size: int = 32,
                  loss: str = "softmax", similarity: str = "global"):
-        import jax
-
-        from vljax import sharding
-        from vljax.embedder import Embedder
         self.model, self.params, self.tokenizer = model, params, tokenizer
         self.image_size, self.value_range = image_size, value_range
         self.sigmoid, self.similarity = loss == "sigmoid", similarity
         # A few photos at a time: one local device is enough (vljax.evaluate shards data sets).
         mesh = sharding.make_mesh([("data", 1)], devices=jax.local_devices()[:1])
-        self.embedder = Embedder(model, params, tokenizer, mesh=mesh, image_size=image_size,
-                                 value_range=value_range, batch_size=batch_size, similarity=similarity)
+        self.embedder = Embedder.from_bundle(self, mesh=mesh, batch_size=batch_size)
 
     # -- loading --------------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str, batch_size: int = 32) -> "Predictor":
         """A vljax workdir or a transformers CLIP directory (see `vljax.factory.load`)."""
-        from vljax import factory
         return cls.from_bundle(factory.load(path), batch_size=batch_size)
 
     @classmethod
@@ -50,25 +52,17 @@ class Predictor:
 
     # -- inputs ---------------------------------------------------------------------------------
     def preprocess(self, images) -> np.ndarray:
-        """Paths, PIL images or uint8 arrays (any mode, any size) -> float32 [N, S, S, 3].
+        """Paths, PIL images or uint8 arrays (any mode, any size) -> float32 [N, S, S, 3], each
+        as `preprocess.eval_image` makes it (the same as `factory.Bundle.preprocess`).
 
         An image that cannot be read raises `transforms.UnreadableImage` whose message is one line
         naming it and why: "photo.png: cannot read image (truncated or corrupt data (...))".
         """
-        from vljax.data import transforms as T
         if isinstance(images, np.ndarray) and images.dtype == np.float32 and images.ndim == 4:
             return images  # already preprocessed
-        out = []
-        for i, img in enumerate(images):
-            try:
-                pil = T.decode_image(img) if not hasattr(img, "convert") else T.to_rgb(img)
-            except FileNotFoundError:
-                raise T.UnreadableImage(f"{img}: cannot read image (file not found)") from None
-            except T.UnreadableImage as e:
-                name = img if isinstance(img, (str, os.PathLike)) else f"image {i}"
-                raise T.UnreadableImage(f"{name}: cannot read image ({e})") from None
-            out.append(T.normalize(T.resize_small_center_crop(pil, self.image_size), self.value_range))
-        return np.stack(out)
+        return np.stack([eval_image(img, self.image_size, self.value_range,
+                                    name=None if isinstance(img, (str, os.PathLike)) else f"image {i}")
+                         for i, img in enumerate(images)])
 
     # -- API ------------------------------------------------------------------------------------
     def embed_images(self, images) -> np.ndarray:
@@ -79,7 +73,6 @@ class Predictor:
 
     def class_embeddings(self, labels, templates="best", descriptions=None) -> np.ndarray:
         """[C, D]: per label, the renormalised mean of its template (and CuPL description) embeddings."""
-        from vljax.evaluators import prompts, zeroshot
         texts = prompts.class_texts(list(labels), templates, descriptions)
         return zeroshot.ensemble(zeroshot.class_text_embeddings(self.embedder, texts))
 
@@ -114,9 +107,8 @@ def format_results(names, results) -> list[str]:
 
 def _labels(args, parser) -> list[str]:
     if args.labels_file:
-        from vljax.evaluators.prompts import load_class_names
         try:
-            return list(load_class_names(args.labels_file))
+            return list(prompts.load_class_names(args.labels_file))
         except (OSError, ValueError) as e:
             parser.error(f"--labels-file: {e}")
     labels = [s.strip() for s in (args.labels or "").split(",") if s.strip()]
@@ -127,7 +119,6 @@ def _labels(args, parser) -> list[str]:
 
 def _read_images(pred, paths):
     """(float32 [M, S, S, 3] of the readable files, their paths); one stderr line per other file."""
-    from vljax.data import transforms as T
     arrays, good = [], []
     for path in paths:
         try:
@@ -166,10 +157,8 @@ def cli(argv=None):
         parser.error("embed needs image files and/or --texts")
     labels = _labels(args, parser) if args.cmd == "classify" else None
 
-    from vljax import logs
     logs.setup(verbose=args.verbosity is not None)
     if args.verbosity is not None:
-        from absl import logging as absl_logging
         absl_logging.set_verbosity(args.verbosity)
     try:
         pred = Predictor.load(args.model, batch_size=args.batch_size)

@@ -18,9 +18,14 @@ import os
 import sys
 
 import jax
+import jax.numpy as jnp
 import ml_collections
+from absl import app, flags
 from etils import epath
+from ml_collections import config_flags
 
+from vljax import checkpoints, eval_builder, factory, sharding
+from vljax.embedder import Embedder
 from vljax.evaluators import soups
 
 
@@ -34,7 +39,6 @@ def load_ingredients(workdirs, all_steps: bool = False):
     The latest checkpoint of each workdir, or with `all_steps` every checkpoint kept there; only
     the params are read. All workdirs must hold the same architecture (their model specs).
     """
-    from vljax import checkpoints, factory
     spec = factory.read_spec(workdirs[0])
     model = factory.build_model(spec)
     out = []
@@ -51,17 +55,11 @@ def load_ingredients(workdirs, all_steps: bool = False):
 
 
 def score(spec, model, params, tokenizer, evaluators, mesh, batch_size: int = 64) -> dict:
-    """{metric: value} of `params` on every evaluator: one Embedder with the model spec's image
-    size, normalisation and similarity (shared by soups and WiSE-FT)."""
-    from vljax import factory
-    from vljax.embedder import Embedder
-    emb = Embedder(model, params, tokenizer, mesh=mesh, image_size=spec["image_size"],
-                   value_range=factory.value_range(spec), batch_size=batch_size,
-                   similarity=spec.get("similarity", "global"))
-    metrics = {}
-    for ev in evaluators.values():
-        metrics.update(ev.run(emb))
-    return metrics
+    """{metric: value} of `params` on every evaluator (no timings): one Embedder of the model
+    bundle, with the spec's image size, normalisation and similarity (shared by soups and WiSE-FT)."""
+    emb = Embedder.from_bundle(factory.Bundle(model, params, tokenizer, spec), mesh=mesh,
+                               batch_size=batch_size)
+    return eval_builder.run_all(evaluators, emb, timed=False)
 
 
 def cook(spec, model, ingredients, evaluators, select_metric: str, batch_size: int = 64) -> dict:
@@ -70,7 +68,6 @@ def cook(spec, model, ingredients, evaluators, select_metric: str, batch_size: i
     Returns {"select_metric", "ingredients": [{"name", "metrics"}], "uniform": {"metrics", "params"},
              "greedy": {"metrics", "params", "ingredients": [names], "steps": [...]}}.
     """
-    from vljax import factory, sharding
     tokenizer = factory.build_tokenizer(spec)
     mesh = sharding.make_mesh([("data", -1)])
     names, params_list = [n for n, _ in ingredients], [p for _, p in ingredients]
@@ -100,9 +97,6 @@ def cook(spec, model, ingredients, evaluators, select_metric: str, batch_size: i
 def save_workdir(spec, config, params, workdir: str, step: int = 0):
     """Writes params as a loadable workdir: model_spec.json, config.json (its evals) and a
     params-only checkpoint, which `vljax-infer`, `vljax.evaluate` and soups load."""
-    import jax.numpy as jnp
-
-    from vljax import checkpoints, factory
     factory.write_spec(workdir, spec)
     (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=1))
     with checkpoints.Checkpointer(epath.Path(workdir) / "checkpoints") as ckpt:
@@ -123,10 +117,8 @@ def report(results) -> str:
 
 
 def main(argv):
-    from absl import app
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from vljax import eval_builder
     workdirs = [os.path.abspath(os.path.expanduser(w)) for w in _WORKDIRS.value]
     spec, model, ingredients = load_ingredients(workdirs, _ALL_STEPS.value)
     config = read_config(workdirs[0])
@@ -152,8 +144,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
+    # Flags are defined here, not on import: vljax.main defines --config too.
     _WORKDIRS = flags.DEFINE_list("workdirs", None, "Workdirs whose checkpoints are the ingredients.")
     _ALL_STEPS = flags.DEFINE_bool("all_steps", False, "Every kept checkpoint, not only the latest.")
     _CONFIG = config_flags.DEFINE_config_file("config", None, "Config whose evals score the soups "

@@ -17,8 +17,8 @@ from absl import logging
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from vljax import (checkpoints, factory, logs, metrics, nonfinite, objective, optim, pretrained, selection,
-                   sharding, stages)
+from vljax import (checkpoints, eval_builder, factory, features, logs, metrics, nonfinite, objective,
+                   optim, pretrained, selection, sharding, stages)
 from vljax.step import flat as _flat, locked_text_blocks, make_train_step
 from vljax.embedder import Embedder
 from vljax.models.two_towers import TwoTowers
@@ -190,7 +190,6 @@ class Trainer:
     # -- evaluation -------------------------------------------------------------------------------
     def evaluators(self):
         if self._evaluators is None:
-            from vljax import eval_builder
             self._evaluators = eval_builder.build(self.config, str(epath.Path(self.workdir) / "plots"))
         return self._evaluators
 
@@ -199,17 +198,16 @@ class Trainer:
         towers compile once per run (`Embedder.with_params`)."""
         params = self.state["params"] if params is None else params
         if self._embedder is None:
-            inp = self.config.input
+            # The run's model bundle: image size, value range and similarity (the trained loss's)
+            # from its spec, as `vljax.evaluate` reads them from the workdir's model_spec.json.
+            bundle = factory.Bundle(self.model, params, self.tokenizer, self.spec)
             # A locked image trunk is evaluated from the feature store training uses (features
             # written once per eval set, then only the head runs at each evaluation).
             store = epath.Path(self.workdir) / "features" if self._image_trunk_locked() else None
-            self._embedder = Embedder(self.model, params, self.tokenizer, mesh=self.mesh,
-                                      image_size=inp.image_size,
-                                      value_range=inp.get("value_range", "efficientnet"),
-                                      batch_size=self.config.get("eval_batch_size", 64),
-                                      workers=inp.get("eval_workers", 0),  # decoding: threads when 0
-                                      feature_store=store, progress=False,  # inside training: one line per round
-                                      similarity=self.spec["similarity"])  # the trained loss's
+            self._embedder = Embedder.from_bundle(
+                bundle, mesh=self.mesh, batch_size=self.config.get("eval_batch_size", 64),
+                workers=self.config.input.get("eval_workers", 0),  # decoding: threads when 0
+                feature_store=store, progress=False)  # inside training: one line per round
             return self._embedder
         return self._embedder.with_params(params)
 
@@ -228,19 +226,13 @@ class Trainer:
 
     def _image_trunk_locked(self) -> bool:
         """Every image-tower parameter outside its head is locked (LiT) and lit_cache is on."""
-        flat = _flat(self.trainable_mask)
-        trunk = [v for k, v in flat.items() if k.startswith("img/") and not k.startswith("img/head/")]
-        return bool(self.config.get("lit_cache", False)) and bool(trunk) and not any(trunk)
+        return (bool(self.config.get("lit_cache", False))
+                and features.image_trunk_locked(_flat(self.trainable_mask)))
 
     def evaluate(self, step: int, params=None) -> dict:
         emb = self.embedder(params)
-        results = {}
         with logs.phase(f"evaluation at step {step}", evals=len(self.evaluators())):
-            for name, ev in self.evaluators().items():
-                t0 = time.perf_counter()
-                results.update(ev.run(emb))
-                results[f"time/eval_{name}_s"] = time.perf_counter() - t0
-        return results
+            return eval_builder.run_all(self.evaluators(), emb)
 
     # -- training ------------------------------------------------------------------------------
     def fit(self):

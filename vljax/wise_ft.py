@@ -18,20 +18,23 @@ import os
 import sys
 from collections.abc import Sequence
 
+from absl import app, flags
+from ml_collections import config_flags
+
+from vljax import eval_builder, factory, sharding, soup
 from vljax.evaluators import soups
 
 
 def sweep(spec, model, params0, params1, alphas: Sequence[float], evaluators,
           batch_size: int = 64) -> list[dict]:
-    """[{"alpha", "metrics"}] for each alpha: theta_alpha scored on every evaluator."""
-    from vljax import factory, sharding
-    from vljax.soup import score
+    """[{"alpha", "metrics"}] for each alpha: theta_alpha scored on every evaluator
+    (`soup.score`: one Embedder of the model bundle, `eval_builder.run_all`)."""
     tokenizer = factory.build_tokenizer(spec)
     mesh = sharding.make_mesh([("data", -1)])
     out = []
     for alpha in alphas:
         params = soups.wise_ft(params0, params1, float(alpha))
-        metrics = score(spec, model, params, tokenizer, evaluators, mesh, batch_size)
+        metrics = soup.score(spec, model, params, tokenizer, evaluators, mesh, batch_size)
         out.append({"alpha": float(alpha), "metrics": metrics})
     return out
 
@@ -67,10 +70,8 @@ def plot(results: list[dict], id_metric: str, ood_metric: str, path: str) -> str
 
 
 def main(argv):
-    from absl import app
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from vljax import eval_builder, soup
     workdirs = [os.path.abspath(os.path.expanduser(w)) for w in (_ZS.value, _FT.value)]
     spec, model, ingredients = soup.load_ingredients(workdirs)
     config = _CONFIG.value if _CONFIG.value is not None else soup.read_config(workdirs[0])
@@ -92,8 +93,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
+    # Flags are defined here, not on import: vljax.main defines --config too.
     _ZS = flags.DEFINE_string("zeroshot", None, "Workdir of the zero-shot model (theta_0).")
     _FT = flags.DEFINE_string("finetuned", None, "Workdir of its fine-tuned version (theta_1).")
     _ALPHAS = flags.DEFINE_list("alphas", [str(a / 10) for a in range(11)], "Mixing coefficients.")

@@ -23,15 +23,15 @@ there is no shuffle_buffer setting.
 import dataclasses
 import math
 
-from absl import flags
 import grain
+from absl import flags
 import jax
 import ml_collections
 import numpy as np
 
 from vljax.data import sources as sources_lib
 from vljax.data.preprocess import (SKIP_REASONS, SKIPPED_KEY, Collate, Preprocess,
-                                   SkipCountingBatch, count_skips)
+                                   SkipCountingBatch, canonical_value_range, count_skips)
 
 
 def _seed(*parts: int) -> int:
@@ -87,16 +87,11 @@ class TrainIterator:
             close()
 
 
-def _value_range(v):
-    """ConfigDict turns tuples into lists; Preprocess is frozen (hashable), so back to a tuple."""
-    return v if isinstance(v, str) else tuple(float(x) for x in v)
-
-
 def _preprocess_from_config(cfg) -> Preprocess:
     aug = _get(cfg, "augment") or {}
     crop = aug.get("random_resized_crop", (0.8, 1.0))
     return Preprocess(image_size=int(cfg["image_size"]),
-                      value_range=_value_range(cfg.get("value_range", "efficientnet")),
+                      value_range=canonical_value_range(cfg.get("value_range", "efficientnet")),
                       crop_scale=tuple(crop) if crop else None,
                       greyscale=float(aug.get("greyscale", 0.0)),
                       colour_jitter=float(aug.get("colour_jitter", 0.0)))
@@ -232,11 +227,17 @@ def make_eval_batches(data, *, batch_size: int, image_size: int, value_range="ef
 
 
 def _worker_prefetch(ds: grain.IterDataset, workers: int, buffer: int) -> grain.IterDataset:
-    """`ds` computed in `workers` grain worker processes (element order kept)."""
-    # grain's worker processes read absl flags; outside an absl app they are unparsed and
-    # every worker would die with UnparsedFlagAccessError. Defaults are what they would get.
+    """`ds` computed in `workers` grain worker processes (element order kept).
+
+    grain reads its absl flags when it starts the workers: the program must have parsed them
+    (`absl.app.run` does, as in `python -m vljax.main` / `vljax.evaluate`; elsewhere, e.g. in a
+    notebook, call `absl.flags.FLAGS.mark_as_parsed()` once). Library code never does it.
+    """
     if not flags.FLAGS.is_parsed():
-        flags.FLAGS.mark_as_parsed()
+        raise ValueError("config.input.num_workers / input.eval_workers > 0 start grain worker "
+                         "processes, which need parsed absl flags: run under absl.app.run (as "
+                         "python -m vljax.main does) or call absl.flags.FLAGS.mark_as_parsed() "
+                         "first; or set them to 0 (threads)")
     return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=buffer))
 
 
@@ -286,7 +287,7 @@ class EvalBatches:
         self.num_examples = len(self.source)
         self.num_batches = math.ceil(self.num_examples / batch_size)
         # Without a tokenizer nothing reads the captions: records without one still count.
-        pre = Preprocess(image_size=image_size, value_range=_value_range(value_range),
+        pre = Preprocess(image_size=image_size, value_range=canonical_value_range(value_range),
                          require_caption=tokenizer is not None, force_greyscale=greyscale)
         self._make = _EvalBatch(source, pre, tokenizer, batch_size, self.batch, process_index * self.batch)
         self._threads, self._workers = int(read_threads), int(workers)
@@ -313,7 +314,7 @@ def first_examples(data, n: int, *, image_size: int, value_range="efficientnet",
     caption, in memory (for benchmarks that cycle a few real batches; evaluation streams)."""
     source = sources_lib.get_source(data, data_dir=data_dir) if isinstance(
         data, (dict, ml_collections.ConfigDict)) else data
-    pre = Preprocess(image_size=image_size, value_range=_value_range(value_range))
+    pre = Preprocess(image_size=image_size, value_range=canonical_value_range(value_range))
     images, captions = [], []
     for i in range(len(source)):
         ex = pre.eval(source[i])

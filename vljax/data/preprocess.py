@@ -7,6 +7,7 @@ the batches and attaches to each batch how many were left out since the previous
 survive grain's worker processes and need no shared state.
 """
 import dataclasses
+import os
 
 import grain
 import numpy as np
@@ -15,6 +16,28 @@ from vljax.data import transforms as T
 
 SKIP_REASONS = ("missing_file", "decode_error", "empty_caption", "read_error")
 SKIPPED_KEY = "_skipped"
+
+
+def canonical_value_range(v):
+    """A value range as configs and model specs give it -> the one form preprocessing uses: a
+    name ("efficientnet", "clip", ...) as is, (lo, hi) as a tuple of floats (ConfigDict and JSON
+    turn tuples into lists; `Preprocess` is frozen, hence hashable, so back to a tuple)."""
+    return v if isinstance(v, str) else tuple(float(x) for x in v)
+
+
+def eval_image(image, image_size: int, value_range, name=None) -> np.ndarray:
+    """One image (path, encoded bytes, PIL image or uint8 array; any mode, any size) -> float32
+    [S, S, 3]: shorter side to `image_size`, centre crop, `value_range` (the eval transform of
+    `Preprocess`). Raises `transforms.UnreadableImage` with one line naming the image (`name`,
+    else a path as given, else "image") and why: "photo.png: cannot read image (file not found)"."""
+    try:
+        pil = T.to_rgb(image) if hasattr(image, "convert") else T.decode_image(image)
+    except FileNotFoundError:
+        raise T.UnreadableImage(f"{image}: cannot read image (file not found)") from None
+    except T.UnreadableImage as e:
+        name = name or (image if isinstance(image, (str, os.PathLike)) else "image")
+        raise T.UnreadableImage(f"{name}: cannot read image ({e})") from None
+    return T.normalize(T.resize_small_center_crop(pil, image_size), canonical_value_range(value_range))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,7 +6,8 @@ the jitted towers; tests use a lookup table) that returns embeddings. They retur
 dicts named "<kind>/<dataset>/<metric>", e.g. "zeroshot/fashion_mnist/top1".
 """
 import abc
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -37,6 +38,21 @@ class Evaluator(abc.ABC):
     @abc.abstractmethod
     def run(self, embedder: Embedder) -> dict[str, float]:
         """Embeds what it needs with `embedder` and returns {metric name: value}."""
+
+
+def run_all(evaluators: Mapping[str, "Evaluator"], embedder: Embedder, *,
+            timed: bool = True) -> dict[str, float]:
+    """Runs every evaluator ({name: Evaluator}, in order) with one embedder (evaluators over the
+    same data or class prompts share its cached embeddings) -> their merged metrics, plus
+    `time/eval_<name>_s` (wall seconds of each run) when `timed`. The one evaluation loop of the
+    trainer, `vljax.evaluate`, soups and WiSE-FT."""
+    results = {}
+    for name, ev in evaluators.items():
+        t0 = time.perf_counter()
+        results.update(ev.run(embedder))
+        if timed:
+            results[f"time/eval_{name}_s"] = time.perf_counter() - t0
+    return results
 
 
 def batch_slices(n: int, batch_size: int) -> Iterator[slice]:
