@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from vljax.adapt import coop as coop_lib
-from vljax.evaluators import base, fewshot, prompts, zeroshot
+from vljax.evaluators import base, fewshot, prompts, registry, zeroshot
 from vljax.evaluators import data as data_lib
 
 METHODS = ("templates", "coop", "cocoop")
@@ -25,6 +25,7 @@ def harmonic(a: float, b: float) -> float:
     return 2 * a * b / (a + b) if a + b > 0 else 0.0
 
 
+@registry.register("base_to_new")
 class BaseToNewEvaluator(base.Evaluator):
     """See the module docstring."""
     DATA_KEYS = fewshot.FEWSHOT_DATA_KEYS

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from vljax.evaluators import base
+from vljax.evaluators import base, registry
 from vljax.evaluators import data as data_lib
 
 DEFAULT_L2_REGS = tuple(2.0 ** k for k in range(-4, 16, 2))
@@ -115,6 +115,7 @@ def fewshot_data(name: str, data: dict):
             data_lib.class_names(train, label_key))
 
 
+@registry.register("fewshot")
 class FewShotEvaluator(base.Evaluator):
     """Metrics "fewshot/<name>/<k>shot" (mean test accuracy over seeds) and
     ".../<k>shot_std" for each k of `shots`."""

@@ -28,12 +28,13 @@ from collections.abc import Sequence
 import numpy as np
 
 from vljax.adapt import coop as coop_lib
-from vljax.evaluators import base, crossmodal, fewshot, prompts, tip_adapter, zeroshot
+from vljax.evaluators import base, crossmodal, fewshot, prompts, registry, tip_adapter, zeroshot
 from vljax.evaluators import data as data_lib
 
 METHODS = ("zeroshot", "ridge", "crossmodal", "tip", "tip_f", "coop", "cocoop")
 
 
+@registry.register("fewshot_adapt")
 class FewShotAdaptEvaluator(fewshot.FewShotEvaluator):
     """See the module docstring."""
     DATA_KEYS = fewshot.FEWSHOT_DATA_KEYS

@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from vljax.evaluators import base
+from vljax.evaluators import base, registry
 from vljax.evaluators import data as data_lib
 from vljax.evaluators import late_interaction, prompts
 from vljax.evaluators import zeroshot
@@ -100,6 +100,7 @@ def ausuc(s: np.ndarray, u: np.ndarray) -> float:
     return float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2))
 
 
+@registry.register("gzsl")
 class GZSLEvaluator(base.Evaluator):
     """Metrics "gzsl/<name>/seen", ".../unseen", ".../harmonic", ".../zsl" at `gamma`, and over
     the calibration sweep ".../ausuc" and ".../best_harmonic" (the best H any gamma reaches: an

@@ -11,13 +11,14 @@ import numpy as np
 
 from vljax.adapt import coop as coop_lib
 from vljax.adapt import pseudo_label
-from vljax.evaluators import base, prompts, zeroshot
+from vljax.evaluators import base, prompts, registry, zeroshot
 from vljax.evaluators import data as data_lib
 
 DATA_KEYS = ("name", "label", "label_key", "target_split", "test_split", "data_dir",
              "max_target", "max_examples")
 
 
+@registry.register("labelfree")
 class LabelFreeEvaluator(base.Evaluator):
     """See the module docstring. The target images come without labels: none is ever read."""
     DATA_KEYS = DATA_KEYS

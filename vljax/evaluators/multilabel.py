@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from vljax.evaluators import base
+from vljax.evaluators import base, registry
 from vljax.evaluators import data as data_lib
 from vljax.evaluators import prompts
 from vljax.evaluators import zeroshot
@@ -96,6 +96,7 @@ def to_multi_hot(labels: np.ndarray | Sequence[Sequence[int]], num_labels: int) 
     return out
 
 
+@registry.register("multilabel")
 class MultilabelEvaluator(base.Evaluator):
     """Metrics "multilabel/<name>/mAP", ".../precision@k", ".../recall@k", ".../f1@k", and
     ".../CP@k" ... ".../OF1@k" of the top-k label sets."""

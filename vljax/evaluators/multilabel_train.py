@@ -13,13 +13,14 @@ import jax
 import numpy as np
 
 from vljax.adapt import multilabel as ml
-from vljax.evaluators import base, multilabel, prompts, zeroshot
+from vljax.evaluators import base, multilabel, prompts, registry, zeroshot
 from vljax.evaluators import data as data_lib
 
 DATA_KEYS = ("name", "label", "train_split", "test_split", "data_dir", "max_train",
              "max_examples")
 
 
+@registry.register("multilabel_train")
 class MultilabelTrainEvaluator(base.Evaluator):
     """See the module docstring."""
     DATA_KEYS = DATA_KEYS

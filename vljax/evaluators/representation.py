@@ -5,7 +5,7 @@ alignment and uniformity (Wang & Isola 2020, Eq. 4-5). Logged like other metrics
 """
 import numpy as np
 
-from vljax.evaluators import base
+from vljax.evaluators import base, registry
 from vljax.evaluators.retrieval import RetrievalEvaluator
 
 
@@ -35,6 +35,7 @@ def uniformity(z: np.ndarray, temp: float = 2.0, batch_size: int = 1024) -> floa
     return float(np.log(total / (n * (n - 1))))
 
 
+@registry.register("representation")
 class RepresentationEvaluator(RetrievalEvaluator):
     """Config entry `evals.<name>` = dict(type="representation", data=dict(name=..., split=...,
     exclude=..., max_examples=...)): the same images and captions as a retrieval evaluator;

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from vljax.evaluators import base
+from vljax.evaluators import base, registry
 from vljax.evaluators import data as data_lib
 from vljax.evaluators import late_interaction
 
@@ -63,6 +63,7 @@ def recall_from_blocks(i2t_blocks, t2i_blocks, n_img: int, n_txt: int, text_to_i
     return out
 
 
+@registry.register("retrieval")
 class RetrievalEvaluator(base.Evaluator):
     """Metrics "retrieval/<name>/i2t_r1", ".../t2i_r1", ... for each k of `ks`."""
     DATA_KEYS = ("name", "split", "data_dir", "max_examples", "exclude", "source")  # the keys of `evals.<name>.data` (checked by config_check too)

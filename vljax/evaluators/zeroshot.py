@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from vljax.evaluators import base
+from vljax.evaluators import base, registry
 from vljax.evaluators import data as data_lib
 from vljax.evaluators import late_interaction
 from vljax.evaluators import plots
@@ -190,6 +190,7 @@ class ZeroShotResult:
     template_weights: np.ndarray | None  # [P] ZPE weights, None without ZPE
 
 
+@registry.register("zeroshot")
 class ZeroShotEvaluator(base.Evaluator):
     """Zero-shot classification of labeled images against class-name prompts.
 
