@@ -6,12 +6,20 @@ worked out in the comment next to it.
 """
 import json
 
+import ml_collections
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
+from helpers import COLOURS, SHAPES, _draw
 
+from vljax import config_check
+from vljax.data import tfds_writer
+from vljax.data import transforms as T
 from vljax.embedder import Embedded
 from vljax.evaluators import EVALUATORS, Embedder, base, prompts
-from vljax.evaluators import fewshot, gzsl, multilabel, retrieval, soups, zeroshot
+from vljax.evaluators import data as data_lib
+from vljax.evaluators import fewshot, gzsl, labelfree, multilabel, multilabel_train, retrieval, soups
+from vljax.evaluators import zeroshot
 
 
 def normalize(x):
@@ -461,6 +469,89 @@ def test_fewshot_chance_on_noise():
     ev = fewshot.FewShotEvaluator(images[:160], labels[:160], images[160:], labels[160:],
                                   name="noise", shots=(5,), seeds=3)
     assert ev.run(emb)["fewshot/noise/5shot"] < 0.45
+
+
+class PixelEmbedder:
+    """Embeds an image as its 8 x 8 RGB thumbnail, whatever holds it (bytes, a path, pixels):
+    equal images give equal embeddings from any source kind."""
+    logit_scale, logit_bias = 10.0, None
+
+    def embed_images(self, data):
+        z = [np.asarray(T.decode_image(data[i]["image"]).resize((8, 8)), np.float64).ravel()
+             for i in range(len(data))]
+        return Embedded(z=normalize(np.stack(z)), index=np.arange(len(data)))
+
+
+@pytest.fixture(scope="module")
+def two_splits(tmp_path_factory):
+    """The same train and test records of coloured shapes (label: the shape; label set: shape and
+    colour) as TFDS splits and as two JSONL manifests."""
+    root = tmp_path_factory.mktemp("two_splits")
+    rng = np.random.default_rng(0)
+    records = {split: [(f"{split}{k}", tfds_writer.encode_png(_draw(SHAPES[k % 3], colour, rng)), k % 3,
+                        [k % 3, 3 + list(COLOURS).index(colour)])
+                       for k, colour in enumerate(list(COLOURS) * n)] for split, n in (("train", 6), ("test", 3))}
+    spec = tfds_writer.DatasetSpec(
+        name="vljax_two_splits",
+        features={"id": tfds.features.Text(), "image": tfds_writer.png_bytes_feature(),
+                  "captions": tfds.features.Sequence(tfds.features.Text()),
+                  "label": tfds.features.ClassLabel(names=list(SHAPES)),
+                  "tags": tfds.features.Sequence(tfds.features.ClassLabel(names=[*SHAPES, *COLOURS]))},
+        splits={split: (lambda recs=recs: ((key, {"id": key, "image": png, "captions": [key], "label": y,
+                                                  "tags": tags}) for key, png, y, tags in recs))
+                for split, recs in records.items()})
+    tfds_writer.write_tfds(spec, root / "tfds")
+    for split, recs in records.items():  # in TFDS's storage order, so that record i is the same
+        by_key = {key: (png, y, tags) for key, png, y, tags in recs}
+        stored = tfds.data_source("vljax_two_splits", split=split, data_dir=str(root / "tfds"))
+        (root / split).mkdir()
+        with open(root / f"{split}.jsonl", "w") as f:
+            for i in range(len(stored)):
+                key = data_lib.text(stored[i]["id"])
+                png, y, tags = by_key[key]
+                (root / split / f"{key}.png").write_bytes(png)
+                f.write(json.dumps(dict(image=f"{split}/{key}.png", caption=key, label=y, labels=tags)) + "\n")
+    return {"tfds": dict(name="vljax_two_splits", data_dir=str(root / "tfds")),
+            "jsonl": dict(source="jsonl", path=str(root / "test.jsonl"), train_path=str(root / "train.jsonl"),
+                          class_names=list(SHAPES), num_labels=7)}
+
+
+def test_fewshot_family_on_a_jsonl_source_equals_tfds(two_splits):
+    """The few-shot family takes a train and a test split from a source entry of any kind: on the
+    same records, JSONL manifests give what TFDS splits give."""
+    got = {}
+    for kind, data in two_splits.items():
+        ev = fewshot.FewShotEvaluator.from_config("t", dict(data=dict(data, per_class=5), shots=(1, 2), seeds=2,
+                                                            holdout_per_class=2, l2_regs=(1.0, 100.0)))
+        target = {("target_path" if k == "train_path" else k): v for k, v in data.items()}  # its unlabelled split
+        lf = labelfree.LabelFreeEvaluator.from_config("t", dict(data=dict(target, max_target=5), templates="name"))
+        mt = multilabel_train.MultilabelTrainEvaluator.from_config("t", dict(data=dict(data, max_train=10)))
+        got[kind] = (ev.run(PixelEmbedder()), ev.train_labels.tolist(), ev.test_labels.tolist(), lf.class_names,
+                     lf.test_labels.tolist(), len(lf.target_data), mt.train_targets.tolist(),
+                     mt.test_targets.tolist())
+    assert got["tfds"][0]["fewshot/t/2shot"] > 0.5  # above chance (1/3): the thumbnails show the shapes
+    assert sorted(got["tfds"][1]) == sorted([0, 1, 2] * 5) and len(got["tfds"][2]) == 12 and got["tfds"][5] == 5
+    assert got["jsonl"] == got["tfds"]
+
+
+def test_fewshot_source_entries_are_checked(two_splits):
+    jsonl = two_splits["jsonl"]
+    evals = ml_collections.ConfigDict({"t": dict(type="fewshot", data=jsonl)})
+    config_check.validate_evals(evals)
+    evals.t.data.train_pth = "x"
+    with pytest.raises(ValueError, match=r"`evals.t.data.train_pth`: unknown .*did you mean `train_path`\?"):
+        config_check.validate_evals(evals)
+    legacy = ml_collections.ConfigDict({"t": dict(type="labelfree", data=dict(two_splits["tfds"], target_path="x"))})
+    with pytest.raises(ValueError, match=r"`evals.t.data.target_path`: unknown"):
+        config_check.validate_evals(legacy)
+    same = {k: v for k, v in jsonl.items() if k != "train_path"}
+    with pytest.raises(ValueError, match=r"`evals.t.data.train_path` is missing: without it the train split "
+                                         r"of source 'jsonl' is its test split"):
+        fewshot.FewShotEvaluator.from_config("t", dict(data=same))
+    # A source entry of kind tfds: `split` / `<s>_split` as the TFDS entry's.
+    entry = dict(source="tfds", **two_splits["tfds"], train_split="train")
+    assert data_lib.split_entry("t", entry, "test", "test")["split"] == "test"
+    assert len(fewshot.FewShotEvaluator.from_config("t", dict(data=entry, shots=(1,))).test_labels) == 12
 
 
 # ------------------------------------------------------------------------------ soups

@@ -6,8 +6,9 @@
 `type` picks the evaluator class registered under that name (vljax/evaluators/registry.py; a
 user's module adds one with `vljax.evaluators.register(kind, cls)`). Each class reads its own
 metadata (labels, class names, captions, tags) from its `data` entry (`from_config`), without
-decoding an image. Images are read and preprocessed by the Embedder at run time (vljax/embedder.py), with the model's image
-size and normalisation; `run_all(evaluators, embedder)` runs them all (vljax/evaluators/base.py).
+decoding an image. Images are read and preprocessed by the Embedder at run time
+(vljax/embedder.py), with the model's image size and normalisation; `run_all(evaluators,
+embedder)` runs them all (vljax/evaluators/base.py).
 """
 from __future__ import annotations
 

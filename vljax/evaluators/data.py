@@ -14,6 +14,16 @@ An evaluator whose DATA_KEYS hold "source" also takes a full source entry of any
 path=...), dict(source="tfds", name=..., split=...), beside its own keys (`max_examples`, ...).
 Labels, class names and captions are read through the source's metadata accessors
 (`label_of`, `class_names_of`, `captions_of`, ...), never by decoding an image.
+
+Evaluators that read several splits of one dataset (few-shot: train and test; label-free: target
+and test) declare each split `<s>` by a `<s>_split` key in their DATA_KEYS. Without `source`, the
+entry is TFDS `name` with `<s>_split`. With `source`, split `<s>`'s entry is the entry's keys of
+that kind with each `<s>_<key>` given replacing `<key>` (`split_entry`):
+
+    dict(name="emoji", train_split="train", test_split="test")                  # TFDS, as ever
+    dict(source="jsonl", path="test.jsonl", train_path="train.jsonl", class_names=[...])
+    dict(source="folder", path="shapes/test", train_path="shapes/train")
+    dict(source="tfds", name="vljax_emoji", train_split="train", test_split="test")
 """
 from __future__ import annotations
 
@@ -208,14 +218,75 @@ def split_spec(name: str, spec: dict) -> tuple[dict, dict]:
 TFDS_KEYS = ("name", "split", "data_dir")
 
 
+def split_names(allowed) -> tuple[str, ...]:
+    """The splits an evaluator declaring data keys `allowed` reads: `<s>` of each `<s>_split` key."""
+    return tuple(k[:-len("_split")] for k in allowed if k.endswith("_split"))
+
+
+def _prefixed(splits, keys) -> set[str]:
+    return {f"{s}_{k}" for s in splits for k in keys}
+
+
 def entry_keys(data: dict, allowed, where: str = "evals.data") -> set[str]:
     """The keys entry `data` may hold, of an evaluator that declares `allowed`: with `source` (when
-    the evaluator takes one: "source" in `allowed`), TFDS_KEYS give way to the kind's keys."""
+    the evaluator takes one: "source" in `allowed`), TFDS_KEYS (and their `<s>_` forms for each of
+    its splits, `split_names`) give way to the kind's keys (and their `<s>_` forms)."""
     allowed = set(allowed)
     if "source" not in data or "source" not in allowed:
         return allowed
-    cls = sources_lib.source_class(data["source"], where)
-    return (allowed - set(TFDS_KEYS)) | cls.config_keys()
+    kind_keys = sources_lib.source_class(data["source"], where).config_keys()
+    splits = split_names(allowed)
+    tfds_keys = set(TFDS_KEYS) | _prefixed(splits, TFDS_KEYS)
+    return (allowed - tfds_keys) | kind_keys | _prefixed(splits, kind_keys)
+
+
+def split_entry(name: str, data: dict, split: str, default: str) -> dict:
+    """The source entry of split `split` of a several-split entry `evals.<name>.data` (module
+    docstring): without `source`, TFDS `name` with `<split>_split` (default `default`) under
+    `data_dir`; with `source`, the kind's keys of `data`, each `<split>_<key>` given replacing
+    `<key>` (a kind that takes a `split` defaults it to `default`)."""
+    if "source" not in data:
+        entry = {"source": sources_lib.DEFAULT_KIND, "name": data["name"],
+                 "split": data.get(f"{split}_split", default)}
+        return {**entry, **({"data_dir": data["data_dir"]} if data.get("data_dir") else {})}
+    kind_keys = sources_lib.source_class(data["source"], f"evals.{name}.data").config_keys()
+    entry = {k: v for k, v in data.items() if k in kind_keys or k == "source"}
+    entry.update({k: data[f"{split}_{k}"] for k in kind_keys if f"{split}_{k}" in data})
+    if "split" in kind_keys:
+        entry.setdefault("split", default)
+    return entry
+
+
+def open_splits(name: str, data: dict, defaults: dict[str, str]) -> dict:
+    """{split: source} of entry `evals.<name>.data` for each split of `defaults` ({split: its
+    default TFDS split}), see `split_entry`. Two splits of a `source` entry that name the same
+    records are an error naming the key that tells them apart (few-shot probes trained on their
+    test images would report nothing)."""
+    entries = {s: split_entry(name, data, s, d) for s, d in defaults.items()}
+    if "source" in data:
+        seen = {}
+        for s, entry in entries.items():
+            key = repr(sorted(entry.items()))
+            if key in seen:
+                cls = sources_lib.source_class(data["source"])
+                which = (cls.REQUIRED or sorted(cls.config_keys()))[0]
+                raise ValueError(f"config key `evals.{name}.data.{seen[key]}_{which}` is missing: without "
+                                 f"it the {seen[key]} split of source {data['source']!r} is its {s} split")
+            seen[key] = s
+    return {s: open_entry(name, entry) for s, entry in entries.items()}
+
+
+def labelled(name: str, source, label_key: str | None, max_examples: int | None = None):
+    """(the first `max_examples` records of `source`, their labels [N] ints, the class names) of
+    integer class feature `label_key` (None: the source's own labels); a record without a label
+    is an error naming `evals.<name>.data`."""
+    names = source.class_names_of(label_key)
+    source = first(source, max_examples)
+    labels = [source.label_of(i, label_key) for i in range(len(source))]
+    if labels and min(labels) < 0:
+        raise ValueError(f"config key `evals.{name}.data`: record {labels.index(min(labels))} of "
+                         f"{source!r} has no class label")
+    return source, labels, names
 
 
 def check_keys(name: str, data: dict, allowed) -> None:

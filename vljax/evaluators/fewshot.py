@@ -91,28 +91,26 @@ def embed_train_test(embedder: base.Embedder, train_data, num_train: int, used: 
 
 
 FEWSHOT_DATA_KEYS = ("name", "label", "label_key", "train_split", "test_split", "per_class",
-                     "data_dir", "max_examples")
+                     "data_dir", "max_examples", "source")
 
 
 def fewshot_data(name: str, data: dict):
     """(train subset, train labels, test source, test labels, class names) of the few-shot data
-    entry `evals.<name>.data` (see `FewShotEvaluator.from_config`)."""
+    entry `evals.<name>.data` (see `FewShotEvaluator.from_config`): a train and a test split
+    (`data.open_splits`), TFDS or a source entry of any kind."""
     data_lib.check_keys(name, data, FEWSHOT_DATA_KEYS)
-    data_dir, per_class = data.get("data_dir"), int(data.get("per_class", 40))
-    train = data_lib.open_source(data["name"], data.get("train_split", "train"), data_dir)
-    label_key = data.get("label") or data.get("label_key") or data_lib.default_label_key(train)
+    per_class = int(data.get("per_class", 40))
+    splits = data_lib.open_splits(name, data, {"train": "train", "test": "test"})
+    label_key = data.get("label") or data.get("label_key")
+    train, train_labels, names = data_lib.labelled(name, splits["train"], label_key)
     chosen, labels, counts = [], [], {}
-    for i in range(len(train)):
-        y = int(data_lib.field(train, i, label_key))
+    for i, y in enumerate(train_labels):
         if counts.get(y, 0) < per_class:
             counts[y] = counts.get(y, 0) + 1
             chosen.append(i)
             labels.append(y)
-    test = data_lib.first(data_lib.open_source(data["name"], data.get("test_split", "test"),
-                                               data_dir), data.get("max_examples"))
-    test_labels = [int(data_lib.field(test, i, label_key)) for i in range(len(test))]
-    return (data_lib.Subset(train, chosen), labels, test, test_labels,
-            data_lib.class_names(train, label_key))
+    test, test_labels, _ = data_lib.labelled(name, splits["test"], label_key, data.get("max_examples"))
+    return data_lib.Subset(train, chosen), labels, test, test_labels, names
 
 
 @registry.register("fewshot")
@@ -155,7 +153,9 @@ class FewShotEvaluator(base.Evaluator):
     def from_config(cls, name: str, spec: dict, *, plot_dir: str | None = None):
         """From config entry `evals.<name>` = dict(type="fewshot", data=dict(name=...,
         label=..., train_split="train", test_split="test", per_class=40, max_examples=...),
-        shots=..., ...).
+        shots=..., ...), or with a source entry of any kind for the two splits, e.g.
+        data=dict(source="jsonl", path="test.jsonl", train_path="train.jsonl", class_names=[...])
+        (vljax/evaluators/data.py).
 
         Only the first `per_class` train records of each class (storage order: a fixed
         pseudo-random sample) make the train set, enough for 25 shots plus a held-out set,

@@ -15,7 +15,7 @@ from vljax.evaluators import base, prompts, registry, zeroshot
 from vljax.evaluators import data as data_lib
 
 DATA_KEYS = ("name", "label", "label_key", "target_split", "test_split", "data_dir",
-             "max_target", "max_examples")
+             "max_target", "max_examples", "source")
 
 
 @registry.register("labelfree")
@@ -44,18 +44,16 @@ class LabelFreeEvaluator(base.Evaluator):
     @classmethod
     def from_config(cls, name: str, spec: dict, *, plot_dir: str | None = None):
         """From config entry `evals.<name>` = dict(type="labelfree", data=dict(name=..., label=...,
-        target_split="train", test_split="test", max_target=..., max_examples=...), ...).
-        The test split's labels are read; the target split's are not."""
+        target_split="train", test_split="test", max_target=..., max_examples=...), ...), or with
+        a source entry of any kind for the two splits (`target_<key>` gives the target split's, see
+        vljax/evaluators/data.py). The test split's labels are read; the target split's are not."""
         del plot_dir  # no plots
         data, kwargs = data_lib.split_spec(name, spec)
         data_lib.check_keys(name, data, DATA_KEYS)
-        data_dir = data.get("data_dir")
-        target = data_lib.first(data_lib.open_source(data["name"], data.get("target_split", "train"),
-                                                     data_dir), data.get("max_target"))
-        test_entry = {k: data[k] for k in ("name", "label", "label_key", "data_dir", "max_examples")
-                      if k in data}
-        test_entry["split"] = data.get("test_split", "test")
-        test, labels, names = data_lib.classification(name, test_entry)
+        splits = data_lib.open_splits(name, data, {"target": "train", "test": "test"})
+        target = data_lib.first(splits["target"], data.get("max_target"))
+        label_key = data.get("label") or data.get("label_key")
+        test, labels, names = data_lib.labelled(name, splits["test"], label_key, data.get("max_examples"))
         return cls(target, test, labels, names, name=name, **kwargs)
 
     def run(self, embedder: base.Embedder) -> dict[str, float]:

@@ -17,7 +17,7 @@ from vljax.evaluators import base, multilabel, prompts, registry, zeroshot
 from vljax.evaluators import data as data_lib
 
 DATA_KEYS = ("name", "label", "train_split", "test_split", "data_dir", "max_train",
-             "max_examples")
+             "max_examples", "source")
 
 
 @registry.register("multilabel_train")
@@ -50,23 +50,22 @@ class MultilabelTrainEvaluator(base.Evaluator):
     @classmethod
     def from_config(cls, name: str, spec: dict, *, plot_dir: str | None = None):
         """From config entry `evals.<name>` = dict(type="multilabel_train", data=dict(name=...,
-        label="tags", train_split="train", test_split="test", max_train=...), losses=[...])."""
+        label="tags", train_split="train", test_split="test", max_train=...), losses=[...]), or
+        with a source entry of any kind with label sets for the two splits (vljax/evaluators/data.py).
+        `label`: a TFDS label set feature (default the source's `labels_key`, else "tags")."""
         del plot_dir  # no plots
         data, kwargs = data_lib.split_spec(name, spec)
         data_lib.check_keys(name, data, DATA_KEYS)
-        key, data_dir = data.get("label", "tags"), data.get("data_dir")
+        key = data.get("label")
+        splits = data_lib.open_splits(name, data, {"train": "train", "test": "test"})
 
         def split(which, cap):
-            source = data_lib.first(data_lib.open_source(data["name"], data.get(which), data_dir),
-                                    data.get(cap))
-            labels = [np.asarray(data_lib.field(source, i, key), np.int64)
-                      for i in range(len(source))]
+            source = data_lib.first(splits[which], data.get(cap))
+            labels = [np.asarray(source.label_set_of(i, key), np.int64) for i in range(len(source))]
             return source, labels
-        data.setdefault("train_split", "train")
-        data.setdefault("test_split", "test")
-        train, train_labels = split("train_split", "max_train")
-        test, test_labels = split("test_split", "max_examples")
-        names = data_lib.class_names(train, key)
+        train, train_labels = split("train", "max_train")
+        test, test_labels = split("test", "max_examples")
+        names = splits["train"].label_set_names(key)
         return cls(train, train_labels, test, test_labels, names, name=name, **kwargs)
 
     def _metrics(self, scores, targets, probs=None):
