@@ -10,7 +10,7 @@ import pytest
 import toy_extension
 from helpers import REPO, losses_of, tiny_config_file
 
-from vljax import config_check, factory, metrics
+from vljax import config_check, eval_builder, evaluators, factory, metrics
 
 OFFSET = 100.0
 LINES = ["import toy_extension", "toy_extension.register()",
@@ -66,3 +66,21 @@ def test_a_registered_loss_source_and_evaluator_train_and_evaluate_through_main(
         entry[typo] = entry[key]
         with pytest.raises(ValueError, match=error):
             config_check.validate(config)
+
+
+def test_evaluator_registry_refuses_a_taken_name_and_names_an_unknown_type():
+    @evaluators.register("toy_again")  # the decorator form, as vljax's own evaluator modules use it
+    class Again(toy_extension.ToyGeometry):
+        pass
+    try:
+        assert evaluators.EVALUATORS["toy_again"] is Again
+        assert evaluators.register("toy_again", Again) is Again  # the same class again (a reload)
+        with pytest.raises(ValueError, match="evaluator kind 'zeroshot' is already registered"):
+            evaluators.register("zeroshot", Again)
+        with pytest.raises(TypeError, match="is not an evaluator class"):
+            evaluators.register("toy_bad", object)
+        with pytest.raises(ValueError, match=r"config key `evals.x.type`: 'nope' is not one of \[.*'toy_again'"):
+            eval_builder.build_one("x", dict(type="nope", data=dict(name="emoji")))
+    finally:
+        evaluators.EVALUATORS.pop("toy_again")
+    assert "toy_bad" not in evaluators.EVALUATORS
