@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from helpers import REPO, make_shapes_manifest, tiny_config, tiny_config_file
 
-from vljax import train
+from vljax import evaluate, soup, train, wise_ft
 from vljax.inference import cli
 
 LABELS = "red circle,green square,blue triangle"
@@ -102,6 +102,24 @@ def test_a_missing_model_is_one_line(tmp_path, model_and_images):
         assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
         lines = [ln for ln in proc.stderr.splitlines() if missing in ln]
         assert len(lines) == 1 and "config.json" in lines[0], proc.stderr[-3000:]
+
+
+# Each entry point's own flags, defined on import on a module-private FlagValues (vljax/cliflags.py).
+ENTRY_FLAGS = {evaluate: ("model", "config", "evals", "out", "plot_dir"),
+               soup: ("workdirs", "all_steps", "config", "select_metric", "out", "save"),
+               wise_ft: ("zeroshot", "finetuned", "alphas", "config", "id_metric", "ood_metric", "out")}
+
+
+def test_entry_points_that_share_flag_names_import_together_and_list_them_in_help():
+    # All three are imported in this process, each with its own --config: no DuplicateFlagError.
+    for module, names in ENTRY_FLAGS.items():
+        assert set(names) <= set(module._FLAGS), module.__name__
+    proc = _run("vljax.evaluate", ["--help"])
+    for name in ENTRY_FLAGS[evaluate]:
+        assert f"--{name}:" in proc.stdout, proc.stdout[-3000:]
+    proc = _run("vljax.soup", ["--out=/tmp/x"])  # a required flag missing: absl's one-line error
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "Flag --workdirs must have a value other than None" in proc.stderr, proc.stderr[-3000:]
 
 
 def _screen_lines(stderr):

@@ -243,3 +243,31 @@ def test_model_building_modules_do_not_reach_the_trainer(graph, module):
     assert module in graph
     path = reach_path(graph, module, TRAINER)
     assert path is None, f"{module} imports the trainer: {' -> '.join(path)}"
+
+
+# What builds the model or resolves the loss sits below the evaluators: a training config's
+# objective, the model factory and the loss wiring import none of vljax.evaluators (the label-name
+# clean-up they share with the evaluators lives in vljax/text.py). config_check does import them:
+# it checks `config.evals` against the evaluators' constructors and data entries.
+BELOW_EVALUATORS = ("vljax.objective", "vljax.factory")
+EVALUATORS = "vljax.evaluators"
+
+
+def reach_any(graph: dict[str, set[str]], start: str, prefix: str) -> list[str] | None:
+    """A shortest import chain from `start` to any module in the package `prefix`, or None."""
+    paths = [reach_path(graph, start, m) for m in graph if _in(m, prefix)]
+    paths = [p for p in paths if p is not None]
+    return min(paths, key=len) if paths else None
+
+
+@pytest.mark.parametrize("module", BELOW_EVALUATORS)
+def test_objective_and_factory_do_not_import_the_evaluators(graph, module):
+    assert module in graph
+    path = reach_any(graph, module, EVALUATORS)
+    assert path is None, f"{module} imports the evaluators: {' -> '.join(path)}"
+
+
+def test_reach_any_finds_a_member_of_a_package():
+    graph = {"a": {"b", "q"}, "b": {"p.x"}, "q": set(), "p": set(), "p.x": set()}
+    assert reach_any(graph, "a", "p") == ["a", "b", "p.x"]
+    assert reach_any(graph, "q", "p") is None

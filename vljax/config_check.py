@@ -22,9 +22,15 @@ import inspect
 import numbers
 import os
 
-from vljax import objective
+from ml_collections import ConfigDict, FrozenConfigDict
+
+from vljax import objective, pretrained, stages
 from vljax.data import sources
+from vljax.evaluators import EVALUATORS
 from vljax.evaluators import data as eval_data
+from vljax.models import MODELS, TwoTowers
+from vljax.optim import OPTIMIZERS, make_schedule
+from vljax.tokenizers import TOKENIZERS
 
 # key -> (required, allowed types)
 _TOP = {
@@ -93,7 +99,6 @@ _EVAL_FILLED = {"self", "name", "images", "labels", "class_names", "captions", "
 
 
 def _is_dict(value) -> bool:
-    from ml_collections import ConfigDict, FrozenConfigDict
     return isinstance(value, (dict, ConfigDict, FrozenConfigDict))
 
 
@@ -175,7 +180,6 @@ def _input(cfg) -> None:
 
 
 def _tokenizer(cfg) -> None:
-    from vljax.tokenizers import TOKENIZERS
     kind = cfg.get("kind")
     if kind not in TOKENIZERS:
         raise ValueError(f"config key `tokenizer.kind`: {kind!r} is not one of {sorted(TOKENIZERS)}")
@@ -185,7 +189,6 @@ def _tokenizer(cfg) -> None:
 
 
 def _model(config) -> None:
-    from vljax.models import MODELS, TwoTowers
     cfg = config.model
     _check(cfg, _MODEL, "model.", known=module_fields(TwoTowers))
     for tower in ("image", "text"):
@@ -202,7 +205,6 @@ def _model(config) -> None:
 def _model_init(cfg) -> None:
     if not cfg:
         return
-    from vljax import pretrained
     _check_keys(cfg, {"img", "txt"}, "model_init.")
     for tower, spec in cfg.items():
         if not spec:
@@ -235,7 +237,6 @@ def _loss(cfg) -> None:
 
 
 def _optax(cfg) -> None:
-    from vljax.optim import OPTIMIZERS
     name = cfg.get("name", "adamw")
     if name not in OPTIMIZERS:
         raise _unknown_value("optax.name", name, OPTIMIZERS)
@@ -247,7 +248,6 @@ def _optax(cfg) -> None:
 def _schedule(rules, total_steps) -> None:
     """Keys of each entry, then the entry itself through optim.make_schedule (which checks its
     values against total_steps; it only builds a function, nothing runs)."""
-    from vljax.optim import make_schedule
     known = arguments(make_schedule, drop=("total_steps", "where")) | _SCHEDULE_EXTRA
     if rules is None:
         return
@@ -269,7 +269,6 @@ def validate_evals(evals) -> None:
     """`config.evals` alone (vljax.evaluate runs a config's evals on any model)."""
     if not evals:
         return
-    from vljax.evaluators import EVALUATORS
     for name, spec in evals.items():
         where = f"evals.{name}"
         _dict(spec, where)
@@ -303,7 +302,6 @@ def validate(config) -> None:
     _schedule(config.schedule, config.total_steps)
     if config.get("nonfinite", "stop") not in ("stop", "skip"):
         raise ValueError(f"config key `nonfinite`: {config.nonfinite!r} is not 'stop' or 'skip'")
-    from vljax import stages
     stages.parse(config)
     validate_evals(config.get("evals"))
 

@@ -16,10 +16,29 @@ import json
 import os
 import sys
 
+import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from vljax import hostmem, logs
+from vljax import cliflags, hostmem, logs
+
+# Only absl, ml_collections and the jax-free vljax.cliflags / hostmem / logs are imported above:
+# `python -m vljax.evaluate` sets up host memory (hostmem.cli_prepare) before anything imports JAX,
+# as vljax.main does, so every vljax module that imports JAX is imported inside a function.
+
+# Flags on a module-private FlagValues: vljax.main and vljax.soup define --config too (cliflags).
+_FLAGS = flags.FlagValues()
+_MODEL = flags.DEFINE_string("model", None, "vljax workdir or transformers CLIP directory.",
+                             flag_values=_FLAGS)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file whose `evals` to run (default: the workdir's config.json).",
+    flag_values=_FLAGS)
+_EVALS = flags.DEFINE_list("evals", None, "Only these names of config.evals (default: all).",
+                           flag_values=_FLAGS)
+_OUT = flags.DEFINE_string("out", None, "Write the metrics here as JSON.", flag_values=_FLAGS)
+_PLOTS = flags.DEFINE_string("plot_dir", None, "Where zero-shot confusion matrices go (default: none).",
+                             flag_values=_FLAGS)
+flags.mark_flags_as_required(["model"], flag_values=_FLAGS)
 
 
 def evaluate(predictor, config, only=None, plot_dir: str | None = None) -> dict[str, float]:
@@ -30,10 +49,8 @@ def evaluate(predictor, config, only=None, plot_dir: str | None = None) -> dict[
     model's image size, normalisation and similarity; evals over the same data or class prompts
     share it.
     """
-    # Imported here, not at the top: `python -m vljax.evaluate` sets up host memory
-    # (hostmem.cli_prepare) before anything imports JAX, as vljax.main does.
-    from vljax import eval_builder, sharding
-    from vljax.embedder import Embedder
+    from vljax import eval_builder, sharding  # noqa: PLC0415  (they import JAX: after cli_prepare, see the top)
+    from vljax.embedder import Embedder  # noqa: PLC0415  (imports JAX: after cli_prepare)
     evaluators = eval_builder.build(config, plot_dir, only=only)
     embedder = Embedder.from_bundle(predictor, mesh=sharding.make_mesh([("data", -1)]),
                                     batch_size=config.get("eval_batch_size", 64),
@@ -42,7 +59,6 @@ def evaluate(predictor, config, only=None, plot_dir: str | None = None) -> dict[
 
 
 def _workdir_config(path):
-    import ml_collections
     cfg = os.path.join(path, "config.json")
     if not os.path.isfile(cfg):
         raise FileNotFoundError(f"no {cfg} (expected a vljax workdir or a transformers directory)")
@@ -58,16 +74,18 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logs.setup(verbose=flags.FLAGS["verbosity"].present)
-    from vljax import config_check
-    from vljax import factory
     path = os.path.expanduser(_MODEL.value)
     try:
         keep_host = hostmem.cli_prepare()  # before JAX starts its CPU client (as vljax.main)
+    except ValueError as e:
+        raise SystemExit(f"vljax.evaluate: {e}") from None
+    from vljax import config_check, factory  # noqa: PLC0415  (they import JAX: after cli_prepare)
+    try:
         config = _CONFIG.value if _CONFIG.value is not None else _workdir_config(path)
         config_check.validate_evals(config.get("evals"))
     except (OSError, ValueError) as e:
         raise SystemExit(f"vljax.evaluate: {e}") from None
-    import jax
+    import jax  # noqa: PLC0415  (after cli_prepare, see the top)
     if hostmem.cli_apply(jax.default_backend(), keep_host):
         logs.info(hostmem.APPLIED)
     try:
@@ -87,13 +105,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    # Flags are defined here, not on import: vljax.main defines --config too.
-    _MODEL = flags.DEFINE_string("model", None, "vljax workdir or transformers CLIP directory.")
-    _CONFIG = config_flags.DEFINE_config_file(
-        "config", None, "Config file whose `evals` to run (default: the workdir's config.json).")
-    _EVALS = flags.DEFINE_list("evals", None, "Only these names of config.evals (default: all).")
-    _OUT = flags.DEFINE_string("out", None, "Write the metrics here as JSON.")
-    _PLOTS = flags.DEFINE_string("plot_dir", None, "Where zero-shot confusion matrices go (default: none).")
-
-    flags.mark_flags_as_required(["model"])
-    sys.exit(app.run(main))
+    sys.exit(app.run(main, flags_parser=cliflags.parser(_FLAGS)))

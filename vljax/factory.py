@@ -24,12 +24,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from etils import epath
 
-from vljax import objective, tokenizers
+from vljax import checkpoints, objective, stages, tokenizers
+from vljax.convert import hf
 from vljax.data.preprocess import canonical_value_range, eval_image
 from vljax.models.two_towers import TwoTowers
+from vljax.models.vit import ViT
 
 SPEC_FILE = "model_spec.json"
 
@@ -60,8 +63,6 @@ def spec_from_config(config) -> dict:
     if model.get("image_model") == "vit" and config.get("stages"):
         # Training stages at a lower resolution (vljax/stages.py): the learned position embedding
         # lives at the final resolution's grid and is resampled for the smaller stages.
-        from vljax import stages
-        from vljax.models.vit import ViT
         if stages.changes_image_size(config) and model["image"].get("posemb", "learn") == "learn":
             p = ViT(**{k: v for k, v in model["image"].items() if k != "dtype"}).config()["patch_size"]
             size = int(config.input.image_size)
@@ -103,7 +104,6 @@ def read_spec(workdir) -> dict:
     if (path / SPEC_FILE).exists():
         return json.loads((path / SPEC_FILE).read_text())
     if (path / "config.json").exists():
-        import ml_collections
         return spec_from_config(ml_collections.ConfigDict(json.loads((path / "config.json").read_text())))
     raise FileNotFoundError(f"{path}: no {SPEC_FILE} (and no config.json): not a vljax workdir")
 
@@ -168,7 +168,6 @@ def load(path, *, step: int | None = None, shardings=None) -> Bundle:
 
 def restore_params(workdir, model, spec, *, step=None, shardings=None, subdir: str = "checkpoints"):
     """Only the params item of a checkpoint in `workdir/subdir`, as host numpy (or on `shardings`)."""
-    from vljax import checkpoints
     abstract = abstract_params(model, spec)
     if shardings is None:
         device = jax.local_devices()[0]
@@ -188,7 +187,6 @@ def _is_transformers(cfg_path) -> bool:
 
 
 def _load_transformers(path, raw) -> Bundle:
-    from vljax.convert import hf
     kind = raw.get("model_type", "")
     if kind == "clip":
         kwargs, params = hf.load_hf_clip(str(path))

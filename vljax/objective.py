@@ -30,7 +30,7 @@ from jax.sharding import PartitionSpec as P
 
 from vljax import losses, sharding
 from vljax.data import sources
-from vljax.evaluators.prompts import canonicalize_name
+from vljax.text import canonicalize_name
 
 # Keys of config.loss that the regularisers take (`with_regularisers`), beside the loss's own;
 # REGULARISER_KEYS adds the added multi-label loss's prompt, which `label_prompts` reads.

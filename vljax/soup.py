@@ -24,10 +24,25 @@ from absl import app, flags
 from etils import epath
 from ml_collections import config_flags
 
-from vljax import checkpoints, eval_builder, factory, sharding
+from vljax import checkpoints, cliflags, eval_builder, factory, sharding
 from vljax.embedder import Embedder
 from vljax.evaluators import soups
 
+# Flags on a module-private FlagValues: vljax.main and vljax.evaluate define --config too (cliflags).
+_FLAGS = flags.FlagValues()
+_WORKDIRS = flags.DEFINE_list("workdirs", None, "Workdirs whose checkpoints are the ingredients.",
+                              flag_values=_FLAGS)
+_ALL_STEPS = flags.DEFINE_bool("all_steps", False, "Every kept checkpoint, not only the latest.",
+                               flag_values=_FLAGS)
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config whose evals score the soups "
+                                          "(default: the first workdir's config.json).",
+                                          flag_values=_FLAGS)
+_SELECT = flags.DEFINE_string("select_metric", None, "Held-out metric for ranking / greedy soup.",
+                              flag_values=_FLAGS)
+_OUT = flags.DEFINE_string("out", None, "Output directory.", flag_values=_FLAGS)
+_SAVE = flags.DEFINE_bool("save", False, "Also save the soups as workdirs OUT/uniform, OUT/greedy.",
+                          flag_values=_FLAGS)
+flags.mark_flags_as_required(["workdirs", "out"], flag_values=_FLAGS)
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.loads((epath.Path(workdir) / "config.json").read_text()))
@@ -144,13 +159,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    # Flags are defined here, not on import: vljax.main defines --config too.
-    _WORKDIRS = flags.DEFINE_list("workdirs", None, "Workdirs whose checkpoints are the ingredients.")
-    _ALL_STEPS = flags.DEFINE_bool("all_steps", False, "Every kept checkpoint, not only the latest.")
-    _CONFIG = config_flags.DEFINE_config_file("config", None, "Config whose evals score the soups "
-                                              "(default: the first workdir's config.json).")
-    _SELECT = flags.DEFINE_string("select_metric", None, "Held-out metric for ranking / greedy soup.")
-    _OUT = flags.DEFINE_string("out", None, "Output directory.")
-    _SAVE = flags.DEFINE_bool("save", False, "Also save the soups as workdirs OUT/uniform, OUT/greedy.")
-    flags.mark_flags_as_required(["workdirs", "out"])
-    sys.exit(app.run(main))
+    sys.exit(app.run(main, flags_parser=cliflags.parser(_FLAGS)))

@@ -16,9 +16,11 @@ import numpy as np
 from absl import logging
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm import tqdm
 
 from vljax import (checkpoints, eval_builder, factory, features, logs, metrics, nonfinite, objective,
                    optim, pretrained, selection, sharding, stages)
+from vljax.data import pipeline, sources
 from vljax.step import flat as _flat, locked_text_blocks, make_train_step
 from vljax.embedder import Embedder
 from vljax.models.two_towers import TwoTowers
@@ -119,7 +121,6 @@ class Trainer:
         self.rules = list(config.get("sharding_rules", [(".*", "replicate")]))
         # The data sources are opened (manifests parsed, TFDS datasets found) before anything is
         # written: a bad source is refused with the workdir untouched.
-        from vljax.data import sources
         opened = [sources.get_source(entry, data_dir=config.input.get("data_dir")) for entry in config.input.data]
 
         params = factory.abstract_params(self.model, self.spec)
@@ -165,11 +166,9 @@ class Trainer:
         """The training iterator (of `stage`: its image size, text length and own stream); with
         `config.lit_cache` it reads the locked trunk's stored features (written once under
         <workdir>/features/ with the current sharded params) instead of images."""
-        from vljax.data import pipeline
         stage = stage or stages.parse(self.config)[0]
         stores = None
         if self.config.get("lit_cache", False):
-            from vljax import features
             stores = features.training_stores(self.config, self.model, self.state["params"],
                                               _flat(self.trainable_mask), self.mesh, self.workdir)
         inp, tokenizer = self.config.input, self.tokenizer
@@ -274,7 +273,6 @@ class Trainer:
         guard = checkpoints.PreemptionGuard()
         bar = None
         if writer_enabled and config.get("progress", True):
-            from tqdm import tqdm
             bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
         pairs_per_step = config.input.batch_size
         guard_nonfinite = nonfinite.NonFiniteGuard(config.get("nonfinite", "stop"))

@@ -19,10 +19,30 @@ import sys
 from collections.abc import Sequence
 
 from absl import app, flags
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 from ml_collections import config_flags
 
-from vljax import eval_builder, factory, sharding, soup
+from vljax import cliflags, eval_builder, factory, sharding, soup
 from vljax.evaluators import soups
+from vljax.metrics import save_figure
+
+# Flags on a module-private FlagValues: vljax.main and vljax.evaluate define --config too (cliflags).
+_FLAGS = flags.FlagValues()
+_ZS = flags.DEFINE_string("zeroshot", None, "Workdir of the zero-shot model (theta_0).",
+                          flag_values=_FLAGS)
+_FT = flags.DEFINE_string("finetuned", None, "Workdir of its fine-tuned version (theta_1).",
+                          flag_values=_FLAGS)
+_ALPHAS = flags.DEFINE_list("alphas", [str(a / 10) for a in range(11)], "Mixing coefficients.",
+                            flag_values=_FLAGS)
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config whose evals score each mix "
+                                          "(default: the zero-shot workdir's config.json).",
+                                          flag_values=_FLAGS)
+_ID = flags.DEFINE_string("id_metric", None, "The in-distribution metric (x axis).", flag_values=_FLAGS)
+_OOD = flags.DEFINE_string("ood_metric", None, "The held-out metric (y axis).", flag_values=_FLAGS)
+_OUT = flags.DEFINE_string("out", None, "Output directory.", flag_values=_FLAGS)
+flags.mark_flags_as_required(["zeroshot", "finetuned", "id_metric", "ood_metric", "out"],
+                             flag_values=_FLAGS)
 
 
 def sweep(spec, model, params0, params1, alphas: Sequence[float], evaluators,
@@ -41,10 +61,6 @@ def sweep(spec, model, params0, params1, alphas: Sequence[float], evaluators,
 
 def plot(results: list[dict], id_metric: str, ood_metric: str, path: str) -> str:
     """The ID-OOD curve (one point per alpha) and both metrics against alpha, as one PNG."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    from vljax.metrics import save_figure
     for key in (id_metric, ood_metric):
         if key not in results[0]["metrics"]:
             raise ValueError(f"metric {key!r} is not among {sorted(results[0]['metrics'])}")
@@ -93,14 +109,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    # Flags are defined here, not on import: vljax.main defines --config too.
-    _ZS = flags.DEFINE_string("zeroshot", None, "Workdir of the zero-shot model (theta_0).")
-    _FT = flags.DEFINE_string("finetuned", None, "Workdir of its fine-tuned version (theta_1).")
-    _ALPHAS = flags.DEFINE_list("alphas", [str(a / 10) for a in range(11)], "Mixing coefficients.")
-    _CONFIG = config_flags.DEFINE_config_file("config", None, "Config whose evals score each mix "
-                                              "(default: the zero-shot workdir's config.json).")
-    _ID = flags.DEFINE_string("id_metric", None, "The in-distribution metric (x axis).")
-    _OOD = flags.DEFINE_string("ood_metric", None, "The held-out metric (y axis).")
-    _OUT = flags.DEFINE_string("out", None, "Output directory.")
-    flags.mark_flags_as_required(["zeroshot", "finetuned", "id_metric", "ood_metric", "out"])
-    sys.exit(app.run(main))
+    sys.exit(app.run(main, flags_parser=cliflags.parser(_FLAGS)))

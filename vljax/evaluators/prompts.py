@@ -11,6 +11,8 @@ import re
 import string
 from collections.abc import Mapping, Sequence
 
+from vljax.text import canonicalize_name  # noqa: F401  (re-exported: prompts.canonicalize_name)
+
 # The 80 templates of OpenAI's CLIP ImageNet evaluation (facts, as listed in the CLIP
 # repository's notebook and in open_clip's zero_shot_metadata.py).
 CLIP80 = (
@@ -160,15 +162,6 @@ def canonicalize(text: str, *, keep: str | None = None) -> str:
     parts = text.split(keep) if keep else [text]
     text = (keep or "").join(p.translate(strip) for p in parts)
     return re.sub(r"\s+", " ", text.lower()).strip()
-
-
-def canonicalize_name(name: str) -> str:
-    """Light clean-up of a class name that keeps its punctuation ("T-shirt/top" stays readable).
-
-    '_' -> ' ', lowercase, whitespace collapsed and stripped (what CLIP_benchmark's curated
-    class-name lists look like).
-    """
-    return re.sub(r"\s+", " ", name.replace("_", " ").lower()).strip()
 
 
 def load_class_names(source: str | os.PathLike | Sequence[str]) -> list[str]:
