@@ -1,6 +1,7 @@
 """vljax.losses: parity with open_clip and with references written from the papers, equality of
 the sharded (shard_map over 2/4/8 CPU devices) and single-device forms, ring memory."""
 import importlib.util
+import inspect
 import itertools
 import pathlib
 
@@ -528,7 +529,6 @@ def test_losses_registry():
         "multi_positive": losses.multi_positive_contrastive, "filip": losses.filip_loss,
         "multilabel": losses.multilabel_loss}
     # Every declared input is a positional parameter of the function, in order.
-    import inspect
     for name, loss in objective.LOSSES.items():
         params = list(inspect.signature(loss.fn).parameters)
         assert len(loss.inputs) <= len(params) and "axis_name" in params, name

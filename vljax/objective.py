@@ -12,8 +12,9 @@ vljax asks about the configured loss is answered here, from that entry:
   * `needs_tokens(loss_cfg)` whether stored LiT features must keep the trunk's tokens (vljax.features);
   * `inference_spec(loss_cfg)` how a model trained on it scores (`logits`, `similarity`; vljax.factory).
 
-Adding a loss that takes existing inputs is one `register(...)` call next to its function (from any
-module, a test's included); a loss with a new kind of input also adds it to `loss_inputs`.
+An in-tree loss that takes existing inputs is one entry of its family module's `LOSSES` (vljax.losses,
+registered here); from outside vljax (a test's module included) it is one `register(...)` call. A
+loss with a new kind of input also adds it to `loss_inputs`.
 Nothing outside this module compares a loss name to a string.
 """
 from __future__ import annotations
@@ -39,8 +40,6 @@ REGULARISER_KEYS = (*_REGULARISER_OPTIONS, "multilabel_template")
 # Loss arguments that are arrays the trainer passes (not config options), besides the ones
 # without a default.
 LOSS_ARRAYS = frozenset({"axis_name", "labels", "img_mask", "txt_mask"})
-# Where multi_positive's positives come from (config `loss.positives`) -> the input it takes.
-POSITIVE_INPUTS = {"labels": "batch/label", "label_sets": "batch/labels", "captions": "batch/text"}
 _DEFAULT_TEMPLATE = "a photo of a {}."
 
 
@@ -93,23 +92,19 @@ def register(name: str, fn: Callable, inputs, *, chosen: Callable | None = None,
     return LOSSES[name]
 
 
-def _positives_input(options) -> tuple[str, ...]:
-    positives = options.get("positives", "labels")
-    losses.check_positives(positives, options.get("min_overlap", 1.0), options.get("weighting", "uniform"))
-    return (POSITIVE_INPUTS[positives],)
+def _register_builtins(declared) -> None:
+    """Registers every loss that a module of vljax.losses declares (`losses.DECLARED`: module ->
+    {name: register's keywords}); a bad declaration or a name declared twice raises, naming the
+    module (a declaration cannot pass `replace`: one family cannot override another's loss)."""
+    for module, entries in declared.items():
+        for name, entry in entries.items():
+            try:
+                register(name, **entry, replace=False)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{module}.LOSSES[{name!r}]: {e}") from e
 
 
-register("softmax", losses.softmax_contrastive, ("zimg", "ztxt", "t"))
-register("sigmoid", losses.sigmoid_loss, ("zimg", "ztxt", "t", "b"), logits="sigmoid")
-register("dcl", losses.dcl_loss, ("zimg", "ztxt", "t"))
-register("dclw", losses.dclw_loss, ("zimg", "ztxt", "t"))
-register("cwcl", losses.cwcl_loss, ("zimg", "ztxt", "t", "frozen/img_features", "frozen/txt_features"))
-register("multi_positive", losses.multi_positive_contrastive, ("zimg", "ztxt", "t"), chosen=_positives_input)
-register("filip", losses.filip_loss, ("img/tokens_proj", "txt/tokens_proj", "txt/mask", "t"),
-         similarity="filip")
-# Per-label probabilities: a model trained on independent binary decisions scores with sigmoid.
-register("multilabel", losses.multilabel_loss, ("zimg", "labels/ztxt", "t", "b", "batch/labels"),
-         config_keys=("template",), logits="sigmoid")
+_register_builtins(losses.DECLARED)
 
 
 # ----------------------------------------------------------------------------------------------

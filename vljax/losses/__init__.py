@@ -22,19 +22,39 @@ around the axis with `lax.ppermute` under a `jax.custom_vjp` whose backward trav
 One module per family: `contrastive` (CLIP softmax, DCL, DCLW), `sigmoid` (SigLIP), `soft_targets`
 (multi-positive, CWCL), `filip`, `multilabel`, `regularisers` (alignment, uniformity), over the
 shared `common` (checks, blocks) and `collectives` (gather, psum, ring). The signatures take arrays
-and hyperparameters only; which config selects which loss, and with which inputs, is
-`vljax.objective`'s.
+and hyperparameters only.
+
+Each family module declares its losses as plain data next to the functions, a module-level
+`LOSSES = {config name: dict(fn=..., inputs=(...), [chosen=, config_keys=, logits=, similarity=])}`
+(the keywords of `vljax.objective.register`, which checks them and registers every one; input
+names as `vljax.objective.Loss` gives them). Every module of this package is imported here and its
+declarations collected in `DECLARED`, so a new family is one file; how each input is computed and
+how config.loss is resolved is `vljax.objective`'s.
 """
+import importlib
+import pkgutil
+
 from vljax.losses.contrastive import dcl_loss, dclw_loss, softmax_contrastive
 from vljax.losses.filip import filip_loss, filip_similarity
 from vljax.losses.multilabel import (MULTILABEL, asl_elementwise, bce_elementwise, multilabel_loss,
                                      wan_elementwise)
 from vljax.losses.regularisers import alignment_loss, uniformity_loss
 from vljax.losses.sigmoid import sigmoid_loss
-from vljax.losses.soft_targets import (POSITIVES, WEIGHTINGS, check_positives, cwcl_loss,
-                                       multi_positive_contrastive, positive_weights)
+from vljax.losses.soft_targets import (POSITIVE_INPUTS, POSITIVES, WEIGHTINGS, check_positives,
+                                       cwcl_loss, multi_positive_contrastive, positive_weights,
+                                       positives_input)
 
-__all__ = ["MULTILABEL", "POSITIVES", "WEIGHTINGS", "alignment_loss", "asl_elementwise",
-           "bce_elementwise", "check_positives", "cwcl_loss", "dcl_loss", "dclw_loss", "filip_loss",
-           "filip_similarity", "multi_positive_contrastive", "multilabel_loss", "positive_weights",
-           "sigmoid_loss", "softmax_contrastive", "uniformity_loss", "wan_elementwise"]
+# Every module of this package, imported (a family added as one file is picked up) -> its declared
+# losses (`LOSSES`), by module name; `vljax.objective` registers them, refusing a name taken twice.
+DECLARED: dict[str, dict[str, dict]] = {}
+for _module in pkgutil.iter_modules(__path__):
+    _declared = getattr(importlib.import_module(f"{__name__}.{_module.name}"), "LOSSES", None)
+    if _declared is not None:
+        DECLARED[f"{__name__}.{_module.name}"] = _declared
+del _module, _declared
+
+__all__ = ["DECLARED", "MULTILABEL", "POSITIVE_INPUTS", "POSITIVES", "WEIGHTINGS", "alignment_loss",
+           "asl_elementwise", "bce_elementwise", "check_positives", "cwcl_loss", "dcl_loss",
+           "dclw_loss", "filip_loss", "filip_similarity", "multi_positive_contrastive",
+           "multilabel_loss", "positive_weights", "positives_input", "sigmoid_loss",
+           "softmax_contrastive", "uniformity_loss", "wan_elementwise"]

@@ -170,3 +170,12 @@ def dclw_loss(zimg, ztxt, t, axis_name=None, sigma=0.5):
     log_mean = jax.nn.logsumexp(gather(s, axis_name)) - jnp.log(s.shape[0] * n)
     return _decoupled(zimg, ztxt, t, axis_name, 2.0 - jnp.exp(s - log_mean))
 
+
+
+# The losses of this family, by config name (`config.loss.name`), with the inputs they take first
+# (names as vljax.objective.Loss gives them); vljax.objective registers every one.
+LOSSES = {
+    "softmax": dict(fn=softmax_contrastive, inputs=("zimg", "ztxt", "t")),
+    "dcl": dict(fn=dcl_loss, inputs=("zimg", "ztxt", "t")),
+    "dclw": dict(fn=dclw_loss, inputs=("zimg", "ztxt", "t")),
+}

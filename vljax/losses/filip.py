@@ -81,3 +81,11 @@ def filip_loss(img_tokens, txt_tokens, txt_mask, t, axis_name=None, img_mask=Non
     local = hard_ce_sum(t * i2t, idx * b) + hard_ce_sum(t * t2i, idx * b)
     return psum(local, axis_name) / (2 * b * n)
 
+
+
+# The losses of this family, by config name, with their inputs (names as vljax.objective.Loss
+# gives them); a model trained on FILIP scores with its token-wise similarity.
+LOSSES = {
+    "filip": dict(fn=filip_loss, inputs=("img/tokens_proj", "txt/tokens_proj", "txt/mask", "t"),
+                  similarity="filip"),
+}

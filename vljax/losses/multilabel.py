@@ -72,3 +72,13 @@ def multilabel_loss(zimg, zlabels, t, b, labels, axis_name=None, kind="wan",
     count = psum(jnp.sum(labeled), axis_name)
     return total / jnp.maximum(count, 1.0)
 
+
+
+# The losses of this family, by config name, with their inputs (names as vljax.objective.Loss
+# gives them). `template` (config `loss.template`) is the label prompt that vljax.objective
+# embeds into `labels/ztxt`. Per-label probabilities: a model trained on independent binary
+# decisions scores with sigmoid.
+LOSSES = {
+    "multilabel": dict(fn=multilabel_loss, inputs=("zimg", "labels/ztxt", "t", "b", "batch/labels"),
+                       config_keys=("template",), logits="sigmoid"),
+}

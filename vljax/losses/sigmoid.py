@@ -105,3 +105,10 @@ def sigmoid_loss(zimg, ztxt, t, b, axis_name=None, impl="all_gather"):
              + _sigmoid_negatives_sum(zimg, gather(ztxt, axis_name), t, b))
     return psum(local, axis_name) / (zimg.shape[0] * n)
 
+
+
+# The losses of this family, by config name, with their inputs (names as vljax.objective.Loss
+# gives them); a model trained on SigLIP's binary decisions scores with sigmoid.
+LOSSES = {
+    "sigmoid": dict(fn=sigmoid_loss, inputs=("zimg", "ztxt", "t", "b"), logits="sigmoid"),
+}

@@ -63,8 +63,9 @@ def cwcl_loss(zimg, ztxt, t, img_features, txt_features, axis_name=None, ref_mod
 # ----------------------------------------------------------------------------- multi-positive
 
 
-# What makes a positive (multi_positive's `positives`); vljax.objective maps each to its input.
-POSITIVES = ("labels", "captions", "label_sets")
+# What makes a positive (multi_positive's `positives`) -> the input that gives it (a batch field).
+POSITIVE_INPUTS = {"labels": "batch/label", "captions": "batch/text", "label_sets": "batch/labels"}
+POSITIVES = tuple(POSITIVE_INPUTS)
 WEIGHTINGS = ("uniform", "jaccard")
 
 
@@ -79,6 +80,14 @@ def check_positives(positives, min_overlap, weighting):
     if positives != "label_sets" and (float(min_overlap) != 1.0 or weighting != "uniform"):
         raise ValueError("config keys `loss.min_overlap` / `loss.weighting` apply to positives='label_sets' "
                          f"only, not {positives!r}")
+
+
+def positives_input(options) -> tuple[str, ...]:
+    """The input multi_positive takes for the positives its options (config.loss: `positives`,
+    `min_overlap`, `weighting`) choose, e.g. ("batch/label",); checks those options."""
+    positives = options.get("positives", "labels")
+    check_positives(positives, options.get("min_overlap", 1.0), options.get("weighting", "uniform"))
+    return (POSITIVE_INPUTS[positives],)
 
 
 def positive_weights(labels, all_labels, positives="labels", min_overlap=1.0, weighting="uniform"):
@@ -154,3 +163,12 @@ def multi_positive_contrastive(zimg, ztxt, t, labels, axis_name=None, positives=
              + soft_ce_sum(t * sim(ztxt, gather(zimg, axis_name)), targets))
     return psum(local, axis_name) / (2 * b * n)
 
+
+
+# The losses of this family, by config name, with their inputs (names as vljax.objective.Loss
+# gives them); multi_positive also takes the input its `positives` option chooses.
+LOSSES = {
+    "cwcl": dict(fn=cwcl_loss, inputs=("zimg", "ztxt", "t", "frozen/img_features", "frozen/txt_features")),
+    "multi_positive": dict(fn=multi_positive_contrastive, inputs=("zimg", "ztxt", "t"),
+                           chosen=positives_input),
+}
