@@ -36,11 +36,11 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import lit  # noqa: E402
 
-from vljax import config_check  # noqa: E402
+from vljax import config_args  # noqa: E402
 
 
 def get_config(arg=None):
-    a = config_check.parse_arg(arg, "configs/adapt.py", seeds=3, coop_steps=100,
+    a = config_args.parse_arg(arg, "configs/adapt.py", seeds=3, coop_steps=100,
                                cocoop_steps=100, steps=300, batch=128, tip_f_epochs=20,
                                tip_views=10, tip_crop_min=0.5)
     c = lit.get_config(f"steps={a['steps']},batch={a['batch']}")

@@ -22,10 +22,10 @@ steps, pd (patch dropout), tune (unmasked steps at the end, with pd), seed.
 """
 import ml_collections
 
-from vljax import config_check
+from vljax import config_args
 
 def get_config(arg=None):
-    a = config_check.parse_arg(arg, "configs/clip.py", img="tiny", txt="tiny", size=64, batch=64, steps=300,
+    a = config_args.parse_arg(arg, "configs/clip.py", img="tiny", txt="tiny", size=64, batch=64, steps=300,
                                pd=0.0, tune=0, seed=0)
     c = ml_collections.ConfigDict()
     c.seed = a["seed"]

@@ -37,11 +37,11 @@ Config arguments (`--config=configs/lit.py:steps=200,batch=64`): steps, batch.
 """
 import ml_collections
 
-from vljax import config_check
+from vljax import config_args
 
 
 def get_config(arg=None):
-    a = config_check.parse_arg(arg, "configs/lit.py", steps=500, batch=128)
+    a = config_args.parse_arg(arg, "configs/lit.py", steps=500, batch=128)
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.total_steps = a["steps"]

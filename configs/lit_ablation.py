@@ -27,13 +27,13 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import lit  # noqa: E402
 
-from vljax import config_check  # noqa: E402
+from vljax import config_args  # noqa: E402
 
 LOSSES = ("softmax", "sigmoid", "dcl", "dclw", "cwcl", "multi_positive", "filip")
 
 
 def get_config(arg=None):
-    a = config_check.parse_arg(arg, "configs/lit_ablation.py", loss="softmax", seed=0, steps=300, batch=128)
+    a = config_args.parse_arg(arg, "configs/lit_ablation.py", loss="softmax", seed=0, steps=300, batch=128)
     if a["loss"] not in LOSSES:
         raise ValueError(f"configs/lit_ablation.py: loss={a['loss']!r}; choose one of {', '.join(LOSSES)}")
     c = lit.get_config(f"steps={a['steps']},batch={a['batch']}")

@@ -38,11 +38,11 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import lit  # noqa: E402
 
-from vljax import config_check  # noqa: E402
+from vljax import config_args  # noqa: E402
 
 
 def get_config(arg=None):
-    a = config_check.parse_arg(arg, "configs/lit_multilabel.py", kind="bce", template="an icon of {}.", captions=0, tags_weight=1.0,
+    a = config_args.parse_arg(arg, "configs/lit_multilabel.py", kind="bce", template="an icon of {}.", captions=0, tags_weight=1.0,
                                eval_templates="train", seed=0, steps=500, batch=128)
     c = lit.get_config(f"steps={a['steps']},batch={a['batch']}")
     c.seed = a["seed"]

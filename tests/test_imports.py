@@ -8,6 +8,8 @@ An import names the most specific module it reaches (`from vljax.models import T
 """
 import ast
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -271,3 +273,15 @@ def test_reach_any_finds_a_member_of_a_package():
     graph = {"a": {"b", "q"}, "b": {"p.x"}, "q": set(), "p": set(), "p.x": set()}
     assert reach_any(graph, "a", "p") == ["a", "b", "p.x"]
     assert reach_any(graph, "q", "p") is None
+
+
+@pytest.mark.parametrize("config_file", sorted(str(p.relative_to(ROOT.parent)) for p in (ROOT.parent / "configs").glob("*.py")))
+def test_config_files_do_not_start_jax(config_file):
+    """absl reads the config file while it parses the command line, before `vljax.main` sets up
+    host memory (vljax/hostmem.py must act before JAX starts): a config file, and what it imports
+    (vljax.config_args), must not import jax."""
+    code = (f"import runpy, sys; runpy.run_path({config_file!r}); "
+            "print(sorted(m for m in sys.modules if m == 'jax' or m.startswith('jax.'))[:3])")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT.parent, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "[]", f"{config_file} imports {out}"

@@ -304,16 +304,3 @@ def validate(config) -> None:
         raise ValueError(f"config key `nonfinite`: {config.nonfinite!r} is not 'stop' or 'skip'")
     stages.parse(config)
     validate_evals(config.get("evals"))
-
-
-def parse_arg(arg: str | None, where: str, **defaults) -> dict:
-    """A config file's argument (`--config=configs/x.py:steps=50,img=B/16`) -> dict over `defaults`,
-    each value cast to its default's type; an unknown name is an error naming the config file."""
-    out = dict(defaults)
-    for item in filter(None, (arg or "").split(",")):
-        key, sep, value = item.partition("=")
-        if not sep or key not in defaults:
-            raise ValueError(f"{where}: bad config argument {item!r} (known: {', '.join(defaults)}; "
-                             f"form: name=value,name=value)")
-        out[key] = type(defaults[key])(value)
-    return out
