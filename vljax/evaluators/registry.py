@@ -11,7 +11,17 @@ Everyone reads the class: `eval_builder.build_one` calls `cls.from_config(name, 
 """
 from __future__ import annotations
 
-EVALUATORS: dict[str, type] = {}
+from vljax.registry import Registry
+
+
+def _check_evaluator(kind: str, cls) -> None:
+    missing = [m for m in ("from_config", "run") if not callable(getattr(cls, m, None))]
+    if not isinstance(cls, type) or missing:
+        raise TypeError(f"evaluator kind {kind!r}: {cls!r} is not an evaluator class "
+                        f"(it lacks {', '.join(missing) or 'being a class'})")
+
+
+EVALUATORS = Registry("evaluator kind", "type", on_register=_check_evaluator)
 
 
 def register(kind: str, cls: type | None = None):
@@ -19,22 +29,9 @@ def register(kind: str, cls: type | None = None):
     `@register(kind)`. The class must have `from_config(name, spec, *, plot_dir)` and `run(embedder)`.
     Registering a taken name with another class is an error (the same class again, e.g. from a
     reloaded module, replaces it)."""
-    def add(c):
-        missing = [m for m in ("from_config", "run") if not callable(getattr(c, m, None))]
-        if not isinstance(c, type) or missing:
-            raise TypeError(f"evaluator kind {kind!r}: {c!r} is not an evaluator class "
-                            f"(it lacks {', '.join(missing) or 'being a class'})")
-        old = EVALUATORS.get(kind, c)
-        if (old.__module__, old.__qualname__) != (c.__module__, c.__qualname__):
-            raise ValueError(f"evaluator kind {kind!r} is already registered "
-                             f"({old.__module__}.{old.__qualname__})")
-        EVALUATORS[kind] = c
-        return c
-    return add if cls is None else add(cls)
+    return EVALUATORS.register(kind, cls)
 
 
 def evaluator_class(kind, where: str = "evals") -> type:
     """The class registered as `kind`; an unknown kind is an error naming `<where>.type`."""
-    if kind not in EVALUATORS:
-        raise ValueError(f"config key `{where}.type`: {kind!r} is not one of {sorted(EVALUATORS)}")
-    return EVALUATORS[kind]
+    return EVALUATORS.lookup(kind, where)

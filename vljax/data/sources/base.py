@@ -17,6 +17,8 @@ from pathlib import Path
 
 from absl import logging
 
+from vljax.registry import Registry
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 # Keys of an input.data entry that the pipeline reads, whatever the kind.
 ENTRY_KEYS = ("source", "weight")
@@ -168,28 +170,23 @@ class Source(abc.ABC):
         return list(self.label_names)
 
 
-SOURCES: dict[str, type] = {}
+def _set_kind(kind: str, cls: type) -> None:
+    cls.KIND = kind
+
+
+SOURCES = Registry("source kind", "source", on_register=_set_kind)
 
 
 def register(kind: str, cls: type | None = None):
     """Registers source class `cls` under config name `kind` (`source=kind`); as a decorator,
     `@register(kind)`. Registering a taken name with another class is an error (the same class
     again, e.g. from a reloaded module, replaces it)."""
-    def add(c):
-        old = SOURCES.get(kind, c)
-        if (old.__module__, old.__qualname__) != (c.__module__, c.__qualname__):
-            raise ValueError(f"source kind {kind!r} is already registered ({old.__module__}.{old.__qualname__})")
-        c.KIND = kind
-        SOURCES[kind] = c
-        return c
-    return add if cls is None else add(cls)
+    return SOURCES.register(kind, cls)
 
 
 def source_class(kind, where: str = "input.data") -> type:
     """The class registered as `kind`; an unknown kind is an error naming `<where>.source`."""
-    if kind not in SOURCES:
-        raise ValueError(f"config key `{where}.source`: {kind!r} is not one of {sorted(SOURCES)}")
-    return SOURCES[kind]
+    return SOURCES.lookup(kind, where)
 
 
 def check_entry(entry, where: str = "input.data") -> type:
