@@ -33,6 +33,7 @@ def load(path):
     return module.get_config()
 
 
+@pytest.mark.slow  # one end-to-end run of python -m vljax.main (about a minute)
 def test_a_registered_loss_source_and_evaluator_train_and_evaluate_through_main(config_file, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "vljax.main", f"--config={config_file}",
                            f"--workdir={tmp_path / 'wd'}"], cwd=REPO, capture_output=True, text=True,
