@@ -78,6 +78,9 @@ def get_config(arg=None):
     )
     c.model_init = dict(img="efficientnet_lite0", txt="minilm")
     c.lit_cache = True
+    # The text tower's embeddings and blocks 0-3 are locked (below): run them once per caption and
+    # evaluation text (vljax/text_memo.py), not in every step; the same results, ~40% less per step.
+    c.text_cache = True
 
     c.loss = dict(name="softmax")
     c.optax = dict(name="adamw", b1=0.9, b2=0.999, scale_wd_by_lr=False)  # big_vision convention

@@ -55,6 +55,8 @@ _TOP = {
     "grad_accum_steps": (False, (int,)),
     "total_steps_eval": (False, (int,)),
     "lit_cache": (False, (bool,)),
+    "text_cache": (False, (bool,)),
+    "text_cache_gb": (False, (numbers.Real,)),
     "evals": (False, (dict, type(None))),
     "select_metric": (False, (str, type(None))),
     "early_stop_patience": (False, (int,)),

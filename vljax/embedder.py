@@ -94,6 +94,9 @@ class _Towers:
                            out_shardings=(replicated, replicated))
         self.txt = jax.jit(lambda p, t: model.apply({"params": p}, None, t)[1],
                            out_shardings=replicated)
+        # The same from the states after the k locked lowest text blocks (a `TextMemo`).
+        self.txt_upper = jax.jit(lambda p, t, s, k: model.apply({"params": p}, None, t, text_lower=(k, s))[1],
+                                 out_shardings=replicated, static_argnums=3)
         self.head = jax.jit(lambda p, f, m: (model.apply({"params": p}, f, method=model.image_head), m),
                             out_shardings=(replicated, replicated))
         # Late interaction: the projected tokens (and the text masks) instead of the pooled z.
@@ -102,6 +105,10 @@ class _Towers:
         self.txt_tok = jax.jit(lambda p, t: _pick(model.apply({"params": p}, None, t)[2],
                                                   "txt/tokens_proj", "txt/mask"),
                                out_shardings=replicated)
+        self.txt_tok_upper = jax.jit(
+            lambda p, t, s, k: _pick(model.apply({"params": p}, None, t, text_lower=(k, s))[2],
+                                     "txt/tokens_proj", "txt/mask"),
+            out_shardings=replicated, static_argnums=3)
         self.head_tok = jax.jit(lambda p, f, t, m: (model.apply({"params": p}, f, t.astype(f.dtype),
                                                                 method=model.image_head_tokens)[1], m),
                                 out_shardings=(replicated, replicated))
@@ -195,6 +202,9 @@ class Embedder:
         worker processes when > 0 (config.input.eval_workers; the tokenizer must be picklable).
       feature_store: the root of a locked trunk's feature stores (vljax/features.py), or None.
       towers: the cache of jitted towers to draw from (default: `Embedder.shared_towers`).
+      text_memo: a `text_memo.TextMemo` of these params' locked lowest text blocks (the trainer's,
+        config.text_cache): texts then run only the blocks above them, and the memo outlives
+        `with_params` (those blocks are locked, so their states stay valid).
     """
 
     shared_towers: ClassVar[TowerCache] = TowerCache()
@@ -202,12 +212,12 @@ class Embedder:
     def __init__(self, model, params, tokenizer, *, mesh, image_size: int, value_range,
                  batch_size: int = 64, data_dir=None, feature_store=None, progress: bool = True,
                  similarity: str = "global", read_threads: int = 4, workers: int = 0,
-                 towers: TowerCache | None = None):
+                 towers: TowerCache | None = None, text_memo=None):
         self.model, self.tokenizer, self.mesh = model, tokenizer, mesh
         self.similarity = similarity
         self.progress = progress
         self.read_threads, self.workers = int(read_threads), int(workers)
-        self.feature_store = feature_store
+        self.feature_store, self.text_memo = feature_store, text_memo
         self.image_size, self.value_range, self.data_dir = int(image_size), value_range, data_dir
         self.batch_size = global_batch_size(batch_size, mesh)
         self._batch_sharding = sharding.batch_sharding(mesh)
@@ -333,20 +343,24 @@ class Embedder:
         return rows.result(data, "")
 
     # -- texts and in-memory images ------------------------------------------------------------
-    def _host_batches(self, fn, x: np.ndarray):
-        """fn over host rows x [N, ...] (the same on every process) in padded global batches; fn
-        returns an array or a tuple of arrays (float outputs come back float32)."""
+    def _host_batches(self, fn, *xs: np.ndarray):
+        """fn over host rows xs [N, ...] (the same on every process; several arrays of N rows go
+        in batch by batch together) in padded global batches; fn returns an array or a tuple of
+        arrays (float outputs come back float32)."""
+        n = len(xs[0])
+
+        def put(chunk):
+            return jax.make_array_from_callback(chunk.shape, self._batch_sharding, lambda idx: chunk[idx])
+
         def dispatched():
-            for lo in range(0, len(x), self.batch_size):
-                chunk = pad_rows(x[lo:lo + self.batch_size], self.batch_size)
-                yield fn(jax.make_array_from_callback(chunk.shape, self._batch_sharding,
-                                                      lambda idx, c=chunk: c[idx]))
+            for lo in range(0, n, self.batch_size):
+                yield fn(*(put(pad_rows(x[lo:lo + self.batch_size], self.batch_size)) for x in xs))
         out = list(_one_behind(dispatched()))
         if not out:
             raise ValueError("nothing to embed: got no rows")
         cat = lambda *a: np.concatenate(a).astype(np.float32 if np.issubdtype(a[0].dtype, np.floating)  # noqa: E731
                                                  else a[0].dtype)
-        return jax.tree.map(lambda *a: cat(*a)[:len(x)], *out)
+        return jax.tree.map(lambda *a: cat(*a)[:n], *out)
 
     def embed_texts(self, texts) -> np.ndarray:
         """texts: N strings -> [N, D] float32 L2-normalised; cached per tuple of texts."""
@@ -363,8 +377,15 @@ class Embedder:
         key = (tuple(texts), tokens)
         if key not in self._texts:
             ids = np.asarray(self.tokenizer(list(key[0])), np.int32)
-            fn = self._fn.txt_tok if tokens else self._fn.txt
-            self._texts[key] = self._host_batches(lambda t: fn(self.params, t), ids)
+            if self.text_memo is None:
+                fn = self._fn.txt_tok if tokens else self._fn.txt
+                self._texts[key] = self._host_batches(lambda t: fn(self.params, t), ids)
+            else:  # only the blocks above the memoised locked ones run, a few batches at a time
+                fn, k = (self._fn.txt_tok_upper if tokens else self._fn.txt_upper), self.text_memo.blocks
+                step = 8 * self.batch_size  # bounds the [rows, L, W] states held at once
+                parts = [self._host_batches(lambda t, s: fn(self.params, t, s, k), sub, self.text_memo(sub))
+                         for sub in (ids[lo:lo + step] for lo in range(0, len(ids), step))]
+                self._texts[key] = jax.tree.map(lambda *a: np.concatenate(a), *parts)
         return self._texts[key]
 
     def embed_image_array(self, images: np.ndarray) -> np.ndarray:

@@ -3,8 +3,6 @@ training state and a batch (`make_train_step`), with gradients for the trainable
 """
 from __future__ import annotations
 
-import re
-
 import jax
 import jax.numpy as jnp
 from flax import traverse_util
@@ -28,38 +26,7 @@ def join(trainable, frozen):
 
 
 
-_TXT_BLOCK = re.compile(r"^txt/(?:Encoder_0/)?encoderblock_(\d+)/")
-_TXT_AFTER_BLOCKS = re.compile(r"^txt/(?:Encoder_0/encoder_norm|MAPHead_0|pooler|head)/")
-
-
-def locked_text_blocks(spec: dict, trainable_mask) -> int:
-    """How many of the text tower's lowest blocks are locked together with everything below them
-    (embeddings, position embedding): those run on the label prompts once, not in every step
-    (`TwoTowers.text_lower`). 0 when nothing is locked there, when the tower's dropout is on (a
-    locked block still draws dropout masks in training, so its output is not fixed), or when
-    the blocks are scanned (stacked: one parameter for every block)."""
-    text = spec["model"].get("text") or {}
-    if spec["model"].get("text_model", "text_transformer") not in ("text_transformer", "bert"):
-        return 0  # the towers that take stop_after / lower
-    if text.get("dropout") or text.get("dropout_rate") or text.get("scan"):
-        return 0
-    trainable = {k: v for k, v in flat(trainable_mask).items() if k.startswith("txt/")}
-    blocks: dict[int, bool] = {}
-    for k, v in trainable.items():
-        m = _TXT_BLOCK.match(k)
-        if m:
-            i = int(m.group(1))
-            blocks[i] = blocks.get(i, False) or bool(v)
-        elif not _TXT_AFTER_BLOCKS.match(k) and v:
-            return 0  # an embedding table trains: every block's input changes
-    n = 0
-    while n in blocks and not blocks[n]:
-        n += 1
-    return n
-
-
-
-def make_train_step(model, tx, loss, trainable_mask, label_text=None, label_blocks=0):
+def make_train_step(model, tx, loss, trainable_mask, label_text=None, label_blocks=0, text_blocks=0):
     """One optimizer (micro-)step, `step_fn(state, batch[, label_states])`. Gradients are
     computed for trainable parameters only.
 
@@ -68,9 +35,12 @@ def make_train_step(model, tx, loss, trainable_mask, label_text=None, label_bloc
     the trunk's stored tokens) also the tower's token projection (out["img/tokens_proj"], FILIP).
     `label_text` ([K, L] token ids of one prompt per label, `objective.label_prompts`) is embedded by the text
     tower in every step (out["labels/ztxt"], the multi-label loss's classifier). With
-    `label_blocks` = k > 0 (`locked_text_blocks`) the step takes `label_states`, the prompts'
-    states after the k locked lowest blocks (`TwoTowers.text_lower`, computed once per run), and
-    runs only the blocks above them: the same embeddings, without recomputing fixed values.
+    `label_blocks` = k > 0 (`text_memo.locked_text_blocks`) the step takes `label_states`, the
+    prompts' states after the k locked lowest blocks (`TwoTowers.text_lower`, computed once per
+    run), and runs only the blocks above them: the same embeddings, without recomputing fixed
+    values. Likewise a batch with "text_states" ([B, L, W], the captions' states after the
+    `text_blocks` locked lowest blocks, `text_memo.TextMemo`, config.text_cache) runs only the
+    text blocks above them on its captions.
     """
 
     def forward(params, batch, rng, label_states):
@@ -83,9 +53,15 @@ def make_train_step(model, tx, loss, trainable_mask, label_text=None, label_bloc
 
     def _towers(params, batch, rng):
         kw = dict(train=True, rngs={"dropout": rng})
+        if "text_states" in batch:
+            if not text_blocks:
+                raise ValueError("a batch with text_states needs the step's text_blocks > 0")
+            kw["text_lower"] = (text_blocks, batch["text_states"])
         if "image_features" not in batch:
             return model.apply({"params": params}, batch["image"], batch["text"], **kw)
-        _, ztxt, out = model.apply({"params": params}, None, batch["text"], **kw)
+        txt_kw = dict(kw)
+        kw.pop("text_lower", None)
+        _, ztxt, out = model.apply({"params": params}, None, batch["text"], **txt_kw)
         if "image_tokens" in batch:
             zimg, out["img/tokens_proj"] = model.apply(
                 {"params": params}, batch["image_features"], batch["image_tokens"].astype(jnp.float32),

@@ -21,7 +21,8 @@ from tqdm import tqdm
 from vljax import (checkpoints, eval_builder, factory, features, logs, metrics, nonfinite, objective,
                    optim, pretrained, selection, sharding, stages)
 from vljax.data import pipeline, sources
-from vljax.step import flat as _flat, locked_text_blocks, make_train_step
+from vljax.step import flat as _flat, make_train_step
+from vljax.text_memo import TextMemo, locked_text_blocks
 from vljax.embedder import Embedder
 from vljax.models.two_towers import TwoTowers
 
@@ -127,8 +128,12 @@ class Trainer:
         self.tx, self.lr_fn, self.trainable_mask = optim.make_optimizer(config, params)
         objective.check(config, self.trainable_mask, opened)
         self.label_text = objective.label_prompts(config, self.tokenizer, opened)
-        self.label_blocks = (locked_text_blocks(self.spec, self.trainable_mask)
-                             if self.label_text is not None else 0)
+        self.text_blocks = locked_text_blocks(self.spec, self.trainable_mask)
+        self.label_blocks = self.text_blocks if self.label_text is not None else 0
+        if config.get("text_cache", False) and not self.text_blocks:
+            raise ValueError("config key `text_cache`: the text tower has no locked lowest blocks to run "
+                             "once per caption (lock its embeddings and lowest blocks in `schedule`, with "
+                             "dropout off and blocks not scanned), or set text_cache=False")
         init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
         self._init_params, self._init_opt = make_init_fns(self.model, self.tx, config)
         abstract = {"params": params, "opt_state": jax.eval_shape(self._init_opt, params),
@@ -155,7 +160,7 @@ class Trainer:
             path.mkdir(parents=True, exist_ok=True)
             (path / "config.json").write_text(config.to_json_best_effort(indent=1))
             factory.write_spec(path, self.spec)
-        self._evaluators = self._embedder = None
+        self._evaluators = self._embedder = self._text_memo = None
 
     def initial_state(self, init_rng, train_rng):
         return init_state(self._init_params, self._init_opt, self.state_sh, self.config.get("model_init"),
@@ -206,9 +211,22 @@ class Trainer:
             self._embedder = Embedder.from_bundle(
                 bundle, mesh=self.mesh, batch_size=self.config.get("eval_batch_size", 64),
                 workers=self.config.input.get("eval_workers", 0),  # decoding: threads when 0
-                feature_store=store, progress=False)  # inside training: one line per round
+                feature_store=store, text_memo=self.text_memo(),
+                progress=False)  # inside training: one line per round
             return self._embedder
         return self._embedder.with_params(params)
+
+    def text_memo(self) -> TextMemo | None:
+        """With `config.text_cache`, the captions' and evaluation texts' states after the text
+        tower's locked lowest blocks, computed once per distinct text (vljax/text_memo.py)."""
+        if self._text_memo is None and self.config.get("text_cache", False):
+            gb = float(self.config.get("text_cache_gb", 4.0))
+            self._text_memo = TextMemo(self.model, self.state["params"], self.text_blocks,
+                                       chunk=self.config.input.batch_size // jax.process_count(),
+                                       max_bytes=int(gb * (1 << 30)))
+            logs.info("text_cache: the text tower's %d locked lowest blocks run once per distinct text "
+                      "(up to %.1f GiB of states)", self.text_blocks, gb)
+        return self._text_memo
 
     def label_states(self, model=None):
         """The label prompts' states after the text tower's locked lowest blocks
@@ -251,7 +269,7 @@ class Trainer:
                 it.set_state(data_state["iterator"])
             model = self.stage_model(stage)
             step_fn = make_train_step(model, self.tx, loss, self.trainable_mask,
-                                      self.label_text, self.label_blocks)
+                                      self.label_text, self.label_blocks, self.text_blocks)
             if not self.label_blocks:
                 fn = jax.jit(step_fn, in_shardings=(self.state_sh, batch_sh),
                              out_shardings=(self.state_sh, None), donate_argnums=(0,))
@@ -262,6 +280,7 @@ class Trainer:
             return stage, it, lambda state, batch: fn(state, batch, states)
 
         stage, data_iter, train_step = enter(stages.at(schedule, start), self.data_state)
+        text_memo = self.text_memo()
         self.train_step = train_step  # kept for inspection (compilations, lowering)
 
         total = config.total_steps
@@ -290,6 +309,8 @@ class Trainer:
                     batch = next(data_iter)
                     skipped = {k: v for k, v in batch.items() if k.startswith("skipped/")}
                     batch = {k: v for k, v in batch.items() if not k.startswith("skipped/")}
+                    if text_memo is not None:
+                        batch["text_states"] = text_memo(batch["text"])
                     self.state, m = train_step(self.state, sharding.shard_batch(batch, mesh))
                     step += 1
                     acc.append(m)
