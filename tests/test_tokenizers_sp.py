@@ -268,25 +268,34 @@ def test_wordpiece_tokenizer_json_equals_bert_kind():
     np.testing.assert_array_equal(get_tokenizer(**spec)(texts), get_tokenizer("bert", 24)(texts))
 
 
+@pytest.mark.parametrize("model,pad", [("unigram.model", 1), ("gemma.model", 0)])
 @pytest.mark.parametrize("max_len", [16, 4])
-def test_big_vision_model_file(dirs, max_len):
-    """big_vision's tokenize op: ASCII lower case, the raw SentencePiece ids, eos; eos="sticky"
-    truncation (first max_len - 1 tokens and eos); padded with eos (SigLIP's pad_value=1)."""
-    spec = from_directory(dirs["unigram.model"], max_len=max_len)
-    assert spec == {"kind": "sentencepiece", "max_len": max_len, "model_file": str(dirs["unigram.model"]),
-                    "canonicalize": "none", "lower": "ascii"}
+def test_big_vision_model_file(dirs, model, pad, max_len):
+    """big_vision's text ops: ASCII lower case, the raw SentencePiece ids, eos; eos="sticky"
+    truncation (first max_len - 1 tokens and eos); padded with eos for SigLIP's T5 vocabulary
+    (pad_value=1), with the pad piece for SigLIP 2's Gemma vocabulary (`tok` op)."""
+    spec = from_directory(dirs[model], max_len=max_len)
+    assert spec == {"kind": "sentencepiece", "max_len": max_len, "model_file": str(dirs[model]),
+                    "canonicalize": "none", "lower": "ascii",
+                    **({"pad_token": "<pad>"} if model == "gemma.model" else {})}
     texts = _hostile()
-    sp = sentencepiece.SentencePieceProcessor(model_file=str(dirs["unigram.model"]))
-    want = np.full((len(texts), max_len), 1, np.int32)
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(dirs[model]))
+    want = np.full((len(texts), max_len), pad, np.int32)
     for row, text in zip(want, texts):
-        ids = sp.encode("".join(c.lower() if "A" <= c <= "Z" else c for c in text)) + [1]
+        ids = sp.encode("".join(c.lower() if "A" <= c <= "Z" else c for c in text)) + [sp.eos_id()]
         ids = ids[: max_len - 1] + ids[-1:] if len(ids) >= max_len else ids
         row[: len(ids)] = ids
-    np.testing.assert_array_equal(get_tokenizer(**spec)(texts), want)
-    with_bos = get_tokenizer("sentencepiece", max_len, model_file=str(dirs["gemma.model"]),
+    tok = get_tokenizer(**spec)
+    np.testing.assert_array_equal(tok(texts), want)
+    assert (tok.pad_id, tok.eot_id) == (pad, 1)
+
+
+def test_sentencepiece_bos(dirs):
+    with_bos = get_tokenizer("sentencepiece", 8, model_file=str(dirs["gemma.model"]),
                              canonicalize="none", lower="none", add_bos=True, pad_id=0)
     row = with_bos(["a cat " * 20])[0]
     assert row[0] == 2 and row[-1] == 1 and with_bos.sot_id == 2
+    assert list(with_bos([""])[0]) == [2, 1, 0, 0, 0, 0, 0, 0]
 
 
 @pytest.mark.parametrize("name", ["siglip", "siglip2", "gemma_model", "unigram.model"])
@@ -331,5 +340,7 @@ def test_errors_name_the_file(dirs, tmp_path):
         get_tokenizer("sentencepiece", 8, model_file=model, pad_token="<nope>")
     with pytest.raises(ValueError, match="no max_len given"):
         from_directory(dirs["gemma_json"])  # GemmaTokenizer alone: no family default
+    with pytest.raises(ValueError, match="family='clip'"):
+        from_directory(dirs["unigram.model"], family="clip")
     with pytest.raises(ValueError, match="canonicalize='siglip' appends eos"):
         get_tokenizer("sentencepiece", 8, model_file=model, add_eos=False)

@@ -9,8 +9,8 @@ row that has one. Kinds (one module each; kwargs are JSON-able, as the model spe
                            SiglipTokenizer, canonicalised) or big_vision's .model files
   "hf"            hf.py    a tokenizer.json of any model (Gemma BPE for SigLIP 2, unigram,
                            WordPiece, CLIP BPE), ids equal transformers' tokenizer
-`from_directory(path, max_len=None)` (directory.py) gives the spec kwargs of the tokenizer a
-transformers directory or a big_vision .model file ships.
+`from_directory(path, max_len=None, *, family=None)` (directory.py) gives the spec kwargs of the
+tokenizer a transformers directory or a big_vision .model file ships.
 """
 from vljax.tokenizers.base import Tokenizer, check_texts
 from vljax.tokenizers.bert import BERT_SPECIALS, BertTokenizer

@@ -17,14 +17,20 @@ Which file, in this order (transformers' choice for each family):
     bos / eos from tokenizer_config.json's add_bos_token / add_eos_token (default none);
   vocab.json + merges.txt: kind "clip" (open_clip's cleaning and padding 0);
   vocab.txt: kind "bert".
-A `.model` file (big_vision): kind "sentencepiece" as big_vision's `tokenize` op runs it:
-no canonicalisation, ASCII lower case, eos appended and kept on truncation, padded with eos
-(SigLIP's configs: `eos="sticky", pad_value=1`).
+A `.model` file (big_vision): kind "sentencepiece" as big_vision's text ops run it: no
+canonicalisation, ASCII lower case (`tf.strings.lower`), no bos, eos appended and kept on
+truncation (`eos="sticky"`); padded, for `family="siglip"`, with eos (SigLIP's configs:
+`tokenize(..., eos="sticky", pad_value=1)`), for `family="siglip2"` with the model's pad piece
+(SigLIP 2's `lower|tok(length=64, model="gemma", bos="no", eos="sticky")`, whose padding is
+the tokenizer's `pad_token`). family None: "siglip2" when the model defines a bos piece
+(Gemma's vocabulary), else "siglip" (T5's c4_en / mc4 vocabularies define none).
 max_len: the argument, else tokenizer_config.json's model_max_length when it is a real
 limit, else the family's (SigLIP / SigLIP 2: 64, CLIP: 77); none of those -> ValueError.
 """
 import json
 import pathlib
+
+from vljax.tokenizers.spm import load_model
 
 LOOKED_FOR = ("spiece.model", "tokenizer.json", "tokenizer.model", "vocab.json + merges.txt",
               "vocab.txt")
@@ -65,15 +71,31 @@ def _max_len(max_len, family, tcfg, where):
                      f"and no family default for {family!r}: pass max_len")
 
 
-def from_directory(path, max_len=None) -> dict:
-    """The spec kwargs of the tokenizer a directory (or a `.model` file) ships; see module doc."""
+def _big_vision(model_file, max_len, family) -> dict:
+    sp = load_model(model_file)
+    if family is None:
+        family = "siglip2" if sp.bos_id() >= 0 else "siglip"
+    if family not in ("siglip", "siglip2"):
+        raise ValueError(f"{model_file}: family={family!r}, expected 'siglip' or 'siglip2'")
+    spec = {"kind": "sentencepiece", "max_len": int(max_len or 64), "model_file": str(model_file),
+            "canonicalize": "none", "lower": "ascii"}
+    if family == "siglip2":
+        if sp.pad_id() < 0:
+            raise ValueError(f"{model_file}: the model defines no pad piece (SigLIP 2 pads with it)")
+        spec["pad_token"] = sp.id_to_piece(sp.pad_id())
+    return spec
+
+
+def from_directory(path, max_len=None, *, family=None) -> dict:
+    """The spec kwargs of the tokenizer a directory (or a `.model` file) ships; see module doc.
+
+    family: for a `.model` file only, "siglip" | "siglip2" (big_vision's padding rule)."""
     root = pathlib.Path(path).expanduser().resolve()
     if root.is_file():
         if root.suffix != ".model":
             raise ValueError(f"{root}: a file that is not a SentencePiece .model; give a "
                              "transformers directory or a .model file")
-        return {"kind": "sentencepiece", "max_len": int(max_len or 64), "model_file": str(root),
-                "canonicalize": "none", "lower": "ascii"}
+        return _big_vision(root, max_len, family)
     if not root.is_dir():
         raise ValueError(f"{root}: no such directory or .model file")
     cfg = _read_json(root / "config.json")
