@@ -340,6 +340,8 @@ def test_errors_name_the_file(dirs, tmp_path):
         get_tokenizer("sentencepiece", 8, model_file=model, pad_token="<nope>")
     with pytest.raises(ValueError, match="no max_len given"):
         from_directory(dirs["gemma_json"])  # GemmaTokenizer alone: no family default
+    with pytest.raises(ValueError, match="max_len=1 leaves no room for the 2 special tokens"):
+        get_tokenizer(**from_directory(assets.minilm_dir(), max_len=1))
     with pytest.raises(ValueError, match="family='clip'"):
         from_directory(dirs["unigram.model"], family="clip")
     with pytest.raises(ValueError, match="canonicalize='siglip' appends eos"):

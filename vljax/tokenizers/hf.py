@@ -11,7 +11,8 @@ after a padded call writes them there) are ignored; this kind's are transformers
 text's tokens to `max_len` minus the post-processor's special tokens (so a trailing eos
 stays, as in SigLIP's rule), then rows are padded with `pad_token` on `padding_side`.
 `lowercase=True` prepends a `Lowercase` normalizer, as transformers' `Siglip2Tokenizer`
-does (Rust's per-character lower case: a final "Σ" becomes "σ", not Python's "ς").
+does (Rust's per-character lower case: a final "Σ" becomes "σ", not Python's "ς"), and, as
+it, only when the file has a normalizer (Gemma's always has: " " -> "▁").
 """
 import json
 
@@ -53,9 +54,8 @@ class HFTokenizer(Tokenizer):
         stored_pad = (tok.padding or {}).get("pad_token")
         tok.no_padding()
         tok.no_truncation()
-        if lowercase:
-            tok.normalizer = (normalizers.Sequence([normalizers.Lowercase(), tok.normalizer])
-                              if tok.normalizer is not None else normalizers.Lowercase())
+        if lowercase and tok.normalizer is not None:  # Siglip2Tokenizer: only onto a normalizer
+            tok.normalizer = normalizers.Sequence([normalizers.Lowercase(), tok.normalizer])
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
         if expected_vocab_size is not None and self.vocab_size != expected_vocab_size:
             raise ValueError(f"{self.tokenizer_file}: vocabulary has {self.vocab_size} tokens, "
@@ -72,6 +72,9 @@ class HFTokenizer(Tokenizer):
         self.pad_id = self._token_id(tok, stored_pad if pad_token is None else pad_token,
                                      "pad_token")
         self.sot_id = lead[0] if lead else None
+        if max_len < len(lead) + len(trail):
+            raise ValueError(f"{self.tokenizer_file}: max_len={max_len} leaves no room for the "
+                             f"{len(lead) + len(trail)} special tokens of every row")
         tok.enable_truncation(max_len)  # Rust leaves room for the post-processor's tokens
         self._tok = tok
 
