@@ -13,6 +13,7 @@ import pickle
 import random
 import shutil
 
+from hypothesis import HealthCheck, given, settings, strategies as st
 import numpy as np
 import pytest
 import sentencepiece
@@ -160,6 +161,20 @@ def test_siglip_spiece_equals_transformers(dirs, name, max_len):
     assert type(ref).__name__ == "SiglipTokenizer" and ref.vocab_size == tok.vocab_size
     _assert_same(tok(texts), want, texts)
     assert (tok.pad_id, tok.eot_id, tok.sot_id, tok.max_len) == (0 if pad == "<pad>" else 1, 1, None, max_len)
+
+
+# Any text: letters, marks, symbols, spaces, controls and the specials' own characters.
+_ANY_TEXT = st.lists(st.one_of(st.characters(exclude_categories=["Cs"]), st.sampled_from(
+    ["</s>", "<unk>", "<pad>", "<eos>", "<bos>", "▁", " ", "\t", "Σ", "İ", "!", "."])),
+    max_size=40).map("".join)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(texts=st.lists(_ANY_TEXT, min_size=1, max_size=6), max_len=st.sampled_from([3, 8, 64]))
+def test_any_text_equals_transformers(dirs, texts, max_len):
+    for name in ("siglip_pad", "siglip2", "siglip2_model"):
+        ours = get_tokenizer(**from_directory(dirs[name], max_len=max_len))(texts)
+        _assert_same(ours, _reference(dirs[name], texts, max_len)[1], texts)
 
 
 def test_siglip_rules(dirs):
