@@ -106,6 +106,11 @@ def dirs(tmp_path_factory):
     d["gemma_model"].mkdir()
     shutil.copy(d["gemma.model"], d["gemma_model"] / "tokenizer.model")
     (d["gemma_model"] / "tokenizer_config.json").write_text('{"tokenizer_class": "GemmaTokenizer"}')
+    d["gemma_model_bos_eos"] = root / "gemma_model_bos_eos"  # without tokenizer.json these count
+    d["gemma_model_bos_eos"].mkdir()
+    shutil.copy(d["gemma.model"], d["gemma_model_bos_eos"] / "tokenizer.model")
+    (d["gemma_model_bos_eos"] / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "GemmaTokenizer", "add_bos_token": True, "add_eos_token": True}))
     d["gemma_json"] = root / "gemma_json"  # save_pretrained writes tokenizer.json
     transformers.AutoTokenizer.from_pretrained(d["gemma_model"]).save_pretrained(d["gemma_json"])
     for name, side in (("siglip2", None), ("siglip2_right", "right")):
@@ -207,14 +212,17 @@ def test_tokenizer_json_gemma_equals_transformers(dirs, name, lowercase, side, m
     assert (tok.pad_id, tok.eot_id, tok.sot_id) == (0, 1, None)  # this post-processor adds none
 
 
-@pytest.mark.parametrize("name,lower", [("gemma_model", "none"), ("siglip2_model", "rust")])
+@pytest.mark.parametrize("name,lower,bos_eos", [
+    ("gemma_model", "none", False), ("siglip2_model", "rust", False),
+    ("gemma_model_bos_eos", "none", True)])
 @pytest.mark.parametrize("max_len", [64, 8])
-def test_tokenizer_model_gemma_equals_transformers(dirs, name, lower, max_len):
+def test_tokenizer_model_gemma_equals_transformers(dirs, name, lower, bos_eos, max_len):
     """A directory with only tokenizer.model: our SentencePiece run of it equals transformers'
-    conversion (Gemma's normaliser, specials split out literally, no bos / eos added)."""
+    conversion (Gemma's normaliser, specials split out literally, bos / eos as
+    tokenizer_config.json's add_bos_token / add_eos_token say: none by default)."""
     spec = from_directory(dirs[name], max_len=max_len)
     assert (spec["kind"], spec["canonicalize"], spec["lower"], spec["add_bos"], spec["add_eos"]) == (
-        "sentencepiece", "none", lower, False, False)
+        "sentencepiece", "none", lower, bos_eos, bos_eos)
     texts = _hostile()
     _, want = _reference(dirs[name], texts, max_len)
     _assert_same(get_tokenizer(**spec)(texts), want, texts)

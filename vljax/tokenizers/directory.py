@@ -111,8 +111,8 @@ def from_directory(path, max_len=None, *, family=None) -> dict:
         family = model_type  # transformers: the model type's class beats the hub's class
     defaults = CLASS_SPECIALS.get("gemma" if cls == "GemmaTokenizer" and family != "siglip2"
                                   else family, {})
-    extra = [_token(t) for t in names.get("additional_special_tokens") or []]
-    extra += [_token(t) for t in names.get("extra_special_tokens") or [] if not isinstance(t, dict)]
+    extra = [_token(t) for key in ("additional_special_tokens", "extra_special_tokens")
+             if isinstance(names.get(key), list) for t in names[key]]  # a dict: named, not extra
     files = ("spiece.model", "tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt",
              "vocab.txt")
     has = {name: (root / name).is_file() for name in files}
