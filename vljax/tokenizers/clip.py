@@ -1,9 +1,8 @@
-"""Text tokenizers: CLIP byte-level BPE and BERT WordPiece, both run by HF `tokenizers` (Rust).
+"""CLIP byte-level BPE run by HF `tokenizers` (Rust): kind "clip".
 
-`get_tokenizer("clip" | "bert", max_len)` returns a callable `texts -> int32 [N, max_len]`
-with `pad_id`, `eot_id`, `vocab_size` attributes. Every row is `[sot] ids... [eot] pad...`;
-rows longer than `max_len` are cut and their last token set back to `eot_id`, so the
-end-of-text token (pooled by CLIP-style text towers) is always present.
+Every row is `[sot] ids... [eot] pad...`; rows longer than `max_len` are cut and their last
+token set back to `eot_id`, so the end-of-text token (pooled by CLIP-style text towers) is
+always present.
 
 CLIP ids equal open_clip's `SimpleTokenizer` (clean="lower"): text is cleaned in Python
 exactly like open_clip (ftfy.fix_text, html.unescape twice, whitespace collapsed, lower
@@ -16,12 +15,11 @@ import json
 import pathlib
 
 import ftfy
-import numpy as np
 import tokenizers
 from tokenizers import models, pre_tokenizers
-from tokenizers.implementations import BertWordPieceTokenizer
 
 from vljax import assets
+from vljax.tokenizers.base import Tokenizer
 
 CLIP_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 CLIP_NUM_MERGES = 49152 - 256 - 2  # as open_clip: merges = lines[1:48895]
@@ -29,43 +27,6 @@ CLIP_VOCAB_SIZE = 49408
 # open_clip names / HF names of the two special tokens.
 CLIP_SOT = ("<start_of_text>", "<|startoftext|>")
 CLIP_EOT = ("<end_of_text>", "<|endoftext|>")
-BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]")
-
-
-class Tokenizer:
-    """Packs per-text id lists into a fixed-length int32 array (shared by both kinds).
-
-    Subclasses set `pad_id`, `sot_id`, `eot_id`, `vocab_size` and implement
-    `encode(texts) -> list[list[int]]` (special tokens included, not yet truncated).
-    """
-
-    pad_id: int
-    sot_id: int
-    eot_id: int
-    vocab_size: int
-
-    def __init__(self, max_len):
-        if not isinstance(max_len, int) or max_len < 2:
-            raise ValueError(f"max_len must be an int >= 2 (room for sot and eot), got {max_len!r}")
-        self.max_len = max_len
-
-    def encode(self, texts):
-        raise NotImplementedError
-
-    def __call__(self, texts):
-        """texts: list[str] (a lone str is treated as [str]) -> int32 [N, max_len]."""
-        if isinstance(texts, str):
-            texts = [texts]
-        texts = list(texts)
-        bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
-        if bad:
-            raise TypeError(f"texts[{bad[0]}] is {type(texts[bad[0]]).__name__}, expected str")
-        out = np.full((len(texts), self.max_len), self.pad_id, np.int32)
-        for row, ids in zip(out, self.encode(texts)):
-            if len(ids) > self.max_len:
-                ids = ids[: self.max_len - 1] + [self.eot_id]
-            row[: len(ids)] = ids
-        return out
 
 
 def _clip_clean(text):
@@ -190,58 +151,3 @@ class ClipTokenizer(Tokenizer):
         cleaned = [_clip_clean(t) for t in texts]
         encs = self._tok.encode_batch(cleaned, add_special_tokens=False)
         return [[self.sot_id, *e.ids, self.eot_id] for e in encs]
-
-
-class BertTokenizer(Tokenizer):
-    """BERT WordPiece ([CLS] ... [SEP], pad 0), from a tokenizer.json or a vocab.txt.
-
-    Default: all-MiniLM-L6-v2's tokenizer.json (its 128-token padding/truncation are
-    switched off; `max_len` rules here). `vocab_file` builds an uncased (by default)
-    BERT WordPiece from a vocab.txt instead.
-    """
-
-    def __init__(self, max_len=64, *, tokenizer_file=None, vocab_file=None, lowercase=True,
-                 expected_vocab_size=None):
-        super().__init__(max_len)
-        if tokenizer_file is not None and vocab_file is not None:
-            raise ValueError("give tokenizer_file or vocab_file, not both")
-        if vocab_file is not None:
-            source = str(vocab_file)
-            words = pathlib.Path(vocab_file).read_text(encoding="utf-8").split("\n")
-            missing = [t for t in BERT_SPECIALS if t not in words]
-            if missing:  # tokenizers would raise a bare TypeError on the first one
-                raise ValueError(f"{source}: vocabulary ({len(words)} lines) lacks {missing}; "
-                                 "empty or not a BERT WordPiece vocabulary")
-            self._tok = BertWordPieceTokenizer(source, lowercase=lowercase)._tokenizer
-        else:
-            tokenizer_file = tokenizer_file or assets.minilm_dir() / "tokenizer.json"
-            source = str(tokenizer_file)
-            self._tok = tokenizers.Tokenizer.from_file(source)
-        self._tok.no_padding()
-        self._tok.no_truncation()
-        self.vocab_size = self._tok.get_vocab_size()
-        if expected_vocab_size is not None and self.vocab_size != expected_vocab_size:
-            raise ValueError(f"{source}: vocabulary has {self.vocab_size} tokens, "
-                             f"expected {expected_vocab_size}")
-        ids = {t: self._tok.token_to_id(t) for t in BERT_SPECIALS}
-        missing = [t for t, i in ids.items() if i is None]
-        if missing:
-            raise ValueError(f"{source}: vocabulary ({self.vocab_size} tokens) lacks {missing}; "
-                             "empty or not a BERT WordPiece vocabulary")
-        self.pad_id, self.sot_id, self.eot_id = ids["[PAD]"], ids["[CLS]"], ids["[SEP]"]
-        probe = self._tok.encode("a").ids
-        if probe[0] != self.sot_id or probe[-1] != self.eot_id:
-            raise ValueError(f"{source}: tokenizer does not add [CLS] ... [SEP] (got {probe})")
-
-    def encode(self, texts):
-        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=True)]
-
-
-TOKENIZERS = {"clip": ClipTokenizer, "bert": BertTokenizer}
-
-
-def get_tokenizer(kind, max_len, **kw):
-    """kind: "clip" | "bert"; max_len: row length; kw: the tokenizer's vocabulary options."""
-    if kind not in TOKENIZERS:
-        raise ValueError(f"unknown tokenizer kind {kind!r}, expected one of {sorted(TOKENIZERS)}")
-    return TOKENIZERS[kind](max_len, **kw)
