@@ -64,6 +64,8 @@ def test_bad_inputs_are_refused_naming_the_value():
     batch = naflex_batch([image], 4, 16)
     with pytest.raises(ValueError, match=r"'patches' must be \[B, N, 48\].*\(1, 16, 12\)"):
         tower.init(jax.random.key(0), dict(batch, patches=batch["patches"][..., :12]))
+    with pytest.raises(ValueError, match=r"image 0 has a \(5, 4\) patch grid.*N=16"):
+        tower.init(jax.random.key(0), dict(batch, shapes=np.asarray([[5, 4]], np.int32)))
     with pytest.raises(ValueError, match="expects a dict with keys"):
         tower.init(jax.random.key(0), np.zeros((1, 16, 16, 3), np.float32))
 
@@ -92,7 +94,8 @@ def random_params(module, *inputs, seed=0):
 
     def draw(path, x):
         noise = rng.normal(size=x.shape).astype(np.float32)
-        return 1.0 + 0.1 * noise if jax.tree_util.keystr(path).endswith("['scale']") else 0.2 * noise
+        is_scale = jax.tree_util.keystr(path).endswith("['scale']")
+        return 1.0 + 0.1 * noise if is_scale else 0.2 * noise
 
     return jax.tree_util.tree_map_with_path(draw, shapes)
 
@@ -106,10 +109,10 @@ def test_padding_changes_nothing():
     kwargs = dict(image_model="naflex_vit", image=TOWER, temperature_init=10.0)
     images = random_images([(40, 13), (16, 48), (20, 20)])
     small = naflex_batch(images, 4, 24)
-    big = naflex_batch(images, 4, 24)   # same sizes, then more room for padding
-    big = {"patches": np.concatenate([big["patches"], np.zeros((3, 16, 48), np.float32)], 1),
-           "mask": np.concatenate([big["mask"], np.zeros((3, 16), bool)], 1),
-           "shapes": big["shapes"]}
+    extra = 16   # the same patches with 16 more padding positions, filled with noise
+    big = {"patches": np.concatenate([small["patches"], np.zeros((3, extra, 48), np.float32)], 1),
+           "mask": np.concatenate([small["mask"], np.zeros((3, extra), bool)], 1),
+           "shapes": small["shapes"]}
     pad = ~big["mask"]
     big["patches"][pad] = np.random.default_rng(1).normal(size=(pad.sum(), 48))
     params = random_params(TwoTowers(**kwargs), small, None)

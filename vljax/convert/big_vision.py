@@ -172,7 +172,8 @@ def load_big_vision(path: str, image: dict | None = None,
             params[name] = v.reshape(())
     if tree:
         raise ValueError(f"{path}: unexpected top-level keys {sorted(tree)}")
-    kwargs = dict(image_model="naflex_vit" if naflex else "vit", image=img_kw, text_model="text_transformer", text=txt_kw,
+    kwargs = dict(image_model="naflex_vit" if naflex else "vit", image=img_kw,
+                  text_model="text_transformer", text=txt_kw,
                   temperature_init=float(np.exp(params["t"])))
     if "b" in params:
         kwargs["bias_init"] = float(params["b"])

@@ -37,7 +37,8 @@ def _resolved(model_kwargs: Mapping, image_model: str = "vit") -> tuple[dict, di
             model_kwargs.get("text_model", "text_transformer") != "text_transformer":
         raise ValueError(f"Cannot export to transformers: only the {image_model!r} + "
                          "'text_transformer' towers have an equivalent here, got "
-                         f"{model_kwargs.get('image_model')!r} + {model_kwargs.get('text_model')!r}")
+                         f"{model_kwargs.get('image_model')!r} + "
+                         f"{model_kwargs.get('text_model')!r}")
     image_cls = {"vit": ViT, "naflex_vit": NaFlexViT}[image_model]
     vit = image_cls(**model_kwargs.get("image", {}))
     txt = TextTransformer(**model_kwargs.get("text", {}))

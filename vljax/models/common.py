@@ -127,7 +127,8 @@ class Encoder1DBlock(nn.Module):
                      param_dtype=self.param_dtype)
         y = ln(name="LayerNorm_0")(x)
         y = Attention(self.num_heads, causal=self.causal, dtype=self.dtype,
-                      param_dtype=self.param_dtype, name="MultiHeadDotProductAttention_0")(y, y, mask)
+                      param_dtype=self.param_dtype,
+                      name="MultiHeadDotProductAttention_0")(y, y, mask)
         x = x + nn.Dropout(rate=self.dropout)(y, deterministic)
         y = ln(name="LayerNorm_1")(x)
         y = MlpBlock(self.mlp_dim, self.act, self.dropout, self.dtype, self.param_dtype,
@@ -221,7 +222,7 @@ class MAPHead(nn.Module):
 
     @nn.compact
     def __call__(self, x, mask=None):
-        """x: [B, L, D] -> [B, D]; mask: optional bool [B, L] of the tokens to pool (True = real)."""
+        """x: [B, L, D] -> [B, D]; mask: optional bool [B, L], the tokens to pool (True = real)."""
         b, _, d = x.shape
         probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, d), self.param_dtype)
         probe = jnp.broadcast_to(probe.astype(x.dtype), (b, 1, d))

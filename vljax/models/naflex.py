@@ -67,7 +67,8 @@ def resize_posemb(grid, shapes, n: int):
 
 
 def check_inputs(images, patch_dim: int):
-    """Raises ValueError naming the key / shape unless `images` follows the input contract."""
+    """Raises ValueError naming the key / shape unless `images` follows the input contract (and,
+    for host numpy `shapes`, unless every grid has 1 to N patches)."""
     if not isinstance(images, dict) or any(k not in images for k in INPUT_KEYS):
         found = sorted(images) if isinstance(images, dict) else type(images).__name__
         raise ValueError(f"NaFlex ViT expects a dict with keys {list(INPUT_KEYS)} "
@@ -80,6 +81,13 @@ def check_inputs(images, patch_dim: int):
         raise ValueError(f"NaFlex 'mask' must be [B, N] = {p[:2]}, got shape {m}")
     if s != (p[0], 2):
         raise ValueError(f"NaFlex 'shapes' must be [B, 2] = {(p[0], 2)}, got shape {s}")
+    shapes = images["shapes"]
+    if isinstance(shapes, np.ndarray):   # host values (not traced): check the budget too
+        n = shapes.prod(-1)
+        if (shapes < 1).any() or (n > p[1]).any():
+            i = int(np.argmax((shapes < 1).any(-1) | (n > p[1])))
+            raise ValueError(f"NaFlex image {i} has a {tuple(shapes[i].tolist())} patch grid: it needs "
+                             f"1 to N={p[1]} patches (the patch budget of this batch)")
 
 
 class NaFlexViT(nn.Module):
@@ -122,7 +130,8 @@ class NaFlexViT(nn.Module):
                 cfg[k] = getattr(self, k)
         missing = [k for k in ("width", "depth", "num_heads", "patch_size") if k not in cfg]
         if missing:
-            raise ValueError(f"NaFlexViT needs {missing}: give a variant such as 'B/16' or set them")
+            raise ValueError(f"NaFlexViT needs {missing}: give a variant such as 'B/16' or set "
+                             "them")
         p = cfg["patch_size"]
         if not isinstance(p, int):
             if len(p) != 2 or p[0] != p[1]:
