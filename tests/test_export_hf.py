@@ -1,4 +1,4 @@
-"""vljax CLIP / SigLIP / SigLIP 2 (NaFlex) models export to transformers directories, same outputs."""
+"""vljax CLIP, SigLIP and SigLIP 2 (NaFlex) models export to transformers directories."""
 import jax
 import numpy as np
 import pytest

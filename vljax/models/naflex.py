@@ -86,8 +86,8 @@ def check_inputs(images, patch_dim: int):
         n = shapes.prod(-1)
         if (shapes < 1).any() or (n > p[1]).any():
             i = int(np.argmax((shapes < 1).any(-1) | (n > p[1])))
-            raise ValueError(f"NaFlex image {i} has a {tuple(shapes[i].tolist())} patch grid: it needs "
-                             f"1 to N={p[1]} patches (the patch budget of this batch)")
+            raise ValueError(f"NaFlex image {i} has a {tuple(shapes[i].tolist())} patch grid: "
+                             f"it needs 1 to N={p[1]} patches (the patch budget of this batch)")
 
 
 class NaFlexViT(nn.Module):
