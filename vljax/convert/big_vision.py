@@ -5,6 +5,10 @@ flattened "params/img/Transformer/encoderblock_0/..." keys back into a tree. Wha
 config holds but the npz does not is inferred from the shapes (width, depth, heads, mlp_dim,
 patch, pooling head, classifier head); what cannot be inferred (text pooling, token ids) has
 big_vision's defaults and can be overridden with the `image` / `text` dicts.
+
+SigLIP 2: the fixed-resolution image towers are the plain ViT (a Conv patch stem); a NaFlex tower
+(big_vision models/proj/image_text/naflex_vit.py: `embedding` a Dense over flattened patches,
+`pos_embedding` [G, G, D]) loads into vljax.models.naflex.NaFlexViT ("naflex_vit").
 """
 import os
 import re
@@ -12,6 +16,7 @@ import re
 import numpy as np
 
 from vljax.convert import check_params, check_two_towers, flatten, unflatten
+from vljax.convert.hf_siglip2 import DEFAULT_MAX_NUM_PATCHES, check_naflex_two_towers
 from vljax.models import ViT
 
 _BLOCK = re.compile(r"^encoderblock_(\d+)$")
@@ -90,6 +95,36 @@ def vit_kwargs_from_params(img: dict, where: str = "img") -> dict:
     return kw
 
 
+def is_naflex(img: dict) -> bool:
+    """A NaFlex image tower: its patch stem is a Dense ([P*P*C, D]), not a Conv."""
+    return np.ndim(img.get("embedding", {}).get("kernel")) == 2
+
+
+def naflex_kwargs_from_params(img: dict, where: str = "img") -> dict:
+    """NaFlexViT kwargs inferred from big_vision naflex_vit params (unscanned in place); the
+    patch budget, which no parameter holds, is transformers' default (override `max_num_patches`).
+    """
+    if "Transformer" not in img or "pos_embedding" not in img:
+        raise ValueError(f"{where}: not a big_vision NaFlex ViT (no 'Transformer' / "
+                         f"'pos_embedding'); found {sorted(img)}")
+    for extra in ("pre_logits", "patchln_pre", "patchln_post"):
+        if extra in img:
+            raise ValueError(f"{where}/{extra}: NaFlex ViTs with this layer are not supported")
+    unscan(img["Transformer"])
+    kw = _encoder_sizes(img["Transformer"], f"{where}/Transformer")
+    pe = img["pos_embedding"]
+    fan_in = img["embedding"]["kernel"].shape[0]
+    p = int(round(np.sqrt(fan_in / 3)))
+    if pe.ndim != 3 or pe.shape[0] != pe.shape[1] or 3 * p * p != fan_in:
+        raise ValueError(f"{where}: pos_embedding {pe.shape} / embedding kernel "
+                         f"{img['embedding']['kernel'].shape} are not a [G, G, D] grid and a "
+                         "[P*P*3, D] patch stem")
+    kw.update(patch_size=p, posemb_grid=pe.shape[0], max_num_patches=DEFAULT_MAX_NUM_PATCHES,
+              pool_type="map" if "MAPHead_0" in img else "gap", act="gelu_tanh", ln_eps=1e-6,
+              **_head(img))
+    return kw
+
+
 def text_kwargs_from_params(txt: dict, where: str = "txt") -> dict:
     """TextTransformer kwargs inferred from big_vision text_transformer params."""
     if "Encoder_0" not in txt or "Embed_0" not in txt:
@@ -113,7 +148,8 @@ def _image_size(img: dict, kw: dict) -> tuple[int, int]:
 
 def load_big_vision(path: str, image: dict | None = None,
                     text: dict | None = None) -> tuple[dict, dict]:
-    """A big_vision two-tower npz (LiT / SigLIP / CLIP-style) -> (TwoTowers kwargs, params).
+    """A big_vision two-tower npz (LiT / SigLIP / SigLIP 2 / CLIP-style) -> (TwoTowers kwargs,
+    params); a NaFlex image tower gives image_model "naflex_vit".
 
     image / text: overrides of the inferred tower kwargs, e.g. text=dict(pool_type="first",
       pad_id=0) for a checkpoint trained with another text pooling.
@@ -123,7 +159,9 @@ def load_big_vision(path: str, image: dict | None = None,
     if missing:
         raise ValueError(f"{path}: not a two-tower checkpoint, missing {missing} "
                          f"(found {sorted(tree)}); use load_big_vision_vit for a plain ViT")
-    img_kw = {**vit_kwargs_from_params(tree["img"], f"{path}:img"), **(image or {})}
+    naflex = is_naflex(tree["img"])
+    infer = naflex_kwargs_from_params if naflex else vit_kwargs_from_params
+    img_kw = {**infer(tree["img"], f"{path}:img"), **(image or {})}
     txt_kw = {**text_kwargs_from_params(tree["txt"], f"{path}:txt"), **(text or {})}
     params = {"img": tree.pop("img"), "txt": tree.pop("txt")}
     for name in ("t", "b"):
@@ -134,11 +172,15 @@ def load_big_vision(path: str, image: dict | None = None,
             params[name] = v.reshape(())
     if tree:
         raise ValueError(f"{path}: unexpected top-level keys {sorted(tree)}")
-    kwargs = dict(image_model="vit", image=img_kw, text_model="text_transformer", text=txt_kw,
+    kwargs = dict(image_model="naflex_vit" if naflex else "vit", image=img_kw,
+                  text_model="text_transformer", text=txt_kw,
                   temperature_init=float(np.exp(params["t"])))
     if "b" in params:
         kwargs["bias_init"] = float(params["b"])
-    check_two_towers(kwargs, params, image_size=_image_size(params["img"], img_kw))
+    if naflex:
+        check_naflex_two_towers(kwargs, params)
+    else:
+        check_two_towers(kwargs, params, image_size=_image_size(params["img"], img_kw))
     return kwargs, params
 
 

@@ -159,7 +159,9 @@ def read_safetensors_dir(path: str) -> dict[str, np.ndarray]:
                      "(legacy pytorch_model.bin is not read: re-save with safetensors)")
 
 
-def _load_config(path: str, model_type: str):
+def load_hf_config(path: str, model_type: str):
+    """The transformers config class of `model_type` read from path/config.json (defaults filled
+    in); refuses a directory whose model_type differs, naming both."""
     # Imported on use: transformers takes about 2 s to import, and only reading an HF config needs
     # it (open_clip, to_hf and the factory import this module for its key tables).
     import transformers  # noqa: PLC0415  (configs only: no torch import)
@@ -171,7 +173,8 @@ def _load_config(path: str, model_type: str):
         found = json.load(f).get("model_type")
     if found != model_type:
         raise ValueError(f"{cfg_file}: model_type is {found!r}, expected {model_type!r}")
-    cls = {"clip": transformers.CLIPConfig, "siglip": transformers.SiglipConfig}[model_type]
+    cls = {"clip": transformers.CLIPConfig, "siglip": transformers.SiglipConfig,
+           "siglip2": transformers.Siglip2Config}[model_type]
     return cls.from_pretrained(path)
 
 
@@ -231,7 +234,7 @@ def fold_cls_posemb(cls: np.ndarray, posemb: np.ndarray, source: str):
 
 def load_hf_clip(path: str) -> tuple[dict, dict]:
     """A transformers CLIPModel directory -> (TwoTowers kwargs, params)."""
-    config = _load_config(path, "clip")
+    config = load_hf_config(path, "clip")
     sd = StateDict(read_safetensors_dir(path), source=path, ignore=("position_ids",))
     flat = apply_rows(sd, clip_rows(config))
     flat["img/cls"], flat["img/pos_embedding"] = fold_cls_posemb(
@@ -289,7 +292,7 @@ def siglip_rows(config) -> list[Row]:
 
 def load_hf_siglip(path: str) -> tuple[dict, dict]:
     """A transformers SiglipModel directory -> (TwoTowers kwargs, params)."""
-    config = _load_config(path, "siglip")
+    config = load_hf_config(path, "siglip")
     sd = StateDict(read_safetensors_dir(path), source=path, ignore=("position_ids",))
     split_in_proj(sd, "vision_model.head.attention")
     flat = apply_rows(sd, siglip_rows(config))

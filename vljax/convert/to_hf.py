@@ -1,4 +1,5 @@
-"""vljax TwoTowers -> a transformers CLIPModel / SiglipModel directory (config.json + safetensors).
+"""vljax TwoTowers -> a transformers CLIPModel / SiglipModel / Siglip2Model directory (config.json +
+safetensors; a Siglip2Model directory also gets the preprocessor_config.json of its patch budget).
 
 Uses the key tables of vljax.convert.hf in reverse. Only models that transformers can express
 are exported; anything else (sincos position embeddings, registers, gap pooling, a bidirectional
@@ -14,7 +15,11 @@ from safetensors.numpy import save_file
 
 from vljax.convert import flatten
 from vljax.convert.hf import VLJAX_TO_HF_ACT, clip_rows, siglip_rows
+from vljax.convert.hf_siglip2 import siglip2_rows
 from vljax.models import TextTransformer, ViT
+from vljax.models.naflex import NaFlexViT
+
+ARCHS = {"clip": "CLIPModel", "siglip": "SiglipModel", "siglip2": "Siglip2Model"}
 
 
 def _require(ok: bool, arch: str, what: str):
@@ -26,14 +31,17 @@ def _fields(module) -> dict:
     return {f.name: getattr(module, f.name) for f in dataclasses.fields(module)}
 
 
-def _resolved(model_kwargs: Mapping) -> tuple[dict, dict, dict, dict]:
+def _resolved(model_kwargs: Mapping, image_model: str = "vit") -> tuple[dict, dict, dict, dict]:
     """Tower kwargs with every default filled in, plus their resolved sizes."""
-    if model_kwargs.get("image_model", "vit") != "vit" or \
+    if model_kwargs.get("image_model", "vit") != image_model or \
             model_kwargs.get("text_model", "text_transformer") != "text_transformer":
-        raise ValueError("Cannot export to transformers: only the 'vit' + 'text_transformer' "
-                         f"towers have an equivalent, got {model_kwargs.get('image_model')!r} + "
+        raise ValueError(f"Cannot export to transformers: only the {image_model!r} + "
+                         "'text_transformer' towers have an equivalent here, got "
+                         f"{model_kwargs.get('image_model')!r} + "
                          f"{model_kwargs.get('text_model')!r}")
-    vit, txt = ViT(**model_kwargs.get("image", {})), TextTransformer(**model_kwargs.get("text", {}))
+    image_cls = {"vit": ViT, "naflex_vit": NaFlexViT}[image_model]
+    vit = image_cls(**model_kwargs.get("image", {}))
+    txt = TextTransformer(**model_kwargs.get("text", {}))
     return _fields(vit), vit.config(), _fields(txt), txt.config()
 
 
@@ -102,19 +110,43 @@ def siglip_config(model_kwargs: Mapping, params: Mapping):
     _require(v["pool_type"] == "map" and not v["ln_pre"] and v["patch_bias"] and
              v["num_classes"] == 0, arch,
              "the image tower needs pool_type='map', ln_pre=False, patch_bias=True, no head")
-    _require(not t["causal"] and t["pool_type"] == "last", arch,
-             "the text tower needs causal=False and pool_type='last'")
-    _require(t["num_classes"] == vc["width"] and t["head_bias"], arch,
-             "the text head needs a bias and num_classes equal to the image width")
-    text = dict(**_sizes(tc), vocab_size=t["vocab_size"], max_position_embeddings=t["max_len"],
-                hidden_act=_hf_act(t["act"], arch), layer_norm_eps=t["ln_eps"],
-                projection_size=t["num_classes"],
-                pad_token_id=t["pad_id"] if t["pad_id"] is not None else 1,
-                eos_token_id=t["eot_id"] if t["eot_id"] is not None else 1)
+    text = _siglip_text(t, tc, vc, arch)
     vision = dict(**_sizes(vc), patch_size=vc["patch_size"][0],
                   image_size=_image_size(params, vc["patch_size"][0]),
                   hidden_act=_hf_act(v["act"], arch), layer_norm_eps=v["ln_eps"])
     return transformers.SiglipConfig(text_config=text, vision_config=vision)
+
+
+def _siglip_text(t: dict, tc: dict, vc: dict, arch: str) -> dict:
+    """The text_config of SigLIP and SigLIP 2 (the same text tower)."""
+    _require(not t["causal"] and t["pool_type"] == "last", arch,
+             "the text tower needs causal=False and pool_type='last'")
+    _require(t["num_classes"] == vc["width"] and t["head_bias"], arch,
+             "the text head needs a bias and num_classes equal to the image width")
+    return dict(**_sizes(tc), vocab_size=t["vocab_size"], max_position_embeddings=t["max_len"],
+                hidden_act=_hf_act(t["act"], arch), layer_norm_eps=t["ln_eps"],
+                projection_size=t["num_classes"],
+                pad_token_id=t["pad_id"] if t["pad_id"] is not None else 1,
+                eos_token_id=t["eot_id"] if t["eot_id"] is not None else 1)
+
+
+def siglip2_config(model_kwargs: Mapping, params: Mapping):
+    """Siglip2Config of a NaFlexViT + SigLIP text tower model."""
+    arch = "siglip2"
+    v, vc, t, tc = _resolved(model_kwargs, image_model="naflex_vit")
+    _require(not v["scan"] and not t["scan"], arch,
+             "scan=True parameters (unstack them: export a scan=False model)")
+    _require(v["pool_type"] == "map" and v["num_classes"] == 0, arch,
+             "the image tower needs pool_type='map' and no head")
+    g = v["posemb_grid"]
+    _require(np.shape(params["img"]["pos_embedding"]) == (g, g, vc["width"]), arch,
+             f"img/pos_embedding {np.shape(params['img']['pos_embedding'])} is not the "
+             f"[{g}, {g}, {vc['width']}] grid of posemb_grid={g}")
+    text = _siglip_text(t, tc, vc, arch)
+    vision = dict(**_sizes(vc), patch_size=vc["patch_size"], num_patches=g * g,
+                  num_channels=v["num_channels"], hidden_act=_hf_act(v["act"], arch),
+                  layer_norm_eps=v["ln_eps"])
+    return transformers.Siglip2Config(text_config=text, vision_config=vision)
 
 
 def _invert(flat: dict, rows, arch: str) -> dict:
@@ -128,13 +160,15 @@ def _invert(flat: dict, rows, arch: str) -> dict:
 
 def export_hf(model_kwargs: Mapping, params: Mapping, out_dir: str, arch: str = "clip") -> None:
     """Writes out_dir/config.json + out_dir/model.safetensors for transformers' CLIPModel
-    (arch="clip") or SiglipModel (arch="siglip"); load them with `<Model>.from_pretrained`.
+    (arch="clip"), SiglipModel (arch="siglip", also fixed-resolution SigLIP 2) or Siglip2Model
+    (arch="siglip2", a "naflex_vit" image tower; also out_dir/preprocessor_config.json with its
+    patch_size and max_num_patches); load them with `<Model>.from_pretrained`.
 
     model_kwargs: TwoTowers kwargs; params: its parameter tree {"img", "txt", "t"[, "b"]}.
     """
-    if arch not in ("clip", "siglip"):
+    if arch not in ARCHS:
         raise ValueError(f"Unknown export arch {arch!r}: transformers equivalents exist for "
-                         "'clip' (CLIPModel) and 'siglip' (SiglipModel)")
+                         + ", ".join(f"{a!r} ({m})" for a, m in ARCHS.items()))
     flat = {k: np.asarray(v) for k, v in flatten(params).items()}
     if arch == "clip":
         config = clip_config(model_kwargs, params)
@@ -146,8 +180,12 @@ def export_hf(model_kwargs: Mapping, params: Mapping, out_dir: str, arch: str = 
             [np.zeros_like(pe[0, :1]), pe[0]]).astype(np.float32)
         hf["logit_scale"] = np.asarray(flat.pop("t"), np.float32).reshape(())
     else:
-        config = siglip_config(model_kwargs, params)
-        hf = _invert(flat, siglip_rows(config), arch)
+        if arch == "siglip":
+            config = siglip_config(model_kwargs, params)
+            hf = _invert(flat, siglip_rows(config), arch)
+        else:
+            config = siglip2_config(model_kwargs, params)
+            hf = _invert(flat, siglip2_rows(config), arch)
         head = "vision_model.head.attention"
         hf[f"{head}.in_proj_weight"] = np.concatenate(
             [hf.pop(f"{head}.{n}_proj.weight") for n in "qkv"])
@@ -159,6 +197,11 @@ def export_hf(model_kwargs: Mapping, params: Mapping, out_dir: str, arch: str = 
         raise ValueError(f"Cannot export as {arch!r}: parameters with no transformers "
                          f"equivalent: {sorted(flat)}")
     os.makedirs(out_dir, exist_ok=True)
-    config.architectures = ["CLIPModel" if arch == "clip" else "SiglipModel"]
+    config.architectures = [ARCHS[arch]]
     config.save_pretrained(out_dir)
+    if arch == "siglip2":
+        image = NaFlexViT(**model_kwargs.get("image", {}))
+        transformers.Siglip2ImageProcessor(
+            patch_size=image.config()["patch_size"],
+            max_num_patches=image.max_num_patches).save_pretrained(out_dir)
     save_file(hf, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})

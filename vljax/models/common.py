@@ -84,8 +84,11 @@ class Attention(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x_q, x_kv):
-        """x_q: [B, T, D], x_kv: [B, S, D] -> [B, T, D]."""
+    def __call__(self, x_q, x_kv, mask=None):
+        """x_q: [B, T, D], x_kv: [B, S, D] -> [B, T, D].
+
+        mask: optional bool [B, S], True = a real key; padded keys get no attention weight
+        (NaFlex padding; transformers' key-padding mask). Every row needs one real key."""
         d = x_q.shape[-1]
         if d % self.num_heads:
             raise ValueError(f"width {d} is not divisible by num_heads={self.num_heads}")
@@ -95,7 +98,11 @@ class Attention(nn.Module):
         q = proj(name="query")(x_q)
         k = proj(name="key")(x_kv)
         v = proj(name="value")(x_kv)
-        y = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)
+        if mask is None:
+            y = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)
+        else:
+            y = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, None, :],
+                                             is_causal=self.causal)
         return nn.DenseGeneral(d, axis=(-2, -1), name="out", dtype=self.dtype,
                                param_dtype=self.param_dtype,
                                kernel_init=nn.initializers.xavier_uniform())(y)
@@ -113,13 +120,15 @@ class Encoder1DBlock(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, deterministic: bool = True):
-        """x: [B, L, D] -> (x [B, L, D], None); the pair makes the block an nn.scan body."""
+    def __call__(self, x, deterministic: bool = True, mask=None):
+        """x: [B, L, D] -> (x [B, L, D], None); the pair makes the block an nn.scan body.
+        mask: optional bool [B, L] of real tokens, the keys attention may use (see Attention)."""
         ln = partial(nn.LayerNorm, epsilon=self.ln_eps, dtype=self.dtype,
                      param_dtype=self.param_dtype)
         y = ln(name="LayerNorm_0")(x)
         y = Attention(self.num_heads, causal=self.causal, dtype=self.dtype,
-                      param_dtype=self.param_dtype, name="MultiHeadDotProductAttention_0")(y, y)
+                      param_dtype=self.param_dtype,
+                      name="MultiHeadDotProductAttention_0")(y, y, mask)
         x = x + nn.Dropout(rate=self.dropout)(y, deterministic)
         y = ln(name="LayerNorm_1")(x)
         y = MlpBlock(self.mlp_dim, self.act, self.dropout, self.dtype, self.param_dtype,
@@ -162,8 +171,12 @@ class Encoder(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, deterministic: bool = True, start: int = 0, stop: int | None = None):
+    def __call__(self, x, deterministic: bool = True, start: int = 0, stop: int | None = None,
+                 mask=None):
         """x: [B, L, D] -> (normed [B, L, D], pre-norm [B, L, D]).
+
+        mask: optional bool [B, L], True = a real token: padded tokens are keys of no block's
+        attention (they still get states, which no real token reads).
 
         start / stop: run blocks [start, stop) only (x: the states after block start - 1); with
         stop < depth the final norm is not applied and both outputs are the states after block
@@ -179,14 +192,15 @@ class Encoder(nn.Module):
         kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, act=self.act,
                   ln_eps=self.ln_eps, causal=self.causal, dropout=self.dropout,
                   dtype=self.dtype, param_dtype=self.param_dtype)
+        args = (deterministic,) if mask is None else (deterministic, mask)
         if self.scan and start < stop:
             stack = nn.scan(block_cls, variable_axes={"params": 0},
                             split_rngs={"params": True, "dropout": True},
                             in_axes=nn.broadcast, length=self.depth)
-            x, _ = stack(name="encoderblock", **kw)(x, deterministic)
+            x, _ = stack(name="encoderblock", **kw)(x, *args)
         elif not self.scan:
             for i in range(start, stop):
-                x, _ = block_cls(name=f"encoderblock_{i}", **kw)(x, deterministic)
+                x, _ = block_cls(name=f"encoderblock_{i}", **kw)(x, *args)
         if stop < self.depth:
             return x, x
         normed = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -207,13 +221,13 @@ class MAPHead(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
-        """x: [B, L, D] -> [B, D]."""
+    def __call__(self, x, mask=None):
+        """x: [B, L, D] -> [B, D]; mask: optional bool [B, L], the tokens to pool (True = real)."""
         b, _, d = x.shape
         probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, d), self.param_dtype)
         probe = jnp.broadcast_to(probe.astype(x.dtype), (b, 1, d))
         a = Attention(self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
-                      name="MultiHeadDotProductAttention_0")(probe, x)
+                      name="MultiHeadDotProductAttention_0")(probe, x, mask)
         y = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, param_dtype=self.param_dtype,
                          name="LayerNorm_0")(a)
         a = a + MlpBlock(self.mlp_dim, self.act, dtype=self.dtype, param_dtype=self.param_dtype,

@@ -4,6 +4,7 @@ The one place a tower name is resolved: `TwoTowers` and the config check read `M
 """
 from vljax.models.bert import Bert
 from vljax.models.efficientnet import EfficientNetLite
+from vljax.models.naflex import NaFlexViT
 from vljax.models.text import TextTransformer
 from vljax.models.vit import ViT
 
@@ -11,6 +12,7 @@ from vljax.models.vit import ViT
 # `module_fields(MODELS[name]())`).
 MODELS = {
     "vit": lambda: ViT,
+    "naflex_vit": lambda: NaFlexViT,
     "text_transformer": lambda: TextTransformer,
     "bert": lambda: Bert,
     "efficientnet_lite": lambda: EfficientNetLite,
