@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import sentencepiece
 
+from siglip_dirs import captions
 from vljax import assets, tokenizers
 from vljax.tokenizers import from_directory, get_tokenizer
 
@@ -42,22 +43,6 @@ HOSTILE = [
 ]
 
 
-def _captions(n, seed):
-    """Deterministic caption-like lines over a mixed-script vocabulary (training corpus / extras)."""
-    rng = random.Random(seed)
-    words = ("a photo of the cat dog bird car tree house red blue green small large old young "
-             "running jumping sitting on in with near under sky water city street person people "
-             "man woman child playing ball food plate table beach mountain snow night sunset "
-             "café naïve über straße Ærø São 東京 猫 犬 写真 狗 照片 привет мир кошка собака "
-             "שלום עולם مرحبا قطة 한국 고양이 Ελλάδα γάτα 🐈 😀 ❤️ 👍🏽 1 2 3 42 2024 3.14").split()
-    punct = ["", "", ",", ".", "!", "?", "'s", " -", ":", ";", " &", " (x)"]
-    lines = []
-    for i in range(n):
-        line = " ".join(rng.choice(words) + rng.choice(punct) for _ in range(rng.randint(2, 16)))
-        lines.append(line.capitalize() if i % 3 == 0 else line.upper() if i % 11 == 0 else line)
-    return lines
-
-
 def _hostile():
     """HOSTILE plus random mixes of its hard pieces."""
     rng = random.Random(1)
@@ -65,7 +50,7 @@ def _hostile():
               "2024", "3.5", "!", "?!", "...", "-", "(", ")", "\t", "\n", "  ", "ñandú", "Ω", "–",
               "</s>", "<pad>", "<eos>", "▁", "Σ", "İ", "\x00"]
     return HOSTILE + ["".join(rng.choice(pieces) + rng.choice([" ", ""]) for _ in range(rng.randint(0, 30)))
-                      for _ in range(150)] + _captions(50, seed=2)
+                      for _ in range(150)] + captions(50, seed=2)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +58,7 @@ def dirs(tmp_path_factory):
     """The trained models and the transformers directories written from them (once a module)."""
     root = tmp_path_factory.mktemp("sp")
     corpus = root / "corpus.txt"
-    corpus.write_text("\n".join(_captions(800, seed=0)), encoding="utf-8")
+    corpus.write_text("\n".join(captions(800, seed=0)), encoding="utf-8")
     common = dict(input=str(corpus), hard_vocab_limit=False, character_coverage=1.0, minloglevel=2,
                   num_threads=1)
     sentencepiece.SentencePieceTrainer.train(  # SigLIP's spiece.model layout (T5's c4_en)
@@ -278,7 +263,7 @@ def test_clip_tokenizer_json(clip_dir):
     _, want = _reference(clip_dir, texts, 77)
     _assert_same(tok(texts), want, texts)
     assert (tok.sot_id, tok.eot_id, tok.pad_id, tok.vocab_size) == (49406, 49407, 49407, 49408)
-    plain = [t.lower() for t in _captions(100, seed=3) if t.isascii() and "&" not in t]
+    plain = [t.lower() for t in captions(100, seed=3) if t.isascii() and "&" not in t]
     open_clip_ids = get_tokenizer("clip", 77)(plain)
     after_eot = np.cumsum(open_clip_ids == tok.eot_id, axis=1) - (open_clip_ids == tok.eot_id) > 0
     np.testing.assert_array_equal(np.where(after_eot, tok.pad_id, open_clip_ids), tok(plain))
