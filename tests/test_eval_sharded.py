@@ -87,6 +87,9 @@ class ReferenceEmbedder:
 
     def __init__(self, model, params, tokenizer):
         self.model, self.params, self.tokenizer = model, params, tokenizer
+        # One jitted call per set (op-by-op dispatch of the towers made the fixture take minutes).
+        self._img = jax.jit(lambda p, x: model.apply({"params": p}, x, None)[0])
+        self._txt = jax.jit(lambda p, t: model.apply({"params": p}, None, t)[1])
         self.logit_scale, self.logit_bias = float(np.exp(params["t"])), None
         self.image_size = SIZE  # Tip-Adapter's augmented views are cropped to it
         self._pre = Preprocess(image_size=SIZE, value_range=VALUE_RANGE, require_caption=False)
@@ -95,12 +98,12 @@ class ReferenceEmbedder:
         exs = [self._pre.eval(data[i]) for i in range(len(data))]
         index = np.asarray([i for i, ex in enumerate(exs) if "skip" not in ex])
         x = np.stack([exs[i]["image"] for i in index])
-        z = self.model.apply({"params": self.params}, x, None)[0]
+        z = self._img(self.params, jax.device_put(x, jax.devices()[0]))
         return Embedded(z=np.asarray(z), index=index)
 
     def embed_texts(self, texts):
         ids = np.asarray(self.tokenizer(list(texts)), np.int32)
-        return np.asarray(self.model.apply({"params": self.params}, None, ids)[1])
+        return np.asarray(self._txt(self.params, jax.device_put(ids, jax.devices()[0])))
 
 
 def run_all(evaluators, emb):
