@@ -6,12 +6,19 @@ training config needed), or load a transformers CLIP directory instead:
 
     bundle = factory.load("/tmp/vljax_lit")            # a workdir: its latest checkpoint
     bundle = factory.load("hf_clip_dir/")              # config.json + model.safetensors
+    bundle = factory.load("google_siglip2_naflex_dir/", max_num_patches=256)
+    bundle = factory.load("siglip2.npz", tokenizer="gemma.model")   # big_vision
     zimg, ztxt, out = bundle.model.apply({"params": bundle.params}, images, bundle.tokenizer(texts))
+
+Checkpoints of other libraries (transformers CLIP / SigLIP / SigLIP 2 directories, big_vision
+SigLIP npz) are read by `read_checkpoint` (vljax/foreign.py) into the same (spec, params).
 
 The spec (a JSON-able dict):
 
     {"model": TwoTowers kwargs (tower dtypes as strings), "tokenizer": get_tokenizer kwargs,
      "image_size": 112, "value_range": "efficientnet" | [lo, hi] | "clip" | ...,
+     "resize": "crop" | "squash", "resample": "bilinear" | "bicubic",  # absent: "crop"
+     "naflex": {"patch_size": P, "max_num_patches": N},  # NaFlex towers, instead of image_size
      "logits": "softmax" | "sigmoid",
      "similarity": "global" | "filip"}    # how evaluators score by default: the trained loss's
                                           # (a FILIP model by late interaction); absent = "global"
@@ -29,32 +36,22 @@ import numpy as np
 from etils import epath
 
 from vljax import checkpoints, objective, stages, tokenizers
-from vljax.convert import hf
-from vljax.data.preprocess import canonical_value_range, eval_image
+from vljax.data.preprocess import canonical_value_range, eval_image, naflex_eval_image
+from vljax.foreign import is_transformers_dir, plain, read_checkpoint, with_budget
+from vljax.models.naflex import example_input
 from vljax.models.two_towers import TwoTowers
 from vljax.models.vit import ViT
+
+__all__ = ["SPEC_FILE", "Bundle", "abstract_params", "build_model", "build_tokenizer", "load",
+           "read_checkpoint", "read_spec", "restore_params", "spec_from_config", "value_range",
+           "with_budget", "write_spec"]
 
 SPEC_FILE = "model_spec.json"
 
 
-def _plain(x):
-    """ConfigDict / tuple / dtype values -> JSON-able plain values."""
-    if hasattr(x, "to_dict"):
-        x = x.to_dict()
-    if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    if x is None or isinstance(x, (str, bool, int, float)):
-        return x
-    if isinstance(x, np.generic):
-        return x.item()
-    return jnp.dtype(x).name  # a dtype (np.dtype, jnp.float32, ...): anything else is refused here
-
-
 def spec_from_config(config) -> dict:
     """The model spec of a training config (`config.model`, `tokenizer`, `input`, `dtype`, `remat`)."""
-    model = _plain(config.model)
+    model = plain(config.model)
     for tower in ("image", "text"):
         model[tower] = dict(model.get(tower) or {})
         model[tower].setdefault("dtype", str(config.get("dtype", "float32")))
@@ -67,8 +64,8 @@ def spec_from_config(config) -> dict:
             p = ViT(**{k: v for k, v in model["image"].items() if k != "dtype"}).config()["patch_size"]
             size = int(config.input.image_size)
             model["image"].setdefault("posemb_grid", [size // p[0], size // p[1]])
-    value_range = _plain(config.input.get("value_range", "efficientnet"))
-    return {"model": model, "tokenizer": _plain(config.tokenizer),
+    value_range = plain(config.input.get("value_range", "efficientnet"))
+    return {"model": model, "tokenizer": plain(config.tokenizer),
             "image_size": int(config.input.image_size), "value_range": value_range,
             **objective.inference_spec(config.loss)}  # "logits", "similarity": the trained loss's
 
@@ -110,8 +107,11 @@ def read_spec(workdir) -> dict:
 
 def abstract_params(model: TwoTowers, spec: dict):
     """The params' structure, shapes and dtypes, without computing anything."""
-    s = spec["image_size"]
-    images = jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32)
+    if "naflex" in spec:
+        images = example_input(spec["model"]["image"])
+    else:
+        s = spec["image_size"]
+        images = jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32)
     texts = jax.ShapeDtypeStruct((1, spec["tokenizer"]["max_len"]), jnp.int32)
     return jax.eval_shape(lambda r, x, y: model.init(r, x, y)["params"], jax.random.key(0), images, texts)
 
@@ -119,8 +119,9 @@ def abstract_params(model: TwoTowers, spec: dict):
 @dataclasses.dataclass
 class Bundle:
     """A model ready to use: `model.apply({"params": params}, images, texts)`; `tokenizer(texts)`
-    gives int32 [N, L] ids; images are preprocessed by `preprocess` (shorter side to
-    `image_size`, centre crop, `value_range`)."""
+    gives int32 [N, L] ids; images are preprocessed by `preprocess` (fixed resolution: shorter
+    side to `image_size` and centre crop, or the whole image to S x S for "resize": "squash";
+    then `value_range`; NaFlex: the patch dict of `vljax.data.naflex`)."""
     model: TwoTowers
     params: Any
     tokenizer: Any
@@ -128,7 +129,15 @@ class Bundle:
 
     @property
     def image_size(self) -> int:
+        if "naflex" in self.spec:
+            raise ValueError("a NaFlex model has no fixed image_size: its inputs are patch "
+                             f"sequences of budget {self.spec['naflex']['max_num_patches']}")
         return int(self.spec["image_size"])
+
+    @property
+    def naflex(self) -> dict | None:
+        """{"patch_size": P, "max_num_patches": N} of a NaFlex image tower, else None."""
+        return self.spec.get("naflex")
 
     @property
     def value_range(self):
@@ -142,28 +151,41 @@ class Bundle:
     def similarity(self) -> str:
         return self.spec.get("similarity", "global")
 
-    def preprocess(self, image) -> np.ndarray:
+    def preprocess(self, image):
         """One image (path, bytes, PIL image or uint8 array, any mode and size) -> f32 [S, S, 3]
-        (`preprocess.eval_image`). Raises ValueError (`transforms.UnreadableImage`) naming the
+        (`preprocess.eval_image`), or for a NaFlex model the dict {"patches" f32 [N, P*P*3],
+        "mask" bool [N], "shapes" int32 [2]} (`preprocess.naflex_eval_image`; stack a batch with
+        `vljax.data.naflex.stack`). Raises ValueError (`transforms.UnreadableImage`) naming the
         image and the reason when it cannot be read."""
-        return eval_image(image, self.image_size, self.value_range)
+        if self.naflex:
+            return naflex_eval_image(image, **self.naflex)
+        return eval_image(image, self.image_size, self.value_range,
+                          resize=self.spec.get("resize", "crop"),
+                          resample=self.spec.get("resample", "bilinear"))
 
 
-def load(path, *, step: int | None = None, shardings=None) -> Bundle:
-    """A vljax workdir (params of its latest checkpoint, or of `step`) or a transformers
-    CLIP / SigLIP directory. `shardings`: a pytree of shardings for the params (default: host
-    numpy arrays). Nothing of the optimizer is read."""
+def load(path, *, step: int | None = None, shardings=None, tokenizer=None,
+         max_num_patches: int | None = None) -> Bundle:
+    """A vljax workdir (params of its latest checkpoint, or of `step`), a transformers CLIP /
+    SigLIP / SigLIP 2 directory or a big_vision SigLIP npz (`read_checkpoint`; `tokenizer`: its
+    SentencePiece model or a directory overriding the checkpoint's). `max_num_patches`: the
+    NaFlex patch budget (default: the checkpoint's). `shardings`: a pytree of shardings for the
+    params (default: host numpy arrays). Nothing of the optimizer is read."""
     path = epath.Path(path).expanduser()
-    cfg = path / "config.json"
-    if (path / SPEC_FILE).exists() or (cfg.exists() and not _is_transformers(cfg)):
-        spec = read_spec(path)
+    if (path / SPEC_FILE).exists() or ((path / "config.json").exists()
+                                       and not is_transformers_dir(path)):
+        spec = with_budget(read_spec(path), max_num_patches)
         model = build_model(spec)
         params = restore_params(path, model, spec, step=step, shardings=shardings)
         return Bundle(model, params, build_tokenizer(spec), spec)
-    if cfg.exists():
-        return _load_transformers(path, json.loads(cfg.read_text()))
+    if is_transformers_dir(path) or path.suffix == ".npz":
+        spec, params = read_checkpoint(path, tokenizer=tokenizer, max_num_patches=max_num_patches)
+        if shardings is not None:
+            params = jax.device_put(params, shardings)
+        return Bundle(build_model(spec), params, build_tokenizer(spec), spec)
     raise FileNotFoundError(f"{path}: neither a vljax workdir ({SPEC_FILE} + checkpoints/) nor a "
-                            "transformers directory (config.json + model.safetensors)")
+                            "transformers directory (config.json + model.safetensors) nor a "
+                            "big_vision .npz")
 
 
 def restore_params(workdir, model, spec, *, step=None, shardings=None, subdir: str = "checkpoints"):
@@ -179,39 +201,3 @@ def restore_params(workdir, model, spec, *, step=None, shardings=None, subdir: s
     with checkpoints.Checkpointer(epath.Path(workdir) / subdir) as ckpt:
         params = ckpt.restore_params(step, target)
     return jax.tree.map(np.asarray, params) if host else params
-
-
-def _is_transformers(cfg_path) -> bool:
-    raw = json.loads(epath.Path(cfg_path).read_text())
-    return "model_type" in raw or "architectures" in raw
-
-
-def _load_transformers(path, raw) -> Bundle:
-    kind = raw.get("model_type", "")
-    if kind == "clip":
-        kwargs, params = hf.load_hf_clip(str(path))
-        tok_kw = dict(kind="clip", max_len=kwargs["text"].get("max_len", 77), **_hf_vocab(path))
-        tok = build_tokenizer({"tokenizer": tok_kw})
-        if tok.vocab_size > kwargs["text"]["vocab_size"]:  # ids past the table would be clamped silently
-            raise ValueError(f"{path}: the tokenizer has {tok.vocab_size} tokens but the text tower "
-                             f"only {kwargs['text']['vocab_size']}; save the model's tokenizer beside it "
-                             "(tokenizer.json, or vocab.json + merges.txt)")
-        spec = {"model": _plain(kwargs), "tokenizer": tok_kw,
-                "image_size": int(raw.get("vision_config", {}).get("image_size", 224)),
-                "value_range": "clip", "logits": "softmax"}
-        return Bundle(TwoTowers(**kwargs), params, tok, spec)
-    if kind == "siglip":
-        raise ValueError(f"{path}: SigLIP checkpoints use a SentencePiece tokenizer, which no "
-                         "package installs offline; load the model with vljax.convert.hf.load_hf_siglip "
-                         "and tokenise yourself")
-    raise ValueError(f"{path}: model_type {kind!r} is not a CLIP or SigLIP checkpoint")
-
-
-def _hf_vocab(path) -> dict:
-    """The directory's own CLIP vocabulary if it has one, else {} (OpenAI's, which every CLIP uses)."""
-    path = epath.Path(path)
-    if (path / "tokenizer.json").exists():
-        return dict(tokenizer_file=str(path / "tokenizer.json"))
-    if (path / "vocab.json").exists() and (path / "merges.txt").exists():
-        return dict(vocab=str(path / "vocab.json"), merges=str(path / "merges.txt"))
-    return {}
