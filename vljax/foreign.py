@@ -97,7 +97,7 @@ def read_checkpoint(path, *, tokenizer=None, max_num_patches=None) -> tuple[dict
     config = hf.load_hf_config(str(path), model_type)
     text_len = config.text_config.max_position_embeddings
     if model_type == "clip":
-        tok = _clip_tokenizer(path, tokenizer, text_len)
+        tok = clip_tokenizer(path, tokenizer, text_len)
     else:
         tok = tokenizers.from_directory(tokenizer or path, text_len, family=model_type)
     check_vocab(tok, config.text_config.vocab_size, tokenizer or path)
@@ -180,7 +180,7 @@ def _beside(npz: pathlib.Path) -> pathlib.Path:
     return found[0]
 
 
-def _clip_tokenizer(path, tokenizer, max_len) -> dict:
+def clip_tokenizer(path, tokenizer, max_len) -> dict:
     """A CLIP directory's own vocabulary (tokenizer.json, or vocab.json + merges.txt), else
     OpenAI's, which every CLIP uses (kind "clip": open_clip's cleaning and padding)."""
     root = pathlib.Path(tokenizer or path)

@@ -1,0 +1,73 @@
+"""The command lines on a SigLIP directory and a SigLIP 2 NaFlex directory: `vljax.inference
+classify` (in process: test_cli.py runs its plumbing as a subprocess) and `python -m
+vljax.evaluate --model=DIR --config=...` (one subprocess: zero-shot and retrieval on a folder)."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from helpers import REPO  # noqa: E402
+from siglip_dirs import siglip2_dir, siglip_dir  # noqa: E402
+from test_naflex import random_images  # noqa: E402
+
+from vljax.data import transforms as T  # noqa: E402
+from vljax.inference import Predictor, cli  # noqa: E402
+
+LABELS = ["cat", "dog"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("siglip_cli")
+    photos = root / "photos"
+    for label, seed in zip(LABELS, (1, 2)):
+        (photos / label).mkdir(parents=True)
+        for i, im in enumerate(random_images([(20, 40), (30, 18)], seed=seed)):
+            T.Image.fromarray(im).save(photos / label / f"{i}.png")
+            (photos / label / f"{i}.txt").write_text(f"a photo of a {label} number {i}")
+    return {"siglip": siglip_dir(root)[0], "siglip2": siglip2_dir(root)[0], "photos": photos}
+
+
+@pytest.mark.parametrize("name", ["siglip", "siglip2"])
+def test_classify_command(setup, name, capsys):
+    files = [str(setup["photos"] / "cat" / "0.png"), str(setup["photos"] / "dog" / "1.png")]
+    extra = ["--max-num-patches=9"] if name == "siglip2" else []
+    assert cli(["classify", f"--model={setup[name]}", "--labels=cat,dog", "--templates=name",
+                "--top-k=2", *extra, *files]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    pred = Predictor.load(str(setup[name]), **({"max_num_patches": 9} if extra else {}))
+    top = pred.classify(files, LABELS, templates="name", top_k=2)
+    assert len(lines) == 2
+    for line, row in zip(lines, top):  # the printed percentages are the Predictor's
+        assert line.split()[1:3] == [row[0][0], f"{row[0][1]:.1%}"]
+
+
+def test_evaluate_command_on_a_naflex_directory(setup, tmp_path):
+    photos = setup["photos"]
+    cfg = tmp_path / "evals.py"
+    cfg.write_text(
+        "import ml_collections\n\n"
+        "def get_config():\n"
+        "    data = dict(source='folder', path=%r, label_from_folder=True)\n"
+        "    return ml_collections.ConfigDict(dict(eval_batch_size=4, evals=dict(\n"
+        "        zs=dict(type='zeroshot', data=data, templates='name'),\n"
+        "        ret=dict(type='retrieval', data=dict(source='folder', path=%r)))))\n"
+        % (str(photos), str(photos)))
+    out = tmp_path / "metrics.json"
+    proc = subprocess.run([sys.executable, "-m", "vljax.evaluate", f"--model={setup['siglip2']}",
+                           f"--config={cfg}", "--max_num_patches=16", f"--out={out}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": REPO})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads(out.read_text())
+    zs = [k for k in metrics if k.startswith("zeroshot/zs/") and "top1" in k or k.endswith("zs/acc")]
+    ret = [k for k in metrics if k.startswith("retrieval/ret/")]
+    assert zs and ret, sorted(metrics)
+    for k in zs + ret:
+        assert np.isfinite(metrics[k]) and 0 <= metrics[k] <= 1, (k, metrics[k])
