@@ -14,7 +14,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from siglip_dirs import IMAGE_SIZE, MAX_LEN, PATCH, SIGLIP2_VOCAB, captions, siglip2_dir, siglip_dir  # noqa: E402
+from siglip_dirs import (IMAGE_SIZE, MAX_LEN, PATCH, SIGLIP2_VOCAB, captions,  # noqa: E402
+                         siglip2_dir, siglip_dir)
 from test_naflex import random_images  # noqa: E402
 
 from vljax import factory  # noqa: E402

@@ -47,7 +47,7 @@ from vljax.data import pipeline
 from vljax.data import sources as sources_lib
 from vljax.data.batching import global_batch_size, pad_rows
 from vljax.data.eval_transform import EvalImage
-from vljax.towers import TowerCache, _Towers  # noqa: F401  (TowerCache: public here since it began)
+from vljax.towers import TowerCache  # noqa: F401  (public here since it began)
 
 
 @dataclasses.dataclass

@@ -264,7 +264,7 @@ class _EvalBatch:
     def __call__(self, j: int) -> dict:
         first = j * self.global_batch + self.lo
         n = max(0, min(self.batch, len(self.source) - first))
-        image = self.pre.eval_image.zeros(n)
+        image = self.pre.eval_transform.zeros(n)
         label = np.full((n,), -1, np.int32)
         mask = np.zeros((n,), bool)
         captions, skipped = [""] * n, []
@@ -301,7 +301,7 @@ class EvalBatches:
         # Without a tokenizer nothing reads the captions: records without one still count.
         pre = Preprocess(image_size=eval_image.image_size, value_range=eval_image.value_range,
                          require_caption=tokenizer is not None, force_greyscale=greyscale,
-                         eval_image=eval_image)
+                         eval_transform=eval_image)
         self._make = _EvalBatch(source, pre, tokenizer, batch_size, self.batch, process_index * self.batch)
         self._threads, self._workers = int(read_threads), int(workers)
         self.skipped = dict.fromkeys(SKIP_REASONS, 0)

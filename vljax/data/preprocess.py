@@ -7,14 +7,13 @@ the batches and attaches to each batch how many were left out since the previous
 survive grain's worker processes and need no shared state.
 """
 import dataclasses
-import os
 
 import grain
 import numpy as np
 
 from vljax.data import transforms as T
-from vljax.data.eval_transform import (EvalImage, canonical_value_range, eval_image,  # noqa: F401
-                                       naflex_eval_image, read_rgb)
+# canonical_value_range / eval_image: imported from here since they began (now in eval_transform).
+from vljax.data.eval_transform import EvalImage, canonical_value_range, eval_image  # noqa: F401
 
 SKIP_REASONS = ("missing_file", "decode_error", "empty_caption", "read_error")
 SKIPPED_KEY = "_skipped"
@@ -42,7 +41,7 @@ class Preprocess:
     force_greyscale: bool = False  # every image greyscale (the stored LiT features' grey view)
     # Eval mode: the model's own eval transform (a SigLIP "squash" resize, a NaFlex patch dict as
     # "image"), in place of the centre crop; None: `image_size` / `value_range` as above.
-    eval_image: EvalImage | None = None
+    eval_transform: EvalImage | None = None
 
     def __call__(self, record: dict, rng: np.random.Generator | None = None) -> dict:
         if "error" in record:
@@ -60,10 +59,10 @@ class Preprocess:
             return {"skip": "missing_file"}
         except T.DECODE_ERRORS:
             return {"skip": "decode_error"}
-        if rng is None and self.eval_image is not None:
+        if rng is None and self.eval_transform is not None:
             if self.force_greyscale:
                 img = img.convert("L").convert("RGB")
-            return {"image": self.eval_image(img), "caption": caption or "", **_labels(record)}
+            return {"image": self.eval_transform(img), "caption": caption or "", **_labels(record)}
         if rng is not None and self.crop_scale is not None:
             img = T.random_resized_crop(img, self.image_size, rng, scale=tuple(self.crop_scale))
         else:
