@@ -176,6 +176,12 @@ def test_refusals_name_the_file_or_value_before_the_weights(dirs, tmp_path):
     (small / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=f"small_table.*{SIGLIP2_VOCAB} tokens.* only 100 rows"):
         factory.load(small)
+    # A processor whose normalisation is no value range (per-channel mean), before the weights.
+    odd = _copy(path2, tmp_path / "odd_norm", drop=("model.safetensors",))
+    pp = json.loads((odd / "preprocessor_config.json").read_text())
+    (odd / "preprocessor_config.json").write_text(json.dumps(dict(pp, image_mean=[0.4, 0.5, 0.6])))
+    with pytest.raises(ValueError, match="odd_norm/preprocessor_config.json: image_mean"):
+        factory.load(odd)
     # A patch budget that allows nothing, and a budget for a fixed-resolution model.
     with pytest.raises(ValueError, match="max_num_patches=0"):
         factory.load(path2, max_num_patches=0)
