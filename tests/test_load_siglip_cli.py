@@ -1,6 +1,8 @@
 """The command lines on a SigLIP directory and a SigLIP 2 NaFlex directory: `vljax.inference
-classify` (in process: test_cli.py runs its plumbing as a subprocess) and `python -m
-vljax.evaluate --model=DIR --config=...` (one subprocess: zero-shot and retrieval on a folder)."""
+classify` and `vljax.evaluate`'s function in process (test_cli.py runs their plumbing as
+subprocesses), zero-shot and retrieval on a folder; `python -m vljax.evaluate --model=DIR
+--config=...` itself as a subprocess in the slow set."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -16,6 +18,8 @@ from helpers import REPO  # noqa: E402
 from siglip_dirs import siglip2_dir, siglip_dir  # noqa: E402
 from test_naflex import random_images  # noqa: E402
 
+from vljax import evaluate as evaluate_lib  # noqa: E402
+from vljax import factory  # noqa: E402
 from vljax.data import transforms as T  # noqa: E402
 from vljax.inference import Predictor, cli  # noqa: E402
 
@@ -48,26 +52,42 @@ def test_classify_command(setup, name, capsys):
         assert line.split()[1:3] == [row[0][0], f"{row[0][1]:.1%}"]
 
 
-def test_evaluate_command_on_a_naflex_directory(setup, tmp_path):
-    photos = setup["photos"]
+EVALS = ("    data = dict(source='folder', path=%r, label_from_folder=True)\n"
+         "    return ml_collections.ConfigDict(dict(eval_batch_size=4, evals=dict(\n"
+         "        zs=dict(type='zeroshot', data=data, templates='name'),\n"
+         "        ret=dict(type='retrieval', data=dict(source='folder', path=%r)))))\n")
+KEYS = ["zeroshot/zs/top1", "retrieval/ret/i2t_r1", "retrieval/ret/t2i_r1"]
+
+
+def _config_file(setup, tmp_path):
     cfg = tmp_path / "evals.py"
-    cfg.write_text(
-        "import ml_collections\n\n"
-        "def get_config():\n"
-        "    data = dict(source='folder', path=%r, label_from_folder=True)\n"
-        "    return ml_collections.ConfigDict(dict(eval_batch_size=4, evals=dict(\n"
-        "        zs=dict(type='zeroshot', data=data, templates='name'),\n"
-        "        ret=dict(type='retrieval', data=dict(source='folder', path=%r)))))\n"
-        % (str(photos), str(photos)))
-    out = tmp_path / "metrics.json"
-    proc = subprocess.run([sys.executable, "-m", "vljax.evaluate", f"--model={setup['siglip2']}",
-                           f"--config={cfg}", "--max_num_patches=16", f"--out={out}"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": REPO})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics = json.loads(out.read_text())
-    keys = ["zeroshot/zs/top1", "retrieval/ret/i2t_r1", "retrieval/ret/t2i_r1"]
-    assert set(keys) <= set(metrics), sorted(metrics)
-    for k in keys:  # 4 images of 2 classes: accuracies are multiples of 1/4
+    photos = str(setup["photos"])
+    cfg.write_text("import ml_collections\n\ndef get_config():\n" + EVALS % (photos, photos))
+    return cfg
+
+
+def _check(metrics):
+    assert set(KEYS) <= set(metrics), sorted(metrics)
+    for k in KEYS:  # 4 images of 2 classes: accuracies are multiples of 1/4
         assert np.isfinite(metrics[k]) and 0 <= metrics[k] <= 1, (k, metrics[k])
         assert metrics[k] * 4 == pytest.approx(round(metrics[k] * 4)), (k, metrics[k])
+
+
+@pytest.mark.parametrize("name", ["siglip", "siglip2"])
+def test_evaluate_runs_zero_shot_and_retrieval(setup, name, tmp_path):
+    """`vljax.evaluate`'s function on the loaded directory (the command's path, in process)."""
+    spec = importlib.util.spec_from_file_location("evals_cfg", _config_file(setup, tmp_path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    _check(evaluate_lib.evaluate(factory.load(setup[name]), module.get_config()))
+
+
+@pytest.mark.slow  # a subprocess: JAX's import and the compiles take ~20-35 s on 2 shared cores;
+def test_evaluate_command_on_a_naflex_directory(setup, tmp_path):  # the test above runs in-process
+    out = tmp_path / "metrics.json"
+    proc = subprocess.run([sys.executable, "-m", "vljax.evaluate", f"--model={setup['siglip2']}",
+                           f"--config={_config_file(setup, tmp_path)}", "--max_num_patches=16",
+                           f"--out={out}"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": REPO})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _check(json.loads(out.read_text()))
