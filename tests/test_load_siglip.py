@@ -3,8 +3,12 @@ transformers models do: the directory's tokenizer gives transformers' ids, `Bund
 gives its processor's inputs, embeddings and logits agree within 1e-5 (tiny random-weight models,
 SentencePiece tokenizers trained on shipped text: tests/siglip_dirs.py). Refusals name the file
 or value and come before the weights are read."""
+import atexit
+import functools
 import json
+import pathlib
 import shutil
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -46,12 +50,20 @@ def siglip2_fixed_dir(root, gemma_dir, seed=1):
     return path, model
 
 
-@pytest.fixture(scope="module")
-def dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("siglip_dirs")
+@functools.lru_cache(maxsize=None)
+def made_dirs() -> dict:
+    """{name: (path, torch model)}, made once per test process and shared by the
+    test_load_siglip* modules (read only: tests copy a directory before changing it)."""
+    root = pathlib.Path(tempfile.mkdtemp(prefix="vljax_siglip_dirs_"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
     made = {"siglip": siglip_dir(root), "siglip2": siglip2_dir(root, max_num_patches=25)}
     made["siglip2_fixed"] = siglip2_fixed_dir(root, made["siglip2"][0])
     return made
+
+
+@pytest.fixture(scope="module")
+def dirs():
+    return made_dirs()
 
 
 def hf_ids(path, texts):
@@ -131,30 +143,31 @@ def _npz(params, path):
     np.savez(path, **{f"params/{k}": np.asarray(v) for k, v in flatten(params).items()})
 
 
-def test_big_vision_npz_with_its_sentencepiece_model(dirs, tmp_path):
+@pytest.mark.parametrize("name,model_file", [("siglip", "spiece.model"),
+                                             ("siglip2", "tokenizer.model")])
+def test_big_vision_npz_with_its_sentencepiece_model(dirs, tmp_path, name, model_file):
     """The same weights as a big_vision npz, the .model beside it (found) or given: the same
     outputs on the same ids; big_vision's tokenizer rules (no canonicalisation, sticky eos)."""
-    for name, model_file in (("siglip", "spiece.model"), ("siglip2", "tokenizer.model")):
-        path, _ = dirs[name]
-        hf_bundle = factory.load(path)
-        npz = tmp_path / f"{name}.npz"
-        _npz(hf_bundle.params, npz)
-        shutil.copy(path / model_file, tmp_path / f"{name}.model")
-        bundle = factory.load(npz)
-        assert bundle.spec["tokenizer"]["model_file"] == str(tmp_path / f"{name}.model")
-        assert bundle.spec["tokenizer"]["canonicalize"] == "none"
-        rows = bundle.tokenizer(TEXTS)
-        assert rows.shape == (len(TEXTS), MAX_LEN)
-        assert (rows == bundle.tokenizer.eot_id).any(axis=1).all()  # eos kept on truncation
-        if name == "siglip":
-            assert (bundle.spec["image_size"], bundle.spec["resize"]) == (IMAGE_SIZE, "squash")
-            images = np.stack([hf_bundle.preprocess(im) for im in random_images(SIZES[:3])])
-        else:
-            assert bundle.naflex == {"patch_size": PATCH, "max_num_patches": 256}
-            bundle = factory.load(npz, tokenizer=tmp_path / f"{name}.model", max_num_patches=25)
-            images = stack([hf_bundle.preprocess(im) for im in random_images(SIZES[:3])])
-        ids = hf_bundle.tokenizer(TEXTS[:3])
-        assert_close(ours(bundle, images, ids), ours(hf_bundle, images, ids), atol=1e-6)
+    path, _ = dirs[name]
+    hf_bundle = factory.load(path)
+    npz = tmp_path / f"{name}.npz"
+    _npz(hf_bundle.params, npz)
+    shutil.copy(path / model_file, tmp_path / f"{name}.model")
+    bundle = factory.load(npz)
+    assert bundle.spec["tokenizer"]["model_file"] == str(tmp_path / f"{name}.model")
+    assert bundle.spec["tokenizer"]["canonicalize"] == "none"
+    rows = bundle.tokenizer(TEXTS)
+    assert rows.shape == (len(TEXTS), MAX_LEN)
+    assert (rows == bundle.tokenizer.eot_id).any(axis=1).all()  # eos kept on truncation
+    if name == "siglip":
+        assert (bundle.spec["image_size"], bundle.spec["resize"]) == (IMAGE_SIZE, "squash")
+        images = np.stack([hf_bundle.preprocess(im) for im in random_images(SIZES[:3])])
+    else:
+        assert bundle.naflex == {"patch_size": PATCH, "max_num_patches": 256}
+        bundle = factory.load(npz, tokenizer=tmp_path / f"{name}.model", max_num_patches=25)
+        images = stack([hf_bundle.preprocess(im) for im in random_images(SIZES[:3])])
+    ids = hf_bundle.tokenizer(TEXTS[:3])
+    assert_close(ours(bundle, images, ids), ours(hf_bundle, images, ids), atol=1e-6)
 
 
 def _copy(src, dst, drop=()):

@@ -15,7 +15,7 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from helpers import REPO  # noqa: E402
-from siglip_dirs import siglip2_dir, siglip_dir  # noqa: E402
+from test_load_siglip import made_dirs  # noqa: E402
 from test_naflex import random_images  # noqa: E402
 
 from vljax import evaluate as evaluate_lib  # noqa: E402
@@ -35,7 +35,8 @@ def setup(tmp_path_factory):
         for i, im in enumerate(random_images([(20, 40), (30, 18)], seed=seed)):
             T.Image.fromarray(im).save(photos / label / f"{i}.png")
             (photos / label / f"{i}.txt").write_text(f"a photo of a {label} number {i}")
-    return {"siglip": siglip_dir(root)[0], "siglip2": siglip2_dir(root)[0], "photos": photos}
+    return {"siglip": made_dirs()["siglip"][0], "siglip2": made_dirs()["siglip2"][0],
+            "photos": photos}
 
 
 @pytest.mark.parametrize("name", ["siglip", "siglip2"])

@@ -9,8 +9,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from siglip_dirs import PATCH, siglip2_dir, siglip_dir  # noqa: E402
-from test_load_siglip import SIZES, hf_ids, ours  # noqa: E402
+from siglip_dirs import PATCH  # noqa: E402
+from test_load_siglip import SIZES, hf_ids, made_dirs, ours  # noqa: E402
 from test_naflex import random_images  # noqa: E402
 
 from vljax import factory, sharding  # noqa: E402
@@ -41,9 +41,9 @@ class ImagesSource:
 
 
 @pytest.fixture(scope="module")
-def bundles(tmp_path_factory):
-    root = tmp_path_factory.mktemp("siglip_eval")
-    (s2, model2), (s1, model1) = siglip2_dir(root), siglip_dir(root)
+def bundles():
+    made = made_dirs()
+    (s2, model2), (s1, model1) = made["siglip2"], made["siglip"]
     return {"siglip2": (factory.load(s2, max_num_patches=BUDGET), s2, model2),
             "siglip": (factory.load(s1), s1, model1)}
 

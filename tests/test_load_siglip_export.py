@@ -9,8 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from siglip_dirs import siglip2_dir, siglip_dir  # noqa: E402
-from test_load_siglip import SIZES, TEXTS, assert_close, hf_ids, ours  # noqa: E402
+from test_load_siglip import SIZES, TEXTS, assert_close, hf_ids, made_dirs, ours  # noqa: E402
 from test_naflex import random_images  # noqa: E402
 
 from vljax import factory  # noqa: E402
@@ -24,9 +23,8 @@ def _without_files(spec):
 
 
 @pytest.fixture(scope="module")
-def made(tmp_path_factory):
-    root = tmp_path_factory.mktemp("siglip_export")
-    return {"siglip": siglip_dir(root)[0], "siglip2": siglip2_dir(root, max_num_patches=16)[0]}
+def made():
+    return {name: path for name, (path, _) in made_dirs().items()}
 
 
 def _inputs(bundle):
