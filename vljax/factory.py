@@ -2,7 +2,7 @@
 
 The trainer writes the spec (`model_spec.json`) into every workdir; inference, evaluation and
 soups rebuild the model from it and restore only the params of a checkpoint (no optimizer, no
-training config needed), or load a transformers CLIP directory instead:
+training config needed), or load another library's checkpoint instead:
 
     bundle = factory.load("/tmp/vljax_lit")            # a workdir: its latest checkpoint
     bundle = factory.load("hf_clip_dir/")              # config.json + model.safetensors
@@ -11,7 +11,10 @@ training config needed), or load a transformers CLIP directory instead:
     zimg, ztxt, out = bundle.model.apply({"params": bundle.params}, images, bundle.tokenizer(texts))
 
 Checkpoints of other libraries (transformers CLIP / SigLIP / SigLIP 2 directories, big_vision
-SigLIP npz) are read by `read_checkpoint` (vljax/foreign.py) into the same (spec, params).
+SigLIP npz) are read by `read_checkpoint` (vljax/foreign.py) into the same (spec, params);
+`export(bundle, dir)` writes a transformers directory back. `write_spec` copies the tokenizer
+files a spec names into workdir/tokenizer/ and records them relative to the workdir
+(`read_spec` resolves them), so a workdir outlives the directory it was initialised from.
 
 The spec (a JSON-able dict):
 
