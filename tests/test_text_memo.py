@@ -92,7 +92,7 @@ def test_text_cache_trains_and_evaluates_as_the_whole_tower(tmp_path):
 
 def test_text_cache_without_locked_blocks_is_refused(tmp_path):
     manifest = make_shapes_manifest(str(tmp_path / "shapes"), n_per=1)
-    config = tiny_config(manifest, "lit", steps=2)
+    config = tiny_config(manifest, "lit", steps=4)
     config.text_cache = True
     with pytest.raises(ValueError, match="config key `text_cache`"):
         train.Trainer(config, str(tmp_path / "run"))
