@@ -55,6 +55,27 @@ def test_head_of_trunk_is_the_tower(tower):
                                np.asarray(zimg), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("tower", [
+    ("vit", dict(variant=None, width=32, depth=1, mlp_dim=64, num_heads=2, patch_size=8, num_classes=16)),
+    pytest.param(("efficientnet_lite", dict(variant="lite0", num_classes=16)), marks=pytest.mark.slow),
+])
+def test_sliced_trunk_equals_the_whole_batch_bitwise(tower):
+    """On one CPU device the store runs the trunk's batch as slices inside one jit (one per core):
+    every row bitwise equal to the whole batch's, so the stored features do not change."""
+    model = TwoTowers(image_model=tower[0], image=tower[1], text_model="text_transformer",
+                      text=dict(variant=None, width=16, depth=1, mlp_dim=32, num_heads=2, vocab_size=64,
+                                max_len=8, num_classes=16))
+    x = jax.device_put(jax.random.normal(jax.random.key(1), (64, 32, 32, 3)), jax.devices()[0])
+    params = model.init(jax.random.key(0), x[:1], jnp.zeros((1, 8), jnp.int32))["params"]
+    whole = np.asarray(jax.jit(features._trunk(model, False, 1))(params, x))
+    for parts in (2, 4):
+        np.testing.assert_array_equal(np.asarray(jax.jit(features._trunk(model, False, parts))(params, x)),
+                                      whole)
+    one_cpu = sharding.make_mesh([("data", 1)], devices=jax.devices()[:1])
+    assert 1 <= features.trunk_parts(one_cpu) <= 4
+    assert features.trunk_parts(sharding.make_mesh([("data", 2)], devices=jax.devices()[:2])) == 1
+
+
 def test_store_round_trips_and_skips_unreadable(lit, manifest, tmp_path):
     config, model, params = lit
     mesh = sharding.make_mesh([("data", -1)])
