@@ -18,12 +18,13 @@ from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from vljax import (checkpoints, eval_builder, factory, features, logs, metrics, nonfinite, objective,
-                   optim, pretrained, selection, sharding, stages)
+from vljax import (checkpoints, config_check, eval_builder, factory, features, init_from, logs, metrics, nonfinite,
+                   objective, optim, pretrained, selection, sharding, stages)
 from vljax.data import pipeline, sources
 from vljax.step import flat as _flat, make_train_step
 from vljax.text_memo import TextMemo, locked_text_blocks
 from vljax.embedder import Embedder
+from vljax.models.naflex import example_input
 from vljax.models.two_towers import TwoTowers
 
 # ----------------------------------------------------------------------------------------------
@@ -40,9 +41,14 @@ def build_tokenizer(config):
 
 
 def _dummy_inputs(config, batch=1):
-    s = config.input.image_size
-    return (jnp.zeros((batch, s, s, 3), jnp.float32),
-            jnp.zeros((batch, config.tokenizer.max_len), jnp.int32))
+    """Zero images (NaFlex: the patch dict at the budget, `example_input`) and texts of the config."""
+    if config.input.get("naflex"):
+        images = {k: jnp.zeros((batch, *a.shape[1:]), a.dtype)
+                  for k, a in example_input(config.model.image.to_dict(), batch).items()}
+    else:
+        s = config.input.image_size
+        images = jnp.zeros((batch, s, s, 3), jnp.float32)
+    return images, jnp.zeros((batch, config.tokenizer.max_len), jnp.int32)
 
 
 def make_init_fns(model, tx, config):
@@ -63,9 +69,10 @@ def init_params(model, config, rng):
     return jax.jit(lambda r: model.init(r, *_dummy_inputs(config))["params"])(rng)
 
 
-def init_state(init_params, init_opt, shardings, model_init, init_rng, train_rng) -> dict:
+def init_state(init_params, init_opt, shardings, model_init, init_rng, train_rng, loaded=None) -> dict:
     """A fresh train state created in its `shardings` (see `make_init_fns`), with the pretrained
-    towers of `model_init` ({"img": NAME_OR_PATH, ...}) written into the params' shards."""
+    towers of `model_init` ({"img": NAME_OR_PATH, ...}), or every param of an `init_from`
+    checkpoint (`loaded`, host arrays: `init_from.write_params`), written into the params' shards."""
     compiled = jax.jit(init_params, out_shardings=shardings["params"]).lower(init_rng).compile()
     _release_host_memory()
     params = compiled(init_rng)
@@ -75,6 +82,8 @@ def init_state(init_params, init_opt, shardings, model_init, init_rng, train_rng
         if spec:
             params = pretrained.write_tower(params, pretrained.load_tower(spec), tower)
             _release_host_memory()
+    if loaded is not None:
+        params = init_from.write_params(params, loaded)
     opt_state = jax.jit(init_opt, out_shardings=shardings["opt_state"])(params)
     meta = jax.jit(lambda r: {"step": jnp.zeros((), jnp.int32), "rng": r},
                    out_shardings={"step": shardings["step"], "rng": shardings["rng"]})(train_rng)
@@ -113,6 +122,11 @@ class Trainer:
 
     def __init__(self, config, workdir: str, devices=None, write_config: bool = True,
                  require_checkpoint: bool = False):
+        self._loaded = None  # config.init_from: the checkpoint's params, host arrays, for a fresh run
+        if init_from.requested(config):  # its spec decides the model, tokenizer and preprocessing
+            spec, self._loaded = init_from.read_source(config, workdir)
+            config = init_from.resolve(config, spec)
+            config_check.validate(config)
         self.config = config
         self.workdir = workdir
         self.mesh = sharding.make_mesh(config.mesh, devices=devices)
@@ -163,8 +177,9 @@ class Trainer:
         self._evaluators = self._embedder = self._text_memo = None
 
     def initial_state(self, init_rng, train_rng):
+        loaded, self._loaded = self._loaded, None  # host copy freed once written
         return init_state(self._init_params, self._init_opt, self.state_sh, self.config.get("model_init"),
-                          init_rng, train_rng)
+                          init_rng, train_rng, loaded)
 
     # -- input ---------------------------------------------------------------------------------
     def make_input(self, stage: stages.Stage | None = None):
