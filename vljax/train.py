@@ -262,6 +262,8 @@ class Trainer:
                 and features.image_trunk_locked(_flat(self.trainable_mask)))
 
     def evaluate(self, step: int, params=None) -> dict:
+        if not self.evaluators():  # no evals configured: no embedder to build
+            return {}
         emb = self.embedder(params)
         with logs.phase(f"evaluation at step {step}", evals=len(self.evaluators())):
             return eval_builder.run_all(self.evaluators(), emb)
