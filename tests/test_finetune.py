@@ -20,7 +20,7 @@ transformers = pytest.importorskip("transformers")
 from helpers import REPO, losses_of, make_shapes_manifest, tiny_config  # noqa: E402
 from siglip_dirs import PATCH, siglip2_dir, siglip_dir  # noqa: E402
 
-from vljax import checkpoints, factory, init_from, train  # noqa: E402
+from vljax import checkpoints, factory, init_from, metrics, train  # noqa: E402
 from vljax.data.naflex import naflex_batch  # noqa: E402
 
 TEXTS = ["a red circle", "A BLUE square!", "", "a photo of the cat 🐈"]
@@ -44,7 +44,7 @@ def manifest(tmp_path_factory):
     return path
 
 
-def ft_config(manifest, path, steps=20, lock="none"):
+def ft_config(manifest, path, steps=16, lock="none"):
     """tiny_config with the model, tokenizer and image size left to the checkpoint."""
     raw = tiny_config(manifest, "siglip", steps=steps, batch=16).to_dict()
     for key in ("model", "tokenizer", "model_init"):
@@ -53,7 +53,8 @@ def ft_config(manifest, path, steps=20, lock="none"):
     raw["input"].pop("value_range")
     raw["input"]["augment"] = dict(random_resized_crop=None)
     raw["init_from"] = str(path)
-    raw["lr"] = 1e-2
+    raw["lr"] = 3e-3
+    raw["loss"] = dict(name="sigmoid")  # the ring form compiles slower; tests/test_losses covers it
     if lock == "image":
         raw["schedule"] = [("img/.*", None), (".*", dict(decay_type="cosine", warmup_steps=3))]
     return ml_collections.ConfigDict(raw)
@@ -106,7 +107,7 @@ def test_naflex_finetune_trains_from_the_checkpoint_and_reloads(dirs, manifest, 
 
     final = trainer.fit()
     losses = losses_of(tmp_path / "run")
-    assert len(losses) == 20 and np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
+    assert len(losses) == 16 and np.mean(losses[-5:]) < 0.9 * np.mean(losses[:5]), losses
     # The workdir reloads as the trained model: same spec, same outputs.
     bundle = factory.load(tmp_path / "run")
     assert bundle.naflex == trainer.spec["naflex"] and bundle.sigmoid
@@ -117,6 +118,7 @@ def test_naflex_finetune_trains_from_the_checkpoint_and_reloads(dirs, manifest, 
     assert np.abs(trained[0] - ours[0]).max() > 1e-3  # it did train
 
 
+@pytest.mark.slow  # a second trainer compile (~40 s on 2 shared cores); the NaFlex run covers the path
 def test_siglip_lit_finetune(dirs, manifest, tmp_path):
     """A fixed-resolution SigLIP directory, image tower locked (LiT): squash preprocessing, the
     image tower stays the checkpoint's, the text tower and t / b train, the loss goes down."""
@@ -139,14 +141,14 @@ def test_siglip_lit_finetune(dirs, manifest, tmp_path):
     final = _host(trainer.fit()["params"])
     for a, b in zip(jax.tree.leaves(start["img"]), jax.tree.leaves(final["img"])):
         np.testing.assert_array_equal(a, b)
-    assert not np.allclose(start["txt"]["Embed_0"]["embedding"] if "Embed_0" in start["txt"]
-                           else jax.tree.leaves(start["txt"])[0],
-                           final["txt"]["Embed_0"]["embedding"] if "Embed_0" in final["txt"]
-                           else jax.tree.leaves(final["txt"])[0])
+    moved = [not np.allclose(a, b) for a, b in zip(jax.tree.leaves(start["txt"]), jax.tree.leaves(final["txt"]))]
+    assert all(moved), "every text-tower parameter trains"
+    assert start["t"] != final["t"] and start["b"] != final["b"]
     losses = losses_of(tmp_path / "lit")
-    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
+    assert np.mean(losses[-5:]) < 0.9 * np.mean(losses[:5]), losses
 
 
+@pytest.mark.slow  # three trainer compiles (~90 s); test_train.py keeps plain resumption in the fast set
 def test_resume_equals_uninterrupted_without_reading_the_source(dirs, manifest, tmp_path, monkeypatch):
     path, _ = dirs["siglip2"]
     config = ft_config(manifest, path, steps=6)
@@ -197,18 +199,19 @@ def test_bad_input_is_refused_before_anything_is_written(dirs, manifest, tmp_pat
     assert resolved.input.naflex.max_num_patches == 12 == resolved.model.image.max_num_patches
 
 
-@pytest.mark.slow  # a fresh interpreter importing JAX, torch-free, and compiling the step: ~40 s
+@pytest.mark.slow  # two fresh interpreters (JAX start-up, the step's compile): ~80 s
 def test_main_runs_configs_finetune(dirs, manifest, tmp_path):
     path, _ = dirs["siglip2"]
     workdir = tmp_path / "cli"
     proc = subprocess.run(
         [sys.executable, "-m", "vljax.main",
          f"--config={REPO}/configs/finetune.py:init_from={path},data={manifest},batch=8,steps=3,lr=0.001",
-         f"--workdir={workdir}", "--config.progress=False", "--config.plot=False"],
+         f"--workdir={workdir}"],
         capture_output=True, text=True, timeout=300, cwd=REPO,
         env={**os.environ, "PYTHONPATH": REPO, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert len(losses_of(workdir)) == 3
+    rows = [r for r in metrics.read_metrics(str(workdir / "metrics.jsonl")) if "train/loss" in r]
+    assert rows[-1]["step"] == 3 and np.isfinite(rows[-1]["train/loss"])
     assert factory.load(workdir).naflex == {"patch_size": PATCH, "max_num_patches": 25}
     missing = subprocess.run(
         [sys.executable, "-m", "vljax.main",
