@@ -14,7 +14,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from siglip_dirs import IMAGE_SIZE, MAX_LEN, PATCH, SIGLIP2_VOCAB, captions, siglip2_dir, siglip_dir  # noqa: E402
+from siglip_dirs import (IMAGE_SIZE, MAX_LEN, PATCH, SIGLIP2_VOCAB, TOWER, _jitter,  # noqa: E402
+                         captions, siglip2_dir, siglip_dir)
 from test_naflex import random_images  # noqa: E402
 
 from vljax import factory  # noqa: E402
@@ -26,10 +27,31 @@ TEXTS = ["a photo of a cat.", "A Photo Of A CAT", "", "café naïve über 東京
 SIZES = [(20, 60), (64, 16), (8, 8), (100, 100), (33, 47)]  # wide, tall, tiny, large, odd
 
 
+def siglip2_fixed_dir(root, gemma_dir, seed=1):
+    """As google/siglip2-*-224: a SiglipModel ("siglip") with SigLIP 2's Gemma tokenizer files."""
+    path = root / "siglip2_fixed"
+    torch.manual_seed(seed)
+    config = transformers.SiglipConfig(
+        text_config=dict(**TOWER, vocab_size=SIGLIP2_VOCAB, max_position_embeddings=MAX_LEN,
+                         pad_token_id=0, eos_token_id=1, bos_token_id=2),
+        vision_config=dict(**TOWER, patch_size=PATCH, image_size=IMAGE_SIZE))
+    model = _jitter(transformers.SiglipModel(config).eval(), seed)
+    model.save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "tokenizer.model"):
+        if (gemma_dir / name).exists():
+            shutil.copy(gemma_dir / name, path / name)
+    transformers.SiglipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+                                         resample=2).save_pretrained(path)
+    return path, model
+
+
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("siglip_dirs")
-    return {"siglip": siglip_dir(root), "siglip2": siglip2_dir(root, max_num_patches=25)}
+    made = {"siglip": siglip_dir(root), "siglip2": siglip2_dir(root, max_num_patches=25)}
+    made["siglip2_fixed"] = siglip2_fixed_dir(root, made["siglip2"][0])
+    return made
 
 
 def hf_ids(path, texts):
@@ -52,13 +74,17 @@ def assert_close(got, want, atol=1e-5):
         np.testing.assert_allclose(a, b, atol=atol, rtol=0, err_msg=name)
 
 
-def test_siglip_directory(dirs):
-    path, model = dirs["siglip"]
+@pytest.mark.parametrize("name,kind,resample", [("siglip", "sentencepiece", "bicubic"),
+                                                ("siglip2_fixed", "hf", "bilinear")])
+def test_siglip_directory(dirs, name, kind, resample):
+    """SigLIP (spiece.model) and fixed-resolution SigLIP 2 (a "siglip" directory with Gemma's
+    tokenizer.json, which transformers reads as GemmaTokenizer: no lower case, left padding)."""
+    path, model = dirs[name]
     bundle = factory.load(path)
     spec = bundle.spec
-    assert spec["tokenizer"]["kind"] == "sentencepiece" and spec["tokenizer"]["max_len"] == MAX_LEN
+    assert spec["tokenizer"]["kind"] == kind and spec["tokenizer"]["max_len"] == MAX_LEN
     assert (spec["logits"], spec["image_size"], spec["resize"], spec["resample"]) == (
-        "sigmoid", IMAGE_SIZE, "squash", "bicubic")
+        "sigmoid", IMAGE_SIZE, "squash", resample)
     assert spec["value_range"] == [-1.0, 1.0]
     ids = bundle.tokenizer(TEXTS)
     np.testing.assert_array_equal(ids, hf_ids(path, TEXTS))
@@ -150,6 +176,12 @@ def test_refusals_name_the_file_or_value_before_the_weights(dirs, tmp_path):
     (small / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=f"small_table.*{SIGLIP2_VOCAB} tokens.* only 100 rows"):
         factory.load(small)
+    # A processor whose normalisation is no value range (per-channel mean), before the weights.
+    odd = _copy(path2, tmp_path / "odd_norm", drop=("model.safetensors",))
+    pp = json.loads((odd / "preprocessor_config.json").read_text())
+    (odd / "preprocessor_config.json").write_text(json.dumps(dict(pp, image_mean=[0.4, 0.5, 0.6])))
+    with pytest.raises(ValueError, match="odd_norm/preprocessor_config.json: image_mean"):
+        factory.load(odd)
     # A patch budget that allows nothing, and a budget for a fixed-resolution model.
     with pytest.raises(ValueError, match="max_num_patches=0"):
         factory.load(path2, max_num_patches=0)

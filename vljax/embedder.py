@@ -46,6 +46,8 @@ from vljax import features, logs, sharding
 from vljax.data import pipeline
 from vljax.data import sources as sources_lib
 from vljax.data.batching import global_batch_size, pad_rows
+from vljax.data.eval_transform import EvalImage
+from vljax.towers import TowerCache  # noqa: F401  (public here since it began)
 
 
 @dataclasses.dataclass
@@ -64,10 +66,6 @@ def _local(x: jax.Array) -> np.ndarray:
     return np.asarray(x.addressable_data(0))
 
 
-def _pick(out: dict, *keys):
-    return tuple(out[k] for k in keys)
-
-
 def _one_behind(outputs):
     """outputs: an iterator of dispatched tower calls (pytrees of replicated global arrays) ->
     their host copies (numpy, this process's copy), in order. Call j+1 is dispatched (the next
@@ -83,68 +81,6 @@ def _one_behind(outputs):
         prev = local
     if prev is not None:
         yield jax.tree.map(np.asarray, prev)
-
-
-class _Towers:
-    """The jitted tower functions of `model` on `mesh`, outputs replicated."""
-
-    def __init__(self, model, mesh):
-        replicated = NamedSharding(mesh, P())
-        self.img = jax.jit(lambda p, x, m: (model.apply({"params": p}, x, None)[0], m),
-                           out_shardings=(replicated, replicated))
-        self.txt = jax.jit(lambda p, t: model.apply({"params": p}, None, t)[1],
-                           out_shardings=replicated)
-        # The same from the states after the k locked lowest text blocks (a `TextMemo`).
-        self.txt_upper = jax.jit(lambda p, t, s, k: model.apply({"params": p}, None, t, text_lower=(k, s))[1],
-                                 out_shardings=replicated, static_argnums=3)
-        self.head = jax.jit(lambda p, f, m: (model.apply({"params": p}, f, method=model.image_head), m),
-                            out_shardings=(replicated, replicated))
-        # Late interaction: the projected tokens (and the text masks) instead of the pooled z.
-        self.img_tok = jax.jit(lambda p, x, m: (model.apply({"params": p}, x, None)[2]["img/tokens_proj"], m),
-                               out_shardings=(replicated, replicated))
-        self.txt_tok = jax.jit(lambda p, t: _pick(model.apply({"params": p}, None, t)[2],
-                                                  "txt/tokens_proj", "txt/mask"),
-                               out_shardings=replicated)
-        self.txt_tok_upper = jax.jit(
-            lambda p, t, s, k: _pick(model.apply({"params": p}, None, t, text_lower=(k, s))[2],
-                                     "txt/tokens_proj", "txt/mask"),
-            out_shardings=replicated, static_argnums=3)
-        self.head_tok = jax.jit(lambda p, f, t, m: (model.apply({"params": p}, f, t.astype(f.dtype),
-                                                                method=model.image_head_tokens)[1], m),
-                                out_shardings=(replicated, replicated))
-
-
-def _same(a, b) -> bool:
-    """Equal modules; one whose fields cannot be compared (arrays in its config) only to itself."""
-    if a is b:
-        return True
-    try:
-        return bool(a == b)
-    except (TypeError, ValueError):
-        return False
-
-
-class TowerCache:
-    """The jitted towers of the `size` most recently used (model, mesh) pairs.
-
-    `get` returns the towers of an equal model (flax modules compare by their fields; they are
-    not hashable) on the same mesh, jitted once: jax caches compilations per jitted function, so
-    Embedders made afresh for each evaluation with the same cache reuse them. A few models at
-    most (soups, WiSE-FT) are evaluated in one process, hence the small default size.
-    """
-
-    def __init__(self, size: int = 4):
-        self.size = int(size)
-        self._entries = []  # [(model, mesh, _Towers)], the most recent last
-
-    def get(self, model, mesh) -> _Towers:
-        for i, (m, me, t) in enumerate(self._entries):
-            if me == mesh and _same(m, model):
-                self._entries.append(self._entries.pop(i))
-                return t
-        self._entries.append((model, mesh, _Towers(model, mesh)))
-        del self._entries[:-self.size]
-        return self._entries[-1][2]
 
 
 class _Rows:
@@ -193,7 +129,9 @@ class Embedder:
       model: a TwoTowers. params: its parameters (global jax.Arrays on `mesh`, or host arrays).
       tokenizer: `tok(list[str]) -> int32 [N, L]`.
       mesh: the device mesh (the trainer's); the batch is split over its data axes.
-      image_size, value_range: preprocessing, as `config.input` says for the model.
+      image_size, value_range: preprocessing, as `config.input` says for the model; or
+        eval_image: the model's eval transform (`EvalImage.from_spec(spec)`: a SigLIP squash
+        resize, a NaFlex tower's patch dicts, streamed as padded batches of its budget).
       batch_size: the global batch; rounded up to a multiple of the batch shards and processes.
       data_dir: TFDS data dir for data given as config entries.
       similarity: how evaluators score by default: "global" (cosine of the pooled embeddings) or
@@ -209,8 +147,8 @@ class Embedder:
 
     shared_towers: ClassVar[TowerCache] = TowerCache()
 
-    def __init__(self, model, params, tokenizer, *, mesh, image_size: int, value_range,
-                 batch_size: int = 64, data_dir=None, feature_store=None, progress: bool = True,
+    def __init__(self, model, params, tokenizer, *, mesh, image_size: int | None = None,
+                 value_range="efficientnet", eval_image: EvalImage | None = None, batch_size: int = 64, data_dir=None, feature_store=None, progress: bool = True,
                  similarity: str = "global", read_threads: int = 4, workers: int = 0,
                  towers: TowerCache | None = None, text_memo=None):
         self.model, self.tokenizer, self.mesh = model, tokenizer, mesh
@@ -218,7 +156,12 @@ class Embedder:
         self.progress = progress
         self.read_threads, self.workers = int(read_threads), int(workers)
         self.feature_store, self.text_memo = feature_store, text_memo
-        self.image_size, self.value_range, self.data_dir = int(image_size), value_range, data_dir
+        self.eval_image = eval_image or EvalImage(image_size, value_range)
+        if feature_store is not None and self.eval_image.naflex is not None:
+            raise ValueError(f"feature_store={feature_store}: stored trunk features are for "
+                             "fixed-resolution image towers, not NaFlex")
+        self.image_size, self.value_range = self.eval_image.image_size, self.eval_image.value_range
+        self.data_dir = data_dir
         self.batch_size = global_batch_size(batch_size, mesh)
         self._batch_sharding = sharding.batch_sharding(mesh)
         self.params = self._on_mesh(params)
@@ -228,15 +171,15 @@ class Embedder:
     @classmethod
     def from_bundle(cls, bundle, *, mesh, params=None, **kwargs) -> "Embedder":
         """The Embedder of a model bundle: anything with `model`, `params`, `tokenizer`,
-        `image_size`, `value_range` and `similarity` (`factory.Bundle`, `inference.Predictor`),
-        so images are preprocessed and scored as the model's spec says.
+        `eval_image` (or `image_size` and `value_range`) and `similarity` (`factory.Bundle`,
+        `inference.Predictor`), so images are preprocessed and scored as the model's spec says.
 
         params: other params of the same model (default: the bundle's). kwargs: the other
         `Embedder` arguments (batch_size, workers, feature_store, progress, data_dir, ...).
         """
+        ev = getattr(bundle, "eval_image", None) or EvalImage(bundle.image_size, bundle.value_range)
         return cls(bundle.model, bundle.params if params is None else params, bundle.tokenizer,
-                   mesh=mesh, image_size=bundle.image_size, value_range=bundle.value_range,
-                   similarity=bundle.similarity, **kwargs)
+                   mesh=mesh, eval_image=ev, similarity=bundle.similarity, **kwargs)
 
     def with_params(self, params) -> "Embedder":
         """The same towers over other params, with empty caches (one per evaluation)."""
@@ -285,10 +228,9 @@ class Embedder:
         if self.feature_store is not None:
             return self._stream_features(data, tokens)
         batches = pipeline.make_eval_batches(
-            data, batch_size=self.batch_size, image_size=self.image_size,
-            value_range=self.value_range, data_dir=self.data_dir, read_threads=self.read_threads,
-            workers=self.workers)
-        b, s = batches.batch, self.image_size
+            data, batch_size=self.batch_size, eval_image=self.eval_image, data_dir=self.data_dir,
+            read_threads=self.read_threads, workers=self.workers)
+        b = batches.batch
         rows = _Rows(batches.num_examples, self.batch_size)
         fn = self._fn.img_tok if tokens else self._fn.img
         bar = logs.progress(batches, desc=f"embed {_name(data)}", total=len(batches), unit="batch",
@@ -296,8 +238,9 @@ class Embedder:
 
         def dispatched():
             for batch in bar:
-                x = jax.make_array_from_process_local_data(
-                    self._batch_sharding, pad_rows(batch["image"], b), (self.batch_size, s, s, 3))
+                x = jax.tree.map(lambda a: jax.make_array_from_process_local_data(
+                    self._batch_sharding, pad_rows(a, b), (self.batch_size,) + a.shape[1:]),
+                    batch["image"])  # an array [b, S, S, 3] or a NaFlex dict of [b, ...]
                 m = jax.make_array_from_process_local_data(
                     self._batch_sharding, pad_rows(batch["mask"], b), (self.batch_size,))
                 yield fn(self.params, x, m)
@@ -388,10 +331,17 @@ class Embedder:
                 self._texts[key] = jax.tree.map(lambda *a: np.concatenate(a), *parts)
         return self._texts[key]
 
-    def embed_image_array(self, images: np.ndarray) -> np.ndarray:
-        """images: float32 [N, S, S, 3], preprocessed, the same on every process -> [N, D].
+    def embed_image_array(self, images) -> np.ndarray:
+        """images: float32 [N, S, S, 3], preprocessed, the same on every process (NaFlex: the dict
+        of [N, ...] arrays, `EvalImage.stack`; one over the patch budget is refused) -> [N, D].
         For a few photos in memory (vljax/inference.py); data sets go through `embed_images`."""
-        images = np.asarray(images, np.float32)
+        self.eval_image.check_batch(images)
         ones = np.ones((self.batch_size,), bool)
         mask = jax.make_array_from_callback(ones.shape, self._batch_sharding, lambda idx: ones[idx])
-        return self._host_batches(lambda x: self._fn.img(self.params, x, mask)[0], images)
+        if isinstance(images, dict):
+            keys = sorted(images)
+            return self._host_batches(
+                lambda *xs: self._fn.img(self.params, dict(zip(keys, xs)), mask)[0],
+                *(np.asarray(images[k]) for k in keys))
+        return self._host_batches(lambda x: self._fn.img(self.params, x, mask)[0],
+                                  np.asarray(images, np.float32))

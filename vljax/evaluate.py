@@ -2,9 +2,11 @@ r"""Evaluate a model with a config's evaluators: a vljax workdir or a converted 
 
     python -m vljax.evaluate --model=/tmp/vljax_lit --config=configs/lit_eval.py --out=/tmp/lit_eval.json
     python -m vljax.evaluate --model=hf_clip_dir/ --config=configs/lit.py --evals=fashion_mnist
+    python -m vljax.evaluate --model=siglip2_naflex_dir/ --max_num_patches=256 --config=configs/lit.py
 
 `--model` is anything `vljax.factory.load` takes (a workdir: its latest checkpoint; a
-transformers CLIP directory). The evaluators are `config.evals` (default: the workdir's own
+transformers CLIP / SigLIP / SigLIP 2 directory; a big_vision SigLIP .npz with `--tokenizer`
+or its .model beside it). The evaluators are `config.evals` (default: the workdir's own
 config.json), built by vljax/eval_builder.py; images are streamed with the MODEL's image size and
 normalisation, so a converted CLIP at 224 px is evaluated on the same data as a demo LiT model at 112 px.
 Unlike `vljax.main --mode=eval`, nothing is written into the model's directory. On a CPU run
@@ -28,8 +30,13 @@ from vljax import cliflags, hostmem, logs
 
 # Flags on a module-private FlagValues: vljax.main and vljax.soup define --config too (cliflags).
 _FLAGS = flags.FlagValues()
-_MODEL = flags.DEFINE_string("model", None, "vljax workdir or transformers CLIP directory.",
-                             flag_values=_FLAGS)
+_MODEL = flags.DEFINE_string("model", None, "vljax workdir, transformers CLIP / SigLIP / SigLIP 2 "
+                             "directory or big_vision SigLIP .npz.", flag_values=_FLAGS)
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "The SentencePiece .model of a big_vision npz "
+                                 "(default: the one beside it), or a directory overriding the "
+                                 "model's tokenizer.", flag_values=_FLAGS)
+_MAX_NUM_PATCHES = flags.DEFINE_integer("max_num_patches", None, "NaFlex models: the patch budget "
+                                        "(default: the checkpoint's).", flag_values=_FLAGS)
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file whose `evals` to run (default: the workdir's config.json).",
     flag_values=_FLAGS)
@@ -89,7 +96,8 @@ def main(argv):
     if hostmem.cli_apply(jax.default_backend(), keep_host):
         logs.info(hostmem.APPLIED)
     try:
-        predictor = factory.load(path)
+        predictor = factory.load(path, tokenizer=_TOKENIZER.value,
+                                 max_num_patches=_MAX_NUM_PATCHES.value)
     except (OSError, ValueError) as e:
         where = "" if path in str(e) else f"{path}: "
         raise SystemExit(f"vljax.evaluate: cannot load the model: {where}{e}") from None

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import tempfile
 from typing import Any
 
 import jax
@@ -36,15 +38,16 @@ import numpy as np
 from etils import epath
 
 from vljax import checkpoints, objective, stages, tokenizers
-from vljax.data.preprocess import canonical_value_range, eval_image, naflex_eval_image
-from vljax.foreign import is_transformers_dir, plain, read_checkpoint, with_budget
+from vljax.data.eval_transform import EvalImage
+from vljax.data.preprocess import canonical_value_range
+from vljax.foreign import clip_tokenizer, is_transformers_dir, plain, read_checkpoint, with_budget
 from vljax.models.naflex import example_input
 from vljax.models.two_towers import TwoTowers
 from vljax.models.vit import ViT
 
-__all__ = ["SPEC_FILE", "Bundle", "abstract_params", "build_model", "build_tokenizer", "load",
-           "read_checkpoint", "read_spec", "restore_params", "spec_from_config", "value_range",
-           "with_budget", "write_spec"]
+__all__ = ["SPEC_FILE", "Bundle", "abstract_params", "build_model", "build_tokenizer", "export",
+           "load", "portable_spec", "read_checkpoint", "read_spec", "resolved_spec",
+           "restore_params", "spec_from_config", "value_range", "with_budget", "write_spec"]
 
 SPEC_FILE = "model_spec.json"
 
@@ -98,17 +101,60 @@ def value_range(spec: dict):
     return canonical_value_range(spec.get("value_range", "efficientnet"))
 
 
+# The tokenizer kinds' file arguments (vljax/tokenizers): copied beside the spec, so a workdir
+# or an export keeps working when the checkpoint it came from moves or is deleted.
+TOKENIZER_DIR = "tokenizer"
+TOKENIZER_FILE_KEYS = ("tokenizer_file", "model_file", "vocab", "merges", "vocab_file")
+
+
+def portable_spec(spec: dict, root) -> dict:
+    """The spec with every tokenizer file it names copied into root/tokenizer/ and referenced
+    relative to root ("tokenizer/spiece.model"); files already there are not copied again."""
+    tok = dict(spec.get("tokenizer") or {})
+    root = epath.Path(root)
+    for key in TOKENIZER_FILE_KEYS:
+        if key not in tok or not tok[key]:
+            continue
+        if _in_tokenizer_dir(tok[key]):
+            continue  # already relative to a spec's root: travels with it
+        src = epath.Path(tok[key])
+        src = src if src.is_absolute() else epath.Path(os.path.abspath(tok[key]))
+        dst = root / TOKENIZER_DIR / src.name
+        if str(src) != str(dst):
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.write_bytes(src.read_bytes())
+        tok[key] = f"{TOKENIZER_DIR}/{src.name}"
+    return dict(spec, tokenizer=tok) if "tokenizer" in spec else spec
+
+
+def _in_tokenizer_dir(file: str) -> bool:
+    return not epath.Path(file).is_absolute() and str(file).startswith(f"{TOKENIZER_DIR}/")
+
+
+def resolved_spec(spec: dict, root) -> dict:
+    """The spec with its "tokenizer/..." files made absolute under root (`portable_spec`'s
+    inverse); other paths (specs written before) are kept."""
+    tok = dict(spec.get("tokenizer") or {})
+    for key in TOKENIZER_FILE_KEYS:
+        if tok.get(key) and _in_tokenizer_dir(tok[key]):
+            tok[key] = str(epath.Path(root) / tok[key])
+    return dict(spec, tokenizer=tok) if "tokenizer" in spec else spec
+
+
 def write_spec(workdir, spec: dict) -> None:
+    """workdir/model_spec.json, with the tokenizer files copied into workdir/tokenizer/
+    (`portable_spec`): the workdir reloads unchanged wherever the original files go."""
     path = epath.Path(workdir)
     path.mkdir(parents=True, exist_ok=True)
-    (path / SPEC_FILE).write_text(json.dumps(spec, indent=1))
+    (path / SPEC_FILE).write_text(json.dumps(portable_spec(spec, path), indent=1))
 
 
 def read_spec(workdir) -> dict:
-    """The workdir's model spec; workdirs written before the spec existed: from config.json."""
+    """The workdir's model spec (tokenizer files resolved under it); workdirs written before the
+    spec existed: from config.json."""
     path = epath.Path(workdir)
     if (path / SPEC_FILE).exists():
-        return json.loads((path / SPEC_FILE).read_text())
+        return resolved_spec(json.loads((path / SPEC_FILE).read_text()), path)
     if (path / "config.json").exists():
         return spec_from_config(ml_collections.ConfigDict(json.loads((path / "config.json").read_text())))
     raise FileNotFoundError(f"{path}: no {SPEC_FILE} (and no config.json): not a vljax workdir")
@@ -144,6 +190,11 @@ class Bundle:
         return int(self.spec["image_size"])
 
     @property
+    def eval_image(self) -> EvalImage:
+        """The spec's eval transform (vljax/data/eval_transform.py)."""
+        return EvalImage.from_spec(self.spec)
+
+    @property
     def naflex(self) -> dict | None:
         """{"patch_size": P, "max_num_patches": N} of a NaFlex image tower, else None."""
         return self.spec.get("naflex")
@@ -162,15 +213,10 @@ class Bundle:
 
     def preprocess(self, image):
         """One image (path, bytes, PIL image or uint8 array, any mode and size) -> f32 [S, S, 3]
-        (`preprocess.eval_image`), or for a NaFlex model the dict {"patches" f32 [N, P*P*3],
-        "mask" bool [N], "shapes" int32 [2]} (`preprocess.naflex_eval_image`; stack a batch with
-        `vljax.data.naflex.stack`). Raises ValueError (`transforms.UnreadableImage`) naming the
-        image and the reason when it cannot be read."""
-        if self.naflex:
-            return naflex_eval_image(image, **self.naflex)
-        return eval_image(image, self.image_size, self.value_range,
-                          resize=self.spec.get("resize", "crop"),
-                          resample=self.spec.get("resample", "bilinear"))
+        (`eval_image`), or for a NaFlex model the dict {"patches" f32 [N, P*P*3], "mask" bool
+        [N], "shapes" int32 [2]} (stack a batch with `eval_image.stack`). Raises ValueError
+        (`transforms.UnreadableImage`) naming the image and the reason when it cannot be read."""
+        return self.eval_image(image)
 
 
 def load(path, *, step: int | None = None, shardings=None, tokenizer=None,
@@ -195,6 +241,79 @@ def load(path, *, step: int | None = None, shardings=None, tokenizer=None,
     raise FileNotFoundError(f"{path}: neither a vljax workdir ({SPEC_FILE} + checkpoints/) nor a "
                             "transformers directory (config.json + model.safetensors) nor a "
                             "big_vision .npz")
+
+
+# The file names transformers' tokenizers read in a directory, per (kind, canonicalize).
+HF_TOKENIZER_NAMES = {("sentencepiece", "siglip"): {"model_file": "spiece.model"},
+                      ("sentencepiece", "none"): {"model_file": "tokenizer.model"},
+                      ("hf", None): {"tokenizer_file": "tokenizer.json"},
+                      ("clip", None): {"tokenizer_file": "tokenizer.json", "vocab": "vocab.json",
+                                       "merges": "merges.txt"},
+                      ("bert", None): {"vocab_file": "vocab.txt"}}
+TOKENIZER_SIDECARS = ("tokenizer_config.json", "special_tokens_map.json")
+
+
+def export(bundle: Bundle, out_dir, arch: str | None = None) -> None:
+    """A bundle -> a transformers directory that `factory.load` (and transformers) read back with
+    the same tokenizer and outputs: `convert.to_hf.export_hf`'s config.json, model.safetensors
+    (+ preprocessor_config.json), the tokenizer files under transformers' names with their
+    tokenizer_config.json / special_tokens_map.json, and for arch "siglip" a SigLIP processor
+    (squash resize with the spec's resample). arch: "clip" | "siglip" | "siglip2" (default:
+    "siglip2" for NaFlex, "siglip" for sigmoid models, else "clip"). Refused before anything is
+    written, naming the keys: a tokenizer the directory would not reproduce (e.g. big_vision's
+    rule, which no transformers tokenizer applies)."""
+    # Imported on use: to_hf imports transformers (about 2 s), which loading a model never needs.
+    from vljax.convert import to_hf  # noqa: PLC0415
+
+    arch = arch or ("siglip2" if bundle.naflex else "siglip" if bundle.sigmoid else "clip")
+    tok = bundle.spec["tokenizer"]
+    out = epath.Path(out_dir)
+    names = HF_TOKENIZER_NAMES.get((tok["kind"], tok.get("canonicalize")), {})
+    files = {key: epath.Path(tok[key]) for key in names if tok.get(key)}
+    with tempfile.TemporaryDirectory() as tmp:
+        _write_tokenizer(epath.Path(tmp), files, names, arch)
+        if not files:
+            again = dict(tok)
+        elif arch == "clip":
+            again = clip_tokenizer(tmp, None, tok["max_len"])
+        else:
+            try:
+                again = tokenizers.from_directory(tmp, tok["max_len"])
+            except ValueError as e:  # the files alone are no tokenizer transformers reads
+                again = {"error": str(e).replace(tmp, "<dir>")}
+    differ = sorted(k for k in set(tok) | set(again) if k not in TOKENIZER_FILE_KEYS
+                    and tok.get(k) != again.get(k))
+    if differ or set(again) & set(TOKENIZER_FILE_KEYS) != set(files):
+        raise ValueError(f"{out}: a transformers {arch!r} directory would not reproduce the "
+                         f"tokenizer {tok}: it would read {again} (differing: {differ})")
+    to_hf.export_hf(bundle.spec["model"], bundle.params, str(out), arch=arch)
+    _write_tokenizer(out, files, names, arch)
+    if arch == "siglip":
+        resample = {"bilinear": 2, "bicubic": 3}[bundle.spec.get("resample", "bicubic")]
+        lo, hi = bundle.value_range if not isinstance(bundle.value_range, str) else (None, None)
+        if (lo, hi) != (-1.0, 1.0) or bundle.spec.get("resize") != "squash":
+            raise ValueError(f"{out}: transformers' SiglipImageProcessor resizes the whole image "
+                             "to [-1, 1]; this model's spec preprocesses with resize="
+                             f"{bundle.spec.get('resize', 'crop')!r}, value_range "
+                             f"{bundle.spec.get('value_range')}")
+        s = bundle.image_size
+        (out / "preprocessor_config.json").write_text(json.dumps(
+            {"image_processor_type": "SiglipImageProcessor", "do_resize": True,
+             "size": {"height": s, "width": s}, "resample": resample, "do_rescale": True,
+             "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.5] * 3,
+             "image_std": [0.5] * 3, "do_convert_rgb": True}, indent=1))
+
+
+def _write_tokenizer(root, files: dict, names: dict, arch: str) -> None:
+    """The tokenizer files under transformers' names, with the sidecars found beside them."""
+    root.mkdir(parents=True, exist_ok=True)
+    if not (root / "config.json").exists():
+        (root / "config.json").write_text(json.dumps({"model_type": arch}))
+    for key, src in files.items():
+        (root / names[key]).write_bytes(src.read_bytes())
+        for side in TOKENIZER_SIDECARS:
+            if (src.parent / side).exists():
+                (root / side).write_bytes((src.parent / side).read_bytes())
 
 
 def restore_params(workdir, model, spec, *, step=None, shardings=None, subdir: str = "checkpoints"):

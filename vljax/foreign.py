@@ -29,6 +29,7 @@ import numpy as np
 
 from vljax import tokenizers
 from vljax.convert import big_vision, hf, hf_siglip2
+from vljax.data.eval_transform import EvalImage
 
 SIGLIP_VALUE_RANGE = [-1.0, 1.0]  # (x / 255 - 0.5) / 0.5: every SigLIP / SigLIP 2 processor
 PIL_RESAMPLE = {2: "bilinear", 3: "bicubic"}  # transformers' `resample` (PIL's codes)
@@ -97,34 +98,38 @@ def read_checkpoint(path, *, tokenizer=None, max_num_patches=None) -> tuple[dict
     config = hf.load_hf_config(str(path), model_type)
     text_len = config.text_config.max_position_embeddings
     if model_type == "clip":
-        tok = _clip_tokenizer(path, tokenizer, text_len)
+        tok = clip_tokenizer(path, tokenizer, text_len)
     else:
         tok = tokenizers.from_directory(tokenizer or path, text_len, family=model_type)
     check_vocab(tok, config.text_config.vocab_size, tokenizer or path)
-    if max_num_patches is not None:
-        if model_type != "siglip2":
-            raise ValueError(f"{path}: max_num_patches={max_num_patches} given for a "
-                             f"{model_type} (fixed-resolution) checkpoint")
-        check_budget(max_num_patches)
+    if max_num_patches is not None and model_type != "siglip2":
+        raise ValueError(f"{path}: max_num_patches={max_num_patches} given for a {model_type} "
+                         "(fixed-resolution) checkpoint")
+    spec = {"tokenizer": tok, "similarity": "global", **_hf_preprocessing(path, model_type, config)}
+    if "naflex" in spec and max_num_patches is not None:
+        spec["naflex"]["max_num_patches"] = check_budget(max_num_patches)
+    EvalImage.from_spec(spec)  # refuses a preprocessing it cannot apply, before the weights
     loader = {"clip": hf.load_hf_clip, "siglip": hf.load_hf_siglip,
               "siglip2": hf_siglip2.load_hf_siglip2}[model_type]
     kwargs, params = loader(str(path))
-    spec = {"model": plain(kwargs), "tokenizer": tok, "similarity": "global"}
+    spec["model"] = plain(kwargs)
+    if "naflex" in spec:
+        spec = with_budget(spec, spec["naflex"]["max_num_patches"])
+    return spec, params
+
+
+def _hf_preprocessing(path: pathlib.Path, model_type: str, config) -> dict:
+    """The spec's preprocessing and scoring entries of a transformers directory."""
     image = config.vision_config
     if model_type == "clip":
-        spec.update(image_size=int(image.image_size), value_range="clip", logits="softmax")
-    elif model_type == "siglip":
-        pp = _read_json(path / "preprocessor_config.json")
-        spec.update(image_size=int(image.image_size), resize="squash",
-                    resample=_resample(pp, path), value_range=_value_range(pp, path),
-                    logits="sigmoid")
-    else:
-        pp = _read_json(path / "preprocessor_config.json")
-        spec.update(naflex={"patch_size": int(image.patch_size),
-                            "max_num_patches": int(kwargs["image"]["max_num_patches"])},
+        return dict(image_size=int(image.image_size), value_range="clip", logits="softmax")
+    pp = _read_json(path / "preprocessor_config.json")
+    if model_type == "siglip":
+        return dict(image_size=int(image.image_size), resize="squash", resample=_resample(pp, path),
                     value_range=_value_range(pp, path), logits="sigmoid")
-        spec = with_budget(spec, max_num_patches)
-    return spec, params
+    budget = hf_siglip2.read_max_num_patches(str(path), image.patch_size)
+    return dict(naflex={"patch_size": int(image.patch_size), "max_num_patches": budget},
+                value_range=_value_range(pp, path), logits="sigmoid")
 
 
 def check_vocab(tok_spec: dict, rows: int, where) -> None:
@@ -180,7 +185,7 @@ def _beside(npz: pathlib.Path) -> pathlib.Path:
     return found[0]
 
 
-def _clip_tokenizer(path, tokenizer, max_len) -> dict:
+def clip_tokenizer(path, tokenizer, max_len) -> dict:
     """A CLIP directory's own vocabulary (tokenizer.json, or vocab.json + merges.txt), else
     OpenAI's, which every CLIP uses (kind "clip": open_clip's cleaning and padding)."""
     root = pathlib.Path(tokenizer or path)

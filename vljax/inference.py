@@ -5,8 +5,10 @@ r"""Use a trained model: classify images against label lists, embed images and t
     vljax-infer embed --model=/tmp/vljax_lit --texts="a cat,a dog" --out=text.npy
     vljax-infer embed --model=hf_clip_dir/ --out=images.npy *.jpg
 
-`--model` is a vljax workdir (model_spec.json + checkpoints/, the latest checkpoint's params are used) or a
-transformers CLIP / SigLIP directory (config.json + model.safetensors).
+`--model` is a vljax workdir (model_spec.json + checkpoints/, the latest checkpoint's params are used), a
+transformers CLIP / SigLIP / SigLIP 2 (NaFlex too) directory (config.json + model.safetensors + its
+tokenizer) or a big_vision SigLIP .npz (its SentencePiece .model beside it, or --tokenizer);
+--max-num-patches sets a NaFlex model's patch budget.
 In Python: `p = Predictor.load(path); p.classify(images, labels)`; `p.embed_images(images)`.
 """
 from __future__ import annotations
@@ -21,7 +23,7 @@ from absl import logging as absl_logging
 
 from vljax import factory, logs, sharding
 from vljax.data import transforms as T
-from vljax.data.preprocess import eval_image
+from vljax.data.eval_transform import EvalImage
 from vljax.embedder import Embedder
 from vljax.evaluators import prompts, zeroshot
 
@@ -29,10 +31,12 @@ from vljax.evaluators import prompts, zeroshot
 class Predictor:
     """A model with its tokenizer and image preprocessing; calls are batched and compiled once."""
 
-    def __init__(self, model, params, tokenizer, *, image_size: int, value_range, batch_size: int = 32,
-                 loss: str = "softmax", similarity: str = "global"):
+    def __init__(self, model, params, tokenizer, *, image_size: int | None = None,
+                 value_range="efficientnet", batch_size: int = 32, loss: str = "softmax",
+                 similarity: str = "global", eval_image: EvalImage | None = None):
         self.model, self.params, self.tokenizer = model, params, tokenizer
-        self.image_size, self.value_range = image_size, value_range
+        self.eval_image = eval_image or EvalImage(image_size, value_range)
+        self.image_size, self.value_range = self.eval_image.image_size, self.eval_image.value_range
         self.sigmoid, self.similarity = loss == "sigmoid", similarity
         # A few photos at a time: one local device is enough (vljax.evaluate shards data sets).
         mesh = sharding.make_mesh([("data", 1)], devices=jax.local_devices()[:1])
@@ -40,29 +44,34 @@ class Predictor:
 
     # -- loading --------------------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str, batch_size: int = 32) -> "Predictor":
-        """A vljax workdir or a transformers CLIP directory (see `vljax.factory.load`)."""
-        return cls.from_bundle(factory.load(path), batch_size=batch_size)
+    def load(cls, path: str, batch_size: int = 32, **load_kwargs) -> "Predictor":
+        """Anything `vljax.factory.load` takes (a workdir, a transformers CLIP / SigLIP / SigLIP 2
+        directory, a big_vision npz); load_kwargs: its `tokenizer=`, `max_num_patches=`."""
+        return cls.from_bundle(factory.load(path, **load_kwargs), batch_size=batch_size)
 
     @classmethod
     def from_bundle(cls, bundle, batch_size: int = 32) -> "Predictor":
-        return cls(bundle.model, bundle.params, bundle.tokenizer, image_size=bundle.image_size,
-                   value_range=bundle.value_range, batch_size=batch_size,
-                   loss="sigmoid" if bundle.sigmoid else "softmax", similarity=bundle.similarity)
+        return cls(bundle.model, bundle.params, bundle.tokenizer, eval_image=bundle.eval_image,
+                   batch_size=batch_size, loss="sigmoid" if bundle.sigmoid else "softmax",
+                   similarity=bundle.similarity)
 
     # -- inputs ---------------------------------------------------------------------------------
-    def preprocess(self, images) -> np.ndarray:
+    def preprocess(self, images):
         """Paths, PIL images or uint8 arrays (any mode, any size) -> float32 [N, S, S, 3], each
-        as `preprocess.eval_image` makes it (the same as `factory.Bundle.preprocess`).
+        as the model's `eval_image` makes it (the same as `factory.Bundle.preprocess`); for a
+        NaFlex model the dict of [N, ...] patch arrays. A ready batch passes through (a NaFlex
+        one over the patch budget is refused, naming it).
 
         An image that cannot be read raises `transforms.UnreadableImage` whose message is one line
         naming it and why: "photo.png: cannot read image (truncated or corrupt data (...))".
         """
-        if isinstance(images, np.ndarray) and images.dtype == np.float32 and images.ndim == 4:
+        if isinstance(images, dict) or (isinstance(images, np.ndarray) and images.ndim == 4
+                                        and images.dtype == np.float32):
+            self.eval_image.check_batch(images)
             return images  # already preprocessed
-        return np.stack([eval_image(img, self.image_size, self.value_range,
-                                    name=None if isinstance(img, (str, os.PathLike)) else f"image {i}")
-                         for i, img in enumerate(images)])
+        return self.eval_image.stack([
+            self.eval_image(img, name=None if isinstance(img, (str, os.PathLike)) else f"image {i}")
+            for i, img in enumerate(images)])
 
     # -- API ------------------------------------------------------------------------------------
     def embed_images(self, images) -> np.ndarray:
@@ -118,16 +127,16 @@ def _labels(args, parser) -> list[str]:
 
 
 def _read_images(pred, paths):
-    """(float32 [M, S, S, 3] of the readable files, their paths); one stderr line per other file."""
-    arrays, good = [], []
+    """(the model's inputs of the readable files: float32 [M, S, S, 3] or a NaFlex dict, their
+    paths); one stderr line per other file."""
+    examples, good = [], []
     for path in paths:
         try:
-            arrays.append(pred.preprocess([path]))
+            examples.append(pred.eval_image(path))
             good.append(path)
         except T.UnreadableImage as e:
             print(e, file=sys.stderr)
-    size = pred.image_size
-    return (np.concatenate(arrays) if arrays else np.zeros((0, size, size, 3), np.float32)), good
+    return (pred.eval_image.stack(examples) if examples else pred.eval_image.zeros(0)), good
 
 
 def cli(argv=None):
@@ -148,7 +157,12 @@ def cli(argv=None):
     e.add_argument("--out", required=True, help="output .npy (images; texts go to OUT with _text suffix "
                                                 "when both are given)")
     for p in (c, e):
-        p.add_argument("--model", required=True, help="vljax workdir or transformers CLIP directory")
+        p.add_argument("--model", required=True, help="vljax workdir, transformers CLIP / SigLIP / "
+                       "SigLIP 2 directory or big_vision SigLIP .npz")
+        p.add_argument("--tokenizer", help="the SentencePiece .model of a big_vision .npz (default: "
+                       "the one beside it) or a directory overriding the model's tokenizer")
+        p.add_argument("--max-num-patches", type=int, help="NaFlex models: the patch budget "
+                       "(default: the checkpoint's)")
         p.add_argument("--batch-size", type=int, default=32)
         p.add_argument("--verbosity", type=int, default=None,
                        help="absl verbosity of the libraries' logs (0: INFO); default: warnings only")
@@ -161,7 +175,8 @@ def cli(argv=None):
     if args.verbosity is not None:
         absl_logging.set_verbosity(args.verbosity)
     try:
-        pred = Predictor.load(args.model, batch_size=args.batch_size)
+        pred = Predictor.load(args.model, batch_size=args.batch_size, tokenizer=args.tokenizer,
+                              max_num_patches=args.max_num_patches)
     except (OSError, ValueError) as err:
         where = "" if args.model in str(err) else f"{args.model}: "
         print(f"vljax-infer: cannot load the model: {where}{err}", file=sys.stderr)

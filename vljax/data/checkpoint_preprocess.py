@@ -27,7 +27,8 @@ import numpy as np
 
 from vljax.data import naflex
 from vljax.data import transforms as T
-from vljax.data.preprocess import RESAMPLE, Collate, _labels
+from vljax.data.eval_transform import RESAMPLE
+from vljax.data.preprocess import Collate, _labels
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,6 +35,7 @@ import numpy as np
 
 from vljax.data import checkpoint_preprocess, sources as sources_lib
 from vljax.data.checkpoint_preprocess import NaflexCollate
+from vljax.data.eval_transform import EvalImage
 from vljax.data.preprocess import (SKIP_REASONS, SKIPPED_KEY, Collate, Preprocess,
                                    SkipCountingBatch, canonical_value_range, count_skips)
 
@@ -211,10 +212,11 @@ def make_train_iterator(config, tokenizer, *, seed: int, process_index: int | No
                                             process_count=process_count, features=features))
 
 
-def make_eval_batches(data, *, batch_size: int, image_size: int, value_range="efficientnet",
-                      tokenizer=None, data_dir=None, read_threads: int = 4, workers: int = 0,
-                      process_index: int | None = None, process_count: int | None = None,
-                      greyscale: bool = False):
+def make_eval_batches(data, *, batch_size: int, image_size: int | None = None,
+                      value_range="efficientnet", tokenizer=None, data_dir=None,
+                      read_threads: int = 4, workers: int = 0, process_index: int | None = None,
+                      process_count: int | None = None, greyscale: bool = False,
+                      eval_image: EvalImage | None = None):
     """Yields this process's rows of the eval batches over one source, in order, each record once.
 
     data: a source config entry (dict(source="tfds", name=..., split=..., label_key=...)) or a
@@ -228,6 +230,10 @@ def make_eval_batches(data, *, batch_size: int, image_size: int, value_range="ef
     mask False (counted in `EvalBatches.skipped`). Every process yields `num_batches` batches,
     as collective evaluation steps need. `greyscale=True` turns every image grey (3 equal
     channels), exactly as the training augmentation does (the grey view of stored LiT features).
+    eval_image: the model's eval transform (`EvalImage.from_spec(spec)`: SigLIP's squash resize,
+    NaFlex), in place of `image_size` / `value_range` (centre crop); with NaFlex, "image" is the
+    dict {"patches": f32 [n, N, P*P*3], "mask": bool [n, N], "shapes": i32 [n, 2]} (N the patch
+    budget: one static shape, any mix of aspect ratios; unread rows hold a blank 1 x 1 grid).
 
     Whole batches are read, decoded and preprocessed ahead of the consumer, `read_threads` at a
     time in threads, or in `workers` grain worker processes (config.input.eval_workers; the
@@ -237,9 +243,11 @@ def make_eval_batches(data, *, batch_size: int, image_size: int, value_range="ef
     process_count = jax.process_count() if process_count is None else process_count
     source = sources_lib.get_source(data, data_dir=data_dir) if isinstance(
         data, (dict, ml_collections.ConfigDict)) else data
-    return EvalBatches(source, batch_size=batch_size, image_size=image_size, value_range=value_range,
-                       tokenizer=tokenizer, read_threads=read_threads, workers=workers,
-                       process_index=process_index, process_count=process_count, greyscale=greyscale)
+    if eval_image is None:
+        eval_image = EvalImage(image_size, value_range)
+    return EvalBatches(source, batch_size=batch_size, eval_image=eval_image, tokenizer=tokenizer,
+                       read_threads=read_threads, workers=workers, process_index=process_index,
+                       process_count=process_count, greyscale=greyscale)
 
 
 def _worker_prefetch(ds: grain.IterDataset, workers: int, buffer: int) -> grain.IterDataset:
@@ -272,8 +280,7 @@ class _EvalBatch:
     def __call__(self, j: int) -> dict:
         first = j * self.global_batch + self.lo
         n = max(0, min(self.batch, len(self.source) - first))
-        s = self.pre.image_size
-        image = np.zeros((n, s, s, 3), np.float32)
+        image = self.pre.eval_transform.zeros(n)
         label = np.full((n,), -1, np.int32)
         mask = np.zeros((n,), bool)
         captions, skipped = [""] * n, []
@@ -282,7 +289,12 @@ class _EvalBatch:
             if "skip" in ex:
                 skipped.append(ex)
                 continue
-            image[k], label[k], mask[k], captions[k] = ex["image"], ex["label"], True, ex["caption"]
+            if isinstance(image, dict):
+                for key in image:
+                    image[key][k] = ex["image"][key]
+            else:
+                image[k] = ex["image"]
+            label[k], mask[k], captions[k] = ex["label"], True, ex["caption"]
         out = {"image": image, "label": label, "index": np.arange(first, first + n, dtype=np.int32),
                "mask": mask, SKIPPED_KEY: count_skips(skipped)}
         if self.tokenizer is not None:
@@ -295,7 +307,7 @@ class EvalBatches:
     """Iterable of eval batches (see make_eval_batches); `skipped` counts unreadable records of
     the last pass, per reason; `num_batches` is the same on every process."""
 
-    def __init__(self, source, *, batch_size, image_size, value_range, tokenizer, read_threads,
+    def __init__(self, source, *, batch_size, eval_image, tokenizer, read_threads,
                  process_index, process_count, workers=0, greyscale=False):
         self.source = source
         self.batch = _local_batch_size(batch_size, process_count)
@@ -303,8 +315,9 @@ class EvalBatches:
         self.num_examples = len(self.source)
         self.num_batches = math.ceil(self.num_examples / batch_size)
         # Without a tokenizer nothing reads the captions: records without one still count.
-        pre = Preprocess(image_size=image_size, value_range=canonical_value_range(value_range),
-                         require_caption=tokenizer is not None, force_greyscale=greyscale)
+        pre = Preprocess(image_size=eval_image.image_size, value_range=eval_image.value_range,
+                         require_caption=tokenizer is not None, force_greyscale=greyscale,
+                         eval_transform=eval_image)
         self._make = _EvalBatch(source, pre, tokenizer, batch_size, self.batch, process_index * self.batch)
         self._threads, self._workers = int(read_threads), int(workers)
         self.skipped = dict.fromkeys(SKIP_REASONS, 0)

@@ -7,68 +7,16 @@ the batches and attaches to each batch how many were left out since the previous
 survive grain's worker processes and need no shared state.
 """
 import dataclasses
-import os
 
 import grain
 import numpy as np
-from PIL import Image
 
 from vljax.data import transforms as T
-from vljax.data.naflex import naflex_image
+# canonical_value_range / eval_image: imported from here since they began (now in eval_transform).
+from vljax.data.eval_transform import EvalImage, canonical_value_range, eval_image  # noqa: F401
 
 SKIP_REASONS = ("missing_file", "decode_error", "empty_caption", "read_error")
 SKIPPED_KEY = "_skipped"
-
-
-def canonical_value_range(v):
-    """A value range as configs and model specs give it -> the one form preprocessing uses: a
-    name ("efficientnet", "clip", ...) as is, (lo, hi) as a tuple of floats (ConfigDict and JSON
-    turn tuples into lists; `Preprocess` is frozen, hence hashable, so back to a tuple)."""
-    return v if isinstance(v, str) else tuple(float(x) for x in v)
-
-
-RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
-
-
-def read_rgb(image, name=None) -> Image.Image:
-    """One image (path, encoded bytes, PIL image or uint8 array; any mode) -> RGB PIL image.
-    Raises `transforms.UnreadableImage` with one line naming the image (`name`, else a path as
-    given, else "image") and why: "photo.png: cannot read image (file not found)"."""
-    try:
-        return T.to_rgb(image) if hasattr(image, "convert") else T.decode_image(image)
-    except FileNotFoundError:
-        raise T.UnreadableImage(f"{image}: cannot read image (file not found)") from None
-    except T.UnreadableImage as e:
-        name = name or (image if isinstance(image, (str, os.PathLike)) else "image")
-        raise T.UnreadableImage(f"{name}: cannot read image ({e})") from None
-
-
-def eval_image(image, image_size: int, value_range, name=None, *, resize: str = "crop",
-               resample: str = "bilinear") -> np.ndarray:
-    """One image (path, encoded bytes, PIL image or uint8 array; any mode, any size) -> float32
-    [S, S, 3], then `value_range`. resize="crop": shorter side to `image_size`, centre crop (the
-    eval transform of `Preprocess`); resize="squash": the whole image to S x S with PIL's
-    `resample` filter, no crop (transformers' SiglipImageProcessor: bicubic; big_vision's
-    `resize(S)`). Unreadable images: `read_rgb`'s error."""
-    pil = read_rgb(image, name)
-    if resize == "crop":
-        pil = T.resize_small_center_crop(pil, image_size)
-    elif resize == "squash":
-        if resample not in RESAMPLE:
-            raise ValueError(f"resample={resample!r}: expected one of {sorted(RESAMPLE)}")
-        if pil.size != (image_size, image_size):
-            pil = pil.resize((image_size, image_size), RESAMPLE[resample])
-    else:
-        raise ValueError(f"resize={resize!r}: expected 'crop' or 'squash'")
-    return T.normalize(pil, canonical_value_range(value_range))
-
-
-def naflex_eval_image(image, patch_size: int, max_num_patches: int, name=None) -> dict:
-    """One image (as `eval_image` takes it) -> the NaFlex dict {"patches": f32 [N, P*P*3],
-    "mask": bool [N], "shapes": int32 [2]} with N = max_num_patches: aspect-preserving resize to
-    the budget, value range [-1, 1] (`vljax.data.naflex.naflex_image`, transformers'
-    Siglip2ImageProcessor)."""
-    return naflex_image(np.asarray(read_rgb(image, name)), patch_size, max_num_patches)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +39,9 @@ class Preprocess:
     colour_jitter: float = 0.0
     require_caption: bool = True  # False for image-only evals (classification)
     force_greyscale: bool = False  # every image greyscale (the stored LiT features' grey view)
+    # Eval mode: the model's own eval transform (a SigLIP "squash" resize, a NaFlex patch dict as
+    # "image"), in place of the centre crop; None: `image_size` / `value_range` as above.
+    eval_transform: EvalImage | None = None
 
     def __call__(self, record: dict, rng: np.random.Generator | None = None) -> dict:
         if "error" in record:
@@ -108,6 +59,10 @@ class Preprocess:
             return {"skip": "missing_file"}
         except T.DECODE_ERRORS:
             return {"skip": "decode_error"}
+        if rng is None and self.eval_transform is not None:
+            if self.force_greyscale:
+                img = img.convert("L").convert("RGB")
+            return {"image": self.eval_transform(img), "caption": caption or "", **_labels(record)}
         if rng is not None and self.crop_scale is not None:
             img = T.random_resized_crop(img, self.image_size, rng, scale=tuple(self.crop_scale))
         else:

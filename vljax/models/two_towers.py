@@ -45,8 +45,10 @@ class TwoTowers(nn.Module):
 
     @nn.compact
     def __call__(self, images, texts, train: bool = False, text_prefix=None, text_lower=None):
-        """images: [B, H, W, C] or None; texts: int [B, L] or None; text_prefix: optional
-        [B, M, W] embeddings the text tower inserts after its first token (CoOp context);
+        """images: [B, H, W, C], a NaFlex dict ("naflex_vit": {"patches" [B, N, P*P*C], "mask"
+        [B, N], "shapes" [B, 2]}, vljax/models/naflex.py) or None; texts: int [B, L] or None;
+        text_prefix: optional [B, M, W] embeddings the text tower inserts after its first token
+        (CoOp context);
         text_lower: optional (k, states), states = `text_lower(texts, k)`: the text tower skips
         its embeddings and first k blocks (run once for fixed texts through locked blocks).
 
@@ -98,7 +100,8 @@ class TwoTowers(nn.Module):
     # split at its projection head, both halves the real tower module (params `img/...`).
     @nn.compact
     def image_trunk(self, images, train: bool = False, tokens: bool = False):
-        """images: [B, H, W, C] -> the image tower's features before its head (pre_logits), [B, F];
+        """images: [B, H, W, C] (or a NaFlex dict) -> the image tower's features before its head
+        (pre_logits), [B, F];
         with `tokens`, (pre_logits [B, F], the tower's final tokens out["tokens"] [B, N, W])."""
         _, out = get_model(self.image_model)(**(self.image or {}), name="img")(images, train=train)
         if not tokens:

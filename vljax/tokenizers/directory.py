@@ -106,9 +106,12 @@ def from_directory(path, max_len=None, *, family=None) -> dict:
     model_type = cfg.get("model_type") or cfg.get("text_config", {}).get("model_type")
     cls = (tcfg.get("tokenizer_class") or "").removesuffix("Fast")
     family = {"SiglipTokenizer": "siglip", "Siglip2Tokenizer": "siglip2",
-              "CLIPTokenizer": "clip"}.get(cls, model_type)
-    if model_type in ("siglip", "siglip2", "clip"):
-        family = model_type  # transformers: the model type's class beats the hub's class
+              "CLIPTokenizer": "clip", "GemmaTokenizer": "gemma"}.get(cls, model_type)
+    if model_type in ("siglip", "siglip2", "clip") and not (model_type == "siglip"
+                                                          and cls == "GemmaTokenizer"):
+        # transformers: the model type's class beats the hub's class, except a GemmaTokenizer
+        # in a "siglip" directory (fixed-resolution SigLIP 2): transformers keeps Gemma's.
+        family = model_type
     defaults = CLASS_SPECIALS.get("gemma" if cls == "GemmaTokenizer" and family != "siglip2"
                                   else family, {})
     extra = [_token(t) for key in ("additional_special_tokens", "extra_special_tokens")
