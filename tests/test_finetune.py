@@ -148,10 +148,12 @@ def test_siglip_lit_finetune(dirs, manifest, tmp_path):
     assert np.mean(losses[-5:]) < 0.9 * np.mean(losses[:5]), losses
 
 
-@pytest.mark.slow  # three trainer compiles (~90 s); test_train.py keeps plain resumption in the fast set
+@pytest.mark.slow  # three trainer compiles and an evaluation (~120 s); test_train.py keeps resumption fast
 def test_resume_equals_uninterrupted_without_reading_the_source(dirs, manifest, tmp_path, monkeypatch):
     path, _ = dirs["siglip2"]
     config = ft_config(manifest, path, steps=6)
+    # Evaluated at the end, through the Embedder's NaFlex batches (the run's spec).
+    config.evals = dict(shapes=dict(type="retrieval", data=dict(source="jsonl", path=manifest)))
     straight = train.train_and_evaluate(config, str(tmp_path / "straight"))
     original = checkpoints.PreemptionGuard.reached
     monkeypatch.setattr(checkpoints.PreemptionGuard, "reached", lambda self, step: step == 3)
@@ -167,6 +169,10 @@ def test_resume_equals_uninterrupted_without_reading_the_source(dirs, manifest, 
     np.testing.assert_allclose(losses_of(workdir), losses_of(tmp_path / "straight"), rtol=1e-6, atol=1e-7)
     for a, b in zip(jax.tree.leaves(straight["params"]), jax.tree.leaves(resumed["params"])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    key = "retrieval/shapes/i2t_r1"
+    evals = [[r[key] for r in metrics.read_metrics(str(w / "metrics.jsonl")) if key in r]
+             for w in (tmp_path / "straight", tmp_path / "resumed")]
+    assert len(evals[0]) == 1 and evals[0] == evals[1]
 
 
 def test_bad_input_is_refused_before_anything_is_written(dirs, manifest, tmp_path):
