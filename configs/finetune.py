@@ -49,7 +49,8 @@ def get_config(arg=None):
     c.mesh = [("data", -1)]
     c.sharding_rules = [(".*", "replicate")]
     c.init_from = a["init_from"]
-    c.init_from_tokenizer = a["tokenizer"] or None
+    if a["tokenizer"]:
+        c.init_from_tokenizer = a["tokenizer"]
 
     if a["data"] == "demo":
         data = [dict(source="tfds", name="vljax_emoji", split="train", weight=1.0),

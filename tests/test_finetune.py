@@ -200,7 +200,9 @@ def test_bad_input_is_refused_before_anything_is_written(dirs, manifest, tmp_pat
     config = ft_config(manifest, path)
     config.tokenizer = dict(max_len=8)
     config.input.max_num_patches = 12
+    config.model = dict(image=dict(dtype="bfloat16", width=32))  # a training choice; a repeated value
     resolved = init_from.resolve(config, factory.read_checkpoint(path, max_num_patches=12)[0])
+    assert resolved.model.image.dtype == "bfloat16" and resolved.model.image.depth == 2
     assert resolved.tokenizer.max_len == 8 and resolved.model.text.max_len == 16
     assert resolved.input.naflex.max_num_patches == 12 == resolved.model.image.max_num_patches
 

@@ -93,9 +93,14 @@ def resolve(config, spec: dict) -> ml_collections.ConfigDict:
     (module docstring); refuses a config value that disagrees, naming the key."""
     out = ml_collections.ConfigDict(config.to_dict())
     model = {k: v for k, v in spec["model"].items()}
+    given_model = factory.plain(config.get("model") or {})
     for tower in ("image", "text"):
         model[tower] = {k: v for k, v in model[tower].items() if k not in TRAINING_CHOICES}
-    _agree(config.get("model"), model, "model")
+        if tower in given_model:  # the config's training choices (dtype, remat) are kept
+            choices = {k: given_model[tower].pop(k) for k in TRAINING_CHOICES
+                       if k in given_model[tower]}
+            model[tower] = dict(model[tower], **choices)
+    _agree(given_model, model, "model")
     tok = dict(spec["tokenizer"])
     given = dict(config.get("tokenizer") or {})
     max_len = given.pop("max_len", tok["max_len"])
