@@ -3,6 +3,7 @@ SigLIP 2 NaFlex directory and a SigLIP directory (tests/siglip_dirs.py: tiny ran
 transformers models with their own SentencePiece tokenizers) train through `train.Trainer`, start
 from the checkpoint's exact params (step-0 embeddings equal the torch model's), resume exactly,
 and their workdirs reload with `factory.load`; bad input is refused before anything is written."""
+import importlib.util
 import os
 import subprocess
 import sys
@@ -58,6 +59,13 @@ def ft_config(manifest, path, steps=16, lock="none"):
     if lock == "image":
         raw["schedule"] = [("img/.*", None), (".*", dict(decay_type="cosine", warmup_steps=3))]
     return ml_collections.ConfigDict(raw)
+
+
+def _load_config(name):
+    spec = importlib.util.spec_from_file_location(name[:-3], os.path.join(REPO, "configs", name))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _images(seed=0):
@@ -196,6 +204,8 @@ def test_bad_input_is_refused_before_anything_is_written(dirs, manifest, tmp_pat
         with pytest.raises(ValueError, match=match):
             train.Trainer(config, str(workdir))
         assert not workdir.exists(), change
+    with pytest.raises(ValueError, match="finetune.py: give the checkpoint"):
+        _load_config("finetune.py").get_config(None)
     # What may change: a shorter text length and the NaFlex budget.
     config = ft_config(manifest, path)
     config.tokenizer = dict(max_len=8)
