@@ -95,7 +95,14 @@ def _host(tree):
 
 def test_naflex_finetune_trains_from_the_checkpoint_and_reloads(dirs, manifest, tmp_path):
     path, torch_model = dirs["siglip2"]
-    trainer = train.Trainer(ft_config(manifest, path), str(tmp_path / "run"))
+    config = ft_config(manifest, path)
+    # Sharded init (issue 8): the checkpoint's leaves are written straight into FSDP shards.
+    config.update(dict(mesh=[("data", 2), ("fsdp", 4)], sharding_rules=[(".*", "fsdp")]))
+    trainer = train.Trainer(config, str(tmp_path / "run"))
+    for leaf, want in zip(jax.tree.leaves(trainer.state), jax.tree.leaves(trainer.state_sh)):
+        assert leaf.sharding == want
+    kernel = trainer.state["params"]["txt"]["Embed_0"]["embedding"]
+    assert all(s.data.size == kernel.size // 4 for s in kernel.addressable_shards)
     assert trainer.spec["naflex"] == {"patch_size": PATCH, "max_num_patches": 25}
     assert trainer.spec["logits"] == "sigmoid" and "image_size" not in trainer.spec
     # Step 0: every parameter is the checkpoint's, so the embeddings are the torch model's.
