@@ -24,7 +24,7 @@ import os
 
 from ml_collections import ConfigDict, FrozenConfigDict
 
-from vljax import objective, pretrained, stages
+from vljax import init_from, objective, pretrained, stages
 from vljax.data import sources
 from vljax.evaluators import EVALUATORS
 from vljax.evaluators import data as eval_data
@@ -67,6 +67,8 @@ _TOP = {
     "progress": (False, (bool,)),
     "nonfinite": (False, (str,)),
     "stages": (False, (list, tuple, type(None))),
+    "init_from": (False, (str, type(None))),  # vljax/init_from.py
+    "init_from_tokenizer": (False, (str, type(None))),
 }
 # config.input is read key by key (vljax/data/pipeline.py's docstring lists them).
 _INPUT = {
@@ -83,6 +85,12 @@ _INPUT = {
     "labels": (False, (bool,)),
     "keep_captions": (False, (bool,)),
     "data_dir": (False, (str, type(None))),
+    # From an init_from checkpoint's spec (vljax/init_from.py): the NaFlex patch budget (the one
+    # a user sets), and what init_from writes: SigLIP's squash resize, the NaFlex preprocessing.
+    "max_num_patches": (False, (int, type(None))),
+    "resize": (False, (str,)),
+    "resample": (False, (str,)),
+    "naflex": (False, (dict, type(None))),
 }
 _AUGMENT = {
     "random_resized_crop": (False, (list, tuple, type(None))),
@@ -163,8 +171,12 @@ def module_fields(cls) -> set[str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _input(cfg) -> None:
-    _check(cfg, _INPUT, "input.")
+def _optional(schema: dict, *keys) -> dict:
+    return {k: (False, types) if k in keys else (req, types) for k, (req, types) in schema.items()}
+
+
+def _input(cfg, required_size: bool = True) -> None:
+    _check(cfg, _INPUT if required_size else _optional(_INPUT, "image_size"), "input.")
     if cfg.batch_size <= 0:
         raise ValueError(f"config key `input.batch_size` must be positive, got {cfg.batch_size}")
     if cfg.get("augment"):
@@ -292,17 +304,24 @@ def validate_evals(evals) -> None:
 
 def validate(config) -> None:
     """Raises ValueError naming the first offending key (its full dotted path)."""
-    _check(config, _TOP, "")
+    start = init_from.requested(config)
+    # A run from a checkpoint takes its model, tokenizer and image size from it (vljax/init_from.py):
+    # the config may leave them out; those it gives are checked here and against the checkpoint.
+    _check(config, _TOP if not start else _optional(_TOP, "model", "tokenizer"), "")
     if config.total_steps <= 0:
         raise ValueError(f"config key `total_steps` must be positive, got {config.total_steps}")
-    _input(config.input)
-    _tokenizer(config.tokenizer)
-    _model(config)
+    _input(config.input, required_size=not start)
+    if config.get("tokenizer") or not start:
+        _tokenizer(config.tokenizer)
+    if config.get("model") or not start:
+        _model(config)
+    init_from.check_exclusive(config)
     _model_init(config.get("model_init"))
     _loss(config.loss)
     _optax(config.optax)
     _schedule(config.schedule, config.total_steps)
     if config.get("nonfinite", "stop") not in ("stop", "skip"):
         raise ValueError(f"config key `nonfinite`: {config.nonfinite!r} is not 'stop' or 'skip'")
-    stages.parse(config)
+    if config.get("tokenizer") and config.input.get("image_size"):  # init_from: once resolved
+        stages.parse(config)
     validate_evals(config.get("evals"))

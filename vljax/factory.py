@@ -71,9 +71,18 @@ def spec_from_config(config) -> dict:
             size = int(config.input.image_size)
             model["image"].setdefault("posemb_grid", [size // p[0], size // p[1]])
     value_range = plain(config.input.get("value_range", "efficientnet"))
-    return {"model": model, "tokenizer": plain(config.tokenizer),
+    spec = {"model": model, "tokenizer": plain(config.tokenizer),
             "image_size": int(config.input.image_size), "value_range": value_range,
             **objective.inference_spec(config.loss)}  # "logits", "similarity": the trained loss's
+    # A run from a checkpoint (vljax/init_from.py) keeps its preprocessing: SigLIP's squash
+    # resize, or the NaFlex patch budget in place of a fixed image size.
+    for key in ("resize", "resample"):
+        if config.input.get(key):
+            spec[key] = str(config.input[key])
+    if config.input.get("naflex"):
+        del spec["image_size"]
+        spec["naflex"] = plain(config.input.naflex)
+    return spec
 
 
 def build_model(spec: dict) -> TwoTowers:

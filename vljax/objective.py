@@ -272,8 +272,10 @@ def loss_inputs(zimg, ztxt, out, batch) -> dict:
     for k, v in (("frozen/img_features", img_features), ("frozen/txt_features", out.get("txt/pre_logits"))):
         if v is not None:
             values[k] = jax.lax.stop_gradient(v)
-    return {k: (v.astype(jnp.float32) if v is not None and jnp.issubdtype(v.dtype, jnp.floating) else v)
-            for k, v in values.items() if v is not None}
+    def f32(v):
+        return v.astype(jnp.float32) if jnp.issubdtype(v.dtype, jnp.floating) else v
+    # tree.map: a NaFlex batch's "image" is a dict {"patches", "mask", "shapes"}.
+    return {k: jax.tree.map(f32, v) for k, v in values.items() if v is not None}
 
 
 def make_loss(config, mesh):

@@ -69,9 +69,17 @@ def write_tower(params: dict, loaded: dict, tower: str, skip: tuple[str, ...] = 
         target = flat_init[key]
         value = np.asarray(flat_loaded.pop(key), dtype=target.dtype)
         merged[key] = jax.make_array_from_callback(target.shape, target.sharding, lambda idx, v=value: v[idx])
-    kept = sorted(k for k in flat_init if merged[k] is flat_init[k])
+    kept = kept_leaves(params[tower], traverse_util.unflatten_dict(merged, sep="/"))
     logging.info("pretrained %s tower: %d leaves loaded, kept init for %s", tower,
                  len(flat_init) - len(kept), kept)
     out = dict(params)
     out[tower] = traverse_util.unflatten_dict(merged, sep="/")
     return out
+
+
+def kept_leaves(init: dict, written: dict) -> list[str]:
+    """Names ("a/b/c") of the leaves of one tower that `write_tower` left at their init (the very
+    same arrays in `init` and `written`)."""
+    flat_init = traverse_util.flatten_dict(init, sep="/")
+    flat_written = traverse_util.flatten_dict(written, sep="/")
+    return sorted(k for k in flat_init if flat_written[k] is flat_init[k])

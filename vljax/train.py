@@ -7,7 +7,6 @@ vljax/selection.py). The training state is one pytree:
 """
 from __future__ import annotations
 
-import ctypes
 import time
 
 import jax
@@ -18,13 +17,15 @@ from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from vljax import (checkpoints, eval_builder, factory, features, logs, metrics, nonfinite, objective,
-                   optim, pretrained, selection, sharding, stages)
+from vljax import (checkpoints, config_check, eval_builder, factory, features, init_from, logs,
+                   metrics, nonfinite, objective, optim, selection, sharding, stages)
 from vljax.data import pipeline, sources
 from vljax.step import flat as _flat, make_train_step
 from vljax.text_memo import TextMemo, locked_text_blocks
 from vljax.embedder import Embedder
 from vljax.models.two_towers import TwoTowers
+# The initial state (random, model_init towers, an init_from checkpoint): train.* since they began.
+from vljax.state_init import _dummy_inputs, init_params, init_state, make_init_fns  # noqa: F401
 
 # ----------------------------------------------------------------------------------------------
 # Model and state
@@ -37,58 +38,6 @@ def build_model(config) -> TwoTowers:
 
 def build_tokenizer(config):
     return factory.build_tokenizer(factory.spec_from_config(config))
-
-
-def _dummy_inputs(config, batch=1):
-    s = config.input.image_size
-    return (jnp.zeros((batch, s, s, 3), jnp.float32),
-            jnp.zeros((batch, config.tokenizer.max_len), jnp.int32))
-
-
-def make_init_fns(model, tx, config):
-    """(init_params(init_rng) -> params, init_opt(params) -> optimizer state): random params
-    (pretrained towers are written into them afterwards, see `pretrained.write_tower`) and the
-    optimizer state for them. Run each under `jax.jit(..., out_shardings=...)`: every parameter
-    and moment is then created directly in its shards. Two programs, not one, so that the init's
-    scratch space (random bits) is freed before the moments are allocated: the peak stays at the
-    state's own size."""
-    def init_params(init_rng):
-        return model.init(init_rng, *_dummy_inputs(config))["params"]
-    return init_params, tx.init
-
-
-def init_params(model, config, rng):
-    """Random params of `model` at `config`'s input shapes, on one device, without pretrained towers
-    (tests and benchmarks; training builds its state in its shards with `init_state`)."""
-    return jax.jit(lambda r: model.init(r, *_dummy_inputs(config))["params"])(rng)
-
-
-def init_state(init_params, init_opt, shardings, model_init, init_rng, train_rng) -> dict:
-    """A fresh train state created in its `shardings` (see `make_init_fns`), with the pretrained
-    towers of `model_init` ({"img": NAME_OR_PATH, ...}) written into the params' shards."""
-    compiled = jax.jit(init_params, out_shardings=shardings["params"]).lower(init_rng).compile()
-    _release_host_memory()
-    params = compiled(init_rng)
-    del compiled
-    _release_host_memory()
-    for tower, spec in (model_init or {}).items():
-        if spec:
-            params = pretrained.write_tower(params, pretrained.load_tower(spec), tower)
-            _release_host_memory()
-    opt_state = jax.jit(init_opt, out_shardings=shardings["opt_state"])(params)
-    meta = jax.jit(lambda r: {"step": jnp.zeros((), jnp.int32), "rng": r},
-                   out_shardings={"step": shardings["step"], "rng": shardings["rng"]})(train_rng)
-    return {"params": params, "opt_state": opt_state, **meta}
-
-
-def _release_host_memory() -> None:
-    """Hands freed heap memory back to the OS (glibc's malloc_trim; a no-op elsewhere). XLA's
-    compiler and the init's random-bit scratch space are freed but would stay in the process's
-    RSS, adding to the peak of what follows (measured: +0.2x of a B/16 CLIP state)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 # ----------------------------------------------------------------------------------------------
@@ -113,6 +62,11 @@ class Trainer:
 
     def __init__(self, config, workdir: str, devices=None, write_config: bool = True,
                  require_checkpoint: bool = False):
+        self._loaded = None  # config.init_from: the checkpoint's params, host arrays, for a fresh run
+        if init_from.requested(config):  # its spec decides the model, tokenizer and preprocessing
+            spec, self._loaded = init_from.read_source(config, workdir)
+            config = init_from.resolve(config, spec)
+            config_check.validate(config)
         self.config = config
         self.workdir = workdir
         self.mesh = sharding.make_mesh(config.mesh, devices=devices)
@@ -163,8 +117,9 @@ class Trainer:
         self._evaluators = self._embedder = self._text_memo = None
 
     def initial_state(self, init_rng, train_rng):
+        loaded, self._loaded = self._loaded, None  # host copy freed once written
         return init_state(self._init_params, self._init_opt, self.state_sh, self.config.get("model_init"),
-                          init_rng, train_rng)
+                          init_rng, train_rng, loaded)
 
     # -- input ---------------------------------------------------------------------------------
     def make_input(self, stage: stages.Stage | None = None):
@@ -247,6 +202,8 @@ class Trainer:
                 and features.image_trunk_locked(_flat(self.trainable_mask)))
 
     def evaluate(self, step: int, params=None) -> dict:
+        if not self.evaluators():  # no evals configured: no embedder to build
+            return {}
         emb = self.embedder(params)
         with logs.phase(f"evaluation at step {step}", evals=len(self.evaluators())):
             return eval_builder.run_all(self.evaluators(), emb)

@@ -16,6 +16,10 @@ Training config (`config.input`, an ml_collections ConfigDict or a dict):
     labels=False,                # add batch["labels"]: label sets (tfds labels_key, jsonl num_labels)
                                  # multi-hot bool [B, K] over the union of the sources' label names
     data_dir=None,               # TFDS data dir; default <assets>/tfds
+    resize="crop", resample="bilinear", naflex=None,  # written by config.init_from from the
+                                 # checkpoint's spec: SigLIP's squash resize, or the NaFlex patch
+                                 # budget (batch "image" = {"patches", "mask", "shapes"}; see
+                                 # vljax/data/checkpoint_preprocess.py)
 
 Shuffling is grain's global index shuffle (random access, no buffer), reseeded every epoch, so
 there is no shuffle_buffer setting.
@@ -29,7 +33,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from vljax.data import sources as sources_lib
+from vljax.data import checkpoint_preprocess, sources as sources_lib
+from vljax.data.checkpoint_preprocess import NaflexCollate
 from vljax.data.eval_transform import EvalImage
 from vljax.data.preprocess import (SKIP_REASONS, SKIPPED_KEY, Collate, Preprocess,
                                    SkipCountingBatch, canonical_value_range, count_skips)
@@ -47,7 +52,8 @@ def _get(cfg, key, default=None):
 class TrainIterator:
     """Iterator over this process's training batches:
 
-        {"image": f32 [B, S, S, 3] (or "image_features": f32 [B, F] with stored features),
+        {"image": f32 [B, S, S, 3] (or "image_features": f32 [B, F] with stored features; a NaFlex
+         run: {"patches": f32 [B, N, P*P*3], "mask": bool [B, N], "shapes": i32 [B, 2]}),
          "text": i32 [B, L], "label": i32 [B] (config.input.label), "labels": bool [B, K] (multi-hot
          label sets, config.input.labels), "skipped/<reason>": int64 scalar}
 
@@ -88,9 +94,16 @@ class TrainIterator:
             close()
 
 
-def _preprocess_from_config(cfg) -> Preprocess:
+def _preprocess_from_config(cfg):
+    """`Preprocess`, or for a run from a checkpoint with SigLIP's squash resize or a NaFlex
+    tower (`input.resize` / `input.naflex`, vljax/init_from.py) `CheckpointPreprocess`."""
     aug = _get(cfg, "augment") or {}
     crop = aug.get("random_resized_crop", (0.8, 1.0))
+    special = checkpoint_preprocess.from_config(
+        cfg, crop, float(aug.get("greyscale", 0.0)), float(aug.get("colour_jitter", 0.0)),
+        canonical_value_range(cfg.get("value_range", "efficientnet")))
+    if special is not None:
+        return special
     return Preprocess(image_size=int(cfg["image_size"]),
                       value_range=canonical_value_range(cfg.get("value_range", "efficientnet")),
                       crop_scale=tuple(crop) if crop else None,
@@ -167,7 +180,10 @@ def make_train_dataset(config, tokenizer, *, seed: int, process_index: int = 0,
     threads = int(_get(config, "read_threads", 4))
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
                                               prefetch_buffer_size=max(2 * batch, threads)))
-    collate = Collate(tokenizer, with_label=bool(_get(config, "label", False)),
+    if _get(config, "naflex") and features is not None:
+        raise ValueError("config key `lit_cache`: stored image features are not available for a "
+                         "NaFlex image tower (variable patch sequences); set lit_cache=False")
+    collate = (NaflexCollate if _get(config, "naflex") else Collate)(tokenizer, with_label=bool(_get(config, "label", False)),
                       num_labels=None if space is None else len(space),
                       keep_captions=bool(_get(config, "keep_captions", False)))
     ds = SkipCountingBatch(ds, batch, collate)
