@@ -44,6 +44,7 @@ def test_lit_cache_equals_recomputing(manifest, tmp_path):
                                rtol=2e-5, atol=2e-6)
 
 
+@pytest.mark.slow  # three runs on three meshes (about 100 s); resume and sharded init stay in the fast set
 def test_same_losses_across_mesh_shapes(manifest, tmp_path):
     runs = {
         "1 device": (dict(mesh=[("data", 1)]), jax.devices()[:1]),
