@@ -11,8 +11,12 @@ this removes k/depth of the text tower's forward pass from every step; on a web-
 where a caption is rarely seen twice, it saves nothing: leave it off there.
 
 Misses are computed on this process's devices only (each process memoises the rows it reads, so
-processes never need to agree on a shape), in chunks of a fixed number of rows (one compilation),
-from a host copy of the locked parameters taken once. Memory is bounded by `max_bytes`: once it is
+processes never need to agree on a shape), from a host copy of the locked parameters taken once, in
+chunks of `chunk` rows, the last one padded to the smallest of chunk, chunk / 2, ... (at least 8 rows
+a device) that holds it: a step that meets a few new captions (a data set with several captions per
+record keeps showing new ones for epochs) computes a few rows, not a whole batch, with a handful of
+compilations in all. A row's states are the same whatever rows share its chunk (XLA:CPU rows of a
+dense layer are bitwise equal from 4 rows a device up, docs/TOOLCHAIN.md). Memory is bounded by `max_bytes`: once it is
 full, new rows are computed and used but not kept.
 """
 from __future__ import annotations
@@ -87,6 +91,7 @@ class TextMemo:
             raise ValueError(f"TextMemo needs at least one locked text block, got blocks={blocks}")
         self.blocks, self.max_bytes = int(blocks), int(max_bytes)
         devices = jax.local_devices()
+        self._devices = len(devices)
         self.chunk = -(-int(chunk) // len(devices)) * len(devices)
         mesh = Mesh(np.asarray(devices), ("rows",))
         self._rows_sh, replicated = NamedSharding(mesh, P("rows")), NamedSharding(mesh, P())
@@ -103,11 +108,20 @@ class TextMemo:
     def __len__(self) -> int:
         return len(self._kept)
 
+    def _rows_for(self, n: int) -> int:
+        """The padded size of a chunk of n <= chunk rows: chunk halved while it still holds n, stays
+        a multiple of the devices and keeps at least 8 rows a device."""
+        size, floor = self.chunk, 8 * self._devices
+        while size % 2 == 0 and size // 2 >= max(n, floor) and (size // 2) % self._devices == 0:
+            size //= 2
+        return size
+
     def _compute(self, ids: np.ndarray) -> np.ndarray:
         out = []
         for lo in range(0, len(ids), self.chunk):
             part = ids[lo:lo + self.chunk]
-            pad = np.concatenate([part, np.repeat(part[-1:], self.chunk - len(part), 0)])
+            size = self._rows_for(len(part))
+            pad = np.concatenate([part, np.repeat(part[-1:], size - len(part), 0)])
             x = jax.device_put(pad, self._rows_sh)
             out.append(np.asarray(self._fn(self._params, x))[:len(part)])
         self.computed += len(ids)
