@@ -48,7 +48,7 @@ def _train(root, prefix, **kw):
     return root / f"{prefix}.model"
 
 
-def _jitter(model, seed):
+def jitter(model, seed):
     """Random init leaves norms at 1, biases and the logit scale / bias at 0: move them."""
     torch.manual_seed(seed + 1)
     with torch.no_grad():
@@ -71,7 +71,7 @@ def siglip_dir(root, seed=0):
         text_config=dict(**TOWER, vocab_size=SIGLIP_VOCAB, max_position_embeddings=MAX_LEN,
                          pad_token_id=1, eos_token_id=1, bos_token_id=1),
         vision_config=dict(**TOWER, patch_size=PATCH, image_size=IMAGE_SIZE))
-    model = _jitter(transformers.SiglipModel(config).eval(), seed)
+    model = jitter(transformers.SiglipModel(config).eval(), seed)
     model.save_pretrained(path)
     transformers.SiglipTokenizer(vocab_file=str(spm), model_max_length=MAX_LEN).save_pretrained(path)
     transformers.SiglipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(path)
@@ -91,7 +91,7 @@ def siglip2_dir(root, seed=0, max_num_patches=25):
         text_config=dict(**TOWER, vocab_size=SIGLIP2_VOCAB, max_position_embeddings=MAX_LEN,
                          eos_token_id=1, pad_token_id=0, bos_token_id=2, projection_size=32),
         vision_config=dict(**TOWER, patch_size=PATCH, num_patches=GRID * GRID))
-    model = _jitter(transformers.Siglip2Model(config).eval(), seed)
+    model = jitter(transformers.Siglip2Model(config).eval(), seed)
     model.save_pretrained(path)
     tok_src = root / "gemma_src"  # transformers converts tokenizer.model and writes tokenizer.json
     tok_src.mkdir(exist_ok=True)

@@ -10,6 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from siglip_dirs import jitter  # noqa: E402
 from test_naflex import hf_processor, random_images, random_params  # noqa: E402
 
 from vljax.convert import flatten  # noqa: E402
@@ -31,15 +32,7 @@ def tiny_siglip2(seed=0):
         text_config=dict(**TOWER, vocab_size=VOCAB, max_position_embeddings=MAX_LEN,
                          eos_token_id=1, pad_token_id=0, bos_token_id=2, projection_size=32),
         vision_config=dict(**TOWER, patch_size=PATCH, num_patches=GRID * GRID))
-    model = transformers.Siglip2Model(config).eval()
-    with torch.no_grad():
-        model.logit_scale.fill_(np.log(10.0))   # random init leaves scale and bias at 0
-        model.logit_bias.fill_(-3.0)
-        for name, p in model.named_parameters():
-            if not name.startswith("logit") and ("norm" in name or name.endswith("bias")
-                                                 or "probe" in name or "position" in name):
-                p.add_(0.1 * torch.randn_like(p))
-    return model
+    return jitter(transformers.Siglip2Model(config).eval(), seed)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from siglip_dirs import (IMAGE_SIZE, MAX_LEN, PATCH, SIGLIP2_VOCAB, TOWER, _jitter,  # noqa: E402
+from siglip_dirs import (IMAGE_SIZE, MAX_LEN, PATCH, SIGLIP2_VOCAB, TOWER, jitter,  # noqa: E402
                          captions, siglip2_dir, siglip_dir)
 from test_naflex import random_images  # noqa: E402
 
@@ -39,7 +39,7 @@ def siglip2_fixed_dir(root, gemma_dir, seed=1):
         text_config=dict(**TOWER, vocab_size=SIGLIP2_VOCAB, max_position_embeddings=MAX_LEN,
                          pad_token_id=0, eos_token_id=1, bos_token_id=2),
         vision_config=dict(**TOWER, patch_size=PATCH, image_size=IMAGE_SIZE))
-    model = _jitter(transformers.SiglipModel(config).eval(), seed)
+    model = jitter(transformers.SiglipModel(config).eval(), seed)
     model.save_pretrained(path)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                  "tokenizer.model"):

@@ -57,12 +57,9 @@ class CheckpointPreprocess:
         caption = T.choose_caption(record["captions"], rng)
         if caption is None:
             return {"skip": "empty_caption"}
-        try:
-            img = T.decode_image(record["image"])
-        except FileNotFoundError:
-            return {"skip": "missing_file"}
-        except T.DECODE_ERRORS:
-            return {"skip": "decode_error"}
+        img, why = T.decode_or_reason(record["image"])
+        if why:
+            return {"skip": why}
         if rng is not None and self.crop_scale:
             box = T.random_crop_box(*img.size, rng, scale=tuple(self.crop_scale))
             img = img if box is None else img.crop(box)  # no fitting box: the whole image

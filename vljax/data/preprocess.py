@@ -53,12 +53,9 @@ class Preprocess:
             return {"skip": record["features_skip"]}
         if "features" in record:
             return self._stored_features(record, caption, rng)
-        try:
-            img = T.decode_image(record["image"])
-        except FileNotFoundError:
-            return {"skip": "missing_file"}
-        except T.DECODE_ERRORS:
-            return {"skip": "decode_error"}
+        img, why = T.decode_or_reason(record["image"])
+        if why:
+            return {"skip": why}
         if rng is None and self.eval_transform is not None:
             if self.force_greyscale:
                 img = img.convert("L").convert("RGB")

@@ -115,6 +115,17 @@ def decode_image(data: bytes | str | os.PathLike | np.ndarray) -> Image.Image:
 
 
 
+def decode_or_reason(data):
+    """`decode_image(data)` -> (image, None), or (None, why) when it cannot be read: "missing_file"
+    (a path that does not exist) or "decode_error" (the counts the pipelines keep)."""
+    try:
+        return decode_image(data), None
+    except FileNotFoundError:
+        return None, "missing_file"
+    except DECODE_ERRORS:
+        return None, "decode_error"
+
+
 def resize_max_side(img: Image.Image, max_side: int) -> Image.Image:
     """Shrink (never enlarge) so that the longer side is <= max_side, keeping the aspect ratio."""
     w, h = img.size

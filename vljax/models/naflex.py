@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vljax.models.common import Encoder, MAPHead
-from vljax.models.vit import decode_variant
+from vljax.models.vit import resolve_sizes
 
 Dtype = Any
 
@@ -124,14 +124,7 @@ class NaFlexViT(nn.Module):
 
     def config(self) -> dict:
         """The resolved sizes: the variant overlaid with explicit overrides; patch_size an int."""
-        cfg = decode_variant(self.variant)
-        for k in ("width", "depth", "mlp_dim", "num_heads", "patch_size"):
-            if getattr(self, k) is not None:
-                cfg[k] = getattr(self, k)
-        missing = [k for k in ("width", "depth", "num_heads", "patch_size") if k not in cfg]
-        if missing:
-            raise ValueError(f"NaFlexViT needs {missing}: give a variant such as 'B/16' or set "
-                             "them")
+        cfg = resolve_sizes(self, "NaFlexViT")
         p = cfg["patch_size"]
         if not isinstance(p, int):
             if len(p) != 2 or p[0] != p[1]:

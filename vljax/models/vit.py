@@ -44,6 +44,19 @@ def decode_variant(variant: str | None) -> dict:
     return out
 
 
+def resolve_sizes(tower, name: str) -> dict:
+    """A ViT-like tower's sizes: its `variant` (`decode_variant`) overlaid with the fields it sets
+    (width, depth, mlp_dim, num_heads, patch_size); a missing size is an error naming the tower."""
+    cfg = decode_variant(tower.variant)
+    for k in ("width", "depth", "mlp_dim", "num_heads", "patch_size"):
+        if getattr(tower, k) is not None:
+            cfg[k] = getattr(tower, k)
+    missing = [k for k in ("width", "depth", "num_heads", "patch_size") if k not in cfg]
+    if missing:
+        raise ValueError(f"{name} needs {missing}: give a variant such as 'B/16' or set them")
+    return cfg
+
+
 def keep_random_patches(x, rate: float, rng):
     """FLIP's random masking (Li et al. 2023, Sec. 3): keep a random subset of patch tokens.
 
@@ -106,13 +119,7 @@ class ViT(nn.Module):
 
     def config(self) -> dict:
         """The resolved transformer sizes: the variant overlaid with explicit overrides."""
-        cfg = decode_variant(self.variant)
-        for k in ("width", "depth", "mlp_dim", "num_heads", "patch_size"):
-            if getattr(self, k) is not None:
-                cfg[k] = getattr(self, k)
-        missing = [k for k in ("width", "depth", "num_heads", "patch_size") if k not in cfg]
-        if missing:
-            raise ValueError(f"ViT needs {missing}: give a variant such as 'B/16' or set them")
+        cfg = resolve_sizes(self, "ViT")
         cfg["patch_size"] = _pair(cfg["patch_size"])
         cfg.setdefault("mlp_dim", 4 * cfg["width"])
         return cfg
