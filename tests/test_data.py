@@ -14,6 +14,7 @@ from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
+import helpers
 from vljax.data import demo_emoji
 from vljax.data import demo_openclipart
 from vljax.data import pipeline
@@ -553,3 +554,15 @@ def test_demo_emoji_variants_share_a_split_and_names_are_readable():
     ev = ZeroShotEvaluator.from_config("e", dict(data=dict(name="emoji", split="test",
                                                            label="subcategory", max_examples=50)))
     assert "animal mammal" in ev.class_names and len(ev.class_names) == 99
+
+
+def test_grey_view_is_the_centre_crop_made_grey(tmp_path):
+    """The stored LiT features' grey view (make_eval_batches(greyscale=True)) is the eval crop made
+    grey, as the training augmentation greys its crop: greying before resizing differs."""
+    manifest = helpers.make_shapes_manifest(str(tmp_path / "shapes"), n_per=1)
+    first = json.loads(open(manifest).readline())
+    batch = next(iter(pipeline.make_eval_batches(dict(source="jsonl", path=manifest), batch_size=4,
+                                                 image_size=24, value_range=(-1.0, 1.0), greyscale=True)))
+    img = Image.open(tmp_path / "shapes" / first["image"]).convert("RGB")
+    want = T.normalize(T.resize_small_center_crop(img, 24).convert("L").convert("RGB"), (-1.0, 1.0))
+    np.testing.assert_array_equal(batch["image"][0], want)

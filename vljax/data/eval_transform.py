@@ -47,6 +47,10 @@ def read_rgb(image, name=None) -> Image.Image:
         raise T.UnreadableImage(f"{name}: cannot read image ({e})") from None
 
 
+def _grey(pil):
+    return pil.convert("L").convert("RGB")
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalImage:
     """A model's eval transform (module docstring). naflex: (patch_size, max_num_patches)."""
@@ -85,17 +89,19 @@ class EvalImage:
         return cls(image_size=spec["image_size"], value_range=spec.get("value_range", "efficientnet"),
                    resize=spec.get("resize", "crop"), resample=spec.get("resample", "bilinear"))
 
-    def __call__(self, image, name=None):
+    def __call__(self, image, name=None, greyscale: bool = False):
         """One image (path, bytes, PIL image or uint8 array; any mode and size) -> the tower's
-        input for it (float32 [S, S, 3] or the NaFlex dict). Unreadable: `read_rgb`'s error."""
+        input for it (float32 [S, S, 3] or the NaFlex dict). Unreadable: `read_rgb`'s error.
+        greyscale: the resized image made grey (3 equal channels) before normalising, as the
+        training augmentation does after its crop (the grey view of stored LiT features)."""
         pil = read_rgb(image, name)
         if self.naflex is not None:
-            return naflex_lib.naflex_image(np.asarray(pil), *self.naflex)
+            return naflex_lib.naflex_image(np.asarray(_grey(pil) if greyscale else pil), *self.naflex)
         if self.resize == "crop":
             pil = T.resize_small_center_crop(pil, self.image_size)
         elif pil.size != (self.image_size, self.image_size):
             pil = pil.resize((self.image_size, self.image_size), RESAMPLE[self.resample])
-        return T.normalize(pil, self.value_range)
+        return T.normalize(_grey(pil) if greyscale else pil, self.value_range)
 
     def zeros(self, n: int):
         """n blank rows of a batch (float32 zeros [n, S, S, 3]; NaFlex: one zero patch of a 1 x 1

@@ -57,9 +57,8 @@ class Preprocess:
         if why:
             return {"skip": why}
         if rng is None and self.eval_transform is not None:
-            if self.force_greyscale:
-                img = img.convert("L").convert("RGB")
-            return {"image": self.eval_transform(img), "caption": caption or "", **_labels(record)}
+            return {"image": self.eval_transform(img, greyscale=self.force_greyscale), "caption": caption or "",
+                    **_labels(record)}
         if rng is not None and self.crop_scale is not None:
             img = T.random_resized_crop(img, self.image_size, rng, scale=tuple(self.crop_scale))
         else:
