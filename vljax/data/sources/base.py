@@ -81,6 +81,11 @@ class Source(abc.ABC):
     LABEL_HINTS: dict[str, str] = {}
     num_labels: int | None = None
     label_names: list[str] | None = None
+    # A sharded kind (webdataset tars, parquet files) sets `shard_sizes`: its records per shard,
+    # in index order (shard k's records are the indices after those of shards 0..k-1). The
+    # training order may then read each process's shards in place (the pipeline's shard order);
+    # None: records are read in any order (random access costs the same everywhere).
+    shard_sizes: list[int] | None = None
 
     @classmethod
     def config_keys(cls) -> set[str]:
