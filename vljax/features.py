@@ -41,6 +41,7 @@ eval source and read `FeatureSource(...)[i]["features"]` instead of decoding ima
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -97,15 +98,24 @@ def _trunk_params(params):
     return {k: v for k, v in params["img"].items() if k != "head"}
 
 
+def _leaf_digest(x):
+    x = x.astype(jnp.float32)
+    w = jnp.cos(jnp.arange(x.size, dtype=jnp.float32)).reshape(x.shape)
+    return jnp.stack([x.sum(), jnp.abs(x).sum(), (x * w).sum()])
+
+
+@functools.cache
+def _digest_fn(mesh):
+    """One jitted digest per mesh: a store's fingerprint is taken at every evaluation of every
+    eval set (`ensure_features`), and a new jit there recompiled the whole trunk's digest each time
+    (seconds per evaluator on a CPU)."""
+    return jax.jit(lambda t: jax.tree.map(_leaf_digest, t), out_shardings=NamedSharding(mesh, P()))
+
+
 def _digest(tree, mesh) -> list[str]:
     """Per leaf: sum, sum of |x| and a position-weighted sum, to 6 digits (reduction order may vary)."""
-    def leaf(x):
-        x = x.astype(jnp.float32)
-        w = jnp.cos(jnp.arange(x.size, dtype=jnp.float32)).reshape(x.shape)
-        return jnp.stack([x.sum(), jnp.abs(x).sum(), (x * w).sum()])
-    fn = jax.jit(lambda t: jax.tree.map(leaf, t), out_shardings=NamedSharding(mesh, P()))
     with jax.set_mesh(mesh):
-        values = jax.device_get(fn(tree))
+        values = jax.device_get(_digest_fn(mesh)(tree))
     return [f"{v:.5e}" for v in np.concatenate([np.ravel(x) for x in jax.tree.leaves(values)])]
 
 
