@@ -75,10 +75,11 @@ def _class_names(names, where: str) -> list[str]:
 
 
 class _Shard:
-    """One file's layout: rows per row group, and the rows that are records (None: all)."""
+    """One file's layout: its footer (`meta`, reused by every read: no second footer read per
+    row group), rows per row group, and the rows that are records (None: all)."""
 
-    def __init__(self, path: str, group_rows: list[int], kept: np.ndarray | None):
-        self.path, self.kept = path, kept
+    def __init__(self, path: str, meta: pq.FileMetaData, group_rows: list[int], kept: np.ndarray | None):
+        self.path, self.meta, self.kept = path, meta, kept
         self.group_starts = np.concatenate([[0], np.cumsum(group_rows)]).astype(np.int64)
         self.size = int(self.group_starts[-1]) if kept is None else len(kept)
 
@@ -113,7 +114,7 @@ def _read_layout(path: str) -> tuple[_Shard, pa.Schema, tuple]:
                 kept = np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
     except (OSError, pa.ArrowException) as e:
         raise ValueError(f"parquet file {path} cannot be read as parquet ({e})") from e
-    return _Shard(path, group_rows, kept), schema, (stat.length, stat.mtime)
+    return _Shard(path, meta, group_rows, kept), schema, (stat.length, stat.mtime)
 
 
 @base.register("parquet")
@@ -197,7 +198,7 @@ class ParquetSource(base.Source):
             return cache[(k, g)]
         try:
             with epath.Path(self.paths[k]).open("rb") as f:
-                table = pq.ParquetFile(f).read_row_group(g, columns=self._columns)
+                table = pq.ParquetFile(f, metadata=self._shards[k].meta).read_row_group(g, columns=self._columns)
         except (OSError, pa.ArrowException) as e:
             table = e
         cache[(k, g)] = table
