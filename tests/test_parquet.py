@@ -4,6 +4,7 @@ hostile files are counted, never raised; a missing or non-parquet file is named.
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 
@@ -165,6 +166,18 @@ def test_hostile_files_are_counted_and_reading_goes_on(sets, tmp_path):
     assert dict(zip(SKIP_REASONS, counts.tolist())) == {
         "missing_file": 1, "decode_error": 1, "empty_caption": 1, "read_error": 3}
     assert src[7]["detail"].startswith("row group 2:")
+    # img2dataset: a row group whose `status` cannot be read keeps its rows (a failed download
+    # among them comes back as a null image); the other row groups are still filtered.
+    i2d = shutil.copy(sets["files"][0], tmp_path / "00000.parquet")  # rows 0 1 2 | 2f 3 4 | 5 5f
+    meta = pq.ParquetFile(i2d).metadata
+    status = next(meta.row_group(1).column(c) for c in range(meta.num_columns)
+                  if meta.row_group(1).column(c).path_in_schema == "status")
+    with open(i2d, "r+b") as f:
+        f.seek(status.dictionary_page_offset if status.has_dictionary_page else status.data_page_offset)
+        f.write(b"\xff" * status.total_compressed_size)
+    src = sources.get_source(dict(source="parquet", urls=str(i2d)))
+    assert src.shard_sizes == [7] and [src[i]["id"] for i in (2, 4, 6)] == ["002", "003", "005"]
+    assert src[3]["error"] == "missing_file" and src[3]["id"] == "002f"
     cfg = dict(data=[dict(source="parquet", urls=path)], batch_size=3, image_size=16,
                value_range=(0.0, 1.0), num_workers=0, augment=dict(random_resized_crop=None))
     it = pipeline.make_train_iterator(cfg, _tok, seed=0, process_index=0, process_count=1)
