@@ -119,6 +119,20 @@ def test_parquet_records_equal_the_jsonl_records(sets, layout):
     assert other.cache_key() == src.cache_key() != sources.get_source(sets[layout + "_jsonl"]).cache_key()
 
 
+def test_image_paths_and_class_names_files(sets, tmp_path):
+    """A Hugging Face Image struct without bytes gives its path (decoded by the preprocessing);
+    `class_names` may be a file of one name a line."""
+    key, png, si, caps = sets["recs"][4]
+    table = pa.Table.from_pylist([dict(image=dict(bytes=None, path=str(sets["root"] / f"{key}.png")), text=caps,
+                                       label=si)], _hf_table(sets["recs"][:1]).schema)
+    (tmp_path / "names.txt").write_text("\n".join(["circle!", "square!", "triangle!"]) + "\n")
+    src = sources.get_source(dict(source="parquet", urls=_write(table, tmp_path / "p.parquet"), label_key="label",
+                                  class_names=str(tmp_path / "names.txt")))
+    assert src[0]["image"] == str(sets["root"] / f"{key}.png") and src.class_names_of() == ["circle!", "square!", "triangle!"]
+    ex = Preprocess(16, (0.0, 1.0)).eval(src[0])
+    assert ex["image"].shape == (16, 16, 3) and ex["caption"] == caps[0]
+
+
 def test_gs_urls_are_read_through_epath(sets):
     urls = "gs://hf/train-{00000..00001}-of-00002.parquet"
     local = sources.get_source(sets["hf"])
