@@ -80,8 +80,8 @@ def test_unknown_kinds_keys_and_types_are_named():
         sources.get_source(dict(source="jsonl"), where="input.data[1]")
     with pytest.raises(ValueError, match=r"`input.data.root`: unknown for source 'folder'"):
         sources.get_source(dict(source="folder", root="x"))
-    with pytest.raises(ValueError, match=r"`evals.t.data.source`: 'parquet' is not one of"):
-        ZeroShotEvaluator.from_config("t", dict(data=dict(source="parquet", path="x")))
+    with pytest.raises(ValueError, match=r"`evals.t.data.source`: 'lmdb' is not one of"):
+        ZeroShotEvaluator.from_config("t", dict(data=dict(source="lmdb", path="x")))
     with pytest.raises(TypeError, match="list is not a data source"):
         data_key([{"image": b""}])
 

@@ -1,4 +1,6 @@
-"""`source="tfds"`: a split of a TFDS dataset stored as array_record (no TensorFlow needed)."""
+"""`source="tfds"`: a split of a TFDS dataset stored as array_record (no TensorFlow needed); a
+dataset prepared as tfrecord is an error naming `python -m vljax.data.convert_tfds`, which adds
+array_record files in place."""
 from __future__ import annotations
 
 import tensorflow_datasets as tfds
@@ -16,6 +18,17 @@ def _lookup(tree, key: str):
     for part in key.split("/"):
         tree = tree[part]
     return tree
+
+
+def _tfrecord_only(name: str, data_dir: str) -> bool:
+    """Whether dataset `name` is prepared under `data_dir` in tfrecord format and no other
+    (`vljax.data.convert_tfds` adds array_record)."""
+    try:
+        info = tfds.builder(name, data_dir=data_dir).info
+    except Exception:  # not prepared, or not a dataset: the caller's error says so
+        return False
+    formats = {f.value for f in info.available_file_formats()}
+    return formats == {"tfrecord"}
 
 
 @base.register("tfds")
@@ -49,6 +62,11 @@ class TfdsSource(base.Source):
         except Exception as e:  # tfds raises several types (DatasetNotFoundError, ValueError, ...)
             # tfds' own message lists every registered dataset: keep only its first line.
             why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            if _tfrecord_only(name, self.data_dir):
+                raise ValueError(
+                    f"TFDS dataset {name!r} under {self.data_dir} is prepared as tfrecord, which only "
+                    f"tf.data reads; convert it in place (array_record beside the tfrecord files) with "
+                    f"`python -m vljax.data.convert_tfds --name={name} --data_dir={self.data_dir}`") from e
             raise ValueError(
                 f"TFDS dataset {name!r} split {split!r} cannot be opened under {self.data_dir} "
                 f"({why}); the demo sets are built by `python3 -m vljax.data.build_demo`") from e
