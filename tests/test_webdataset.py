@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 import web_shards
+from fake_gcs import fake_gcs
 from helpers import REPO, SHAPES, losses_of, tiny_config, tiny_config_file
 from test_data import CharTokenizer
 from test_eval_sharded import SIZE, VALUE_RANGE, model_and_params
@@ -21,6 +22,7 @@ from vljax import checkpoints, config_check, sharding, train
 from vljax.embedder import Embedder
 from vljax.evaluators import RetrievalEvaluator, ZeroShotEvaluator
 from vljax.data import pipeline, shard_order, sources
+from vljax.data.sources import shards
 from vljax.data.preprocess import SKIP_REASONS, Preprocess
 from vljax.data.sources import webdataset as wds
 
@@ -96,6 +98,19 @@ def test_the_index_is_cached_and_rebuilt_when_a_shard_changes(pair, tmp_path, mo
     os.utime(tmp_path / "shards" / "00000.tar", (1, 1))  # a changed shard (mtime) is rescanned, and keyed anew
     with pytest.raises(AssertionError, match="rescanned"):
         sources.get_source(entry)
+
+
+def test_shards_and_index_on_gcs_are_read_through_epath(pair, tmp_path):
+    shutil.copytree(pair["root"] / "shards", tmp_path / "bucket" / "shards")
+    local = sources.get_source(pair["entry"])
+    with fake_gcs(tmp_path) as touched:
+        remote = sources.get_source({**pair["entry"], "urls": "gs://bucket/shards/{00000..00004}.tar",
+                                     "index_dir": "gs://bucket/index"})
+        assert remote.shard_sizes == local.shard_sizes
+        for i in range(len(local)):
+            assert remote[i] == local[i]
+    assert len(list((tmp_path / "bucket" / "index").glob("*.npz"))) == 5
+    assert any(t.startswith("gs://bucket/shards/00004.tar") for t in touched)
 
 
 def test_training_batches_equal_jsonl_under_the_global_shuffle(pair, monkeypatch):
@@ -256,6 +271,31 @@ def test_hostile_shards_are_counted_and_the_run_goes_on(hostile):
     for reason, per_epoch in expected.items():  # one lane: whole epochs back to back
         assert per_epoch * (consumed // n) <= it.skipped[reason] <= per_epoch * -(-consumed // n)
     assert sum(it.skipped.values()) >= bad
+
+
+def test_the_fast_header_reader_equals_tarfile(hostile, tmp_path):
+    entry, _ = hostile
+    samples = [(f"g{i}", web_shards.sample_members(r)) for i, r in enumerate(web_shards.shapes_records(1)[:3])]
+    gnu = web_shards.write_tar(tmp_path / "gnu.tar", samples, format=tarfile.GNU_FORMAT)
+    v7 = web_shards.write_tar(tmp_path / "ustar.tar", samples, format=tarfile.USTAR_FORMAT)
+    def members(read, path):
+        out = []
+        with open(path, "rb") as f:
+            try:
+                out.extend(read(f))
+            except tarfile.ReadError:  # tarfile's end of a cut tar ("unexpected end of data")
+                pass
+        return out
+
+    for path in [*shards.expand(entry["urls"]), gnu, v7]:
+        assert members(wds._ustar_members, path) == members(wds._tarfile_members, path), path
+    # Names over 100 characters take pax headers: tarfile reads them.
+    deep = "d" * 120
+    pax = web_shards.write_tar(tmp_path / "pax.tar", [(f"{deep}/k{i}", {"png": b"x", "txt": b"y"}) for i in range(2)])
+    with open(pax, "rb") as f, pytest.raises(wds._NeedTarfile):
+        list(wds._ustar_members(f))
+    index = wds.ShardIndex.scan(pax, os.path.getsize(pax))
+    assert [k.decode() for k in index.keys] == [f"{deep}/k0", f"{deep}/k1"] and index.exts == ["png", "txt"]
 
 
 # --- training from shards -----------------------------------------------------------------------

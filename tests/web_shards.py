@@ -21,10 +21,11 @@ def png(img) -> bytes:
     return buf.getvalue()
 
 
-def write_tar(path, samples, extra: bytes = b"") -> str:
+def write_tar(path, samples, extra: bytes = b"", format=tarfile.PAX_FORMAT) -> str:
     """Writes `samples` ([(key, {ext: bytes}), ...], members in the given order) as a tar at
-    `path`, then `extra` bytes (garbage after the archive)."""
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+    `path` (python's default format, as webdataset's TarWriter writes), then `extra` bytes
+    (garbage after the archive)."""
+    with tarfile.open(path, "w", format=format) as tar:
         for key, members in samples:
             for ext, data in members.items():
                 info = tarfile.TarInfo(f"{key}.{ext}")

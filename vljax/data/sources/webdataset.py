@@ -82,6 +82,59 @@ def parse_spec(spec: str, what: str) -> list[tuple[str, str]]:
     return out
 
 
+class _NeedTarfile(Exception):
+    """A header the fast reader leaves to python's tarfile."""
+
+
+_REGULAR = (b"0", b"\0", b"7")  # tarfile's REGULAR_TYPES, less GNU sparse files
+_NO_DATA = tuple(bytes([c]) for c in b"123456")  # links, devices, directories, fifos
+
+
+def _ustar_members(f):
+    """(name, regular, data offset, size) of each member, from the 512-byte ustar / GNU / v7
+    headers (POSIX.1-1988, as python's `tarfile` parses them), skipping the payloads: ~4x faster
+    than `tarfile.next()`. Stops where tarfile stops (end-of-archive block, a cut or invalid
+    header after the first); raises tarfile.ReadError for an unreadable first header and
+    _NeedTarfile at a header type it does not read (pax, GNU long names, sparse, base-256 sizes)."""
+    offset = 0
+    while True:
+        f.seek(offset)
+        buf = f.read(512)
+        if len(buf) < 512 or buf == bytes(512):
+            if offset == 0:
+                raise tarfile.ReadError("empty file" if not buf.strip(b"\0") else "truncated header")
+            return
+        try:
+            chksum = int(buf[148:156].split(b"\0", 1)[0].strip() or b"0", 8)
+        except ValueError:
+            chksum = -1
+        if chksum not in (sum(buf[:148]) + 256 + sum(buf[156:]),):
+            if offset == 0:
+                raise tarfile.ReadError("bad checksum")
+            return
+        kind = buf[156:157]
+        if kind not in _REGULAR + _NO_DATA or buf[124] & 0x80:
+            raise _NeedTarfile(kind)
+        size = int(buf[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+        name = buf[:100].split(b"\0", 1)[0]
+        if buf[257:265] == b"ustar\x0000" and buf[345] != 0:
+            name = buf[345:500].split(b"\0", 1)[0] + b"/" + name
+        name = name.decode("utf-8", "surrogateescape")
+        regular = kind in _REGULAR and not (kind == b"\0" and name.endswith("/"))
+        yield name, regular, offset + 512, size
+        if kind not in _NO_DATA:
+            offset += (size + 511) // 512 * 512
+        offset += 512
+
+
+def _tarfile_members(f):
+    """`_ustar_members` by python's tarfile (every header format; slower)."""
+    with tarfile.open(fileobj=f, mode="r:") as tar:
+        while (info := tar.next()) is not None:
+            tar.members = []  # the headers are not kept (a shard holds thousands)
+            yield info.name, info.isreg(), info.offset_data, info.size
+
+
 class ShardIndex:
     """Where each sample's members lie in one tar: keys [n] (bytes), exts [E] (the extensions
     seen), offsets / sizes int64 [n, E] (-1: the sample has no such member), truncated bool [n]
@@ -98,28 +151,31 @@ class ShardIndex:
     @classmethod
     def scan(cls, path: str, file_size: int) -> "ShardIndex":
         """One pass over the tar headers of `path` (module docstring: keys, ignored members)."""
-        samples, exts = [], {}
+        samples, exts, members = [], {}, []
         try:
-            with epath.Path(path).open("rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
-                while True:
-                    info = tar.next()
-                    if info is None:
-                        break
-                    tar.members = []  # the headers are not kept (a shard holds thousands)
-                    key, ext = split_name(info.name)
-                    if not info.isreg() or key is None or _META.match(info.name):
-                        continue
-                    if not samples or samples[-1][0] != key:
-                        samples.append((key, {}, [False]))
-                    members = samples[-1][1]
-                    if ext not in members:
-                        exts.setdefault(ext, len(exts))
-                        members[ext] = (info.offset_data, info.size)
-                        if info.offset_data + info.size > file_size:
-                            samples[-1][2][0] = True
-        except (tarfile.TarError, EOFError, OSError) as e:
-            logging.warning("webdataset shard %s: tar unreadable after %d samples (%s); indexing those",
-                            path, len(samples), e)
+            with epath.Path(path).open("rb") as f:
+                try:
+                    for member in _ustar_members(f):
+                        members.append(member)
+                except _NeedTarfile:  # pax / GNU long-name headers: python's tarfile reads them
+                    members = []
+                    f.seek(0)
+                    for member in _tarfile_members(f):
+                        members.append(member)
+        except (tarfile.TarError, EOFError, OSError) as e:  # a damaged tar: keep what was read
+            logging.warning("webdataset shard %s: tar unreadable after %d members (%s); indexing those",
+                            path, len(members), e)
+        for name, regular, offset, size in members:
+            key, ext = split_name(name)
+            if not regular or key is None or _META.match(name):
+                continue
+            if not samples or samples[-1][0] != key:
+                samples.append((key, {}, [False]))
+            if ext not in samples[-1][1]:
+                exts.setdefault(ext, len(exts))
+                samples[-1][1][ext] = (offset, size)
+                if offset + size > file_size:
+                    samples[-1][2][0] = True
         n, e = len(samples), len(exts)
         offsets, sizes = np.full((n, e), -1, np.int64), np.full((n, e), -1, np.int64)
         for row, (_, members, _) in enumerate(samples):
