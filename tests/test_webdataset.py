@@ -124,6 +124,12 @@ def test_training_batches_equal_jsonl_under_the_global_shuffle(pair, monkeypatch
     ref = _batches(pipeline.make_train_iterator(
         _cfg([dict(source="jsonl", path=pair["manifest"])]), CharTokenizer(), seed=3,
         process_index=0, process_count=1), 6)
+    jsonl = dict(source="jsonl", path=pair["manifest"])
+    # A mix of a sharded and an unsharded source takes the global shuffle as it is.
+    mixed = [_batches(pipeline.make_train_iterator(_cfg(data), CharTokenizer(), seed=3, process_index=0,
+                                                   process_count=1), 4)
+             for data in ([pair["entry"], jsonl], [jsonl, jsonl])]
+    _assert_batches_equal(*mixed)
     monkeypatch.setattr(pipeline.sources_lib, "get_source", unsharded)
     web = _batches(pipeline.make_train_iterator(_cfg([pair["entry"]]), CharTokenizer(), seed=3,
                                                 process_index=0, process_count=1), 6)
