@@ -7,7 +7,8 @@ sharing KEY (grouped as webdataset groups them: tar_index.py). Record ids are th
 Each shard is indexed once (tar_index.py: one pass over its tar headers, no payload read, local or
 `gs://` through etils.epath), giving per sample the byte offset and size of each member, cached in
 `index_dir` so a restart does not rescan; shards are indexed in a thread pool at construction.
-A record read is ONE range read: the span of the members it needs (adjacent in the tar).
+A record read is ONE range read: the span of the members it needs (adjacent in the tar), through
+files each reading thread keeps open (its last 64 shards).
 
 Config entry keys:
   urls: the shards (vljax/data/sources/shards.py: brace patterns, globs, lists; a missing shard
@@ -35,7 +36,9 @@ label_key / class_names that cannot be read.
 """
 from __future__ import annotations
 
+import collections
 import json
+import threading
 from concurrent import futures
 
 import numpy as np
@@ -47,6 +50,7 @@ from vljax.data.sources.tar_index import open_index
 DEFAULT_IMAGE_KEY = "jpg;png;webp;jpeg"
 DEFAULT_CAPTION_KEY = "txt;json:caption"
 _INDEX_THREADS = 32
+_OPEN_FILES = 64  # per reading thread; the shard order reads a few shards at a time
 
 
 def parse_spec(spec: str, what: str) -> list[tuple[str, str]]:
@@ -106,6 +110,7 @@ class WebDatasetSource(base.Source):
         self.indices = [index for index, _ in opened]
         self.stats = [stat for _, stat in opened]
         self.shard_sizes = [len(index) for index in self.indices]
+        self._threads = threading.local()
         self._starts = np.cumsum([0] + self.shard_sizes)
         if not self._starts[-1]:
             raise ValueError(f"config key `{where}.urls`: the {len(self.paths)} shards hold no sample "
@@ -127,6 +132,28 @@ class WebDatasetSource(base.Source):
         shard = int(np.searchsorted(self._starts, index, side="right")) - 1
         return shard, index - int(self._starts[shard])
 
+    def _range(self, shard: int, offset: int, size: int) -> bytes:
+        """`size` bytes at `offset` of the shard, through this thread's open files (the last
+        _OPEN_FILES shards it read: an open of a `gs://` object costs a request of its own)."""
+        files = self._threads.__dict__.setdefault("files", collections.OrderedDict())
+        f = files.pop(shard, None) or epath.Path(self.paths[shard]).open("rb")
+        try:
+            f.seek(offset)
+            data = f.read(size)
+        except OSError:
+            f.close()
+            raise
+        files[shard] = f  # the most recently read last
+        if len(files) > _OPEN_FILES:
+            files.popitem(last=False)[1].close()
+        return data
+
+    def __getstate__(self):  # open files stay in their process (grain workers unpickle a copy)
+        return {k: v for k, v in self.__dict__.items() if k != "_threads"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _threads=threading.local())
+
     def _read(self, index: int, want: list[list[tuple[str, str]]]):
         """(shard, row, key, {ext: bytes} of the members that `want`'s alternatives name)."""
         shard, row = self.locate(index)
@@ -137,9 +164,7 @@ class WebDatasetSource(base.Source):
         if cols:
             lo = min(ix.offsets[row, c] for c in cols)
             hi = max(ix.offsets[row, c] + ix.sizes[row, c] for c in cols)
-            with epath.Path(self.paths[shard]).open("rb") as f:
-                f.seek(int(lo))
-                span = f.read(int(hi - lo))
+            span = self._range(shard, int(lo), int(hi - lo))
             data = {ix.exts[c]: span[ix.offsets[row, c] - lo:ix.offsets[row, c] + ix.sizes[row, c] - lo]
                     for c in cols}
         return shard, row, ix.keys[row].decode(), data
