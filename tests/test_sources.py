@@ -74,8 +74,8 @@ def test_a_kind_registered_outside_vljax_is_checked_built_batched_keyed_and_eval
 
 
 def test_unknown_kinds_keys_and_types_are_named():
-    with pytest.raises(ValueError, match=r"`input.data.source`: 'webdataset' is not one of"):
-        sources.get_source(dict(source="webdataset", path="x"))
+    with pytest.raises(ValueError, match=r"`input.data.source`: 'lmdb' is not one of"):
+        sources.get_source(dict(source="lmdb", path="x"))
     with pytest.raises(ValueError, match=r"`input.data\[1\].path` is missing \(source 'jsonl'\)"):
         sources.get_source(dict(source="jsonl"), where="input.data[1]")
     with pytest.raises(ValueError, match=r"`input.data.root`: unknown for source 'folder'"):

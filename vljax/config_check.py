@@ -84,6 +84,8 @@ _INPUT = {
     "label": (False, (bool,)),
     "labels": (False, (bool,)),
     "keep_captions": (False, (bool,)),
+    "shard_lanes": (False, (int, type(None))),
+    "shard_window": (False, (int, type(None))),
     "data_dir": (False, (str, type(None))),
     # From an init_from checkpoint's spec (vljax/init_from.py): the NaFlex patch budget (the one
     # a user sets), and what init_from writes: SigLIP's squash resize, the NaFlex preprocessing.
@@ -184,6 +186,12 @@ def _input(cfg, required_size: bool = True) -> None:
         grey = cfg.augment.get("greyscale") or 0.0
         if not 0.0 <= grey <= 1.0:
             raise ValueError(f"config key `input.augment.greyscale` is a probability, got {grey}")
+    for key in ("shard_lanes", "shard_window"):  # the shard order (vljax/data/shard_order.py)
+        if cfg.get(key) is not None and cfg[key] <= 0:
+            raise ValueError(f"config key `input.{key}` must be positive, got {cfg[key]}")
+    if cfg.get("shard_lanes") and cfg.batch_size % cfg.shard_lanes:
+        raise ValueError(f"config key `input.shard_lanes`={cfg.shard_lanes} does not divide "
+                         f"input.batch_size={cfg.batch_size}")
     for i, entry in enumerate(cfg.data):
         where = f"input.data[{i}]"
         _dict(entry, where)

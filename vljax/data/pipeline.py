@@ -22,7 +22,14 @@ Training config (`config.input`, an ml_collections ConfigDict or a dict):
                                  # vljax/data/checkpoint_preprocess.py)
 
 Shuffling is grain's global index shuffle (random access, no buffer), reseeded every epoch, so
-there is no shuffle_buffer setting.
+there is no shuffle_buffer setting. When every source is sharded (webdataset tars, parquet files:
+`Source.shard_sizes`), the order is the shard order (vljax/data/shard_order.py) instead: each
+process reads only its own shards, shuffled across shards and within a window of shards:
+
+    shard_lanes=None,            # L lanes: lane l reads the shards k % L == l; B % L == 0 and
+                                 # L % process_count == 0; default process_count (set it to keep
+                                 # the same global batches when the process count changes)
+    shard_window=4,              # the records of this many consecutive shards are shuffled together
 """
 import dataclasses
 import math
@@ -33,11 +40,14 @@ import jax
 import ml_collections
 import numpy as np
 
-from vljax.data import checkpoint_preprocess, sources as sources_lib
+from vljax.data import checkpoint_preprocess, shard_order, sources as sources_lib
 from vljax.data.checkpoint_preprocess import NaflexCollate
 from vljax.data.eval_transform import EvalImage
 from vljax.data.preprocess import (SKIP_REASONS, SKIPPED_KEY, Collate, Preprocess,
                                    SkipCountingBatch, canonical_value_range, count_skips)
+
+
+DEFAULT_SHARD_WINDOW = 4
 
 
 def _seed(*parts: int) -> int:
@@ -47,6 +57,10 @@ def _seed(*parts: int) -> int:
 
 def _get(cfg, key, default=None):
     return cfg.get(key, default) if cfg is not None else default
+
+
+def _default(value, default):
+    return default if value is None else value
 
 
 class TrainIterator:
@@ -159,6 +173,9 @@ def make_train_dataset(config, tokenizer, *, seed: int, process_index: int = 0,
     batch = _local_batch_size(int(config["batch_size"]), process_count)
     opened = [sources_lib.get_source(entry, data_dir=data_dir) for entry in entries]
     space = sources_lib.label_space(opened) if _get(config, "labels", False) else None
+    # Every source sharded (webdataset, parquet): the shard order, each process reading its own
+    # shards; otherwise grain's global index shuffle over all records.
+    sharded = all(src.shard_sizes is not None for src in opened)
     parts, weights = [], []
     for i, (entry, src) in enumerate(zip(entries, opened)):
         names = src.label_names
@@ -167,10 +184,18 @@ def make_train_dataset(config, tokenizer, *, seed: int, process_index: int = 0,
         ds = grain.MapDataset.source(src)
         if space is not None:
             ds = ds.map(sources_lib.LabelsIn(names, space))
-        ds = ds.shuffle(seed=_seed(seed, i)).repeat()  # reshuffled every epoch
+        if not sharded:
+            ds = ds.shuffle(seed=_seed(seed, i)).repeat()  # reshuffled every epoch
         parts.append(ds)
         weights.append(float(entry.get("weight", 1.0)))
-    ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
+    if sharded:
+        ds = shard_order.shard_ordered(
+            parts, [src.shard_sizes for src in opened], weights,
+            lanes=_default(_get(config, "shard_lanes"), process_count),
+            window=_default(_get(config, "shard_window"), DEFAULT_SHARD_WINDOW),
+            batch_size=int(config["batch_size"]), process_count=process_count, seed=seed)
+    else:
+        ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
     ds = ds.random_map(_preprocess_from_config(config), seed=_seed(seed, 10**6))
     # One global example stream, the same in every process (seeds do not depend on the process);
     # process p reads only rows [p*b, (p+1)*b) of each global batch. The global batches are thus
