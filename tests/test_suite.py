@@ -14,16 +14,18 @@ import functools
 import json
 import math
 import os
+import subprocess
+import sys
 from unittest import mock
 
 import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from helpers import make_shapes_manifest, tiny_config
+from helpers import REPO, make_shapes_manifest, tiny_config
 from tensorflow_datasets.testing import mocking
 
-from vljax import evaluate, factory, metrics, train
+from vljax import config_check, evaluate, factory, metrics, train
 from vljax.evaluators.retrieval import RetrievalEvaluator
 from vljax.suites import DATASETS, SUITES, entries, runner, scores, tables, writers
 
@@ -260,3 +262,22 @@ def test_the_suite_evaluator_runs_inside_training_and_equals_the_runner(trained,
         pytest.approx(voc["mean_average_precision"], abs=1e-6)
     assert logged["suite/voc2007/average"] == pytest.approx(voc["mean_average_precision"], abs=1e-6)
     assert "suite/vtab+/mnist/acc1" in logged and "suite/vtab+/mnist/mean_per_class_recall" in logged
+
+
+def test_the_command_reports_unprepared_datasets_with_their_commands(trained, tmp_path):
+    """`python -m vljax.evaluate --suite` on real (absent) data: exit 1, the table, one line per
+    missing dataset naming how to prepare it, no traceback."""
+    proc = subprocess.run([sys.executable, "-m", "vljax.evaluate", f"--model={trained}", "--suite=voc2007",
+                           f"--data_dir={tmp_path / 'data'}", f"--out={tmp_path / 'out'}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": REPO})
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "| voc2007_multilabel | multilabel | mean_average_precision |  | missing: " in proc.stdout
+    line = [ln for ln in proc.stderr.splitlines() if ln.startswith("missing voc2007_multilabel: ")]
+    assert len(line) == 1 and "tfds build voc/2007" in line[0] and "clip-benchmark/wds_voc2007_multilabel" in line[0]
+    assert os.path.isfile(tmp_path / "out" / "voc2007.csv")
+
+
+def test_the_config_check_refuses_a_typo_in_a_suite_entry():
+    config_check.validate_evals({"s": dict(type="suite", data=dict(suite="imagenet", max_examples=8))})
+    with pytest.raises(ValueError, match=r"evals\.s\.data\."):
+        config_check.validate_evals({"s": dict(type="suite", data=dict(suit="imagenet"))})

@@ -49,10 +49,11 @@ class Dataset:
 
     name: CLIP_benchmark / DataComp key. task: CLASSIFICATION, RETRIEVAL or MULTILABEL.
     title: openclip_results.csv column (None: not one of its 38). main_metric: DataComp's.
-    class_names: key in en_classnames.json; None = the data's own names (TFDS ClassLabel names
-      as CLIP_benchmark takes them, `Tfds.names`, or the webdataset's classnames.txt).
-    templates: key in en_zeroshot_classification_templates.json; None = the webdataset's
-      zeroshot_classification_templates.txt (DataComp's own tasks).
+    class_names: key in en_classnames.json for the TFDS copy; None = TFDS's ClassLabel names as
+      CLIP_benchmark takes them (`Tfds.names`). A webdataset copy always uses its classnames.txt.
+    templates: key in en_zeroshot_classification_templates.json; a webdataset copy's own
+      zeroshot_classification_templates.txt wins where it has one (as in CLIP_benchmark); None =
+      only that file (DataComp's own tasks).
     tfds: the TFDS copy, or None (webdataset only). hf_repo: the webdataset copy's HF repo.
     unsupported: why vljax cannot score this task (it is reported, never run), or None.
     """

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import tensorflow_datasets as tfds
 
 from vljax import logs
 from vljax.evaluators import data as data_lib
@@ -55,6 +56,7 @@ def prepare_hint(dataset: ds_lib.Dataset, data_dir) -> str:
     if dataset.tfds is not None:
         tfds_dir = f" --data_dir={os.fspath(data_dir)}" if data_dir else ""
         manual = f" (first put {dataset.tfds.manual})" if dataset.tfds.manual else ""
+        manual = manual.replace("<data_dir>", os.fspath(data_dir)) if data_dir else manual
         ways.append(f"tfds build {dataset.tfds.name}{tfds_dir} --file_format=array_record{manual} "
                     "(building image sets needs TensorFlow: pip install tensorflow-cpu)")
     return " or ".join(ways)
@@ -72,31 +74,45 @@ def entry(dataset: ds_lib.Dataset, data_dir) -> dict:
     return tfds_entry(dataset, data_dir)
 
 
+def _tfds_prepared(dataset, spec) -> None:
+    """NotPrepared unless TFDS has `dataset`'s split as array_record under its data_dir. Probed with
+    download=False: `tfds.data_source` otherwise downloads and prepares a registered dataset that
+    is not there (offline, it retries for minutes; online, it fetches ImageNet-scale archives)."""
+    try:
+        tfds.data_source(spec["name"], split=spec["split"], data_dir=spec.get("data_dir"), download=False)
+    except Exception as e:  # tfds raises several types (NotImplementedError for a missing copy, ...)
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0].split(" Possible root causes")[0]
+        where = spec.get("data_dir") or "TFDS's default data_dir"
+        raise NotPrepared(f"{dataset.name}: no array_record copy of TFDS {spec['name']!r} split "
+                          f"{spec['split']!r} under {where} (tfds: {why}); prepare it with "
+                          f"{prepare_hint(dataset, spec.get('data_dir'))}") from None
+
+
 def _open(dataset, data_dir):
     spec = entry(dataset, data_dir)
-    try:
-        return spec, data_lib.open_entry(dataset.name, spec)
-    except ValueError as e:  # TFDS: not built (the source's message names the directory)
-        if spec["source"] != "tfds":
-            raise
-        raise NotPrepared(f"{dataset.name}: {str(e).split(';')[0]}; prepare it with "
-                          f"{prepare_hint(dataset, data_dir)}") from None
+    if spec["source"] == "tfds":
+        _tfds_prepared(dataset, spec)
+    return spec, data_lib.open_entry(dataset.name, spec)
 
 
 def _templates(dataset, spec) -> list[str]:
-    if dataset.templates is not None:
-        return tables.templates(dataset.templates)
-    path = os.path.join(os.path.dirname(os.path.dirname(spec["urls"])), "zeroshot_classification_templates.txt")
-    if not os.path.isfile(path):
-        raise NotPrepared(f"{dataset.name}: no {path} (DataComp's copies ship their templates there)")
-    with open(path) as f:
-        return [t.strip().replace("{c}", "{}") for t in f if t.strip()]
+    """A webdataset copy's own zeroshot_classification_templates.txt where it has one (as
+    CLIP_benchmark reads a wds/ set), else the table's templates of the dataset."""
+    if spec["source"] == "webdataset":
+        path = os.path.join(os.path.dirname(os.path.dirname(spec["urls"])), "zeroshot_classification_templates.txt")
+        if os.path.isfile(path):
+            with open(path) as f:
+                return [t.strip().replace("{c}", "{}") for t in f if t.strip()]
+    if dataset.templates is None:
+        raise NotPrepared(f"{dataset.name}: no zeroshot_classification_templates.txt in its webdataset "
+                          f"directory (DataComp's copies ship their templates there)")
+    return tables.templates(dataset.templates)
 
 
 def _classification(dataset, spec, source, max_examples):
     t = dataset.tfds if spec["source"] == "tfds" else None
     key = t.label_key if t else None
-    if dataset.class_names is not None:
+    if dataset.class_names is not None and t is not None:  # a webdataset copy has its classnames.txt
         names = tables.class_names(dataset.class_names)
     else:
         names = tables.clean_names(t.names if t else None, source.class_names_of(key))
