@@ -27,7 +27,7 @@ from tensorflow_datasets.testing import mocking
 
 from vljax import config_check, evaluate, factory, metrics, train
 from vljax.evaluators.retrieval import RetrievalEvaluator
-from vljax.suites import DATASETS, SUITES, entries, runner, scores, tables, writers
+from vljax.suites import DATASETS, SUITES, entries, labels, runner, scores, tables, views, writers
 
 # DataComp's tasklist.yml `num_classes` (mlfoundations/datacomp), the published class counts.
 DATACOMP_NUM_CLASSES = {
@@ -281,3 +281,34 @@ def test_the_config_check_refuses_a_typo_in_a_suite_entry():
     config_check.validate_evals({"s": dict(type="suite", data=dict(suite="imagenet", max_examples=8))})
     with pytest.raises(ValueError, match=r"evals\.s\.data\."):
         config_check.validate_evals({"s": dict(type="suite", data=dict(suit="imagenet"))})
+
+
+def test_vtab_derived_labels_follow_task_adaptation():
+    def objects(**fields):
+        return {"objects": {k: np.asarray(v) for k, v in fields.items()}}
+    assert labels.derived("clevr_count", objects(size=[0, 1, 0])) == 0  # 3 objects: class 0
+    assert labels.derived("clevr_count", objects(size=[0] * 10)) == 7
+    assert labels.derived("clevr_distance", objects(pixel_coords=[[1, 2, 9.7], [3, 4, 8.2]])) == 1  # (8, 8.5]
+    car, pedestrian = 0, 3
+    near, far = [0.0, 0.0, 5.0], [0.0, 0.0, 30.0]
+    assert labels.derived("kitti_distance", objects(type=[pedestrian, car], location=[near, far])) == 2
+    assert labels.derived("kitti_distance", objects(type=[pedestrian], location=[near])) == 3  # no vehicle
+    assert labels.derived("kitti_distance", objects(type=[car, car], location=[near])) == -1  # fields disagree
+
+
+def test_scaled_images_are_dsprites_times_255_under_their_own_cache_key(tmp_path):
+    class Binary:
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, i):
+            return {"id": "0", "image": np.array([[[0], [1]]], np.uint8), "label": 3}
+
+        def cache_key(self):
+            return "binary"
+
+        def label_of(self, i, key=None):
+            return 3
+    view = views.ScaledImages(Binary(), 255)
+    assert view[0]["image"].tolist() == [[[0], [255]]] and view.label_of(0) == 3
+    assert view.cache_key() != "binary"

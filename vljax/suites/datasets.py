@@ -13,8 +13,8 @@ the column of open_clip's `docs/openclip_results.csv`. Metrics (CLIP_benchmark's
 
 TFDS splits follow VTAB (google-research/task_adaptation, `data/*.py`), which CLIP_benchmark's
 `vtab/` sets read: eurosat and resisc45 test = train[80%:], smallnorb test = test[50%:], clevr
-test = validation, dsprites test = train[80%:]. Webdataset copies are CLIP_benchmark's
-(HF `clip-benchmark/wds_<name>`, `/` in the key written `-`) or DataComp's own
+test = validation, dsprites test = train[90%:] (its images times 255). Webdataset copies are
+CLIP_benchmark's (HF `clip-benchmark/wds_<name>`, `/` in the key written `-`) or DataComp's own
 (`djghosh/wds_<name>_test`), read from `<data_dir>/wds_<name>/test/*.tar`.
 """
 from __future__ import annotations
@@ -31,6 +31,7 @@ class Tfds:
     of vljax/suites/labels.py making VTAB's label from other features; `subset`: an ImageNet
     subset key (labels in ImageNet's 1000 classes mapped to the subset's, vljax/suites/tables.py);
     `names`: CLIP_benchmark's clean-up of the TFDS class names (tables.clean_names);
+    `image_scale`: stored pixel values times this (dSprites' 0 / 1 images, as VTAB);
     `manual`: what TFDS needs downloaded by hand."""
     name: str
     split: str = "test"
@@ -40,6 +41,7 @@ class Tfds:
     derive: str | None = None
     subset: str | None = None
     names: str | None = None
+    image_scale: int = 1
     manual: str | None = None
 
 
@@ -123,9 +125,9 @@ DATASETS: dict[str, Dataset] = {d.name: d for d in [
                    "<data_dir>/downloads/manual/"), "diabetic_retinopathy"),
     _c("vtab/dmlab", None, "dmlab", Tfds("dmlab"), "dmlab"),
     _c("vtab/dsprites_label_orientation", None, "dsprites_label_orientation",
-       Tfds("dsprites", "train[80%:]", label_key="label_orientation")),
+       Tfds("dsprites", "train[90%:]", label_key="label_orientation", image_scale=255)),
     _c("vtab/dsprites_label_x_position", None, "dsprites_label_x_position",
-       Tfds("dsprites", "train[80%:]", label_key="label_x_position")),
+       Tfds("dsprites", "train[90%:]", label_key="label_x_position", image_scale=255)),
     _c("vtab/dtd", "Describable Textures", "dtd", Tfds("dtd")),
     _c("vtab/eurosat", "EuroSAT", "eurosat", Tfds("eurosat/rgb", "train[80%:]"), "eurosat"),
     _c("vtab/kitti_closest_vehicle_distance", "KITTI Vehicle Distance", "kitti_closest_vehicle_distance",

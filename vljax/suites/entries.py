@@ -20,7 +20,7 @@ from vljax.evaluators.retrieval import RetrievalEvaluator
 from vljax.evaluators.zeroshot import ZeroShotEvaluator
 from vljax.suites import datasets as ds_lib
 from vljax.suites import labels as labels_lib
-from vljax.suites import tables
+from vljax.suites import tables, views
 
 IMAGE_KEYS = "webp;png;jpg;jpeg"
 
@@ -92,7 +92,10 @@ def _open(dataset, data_dir):
     spec = entry(dataset, data_dir)
     if spec["source"] == "tfds":
         _tfds_prepared(dataset, spec)
-    return spec, data_lib.open_entry(dataset.name, spec)
+    source = data_lib.open_entry(dataset.name, spec)
+    if spec["source"] == "tfds" and dataset.tfds.image_scale != 1:
+        source = views.ScaledImages(source, dataset.tfds.image_scale)
+    return spec, source
 
 
 def _templates(dataset, spec) -> list[str]:
