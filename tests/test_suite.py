@@ -223,6 +223,9 @@ def test_webdataset_directories_give_the_agreed_source_entries(tmp_path):
         source="webdataset", urls=f"{d}/wds_mscoco_captions/test/*.tar", image_key="webp;png;jpg;jpeg",
         caption_key="txt", caption_lines=True)
     assert entries.entry(DATASETS["vtab/pets"], d)["source"] == "tfds"  # no wds_vtab-pets: TFDS
+    with pytest.raises(entries.NotPrepared, match=r"vtab/cifar100: .*wds_vtab-cifar100 cannot be read .*"
+                                                  r"clip-benchmark/wds_vtab-cifar100"):
+        entries.evaluator(DATASETS["vtab/cifar100"], d)  # a directory without shards: not prepared
     with pytest.raises(entries.NotPrepared, match="clip-benchmark/wds_flickr30k"):
         entries.entry(DATASETS["flickr30k"], d)
 

@@ -2,8 +2,9 @@
 
 Under `data_dir`, a CLIP_benchmark-style directory `<data_dir>/wds_<name>/` (test/*.tar,
 classnames.txt, zeroshot_classification_templates.txt) wins; else the dataset's TFDS copy under
-`data_dir` (TFDS's default directory without one). A dataset found in neither raises `NotPrepared`
-naming the commands that prepare it. The evaluators are vljax's own (zeroshot, retrieval,
+`data_dir` (TFDS's default directory without one). A dataset found in neither, a TFDS copy that is
+not array_record, or a webdataset directory that cannot be read raises `NotPrepared` naming the
+commands that prepare it. The evaluators are vljax's own (zeroshot, retrieval,
 multilabel), built from the source, labels and class names read here.
 """
 from __future__ import annotations
@@ -92,7 +93,14 @@ def _open(dataset, data_dir):
     spec = entry(dataset, data_dir)
     if spec["source"] == "tfds":
         _tfds_prepared(dataset, spec)
-    source = data_lib.open_entry(dataset.name, spec)
+    try:
+        source = data_lib.open_entry(dataset.name, spec)
+    except (OSError, ValueError) as e:
+        if spec["source"] != "webdataset":
+            raise
+        # A webdataset directory without its shards or classnames.txt is not prepared either.
+        raise NotPrepared(f"{dataset.name}: {wds_dir(dataset, data_dir)} cannot be read ({e}); prepare it "
+                          f"with {prepare_hint(dataset, data_dir)}") from None
     if spec["source"] == "tfds" and dataset.tfds.image_scale != 1:
         source = views.ScaledImages(source, dataset.tfds.image_scale)
     return spec, source
