@@ -3,12 +3,17 @@ r"""Evaluate a model with a config's evaluators: a vljax workdir or a converted 
     python -m vljax.evaluate --model=/tmp/vljax_lit --config=configs/lit_eval.py --out=/tmp/lit_eval.json
     python -m vljax.evaluate --model=hf_clip_dir/ --config=configs/lit.py --evals=fashion_mnist
     python -m vljax.evaluate --model=siglip2_naflex_dir/ --max_num_patches=256 --config=configs/lit.py
+    python -m vljax.evaluate --model=/tmp/vljax_lit --suite=imagenet --data_dir=/data --out=/tmp/suite
 
 `--model` is anything `vljax.factory.load` takes (a workdir: its latest checkpoint; a
 transformers CLIP / SigLIP / SigLIP 2 directory; a big_vision SigLIP .npz with `--tokenizer`
 or its .model beside it). The evaluators are `config.evals` (default: the workdir's own
 config.json), built by vljax/eval_builder.py; images are streamed with the MODEL's image size and
 normalisation, so a converted CLIP at 224 px is evaluated on the same data as a demo LiT model at 112 px.
+With `--suite` (imagenet, vtab+, retrieval, datacomp, voc2007: vljax/suites) the standard
+zero-shot suite runs instead of config.evals, reading webdataset directories or TFDS data under
+`--data_dir`; `--out` is then the results directory (one CLIP_benchmark JSON per dataset, kept
+and skipped on a rerun, so a stopped suite resumes; `<suite>.md` and `<suite>.csv`).
 Unlike `vljax.main --mode=eval`, nothing is written into the model's directory. On a CPU run
 freed host memory is kept, as in `vljax.main` (vljax/hostmem.py; `VLJAX_KEEP_HOST_MEMORY=0`: off).
 """
@@ -42,7 +47,14 @@ _CONFIG = config_flags.DEFINE_config_file(
     flag_values=_FLAGS)
 _EVALS = flags.DEFINE_list("evals", None, "Only these names of config.evals (default: all).",
                            flag_values=_FLAGS)
-_OUT = flags.DEFINE_string("out", None, "Write the metrics here as JSON.", flag_values=_FLAGS)
+_OUT = flags.DEFINE_string("out", None, "Write the metrics here as JSON; with --suite, the results "
+                           "directory.", flag_values=_FLAGS)
+_SUITE = flags.DEFINE_string("suite", None, "Run this zero-shot suite (imagenet, vtab+, retrieval, "
+                             "datacomp, voc2007) instead of config.evals.", flag_values=_FLAGS)
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "--suite: the directory of the webdataset copies "
+                                "(wds_<name>/) and / or TFDS data (default: TFDS's).", flag_values=_FLAGS)
+_MAX_EXAMPLES = flags.DEFINE_integer("max_examples", None, "--suite: the first records of each dataset "
+                                     "only (a quick check).", flag_values=_FLAGS)
 _PLOTS = flags.DEFINE_string("plot_dir", None, "Where zero-shot confusion matrices go (default: none).",
                              flag_values=_FLAGS)
 flags.mark_flags_as_required(["model"], flag_values=_FLAGS)
@@ -63,6 +75,36 @@ def evaluate(predictor, config, only=None, plot_dir: str | None = None) -> dict[
                                     batch_size=config.get("eval_batch_size", 64),
                                     workers=config.get("input", {}).get("eval_workers", 0))
     return eval_builder.run_all(evaluators, embedder)
+
+
+def run_suite(predictor, suite: str, *, out_dir: str, model: str, data_dir=None,
+              max_examples: int | None = None, batch_size: int = 64):
+    """Runs zero-shot suite `suite` on a model (vljax/suites/runner.py); its SuiteReport."""
+    from vljax import sharding  # noqa: PLC0415  (imports JAX: after cli_prepare, see the top)
+    from vljax.embedder import Embedder  # noqa: PLC0415  (imports JAX: after cli_prepare)
+    from vljax.suites import runner  # noqa: PLC0415  (imports JAX: after cli_prepare)
+    embedder = Embedder.from_bundle(predictor, mesh=sharding.make_mesh([("data", -1)]), batch_size=batch_size)
+    return runner.run_suite(embedder, suite, out_dir=out_dir, model=model,
+                            pretrained=os.path.basename(os.path.normpath(model)), data_dir=data_dir,
+                            max_examples=max_examples)
+
+
+def _main_suite(path):
+    """--suite: exit status 0 when every dataset ran or was read back, 1 when some are missing."""
+    from vljax import factory, suites  # noqa: PLC0415  (they import JAX: after cli_prepare)
+    if not _OUT.value:
+        raise SystemExit("vljax.evaluate: --suite needs --out (the results directory)")
+    try:
+        suites.suite(_SUITE.value)
+        predictor = factory.load(path, tokenizer=_TOKENIZER.value, max_num_patches=_MAX_NUM_PATCHES.value)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"vljax.evaluate: {e}") from None
+    report = run_suite(predictor, _SUITE.value, out_dir=_OUT.value, model=path, data_dir=_DATA_DIR.value,
+                       max_examples=_MAX_EXAMPLES.value)
+    print(report.table, end="")
+    for why in report.missing.values():  # each starts with the dataset's name
+        print(f"missing {why}", file=sys.stderr)
+    return 1 if report.missing else 0
 
 
 def _workdir_config(path):
@@ -86,6 +128,11 @@ def main(argv):
         keep_host = hostmem.cli_prepare()  # before JAX starts its CPU client (as vljax.main)
     except ValueError as e:
         raise SystemExit(f"vljax.evaluate: {e}") from None
+    if _SUITE.value:
+        import jax  # noqa: PLC0415  (after cli_prepare, see the top)
+        if hostmem.cli_apply(jax.default_backend(), keep_host):
+            logs.info(hostmem.APPLIED)
+        return _main_suite(path)
     from vljax import config_check, factory  # noqa: PLC0415  (they import JAX: after cli_prepare)
     try:
         config = _CONFIG.value if _CONFIG.value is not None else _workdir_config(path)

@@ -43,7 +43,8 @@ class TfdsSource(base.Source):
       labels_key: a `Sequence(ClassLabel)` feature (a label set, e.g. the demo sets' "tags")
         copied to record["labels"]; `num_labels` / `label_names` are its ClassLabel's.
       image_key / caption_key: features holding the image (encoded bytes, or a decoded uint8
-        array for TFDS Image features) and the caption(s); "a/b" names a nested feature.
+        array for TFDS Image features) and the caption(s); "a/b" names a nested feature;
+        caption_key None: a set without captions (records carry none).
         Config key `text_key` is another name of `caption_key`.
     """
     REQUIRED = ("name", "split")
@@ -54,7 +55,7 @@ class TfdsSource(base.Source):
                    "labels": "labels_key` (a Sequence(ClassLabel) feature, e.g. 'tags')"}
 
     def __init__(self, name: str, split: str, data_dir=None, label_key: str | None = None,
-                 image_key: str = "image", caption_key: str = "captions", labels_key: str | None = None):
+                 image_key: str = "image", caption_key: str | None = "captions", labels_key: str | None = None):
         self.name, self.split = name, split
         self.data_dir = str(data_dir or base.default_data_dir())
         try:
@@ -71,7 +72,7 @@ class TfdsSource(base.Source):
                 f"TFDS dataset {name!r} split {split!r} cannot be opened under {self.data_dir} "
                 f"({why}); the demo sets are built by `python3 -m vljax.data.build_demo`") from e
         features = self._ds.dataset_info.features
-        for key in (image_key, caption_key) + tuple(k for k in (label_key, labels_key) if k):
+        for key in (image_key,) + tuple(k for k in (caption_key, label_key, labels_key) if k):
             self._feature(key)
         self.label_key, self.image_key, self.caption_key = label_key, image_key, caption_key
         self.labels_key, self.num_labels, self.label_names = labels_key, None, None
@@ -107,7 +108,7 @@ class TfdsSource(base.Source):
             r = self._ds[index]
         except Exception as e:  # a damaged array_record entry; anything else should not happen
             return base.bad_record(rid, "read_error", repr(e))
-        caps = _lookup(r, self.caption_key)
+        caps = _lookup(r, self.caption_key) if self.caption_key else []
         caps = [base.text(caps)] if isinstance(caps, (bytes, str)) else [base.text(c) for c in caps]
         label = int(_lookup(r, self.label_key)) if self.label_key else -1
         labels = [int(x) for x in _lookup(r, self.labels_key)] if self.labels_key else []
@@ -132,6 +133,8 @@ class TfdsSource(base.Source):
         raise ValueError(f"{self!r}: no 'label' or 'category' feature; set `label` in the eval's data")
 
     def captions_of(self, index: int) -> list[str]:
+        if not self.caption_key:
+            return []
         caps = _lookup(self.raw(index), self.caption_key)
         return [base.text(c) for c in ([caps] if isinstance(caps, (bytes, str)) else caps)]
 
