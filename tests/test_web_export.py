@@ -1,8 +1,10 @@
 """vljax.data.web_export: TFDS records written in img2dataset's layout read back equal, with the
 `webdataset` package and with pyarrow (ids, image bytes, captions, keys, file names, stats)."""
 import hashlib
+import importlib.util
 import io
 import json
+import os
 
 from PIL import Image
 import pyarrow as pa
@@ -11,7 +13,9 @@ import pytest
 import tensorflow_datasets as tfds
 import webdataset as wds
 
+from helpers import REPO
 from vljax.data import sources
+from vljax.data.sources import shards
 from vljax.data import tfds_writer
 from vljax.data import web_export
 
@@ -169,3 +173,19 @@ def test_bad_arguments_are_refused_before_any_work(source, tmp_path):
     with pytest.raises(ValueError, match="--shard_size=0"):
         web_export.export(source, tmp_path / "b", "parquet", shard_size=0)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_lit_web_entries_name_exactly_the_exported_shards(source, tmp_path):
+    """configs/lit_web.py's `urls` match web_export's shards and nothing else (not the metadata
+    parquet files beside the tars)."""
+    spec = importlib.util.spec_from_file_location("lit_web", os.path.join(REPO, "configs", "lit_web.py"))
+    lit_web = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lit_web)
+    for fmt, ext in (("webdataset", "tar"), ("parquet", "parquet")):
+        for name in lit_web.DATASETS:
+            web_export.export(source, tmp_path / fmt / name / "train", fmt, shard_size=SHARD, progress=False)
+        config = lit_web.get_config(f"format={fmt},dir={tmp_path}")
+        assert [e["source"] for e in config.input.data] == [fmt, fmt]
+        for entry, name in zip(config.input.data, lit_web.DATASETS):
+            assert shards.expand(entry["urls"]) == [
+                str(tmp_path / fmt / name / "train" / f"0000{k}.{ext}") for k in range(3)]
