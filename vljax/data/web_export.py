@@ -34,9 +34,9 @@ record as the TFDS recipe does (vljax/data/transforms.choose_caption); one readi
 `caption` sees the first. One sample a caption would instead weight records by their caption count.
 
 A record the TFDS source cannot read is counted as "failed_to_download", one whose bytes are no
-PNG / JPEG / WebP / GIF image (or, in parquet, not in the shard's image column's format) as
-"failed_to_resize": in the stats and the metadata (status, error_message), with no image, as
-img2dataset does. A dataset whose image feature is decoded (a TFDS Image feature) has no bytes
+PNG / JPEG / WebP / GIF image (or, in parquet, not in the format of the split's first image,
+which names the image column) as "failed_to_resize": in the stats and the metadata (status,
+error_message), with no image, as img2dataset does. A dataset whose image feature is decoded (a TFDS Image feature) has no bytes
 to keep and is refused before any work.
 """
 from __future__ import annotations
@@ -127,6 +127,17 @@ def _check_bytes(source: sources.TfdsSource) -> None:
         raise ValueError(f"TFDS dataset {source.name!r}: feature {source.image_key!r} is "
                          f"{feature!r}, not encoded image bytes; web_export keeps images as stored "
                          "and cannot write decoded pixels")
+
+
+def _first_format(source) -> str:
+    """The format of the first record of `source` whose bytes are an image: names the image
+    column of parquet shards (img2dataset's `encode_format`); "jpg" when none is."""
+    for index in range(len(source)):
+        record = source[index]
+        fmt = None if "error" in record else image_format(bytes(record["image"]))
+        if fmt:
+            return fmt
+    return "jpg"
 
 
 class _Stats:
@@ -220,7 +231,7 @@ def export(source: sources.TfdsSource, out, fmt: str, shard_size: int = 1000,
     num_shards = math.ceil(n / shard_size)
     bar = tqdm.tqdm(total=n, desc=f"{source.name}/{source.split} -> {fmt}", unit="img",
                     disable=not progress)
-    column = None
+    column = _first_format(source) if fmt == "parquet" else None
     totals = dict(shards=num_shards, count=0, successes=0, status_dict={})
     for shard_id in range(num_shards):
         def rows(shard_id=shard_id):
@@ -231,11 +242,7 @@ def export(source: sources.TfdsSource, out, fmt: str, shard_size: int = 1000,
         if fmt == "webdataset":
             stats = _write_webdataset_shard(out, shard_id, rows())
         else:
-            rows_it = rows()
-            first = [next(rows_it)]
-            # The image column is named by the format of the split's first readable image.
-            column = column or first[0][2] or "jpg"
-            stats = _write_parquet_shard(out, shard_id, _chain(first, rows_it), column)
+            stats = _write_parquet_shard(out, shard_id, rows(), column)
         stats.write(out / f"{shard_name(shard_id)}_stats.json")
         totals["count"] += stats.count
         totals["successes"] += stats.status.get("success", 0)
@@ -243,11 +250,6 @@ def export(source: sources.TfdsSource, out, fmt: str, shard_size: int = 1000,
             totals["status_dict"][k] = totals["status_dict"].get(k, 0) + v
     bar.close()
     return totals
-
-
-def _chain(first, rest):
-    yield from first
-    yield from rest
 
 
 _FORMAT = flags.DEFINE_enum("format", None, FORMATS, "Output format (img2dataset's output_format).")
