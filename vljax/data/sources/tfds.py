@@ -3,6 +3,7 @@ dataset prepared as tfrecord is an error naming `python -m vljax.data.convert_tf
 array_record files in place."""
 from __future__ import annotations
 
+from etils import epath
 import tensorflow_datasets as tfds
 
 from vljax.data import tfds_writer
@@ -59,10 +60,15 @@ class TfdsSource(base.Source):
         self.name, self.split = name, split
         self.data_dir = str(data_dir or base.default_data_dir())
         try:
-            self._ds = tfds.data_source(name, split=split, data_dir=self.data_dir)
+            # download=False: tfds' default would download and prepare a registered set that is
+            # missing (ImageNet-sized archives online; minutes of retries offline).
+            self._ds = tfds.data_source(name, split=split, data_dir=self.data_dir, download=False)
         except Exception as e:  # tfds raises several types (DatasetNotFoundError, ValueError, ...)
-            # tfds' own message lists every registered dataset: keep only its first line.
+            # tfds' own message lists every registered dataset: keep only its first line; a set
+            # that is not there at all gets a misleading "file format TFRECORD" message.
             why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            if not (epath.Path(self.data_dir) / name.split(":")[0].split("/")[0]).exists():
+                why = "not prepared there"
             if _tfrecord_only(name, self.data_dir):
                 raise ValueError(
                     f"TFDS dataset {name!r} under {self.data_dir} is prepared as tfrecord, which only "
