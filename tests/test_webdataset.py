@@ -212,6 +212,24 @@ def test_processes_read_only_their_lanes_and_equal_one_process(indexed):
     assert sorted(first_epoch) == list(range(48))
 
 
+def test_default_lanes_do_not_depend_on_the_process_count(indexed):
+    """No shard_lanes: 8 lanes (batch 8, 16 shards), the same global batches for 1 and 2 processes,
+    each process reading only its own shards."""
+    assert shard_order.default_lanes(8, [[3] * 16]) == 8
+    assert shard_order.default_lanes(96, [[3] * 5, [2] * 40]) == 4  # fewest shards: 5
+    assert shard_order.default_lanes(4096, [[1] * 1000]) == shard_order.MAX_DEFAULT_LANES
+    cfg = _cfg([indexed], shard_window=2)
+    whole = _batches(pipeline.make_train_iterator(cfg, CharTokenizer(), seed=3, process_index=0,
+                                                  process_count=1), 3)
+    halves = [_batches(pipeline.make_train_iterator(cfg, CharTokenizer(), seed=3, process_index=p,
+                                                    process_count=2), 3) for p in range(2)]
+    for one, a, b in zip(whole, *halves):
+        np.testing.assert_array_equal(one["label"], np.concatenate([a["label"], b["label"]]))
+    for p, batches in enumerate(halves):
+        shards = {int(label) // 3 for batch in batches for label in batch["label"]}
+        assert shards <= {k for k in range(16) if k % 8 in range(4 * p, 4 * p + 4)}
+
+
 def test_resume_mid_epoch_gives_the_batches_that_followed(pair, indexed):
     mixed = [dict(pair["entry"], weight=1.0), dict(indexed, weight=2.0)]
     cfg = _cfg(mixed, shard_lanes=2, shard_window=3)

@@ -27,8 +27,10 @@ there is no shuffle_buffer setting. When every source is sharded (webdataset tar
 process reads only its own shards, shuffled across shards and within a window of shards:
 
     shard_lanes=None,            # L lanes: lane l reads the shards k % L == l; B % L == 0 and
-                                 # L % process_count == 0; default process_count (set it to keep
-                                 # the same global batches when the process count changes)
+                                 # L % process_count == 0; default shard_order.default_lanes (the
+                                 # largest power of two <= 64 dividing B, at most the fewest shards
+                                 # of a source): the same global batches for any power-of-two
+                                 # process count up to L
     shard_window=4,              # the records of this many consecutive shards are shuffled together
 """
 import dataclasses
@@ -191,7 +193,9 @@ def make_train_dataset(config, tokenizer, *, seed: int, process_index: int = 0,
     if sharded:
         ds = shard_order.shard_ordered(
             parts, [src.shard_sizes for src in opened], weights,
-            lanes=_default(_get(config, "shard_lanes"), process_count),
+            lanes=_default(_get(config, "shard_lanes"),
+                           shard_order.default_lanes(int(config["batch_size"]),
+                                                     [src.shard_sizes for src in opened])),
             window=_default(_get(config, "shard_window"), DEFAULT_SHARD_WINDOW),
             batch_size=int(config["batch_size"]), process_count=process_count, seed=seed)
     else:

@@ -36,6 +36,23 @@ def seed32(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
+MAX_DEFAULT_LANES = 64
+
+
+def default_lanes(batch_size: int, shard_sizes: list[list[int]]) -> int:
+    """The lanes when `input.shard_lanes` is not set: the largest power of two that divides the
+    global batch, holds at most MAX_DEFAULT_LANES and no more than the non-empty shards of the
+    source with fewest. It does not depend on the process count, so any power-of-two number of
+    processes up to it reads only its own shards and trains on the same global batches (2 x 4
+    devices exactly as 1 x 8); another process count needs `input.shard_lanes` set to a multiple of it."""
+    fewest = min(sum(1 for n in sizes if n > 0) for sizes in shard_sizes)
+    lanes = 1
+    while (lanes * 2 <= MAX_DEFAULT_LANES and batch_size % (lanes * 2) == 0
+           and lanes * 2 <= max(fewest, 1)):
+        lanes *= 2
+    return lanes
+
+
 def check_lanes(lanes: int, batch_size: int, process_count: int) -> None:
     """ValueError naming `input.shard_lanes` unless lanes divide the global batch and the
     processes divide the lanes."""
