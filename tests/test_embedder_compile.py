@@ -77,3 +77,27 @@ def test_batching_rounds_up_to_the_shards_and_pads_with_zero_rows():
     padded = batching.pad_rows(x, 5)
     np.testing.assert_array_equal(padded, [[0, 1], [2, 3], [4, 5], [0, 0], [0, 0]])
     assert padded.dtype == np.float32 and batching.pad_rows(x, 3) is x
+
+
+def test_each_distinct_text_is_embedded_once_and_rows_do_not_depend_on_their_batch():
+    """Evaluators sharing texts (a subset's captions, repeated captions) reuse an Embedder's rows;
+    a text's row is the same whatever texts it is batched with."""
+    model, params, tok = model_and_params()
+    mesh = sharding.make_mesh([("data", 2)], devices=jax.devices()[:2])
+    emb = Embedder(model, params, tok, mesh=mesh, image_size=SIZE, value_range=VALUE_RANGE,
+                   batch_size=8, progress=False)
+    calls = []
+    tokenize = emb.tokenizer
+    emb.tokenizer = lambda texts: calls.append(list(texts)) or tokenize(texts)
+    texts = [f"caption {i % 11}" for i in range(30)]  # 11 distinct, repeated
+    z = emb.embed_texts(texts)
+    sub = emb.embed_texts(texts[3:9] + ["new one"])
+    assert calls == [[f"caption {i}" for i in range(11)], ["new one"]]
+    np.testing.assert_array_equal(z[3:9], sub[:6])
+    np.testing.assert_array_equal(z[0], z[11])
+    alone = Embedder(model, params, tok, mesh=mesh, image_size=SIZE, value_range=VALUE_RANGE,
+                     batch_size=8, progress=False)
+    np.testing.assert_array_equal(alone.embed_texts(["caption 7", "zzz"])[0], z[7])
+    tokens, mask = emb.embed_text_tokens(texts[:4] + texts[:2])
+    np.testing.assert_array_equal(tokens[:2], tokens[4:])
+    assert mask.dtype == bool and tokens.shape[:2] == mask.shape

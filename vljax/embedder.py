@@ -166,7 +166,8 @@ class Embedder:
         self._batch_sharding = sharding.batch_sharding(mesh)
         self.params = self._on_mesh(params)
         self._fn = (self.shared_towers if towers is None else towers).get(model, mesh)
-        self._images, self._texts = {}, {}
+        self._images = {}
+        self._texts: dict[bool, dict[str, np.ndarray]] = {}  # tokens? -> text -> its row(s)
 
     @classmethod
     def from_bundle(cls, bundle, *, mesh, params=None, **kwargs) -> "Embedder":
@@ -315,21 +316,34 @@ class Embedder:
         return self._text_cached(texts, tokens=True)
 
     def _text_cached(self, texts, tokens: bool):
+        """Embeds each distinct text once per Embedder (per evaluation): evaluators that share
+        texts (a retrieval subset's captions, repeated captions, one set's prompts in several
+        evaluators) reuse its rows. A row is the same whatever texts share its batch (every batch
+        is padded to the same shape; docs/TOOLCHAIN.md, "JAX")."""
         if isinstance(texts, str):
             raise TypeError("embed_texts takes a list of strings, got one string")
-        key = (tuple(texts), tokens)
-        if key not in self._texts:
-            ids = np.asarray(self.tokenizer(list(key[0])), np.int32)
-            if self.text_memo is None:
-                fn = self._fn.txt_tok if tokens else self._fn.txt
-                self._texts[key] = self._host_batches(lambda t: fn(self.params, t), ids)
-            else:  # only the blocks above the memoised locked ones run, a few batches at a time
-                fn, k = (self._fn.txt_tok_upper if tokens else self._fn.txt_upper), self.text_memo.blocks
-                step = 8 * self.batch_size  # bounds the [rows, L, W] states held at once
-                parts = [self._host_batches(lambda t, s: fn(self.params, t, s, k), sub, self.text_memo(sub))
-                         for sub in (ids[lo:lo + step] for lo in range(0, len(ids), step))]
-                self._texts[key] = jax.tree.map(lambda *a: np.concatenate(a), *parts)
-        return self._texts[key]
+        texts = list(texts)
+        if not texts:
+            raise ValueError("nothing to embed: got no texts")
+        rows = self._texts.setdefault(tokens, {})
+        new = [t for t in dict.fromkeys(texts) if t not in rows]
+        if new:
+            out = self._embed_texts_now(new, tokens)
+            for i, text in enumerate(new):
+                rows[text] = jax.tree.map(lambda a, i=i: a[i], out)
+        return jax.tree.map(lambda *r: np.stack(r), *(rows[t] for t in texts))
+
+    def _embed_texts_now(self, texts: list[str], tokens: bool):
+        ids = np.asarray(self.tokenizer(texts), np.int32)
+        if self.text_memo is None:
+            fn = self._fn.txt_tok if tokens else self._fn.txt
+            return self._host_batches(lambda t: fn(self.params, t), ids)
+        # only the blocks above the memoised locked ones run, a few batches at a time
+        fn, k = (self._fn.txt_tok_upper if tokens else self._fn.txt_upper), self.text_memo.blocks
+        step = 8 * self.batch_size  # bounds the [rows, L, W] states held at once
+        parts = [self._host_batches(lambda t, s: fn(self.params, t, s, k), sub, self.text_memo(sub))
+                 for sub in (ids[lo:lo + step] for lo in range(0, len(ids), step))]
+        return jax.tree.map(lambda *a: np.concatenate(a), *parts)
 
     def embed_image_array(self, images) -> np.ndarray:
         """images: float32 [N, S, S, 3], preprocessed, the same on every process (NaFlex: the dict

@@ -59,7 +59,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from vljax import logs, objective, sharding
+from vljax import logs, objective, sharding, towers
 from vljax.data import pipeline, sources
 from vljax.data.batching import global_batch_size, pad_rows
 from vljax.data.preprocess import Preprocess, canonical_value_range
@@ -178,6 +178,25 @@ def trunk_parts(mesh) -> int:
     return max(1, min(len(os.sched_getaffinity(0)), 4))
 
 
+_TRUNKS: list = []  # [((model, tokens, parts, mesh), jitted trunk)], the most recent last
+_TRUNKS_KEPT = 4
+
+
+def _jitted_trunk(model, tokens: bool, parts: int, mesh):
+    """The trunk jitted once per (equal model, tokens, parts, mesh): every store written in a run
+    (the training sets', each evaluation set's) reuses one compilation per batch shape. Flax
+    modules holding dicts are not hashable: equal ones are found as towers.TowerCache finds them."""
+    for i, ((m, t, p, me), fn) in enumerate(_TRUNKS):
+        if (t, p, me) == (tokens, parts, mesh) and towers.same_module(m, model):
+            _TRUNKS.append(_TRUNKS.pop(i))
+            return fn
+    bspec = P(sharding.batch_axes(mesh))
+    fn = jax.jit(_trunk(model, tokens, parts), out_shardings=NamedSharding(mesh, bspec))
+    _TRUNKS.append(((model, tokens, parts, mesh), fn))
+    del _TRUNKS[:-_TRUNKS_KEPT]
+    return fn
+
+
 def _trunk(model, tokens: bool, parts: int):
     """params, images [B, ...] -> the trunk's outputs, the batch run as `parts` slices (B % parts == 0)."""
     def whole(p, x):
@@ -219,7 +238,7 @@ def _write(model, params, source, path, fp, *, mesh, image_size, value_range, vi
     bspec = P(sharding.batch_axes(mesh))
     parts = trunk_parts(mesh)
     parts = parts if batch_size % parts == 0 else 1
-    trunk = jax.jit(_trunk(model, tokens, parts), out_shardings=NamedSharding(mesh, bspec))
+    trunk = _jitted_trunk(model, tokens, parts, mesh)
     passes = [pipeline.make_eval_batches(source, batch_size=batch_size, image_size=image_size,
                                          value_range=value_range, greyscale=v == "grey") for v in views]
     n, local_b = len(source), passes[0].batch

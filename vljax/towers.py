@@ -43,7 +43,7 @@ class _Towers:
                                 out_shardings=(replicated, replicated))
 
 
-def _same(a, b) -> bool:
+def same_module(a, b) -> bool:
     """Equal modules; one whose fields cannot be compared (arrays in its config) only to itself."""
     if a is b:
         return True
@@ -68,7 +68,7 @@ class TowerCache:
 
     def get(self, model, mesh) -> _Towers:
         for i, (m, me, t) in enumerate(self._entries):
-            if me == mesh and _same(m, model):
+            if me == mesh and same_module(m, model):
                 self._entries.append(self._entries.pop(i))
                 return t
         self._entries.append((model, mesh, _Towers(model, mesh)))
