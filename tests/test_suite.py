@@ -22,7 +22,8 @@ import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from helpers import REPO, make_shapes_manifest, tiny_config
+import web_shards
+from helpers import REPO, SHAPES, make_shapes_manifest, tiny_config
 from tensorflow_datasets.testing import mocking
 
 from vljax import config_check, evaluate, factory, metrics, train
@@ -228,6 +229,28 @@ def test_webdataset_directories_give_the_agreed_source_entries(tmp_path):
         entries.evaluator(DATASETS["vtab/cifar100"], d)  # a directory without shards: not prepared
     with pytest.raises(entries.NotPrepared, match="clip-benchmark/wds_flickr30k"):
         entries.entry(DATASETS["flickr30k"], d)
+
+
+def test_clip_benchmark_webdataset_directories_run_through_the_webdataset_kind(embedder, trained, tmp_path):
+    """A CLIP_benchmark-layout copy (`wds_<name>/test/*.tar` with KEY.cls or KEY.txt captions one a
+    line, and classnames.txt) is read by the "webdataset" source kind and scores exactly as the
+    same records read from a JSONL manifest with the same class names."""
+    records = web_shards.shapes_records(n_per=1)
+    root = tmp_path / "data"
+    web_shards.write_shards(str(root / "wds_cifar10" / "test"), records, 3)
+    (root / "wds_cifar10" / "classnames.txt").write_text("\n".join(SHAPES) + "\n")
+    web_shards.write_shards(str(root / "wds_flickr8k" / "test"), records, 4, cls=False)
+    manifest = web_shards.write_manifest(str(tmp_path / "jsonl"), records)
+    jsonl = dict(source="jsonl", path=manifest, class_names=list(SHAPES))
+    for name in ("cifar10", "flickr8k"):
+        dataset = DATASETS[name]
+        assert entries.entry(dataset, str(root))["source"] == "webdataset"
+        got = scores.compute(name, entries.evaluator(dataset, str(root), None), embedder)
+        with mock.patch.object(entries, "entry", lambda d, data_dir: jsonl):
+            want = scores.compute(name, entries.evaluator(dataset, None, None), embedder)
+        assert got.keys() == want.keys() and len(got) >= 3, got
+        for k in got:
+            assert got[k] == pytest.approx(want[k], abs=1e-6, nan_ok=True), k
 
 
 def test_retrieval_metrics_are_clip_benchmarks_names_of_vljax_recalls(embedder, shapes, tmp_path, trained):
