@@ -154,3 +154,19 @@ def test_trainer_logs_perf_from_its_one_compile(tmp_path, caplog):
     # the first row's step time holds the compile; later ones are steady steps
     assert all(0 < r["perf/mfu"] < 1 for r in rows)
     assert max(r["perf/mfu"] for r in rows[1:]) > rows[0]["perf/mfu"]
+
+
+def test_table_peak_by_dtype_and_precision():
+    """8 H100s: bf16 989 TFLOP/s a chip; float32 at the default matmul precision runs as TF32
+    (494.5), at "highest" as FP32 (67); TPUs publish bf16 only, used for float32 too."""
+    class Dev:
+        def __init__(self, kind, platform):
+            self.device_kind, self.platform = kind, platform
+
+    h100 = [Dev("NVIDIA H100 80GB HBM3", "gpu")] * 8
+    assert perf.peak_flops("bfloat16", h100)[0] == 8 * 989e12
+    with jax.default_matmul_precision("default"):
+        assert perf.peak_flops("float32", h100)[0] == 8 * 494.5e12
+    with jax.default_matmul_precision("highest"):
+        assert perf.peak_flops("float32", h100)[0] == 8 * 67e12
+    assert perf.peak_flops("float32", [Dev("TPU v5 lite", "tpu")] * 4)[0] == 4 * 197e12

@@ -16,9 +16,10 @@ device's peak.
 * They are hardware FLOPs of the whole step, forward + backward + optimizer update (+ the
   recomputed forward under `remat`). The usual "model FLOPs" convention (Kaplan et al. 2020;
   PaLM, Chowdhery et al. 2022, appendix B) counts 6 x params x tokens for the matmuls (2 forward,
-  4 backward) plus attention and nothing for the optimizer or rematerialization; XLA's count is a
-  few percent above it without remat (elementwise ops, softmax, layer norms, the optimizer) and
-  about 8/6 of it with full remat (experiments/bench_step_cost.py measures the ratio).
+  4 backward) plus attention and nothing for the optimizer or rematerialization. At SigLIP B/16
+  (experiments/bench_step_cost.py) XLA's count is 1.005x that analytic count without remat (the
+  rest: elementwise ops, norms, softmax, the optimizer) and 1.23x with per-block remat (less than
+  8/6: the recomputed forward skips the MLP's second matmul, whose output the backward does not need).
 * Trap: XLA's HloCostAnalysis counts the body of a `while` loop ONCE, not times its trip count, so
   a `lax.scan` over layers (`scan=True` towers) or a `fori_loop` is undercounted (6 scanned
   matmul layers report the FLOPs of one). `StepCost.has_loops` flags such a step.
