@@ -170,3 +170,15 @@ def test_table_peak_by_dtype_and_precision():
     with jax.default_matmul_precision("highest"):
         assert perf.peak_flops("float32", h100)[0] == 8 * 67e12
     assert perf.peak_flops("float32", [Dev("TPU v5 lite", "tpu")] * 4)[0] == 4 * 197e12
+
+
+def test_a_backend_without_analyses_is_a_clear_error():
+    """The trainer logs no perf/* (and a warning) on this ValueError."""
+    class Compiled:
+        def __init__(self, ca, ma):
+            self.cost_analysis, self.memory_analysis, self.as_text = (lambda: ca), (lambda: ma), (lambda: "")
+
+    with pytest.raises(ValueError, match="no 'flops'"):
+        perf.step_cost(Compiled(None, None), 1)
+    with pytest.raises(ValueError, match="memory_analysis"):
+        perf.step_cost(Compiled({"flops": 1.0}, None), 1)

@@ -70,13 +70,15 @@ class StepCost:
 
 def step_cost(compiled, devices: int) -> StepCost:
     """The `StepCost` of a `jax.stages.Compiled` run on `devices` devices. ValueError when the
-    backend gives no FLOP count (cost_analysis() None or without "flops")."""
+    backend gives no FLOP count (cost_analysis() None or without "flops") or no memory analysis."""
     ca = compiled.cost_analysis()
     if isinstance(ca, (list, tuple)):  # older JAX: one dict per program
         ca = ca[0] if ca else None
     if not ca or "flops" not in ca:
         raise ValueError(f"XLA's cost_analysis() gives no 'flops' on this backend: {ca!r}")
     ma = compiled.memory_analysis()
+    if ma is None:
+        raise ValueError("XLA's memory_analysis() gives nothing on this backend")
     text = compiled.as_text() or ""
     return StepCost(
         flops_per_device=float(ca["flops"]), devices=int(devices),
