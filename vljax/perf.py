@@ -175,13 +175,16 @@ def _table_tflops(peak: Peak, dtype) -> float:
     return peak.tf32 if peak.tf32 is not None else peak.bf16
 
 
-def measured_matmul_flops(dtype: str = "float32", device=None, n: int = 1024, reps: int = 5) -> float:
-    """FLOP/s of one [n, n] x [n, n] matmul in `dtype` on `device` (default: the first device): a
+def measured_matmul_flops(dtype: str = "float32", device=None, n: int | None = None, reps: int = 5) -> float:
+    """FLOP/s of one [n, n] x [n, n] matmul in `dtype` on `device` (default: the first device; n:
+    1024 on CPU, 8192 on an accelerator, where a small matmul measures launch overhead): a
     jitted matmul pinned to that one device (a mesh context would otherwise replicate it on every
     device), run once to compile and warm up, then the fastest of `reps` timed runs (2 n^3 FLOPs
     each, timed to `block_until_ready`). Cached per process, dtype and device. On CPU this is the
     host's matmul throughput with XLA's thread pool (shared by all host devices)."""
-    return _measured(str(jnp.dtype(dtype)), device or jax.devices()[0], n, reps)
+    device = device or jax.devices()[0]
+    n = n or (1024 if device.platform == "cpu" else 8192)
+    return _measured(str(jnp.dtype(dtype)), device, n, reps)
 
 
 @functools.cache

@@ -348,8 +348,8 @@ class Trainer:
 
 
 def _read_cost(step_cost, state, batch, mesh, dtype) -> perf.StepCost | bool:
-    """The step's analyses (logged once, with the peak they are measured against), or False when
-    this backend gives no FLOP count (no perf/* keys then)."""
+    """The step's analyses (logged once at verbosity info, with the peak they are measured
+    against), or False when this backend gives no FLOP count (no perf/* keys then, a warning)."""
     try:
         cost = step_cost(state, batch)
     except ValueError as e:
@@ -357,10 +357,11 @@ def _read_cost(step_cost, state, batch, mesh, dtype) -> perf.StepCost | bool:
         return False
     jax.block_until_ready(state["step"])  # a CPU peak is measured with no step running beside it
     _, source = perf.peak_flops(dtype, mesh.devices.flat)
-    logs.info("step cost: %.4g TFLOPs on %d devices, %.3f GiB peak per device; peak from %s%s",
-              cost.flops / 1e12, cost.devices, cost.peak_bytes / perf.GIB, source,
-              " (a while loop in the step: XLA counts its body once, FLOPs undercounted)"
-              if cost.has_loops else "")
+    logging.info("step cost: %.4g TFLOPs on %d devices, %.3f GiB peak per device; peak from %s%s",
+                 cost.flops / 1e12, cost.devices, cost.peak_bytes / perf.GIB, source,
+                 " (a while loop with matmuls in the step, e.g. scanned blocks or a ring loss: XLA counts "
+                 "its body once, so FLOPs are undercounted)"
+                 if cost.has_loops else "")
     return cost
 
 
