@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from vljax import (checkpoints, config_check, eval_builder, factory, features, init_from, logs,
-                   metrics, nonfinite, objective, optim, selection, sharding, stages)
+                   metrics, nonfinite, objective, optim, perf, selection, sharding, stages)
 from vljax.data import pipeline, sources
 from vljax.step import flat as _flat, make_train_step
 from vljax.text_memo import TextMemo, locked_text_blocks
@@ -220,7 +220,9 @@ class Trainer:
         schedule = stages.parse(config)
 
         def enter(stage, data_state=None):
-            """The stage's input stream (restored to `data_state` when it is this stage's) and step."""
+            """The stage's input stream (restored to `data_state` when it is this stage's), step, and
+            `cost(state, batch)`: the compiled step's `perf.StepCost` (read after its first call:
+            the executable already compiled, not a second compile)."""
             it = self.make_input(stage)
             if data_state is not None and data_state.get("stage", 0) == stage.index:
                 it.set_state(data_state["iterator"])
@@ -230,13 +232,16 @@ class Trainer:
             if not self.label_blocks:
                 fn = jax.jit(step_fn, in_shardings=(self.state_sh, batch_sh),
                              out_shardings=(self.state_sh, None), donate_argnums=(0,))
-                return stage, it, fn
+                return stage, it, fn, lambda state, batch: perf.compiled_cost(fn, n_dev, state, batch)
             states = self.label_states(model)
             fn = jax.jit(step_fn, in_shardings=(self.state_sh, batch_sh, states.sharding),
                          out_shardings=(self.state_sh, None), donate_argnums=(0,))
-            return stage, it, lambda state, batch: fn(state, batch, states)
+            return (stage, it, lambda state, batch: fn(state, batch, states),
+                    lambda state, batch: perf.compiled_cost(fn, n_dev, state, batch, states))
 
-        stage, data_iter, train_step = enter(stages.at(schedule, start), self.data_state)
+        n_dev = mesh.devices.size
+        stage, data_iter, train_step, step_cost = enter(stages.at(schedule, start), self.data_state)
+        cost = None  # the current stage's perf.StepCost, read after its first step
         text_memo = self.text_memo()
         self.train_step = train_step  # kept for inspection (compilations, lowering)
 
@@ -259,7 +264,8 @@ class Trainer:
                 while step < total:
                     if step >= stage.until:  # the next stage: its input and its compiled step
                         skipped = data_iter.skipped
-                        stage, data_iter, train_step = enter(stages.at(schedule, step))
+                        stage, data_iter, train_step, step_cost = enter(stages.at(schedule, step))
+                        cost = None
                         data_iter.skipped = dict(skipped)
                         logs.info("stage %d from step %d: image size %d, text length %d, patch dropout %s",
                                   stage.index, step, stage.image_size, stage.max_len, stage.patch_dropout)
@@ -268,7 +274,10 @@ class Trainer:
                     batch = {k: v for k, v in batch.items() if not k.startswith("skipped/")}
                     if text_memo is not None:
                         batch["text_states"] = text_memo(batch["text"])
-                    self.state, m = train_step(self.state, sharding.shard_batch(batch, mesh))
+                    batch = sharding.shard_batch(batch, mesh)
+                    self.state, m = train_step(self.state, batch)
+                    if cost is None:
+                        cost = _read_cost(step_cost, self.state, batch, mesh, config.get("dtype", "float32"))
                     step += 1
                     acc.append(m)
                     # Checked one step behind (the step in flight keeps the device busy), and the
@@ -298,6 +307,9 @@ class Trainer:
                         row["train/pairs_per_s_per_device"] = row["train/pairs_per_s"] / jax.device_count()
                         row.update({f"lr/{k}": float(v) for k, v in self.lr_fn(step // accum).items()})
                         row.update({f"data/{k}": float(v) for k, v in skipped.items()})
+                        if cost:  # FLOPs, MFU and memory of the step (vljax/perf.py)
+                            peak, _ = perf.peak_flops(config.get("dtype", "float32"), mesh.devices.flat)
+                            row.update(perf.metrics_row(cost, dt / (step - s_last), peak))
                         writer.write(step, row)
                         if bar is not None:
                             bar.set_postfix(loss=f"{row['train/loss']:.3f}")
@@ -333,6 +345,24 @@ class Trainer:
         if writer_enabled and config.get("plot", True):
             metrics.plot_curves(self.workdir)
         return self.state
+
+
+def _read_cost(step_cost, state, batch, mesh, dtype) -> perf.StepCost | bool:
+    """The step's analyses (logged once at verbosity info, with the peak they are measured
+    against), or False when this backend gives no FLOP count (no perf/* keys then, a warning)."""
+    try:
+        cost = step_cost(state, batch)
+    except ValueError as e:
+        logging.warning("no perf/* metrics: %s", e)
+        return False
+    jax.block_until_ready(state["step"])  # a CPU peak is measured with no step running beside it
+    _, source = perf.peak_flops(dtype, mesh.devices.flat)
+    logging.info("step cost: %.4g TFLOPs on %d devices, %.3f GiB peak per device; peak from %s%s",
+                 cost.flops / 1e12, cost.devices, cost.peak_bytes / perf.GIB, source,
+                 " (a while loop with matmuls in the step, e.g. scanned blocks or a ring loss: XLA counts "
+                 "its body once, so FLOPs are undercounted)"
+                 if cost.has_loops else "")
+    return cost
 
 
 def train_and_evaluate(config, workdir: str, devices=None):
