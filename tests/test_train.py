@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from helpers import REPO, fit_counting_step_compiles, losses_of, make_shapes_manifest, tiny_config
 
-from vljax import checkpoints, config_check, metrics, train
+from vljax import checkpoints, config_check, metrics, perf, train
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +32,16 @@ def test_recipe_learns(recipe, manifest, tmp_path, caplog):
     assert last < 0.8 * first, (recipe, first, last)
     if recipe == "lit":  # trained on the locked trunk's stored features
         assert list((tmp_path / "features").glob("*/index.json"))
+    # Every log row has the step's cost (vljax/perf.py), read from that one compilation.
+    rows = [r for r in metrics.read_metrics(os.path.join(tmp_path, "metrics.jsonl")) if "train/loss" in r]
+    assert len(rows) == 40 and all("perf/mfu" in r for r in rows)
+    peak = perf.measured_matmul_flops("float32") / 1e12
+    for r in rows:
+        assert r["perf/step_tflops"] == rows[0]["perf/step_tflops"] > 0
+        assert r["perf/peak_tflops"] == pytest.approx(peak)
+        assert 0 < r["perf/memory_gb"] < 1 and 0 < r["perf/mfu"] < 1
+    # the first row's step time holds the compile; later ones are steady steps
+    assert max(r["perf/mfu"] for r in rows[1:]) > rows[0]["perf/mfu"]
 
 
 def test_lit_cache_equals_recomputing(manifest, tmp_path):
