@@ -16,7 +16,7 @@ import pytest
 from flax import traverse_util
 from helpers import REPO, losses_of, make_shapes_manifest, tiny_config, tiny_config_file
 
-from vljax import factory, objective, train
+from vljax import factory, objective, sharding, train
 from vljax.losses.captioning import caption_loss, caption_nll, sigmoid_caption_loss
 from vljax.models.decoder import TextDecoder, decoder_inputs
 from vljax.models.two_towers import TwoTowers
@@ -189,35 +189,35 @@ SIGLIP2_KW = dict(
     decoder=dict(DEC, pad_id=1, parallel_fraction=0.5))
 
 
-def test_encoders_do_not_depend_on_the_decoder():
-    """The same params less `dec` (`factory.encoder_only`, what export writes) give the same
-    embeddings without the decoder."""
+@pytest.fixture(scope="module")
+def siglip2():
+    """A tiny SigLIP 2 model with a decoder: its params, inputs and outputs (jitted once)."""
     model = TwoTowers(**SIGLIP2_KW)
     rng = np.random.default_rng(0)
     images = rng.uniform(-1, 1, size=(2, 16, 16, 3)).astype(np.float32)
     ids = np.array([[3, 4, 5, 1, 1, 1], [6, 7, 8, 9, 10, 1]], np.int32)
-    params = model.init(jax.random.key(0), images, ids)["params"]
-    assert "dec" in params
-    zimg, ztxt, out = model.apply({"params": params}, images, ids)
-    assert out["dec/logits"].shape == (2, L, V)
+    params = jax.jit(model.init)(jax.random.key(0), images, ids)["params"]
+    zimg, ztxt, out = jax.jit(model.apply)({"params": params}, images, ids)
+    return params, images, ids, zimg, ztxt, out
+
+
+def test_encoders_do_not_depend_on_the_decoder(siglip2):
+    """The same params less `dec` (`factory.encoder_only`, what export writes) give the same
+    embeddings without the decoder."""
+    params, images, ids, zimg, ztxt, out = siglip2
+    assert "dec" in params and out["dec/logits"].shape == (2, L, V)
     kw, enc = factory.encoder_only(SIGLIP2_KW, params)
     assert "dec" not in enc and "decoder" not in kw
-    zimg2, ztxt2, out2 = TwoTowers(**kw).apply({"params": enc}, images, ids)
+    zimg2, ztxt2, out2 = jax.jit(TwoTowers(**kw).apply)({"params": enc}, images, ids)
     np.testing.assert_array_equal(zimg2, zimg)
     np.testing.assert_array_equal(ztxt2, ztxt)
     assert not any(k.startswith("dec/") for k in out2)
 
 
-@pytest.mark.slow  # ~20 s on 2 busy cores, most of it importing torch and transformers
-def test_exported_encoder_has_no_decoder_and_loads_in_transformers(tmp_path):
+def test_exported_encoder_has_no_decoder_and_loads_in_transformers(siglip2, tmp_path):
     """The transformers SiglipModel exported from a model with a decoder (its weights left out:
     export_hf refuses any parameter it cannot place) gives the vljax embeddings."""
-    model = TwoTowers(**SIGLIP2_KW)
-    rng = np.random.default_rng(0)
-    images = rng.uniform(-1, 1, size=(2, 16, 16, 3)).astype(np.float32)
-    ids = np.array([[3, 4, 5, 1, 1, 1], [6, 7, 8, 9, 10, 1]], np.int32)
-    params = model.init(jax.random.key(0), images, ids)["params"]
-    zimg, ztxt, _ = model.apply({"params": params}, images, ids)
+    params, images, ids, zimg, ztxt, _ = siglip2
     kw, enc = factory.encoder_only(SIGLIP2_KW, params)
     # Imported here: transformers and torch are optional heavy dependencies of the export only.
     torch = pytest.importorskip("torch")
@@ -252,13 +252,40 @@ def test_caption_loss_without_a_decoder_is_refused(manifest):
         objective.check(config, {})
 
 
+def test_caption_loss_under_shard_map_equals_one_device(caption_batch):
+    """objective.make_loss splits the decoder's outputs over a 4 x 2 data x fsdp mesh: the
+    value and its gradient equal the single-device ones."""
+    logits, targets, mask = caption_batch
+    rng = np.random.default_rng(2)
+    logits = np.concatenate([logits, rng.normal(size=(4, L, V)).astype(np.float32)])
+    targets = np.concatenate([targets, rng.integers(1, V, size=(4, L)).astype(np.int32)])
+    mask = np.concatenate([mask, np.ones((4, L), bool)])
+    z = rng.normal(size=(2, 8, 8)).astype(np.float32)
+    zimg, ztxt = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in z)
+    values = {"zimg": zimg, "ztxt": ztxt, "t": np.float32(10.0), "b": np.float32(-5.0),
+              "dec/logits": logits, "dec/targets": targets, "dec/mask": mask}
+    results = []
+    for mesh in ([("data", 1)], [("data", 4), ("fsdp", 2)]):
+        config = ml_collections.ConfigDict(dict(loss=dict(name="sigmoid_caption", caption_weight=0.5)))
+        n = int(np.prod([k for _, k in mesh]))
+        fn = objective.make_loss(config, sharding.make_mesh(mesh, jax.devices()[:n]))
+        value, grad = jax.jit(jax.value_and_grad(
+            lambda lg: fn({**values, "dec/logits": lg})))(jnp.asarray(logits))
+        results.append((value, grad))
+    want = np_sigmoid_loss(zimg, ztxt, 10.0, -5.0) + 0.5 * np_caption_loss(logits, targets, mask)
+    np.testing.assert_allclose(results[0][0], want, rtol=1e-5)
+    np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-6)
+    np.testing.assert_allclose(results[1][1], results[0][1], atol=1e-8)
+
+
+@pytest.mark.slow  # two trainer runs and the 8-device step's compile: ~100 s on 2 busy cores
 def test_decoder_trains_in_the_state_and_equals_on_1_and_8_devices(manifest, tmp_path):
     """Sigmoid + captioning through the trainer: the decoder's params are in the state, sharded
     by the run's rules (fsdp), and the losses on one device equal those on a 4 x 2 data x fsdp
     mesh."""
     results = []
     for n, mesh in ((1, [("data", 1)]), (8, [("data", 4), ("fsdp", 2)])):
-        config = _decoder_config(manifest, steps=3)
+        config = _decoder_config(manifest, steps=4)
         config.mesh = mesh
         config.sharding_rules = [(".*", "fsdp")]
         trainer = train.Trainer(config, str(tmp_path / str(n)), devices=jax.devices()[:n])
@@ -268,14 +295,15 @@ def test_decoder_trains_in_the_state_and_equals_on_1_and_8_devices(manifest, tmp
         if n == 8:
             assert "fsdp" in str(dec["decoderblock_0/MlpBlock_0/Dense_0/kernel"].sharding.spec)
         results.append(losses_of(tmp_path / str(n)))
-    assert len(results[0]) == 3
+    assert len(results[0]) == 4
     np.testing.assert_allclose(results[1], results[0], rtol=1e-4)
 
 
+@pytest.mark.slow  # a `python -m vljax.main` subprocess: imports, compiles and 25 steps
 def test_main_trains_sigmoid_and_caption_loss_goes_down(tmp_path):
     """`python -m vljax.main` on configs/siglip2.py-like settings: the tiny set's captions are
     learned (the combined loss falls), and the written spec keeps the decoder."""
-    cfg = tiny_config_file(tmp_path / "tiny.py", tmp_path / "shapes", steps=25, batch=12, lines=[
+    cfg = tiny_config_file(tmp_path / "tiny.py", tmp_path / "shapes", steps=30, batch=8, lines=[
         "c.model.image['pool_type'] = 'map'",
         "c.model.text.update(causal=False, pool_type='last')",
         "c.model.bias_init = -10.0",
@@ -287,7 +315,7 @@ def test_main_trains_sigmoid_and_caption_loss_goes_down(tmp_path):
                           text=True, timeout=300, env={**os.environ, "PYTHONPATH": REPO})
     assert proc.returncode == 0, proc.stderr[-3000:]
     losses = losses_of(tmp_path / "wd")
-    assert len(losses) == 25 and np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), losses
+    assert len(losses) == 30 and np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), losses
     spec = factory.read_spec(tmp_path / "wd")
     assert spec["model"]["decoder"]["parallel_fraction"] == 0.5 and spec["logits"] == "sigmoid"
 
