@@ -42,7 +42,6 @@ import importlib.util
 import os
 
 from vljax import config_args
-from vljax.models.vit import decode_variant
 
 # Config files are loaded by path (ml_collections), so the sibling is loaded the same way.
 _spec = importlib.util.spec_from_file_location("vljax_configs_siglip",
@@ -63,7 +62,12 @@ def get_config(arg=None):
     if a["decoder"] == "off":
         return c
     text = c.model.text
-    sizes = decode_variant(text.get("variant"))  # a variant's sizes, overridden by those set
+    sizes = {}
+    if text.get("variant"):
+        # Imported only for a variant: vljax.models imports jax, which loading a config file
+        # must not start (tests/test_imports.py).
+        from vljax.models.vit import decode_variant  # noqa: PLC0415
+        sizes = decode_variant(text.variant)  # the variant's sizes, overridden by those set
     sizes.update({k: text[k] for k in ("width", "depth", "mlp_dim", "num_heads") if text.get(k)})
     c.model.decoder = dict(
         # SigLIP 2: the text encoder's shape, half its layers.
