@@ -16,7 +16,7 @@ import pytest
 from flax import traverse_util
 from helpers import REPO, losses_of, make_shapes_manifest, tiny_config, tiny_config_file
 
-from vljax import factory, objective, sharding, train
+from vljax import config_check, factory, objective, sharding, train
 from vljax.losses.captioning import caption_loss, caption_nll, sigmoid_caption_loss
 from vljax.models.decoder import TextDecoder, decoder_inputs
 from vljax.models.two_towers import TwoTowers
@@ -245,11 +245,21 @@ def manifest(tmp_path_factory):
     return make_shapes_manifest(str(tmp_path_factory.mktemp("shapes")), n_per=1)
 
 
-def test_caption_loss_without_a_decoder_is_refused(manifest):
+def test_bad_decoder_recipes_are_refused(manifest):
+    """A caption loss without a decoder, a typo in the loss's or the decoder's keys: refused,
+    naming the key, before any work."""
     config = tiny_config(manifest, "siglip", steps=2)
     config.loss = dict(name="sigmoid_caption")
     with pytest.raises(ValueError, match="model.decoder"):
         objective.check(config, {})
+    config = _decoder_config(manifest, steps=2)
+    config.loss.caption_wieght = 1.0
+    with pytest.raises(ValueError, match="caption_wieght"):
+        config_check.validate(config)
+    model = TwoTowers(**{**SIGLIP2_KW, "decoder": dict(DEC, parallel_fracton=0.5)})
+    with pytest.raises(ValueError, match=r"model.decoder: unknown keys \['parallel_fracton'\]"):
+        jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 16, 16, 3)),
+                       jnp.zeros((1, L), jnp.int32))
 
 
 def test_caption_loss_under_shard_map_equals_one_device(caption_batch):

@@ -1,7 +1,6 @@
 """Two-tower (image, text) contrastive model: CLIP, SigLIP, LiT, ..."""
-from typing import Any
-
 import dataclasses
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -41,7 +40,7 @@ class TwoTowers(nn.Module):
       CapPa) whose params are `dec/...`; `decoder_model` names it in `registry.DECODERS`. It runs
       when the model gets images AND texts (a training step), on the image tower's tokens, and
       adds out["dec/logits"] [B, L, V], out["dec/targets"], out["dec/mask"], out["dec/parallel"].
-      The encoders' outputs do not depend on it; `without_decoder` drops it for export.
+      The encoders' outputs do not depend on it; `factory.encoder_only` leaves it out of exports.
     """
     image_model: str = "vit"
     image: dict[str, Any] | None = None
@@ -116,10 +115,6 @@ class TwoTowers(nn.Module):
         logits, dec = cls(**self.decoder, name="dec")(out["img/tokens"], texts, train=train,
                                                       image_mask=out.get("img/mask"))
         return {"dec/logits": logits, **{f"dec/{k}": v for k, v in dec.items()}}
-
-    def without_decoder(self) -> "TwoTowers":
-        """This model without its caption decoder (the exported encoder: params less `dec`)."""
-        return self.clone(decoder=None, parent=None)
 
     @nn.compact
     def text_lower(self, texts, layers: int, train: bool = False):
