@@ -527,7 +527,8 @@ def test_losses_registry():
         "softmax": losses.softmax_contrastive, "sigmoid": losses.sigmoid_loss,
         "dcl": losses.dcl_loss, "dclw": losses.dclw_loss, "cwcl": losses.cwcl_loss,
         "multi_positive": losses.multi_positive_contrastive, "filip": losses.filip_loss,
-        "multilabel": losses.multilabel_loss}
+        "multilabel": losses.multilabel_loss, "caption": losses.caption_loss,
+        "sigmoid_caption": losses.sigmoid_caption_loss}
     # Every declared input is a positional parameter of the function, in order.
     for name, loss in objective.LOSSES.items():
         params = list(inspect.signature(loss.fn).parameters)

@@ -58,7 +58,8 @@ SPEC_FILE = "model_spec.json"
 def spec_from_config(config) -> dict:
     """The model spec of a training config (`config.model`, `tokenizer`, `input`, `dtype`, `remat`)."""
     model = plain(config.model)
-    for tower in ("image", "text"):
+    # The caption decoder (when there is one) computes in the run's dtype like the towers.
+    for tower in ("image", "text") + (("decoder",) if model.get("decoder") else ()):
         model[tower] = dict(model.get(tower) or {})
         model[tower].setdefault("dtype", str(config.get("dtype", "float32")))
         if config.get("remat", False):
@@ -87,7 +88,7 @@ def spec_from_config(config) -> dict:
 
 def build_model(spec: dict) -> TwoTowers:
     kw = dict(spec["model"])
-    for tower in ("image", "text"):
+    for tower in ("image", "text") + (("decoder",) if kw.get("decoder") else ()):
         kw[tower] = dict(kw.get(tower) or {})
         if "dtype" in kw[tower]:
             kw[tower]["dtype"] = jnp.dtype(kw[tower]["dtype"])
@@ -256,6 +257,13 @@ HF_TOKENIZER_NAMES = {("sentencepiece", "siglip"): {"model_file": "spiece.model"
 TOKENIZER_SIDECARS = ("tokenizer_config.json", "special_tokens_map.json")
 
 
+def encoder_only(model_kw: dict, params):
+    """(TwoTowers kwargs, params) less the caption decoder (`decoder`, `decoder_model`, params
+    `dec`): the encoder a recipe with a decoder (LocCa, SigLIP 2) exports; unchanged without one."""
+    return ({k: v for k, v in model_kw.items() if k not in ("decoder", "decoder_model")},
+            {k: v for k, v in params.items() if k != "dec"})
+
+
 def export(bundle: Bundle, out_dir, arch: str | None = None) -> None:
     """A bundle -> a transformers directory that `factory.load` (and transformers) read back with
     the same tokenizer and outputs: `convert.to_hf.export_hf`'s config.json, model.safetensors
@@ -264,7 +272,8 @@ def export(bundle: Bundle, out_dir, arch: str | None = None) -> None:
     (squash resize with the spec's resample). arch: "clip" | "siglip" | "siglip2" (default:
     "siglip2" for NaFlex, "siglip" for sigmoid models, else "clip"). Refused before anything is
     written, naming the keys: a tokenizer the directory would not reproduce (e.g. big_vision's
-    rule, which no transformers tokenizer applies)."""
+    rule, which no transformers tokenizer applies). A caption decoder is left out
+    (`encoder_only`): the exported model is the two encoders."""
     # Imported on use: to_hf imports transformers (about 2 s), which loading a model never needs.
     from vljax.convert import to_hf  # noqa: PLC0415
 
@@ -289,7 +298,8 @@ def export(bundle: Bundle, out_dir, arch: str | None = None) -> None:
     if differ or set(again) & set(TOKENIZER_FILE_KEYS) != set(files):
         raise ValueError(f"{out}: a transformers {arch!r} directory would not reproduce the "
                          f"tokenizer {tok}: it would read {again} (differing: {differ})")
-    to_hf.export_hf(bundle.spec["model"], bundle.params, str(out), arch=arch)
+    model_kw, params = encoder_only(bundle.spec["model"], bundle.params)
+    to_hf.export_hf(model_kw, params, str(out), arch=arch)
     _write_tokenizer(out, files, names, arch)
     if arch == "siglip":
         resample = {"bilinear": 2, "bicubic": 3}[bundle.spec.get("resample", "bicubic")]

@@ -205,8 +205,8 @@ def check(config, trainable_mask, opened=()) -> None:
     """Refuses, before any work, a loss whose inputs this recipe cannot give: CWCL weights from a
     tower that is trained (the paper transfers the structure of a frozen pre-trained modality), and
     batch labels / label sets that the input does not read (`input.label` / `input.labels`) or a
-    source among the `opened` ones does not have (`sources.missing_labels`), and a logit bias the
-    model lacks."""
+    source among the `opened` ones does not have (`sources.missing_labels`), a logit bias the
+    model lacks and a caption decoder's outputs (`dec/...`) without `model.decoder`."""
     loss = spec(config.loss)
     name = config.loss.name
     if config.loss.get("multilabel_weight"):
@@ -225,6 +225,11 @@ def check(config, trainable_mask, opened=()) -> None:
             if why:
                 raise ValueError(f"config key `input.data[{i}].{why}: loss {name!r} takes {what}, but "
                                  f"{source!r} has none; every record would be unlabeled")
+    if any(k.startswith("dec/") for k in loss.inputs) and not config.model.get("decoder"):
+        raise ValueError(f"config key `model.decoder`: loss {name!r} takes the caption decoder's "
+                         "logits, and this model has no decoder; set model.decoder (e.g. "
+                         "dict(variant='B', depth=6, vocab_size=..., pad_id=...): "
+                         "vljax/models/decoder.py)")
     if "b" in loss.inputs and config.model.get("bias_init") is None:
         raise ValueError(f"config key `model.bias_init`: loss {name!r} takes the model's logit bias b, "
                          "which this model does not have; set it (e.g. -10.0, SigLIP's)")

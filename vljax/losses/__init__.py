@@ -20,7 +20,8 @@ around the axis with `lax.ppermute` under a `jax.custom_vjp` whose backward trav
 (`collectives.ring`), keeping per-device memory O(b_local^2) at any device count.
 
 One module per family: `contrastive` (CLIP softmax, DCL, DCLW), `sigmoid` (SigLIP), `soft_targets`
-(multi-positive, CWCL), `filip`, `multilabel`, `regularisers` (alignment, uniformity), over the
+(multi-positive, CWCL), `filip`, `multilabel`, `regularisers` (alignment, uniformity),
+`captioning` (a caption decoder's cross-entropy, alone or beside SigLIP's), over the
 shared `common` (checks, blocks) and `collectives` (gather, psum, ring). The signatures take arrays
 and hyperparameters only.
 
@@ -34,6 +35,7 @@ how config.loss is resolved is `vljax.objective`'s.
 import importlib
 import pkgutil
 
+from vljax.losses.captioning import caption_loss, caption_nll, sigmoid_caption_loss
 from vljax.losses.contrastive import dcl_loss, dclw_loss, softmax_contrastive
 from vljax.losses.filip import filip_loss, filip_similarity
 from vljax.losses.multilabel import (MULTILABEL, asl_elementwise, bce_elementwise, multilabel_loss,
@@ -54,7 +56,7 @@ for _module in pkgutil.iter_modules(__path__):
 del _module, _declared
 
 __all__ = ["DECLARED", "MULTILABEL", "POSITIVE_INPUTS", "POSITIVES", "WEIGHTINGS", "alignment_loss",
-           "asl_elementwise", "bce_elementwise", "check_positives", "cwcl_loss", "dcl_loss",
+           "asl_elementwise", "bce_elementwise", "caption_loss", "caption_nll", "check_positives", "cwcl_loss", "dcl_loss",
            "dclw_loss", "filip_loss", "filip_similarity", "multi_positive_contrastive",
            "multilabel_loss", "positive_weights", "positives_input", "sigmoid_loss",
-           "softmax_contrastive", "uniformity_loss", "wan_elementwise"]
+           "sigmoid_caption_loss", "softmax_contrastive", "uniformity_loss", "wan_elementwise"]

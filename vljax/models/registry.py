@@ -3,6 +3,7 @@
 The one place a tower name is resolved: `TwoTowers` and the config check read `MODELS`.
 """
 from vljax.models.bert import Bert
+from vljax.models.decoder import TextDecoder
 from vljax.models.efficientnet import EfficientNetLite
 from vljax.models.naflex import NaFlexViT
 from vljax.models.text import TextTransformer
@@ -24,3 +25,9 @@ def get_model(name: str):
     if name not in MODELS:
         raise ValueError(f"Unknown model {name!r}; known models: {sorted(MODELS)}")
     return MODELS[name]()
+
+
+# Caption decoders (`TwoTowers(decoder=...)`, `model.decoder_model`), name -> class, as MODELS.
+DECODERS = {
+    "text_decoder": lambda: TextDecoder,
+}

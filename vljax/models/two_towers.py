@@ -1,11 +1,12 @@
 """Two-tower (image, text) contrastive model: CLIP, SigLIP, LiT, ..."""
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from vljax.models.registry import get_model
+from vljax.models.registry import DECODERS, get_model
 
 
 def _l2_normalize(z):
@@ -35,6 +36,11 @@ class TwoTowers(nn.Module):
     The towers' `num_classes` is the projection into the joint space.
     temperature_init: initial logit scale; the parameter `t` is its log (scalar).
     bias_init: initial logit bias `b` (scalar, SigLIP); None means no bias parameter.
+    decoder: None, or the config dict of a caption decoder (vljax/models/decoder.py, LocCa /
+      CapPa) whose params are `dec/...`; `decoder_model` names it in `registry.DECODERS`. It runs
+      when the model gets images AND texts (a training step), on the image tower's tokens, and
+      adds out["dec/logits"] [B, L, V], out["dec/targets"], out["dec/mask"], out["dec/parallel"].
+      The encoders' outputs do not depend on it; `factory.encoder_only` leaves it out of exports.
     """
     image_model: str = "vit"
     image: dict[str, Any] | None = None
@@ -42,6 +48,8 @@ class TwoTowers(nn.Module):
     text: dict[str, Any] | None = None
     temperature_init: float = 10.0
     bias_init: float | None = None
+    decoder_model: str = "text_decoder"
+    decoder: dict[str, Any] | None = None
 
     @nn.compact
     def __call__(self, images, texts, train: bool = False, text_prefix=None, text_lower=None):
@@ -76,6 +84,8 @@ class TwoTowers(nn.Module):
             out.update({f"txt/{k}": v for k, v in out_txt.items()})
             out["txt/tokens_proj"] = _project_tokens(tower, out_txt["tokens"])
             ztxt = _l2_normalize(ztxt)
+        if self.decoder is not None and images is not None and texts is not None:
+            out.update(self._decode(out, texts, train))
         if zimg is not None and ztxt is not None and zimg.shape[-1] != ztxt.shape[-1]:
             raise ValueError(f"Image embeddings {zimg.shape} and text embeddings {ztxt.shape} "
                              "differ in width: set the towers' num_classes to one joint size")
@@ -86,6 +96,25 @@ class TwoTowers(nn.Module):
         if self.bias_init is not None:
             out["b"] = self.param("b", nn.initializers.constant(self.bias_init), (), jnp.float32)
         return zimg, ztxt, out
+
+    def _decode(self, out, texts, train):
+        """The caption decoder on the image tower's tokens (and their NaFlex mask) -> its
+        outputs as `dec/<k>` (logits, targets, mask, parallel)."""
+        if "img/tokens" not in out:
+            raise ValueError(f"model.decoder: image model {self.image_model!r} gives no "
+                             "out['tokens'] for the decoder to cross-attend to")
+        if self.decoder_model not in DECODERS:
+            raise ValueError(f"model.decoder_model: unknown decoder {self.decoder_model!r}; "
+                             f"known: {sorted(DECODERS)}")
+        cls = DECODERS[self.decoder_model]()
+        known = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
+        unknown = sorted(set(self.decoder) - known)
+        if unknown:
+            raise ValueError(f"model.decoder: unknown keys {unknown}; {self.decoder_model!r} "
+                             f"takes {sorted(known)}")
+        logits, dec = cls(**self.decoder, name="dec")(out["img/tokens"], texts, train=train,
+                                                      image_mask=out.get("img/mask"))
+        return {"dec/logits": logits, **{f"dec/{k}": v for k, v in dec.items()}}
 
     @nn.compact
     def text_lower(self, texts, layers: int, train: bool = False):
