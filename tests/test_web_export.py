@@ -5,15 +5,19 @@ import importlib.util
 import io
 import json
 import os
+import subprocess
+import sys
 
 from PIL import Image
 import pyarrow as pa
 import pyarrow.parquet as pq
+import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 import webdataset as wds
 
-from helpers import REPO
+from helpers import REPO, tiny_config_file
+from vljax import metrics
 from vljax.data import sources
 from vljax.data.sources import shards
 from vljax.data import tfds_writer
@@ -189,3 +193,24 @@ def test_lit_web_entries_name_exactly_the_exported_shards(source, tmp_path):
         for entry, name in zip(config.input.data, lit_web.DATASETS):
             assert shards.expand(entry["urls"]) == [
                 str(tmp_path / fmt / name / "train" / f"0000{k}.{ext}") for k in range(3)]
+
+
+@pytest.mark.slow  # a `python -m vljax.main` subprocess (JAX start-up, compiles): ~70 s on 2 cores
+def test_main_trains_from_exported_webdataset_and_parquet_shards(exported, tmp_path):
+    """The user's path: web_export's shards, both kinds mixed in one config (the entries
+    configs/lit_web.py writes), `python -m vljax.main` trains. (One run for both kinds: their own tests
+    check their records, hostile files and resume.)"""
+    root, _ = exported
+    spec = importlib.util.spec_from_file_location("lit_web", os.path.join(REPO, "configs", "lit_web.py"))
+    lit_web = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lit_web)
+    entries = [dict(source=fmt, urls=str(root / fmt / f"*.{ext}"), image_key="png;jpg;webp",
+                    caption_key=lit_web.KEYS[fmt][2]["all"]) for fmt, ext in (("webdataset", "tar"), ("parquet", "parquet"))]
+    config = tiny_config_file(tmp_path / "config.py", tmp_path / "shapes", steps=6, batch=8,
+                              lines=[f"c.input.data = {entries!r}"])
+    proc = subprocess.run([sys.executable, "-m", "vljax.main", f"--config={config}",
+                           f"--workdir={tmp_path / 'wd'}"], cwd=REPO, capture_output=True, text=True,
+                          timeout=400, env={**os.environ, "PYTHONPATH": REPO})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [r for r in metrics.read_metrics(tmp_path / "wd" / "metrics.jsonl") if "train/loss" in r]
+    assert len(rows) == 6 and all(np.isfinite(r["train/loss"]) for r in rows)

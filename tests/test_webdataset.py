@@ -4,8 +4,6 @@ a permutation per epoch, process-local and process-count independent, exact resu
 counted, and a training run from shards."""
 import os
 import shutil
-import subprocess
-import sys
 import tarfile
 
 import grain
@@ -14,7 +12,7 @@ import numpy as np
 import pytest
 import web_shards
 from fake_gcs import fake_gcs
-from helpers import REPO, SHAPES, losses_of, tiny_config, tiny_config_file
+from helpers import SHAPES, losses_of, tiny_config
 from test_data import CharTokenizer
 from test_eval_sharded import SIZE, VALUE_RANGE, model_and_params
 
@@ -363,17 +361,3 @@ def test_zeroshot_and_retrieval_equal_on_webdataset_and_jsonl(pair):
     assert metrics["webdataset"].keys() == metrics["jsonl"].keys()
     for key, value in metrics["jsonl"].items():
         assert metrics["webdataset"][key] == pytest.approx(value, abs=1e-6), key
-
-
-@pytest.mark.slow  # 75 s here (a subprocess: JAX start-up and compiles); the same entry trains
-# in process in test_training_from_shards_resumes_exactly
-def test_main_trains_from_shards(pair, tmp_path):
-    """`python -m vljax.main` with a config whose input.data is a webdataset entry."""
-    config = tiny_config_file(tmp_path / "config.py", tmp_path / "shapes", steps=4, batch=8,
-                              lines=[f"c.input.data = [{pair['entry']!r}]", "c.input.shard_lanes = 2"])
-    proc = subprocess.run([sys.executable, "-m", "vljax.main", f"--config={config}",
-                           f"--workdir={tmp_path / 'wd'}"], cwd=REPO, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "PYTHONPATH": REPO})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    losses = losses_of(tmp_path / "wd")
-    assert len(losses) == 4 and all(np.isfinite(losses))
