@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 from absl import logging
+from etils import epath
 
 from vljax.registry import Registry
 
@@ -51,6 +52,20 @@ def bad_record(record_id: str, reason: str, detail: str) -> dict:
 def digest(*parts) -> str:
     """A stable cache key from JSON-able parts (paths as strings)."""
     return json.dumps([str(p) if isinstance(p, Path) else p for p in parts])
+
+
+def read_class_names(names, where: str) -> list[str]:
+    """A config's `class_names`: a non-empty list of strings, or a text file (any etils.epath path)
+    of one name a line. `where` begins the error messages (the config key or the manifest)."""
+    if isinstance(names, (str, os.PathLike)):
+        file = epath.Path(names).expanduser()
+        if not file.is_file():
+            raise FileNotFoundError(f"{where}: class_names file {file} does not exist")
+        names = [n.strip() for n in file.read_text(encoding="utf-8").splitlines() if n.strip()]
+    if not (isinstance(names, (list, tuple)) and names and all(isinstance(n, str) for n in names)):
+        raise ValueError(f"{where}: class_names must be a non-empty list of strings or a file of "
+                         f"one name a line, got {names!r}")
+    return list(names)
 
 
 def indices_digest(indices) -> str:

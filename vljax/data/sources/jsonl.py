@@ -44,19 +44,6 @@ def _parse_manifest_line(line: str, where: str, base_dir: Path, num_labels: int 
             "captions": caps, "label": label, "labels": _parse_labels(obj, where, num_labels)}
 
 
-def _class_names(names, path: Path) -> list[str]:
-    """`class_names`: a list of strings, or a text file of one name a line."""
-    if isinstance(names, (str, os.PathLike)):
-        file = Path(names).expanduser()
-        if not file.is_file():
-            raise FileNotFoundError(f"JSONL manifest {path}: class_names file {file} does not exist")
-        names = [n.strip() for n in file.read_text(encoding="utf-8").splitlines() if n.strip()]
-    if not (isinstance(names, (list, tuple)) and names and all(isinstance(n, str) for n in names)):
-        raise ValueError(f"JSONL manifest {path}: class_names must be a non-empty list of strings "
-                         f"or a file of one name a line, got {names!r}")
-    return list(names)
-
-
 @base.register("jsonl")
 class JsonlSource(base.Source):
     """A JSONL manifest, one object a line:
@@ -96,7 +83,7 @@ class JsonlSource(base.Source):
         self.num_labels = num_labels
         self.label_names = None if num_labels is None else [str(i) for i in range(num_labels)]
         self.has_label = any(r["label"] >= 0 for r in self.records)
-        self.names = None if class_names is None else _class_names(class_names, self.path)
+        self.names = None if class_names is None else base.read_class_names(class_names, f"JSONL manifest {self.path}")
         if self.names is not None:
             for r in self.records:
                 if not 0 <= r["label"] < len(self.names):

@@ -26,7 +26,6 @@ import bisect
 import collections
 from concurrent import futures
 import json
-import os
 import threading
 
 from etils import epath
@@ -61,19 +60,6 @@ def _hf_class_names(schema: pa.Schema, column: str) -> list[str] | None:
     feature = json.loads(meta).get("info", {}).get("features", {}).get(column, {})
     names = feature.get("names") if feature.get("_type") == "ClassLabel" else None
     return list(names) if names else None
-
-
-def _class_names(names, where: str) -> list[str]:
-    """`class_names`: a list of strings, or a text file (any epath) of one name a line."""
-    if isinstance(names, (str, os.PathLike)):
-        file = epath.Path(names).expanduser()
-        if not file.is_file():
-            raise FileNotFoundError(f"{where}: class_names file {file} does not exist")
-        names = [n.strip() for n in file.read_text(encoding="utf-8").splitlines() if n.strip()]
-    if not (isinstance(names, (list, tuple)) and names and all(isinstance(n, str) for n in names)):
-        raise ValueError(f"{where}: class_names must be a non-empty list of strings or a file of "
-                         f"one name a line, got {names!r}")
-    return list(names)
 
 
 class _Shard:
@@ -169,7 +155,7 @@ class ParquetSource(base.Source):
                                  f"(the first file, {self.paths[0]}, has it)")
         where = f"parquet source {self.paths[0]}"
         if class_names is not None:
-            self.names = _class_names(class_names, where)
+            self.names = base.read_class_names(class_names, where)
         else:
             self.names = _hf_class_names(schema, self.label_key) if label_key else None
         self.shard_sizes = [s.size for s in self._shards]

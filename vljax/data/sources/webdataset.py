@@ -68,20 +68,6 @@ def parse_spec(spec: str, what: str) -> list[tuple[str, str]]:
     return out
 
 
-def _class_names(names, where: str) -> list[str] | None:
-    if names is None:
-        return None
-    if isinstance(names, str):
-        file = epath.Path(names).expanduser()
-        if not file.exists():
-            raise FileNotFoundError(f"config key `{where}.class_names`: file {file} does not exist")
-        names = [n.strip() for n in file.read_text(encoding="utf-8").splitlines() if n.strip()]
-    if not (isinstance(names, (list, tuple)) and names and all(isinstance(n, str) for n in names)):
-        raise ValueError(f"config key `{where}.class_names`: a non-empty list of strings or a file "
-                         f"of one name a line, got {names!r}")
-    return list(names)
-
-
 @base.register("webdataset")
 class WebDatasetSource(base.Source):
     """Webdataset tar shards read in place (module docstring: keys, index, hostile shards).
@@ -101,7 +87,8 @@ class WebDatasetSource(base.Source):
         self._caption = parse_spec(caption_key, f"{where}.caption_key")
         self._label = parse_spec(label_key, f"{where}.label_key") if label_key is not None else []
         self.caption_lines = bool(caption_lines)
-        self.names = _class_names(class_names, where)
+        self.names = None if class_names is None else base.read_class_names(
+            class_names, f"config key `{where}.class_names`")
         self.paths = shards.expand(urls, where)
         self.index_dir = epath.Path(index_dir or base.default_assets_dir() / "wds_index").expanduser()
         self.index_dir.mkdir(parents=True, exist_ok=True)
