@@ -182,16 +182,15 @@ def test_vit_token_mask_replaces_the_masked_patches():
     all-False mask is the plain tower."""
     vit = ViT(variant=None, width=16, depth=1, num_heads=2, patch_size=4, pool_type="gap")
     x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
-    params = vit.init(jax.random.key(0), x)["params"]
+    params = jax.jit(vit.init)(jax.random.key(0), x)["params"]
     token = jnp.ones((16,))
+    masked = jax.jit(lambda x, m: vit.apply({"params": params}, x, token_mask=(m, token))[0])
+    plain = jax.jit(lambda x: vit.apply({"params": params}, x)[0])
     mask = jnp.array([[True, False, False, False], [False, False, False, True]])
-    base = vit.apply({"params": params}, x, token_mask=(mask, token))[0]
     changed = x.at[0, :4, :4].add(5.0).at[1, 4:, 4:].add(5.0)  # only masked patches change
-    np.testing.assert_allclose(vit.apply({"params": params}, changed, token_mask=(mask, token))[0], base,
-                               rtol=1e-6, atol=1e-6)
-    assert not np.allclose(vit.apply({"params": params}, changed)[0], vit.apply({"params": params}, x)[0])
-    np.testing.assert_allclose(vit.apply({"params": params}, x, token_mask=(mask & False, token))[0],
-                               vit.apply({"params": params}, x)[0], rtol=1e-6)
+    np.testing.assert_allclose(masked(changed, mask), masked(x, mask), rtol=1e-6, atol=1e-6)
+    assert not np.allclose(plain(changed), plain(x))
+    np.testing.assert_allclose(masked(x, mask & False), plain(x), rtol=1e-6, atol=1e-7)
 
 
 def test_random_mask_masks_exactly_the_ratio():
