@@ -123,6 +123,9 @@ def _preprocess_from_config(cfg):
         cfg, crop, float(aug.get("greyscale", 0.0)), float(aug.get("colour_jitter", 0.0)),
         canonical_value_range(cfg.get("value_range", "efficientnet")))
     if special is not None:
+        if _get(cfg, "multi_crop"):
+            raise ValueError("config key `self_distill`: the multi-crop views are not made for a run "
+                             "from a checkpoint's preprocessing (`init_from`: squash resize, NaFlex)")
         return special
     return Preprocess(image_size=int(cfg["image_size"]),
                       value_range=canonical_value_range(cfg.get("value_range", "efficientnet")),
