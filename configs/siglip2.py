@@ -1,11 +1,11 @@
 r"""SigLIP 2 (Tschannen et al. 2025): the SigLIP recipe plus a LocCa caption decoder.
 
     python -m vljax.main --config=configs/siglip2.py --workdir=/tmp/vljax_siglip2
-    python -m vljax.main --config=configs/siglip2.py:decoder=off --workdir=/tmp/vljax_siglip2_off
+    python -m vljax.main --config=configs/siglip2.py:decoder=off,sd=off --workdir=/tmp/vljax_siglip2_off
 
 The start of the recipe: the sigmoid loss and the caption decoder trained together (SigLIP 2,
 Sec. 2.2; LocCa, Wan et al. 2024; CapPa's parallel prediction, Tschannen et al. 2023). Every part
-is switchable, so the same file is the ablation: `decoder=off` is configs/siglip.py exactly.
+is switchable, so the same file is the ablation: `decoder=off,sd=off` is configs/siglip.py exactly.
 
 The decoder (vljax/models/decoder.py, params `dec/...`) cross-attends to the image tower's patch
 tokens and is trained on the batch's captions; it lives in the train state (checkpointed, sharded
@@ -27,9 +27,14 @@ loss (caption_weight 1). At that vocabulary the decoder's output projection is [
 sentencepiece model (`kind="sentencepiece"`, max_len 64, `model.text.vocab_size` and
 `model.decoder.vocab_size` / `pad_id` to match), TFDS data, `mesh=[("data", -1), ("fsdp", 16)]`,
 `sharding_rules=[(".*", "fsdp")]`, `dtype="bfloat16"`, `remat=True`.
+Self-distillation (`sd=on`, vljax/teacher.py): SILC's local-to-global consistency and TIPS'
+masked prediction with an EMA teacher, switched on by `config.stages` for the last 20% of the
+steps (SigLIP 2, Sec. 2.3), the teacher copied from the student there; loss weights 1 (consistency)
+and 0.25 (masked prediction) times `sdw` (SigLIP 2: 0.25 for B, 0.5 for L, 1 for So400m, 0.5 for
+g); two global and `local` local crops (SILC: 8); at B/16 the DINO / iBOT head sizes
+(teacher.DEFAULTS), in the demo heads of 1024 / 256 prototypes at width 256.
 Not here yet (issue 24): LocCa's referring-expression and grounded-captioning targets (they need
-boxes; the demo data has none), SILC self-distillation and TIPS masked prediction for the last 20%
-of training, NaFlex and ACID distillation.
+boxes; the demo data has none), NaFlex and ACID distillation.
 
 Demo (2-core CPU): the tiny towers of configs/clip.py (width 128, 4 layers), a 2-layer decoder at
 width 128, the CLIP tokenizer (vocabulary 49408, pad id 0), 300 steps at batch 64 on the emoji +
@@ -39,12 +44,14 @@ with the decoder and 99 s without (`:steps=60`, compile and one evaluation inclu
 300-step demo runs about 30 minutes with the decoder (`:steps=60` for a first look).
 
 Config arguments: decoder (on | off), cw (caption_weight, default 1.0), pp (parallel_fraction,
-default 0.5), and configs/clip.py's (img, txt, size, batch, steps, pd, tune, seed).
+default 0.5), sd (on | off: self-distillation and masked prediction, default on), sdw (their
+weight, default 1.0), local (local crops, default 8), and configs/clip.py's (img, txt, size,
+batch, steps, pd, tune, seed).
 """
 import importlib.util
 import os
 
-from vljax import config_args
+from vljax import config_args, stages
 
 # Config files are loaded by path (ml_collections), so the sibling is loaded the same way.
 _spec = importlib.util.spec_from_file_location("vljax_configs_siglip",
@@ -52,7 +59,7 @@ _spec = importlib.util.spec_from_file_location("vljax_configs_siglip",
 siglip = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(siglip)
 
-_OWN = dict(decoder="on", cw=1.0, pp=0.5)
+_OWN = dict(decoder="on", cw=1.0, pp=0.5, sd="on", sdw=1.0, local=8)
 
 
 def get_config(arg=None):
@@ -61,7 +68,11 @@ def get_config(arg=None):
     a = config_args.parse_arg(",".join(own), "configs/siglip2.py", **_OWN)
     if a["decoder"] not in ("on", "off"):
         raise ValueError(f"configs/siglip2.py: decoder={a['decoder']!r}; use decoder=on or decoder=off")
+    if a["sd"] not in ("on", "off"):
+        raise ValueError(f"configs/siglip2.py: sd={a['sd']!r}; use sd=on or sd=off")
     c = siglip.get_config(",".join(item for item in items if item not in own))
+    if a["sd"] == "on":
+        _self_distill(c, a)
     if a["decoder"] == "off":
         return c
     text = c.model.text
@@ -79,3 +90,12 @@ def get_config(arg=None):
         pad_id=text.pad_id, parallel_fraction=a["pp"], act=text.act, ln_eps=text.ln_eps)
     c.loss = dict(name="sigmoid_caption", impl="ring", caption_weight=a["cw"])
     return c
+
+
+def _self_distill(c, a) -> None:
+    """SILC + TIPS for the last 20% of the steps (SigLIP 2, Sec. 2.3; vljax/teacher.py)."""
+    c.self_distill = dict(weight=a["sdw"], local_views=a["local"])
+    if c.model.image.get("variant") is None:  # the demo's tiny tower: heads to match
+        c.self_distill.update(out_dim=1024, patch_out_dim=256, hidden_dim=256, bottleneck_dim=64)
+    c.stages = stages.switch_on_at(c.get("stages"), c.total_steps, int(round(0.8 * c.total_steps)),
+                                   self_distill=True)

@@ -38,7 +38,9 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 PARAMS, OPT_STATE, META, DATA, CHECKSUMS = "params", "opt_state", "meta", "data", "checksums"
-ITEMS = (PARAMS, OPT_STATE, META, DATA, CHECKSUMS)
+TEACHER = "teacher"  # the EMA teacher of self-distillation (vljax/teacher.py), when the state has one
+ITEMS = (PARAMS, OPT_STATE, META, DATA, CHECKSUMS, TEACHER)
+_ARRAY_ITEMS = (PARAMS, OPT_STATE, TEACHER)
 
 
 class CheckpointError(RuntimeError):
@@ -167,7 +169,7 @@ class Checkpointer:
         if not force and step % self._interval:
             return False
         items = {}
-        for name in (PARAMS, OPT_STATE):
+        for name in _ARRAY_ITEMS:
             if name in state:
                 items[name] = ocp.args.StandardSave(_to_saveable(state[name]))
         meta = {k: state[k] for k in ("step", "rng") if k in state}
@@ -175,7 +177,7 @@ class Checkpointer:
             items[META] = ocp.args.StandardSave(_to_saveable(meta))
         if meta or data_state is not None:  # a resumable state: its input position goes with it
             items[DATA] = ocp.args.JsonSave(_gather_data_state(data_state))
-        arrays = {name: state[name] for name in (PARAMS, OPT_STATE) if name in state}
+        arrays = {name: state[name] for name in _ARRAY_ITEMS if name in state}
         if meta:
             arrays[META] = meta
         items[CHECKSUMS] = ocp.args.JsonSave(_checksum_dict(arrays))
@@ -249,7 +251,7 @@ class Checkpointer:
         if abstract_state is None:
             raise ValueError("restore needs abstract_state: the state's structure, shapes, "
                              "dtypes and target shardings")
-        items = {name: abstract_state[name] for name in (PARAMS, OPT_STATE) if name in abstract_state}
+        items = {name: abstract_state[name] for name in _ARRAY_ITEMS if name in abstract_state}
         meta = {k: abstract_state[k] for k in ("step", "rng") if k in abstract_state}
         if meta:
             items[META] = meta

@@ -24,7 +24,7 @@ import os
 
 from ml_collections import ConfigDict, FrozenConfigDict
 
-from vljax import init_from, objective, pretrained, stages
+from vljax import init_from, objective, pretrained, stages, teacher
 from vljax.data import sources
 from vljax.evaluators import EVALUATORS
 from vljax.evaluators import data as eval_data
@@ -67,6 +67,7 @@ _TOP = {
     "progress": (False, (bool,)),
     "nonfinite": (False, (str,)),
     "stages": (False, (list, tuple, type(None))),
+    "self_distill": (False, (dict, type(None))),  # vljax/teacher.py
     "init_from": (False, (str, type(None))),  # vljax/init_from.py
     "init_from_tokenizer": (False, (str, type(None))),
 }
@@ -93,6 +94,8 @@ _INPUT = {
     "resize": (False, (str,)),
     "resample": (False, (str,)),
     "naflex": (False, (dict, type(None))),
+    # Set by the trainer on a self-distillation stage's input (vljax/teacher.py `multi_crop`).
+    "multi_crop": (False, (dict, type(None))),
 }
 _AUGMENT = {
     "random_resized_crop": (False, (list, tuple, type(None))),
@@ -332,4 +335,5 @@ def validate(config) -> None:
         raise ValueError(f"config key `nonfinite`: {config.nonfinite!r} is not 'stop' or 'skip'")
     if config.get("tokenizer") and config.input.get("image_size"):  # init_from: once resolved
         stages.parse(config)
+    teacher.options(config)
     validate_evals(config.get("evals"))

@@ -9,7 +9,9 @@ Each stage runs steps (previous `until`, `until`]; the last `until` is `config.t
 may set `image_size` (training images; evaluation always uses `config.input.image_size`), `max_len`
 (text tokens: captions are tokenised to that length, end-of-text kept) and `patch_dropout` (the ViT's
 FLIP masking rate); what it does not set is the config's own value (the model's `patch_dropout`,
-the tokenizer's `max_len`, `input.image_size`). This covers:
+the tokenizer's `max_len`, `input.image_size`), and `self_distill` (True: SigLIP 2's self-distillation
+and masked prediction with an EMA teacher, configured by `config.self_distill`; vljax/teacher.py).
+This covers:
 
 * FLIP (Li et al., CVPR 2023, "Scaling Language-Image Pre-training via Masking"): patch dropout for most
   of the run, then a short unmasked tuning stage (`patch_dropout=0.0`).
@@ -29,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 
-STAGE_KEYS = ("until", "image_size", "max_len", "patch_dropout")
+STAGE_KEYS = ("until", "image_size", "max_len", "patch_dropout", "self_distill")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +42,7 @@ class Stage:
     image_size: int
     max_len: int
     patch_dropout: float | None  # None: the model's own
+    self_distill: bool = False  # SigLIP 2's self-distillation stage (vljax/teacher.py)
 
 
 def parse(config) -> list[Stage]:
@@ -59,7 +62,7 @@ def parse(config) -> list[Stage]:
             raise ValueError(f"config key `stages[{i}].patch_dropout` must be in [0, 1), got {pd!r}")
         out.append(Stage(i, start, until, int(entry.get("image_size", config.input.image_size)),
                          int(entry.get("max_len", config.tokenizer.max_len)),
-                         None if pd is None else float(pd)))
+                         None if pd is None else float(pd), bool(entry.get("self_distill", False))))
         start = until
     if out[-1].until != config.total_steps:
         raise ValueError(f"config key `stages[{len(out) - 1}].until` must equal total_steps "
@@ -71,6 +74,9 @@ def parse(config) -> list[Stage]:
         if s.image_size > config.input.image_size:
             raise ValueError(f"config key `stages[{s.index}].image_size`: {s.image_size} exceeds "
                              f"input.image_size ({config.input.image_size}), the model's resolution")
+    if any(s.self_distill for s in out) and config.get("self_distill") is None:
+        raise ValueError("config key `stages`: a stage sets self_distill=True but `config.self_distill` "
+                         "is not set (e.g. dict(), vljax/teacher.py DEFAULTS)")
     if config.get("lit_cache") and any(s.image_size != config.input.image_size or s.patch_dropout
                                        for s in out):
         raise ValueError("config key `stages`: stored LiT features (`lit_cache`) are computed at "
@@ -88,3 +94,22 @@ def at(stages: list[Stage], step: int) -> Stage:
 
 def changes_image_size(config) -> bool:
     return any(s.image_size != config.input.image_size for s in parse(config))
+
+
+def switch_on_at(raw_stages, total_steps: int, step: int, **settings) -> list[dict]:
+    """`config.stages` (None: one stage) with `settings` (e.g. self_distill=True) added from
+    `step` on: the stage that holds `step` is split there, each part keeping its own settings; for
+    a config file (pure, imports nothing). SigLIP 2: self-distillation for the last 20%."""
+    if not 0 < step < total_steps:
+        raise ValueError(f"stages.switch_on_at: step {step} must be inside (0, {total_steps})")
+    out, start = [], 0
+    for entry in list(raw_stages or [dict(until=total_steps)]):
+        entry = dict(entry)
+        if entry["until"] <= step:
+            out.append(entry)
+        elif start < step:
+            out += [{**entry, "until": step}, {**entry, **settings}]
+        else:
+            out.append({**entry, **settings})
+        start = entry["until"]
+    return out

@@ -10,7 +10,7 @@ import ctypes
 import jax
 import jax.numpy as jnp
 
-from vljax import init_from, pretrained
+from vljax import init_from, pretrained, teacher
 from vljax.models.naflex import example_input
 
 
@@ -32,8 +32,14 @@ def make_init_fns(model, tx, config):
     and moment is then created directly in its shards. Two programs, not one, so that the init's
     scratch space (random bits) is freed before the moments are allocated: the peak stays at the
     state's own size."""
+    opts = teacher.options(config)
+
     def init_params(init_rng):
-        return model.init(init_rng, *_dummy_inputs(config))["params"]
+        params = model.init(init_rng, *_dummy_inputs(config))["params"]
+        if opts is None:
+            return params
+        # The self-distillation heads (params["ssl"], vljax/teacher.py), their own random stream.
+        return teacher.with_heads(params, model, opts, jax.random.fold_in(init_rng, 0x55D))
     return init_params, tx.init
 
 
@@ -46,7 +52,8 @@ def init_params(model, config, rng):
 def init_state(init_params, init_opt, shardings, model_init, init_rng, train_rng, loaded=None) -> dict:
     """A fresh train state created in its `shardings` (see `make_init_fns`), with the pretrained
     towers of `model_init` ({"img": NAME_OR_PATH, ...}), or every param of an `init_from`
-    checkpoint (`loaded`, host arrays: `init_from.write_params`), written into the params' shards."""
+    checkpoint (`loaded`, host arrays: `init_from.write_params`), written into the params' shards;
+    with a "teacher" in `shardings`, the EMA teacher's initial state (`teacher.init`)."""
     compiled = jax.jit(init_params, out_shardings=shardings["params"]).lower(init_rng).compile()
     _release_host_memory()
     params = compiled(init_rng)
@@ -61,6 +68,8 @@ def init_state(init_params, init_opt, shardings, model_init, init_rng, train_rng
     opt_state = jax.jit(init_opt, out_shardings=shardings["opt_state"])(params)
     meta = jax.jit(lambda r: {"step": jnp.zeros((), jnp.int32), "rng": r},
                    out_shardings={"step": shardings["step"], "rng": shardings["rng"]})(train_rng)
+    if "teacher" in shardings:  # config.self_distill: the EMA teacher (vljax/teacher.py)
+        meta["teacher"] = jax.jit(teacher.init, out_shardings=shardings["teacher"])(params)
     return {"params": params, "opt_state": opt_state, **meta}
 
 

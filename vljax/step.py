@@ -26,7 +26,8 @@ def join(trainable, frozen):
 
 
 
-def make_train_step(model, tx, loss, trainable_mask, label_text=None, label_blocks=0, text_blocks=0):
+def make_train_step(model, tx, loss, trainable_mask, label_text=None, label_blocks=0, text_blocks=0,
+                    self_distill=None):
     """One optimizer (micro-)step, `step_fn(state, batch[, label_states])`. Gradients are
     computed for trainable parameters only.
 
@@ -41,6 +42,9 @@ def make_train_step(model, tx, loss, trainable_mask, label_text=None, label_bloc
     values. Likewise a batch with "text_states" ([B, L, W], the captions' states after the
     `text_blocks` locked lowest blocks, `text_memo.TextMemo`, config.text_cache) runs only the
     text blocks above them on its captions.
+    `self_distill` (a `teacher.SelfDistill`, a self-distillation stage) adds its term to the loss
+    and updates state["teacher"] after the step (EMA, centres); without it a state's teacher and
+    its heads (params["ssl"]) pass through unchanged.
     """
 
     def forward(params, batch, rng, label_states):
@@ -76,17 +80,26 @@ def make_train_step(model, tx, loss, trainable_mask, label_text=None, label_bloc
                              f"blocks: pass their states (TwoTowers.text_lower)")
         rng, step_rng = jax.random.split(state["rng"])
         trainable, frozen = split(state["params"], trainable_mask)
+        teacher = state.get("teacher")
+        if self_distill is not None:
+            teacher = self_distill.start(teacher, state["params"])
 
         def loss_and_out(tr):
             params = join(tr, jax.lax.stop_gradient(frozen))
             zimg, ztxt, out = forward(params, batch, step_rng, label_states)
-            return loss(objective.loss_inputs(zimg, ztxt, out, batch)), out
+            value, aux = loss(objective.loss_inputs(zimg, ztxt, out, batch)), {}
+            if self_distill is not None:
+                sd_value, aux = self_distill.loss(params, teacher, batch, jax.random.fold_in(step_rng, 1))
+                value = value + sd_value
+            return value, (out, aux)
 
-        (value, out), grads = jax.value_and_grad(loss_and_out, has_aux=True)(trainable)
+        (value, (out, aux)), grads = jax.value_and_grad(loss_and_out, has_aux=True)(trainable)
         zeros = {k: jnp.zeros_like(v) for k, v in frozen.items()}
         grads = join(grads, zeros)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = jax.tree.map(lambda p, u: p + u, state["params"], updates)
+        if self_distill is None and "ssl" in params:  # the heads wait for their stage (weight decay too)
+            params = {**params, "ssl": state["params"]["ssl"]}
         grad_norm = jnp.sqrt(sum(jnp.vdot(g, g) for g in jax.tree.leaves(grads)))
         # A non-finite loss or gradient never reaches the state: the update is dropped (params and
         # optimizer state stay as they were) and the step reports it; the loop stops or counts it.
@@ -94,10 +107,15 @@ def make_train_step(model, tx, loss, trainable_mask, label_text=None, label_bloc
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
         new_state = {"params": keep(params, state["params"]), "opt_state": keep(opt_state, state["opt_state"]),
                      "step": state["step"] + 1, "rng": rng}
+        if teacher is not None:
+            new_teacher = teacher if self_distill is None else self_distill.update(teacher, params, aux)
+            new_state["teacher"] = keep(new_teacher, state["teacher"])
         m = {"train/loss": value, "train/grad_norm": grad_norm, "train/t": out["t"],
              "train/nonfinite": 1.0 - finite.astype(jnp.float32)}
         if "b" in out:
             m["train/b"] = out["b"]
+        if self_distill is not None:
+            m["train/sd_consistency"], m["train/sd_masked"] = aux["consistency"], aux["masked"]
         return new_state, m
 
     return step_fn

@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from vljax import (checkpoints, config_check, eval_builder, factory, features, init_from, logs,
-                   metrics, nonfinite, objective, optim, perf, selection, sharding, stages)
+                   metrics, nonfinite, objective, optim, perf, selection, sharding, stages, teacher)
 from vljax.data import pipeline, sources
 from vljax.step import flat as _flat, make_train_step
 from vljax.text_memo import TextMemo, locked_text_blocks
@@ -79,6 +79,9 @@ class Trainer:
         opened = [sources.get_source(entry, data_dir=config.input.get("data_dir")) for entry in config.input.data]
 
         params = factory.abstract_params(self.model, self.spec)
+        self.sd_opts = teacher.options(config)  # self-distillation: heads params["ssl"], a teacher
+        if self.sd_opts is not None:
+            params = teacher.with_heads(params, self.model, self.sd_opts)
         self.tx, self.lr_fn, self.trainable_mask = optim.make_optimizer(config, params)
         objective.check(config, self.trainable_mask, opened)
         self.label_text = objective.label_prompts(config, self.tokenizer, opened)
@@ -92,7 +95,11 @@ class Trainer:
         self._init_params, self._init_opt = make_init_fns(self.model, self.tx, config)
         abstract = {"params": params, "opt_state": jax.eval_shape(self._init_opt, params),
                     "step": jax.ShapeDtypeStruct((), jnp.int32), "rng": jax.eval_shape(lambda r: r, train_rng)}
+        if self.sd_opts is not None:
+            abstract["teacher"] = teacher.abstract(params)
         self.state_sh = sharding.state_shardings(abstract, self.mesh, self.rules)
+        if self.sd_opts is not None:
+            self.state_sh["teacher"] = teacher.shardings(abstract["teacher"], self.mesh, self.rules)
         self.abstract_state = _with_shardings(abstract, self.state_sh)
 
         self.ckpt = checkpoints.Checkpointer(
@@ -132,9 +139,12 @@ class Trainer:
             stores = features.training_stores(self.config, self.model, self.state["params"],
                                               _flat(self.trainable_mask), self.mesh, self.workdir)
         inp, tokenizer = self.config.input, self.tokenizer
-        if stage.image_size != inp.image_size:
+        if stage.image_size != inp.image_size or stage.self_distill:
             inp = inp.copy_and_resolve_references()
             inp.image_size = stage.image_size
+            if stage.self_distill:  # the multi-crop views (vljax/teacher.py)
+                with inp.unlocked():
+                    inp.multi_crop = teacher.multi_crop(self.sd_opts, stage.image_size, self.model)
         if stage.max_len != self.spec["tokenizer"]["max_len"]:
             tokenizer = factory.build_tokenizer({"tokenizer": {**self.spec["tokenizer"], "max_len": stage.max_len}})
         seed = self.config.seed + 1_000_003 * stage.index  # stage 0: the unstaged stream
@@ -227,8 +237,10 @@ class Trainer:
             if data_state is not None and data_state.get("stage", 0) == stage.index:
                 it.set_state(data_state["iterator"])
             model = self.stage_model(stage)
+            sd = (teacher.SelfDistill.build(model, self.sd_opts, config.input.image_size)
+                  if stage.self_distill else None)
             step_fn = make_train_step(model, self.tx, loss, self.trainable_mask,
-                                      self.label_text, self.label_blocks, self.text_blocks)
+                                      self.label_text, self.label_blocks, self.text_blocks, sd)
             if not self.label_blocks:
                 fn = jax.jit(step_fn, in_shardings=(self.state_sh, batch_sh),
                              out_shardings=(self.state_sh, None), donate_argnums=(0,))

@@ -20,6 +20,9 @@ Training config (`config.input`, an ml_collections ConfigDict or a dict):
                                  # checkpoint's spec: SigLIP's squash resize, or the NaFlex patch
                                  # budget (batch "image" = {"patches", "mask", "shapes"}; see
                                  # vljax/data/checkpoint_preprocess.py)
+    multi_crop=None,             # set by the trainer in a self-distillation stage (vljax/teacher.py):
+                                 # preprocess.MultiCrop's kwargs; batch "sd_global" [B, Vg, S, S, 3],
+                                 # "sd_local" [B, Vl, s, s, 3], cut in the input workers
 
 Shuffling is grain's global index shuffle (random access, no buffer), reseeded every epoch, so
 there is no shuffle_buffer setting. When every source is sharded (webdataset tars, parquet files:
@@ -45,7 +48,7 @@ import numpy as np
 from vljax.data import checkpoint_preprocess, shard_order, sources as sources_lib
 from vljax.data.checkpoint_preprocess import NaflexCollate
 from vljax.data.eval_transform import EvalImage
-from vljax.data.preprocess import (SKIP_REASONS, SKIPPED_KEY, Collate, Preprocess,
+from vljax.data.preprocess import (SKIP_REASONS, SKIPPED_KEY, Collate, MultiCrop, Preprocess,
                                    SkipCountingBatch, canonical_value_range, count_skips)
 
 
@@ -71,7 +74,8 @@ class TrainIterator:
         {"image": f32 [B, S, S, 3] (or "image_features": f32 [B, F] with stored features; a NaFlex
          run: {"patches": f32 [B, N, P*P*3], "mask": bool [B, N], "shapes": i32 [B, 2]}),
          "text": i32 [B, L], "label": i32 [B] (config.input.label), "labels": bool [B, K] (multi-hot
-         label sets, config.input.labels), "skipped/<reason>": int64 scalar}
+         label sets, config.input.labels), "sd_global" / "sd_local" (config.input.multi_crop: the
+         self-distillation views, preprocess.MultiCrop), "skipped/<reason>": int64 scalar}
 
     `skipped/<reason>` (missing_file, decode_error, empty_caption, read_error) is how many records
     this process has skipped so far, cumulative, across restores: pop these keys before sharding
@@ -119,12 +123,16 @@ def _preprocess_from_config(cfg):
         cfg, crop, float(aug.get("greyscale", 0.0)), float(aug.get("colour_jitter", 0.0)),
         canonical_value_range(cfg.get("value_range", "efficientnet")))
     if special is not None:
+        if _get(cfg, "multi_crop"):
+            raise ValueError("config key `self_distill`: the multi-crop views are not made for a run "
+                             "from a checkpoint's preprocessing (`init_from`: squash resize, NaFlex)")
         return special
     return Preprocess(image_size=int(cfg["image_size"]),
                       value_range=canonical_value_range(cfg.get("value_range", "efficientnet")),
                       crop_scale=tuple(crop) if crop else None,
                       greyscale=float(aug.get("greyscale", 0.0)),
-                      colour_jitter=float(aug.get("colour_jitter", 0.0)))
+                      colour_jitter=float(aug.get("colour_jitter", 0.0)),
+                      multi_crop=MultiCrop(**dict(mc)) if (mc := _get(cfg, "multi_crop")) else None)
 
 
 class ProcessSlice(grain.MapDataset):

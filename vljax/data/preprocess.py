@@ -20,6 +20,31 @@ SKIPPED_KEY = "_skipped"
 
 
 @dataclasses.dataclass(frozen=True)
+class MultiCrop:
+    """The multi-crop views of self-distillation (DINO, Caron et al. 2021, Sec. 3.1; SILC, Naeem et
+    al. 2023: two global views of area (0.4, 1) and eight local views of area (0.05, 0.4); sizes
+    and counts from `vljax.teacher.multi_crop`): `global_views` random resized crops of
+    `global_size` and `local_views` of `local_size`, each then colour-jittered and greyscaled as the
+    main view (DINO's blur and solarisation are not applied). Drawn from the example's rng after
+    the main view, so the main view does not depend on whether crops are made; grain's random_map
+    seeds that rng by the example's index, so the crops are part of the resumable input state.
+    Returns {"sd_global": float32 [Vg, S, S, 3], "sd_local": float32 [Vl, s, s, 3]}."""
+    global_size: int
+    local_size: int
+    global_views: int = 2
+    local_views: int = 8
+    global_scale: tuple = (0.4, 1.0)
+    local_scale: tuple = (0.05, 0.4)
+
+    def __call__(self, img, rng: np.random.Generator, finish) -> dict:
+        def views(n, size, scale):
+            out = [finish(T.random_resized_crop(img, size, rng, scale=tuple(scale))) for _ in range(n)]
+            return np.stack(out) if out else np.zeros((0, size, size, 3), np.float32)
+        return {"sd_global": views(self.global_views, self.global_size, self.global_scale),
+                "sd_local": views(self.local_views, self.local_size, self.local_scale)}
+
+
+@dataclasses.dataclass(frozen=True)
 class Preprocess:
     """record -> {"image": float32 [S, S, 3], "caption": str, "label": int, "labels": list[int]}
     or {"skip": reason}.
@@ -42,6 +67,7 @@ class Preprocess:
     # Eval mode: the model's own eval transform (a SigLIP "squash" resize, a NaFlex patch dict as
     # "image"), in place of the centre crop; None: `image_size` / `value_range` as above.
     eval_transform: EvalImage | None = None
+    multi_crop: MultiCrop | None = None  # train mode: also the self-distillation views
 
     def __call__(self, record: dict, rng: np.random.Generator | None = None) -> dict:
         if "error" in record:
@@ -56,6 +82,7 @@ class Preprocess:
         img, why = T.decode_or_reason(record["image"])
         if why:
             return {"skip": why}
+        decoded = img  # the multi-crop views are cut from the whole image
         if rng is None and self.eval_transform is not None:
             return {"image": self.eval_transform(img, greyscale=self.force_greyscale), "caption": caption or "",
                     **_labels(record)}
@@ -68,7 +95,12 @@ class Preprocess:
             img = T.random_greyscale(img, rng, self.greyscale)
         if self.force_greyscale:
             img = img.convert("L").convert("RGB")
-        return {"image": T.normalize(img, self.value_range), "caption": caption or "", **_labels(record)}
+        ex = {"image": T.normalize(img, self.value_range), "caption": caption or "", **_labels(record)}
+        if rng is not None and self.multi_crop is not None:
+            ex.update(self.multi_crop(decoded, rng, lambda v: T.normalize(
+                T.random_greyscale(T.colour_jitter(v, rng, self.colour_jitter), rng, self.greyscale),
+                self.value_range)))
+        return ex
 
     def _stored_features(self, record: dict, caption, rng) -> dict:
         """A locked trunk's stored views [V, F] (colour, grey; vljax/features.py) in place of the
@@ -118,6 +150,9 @@ class Collate:
                  "text": np.asarray(self.tokenizer(captions), np.int32)}
         if "image_tokens" in examples[0]:
             batch["image_tokens"] = np.stack([ex["image_tokens"] for ex in examples])
+        for k in ("sd_global", "sd_local"):  # MultiCrop's views
+            if k in examples[0]:
+                batch[k] = np.stack([ex[k] for ex in examples])
         if self.with_label:
             batch["label"] = np.asarray([ex["label"] for ex in examples], np.int32)
         if self.num_labels is not None:

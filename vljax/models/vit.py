@@ -126,7 +126,7 @@ class ViT(nn.Module):
 
     @nn.compact
     def __call__(self, images=None, train: bool = False, patch_dropout: float | None = None,
-                 features=None):
+                 features=None, token_mask=None):
         """images: [B, H, W, C] -> (features [B, num_classes or width], out).
 
         patch_dropout: overrides the attribute for this call (0.0: every patch, e.g. FLIP's
@@ -136,9 +136,12 @@ class ViT(nn.Module):
         pooled [B, width]; out["logits"] with a head.
         features: [B, width] pre_logits computed before (a locked trunk's stored features,
         vljax/features.py): only the head is applied, with the same parameters (`head/...`).
+        token_mask: optional (mask bool [B, h*w], token [width]): the masked patches' embeddings
+        replaced by the token before the position embedding is added (iBOT / TIPS masked view,
+        vljax/teacher.py; the token is a parameter of the caller's, `ssl/mask_token`).
         """
         if features is None:
-            features, out = self._trunk(images, train, patch_dropout)
+            features, out = self._trunk(images, train, patch_dropout, token_mask)
         else:
             out = {"pre_logits": features}
         x = features
@@ -148,7 +151,7 @@ class ViT(nn.Module):
                                          name="head")(x)
         return x, out
 
-    def _trunk(self, images, train: bool, patch_dropout: float | None):
+    def _trunk(self, images, train: bool, patch_dropout: float | None, token_mask=None):
         """Everything before the head: (pre_logits [B, width], out)."""
         if self.pool_type not in POOL_TYPES:
             raise ValueError(f"Unknown pool_type {self.pool_type!r}; expected one of {POOL_TYPES}")
@@ -165,6 +168,9 @@ class ViT(nn.Module):
                         jnp.asarray(images, self.dtype))
         b, h, w, _ = x.shape
         x = x.reshape(b, h * w, width)
+        if token_mask is not None:
+            mask, token = token_mask
+            x = jnp.where(mask[..., None], jnp.asarray(token, x.dtype), x)
 
         if self.posemb == "learn":
             gh, gw = self.posemb_grid or (h, w)
