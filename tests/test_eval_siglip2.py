@@ -282,7 +282,8 @@ def test_eval_entries_pass_the_config_check(trained):
     """The three entries pass config_check (their keys from the evaluators' signatures); a typo
     in a key is refused, naming it."""
     config_check.validate_evals(trained["evals"].evals)
-    bad = dict(trained["evals"].evals.to_dict(), x=dict(type="cappa_zeroshot", data=dict(name="emoji"), scor="sum"))
+    bad = dict(trained["evals"].evals.to_dict(),
+               x=dict(type="cappa_zeroshot", data=dict(name="emoji"), scor="sum"))
     with pytest.raises(ValueError, match="scor"):
         config_check.validate_evals(ml_collections.ConfigDict(bad))
 

@@ -6,9 +6,9 @@ target read from the PNG's alpha channel. It is trained on a train split's patch
 mIoU on a test split's: the mean over the two classes (foreground, background) of
 IoU_c = |pred = c and true = c| / |pred = c or true = c| over all test patches (the dataset-level IoU
 of segmentation benchmarks; a class absent from both prediction and truth is left out of the
-mean). SigLIP 2 (Tschannen et al. 2025, Sec. 3.3) reports dense features by linear probes on
-frozen patch tokens (segmentation mIoU, after TIPS and LocCa); this is that measurement on the
-data that exists here: the demo sets' icons carry alpha channels.
+mean). SigLIP 2 (Tschannen et al. 2025) measures its dense features by probing the frozen patch
+tokens (semantic segmentation mIoU among them); this is that kind of measurement on the data that
+exists here: the demo sets' icons carry alpha channels.
 
 The target of a patch (the rule): the alpha channel (uint8, 0..255) is passed through the model's
 own eval transform (`Embedder.eval_image`: the same resize / centre crop / NaFlex resize as the
@@ -20,7 +20,7 @@ The probe (the choice): ridge regression of the 0/1 target on the tokens, in clo
 (float64): w = (Xc^T Xc + lam I)^-1 Xc^T (y - mean y) with Xc the centred train tokens, bias
 b = mean y - mean x . w, lam = l2 * trace(Xc^T Xc) / W (relative to the tokens' scale, so `l2` means
 the same for any width); a patch is predicted foreground when x . w + b > 0.5. Deterministic and
-exact (no optimiser, no step count), as linear-regression probes of dense features are.
+exact: no optimiser, no step count, no seed.
 
 Where the alpha comes from (`alpha`): "image" reads the record's own image (a PNG / WebP with
 an alpha channel; JSONL and folder sources keep the file). The demo TFDS sets store RGB with the
@@ -30,9 +30,10 @@ package emoji-datasource-google (`<alpha_dir>/img/google/64/<file>`, the file na
 `<alpha_dir>/emoji.json`; default alpha_dir `<assets>/emoji/package`), "openclipart" from Debian's
 openclipart-png (`<alpha_dir>/png/<id>.png`, default /usr/share/openclipart); an original's alpha is
 first resized (bilinear) to the stored image's size (the build resized openclipart to 128 px on the
-longer side), so the eval transform crops it, and NaFlex grids it, exactly as the image. "auto" (default) picks "emoji" / "openclipart" for vljax_emoji /
-vljax_openclipart and "image" otherwise. A record whose alpha cannot be had (no alpha channel, a
-missing original) is skipped and counted (metric ".../skipped"), never raised.
+longer side), so the eval transform crops it, and NaFlex grids it, exactly as the image. "auto"
+(default) picks "emoji" / "openclipart" for vljax_emoji / vljax_openclipart and "image" otherwise.
+A record whose alpha cannot be had (no alpha channel, a missing original) is skipped and counted
+(metric ".../skipped"), never raised.
 
 Works for any image tower with patch tokens: a ViT (its tokens [N, W], a class token first when
 pool_type="cls": N = g*g + 1; the patch grid g x g from N and the image size) and NaFlex (the
