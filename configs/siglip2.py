@@ -5,7 +5,8 @@ r"""SigLIP 2 (Tschannen et al. 2025): the SigLIP recipe plus a LocCa caption dec
 
 The start of the recipe: the sigmoid loss and the caption decoder trained together (SigLIP 2,
 Sec. 2.2; LocCa, Wan et al. 2024; CapPa's parallel prediction, Tschannen et al. 2023). Every part
-is switchable, so the same file is the ablation: `decoder=off,sd=off` is configs/siglip.py exactly.
+is switchable, so the same file is the ablation: `decoder=off,sd=off` is configs/siglip.py exactly,
+plus the dense probe (`evals.dense`) that every row of the ablation reports.
 
 The decoder (vljax/models/decoder.py, params `dec/...`) cross-attends to the image tower's patch
 tokens and is trained on the batch's captions; it lives in the train state (checkpointed, sharded
@@ -73,8 +74,18 @@ def get_config(arg=None):
     c = siglip.get_config(",".join(item for item in items if item not in own))
     if a["sd"] == "on":
         _self_distill(c, a)
+    # What the parts are for (issue 24), beside zero-shot and retrieval: dense features (a linear
+    # probe on patch tokens, foreground from the icons' alpha: vljax/evaluators/dense_probe.py),
+    # in every row of the ablation; the decoder's caption log-likelihood and CapPa's scoring
+    # classifier (vljax/evaluators/captioning.py) where there is a decoder.
+    c.evals.dense = dict(type="dense_probe", data=dict(name="emoji", train_split="train",
+                                                       test_split="test", max_examples=1000))
     if a["decoder"] == "off":
         return c
+    c.evals.caption_nll = dict(type="caption_nll", captions_per_image=1,
+                               data=dict(name="emoji", split="val", max_examples=256))
+    c.evals.cappa = dict(type="cappa_zeroshot", data=dict(name="emoji", split="test", label="category",
+                                                          max_examples=128))
     text = c.model.text
     sizes = {}
     if text.get("variant"):

@@ -4,7 +4,10 @@ It implements the protocol evaluators use (vljax/evaluators/base.py): `embed_ima
 `embed_texts(texts)`, `logit_scale`, `logit_bias`, `similarity`, and for late interaction (FILIP,
 vljax/evaluators/late_interaction.py) `embed_image_tokens(data)` / `embed_text_tokens(texts)`:
 the projected, per-token normalised tokens (out["img/tokens_proj"], out["txt/tokens_proj"]),
-streamed the same way; only the set's tokens [N, T, D] are kept.
+streamed the same way; only the set's tokens [N, T, D] are kept. For the dense probe
+(vljax/evaluators/dense_probe.py) `embed_patch_tokens(data)`: the image tower's own tokens; for a
+model with a caption decoder (vljax/evaluators/captioning.py) `caption_loglik(data, texts)`:
+its log-likelihood of texts given the images.
 
 - Parameters stay as they are: global jax.Arrays with any sharding over `mesh` (the training
   state's, e.g. FSDP-sharded; nothing is gathered to the host), or host arrays (then put on
@@ -42,7 +45,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from vljax import features, logs, sharding
+from vljax import features, logs, sharding, towers
 from vljax.data import pipeline
 from vljax.data import sources as sources_lib
 from vljax.data.batching import global_batch_size, pad_rows
@@ -212,39 +215,78 @@ class Embedder:
     def embed_images(self, data) -> Embedded:
         """data: a source config entry (dict(source="tfds", name=..., split=...)) or a source
         object -> the embeddings of its readable records (see `Embedded`)."""
-        return self._cached(data, tokens=False)
+        return self._cached(data, "z")
 
     def embed_image_tokens(self, data) -> Embedded:
         """Like `embed_images`, with z the projected, per-token L2-normalised image tokens
         [M, N, D] (out["img/tokens_proj"]; every image token is real: no mask)."""
-        return self._cached(data, tokens=True)
+        return self._cached(data, "tokens")
 
-    def _cached(self, data, tokens: bool) -> Embedded:
-        key = (data_key(data, self.data_dir), tokens)
+    def embed_patch_tokens(self, data) -> Embedded:
+        """Like `embed_images`, with z the image tower's own tokens out["img/tokens"] [M, N, W]
+        (after its final norm, before any head; a class token first for pool_type="cls"; NaFlex:
+        every row of the patch budget, padding included): the dense probe's features
+        (vljax/evaluators/dense_probe.py). Always computed from the images (a LiT feature store
+        keeps no tokens unless its loss takes them). A tower without tokens is refused."""
+        return self._cached(data, "patch")
+
+    def caption_loglik(self, data, texts, *, paired: bool = False) -> tuple[Embedded, np.ndarray]:
+        """The caption decoder's log-likelihood of `texts` given the images of `data` (teacher
+        forcing, autoregressive; `towers.decoder_loglik`), streamed like `embed_images`.
+
+        paired=False: every text with every image -> z [M, T] (CapPa's scoring classifier);
+        paired=True: text i with record i (len(texts) == len(data)) -> z [M].
+        Returns (Embedded(z, index [M] the readable records), counts int [T] (paired: [N]): the
+        real tokens of each text, ids != the decoder's pad_id); z is the sum of their log p.
+        A model without a caption decoder is refused, naming `model.decoder`."""
+        towers.check_decoder(self.model)
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts:
+            raise ValueError("caption_loglik: got no texts")
+        ids = np.asarray(self.tokenizer(texts), np.int32)
+        counts = (ids != int(self.model.decoder.get("pad_id", 0))).sum(axis=1)
+        if paired:
+            if len(texts) != len(data):
+                raise ValueError(f"caption_loglik(paired=True): {len(texts)} texts for {len(data)} "
+                                 f"records of {data!r}")
+
+            def texts_of(j):  # global batch j's texts, padded (every process holds them all)
+                chunk = pad_rows(ids[j * self.batch_size:(j + 1) * self.batch_size], self.batch_size)
+                return jax.make_array_from_callback(chunk.shape, self._batch_sharding, lambda idx: chunk[idx])
+            fn = self._fn.dec_loglik_paired
+            return self._stream(data, lambda x, m, j: fn(self.params, x, m, texts_of(j))), counts
+        all_ids = jax.make_array_from_callback(ids.shape, NamedSharding(self.mesh, P()), lambda idx: ids[idx])
+        return self._stream(data, lambda x, m, j: self._fn.dec_loglik(self.params, x, m, all_ids)), counts
+
+    def _cached(self, data, what: str) -> Embedded:
+        key = (data_key(data, self.data_dir), what)
         if key not in self._images:
-            self._images[key] = self._stream(data, tokens)
+            if self.feature_store is not None and what != "patch":
+                self._images[key] = self._stream_features(data, what == "tokens")
+            else:
+                fn = {"z": self._fn.img, "tokens": self._fn.img_tok, "patch": self._fn.img_patch}[what]
+                self._images[key] = self._stream(data, lambda x, m, j: fn(self.params, x, m))
         return self._images[key]
 
-    def _stream(self, data, tokens: bool) -> Embedded:
-        if self.feature_store is not None:
-            return self._stream_features(data, tokens)
+    def _stream(self, data, call) -> Embedded:
+        """Streams the images of `data` through `call(x, m, j)` (x the global batch j, m its mask
+        of real rows; returns the dispatched (out [B, ...], m)) -> the readable records' rows."""
         batches = pipeline.make_eval_batches(
             data, batch_size=self.batch_size, eval_image=self.eval_image, data_dir=self.data_dir,
             read_threads=self.read_threads, workers=self.workers)
         b = batches.batch
         rows = _Rows(batches.num_examples, self.batch_size)
-        fn = self._fn.img_tok if tokens else self._fn.img
         bar = logs.progress(batches, desc=f"embed {_name(data)}", total=len(batches), unit="batch",
                             leave=False, enabled=self.progress)
 
         def dispatched():
-            for batch in bar:
+            for j, batch in enumerate(bar):
                 x = jax.tree.map(lambda a: jax.make_array_from_process_local_data(
                     self._batch_sharding, pad_rows(a, b), (self.batch_size,) + a.shape[1:]),
                     batch["image"])  # an array [b, S, S, 3] or a NaFlex dict of [b, ...]
                 m = jax.make_array_from_process_local_data(
                     self._batch_sharding, pad_rows(batch["mask"], b), (self.batch_size,))
-                yield fn(self.params, x, m)
+                yield call(x, m, j)
         for j, out in enumerate(_one_behind(dispatched())):
             rows.put(j, *out)
         return rows.result(data, f" (skipped: {batches.skipped})")

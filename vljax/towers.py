@@ -3,15 +3,72 @@
 `TowerCache.get(model, mesh)` returns the jitted towers of an equal model on the same mesh, so
 every Embedder (vljax/embedder.py) of an equal model compiles nothing after the first. Image
 inputs may be arrays [B, S, S, 3] or NaFlex dicts (one compilation per patch budget).
+
+Besides the embeddings: the image tower's tokens (`img_patch`, the dense probe's features,
+vljax/evaluators/dense_probe.py) and the caption decoder's log-likelihood of texts given the
+images (`dec_loglik` / `dec_loglik_paired`, vljax/evaluators/captioning.py).
 """
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
+
+from vljax.models.registry import DECODERS
 
 
 def _pick(out: dict, *keys):
     return tuple(out[k] for k in keys)
+
+
+def patch_tokens(model, params, images):
+    """images -> the image tower's tokens out["img/tokens"] [B, N, W] (after its final norm;
+    a class token first for pool_type="cls"). A tower without tokens is refused, naming it."""
+    out = model.apply({"params": params}, images, None)[2]
+    if "img/tokens" not in out:
+        raise ValueError(f"model.image_model {model.image_model!r} gives no patch tokens "
+                         f"(out['tokens']; it gives {sorted(out)}): a dense probe needs them")
+    return out["img/tokens"]
+
+
+def decoder_loglik(model, params, images, texts):
+    """The caption decoder's log-likelihood of `texts` int [B, L] given `images` (one text per
+    image), read autoregressively with teacher forcing (train=False: no parallel prediction):
+    [B] float32, sum over the real tokens (ids != the decoder's pad_id) of log p(token | the
+    tokens before it, image). The decoder is the model's own (params `dec`), on the image tower's
+    tokens and NaFlex mask as `TwoTowers._decode` gives them; a model without one is refused."""
+    check_decoder(model)
+    out = model.apply({"params": params}, images, None)[2]
+    return _decode_loglik(model, params, out["img/tokens"], out.get("img/mask"), texts)
+
+
+def check_decoder(model) -> None:
+    """Refuses a model without a caption decoder, naming `model.decoder`."""
+    if getattr(model, "decoder", None) is None:
+        raise ValueError("the model has no caption decoder (model.decoder is None): caption "
+                         "log-likelihood and CapPa scoring need a model trained with one")
+
+
+def _decode_loglik(model, params, tokens, image_mask, texts):
+    check_decoder(model)
+    dec = DECODERS[model.decoder_model]()(**model.decoder)
+    logits, d = dec.apply({"params": params["dec"]}, tokens, texts, train=False, image_mask=image_mask)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    ll = jnp.take_along_axis(logp, texts[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return jnp.sum(jnp.where(d["mask"], ll, 0.0), axis=1)
+
+
+def decoder_loglik_all(model, params, images, texts):
+    """`decoder_loglik` of every text of `texts` int [T, L] with every image: [B, T]. The image
+    tower runs once; the decoder once per text (lax.map: memory of one [B, L, V] logits block,
+    as big_vision's CapPa scoring, `trainers/proj/cappa/predict_fns.py`)."""
+    check_decoder(model)
+    out = model.apply({"params": params}, images, None)[2]
+    tokens, mask = out["img/tokens"], out.get("img/mask")
+
+    def one(text):  # [L] -> [B]
+        return _decode_loglik(model, params, tokens, mask, jnp.broadcast_to(text, (tokens.shape[0],) + text.shape))
+    return jax.lax.map(one, texts).T
 
 
 class _Towers:
@@ -41,6 +98,13 @@ class _Towers:
         self.head_tok = jax.jit(lambda p, f, t, m: (model.apply({"params": p}, f, t.astype(f.dtype),
                                                                 method=model.image_head_tokens)[1], m),
                                 out_shardings=(replicated, replicated))
+        # The image tower's tokens (dense probe) and the caption decoder's log-likelihoods.
+        self.img_patch = jax.jit(lambda p, x, m: (patch_tokens(model, p, x), m),
+                                 out_shardings=(replicated, replicated))
+        self.dec_loglik_paired = jax.jit(lambda p, x, m, t: (decoder_loglik(model, p, x, t), m),
+                                         out_shardings=(replicated, replicated))
+        self.dec_loglik = jax.jit(lambda p, x, m, t: (decoder_loglik_all(model, p, x, t), m),
+                                  out_shardings=(replicated, replicated))
 
 
 def same_module(a, b) -> bool:
