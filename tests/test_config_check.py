@@ -25,6 +25,7 @@ def _load(name):
     ("siglip", None), ("siglip", "img=So400m/14,txt=B,size=224"),
     ("lit", None), ("lit", "steps=200,batch=64"), ("lit_eval", None), ("lit_eval", "steps=100"),
     ("adapt", None), ("adapt", "seeds=1,coop_steps=50"),
+    ("siglip2", None), ("siglip2", "decoder=off,sd=off"),
 ])
 def test_every_shipped_config_validates(name, arg):
     config_check.validate(_load(name).get_config(arg))
@@ -148,3 +149,16 @@ def test_main_refuses_a_config_file_typo_before_writing_anything(tmp_path):
                   "--config.loss.temprature=1"], tmp_path)
     assert proc.returncode != 0 and "temprature" in proc.stderr
     assert not workdir.exists()
+
+
+def test_a_decoder_evaluator_without_a_decoder_is_refused_naming_the_eval():
+    """caption_nll / cappa_zeroshot score captions with the decoder: configs/siglip2.py with
+    decoder=off and either evaluator added is refused before any work, naming the entry."""
+    module = _load("siglip2")
+    config_check.validate(module.get_config("decoder=off,sd=off"))
+    for kind in ("caption_nll", "cappa_zeroshot"):
+        c = module.get_config("decoder=off,sd=off")
+        c.evals.x = dict(type=kind, data=dict(name="emoji", split="test"))
+        with pytest.raises(ValueError, match=rf"evals\.x.*{kind}.*model\.decoder"):
+            config_check.validate(c)
+    config_check.validate(module.get_config("decoder=on,sd=off"))

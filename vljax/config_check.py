@@ -337,3 +337,17 @@ def validate(config) -> None:
         stages.parse(config)
     teacher.options(config)
     validate_evals(config.get("evals"))
+    _decoder_evals(config)
+
+
+def _decoder_evals(config) -> None:
+    """Evaluators that read the caption decoder (`NEEDS_DECODER`) need `model.decoder` in the
+    config's own model (a model from a checkpoint is checked when the evaluator runs)."""
+    model = config.get("model")
+    if not model or model.get("decoder"):
+        return
+    for name, spec in (config.get("evals") or {}).items():
+        if getattr(EVALUATORS.get(spec.get("type")), "NEEDS_DECODER", False):
+            raise ValueError(f"config key `evals.{name}`: type {spec['type']!r} scores captions with "
+                             "the caption decoder, and the model has none: set `model.decoder` "
+                             "(configs/siglip2.py decoder=on) or remove the evaluator")

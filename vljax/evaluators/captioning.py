@@ -56,6 +56,7 @@ def nll_metrics(loglik: np.ndarray, counts: np.ndarray) -> dict[str, float]:
 
 @registry.register("caption_nll")
 class CaptionNLLEvaluator(base.Evaluator):
+    NEEDS_DECODER = True  # config_check refuses it for a config whose model has no decoder
     """Metrics "caption_nll/<name>/nll" (per token), ".../perplexity", ".../nll_per_caption",
     ".../captions", ".../tokens" (module docstring)."""
     DATA_KEYS = ("name", "split", "data_dir", "max_examples", "source")
@@ -115,6 +116,7 @@ def class_scores(loglik: np.ndarray, counts: np.ndarray, num_classes: int, score
 
 @registry.register("cappa_zeroshot")
 class CapPaZeroShotEvaluator(base.Evaluator):
+    NEEDS_DECODER = True
     """Metrics "cappa_zeroshot/<name>/top1" (each k of `ks`), ".../mean_per_class",
     ".../worst_class" (`zeroshot.accuracies`)."""
     DATA_KEYS = data_lib.CLASSIFICATION_KEYS
