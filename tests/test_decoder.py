@@ -16,7 +16,7 @@ import pytest
 from flax import traverse_util
 from helpers import REPO, losses_of, make_shapes_manifest, tiny_config, tiny_config_file
 
-from vljax import config_check, factory, objective, sharding, train
+from vljax import config_check, factory, metrics, objective, sharding, train
 from vljax.losses.captioning import caption_loss, caption_nll, sigmoid_caption_loss
 from vljax.models.decoder import TextDecoder, decoder_inputs
 from vljax.models.two_towers import TwoTowers
@@ -312,7 +312,8 @@ def test_decoder_trains_in_the_state_and_equals_on_1_and_8_devices(manifest, tmp
 @pytest.mark.slow  # a `python -m vljax.main` subprocess: imports, compiles and 25 steps
 def test_main_trains_sigmoid_and_caption_loss_goes_down(tmp_path):
     """`python -m vljax.main` on configs/siglip2.py-like settings: the tiny set's captions are
-    learned (the combined loss falls), and the written spec keeps the decoder."""
+    learned (the combined loss falls, and its caption term, logged as train/caption, with it),
+    and the written spec keeps the decoder."""
     cfg = tiny_config_file(tmp_path / "tiny.py", tmp_path / "shapes", steps=30, batch=8, lines=[
         "c.model.image['pool_type'] = 'map'",
         "c.model.text.update(causal=False, pool_type='last')",
@@ -326,6 +327,11 @@ def test_main_trains_sigmoid_and_caption_loss_goes_down(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     losses = losses_of(tmp_path / "wd")
     assert len(losses) == 30 and np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), losses
+    rows = [r for r in metrics.read_metrics(str(tmp_path / "wd" / "metrics.jsonl")) if "train/loss" in r]
+    caption = np.array([r["train/caption"] for r in rows])
+    assert len(caption) == 30 and np.mean(caption[-5:]) < 0.7 * np.mean(caption[:5]), caption
+    # The caption term is part of the loss: the sigmoid term left over is positive.
+    assert all(r["train/loss"] - r["train/caption"] > 0 for r in rows)
     spec = factory.read_spec(tmp_path / "wd")
     assert spec["model"]["decoder"]["parallel_fraction"] == 0.5 and spec["logits"] == "sigmoid"
 

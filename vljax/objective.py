@@ -5,6 +5,7 @@ vljax asks about the configured loss is answered here, from that entry:
 
   * `spec(loss_cfg)`         the `Loss` with the inputs its options choose and its regularisers;
   * `make_loss(config, mesh)` the scalar loss of the step, under one `jax.shard_map`;
+  * `make_parts(config, mesh)` the loss's declared terms, logged beside it (`train/<part>`);
   * `loss_inputs(...)`       every value a loss may take, by name (model outputs, batch fields);
   * `option_keys(name)`      the config keys `loss.<key>` it accepts (vljax.config_check);
   * `check(config, ...)`     refuses a recipe that cannot give the loss its inputs (vljax.train);
@@ -59,6 +60,8 @@ class Loss:
     `positives`); `bind(config.loss)` gives the loss with them. `config_keys` are keys of
     config.loss that this module reads for the loss (its label prompt) and `fn` does not take.
     `logits` / `similarity` are how a model trained on it scores at inference (vljax.factory).
+    `parts` = {name: (fn, inputs)}: terms of the loss logged beside it as `train/<name>`
+    (`make_parts`; e.g. sigmoid_caption's caption term), each `fn(*inputs, axis_name=...)`.
     """
     fn: Callable
     inputs: tuple[str, ...]
@@ -66,6 +69,7 @@ class Loss:
     config_keys: tuple[str, ...] = ()
     logits: str = "softmax"
     similarity: str = "global"
+    parts: dict = dataclasses.field(default_factory=dict)
 
     def bind(self, options) -> Loss:
         """The loss with the inputs its options (config.loss) choose; checks those options."""
@@ -78,7 +82,8 @@ LOSSES: dict[str, Loss] = {}
 
 
 def register(name: str, fn: Callable, inputs, *, chosen: Callable | None = None, config_keys=(),
-             logits: str = "softmax", similarity: str = "global", replace: bool = False) -> Loss:
+             logits: str = "softmax", similarity: str = "global", parts=None,
+             replace: bool = False) -> Loss:
     """Makes `fn` the loss `config.loss.name = name`, taking `inputs` (names, see `Loss`) first,
     then `axis_name=` and its options from config.loss. Returns the entry. A name already taken
     is refused unless `replace`."""
@@ -88,7 +93,8 @@ def register(name: str, fn: Callable, inputs, *, chosen: Callable | None = None,
     if logits not in ("softmax", "sigmoid") or similarity not in ("global", "filip"):
         raise ValueError(f"loss {name!r}: logits must be 'softmax' or 'sigmoid' and similarity "
                          f"'global' or 'filip', got {logits!r}, {similarity!r}")
-    LOSSES[name] = Loss(fn, tuple(inputs), chosen, tuple(config_keys), logits, similarity)
+    parts = {k: (f, tuple(names)) for k, (f, names) in (parts or {}).items()}
+    LOSSES[name] = Loss(fn, tuple(inputs), chosen, tuple(config_keys), logits, similarity, parts)
     return LOSSES[name]
 
 
@@ -306,5 +312,26 @@ def make_loss(config, mesh):
                       for k, a in zip(loss.inputs, args))
         local = lambda *a: loss.fn(*a, axis_name=axis, **kwargs)  # noqa: E731
         return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P())(*args)
+
+    return fn
+
+
+def make_parts(config, mesh):
+    """Returns parts(values) -> {name: scalar}: the configured loss's declared terms (`Loss.parts`),
+    for logging only (inputs with their gradient stopped), each under its own shard_map like the
+    loss; {} for a loss without parts."""
+    parts = resolve(config.loss.get("name")).parts
+    axes = sharding.batch_axes(mesh)
+    axis = axes[0] if len(axes) == 1 else axes
+
+    def fn(values):
+        out = {}
+        for name, (part, inputs) in parts.items():
+            args = [jax.lax.stop_gradient(values[k]) for k in inputs]
+            specs = tuple(P() if np.ndim(a) == 0 or k.startswith("labels/") else P(axes)
+                          for k, a in zip(inputs, args))
+            local = lambda *a, f=part: f(*a, axis_name=axis)  # noqa: E731
+            out[name] = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P())(*args)
+        return out
 
     return fn

@@ -27,7 +27,7 @@ def join(trainable, frozen):
 
 
 def make_train_step(model, tx, loss, trainable_mask, label_text=None, label_blocks=0, text_blocks=0,
-                    self_distill=None):
+                    self_distill=None, parts=None):
     """One optimizer (micro-)step, `step_fn(state, batch[, label_states])`. Gradients are
     computed for trainable parameters only.
 
@@ -44,7 +44,8 @@ def make_train_step(model, tx, loss, trainable_mask, label_text=None, label_bloc
     text blocks above them on its captions.
     `self_distill` (a `teacher.SelfDistill`, a self-distillation stage) adds its term to the loss
     and updates state["teacher"] after the step (EMA, centres); without it a state's teacher and
-    its heads (params["ssl"]) pass through unchanged.
+    its heads (params["ssl"]) pass through unchanged. `parts` (`objective.make_parts`) gives
+    terms of the loss logged as `train/<name>` (no gradient flows through them).
     """
 
     def forward(params, batch, rng, label_states):
@@ -87,13 +88,14 @@ def make_train_step(model, tx, loss, trainable_mask, label_text=None, label_bloc
         def loss_and_out(tr):
             params = join(tr, jax.lax.stop_gradient(frozen))
             zimg, ztxt, out = forward(params, batch, step_rng, label_states)
-            value, aux = loss(objective.loss_inputs(zimg, ztxt, out, batch)), {}
+            values = objective.loss_inputs(zimg, ztxt, out, batch)
+            value, aux = loss(values), {}
             if self_distill is not None:
                 sd_value, aux = self_distill.loss(params, teacher, batch, jax.random.fold_in(step_rng, 1))
                 value = value + sd_value
-            return value, (out, aux)
+            return value, (out, aux, parts(values) if parts is not None else {})
 
-        (value, (out, aux)), grads = jax.value_and_grad(loss_and_out, has_aux=True)(trainable)
+        (value, (out, aux, logged)), grads = jax.value_and_grad(loss_and_out, has_aux=True)(trainable)
         zeros = {k: jnp.zeros_like(v) for k, v in frozen.items()}
         grads = join(grads, zeros)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -114,6 +116,7 @@ def make_train_step(model, tx, loss, trainable_mask, label_text=None, label_bloc
              "train/nonfinite": 1.0 - finite.astype(jnp.float32)}
         if "b" in out:
             m["train/b"] = out["b"]
+        m.update({f"train/{k}": v for k, v in logged.items()})
         if self_distill is not None:
             m["train/sd_consistency"], m["train/sd_masked"] = aux["consistency"], aux["masked"]
         return new_state, m

@@ -225,7 +225,7 @@ class Trainer:
         start = self.start_step
         writer = metrics.MetricWriter(self.workdir, enabled=writer_enabled,
                                       resume_step=start if self.data_state is not None else None)
-        loss = objective.make_loss(config, mesh)
+        loss, parts = objective.make_loss(config, mesh), objective.make_parts(config, mesh)
         batch_sh = sharding.batch_sharding(mesh)
         schedule = stages.parse(config)
 
@@ -240,7 +240,8 @@ class Trainer:
             sd = (teacher.SelfDistill.build(model, self.sd_opts, config.input.image_size)
                   if stage.self_distill else None)
             step_fn = make_train_step(model, self.tx, loss, self.trainable_mask,
-                                      self.label_text, self.label_blocks, self.text_blocks, sd)
+                                      self.label_text, self.label_blocks, self.text_blocks, sd,
+                                      parts=parts)
             if not self.label_blocks:
                 fn = jax.jit(step_fn, in_shardings=(self.state_sh, batch_sh),
                              out_shardings=(self.state_sh, None), donate_argnums=(0,))

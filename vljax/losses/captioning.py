@@ -60,5 +60,5 @@ _DECODER = ("dec/logits", "dec/targets", "dec/mask")
 LOSSES = {
     "caption": dict(fn=caption_loss, inputs=_DECODER),
     "sigmoid_caption": dict(fn=sigmoid_caption_loss, inputs=("zimg", "ztxt", "t", "b", *_DECODER),
-                            logits="sigmoid"),
+                            logits="sigmoid", parts={"caption": (caption_loss, _DECODER)}),
 }
