@@ -212,13 +212,14 @@ def manifest(tmp_path_factory):
     return make_shapes_manifest(str(tmp_path_factory.mktemp("shapes")))
 
 
+@pytest.mark.slow  # a trainer's step compile: ~30 s of CPU; the losses and hiding are checked fast above
 def test_trainer_with_hidden_labels_records_them_and_learns(manifest, tmp_path):
     """PU-MLC through the trainer on the shapes' label sets with half of them hidden: the hidden
     set is written to the workdir, the refused configs name their key, and the loss falls."""
     from helpers import losses_of, tiny_config
 
     from vljax import train
-    config = tiny_config(manifest, "clip", steps=12)
+    config = tiny_config(manifest, "clip", steps=8)
     config.loss = dict(name="pu_mlc", template="a {} shape")
     config.input.labels = True
     config.input.data[0]["num_labels"] = 3
@@ -232,8 +233,12 @@ def test_trainer_with_hidden_labels_records_them_and_learns(manifest, tmp_path):
     assert record["fraction"] == 0.5 and src["records"] == 48 and src["positives"] == 48
     assert 14 <= src["hidden"] <= 34
     losses = losses_of(tmp_path)
-    assert len(losses) == 12 and np.all(np.isfinite(losses))
+    assert len(losses) == 8 and np.all(np.isfinite(losses))
     assert np.mean(losses[-3:]) < np.mean(losses[:3])
+
+
+def test_hide_labels_config_is_checked(manifest):
+    from helpers import tiny_config
     bad = tiny_config(manifest, "clip", steps=2)
     bad.input.hide_labels = dict(fraction=0.5, seed=1)
     with pytest.raises(ValueError, match="`input.hide_labels`.*input.labels=True"):
@@ -242,3 +247,22 @@ def test_trainer_with_hidden_labels_records_them_and_learns(manifest, tmp_path):
     bad.input.hide_labels = dict(fraction=1.5, seed=1)
     with pytest.raises(ValueError, match="`input.hide_labels.fraction`"):
         config_check.validate(bad)
+
+
+def test_lit_multilabel_arguments():
+    """configs/lit_multilabel.py's arguments: the loss, the hidden fraction, conformal alpha."""
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs"))
+    import lit_multilabel
+    c = lit_multilabel.get_config("loss=nnpu,hide=0.4,hide_seed=3,alpha=0.2")
+    config_check.validate(c)
+    assert dict(c.loss) == dict(name="nnpu", template="an icon of {}.", label_frequency=0.6)
+    assert dict(c.input.hide_labels) == dict(fraction=0.4, seed=3)
+    assert c.evals.emoji_tags.alphas == (0.2,) and c.evals.emoji_tags.calibration.split == "val"
+    for loss in ("pu_mlc", "dexml"):
+        c = lit_multilabel.get_config(f"loss={loss}")
+        config_check.validate(c)
+        assert c.loss.name == loss and "hide_labels" not in c.input
+    with pytest.raises(ValueError, match="`loss.name`"):
+        config_check.validate(lit_multilabel.get_config("loss=pu"))
