@@ -105,3 +105,18 @@ def test_multilabel_evaluator_reports_real_and_conformal_metrics():
     with pytest.raises(ValueError, match=r"`evals.toy.calibration`: 5 labeled calibration images"):
         MultilabelEvaluator(images[:200], labels[:200], names, name="toy", templates="name",
                             calibration=(images[200:205], labels[200:205]), alphas=(0.1,))
+
+
+def test_calibration_entry_is_opened_and_checked(tmp_path):
+    """`evals.<name>.calibration` is a data entry of any source kind: its label space must be the
+    evaluated one, and it must hold enough labeled images for each alpha, both before any work."""
+    from helpers import make_shapes_manifest
+    path = make_shapes_manifest(str(tmp_path))
+    data = dict(source="jsonl", path=path, num_labels=3)
+    ev = MultilabelEvaluator.from_config("toy", dict(type="multilabel", data=data, templates="name",
+                                                     calibration=dict(data, max_examples=20), alphas=(0.1,)))
+    assert len(ev.calibration[0]) == 20 and ev.calibration[1].shape == (20, 3)
+    with pytest.raises(ValueError, match=r"`evals.toy.calibration`: its label names are not those"):
+        MultilabelEvaluator.from_config("toy", dict(data=data, calibration=dict(data, num_labels=4)))
+    with pytest.raises(ValueError, match=r"`evals.toy.calibration`: 8 labeled calibration images are too few"):
+        MultilabelEvaluator.from_config("toy", dict(data=data, calibration=dict(data, max_examples=8), alphas=(0.1,)))

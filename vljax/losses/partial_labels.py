@@ -17,8 +17,9 @@ l_ij = t <zimg_i, zlabels_j> + b of `vljax.losses.multilabel`.
         loss  = sum_j [ w_j log(mean_i p_ij) - (1/|P_j|) sum_{i in P_j} log p_ij ],
 
     P_j the images whose tag j is observed (a label without one in the batch has no positive term).
-    Deviations: tau_j is floored at 1e-6 (the code divides by a zero deviation); log p is taken
-    directly (the code's log(exp(log(p + 1e-10)) + 1e-10), equal within 2e-10); the code's MixUp
+    Deviations: tau_j is floored at 1e-6 (the code divides by a zero deviation); the positive
+    term is log_sigmoid, exact (the code's log(exp(log(p + 1e-10)) + 1e-10) = log(p + 2e-10) floors
+    it near log 2e-10 = -22.3, so the two differ only where p < ~1e-8); the code's MixUp
     consistency regulariser (a second forward pass on mixed images) is not included. The code has
     no non-negative correction; `nnpu_loss` is the estimator with one.
   * `nnpu_loss` (`loss.name="nnpu"`): the non-negative PU risk estimator (Kiryo et al., NeurIPS
