@@ -139,6 +139,48 @@ def test_dexml_equals_the_reference_replicated_and_label_sharded(batch):
         dexml.dexml_loss(zimg, zlab, t, y[:, :5])
 
 
+@pytest.mark.parametrize("name", ["pu_mlc", "nnpu", "dexml"])
+def test_learning_from_half_the_labels_ranks_the_hidden_ones(name):
+    """Label embeddings trained from images' observed labels (half of them hidden, `hidden_of`)
+    rank the images by every true label: mAP on the FULL label sets far above the start's."""
+    import optax
+
+    from vljax.evaluators.multilabel import mean_average_precision
+    rng = np.random.default_rng(0)
+    dirs = _normalized(rng.normal(size=(6, 16)))
+    full = np.zeros((256, 6), np.float32)
+    for row in full:
+        row[rng.choice(6, rng.integers(1, 4), replace=False)] = 1
+    zimg = _normalized(full @ dirs + 0.3 * rng.normal(size=(256, 16)))
+    seen = full.copy()
+    for i, row in enumerate(full):
+        seen[i, sources.hidden_of(np.flatnonzero(row), 0.5, 0, 0, i)] = 0
+    assert 0.4 < 1 - seen.sum() / full.sum() < 0.6
+    loss_fn = {"pu_mlc": lambda z: partial_labels.pu_mlc_loss(zimg, z, 10.0, 0.0, seen),
+               "nnpu": lambda z: partial_labels.nnpu_loss(zimg, z, 10.0, 0.0, seen, label_frequency=0.5),
+               "dexml": lambda z: dexml.dexml_loss(zimg, z, 10.0, seen)}[name]
+    tx = optax.adam(0.05)
+
+    @jax.jit
+    def step(z, opt):
+        g = jax.grad(lambda z: loss_fn(_unit(z)))(z)
+        updates, opt = tx.update(g, opt)
+        return optax.apply_updates(z, updates), opt
+
+    z = rng.normal(size=(6, 16)).astype(np.float32)
+    before = mean_average_precision(zimg @ _normalized(z).T, full.astype(bool))
+    opt = tx.init(z)
+    for _ in range(150):
+        z, opt = step(z, opt)
+    after = mean_average_precision(zimg @ _normalized(np.asarray(z)).T, full.astype(bool))
+    oracle = mean_average_precision(zimg @ dirs.T, full.astype(bool))  # the true directions
+    assert after > before + 0.2 and after > oracle - 0.12, (before, after, oracle)
+
+
+def _unit(z):
+    return z / jax.numpy.linalg.norm(z, axis=-1, keepdims=True)
+
+
 def test_losses_are_registered_with_their_options():
     for name in ("pu_mlc", "nnpu", "dexml"):
         loss = objective.resolve(name)
@@ -213,13 +255,14 @@ def manifest(tmp_path_factory):
 
 
 @pytest.mark.slow  # a trainer's step compile: ~30 s of CPU; the losses and hiding are checked fast above
-def test_trainer_with_hidden_labels_records_them_and_learns(manifest, tmp_path):
+def test_trainer_with_hidden_labels_records_them(manifest, tmp_path):
     """PU-MLC through the trainer on the shapes' label sets with half of them hidden: the hidden
-    set is written to the workdir, the refused configs name their key, and the loss falls."""
+    set is written to the workdir and the steps' losses are finite (that the losses learn from
+    partial labels: test_learning_from_half_the_labels_ranks_the_hidden_ones)."""
     from helpers import losses_of, tiny_config
 
     from vljax import train
-    config = tiny_config(manifest, "clip", steps=8)
+    config = tiny_config(manifest, "clip", steps=6)
     config.loss = dict(name="pu_mlc", template="a {} shape")
     config.input.labels = True
     config.input.data[0]["num_labels"] = 3
@@ -233,8 +276,7 @@ def test_trainer_with_hidden_labels_records_them_and_learns(manifest, tmp_path):
     assert record["fraction"] == 0.5 and src["records"] == 48 and src["positives"] == 48
     assert 14 <= src["hidden"] <= 34
     losses = losses_of(tmp_path)
-    assert len(losses) == 8 and np.all(np.isfinite(losses))
-    assert np.mean(losses[-3:]) < np.mean(losses[:3])
+    assert len(losses) == 6 and np.all(np.isfinite(losses))
 
 
 def test_hide_labels_config_is_checked(manifest):
