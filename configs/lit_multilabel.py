@@ -29,8 +29,20 @@ and held-out emoji retrieval, once, at the last step. `python -m vljax.evaluate 
 `:captions=1` keeps the demo's softmax loss on the captions and adds the tags' loss weighted
 `tags_weight` (`loss.multilabel_weight`), so one model is trained for retrieval and for tags.
 
-Config arguments: kind, template, captions, tags_weight, eval_templates ("train": the trained prompt; or a template set), seed,
-steps, batch.
+Partial labels and extreme label spaces (issue 26):
+
+    python -m vljax.main --config=configs/lit_multilabel.py:loss=pu_mlc,hide=0.5 --workdir=/tmp/vljax_lit_pu
+
+`loss`: "multilabel" (the default, with `kind`), "pu_mlc" (PU-MLC, positive labels only),
+"nnpu" (the non-negative PU risk; its label frequency set to 1 - hide) or "dexml" (DEXML's
+decoupled softmax), vljax/losses/partial_labels.py and dexml.py. `hide`: the fraction of positive
+tags hidden from training, seeded by `hide_seed` (`input.hide_labels`; the hidden tags are written
+to <workdir>/hidden_labels.json). Every evaluation also reports ReaL-style accuracy (real_top1)
+and, on the test splits, conformal label sets at `alpha` (coverage and mean size) calibrated on
+that dataset's held-out val split (vljax/evaluators/conformal.py).
+
+Config arguments: loss, kind, template, hide, hide_seed, alpha, captions, tags_weight,
+eval_templates ("train": the trained prompt; or a template set), seed, steps, batch.
 """
 import os
 import sys
@@ -42,7 +54,8 @@ from vljax import config_args  # noqa: E402
 
 
 def get_config(arg=None):
-    a = config_args.parse_arg(arg, "configs/lit_multilabel.py", kind="bce", template="an icon of {}.", captions=0, tags_weight=1.0,
+    a = config_args.parse_arg(arg, "configs/lit_multilabel.py", loss="multilabel", kind="bce", template="an icon of {}.", hide=0.0, hide_seed=0,
+                               alpha=0.1, captions=0, tags_weight=1.0,
                                eval_templates="train", seed=0, steps=500, batch=128)
     c = lit.get_config(f"steps={a['steps']},batch={a['batch']}")
     c.seed = a["seed"]
@@ -54,15 +67,24 @@ def get_config(arg=None):
     if a["captions"]:  # the demo's softmax on the captions, plus the tags' loss
         c.loss = dict(name="softmax", multilabel_weight=a["tags_weight"], multilabel_kind=a["kind"],
                       multilabel_template=a["template"])
-    else:
+    elif a["loss"] == "multilabel":
         c.loss = dict(name="multilabel", kind=a["kind"], template=a["template"])
+    else:  # pu_mlc, nnpu, dexml: their defaults; nnPU is told how many positives it sees
+        c.loss = dict(name=a["loss"], template=a["template"])
+        if a["loss"] == "nnpu":
+            c.loss.label_frequency = 1.0 - a["hide"]
+    if a["hide"]:
+        c.input.hide_labels = dict(fraction=a["hide"], seed=a["hide_seed"])
     # Scored with the prompt the loss trained (the other templates' embeddings were never trained
     # against images); `:eval_templates=icon` gives configs/lit_eval.py's 5-template ensemble.
     templates = [a["template"]] if a["eval_templates"] == "train" else a["eval_templates"]
     tags = dict(type="multilabel", templates=templates)
+    def calibrated(name):  # conformal label sets calibrated on the dataset's val split
+        return dict(tags, data=dict(name=name, split="test"), alphas=(a["alpha"],),
+                    calibration=dict(name=name, split="val"))
     c.evals = dict(
-        openclipart_tags=dict(tags, data=dict(name="vljax_openclipart", split="test")),
-        emoji_tags=dict(tags, data=dict(name="vljax_emoji", split="test")),
+        openclipart_tags=calibrated("vljax_openclipart"),
+        emoji_tags=calibrated("vljax_emoji"),
         emoji_val_tags=dict(tags, data=dict(name="vljax_emoji", split="val")),  # selects
         emoji_retrieval=c.evals.emoji_retrieval,
         val_retrieval=c.evals.val_retrieval,

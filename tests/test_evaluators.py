@@ -387,7 +387,8 @@ def test_multilabel_evaluator():
                                  "multilabel/toy/CP@1": 1.0, "multilabel/toy/CR@1": 2.5 / 3,
                                  "multilabel/toy/CF1@1": 2 * (2.5 / 3) / (1 + 2.5 / 3),
                                  "multilabel/toy/OP@1": 1.0, "multilabel/toy/OR@1": 0.75,
-                                 "multilabel/toy/OF1@1": 2 * 0.75 / 1.75})
+                                 "multilabel/toy/OF1@1": 2 * 0.75 / 1.75,
+                                 "multilabel/toy/real_top1": 1.0})  # every top-1 label valid
 
 
 def test_cp_cr_cf1_op_or_of1_by_hand():

@@ -84,6 +84,7 @@ _INPUT = {
     "worker_buffer": (False, (int,)),
     "label": (False, (bool,)),
     "labels": (False, (bool,)),
+    "hide_labels": (False, (dict, type(None))),  # partial labels (vljax/data/sources/wrappers.py)
     "keep_captions": (False, (bool,)),
     "shard_lanes": (False, (int, type(None))),
     "shard_window": (False, (int, type(None))),
@@ -195,6 +196,11 @@ def _input(cfg, required_size: bool = True) -> None:
     if cfg.get("shard_lanes") and cfg.batch_size % cfg.shard_lanes:
         raise ValueError(f"config key `input.shard_lanes`={cfg.shard_lanes} does not divide "
                          f"input.batch_size={cfg.batch_size}")
+    if cfg.get("hide_labels"):
+        sources.check_hide_labels(cfg.hide_labels)
+        if not cfg.get("labels"):
+            raise ValueError("config key `input.hide_labels`: hides labels of the label sets, which "
+                             "this input does not read; set `input.labels=True`")
     for i, entry in enumerate(cfg.data):
         where = f"input.data[{i}]"
         _dict(entry, where)

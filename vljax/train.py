@@ -7,6 +7,7 @@ vljax/selection.py). The training state is one pytree:
 """
 from __future__ import annotations
 
+import json
 import time
 
 import jax
@@ -121,6 +122,9 @@ class Trainer:
             path.mkdir(parents=True, exist_ok=True)
             (path / "config.json").write_text(config.to_json_best_effort(indent=1))
             factory.write_spec(path, self.spec)
+            if config.input.get("hide_labels"):  # partial labels: which ones training never sees
+                record = sources.hidden_labels_record(opened, *sources.check_hide_labels(config.input.hide_labels))
+                (path / "hidden_labels.json").write_text(json.dumps(record))
         self._evaluators = self._embedder = self._text_memo = None
 
     def initial_state(self, init_rng, train_rng):

@@ -191,6 +191,9 @@ def make_train_dataset(config, tokenizer, *, seed: int, process_index: int = 0,
         names = src.label_names
         if features is not None:
             src = sources_lib.WithFeatures(src, features[i], where=f"config.input.data[{i}]")
+        if _get(config, "hide_labels"):  # partial labels: the seeded hidden set (wrappers.hidden_of)
+            src = sources_lib.HideLabels(src, *sources_lib.check_hide_labels(config["hide_labels"]),
+                                         source_index=i)
         ds = grain.MapDataset.source(src)
         if space is not None:
             ds = ds.map(sources_lib.LabelsIn(names, space))

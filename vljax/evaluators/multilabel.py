@@ -15,13 +15,18 @@ embedding; no threshold is learned, so the metrics are ranking metrics.
     per-class precision TP_c / (TP_c + FP_c) (0 for a class never predicted) and recall
     TP_c / (TP_c + FN_c), averaged over the labels with a positive: CP, CR; CF1 = 2 CP CR /
     (CP + CR); overall OP = sum TP / sum (TP + FP), OR = sum TP / sum (TP + FN), OF1 likewise.
+  real_top1: ReaL-style accuracy, the top-1 label counted when it is any label of the image
+    (vljax/evaluators/conformal.py).
+  conformal_coverage@alpha / conformal_size@alpha (with `calibration`): split conformal label sets
+    calibrated on the held-out `calibration` split, their coverage of the test images' label sets
+    and mean size (vljax/evaluators/conformal.py: the score, the guarantee).
 """
 import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from vljax.evaluators import base, registry
+from vljax.evaluators import base, conformal, registry
 from vljax.evaluators import data as data_lib
 from vljax.evaluators import prompts
 from vljax.evaluators import zeroshot
@@ -98,19 +103,24 @@ def to_multi_hot(labels: np.ndarray | Sequence[Sequence[int]], num_labels: int) 
 
 @registry.register("multilabel")
 class MultilabelEvaluator(base.Evaluator):
-    """Metrics "multilabel/<name>/mAP", ".../precision@k", ".../recall@k", ".../f1@k", and
-    ".../CP@k" ... ".../OF1@k" of the top-k label sets."""
+    """Metrics "multilabel/<name>/mAP", ".../precision@k", ".../recall@k", ".../f1@k",
+    ".../CP@k" ... ".../OF1@k" of the top-k label sets, ".../real_top1", and with a calibration
+    split ".../conformal_coverage@<alpha>" and ".../conformal_size@<alpha>" for each alpha."""
     DATA_KEYS = data_lib.CLASSIFICATION_KEYS  # the keys of `evals.<name>.data` (config_check reads them)
 
     def __init__(self, data, labels, class_names: Sequence[str] | str, *,
                  name: str, templates: str | Sequence[str] | None = "clip80",
                  descriptions: str | os.PathLike | Mapping[str, Sequence[str]] | None = None,
-                 canonicalize: bool = True, ks: Sequence[int] = (1, 3, 5)):
+                 canonicalize: bool = True, ks: Sequence[int] = (1, 3, 5),
+                 calibration=None, alphas: Sequence[float] = (0.1,)):
         """
         Args:
           data: the images, a source (vljax/evaluators/data.py).
           labels: [N, L] multi-hot, or N lists of label indices, one per record of `data`.
           class_names: the L label names (or a file).
+          calibration: (source, labels) of held-out images with label sets over the same L
+            labels, for conformal label sets at each of `alphas`; refused when it has fewer
+            labeled images than an alpha needs (n >= 1/alpha - 1).
         """
         names = prompts.load_class_names(class_names)
         self.class_names = [prompts.canonicalize_name(n) for n in names] if canonicalize \
@@ -121,6 +131,17 @@ class MultilabelEvaluator(base.Evaluator):
             raise ValueError(f"{name}: {len(self.data)} records but {len(self.targets)} label sets")
         self.texts = prompts.class_texts(self.class_names, templates, descriptions)
         self.name, self.ks = name, tuple(ks)
+        self.alphas, self.calibration = tuple(float(a) for a in alphas), None
+        if calibration is not None:
+            cal_data, cal_labels = calibration
+            cal_targets = to_multi_hot(cal_labels, len(names))
+            if len(cal_data) != len(cal_targets):
+                raise ValueError(f"evals.{name}.calibration: {len(cal_data)} records but "
+                                 f"{len(cal_targets)} label sets")
+            n = int(cal_targets.any(1).sum())
+            for alpha in self.alphas:
+                conformal.check_calibration_size(n, alpha, where=f"config key `evals.{name}.calibration`")
+            self.calibration = (cal_data, cal_targets)
 
     @classmethod
     def from_config(cls, name: str, spec: dict, *, plot_dir: str | None = None):
@@ -137,7 +158,23 @@ class MultilabelEvaluator(base.Evaluator):
         names = source.label_set_names(label_key)
         source = data_lib.first(source, data.get("max_examples"))
         labels = [np.asarray(source.label_set_of(i, label_key), np.int64) for i in range(len(source))]
+        if kwargs.get("calibration") is not None:  # a data entry of held-out images: opened here
+            kwargs["calibration"] = cls._calibration(name, dict(kwargs["calibration"]), names, label_key)
         return cls(source, labels, names, name=name, **kwargs)
+
+    @staticmethod
+    def _calibration(name: str, entry: dict, names, label_key):
+        """(source, label sets) of `evals.<name>.calibration` (a data entry as `data`), whose label
+        names must be the evaluated ones."""
+        where = f"{name}.calibration"
+        data_lib.check_keys(where, entry, MultilabelEvaluator.DATA_KEYS)
+        source = data_lib.open_entry(where, entry)
+        key = entry.get("label") or entry.get("label_key") or label_key
+        if list(source.label_set_names(key)) != list(names):
+            raise ValueError(f"config key `evals.{where}`: its label names are not those of "
+                             f"`evals.{name}.data` (the same label space is needed)")
+        source = data_lib.first(source, entry.get("max_examples"))
+        return source, [np.asarray(source.label_set_of(i, key), np.int64) for i in range(len(source))]
 
     def run(self, embedder: base.Embedder) -> dict[str, float]:
         zimg, index = base.image_embeddings(embedder, self.data)
@@ -148,4 +185,14 @@ class MultilabelEvaluator(base.Evaluator):
             metrics.update(topk_metrics(scores, targets, k))
             metrics.update({f"{m}@{k}": v for m, v in
                             set_metrics(topk_set(scores, k), targets).items()})
+        metrics["real_top1"] = conformal.real_accuracy(scores, targets)
+        if self.calibration is not None:
+            cal_data, cal_targets = self.calibration
+            zcal, cal_index = base.image_embeddings(embedder, cal_data)
+            cal_scores = zcal @ ztxt.T
+            for alpha in self.alphas:
+                qhat = conformal.calibrate(cal_scores, cal_targets[cal_index], alpha,
+                                           where=f"evals.{self.name}.calibration")
+                cov, size = conformal.coverage_and_size(conformal.label_sets(scores, qhat), targets)
+                metrics[f"conformal_coverage@{alpha:g}"], metrics[f"conformal_size@{alpha:g}"] = cov, size
         return {f"multilabel/{self.name}/{k}": v for k, v in metrics.items()}

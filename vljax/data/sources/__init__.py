@@ -28,7 +28,8 @@ from vljax.data.sources.base import (DEFAULT_KIND, ENTRY_KEYS, IMAGE_EXTENSIONS,
 from vljax.data.sources.folder import FolderSource
 from vljax.data.sources.jsonl import JsonlSource
 from vljax.data.sources.tfds import TfdsSource
-from vljax.data.sources.wrappers import LabelsIn, WithFeatures, label_space
+from vljax.data.sources.wrappers import (HideLabels, LabelsIn, WithFeatures, check_hide_labels,
+                                         hidden_labels_record, hidden_of, label_space)
 
 # Any other kind module of this package registers itself on import: adding a kind is one file.
 for _module in pkgutil.iter_modules(__path__):
