@@ -17,7 +17,9 @@ these at the end instead.
 - fashion_mnist_fewshot / emoji_fewshot: ridge probes on frozen image embeddings, 1/5/10/25 shots,
   3 seeds (the locked ImageNet tower's features, projected).
 - val_retrieval: the demo's model-selection metric (the val split), for soups.
-- *_perceptionclip, fashion_mnist_fudd, *_cased, *_susx: training-free zero-shot methods (PerceptionCLIP,
+- fashion_mnist_cupl / *_zpe, emoji_categories*, openclipart_categories*: the zero-shot baselines
+  (templates, CuPL descriptions, ZPE) of the training-free methods on the same classes.
+- *_perceptionclip, *_fudd, *_cased, *_susx: training-free zero-shot methods (PerceptionCLIP,
   FuDD, CaSED, SuS-X) on the Fashion-MNIST classes and the emoji / openclipart categories; their
   attribute lists and differential descriptions are in configs/descriptions/. SuS-X retrieves its
   support images from the training split (for Fashion-MNIST its first 4,000 images; labels unread),
@@ -49,6 +51,17 @@ def get_config(arg=None):
                                                              max_examples=2000)),
         emoji_fewshot=dict(type="fewshot", data=dict(name="vljax_emoji", label="category", per_class=40)),
         val_retrieval=val_retrieval,
+        # The baselines of the training-free methods below: templates, CuPL descriptions, ZPE weighting.
+        fashion_mnist_cupl=dict(type="zeroshot", data=fmnist, templates="clip80",
+                                descriptions=f"{DESCRIPTIONS}/fashion_mnist.json"),
+        fashion_mnist_zpe=dict(type="zeroshot", data=fmnist, templates="clip80", zpe=True),
+        emoji_categories=dict(type="zeroshot", data=emoji_categories, templates="icon"),
+        emoji_categories_zpe=dict(type="zeroshot", data=emoji_categories, templates="clip80", zpe=True),
+        openclipart_categories=dict(type="zeroshot", data=openclipart_categories, templates="icon"),
+        openclipart_categories_cupl=dict(type="zeroshot", data=openclipart_categories, templates="icon",
+                                         descriptions=f"{DESCRIPTIONS}/openclipart.json"),
+        openclipart_categories_zpe=dict(type="zeroshot", data=openclipart_categories, templates="clip80",
+                                        zpe=True),
         # Training-free zero-shot methods (vljax/evaluators/{perceptionclip,fudd,cased,susx}.py).
         fashion_mnist_perceptionclip=dict(type="perceptionclip", data=fmnist,
                                           attributes=f"{DESCRIPTIONS}/perceptionclip_fashion_mnist.json"),
@@ -58,6 +71,8 @@ def get_config(arg=None):
                                         attributes=f"{DESCRIPTIONS}/perceptionclip_icon.json"),
         fashion_mnist_fudd=dict(type="fudd", data=fmnist, templates="clip80", k=5,
                                 descriptions=f"{DESCRIPTIONS}/fudd_fashion_mnist.json"),
+        emoji_fudd=dict(type="fudd", data=emoji_categories, templates="icon", k=5,
+                        descriptions=f"{DESCRIPTIONS}/fudd_emoji.json"),
         emoji_cased=dict(type="cased", data=dict(emoji_categories, database_split="train")),
         openclipart_cased=dict(type="cased", data=dict(openclipart_categories, database_split="train")),
         fashion_mnist_susx=dict(type="susx", data=dict(fmnist, database_split="train", max_database=4000),

@@ -269,6 +269,8 @@ def test_lit_eval_config_entries_validate_and_build():
     mine = {k: v for k, v in evals.items() if v["type"] in ("perceptionclip", "fudd", "cased", "susx")}
     assert {v["type"] for v in mine.values()} == {"perceptionclip", "fudd", "cased", "susx"}
     config_check.validate_evals(mine)
-    assert set(eval_builder.build({"evals": mine})) == set(mine)
+    # CaSED's entries read every training caption to build (its from_config runs in test_cased_on_emoji).
+    cheap = {k: v for k, v in mine.items() if v["type"] != "cased"}
+    assert set(eval_builder.build({"evals": cheap})) == set(cheap)
     with pytest.raises(ValueError, match=r"evals.bad"):
         config_check.validate_evals({"bad": dict(mine["fashion_mnist_fudd"], k_ambiguous=3)})

@@ -14,8 +14,9 @@ No class names are given. For an image x (official `CaSED.batch_step`):
         p = alpha p_img + (1 - alpha) p_txt,   prediction argmax_j p,
      s = 1 / 0.07 (the official classifier's fixed logit scale), alpha = 0.5 (the official default).
 
-Evaluation (the paper's Sec. 5 metrics, official `components/metrics`): the predicted word against
-the true class name by
+Evaluation (the official `test/semantic_similarity`, `test/semantic_iou`, `test/semantic_cluster_acc`
+metrics; their code was not read, so each is stated here): the predicted word against the true class
+name by
   - semantic similarity: the cosine of their Sentence-BERT embeddings (here all-MiniLM-L6-v2, a
     Sentence-BERT model: mean pooling, L2 norm), mean over images;
   - semantic IoU: |words(pred) & words(true)| / |words(pred) | words(true)|, mean over images;

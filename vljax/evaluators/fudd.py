@@ -1,8 +1,8 @@
 """FuDD: follow-up differential descriptions (Esfandiarpoor & Bach, "Follow-Up Differential Descriptions:
 Language Models Resolve Ambiguities for Image Classification", ICLR 2024, arXiv 2311.07593), training-free.
 
-Three steps (the paper's Fig. 2 and Sec. 3, as read in its abstract and overview; the full equations
-were not readable here, so the averaging below is our statement of them):
+Three steps (the paper's abstract and its Fig. 2 overview, as read; the paper's equations and the
+official code were not readable here, so the averaging in step C is our statement of it):
   A. ambiguous classes: the initial zero-shot classifier (template ensemble) gives each image x its k
      most likely classes A(x);
   B. differential descriptions: for each pair (c, c') of classes, sentences d(c | c') describing what

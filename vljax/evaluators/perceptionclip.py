@@ -8,7 +8,8 @@ of the attributes' values). Each value has descriptions ("" for the default: not
 under z is the sentence main_template(y) + ", " + the value descriptions + ".", and its embedding is the
 renormalised mean over the product of the values' descriptions (the official
 `get_zeroshot_classifier_flat_advance`). With the logits f(y, z; x) = logit_scale * <zimg(x), t(y, z)>,
-the two-step inference, as the official `perceptionclip_two_step.py` computes it (Sec. 5 of the paper):
+the two-step inference, as the official `perceptionclip_two_step.py` computes it (its comments give
+the equations; the paper's own equation numbers were not readable here):
 
   step 1, infer the context with intervention temperature tau:
     with the class ("w/ y", official infer_mode 0):

@@ -1,6 +1,6 @@
 """SuS-X: training-free name-only transfer (Udandarao et al., "SuS-X: Training-Free Name-Only Transfer of
 Vision-Language Models", ICCV 2023, arXiv 2211.16198): a support set built from the class names alone
-(SuS), then TIP-X inference (Sec. 3.2; official vishaal27/SuS-X `tipx.py`).
+(SuS), then TIP-X inference (official vishaal27/SuS-X `tipx.py`, which points to the paper's Sec. 3.2).
 
 SuS here is retrieved, as the paper's SuS-LC retrieves LAION-5B images by their similarity to the class
 prompts: from an image database (a source of any kind, e.g. the demo's training split), the M images
@@ -22,8 +22,8 @@ units (the paper's a_p is a_p * scale / 100). With alpha = gamma = 0 TIP-X is th
 
 Hyperparameters: the official code grid-searches alpha, beta, gamma on the target dataset's labelled
 validation split. Name-only transfer has no labelled target images, so here they are config values
-(defaults below, chosen before any number: beta = 5.5 and the middle of the official alpha / gamma
-grids rescaled to a logit scale of ~12); `search=True` instead searches the official grids on a held-out
+(defaults alpha = 1, beta = 5.5, gamma = 0.5: our choice, made before any number, not the paper's,
+whose values are searched per dataset); `search=True` instead searches the official grids on a held-out
 labelled split (`data.val_split`), as the official code does, and reports the choice.
 """
 from collections.abc import Sequence
