@@ -142,6 +142,21 @@ def test_tipx_equals_the_official_code():
     np.testing.assert_allclose(zs, 12.0 * test @ weights.T, rtol=1e-12)
 
 
+def test_tipx_search_finds_the_best_grid_point():
+    rng = np.random.default_rng(6)
+    zval, support = _unit(rng.normal(size=(12, 6))), _unit(rng.normal(size=(8, 6)))
+    weights, yval = _unit(rng.normal(size=(4, 6))), rng.integers(0, 4, 12)
+    labels = np.eye(4)[np.arange(8) % 4]
+    alpha, beta, gamma, acc = susx.search(zval, yval, support, labels, weights, 12.0)
+
+    def accuracy(a, b, g):
+        return np.mean(np.argmax(susx.tipx_logits(zval, support, labels, weights, 12.0, a, b, g), 1) == yval)
+    assert accuracy(alpha, beta, gamma) == acc
+    unit = 12.0 / 100
+    for a, b, g in itertools.product(susx.OFFICIAL_ALPHAS[::4], susx.OFFICIAL_BETAS[::40], susx.OFFICIAL_GAMMAS[::10]):
+        assert accuracy(a * unit, b, g * unit) <= acc
+
+
 def test_support_retrieval():
     rng = np.random.default_rng(3)
     zdb, ztxt = _unit(rng.normal(size=(30, 5))), _unit(rng.normal(size=(3, 5)))
@@ -215,10 +230,15 @@ def test_susx_with_zero_weights_is_zeroshot(embedder, zeroshot_metrics):
     data = dict(EMOJI, database_split="train", max_database=120)
     evals = eval_builder.build({"evals": dict(
         zero=dict(type="susx", data=data, templates="icon", per_class=4, alpha=0.0, gamma=0.0),
-        tipx=dict(type="susx", data=data, templates="icon", per_class=4))})
+        tipx=dict(type="susx", data=data, templates="icon", per_class=4),
+        searched=dict(type="susx", data=dict(data, val_split="val", max_val=24), templates="icon", per_class=4,
+                      search=True))})
     m = {k: v for ev in evals.values() for k, v in ev.run(embedder).items()}
     assert m["susx/zero/top1"] == m["susx/zero/zeroshot_top1"] == zeroshot_metrics["zeroshot/emoji/top1"]
     assert m["susx/tipx/support_size"] == 10 * 4
+    assert {"susx/searched/alpha", "susx/searched/beta", "susx/searched/gamma"} <= set(m)
+    with pytest.raises(ValueError, match=r"`evals.nosearch.search` needs `evals.nosearch.data.val_split`"):
+        eval_builder.build({"evals": dict(nosearch=dict(type="susx", data=data, search=True))})
     with pytest.raises(ValueError, match=r"`evals.small.data`: the SuS database holds 3 records, fewer than per_class=4"):
         eval_builder.build({"evals": dict(small=dict(type="susx", data=dict(EMOJI, max_database=3),
                                                      per_class=4))})
