@@ -17,6 +17,13 @@ these at the end instead.
 - fashion_mnist_fewshot / emoji_fewshot: ridge probes on frozen image embeddings, 1/5/10/25 shots,
   3 seeds (the locked ImageNet tower's features, projected).
 - val_retrieval: the demo's model-selection metric (the val split), for soups.
+- fashion_mnist_cupl / *_zpe, emoji_categories*, openclipart_categories*: the zero-shot baselines
+  (templates, CuPL descriptions, ZPE) of the training-free methods on the same classes.
+- *_perceptionclip, *_fudd, *_cased, *_susx: training-free zero-shot methods (PerceptionCLIP,
+  FuDD, CaSED, SuS-X) on the Fashion-MNIST classes and the emoji / openclipart categories; their
+  attribute lists and differential descriptions are in configs/descriptions/. SuS-X retrieves its
+  support images from the training split (for Fashion-MNIST its first 4,000 images; labels unread),
+  CaSED retrieves captions from the training split.
 """
 import os
 import sys
@@ -24,11 +31,15 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import lit  # noqa: E402
 
+DESCRIPTIONS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "descriptions")
+
 
 def get_config(arg=None):
     c = lit.get_config(arg)
     val_retrieval = c.evals.val_retrieval  # the demo's model-selection metric, unchanged
     fmnist = dict(name="vljax_fashion_mnist", split="test", max_examples=2000)
+    emoji_categories = dict(name="vljax_emoji", split="test", label="category")
+    openclipart_categories = dict(name="vljax_openclipart", split="test", label="top_category")
     c.evals = dict(
         fashion_mnist=dict(type="zeroshot", data=fmnist, templates="clip80"),
         fashion_mnist_gzsl=dict(type="gzsl", data=fmnist, templates="clip80",
@@ -40,5 +51,34 @@ def get_config(arg=None):
                                                              max_examples=2000)),
         emoji_fewshot=dict(type="fewshot", data=dict(name="vljax_emoji", label="category", per_class=40)),
         val_retrieval=val_retrieval,
+        # The baselines of the training-free methods below: templates, CuPL descriptions, ZPE weighting.
+        fashion_mnist_cupl=dict(type="zeroshot", data=fmnist, templates="clip80",
+                                descriptions=f"{DESCRIPTIONS}/fashion_mnist.json"),
+        fashion_mnist_zpe=dict(type="zeroshot", data=fmnist, templates="clip80", zpe=True),
+        emoji_categories=dict(type="zeroshot", data=emoji_categories, templates="icon"),
+        emoji_categories_zpe=dict(type="zeroshot", data=emoji_categories, templates="clip80", zpe=True),
+        openclipart_categories=dict(type="zeroshot", data=openclipart_categories, templates="icon"),
+        openclipart_categories_cupl=dict(type="zeroshot", data=openclipart_categories, templates="icon",
+                                         descriptions=f"{DESCRIPTIONS}/openclipart.json"),
+        openclipart_categories_zpe=dict(type="zeroshot", data=openclipart_categories, templates="clip80",
+                                        zpe=True),
+        # Training-free zero-shot methods (vljax/evaluators/{perceptionclip,fudd,cased,susx}.py).
+        fashion_mnist_perceptionclip=dict(type="perceptionclip", data=fmnist,
+                                          attributes=f"{DESCRIPTIONS}/perceptionclip_fashion_mnist.json"),
+        emoji_perceptionclip=dict(type="perceptionclip", data=emoji_categories,
+                                  attributes=f"{DESCRIPTIONS}/perceptionclip_icon.json"),
+        openclipart_perceptionclip=dict(type="perceptionclip", data=openclipart_categories,
+                                        attributes=f"{DESCRIPTIONS}/perceptionclip_icon.json"),
+        fashion_mnist_fudd=dict(type="fudd", data=fmnist, templates="clip80", k=5,
+                                descriptions=f"{DESCRIPTIONS}/fudd_fashion_mnist.json"),
+        emoji_fudd=dict(type="fudd", data=emoji_categories, templates="icon", k=5,
+                        descriptions=f"{DESCRIPTIONS}/fudd_emoji.json"),
+        emoji_cased=dict(type="cased", data=dict(emoji_categories, database_split="train")),
+        openclipart_cased=dict(type="cased", data=dict(openclipart_categories, database_split="train")),
+        fashion_mnist_susx=dict(type="susx", data=dict(fmnist, database_split="train", max_database=4000),
+                                templates="clip80"),
+        emoji_susx=dict(type="susx", data=dict(emoji_categories, database_split="train"), templates="icon"),
+        openclipart_susx=dict(type="susx", data=dict(openclipart_categories, database_split="train"),
+                              templates="icon"),
     )
     return c
