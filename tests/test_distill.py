@@ -14,8 +14,9 @@ import pytest
 from helpers import REPO, losses_of, make_shapes_manifest, tiny_config
 from jax.sharding import PartitionSpec as P
 
-from vljax import config_check, objective, teacher_features, train
+from vljax import checkpoints, factory, objective, sharding, teacher_features, train
 from vljax.data import pipeline, sources
+from vljax.embedder import Embedder
 from vljax.losses.distill import clip_kd
 from vljax.losses.structure import structure_loss
 
@@ -180,3 +181,85 @@ def test_objective_adds_structure_and_refuses_what_cannot_work(manifest, tmp_pat
         train.Trainer(config, str(tmp_path / "run"))
     assert "fd_weight" in objective.option_keys("clip_kd")
     assert "structure_levels" in objective.option_keys("softmax")
+
+
+# ----------------------------------------------------------------------------------------------
+# The teacher store and the batch
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def teacher_dir(manifest, tmp_path_factory):
+    """A tiny teacher CLIP as a vljax workdir (model_spec.json + a params checkpoint), random weights."""
+    root = tmp_path_factory.mktemp("teacher")
+    spec = factory.spec_from_config(tiny_config(manifest, "clip"))
+    model = factory.build_model(spec)
+    params = jax.jit(model.init)(jax.random.PRNGKey(7), jnp.zeros((1, 32, 32, 3)), jnp.zeros((1, 16), jnp.int32))["params"]
+    factory.write_spec(root, spec)
+    with checkpoints.Checkpointer(root / "checkpoints") as ckpt:
+        ckpt.save(0, {"params": params}, force=True)
+    return str(root)
+
+
+def test_teacher_store_holds_the_teachers_embeddings_and_the_batch_carries_them(manifest, teacher_dir, tmp_path):
+    bundle = factory.load(teacher_dir)
+    mesh = sharding.make_mesh([("data", 1)], devices=jax.devices()[:1])
+    source = sources.get_source(dict(source="jsonl", path=manifest))
+    store = teacher_features.write_teacher_store(bundle, teacher_dir, source, tmp_path / "t", mesh=mesh,
+                                                 batch_size=8, progress=False)
+    emb = Embedder.from_bundle(bundle, mesh=mesh, batch_size=8, progress=False)
+    images = emb.embed_images(source)
+    assert len(store) == len(source) == len(images.index)
+    for i in (0, 5, len(source) - 1):
+        rec = store[i]
+        np.testing.assert_array_equal(rec["teacher_zimg"], images.z[i])
+        np.testing.assert_array_equal(rec["teacher_ztxt"], emb.embed_texts(source.captions_of(i)))
+        assert rec["teacher_t"] == np.float32(emb.logit_scale)
+    written = os.stat(str(store.path / teacher_features.FILE)).st_mtime_ns
+    again = teacher_features.write_teacher_store(bundle, teacher_dir, source, tmp_path / "t", mesh=mesh,
+                                                 batch_size=8, progress=False)
+    assert again.path == store.path and os.stat(str(store.path / teacher_features.FILE)).st_mtime_ns == written
+
+    inp = tiny_config(manifest, "clip").input
+    inp.keep_captions = True
+    it = pipeline.make_train_iterator(inp, factory.build_tokenizer(bundle.spec), seed=0, teachers=[store],
+                                      process_index=0, process_count=1)
+    batch = next(it)
+    assert batch["teacher_zimg"].shape == (16, 32) and batch["teacher_t"].shape == (16,)
+    # Each row's text embedding is the teacher's embedding of the caption this batch drew.
+    np.testing.assert_array_equal(batch["teacher_ztxt"], emb.embed_texts(list(batch["caption"])))
+    rows = {tuple(store[i]["teacher_zimg"]) for i in range(len(store))}
+    assert all(tuple(r) in rows for r in batch["teacher_zimg"])
+
+
+def test_distill_config_keys_are_checked(manifest, tmp_path):
+    config = tiny_config(manifest, "clip")
+    config.distill = dict(teacher=str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="distill.teacher"):
+        teacher_features.teacher_stores(config, None, tmp_path)
+    config.distill = dict(teacher=str(tmp_path), batch=4)
+    with pytest.raises(ValueError, match="distill.batch"):
+        teacher_features.teacher_stores(config, None, tmp_path)
+
+
+@pytest.mark.slow
+def test_distillation_and_structure_train_through_main(manifest, teacher_dir, tmp_path):
+    """configs/lit.py's `distill=` / `structure=` arguments (`with_distillation`) on the tiny LiT
+    recipe: `python -m vljax.main` stores the teacher's embeddings and the stored trunk features,
+    trains CLIP-KD (contrastive + CRD + FD) + STRUCTURE, and the loss falls."""
+    cfg = tmp_path / "tiny_distill.py"
+    cfg.write_text(
+        "import sys\n"
+        f"sys.path[:0] = [{os.path.join(REPO, 'tests')!r}, {os.path.join(REPO, 'configs')!r}]\n"
+        "import helpers, lit\n\n"
+        "def get_config(arg=None):\n"
+        f"    c = helpers.tiny_config({manifest!r}, 'lit', steps=24, batch=16)\n"
+        f"    return lit.with_distillation(c, {teacher_dir!r}, crd=1.0, fd=1.0, structure=0.5)\n")
+    proc = subprocess.run([sys.executable, "-m", "vljax.main", f"--config={cfg}", f"--workdir={tmp_path / 'wd'}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": REPO})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = losses_of(tmp_path / "wd")
+    assert len(losses) == 24 and all(np.isfinite(losses))
+    assert np.mean(losses[-4:]) < 0.8 * np.mean(losses[:4]), losses
+    index = json.loads(next((tmp_path / "wd" / "teacher").glob("*/teacher.json")).read_text())
+    assert index["num_records"] == 12 * 4 and index["dim"] == 32 and not index["unreadable"]
