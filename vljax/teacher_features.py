@@ -54,7 +54,7 @@ def usable_captions(captions) -> list[str]:
 
 def fingerprint(bundle, teacher_path, source, mesh) -> str:
     parts = dict(source=sources.cache_key(source), n=len(source), teacher=str(teacher_path),
-                 spec=bundle.spec, params=features._digest(bundle.params, mesh))  # pylint: disable=protected-access
+                 spec=bundle.spec, params=features.params_digest(bundle.params, mesh))
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -91,10 +91,10 @@ def write_teacher_store(bundle, teacher_path, source, root, *, mesh, batch_size:
                 writer.write(np.stack(rows).astype(np.float32).tobytes())
             writer.close()
 
-        features._write_atomic(path / FILE, write)  # pylint: disable=protected-access
+        features.write_atomic(path / FILE, write)
         index = dict(fingerprint=fp, num_records=len(source), dim=dim, logit_scale=emb.logit_scale,
                      teacher=str(teacher_path), source=repr(source), unreadable=unreadable)
-        features._write_atomic(index_file, lambda f: epath.Path(f).write_text(json.dumps(index, indent=1)))  # pylint: disable=protected-access
+        features.write_atomic(index_file, lambda f: epath.Path(f).write_text(json.dumps(index, indent=1)))
     multihost_utils.sync_global_devices(f"teacher embeddings written {fp}")
     logs.info("teacher embeddings: %s, %d records x %d dims, %d distinct captions", path, len(source),
               dim, len(distinct))
