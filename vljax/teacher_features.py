@@ -12,8 +12,8 @@ Store, `<workdir>/teacher/<fingerprint>/`:
     teacher-00000-of-00001.array_record   record i: the float32 bytes of [1 + C_i, D]: row 0 the
                                           teacher's image embedding, rows 1.. its embeddings of the
                                           record's C_i usable captions (non-empty after strip, in
-                                          order: the captions `transforms.choose_caption` draws
-                                          from); b"" when the teacher could not read the image
+                                          order: `preprocess.usable_captions`, which training
+                                          draws from); b"" when the teacher could not read the image
     teacher.json                          {"fingerprint", "num_records", "dim", "logit_scale",
                                            "teacher", "source", "unreadable": {i: reason}}
 
@@ -40,16 +40,12 @@ from jax.experimental import multihost_utils
 
 from vljax import embedder as embedder_lib, factory, features, logs
 from vljax.data import sources
+from vljax.data.preprocess import usable_captions
 
 INDEX = "teacher.json"
 FILE = "teacher-00000-of-00001.array_record"
 FIELDS = ("teacher_zimg", "teacher_ztxt", "teacher_t")
 CONFIG_KEYS = ("teacher", "batch_size")
-
-
-def usable_captions(captions) -> list[str]:
-    """The captions training draws from, in order (`vljax.data.transforms.choose_caption`)."""
-    return [c.strip() for c in captions if c and c.strip()]
 
 
 def fingerprint(bundle, teacher_path, source, mesh) -> str:

@@ -243,8 +243,9 @@ def make_train_iterator(config, tokenizer, *, seed: int, process_index: int | No
     stream (same shuffling, mixing and process slices; the grey view drawn as the image
     augmentation draws it), and no image is decoded. teachers: one teacher store per source
     (`vljax.teacher_features.TeacherSource`, config.distill): the batches also carry
-    "teacher_zimg" [B, D], "teacher_ztxt" [B, D] (of the drawn caption) and "teacher_t" [B]. Restoring a state needs the same config
-    (num_workers included: worker w processes every num_workers-th example), seed and processes.
+    "teacher_zimg" [B, D], "teacher_ztxt" [B, D] (of the drawn caption) and "teacher_t" [B].
+    Restoring a state needs the same config (num_workers included: worker w processes every
+    num_workers-th example), seed and processes.
     """
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count

@@ -127,11 +127,16 @@ class Preprocess:
         return self(record, None)
 
 
+def usable_captions(captions) -> list[str]:
+    """The captions `T.choose_caption` draws from, in order: the non-empty ones, stripped."""
+    return [c.strip() for c in captions if c and c.strip()]
+
+
 def teacher_fields(record: dict, caption: str) -> dict:
     """A teacher's stored embeddings of the record (vljax/teacher_features.py): its image's, and of
-    its captions the row of `caption` (rows follow the usable captions `T.choose_caption` draws)."""
-    usable = [c.strip() for c in record["captions"] if c and c.strip()]
-    return {"teacher_zimg": record["teacher_zimg"], "teacher_ztxt": record["teacher_ztxt"][usable.index(caption)],
+    its captions the row of `caption` (one row per `usable_captions`, in order)."""
+    row = usable_captions(record["captions"]).index(caption)
+    return {"teacher_zimg": record["teacher_zimg"], "teacher_ztxt": record["teacher_ztxt"][row],
             "teacher_t": record["teacher_t"]}
 
 
@@ -164,7 +169,8 @@ class Collate:
                  "text": np.asarray(self.tokenizer(captions), np.int32)}
         if "image_tokens" in examples[0]:
             batch["image_tokens"] = np.stack([ex["image_tokens"] for ex in examples])
-        for k in ("sd_global", "sd_local", "teacher_zimg", "teacher_ztxt", "teacher_t"):  # MultiCrop's views, a teacher's embeddings
+        # MultiCrop's views; a teacher's stored embeddings (vljax/teacher_features.py)
+        for k in ("sd_global", "sd_local", "teacher_zimg", "teacher_ztxt", "teacher_t"):
             if k in examples[0]:
                 batch[k] = np.stack([ex[k] for ex in examples])
         if self.with_label:
