@@ -34,7 +34,15 @@ At scale: point `input.data` at TFDS image-text datasets (e.g.
 and the image tower at a ViT (`model.image_model="vit"`, `model.image=dict(variant="B/16", pool_type="map",
 num_classes=D)`, `model_init.img=PATH.npz`, a big_vision ViT checkpoint), with `mesh=[("data", -1)]`.
 
-Config arguments (`--config=configs/lit.py:steps=200,batch=64`): steps, batch.
+Config arguments (`--config=configs/lit.py:steps=200,batch=64`): steps, batch, and
+  distill=DIR   distil from a teacher CLIP (any checkpoint `vljax.factory.load` reads: a vljax workdir
+                or export, a transformers CLIP / SigLIP directory): its image and caption embeddings
+                are stored once under WORKDIR/teacher/ (vljax/teacher_features.py) and the loss is
+                CLIP-KD's (vljax/losses/distill.py): the contrastive loss + crd * CRD + fd * FD;
+  crd=1.0, fd=0.0  the relational (any teacher width) and feature (the teacher's width must be 384,
+                this student's) distillation weights;
+  structure=W   add the STRUCTURE regulariser (vljax/losses/structure.py) with weight W: the locked
+                image trunk's neighbourhood geometry (its stored features) kept in the joint space.
 """
 import ml_collections
 
@@ -42,7 +50,8 @@ from vljax import config_args
 
 
 def get_config(arg=None):
-    a = config_args.parse_arg(arg, "configs/lit.py", steps=500, batch=128)
+    a = config_args.parse_arg(arg, "configs/lit.py", steps=500, batch=128, distill="", crd=1.0, fd=0.0,
+                              structure=0.0)
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.total_steps = a["steps"]
@@ -84,6 +93,7 @@ def get_config(arg=None):
     c.text_cache = True
 
     c.loss = dict(name="softmax")
+    with_distillation(c, a["distill"], crd=a["crd"], fd=a["fd"], structure=a["structure"])
     c.optax = dict(name="adamw", b1=0.9, b2=0.999, scale_wd_by_lr=False)  # big_vision convention
     c.lr = 1e-3
     c.wd = 1e-4
@@ -117,4 +127,15 @@ def get_config(arg=None):
     )
     c.select_metric = "retrieval/val_retrieval/i2t_r1"  # held-out split of the training collections
     c.early_stop_patience = 0
+    return c
+
+
+def with_distillation(c, teacher: str = "", *, crd: float = 1.0, fd: float = 0.0, structure: float = 0.0):
+    """The `distill=`, `crd=`, `fd=` and `structure=` arguments (module docstring) applied to config
+    `c`, whose loss is the softmax contrastive loss; unchanged when teacher is "" and structure 0."""
+    if teacher:
+        c.distill = dict(teacher=teacher)
+        c.loss = dict(name="clip_kd", crd_weight=crd, fd_weight=fd, icl_weight=0.0)
+    if structure:
+        c.loss.structure_weight = structure  # the image side: LiT's locked, stored trunk features
     return c

@@ -68,6 +68,7 @@ _TOP = {
     "nonfinite": (False, (str,)),
     "stages": (False, (list, tuple, type(None))),
     "self_distill": (False, (dict, type(None))),  # vljax/teacher.py
+    "distill": (False, (dict, type(None))),  # vljax/teacher_features.py
     "init_from": (False, (str, type(None))),  # vljax/init_from.py
     "init_from_tokenizer": (False, (str, type(None))),
 }

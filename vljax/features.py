@@ -38,6 +38,8 @@ The fingerprint covers the source, the trunk (its configuration and a digest of 
 values) and the preprocessing (image size, value range, views): `ensure_features` is the one entry
 point for any consumer (training: `training_stores`; evaluation of a locked trunk: call it with the
 eval source and read `FeatureSource(...)[i]["features"]` instead of decoding images).
+A teacher CLIP's embeddings are stored as data the same way (vljax/teacher_features.py, sharing
+`write_atomic` and `params_digest`).
 """
 from __future__ import annotations
 
@@ -112,7 +114,7 @@ def _digest_fn(mesh):
     return jax.jit(lambda t: jax.tree.map(_leaf_digest, t), out_shardings=NamedSharding(mesh, P()))
 
 
-def _digest(tree, mesh) -> list[str]:
+def params_digest(tree, mesh) -> list[str]:
     """Per leaf: sum, sum of |x| and a position-weighted sum, to 6 digits (reduction order may vary)."""
     with jax.set_mesh(mesh):
         values = jax.device_get(_digest_fn(mesh)(tree))
@@ -130,7 +132,7 @@ def fingerprint(model, params, source, *, mesh, image_size, value_range, views, 
     vljax/data/sources/base.py), trunk and preprocessing."""
     image_cfg = {k: v for k, v in (model.image or {}).items() if k not in ("num_classes", "head_bias")}
     parts = dict(source=sources.cache_key(source), n=len(source), image_model=model.image_model,
-                 image=image_cfg, trunk=_digest(_trunk_params(params), mesh), image_size=int(image_size),
+                 image=image_cfg, trunk=params_digest(_trunk_params(params), mesh), image_size=int(image_size),
                  value_range=canonical_value_range(value_range), views=list(views))
     if tokens:  # a store without tokens is never taken for one with them (or back)
         parts["tokens"] = TOKENS_DTYPE
@@ -152,7 +154,7 @@ def _read_index(path: epath.Path) -> dict | None:
     return json.loads(f.read_text()) if f.exists() else None
 
 
-def _write_atomic(dst: epath.Path, write) -> None:
+def write_atomic(dst: epath.Path, write) -> None:
     """write(local_path) then move the file to dst: a reader sees all of it or nothing."""
     if "://" not in str(dst):
         tmp = dst.parent / f".{dst.name}.tmp{os.getpid()}"
@@ -283,7 +285,7 @@ def _write(model, params, source, path, fp, *, mesh, image_size, value_range, vi
         if bar is not None:
             bar.close()
 
-    _write_atomic(path / _file_name(pi, pc), write)
+    write_atomic(path / _file_name(pi, pc), write)
     (path / f"unreadable-{pi:05d}.json").write_text(json.dumps(unreadable))
     multihost_utils.sync_global_devices(f"lit features written {fp}")
     if pi == 0:
@@ -295,7 +297,7 @@ def _write(model, params, source, path, fp, *, mesh, image_size, value_range, vi
         index = dict(fingerprint=fp, num_records=n, views=list(views), num_features=num_features,
                      dtype="float32", tokens=token_shape, tokens_dtype=TOKENS_DTYPE, num_files=pc, global_batch=batch_size, source=repr(source),
                      unreadable=merged)
-        _write_atomic(path / INDEX, lambda f: epath.Path(f).write_text(json.dumps(index, indent=1)))
+        write_atomic(path / INDEX, lambda f: epath.Path(f).write_text(json.dumps(index, indent=1)))
     multihost_utils.sync_global_devices(f"lit features indexed {fp}")
     index = _read_index(path)
     (logs.info if progress else logging.debug)(

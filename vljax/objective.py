@@ -32,11 +32,15 @@ from jax.sharding import PartitionSpec as P
 
 from vljax import losses, sharding
 from vljax.data import sources
+from vljax.losses.structure import structure_loss
 from vljax.text import canonicalize_name
 
 # Keys of config.loss that the regularisers take (`with_regularisers`), beside the loss's own;
 # REGULARISER_KEYS adds the added multi-label loss's prompt, which `label_prompts` reads.
-_REGULARISER_OPTIONS = ("align_weight", "uniform_weight", "multilabel_weight", "multilabel_kind")
+_REGULARISER_OPTIONS = ("align_weight", "uniform_weight", "multilabel_weight", "multilabel_kind",
+                        "structure_weight", "structure_sides", "structure_levels", "structure_temperature")
+# STRUCTURE's sides: the aligned embedding and the frozen features whose geometry it keeps.
+_STRUCTURE_SIDES = {"image": ("zimg", "frozen/img_features"), "text": ("ztxt", "frozen/txt_features")}
 REGULARISER_KEYS = (*_REGULARISER_OPTIONS, "multilabel_template")
 # Loss arguments that are arrays the trainer passes (not config options), besides the ones
 # without a default.
@@ -145,15 +149,20 @@ def _options(loss_cfg, loss: Loss) -> dict:
 
 
 def with_regularisers(loss: Loss, align_weight=0.0, uniform_weight=0.0, multilabel_weight=0.0,
-                      multilabel_kind="bce") -> Loss:
+                      multilabel_kind="bce", structure_weight=0.0, structure_sides="image",
+                      structure_levels=2, structure_temperature=0.1) -> Loss:
     """`loss` plus
       align_weight * alignment_loss(zimg, ztxt) + uniform_weight * (uniformity_loss(zimg) +
       uniformity_loss(ztxt)) / 2 (Wang & Isola 2020 as regularisers), and
       multilabel_weight * multilabel_loss(zimg, labels/ztxt, t, b, batch/labels, kind=multilabel_kind)
       (the multi-label loss on the batch's tag sets added to a contrastive loss on its captions;
-      its label prompts are `label_prompts`'),
+      its label prompts are `label_prompts`'), and
+      structure_weight * mean over `structure_sides` ("image", "text" or "both") of
+      structure_loss(z, frozen features, levels=structure_levels, temperature=structure_temperature)
+      (STRUCTURE, vljax/losses/structure.py: the frozen trunk's neighbourhood geometry kept in the
+      joint space; the image side's frozen features are LiT's stored features),
     from config `loss.align_weight`, ... Unchanged when every weight is 0."""
-    if not align_weight and not uniform_weight and not multilabel_weight:
+    if not align_weight and not uniform_weight and not multilabel_weight and not structure_weight:
         return loss
     k = len(loss.inputs)
     extra = ("zimg", "ztxt") if align_weight or uniform_weight else ()
@@ -162,6 +171,10 @@ def with_regularisers(loss: Loss, align_weight=0.0, uniform_weight=0.0, multilab
             raise ValueError(f"config key `loss.multilabel_kind`: {multilabel_kind!r} is not one of "
                              f"{sorted(losses.MULTILABEL)}")
         extra += ("zimg", "labels/ztxt", "t", "b", "batch/labels")
+    sides = ()
+    if structure_weight:
+        sides = structure_sides_of(structure_sides)
+        extra += tuple(k for side in sides for k in _STRUCTURE_SIDES[side])
 
     def fn(*args, axis_name=None, **kwargs):
         named, rest = args[:k], list(args[k:])
@@ -175,11 +188,25 @@ def with_regularisers(loss: Loss, align_weight=0.0, uniform_weight=0.0, multilab
                 value = value + uniform_weight * (losses.uniformity_loss(zimg, axis_name)
                                                   + losses.uniformity_loss(ztxt, axis_name)) / 2
         if multilabel_weight:
-            value = value + multilabel_weight * losses.multilabel_loss(*rest, axis_name=axis_name,
+            value = value + multilabel_weight * losses.multilabel_loss(*rest[:5], axis_name=axis_name,
                                                                        kind=multilabel_kind)
+            rest = rest[5:]
+        if structure_weight:
+            value = value + structure_weight * sum(
+                structure_loss(rest[2 * i], rest[2 * i + 1], axis_name, levels=structure_levels,
+                               temperature=structure_temperature) for i in range(len(sides))) / len(sides)
         return value
 
     return dataclasses.replace(loss, fn=fn, inputs=loss.inputs + extra, chosen=None)
+
+
+def structure_sides_of(sides) -> tuple[str, ...]:
+    """`loss.structure_sides` ("image", "text" or "both") -> the sides STRUCTURE regularises."""
+    if sides == "both":
+        return tuple(_STRUCTURE_SIDES)
+    if sides not in _STRUCTURE_SIDES:
+        raise ValueError(f"config key `loss.structure_sides`: {sides!r} is not 'image', 'text' or 'both'")
+    return (sides,)
 
 
 def spec(loss_cfg) -> Loss:
@@ -239,11 +266,27 @@ def check(config, trainable_mask, opened=()) -> None:
     if "b" in loss.inputs and config.model.get("bias_init") is None:
         raise ValueError(f"config key `model.bias_init`: loss {name!r} takes the model's logit bias b, "
                          "which this model does not have; set it (e.g. -10.0, SigLIP's)")
-    if "frozen/img_features" in loss.inputs:
+    if any(k.startswith("teacher/") for k in loss.inputs) and not config.get("distill"):
+        raise ValueError(f"config key `distill`: loss {name!r} takes a teacher's stored embeddings "
+                         "(teacher/zimg, teacher/ztxt, teacher/t); set config.distill = dict(teacher="
+                         "<a checkpoint vljax.factory.load reads>)")
+    flat = traverse_util.flatten_dict(trainable_mask, sep="/")
+
+    def trained_trunk(tower):
+        return sorted(k for k, v in flat.items()
+                      if v and k.startswith(f"{tower}/") and not k.startswith(f"{tower}/head/"))
+    if config.loss.get("structure_weight"):
+        for side in structure_sides_of(config.loss.get("structure_sides", "image")):
+            tower = {"image": "img", "text": "txt"}[side]
+            trained = trained_trunk(tower)
+            if trained:
+                raise ValueError(f"config key `loss.structure_sides`: STRUCTURE keeps the geometry of the "
+                                 f"FROZEN {side} encoder's features, but `schedule` trains {trained[0]} (and "
+                                 f"{len(trained) - 1} more); lock that tower's trunk (e.g. "
+                                 f"('{tower}/(?!head/).*', None)) or leave the {side} side out")
+    if "frozen/img_features" in resolve(config.loss.name).bind(config.loss).inputs:  # CWCL's own input
         tower = {"image": "img", "text": "txt"}[config.loss.get("ref_modality", "image")]
-        flat = traverse_util.flatten_dict(trainable_mask, sep="/")
-        trained = sorted(k for k, v in flat.items()
-                         if v and k.startswith(f"{tower}/") and not k.startswith(f"{tower}/head/"))
+        trained = trained_trunk(tower)
         if trained:
             raise ValueError(f"config key `loss.ref_modality`: CWCL takes its weights from the frozen "
                              f"{tower!r} tower's features, but `schedule` trains {trained[0]} (and "
@@ -280,9 +323,12 @@ def loss_inputs(zimg, ztxt, out, batch) -> dict:
     values = {"zimg": zimg, "ztxt": ztxt, **out,
               "frozen/zimg": jax.lax.stop_gradient(zimg), "frozen/ztxt": jax.lax.stop_gradient(ztxt),
               **{f"batch/{k}": v for k, v in batch.items()}}
-    for k, v in (("frozen/img_features", img_features), ("frozen/txt_features", out.get("txt/pre_logits"))):
+    for k, v in (("frozen/img_features", img_features), ("frozen/txt_features", out.get("txt/pre_logits")),
+                 ("teacher/zimg", batch.get("teacher_zimg")), ("teacher/ztxt", batch.get("teacher_ztxt"))):
         if v is not None:
             values[k] = jax.lax.stop_gradient(v)
+    if "teacher_t" in batch:  # [B], the same in every row: the teacher's logit scale
+        values["teacher/t"] = jax.lax.stop_gradient(batch["teacher_t"][0])
     def f32(v):
         return v.astype(jnp.float32) if jnp.issubdtype(v.dtype, jnp.floating) else v
     # tree.map: a NaFlex batch's "image" is a dict {"patches", "mask", "shapes"}.

@@ -19,7 +19,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from vljax import (checkpoints, config_check, eval_builder, factory, features, init_from, logs,
-                   metrics, nonfinite, objective, optim, perf, selection, sharding, stages, teacher)
+                   metrics, nonfinite, objective, optim, perf, selection, sharding, stages, teacher,
+                   teacher_features)
 from vljax.data import pipeline, sources
 from vljax.step import flat as _flat, make_train_step
 from vljax.text_memo import TextMemo, locked_text_blocks
@@ -152,7 +153,8 @@ class Trainer:
         if stage.max_len != self.spec["tokenizer"]["max_len"]:
             tokenizer = factory.build_tokenizer({"tokenizer": {**self.spec["tokenizer"], "max_len": stage.max_len}})
         seed = self.config.seed + 1_000_003 * stage.index  # stage 0: the unstaged stream
-        return pipeline.make_train_iterator(inp, tokenizer, seed=seed, features=stores)
+        return pipeline.make_train_iterator(inp, tokenizer, seed=seed, features=stores,
+                                            teachers=teacher_features.teacher_stores(self.config, self.mesh, self.workdir))
 
     def stage_model(self, stage: stages.Stage) -> TwoTowers:
         """The model as the stage trains it (its patch dropout); the same parameters."""

@@ -172,7 +172,7 @@ def _local_batch_size(global_batch: int, process_count: int) -> int:
 
 
 def make_train_dataset(config, tokenizer, *, seed: int, process_index: int = 0,
-                       process_count: int = 1, features=None) -> grain.IterDataset:
+                       process_count: int = 1, features=None, teachers=None) -> grain.IterDataset:
     """The grain IterDataset behind `make_train_iterator` (for inspection and benchmarks)."""
     entries = list(config["data"])
     if not entries:
@@ -194,6 +194,8 @@ def make_train_dataset(config, tokenizer, *, seed: int, process_index: int = 0,
         if _get(config, "hide_labels"):  # partial labels: the seeded hidden set (wrappers.hidden_of)
             src = sources_lib.HideLabels(src, *sources_lib.check_hide_labels(config["hide_labels"]),
                                          source_index=i)
+        if teachers is not None:  # a teacher's stored embeddings (vljax/teacher_features.py)
+            src = teachers[i].wrap(src, where=f"config.input.data[{i}]")
         ds = grain.MapDataset.source(src)
         if space is not None:
             ds = ds.map(sources_lib.LabelsIn(names, space))
@@ -234,7 +236,7 @@ def make_train_dataset(config, tokenizer, *, seed: int, process_index: int = 0,
 
 
 def make_train_iterator(config, tokenizer, *, seed: int, process_index: int | None = None,
-                        process_count: int | None = None, features=None) -> TrainIterator:
+                        process_count: int | None = None, features=None, teachers=None) -> TrainIterator:
     """Endless iterator of this process's training batches (see TrainIterator).
 
     config: the `config.input` subtree (module docstring). tokenizer: `tok(list[str]) -> int32
@@ -242,14 +244,18 @@ def make_train_iterator(config, tokenizer, *, seed: int, process_index: int | No
     config.input.data, in order (`vljax.features.FeatureSource`, LiT with a locked trunk): the
     batches then carry "image_features" [B, F] in place of "image", from the same global example
     stream (same shuffling, mixing and process slices; the grey view drawn as the image
-    augmentation draws it), and no image is decoded. Restoring a state needs the same config
-    (num_workers included: worker w processes every num_workers-th example), seed and processes.
+    augmentation draws it), and no image is decoded. teachers: one teacher store per source
+    (`vljax.teacher_features.TeacherSource`, config.distill): the batches also carry
+    "teacher_zimg" [B, D], "teacher_ztxt" [B, D] (of the drawn caption) and "teacher_t" [B].
+    Restoring a state needs the same config (num_workers included: worker w processes every
+    num_workers-th example), seed and processes.
     """
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     return TrainIterator(make_train_dataset(config, tokenizer, seed=seed,
                                             process_index=process_index,
-                                            process_count=process_count, features=features))
+                                            process_count=process_count, features=features,
+                                            teachers=teachers))
 
 
 def make_eval_batches(data, *, batch_size: int, image_size: int | None = None,

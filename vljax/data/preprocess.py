@@ -70,6 +70,12 @@ class Preprocess:
     multi_crop: MultiCrop | None = None  # train mode: also the self-distillation views
 
     def __call__(self, record: dict, rng: np.random.Generator | None = None) -> dict:
+        ex = self._example(record, rng)
+        if "teacher_zimg" in record and "skip" not in ex:  # a teacher's stored embeddings
+            ex.update(teacher_fields(record, ex["caption"]))
+        return ex
+
+    def _example(self, record: dict, rng: np.random.Generator | None) -> dict:
         if "error" in record:
             return {"skip": record["error"]}
         caption = T.choose_caption(record["captions"], rng)
@@ -121,6 +127,19 @@ class Preprocess:
         return self(record, None)
 
 
+def usable_captions(captions) -> list[str]:
+    """The captions `T.choose_caption` draws from, in order: the non-empty ones, stripped."""
+    return [c.strip() for c in captions if c and c.strip()]
+
+
+def teacher_fields(record: dict, caption: str) -> dict:
+    """A teacher's stored embeddings of the record (vljax/teacher_features.py): its image's, and of
+    its captions the row of `caption` (one row per `usable_captions`, in order)."""
+    row = usable_captions(record["captions"]).index(caption)
+    return {"teacher_zimg": record["teacher_zimg"], "teacher_ztxt": record["teacher_ztxt"][row],
+            "teacher_t": record["teacher_t"]}
+
+
 def _labels(record: dict) -> dict:
     """The record's class label (-1: none) and label set ([]: none), carried to the batch."""
     return {"label": int(record.get("label", -1)), "labels": list(record.get("labels", []))}
@@ -150,7 +169,8 @@ class Collate:
                  "text": np.asarray(self.tokenizer(captions), np.int32)}
         if "image_tokens" in examples[0]:
             batch["image_tokens"] = np.stack([ex["image_tokens"] for ex in examples])
-        for k in ("sd_global", "sd_local"):  # MultiCrop's views
+        # MultiCrop's views; a teacher's stored embeddings (vljax/teacher_features.py)
+        for k in ("sd_global", "sd_local", "teacher_zimg", "teacher_ztxt", "teacher_t"):
             if k in examples[0]:
                 batch[k] = np.stack([ex[k] for ex in examples])
         if self.with_label:
