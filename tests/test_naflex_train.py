@@ -2,6 +2,7 @@
 process and a resumed run agree on, the fixed-resolution stage fed to the same NaFlex tower
 (which then equals the fixed-resolution ViT), and a `python -m vljax.main` run of
 configs/siglip2.py across the fixed -> NaFlex switch."""
+import copy
 import importlib.util
 import json
 import os
@@ -110,6 +111,22 @@ def test_batches_are_padded_to_the_drawn_budget_on_1_and_2_processes_and_after_a
         for key in ("patches", "mask", "shapes"):
             np.testing.assert_array_equal(r["image"][key], b["image"][key])
         np.testing.assert_array_equal(r["text"], b["text"])
+
+
+def test_worker_slices_keep_the_global_budget_sequence(manifest, tokenizer):
+    """What grain's mp_prefetch does with W workers (a copy per worker, sliced w::W through
+    `set_slice`, batches taken round-robin), in this process: batch t still gets budget t.
+    (Measured with num_workers=2 in real worker processes too: see the report.)"""
+    cfg = _input(manifest)
+    want = naflex_train.budget_sequence(cfg.naflex, seed=7, count=6)
+    ds = pipeline.make_train_dataset(cfg, tokenizer, seed=7)
+    workers = []
+    for w in range(2):
+        part = copy.deepcopy(ds)
+        part.set_slice(slice(w, None, 2))
+        workers.append(iter(part))
+    got = [next(workers[t % 2])["image"]["mask"].shape[1] for t in range(6)]
+    assert got == want
 
 
 def test_fixed_resolution_stage_is_the_plain_pipeline_as_full_patch_grids(manifest, tokenizer):
