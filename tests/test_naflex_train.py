@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from helpers import REPO
-from vljax import factory, metrics, stages
+from vljax import config_check, factory, metrics, stages
 from vljax.data import naflex, naflex_train, pipeline
 from vljax.models.naflex import NaFlexViT, params_from_vit
 from vljax.models.vit import ViT
@@ -170,9 +170,10 @@ def test_naflex_tower_on_the_square_grid_equals_the_fixed_resolution_vit():
 
 def test_stage_key_and_siglip2_config(manifest):
     siglip2 = _load_config_module("siglip2.py")
-    c = siglip2.get_config("decoder=off,sd=off,naflex=on,steps=20")
+    c = siglip2.get_config("decoder=off,sd=off,naflex=on,steps=40")
+    config_check.validate(c)  # the checks a run applies before any work
     parsed = stages.parse(c)
-    assert [(s.until, s.naflex) for s in parsed] == [(18, False), (20, True)]
+    assert [(s.until, s.naflex) for s in parsed] == [(36, False), (40, True)]
     assert c.model.image_model == "naflex_vit" and c.model.image.posemb_grid == 8
     assert c.input.naflex.budgets == (32, 64, 144, 196, 256)
     big = siglip2.get_config("decoder=off,sd=off,naflex=on,img=B/16,txt=B,size=256")
@@ -185,7 +186,7 @@ def test_stage_key_and_siglip2_config(manifest):
         plain.stages = [dict(until=20, naflex=True)]
         stages.parse(plain)
     with pytest.raises(ValueError, match="patch_dropout with a NaFlex image tower"):
-        c.stages = [dict(until=20, patch_dropout=0.5)]
+        c.stages = [dict(until=40, patch_dropout=0.5)]
         stages.parse(c)
     with pytest.raises(ValueError, match=r"input.naflex.budgets"):
         naflex_train.plan(dict(patch_size=8, max_num_patches=16, budgets=(0, 4)))
