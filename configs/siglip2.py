@@ -34,8 +34,22 @@ steps (SigLIP 2, Sec. 2.3), the teacher copied from the student there; loss weig
 and 0.25 (masked prediction) times `sdw` (SigLIP 2: 0.25 for B, 0.5 for L, 1 for So400m, 0.5 for
 g); two global and `local` local crops (SILC: 8); at B/16 the DINO / iBOT head sizes
 (teacher.DEFAULTS), in the demo heads of 1024 / 256 prototypes at width 256.
+NaFlex (`naflex=on`, default off: the CPU demo's cost; needs `sd=off`, as the EMA teacher's
+views are fixed-size): the image tower is a NaFlex ViT (vljax/models/naflex.py, `naflex_vit`)
+from the start; for the first 90% of the steps it is fed the fixed-resolution stage's square
+images as its full patch grid, where it computes exactly the fixed-resolution ViT (same learned
+16 x 16 position grid at B/16, 256 px), then `config.stages` switches to native aspect ratio
+with a patch budget drawn per batch (vljax/data/naflex_train.py), the position grid resized to
+each image's patch grid (antialiased bilinear) and padding patches masked in attention and in
+the MAP head. The paper's setting (SigLIP 2, Sec. 2.4.2, as we read it through the issue and
+secondary sources; the paper text itself was not reachable here): NaFlex training continues a
+fixed-resolution run, the sequence length sampled uniformly per batch from
+{128, 256, 576, 784, 1024}; the 90% switch point is our choice. Here the budgets are that set
+scaled to the model's grid G = size / patch (G^2 / 256 times each): exactly the paper's at
+`img=B/16,size=256`; {32, 64, 144, 196, 256} in the demo (G = 8). Every budget compiles its
+own step (five compiles after the switch). Evaluation runs at the fixed budget G^2.
 Not here yet (issue 24): LocCa's referring-expression and grounded-captioning targets (they need
-boxes; the demo data has none), NaFlex and ACID distillation.
+boxes; the demo data has none) and ACID distillation.
 
 Demo (2-core CPU): the tiny towers of configs/clip.py (width 128, 4 layers), a 2-layer decoder at
 width 128, the CLIP tokenizer (vocabulary 49408, pad id 0), 300 steps at batch 64 on the emoji +
@@ -46,7 +60,8 @@ with the decoder and 99 s without (`:steps=60`, compile and one evaluation inclu
 
 Config arguments: decoder (on | off), cw (caption_weight, default 1.0), pp (parallel_fraction,
 default 0.5), sd (on | off: self-distillation and masked prediction, default on), sdw (their
-weight, default 1.0), local (local crops, default 8), and configs/clip.py's (img, txt, size,
+weight, default 1.0), local (local crops, default 8), naflex (on | off, default off; on needs
+sd=off), and configs/clip.py's (img, txt, size,
 batch, steps, pd, tune, seed).
 """
 import importlib.util
@@ -60,7 +75,12 @@ _spec = importlib.util.spec_from_file_location("vljax_configs_siglip",
 siglip = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(siglip)
 
-_OWN = dict(decoder="on", cw=1.0, pp=0.5, sd="on", sdw=1.0, local=8)
+_OWN = dict(decoder="on", cw=1.0, pp=0.5, sd="on", sdw=1.0, local=8, naflex="off")
+# SigLIP 2 (Sec. 2.4.2): the NaFlex stage's sequence lengths, for a 16 x 16 position grid.
+PAPER_BUDGETS = (128, 256, 576, 784, 1024)
+# NaFlexViT's keys among the fixed-resolution ViT's (ln_pre, patch_bias, posemb have none).
+_NAFLEX_KEYS = ("variant", "width", "depth", "mlp_dim", "num_heads", "patch_size", "pool_type",
+                "num_classes", "head_bias", "act", "ln_eps", "dropout", "remat", "scan")
 
 
 def get_config(arg=None):
@@ -71,9 +91,16 @@ def get_config(arg=None):
         raise ValueError(f"configs/siglip2.py: decoder={a['decoder']!r}; use decoder=on or decoder=off")
     if a["sd"] not in ("on", "off"):
         raise ValueError(f"configs/siglip2.py: sd={a['sd']!r}; use sd=on or sd=off")
+    if a["naflex"] not in ("on", "off"):
+        raise ValueError(f"configs/siglip2.py: naflex={a['naflex']!r}; use naflex=on or naflex=off")
+    if a["naflex"] == "on" and a["sd"] == "on":
+        raise ValueError("configs/siglip2.py: naflex=on needs sd=off (the self-distillation "
+                         "views are fixed-size crops; vljax/teacher.py refuses a NaFlex tower)")
     c = siglip.get_config(",".join(item for item in items if item not in own))
     if a["sd"] == "on":
         _self_distill(c, a)
+    if a["naflex"] == "on":
+        _naflex(c)
     # What the parts are for (issue 24), beside zero-shot and retrieval: dense features (a linear
     # probe on patch tokens, foreground from the icons' alpha: vljax/evaluators/dense_probe.py),
     # in every row of the ablation; the decoder's caption log-likelihood and CapPa's scoring
@@ -110,3 +137,26 @@ def _self_distill(c, a) -> None:
         c.self_distill.update(out_dim=1024, patch_out_dim=256, hidden_dim=256, bottleneck_dim=64)
     c.stages = stages.switch_on_at(c.get("stages"), c.total_steps, int(round(0.8 * c.total_steps)),
                                    self_distill=True)
+
+
+def _naflex(c) -> None:
+    """The fixed-resolution ViT as a NaFlex tower, native aspect ratio for the last 10% of the
+    steps with a budget per batch from PAPER_BUDGETS scaled to its grid (module docstring)."""
+    image = c.model.image
+    p = image.get("patch_size")
+    if p is None:
+        # Imported only here: vljax.models imports jax, which loading a config file must not
+        # start (tests/test_imports.py).
+        from vljax.models.vit import decode_variant  # noqa: PLC0415
+        p = decode_variant(image.variant)["patch_size"]
+    p = p if isinstance(p, int) else p[0]
+    g = c.input.image_size // p
+    c.model.image_model = "naflex_vit"
+    c.model.image = {**{k: image[k] for k in _NAFLEX_KEYS if k in image},
+                     "posemb_grid": g, "max_num_patches": g * g}
+    budgets = sorted({max(1, round(b * g * g / 256)) for b in PAPER_BUDGETS})
+    # Rebuilt, not assigned: ConfigDict keeps a key's type, and value_range was a name ("clip").
+    c.input = {**c.input.to_dict(), "value_range": (-1.0, 1.0),  # NaFlex preprocessing's range
+               "naflex": dict(patch_size=p, max_num_patches=g * g, budgets=tuple(budgets))}
+    fixed = [dict(s, naflex=False) for s in (c.get("stages") or [dict(until=c.total_steps)])]
+    c.stages = stages.switch_on_at(fixed, c.total_steps, int(round(0.9 * c.total_steps)), naflex=True)

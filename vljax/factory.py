@@ -82,7 +82,8 @@ def spec_from_config(config) -> dict:
             spec[key] = str(config.input[key])
     if config.input.get("naflex"):
         del spec["image_size"]
-        spec["naflex"] = plain(config.input.naflex)
+        # The model's budget; the training-only keys (budgets, vljax/data/naflex_train.py) stay out.
+        spec["naflex"] = {k: plain(config.input.naflex[k]) for k in ("patch_size", "max_num_patches")}
     return spec
 
 

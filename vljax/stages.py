@@ -9,8 +9,12 @@ Each stage runs steps (previous `until`, `until`]; the last `until` is `config.t
 may set `image_size` (training images; evaluation always uses `config.input.image_size`), `max_len`
 (text tokens: captions are tokenised to that length, end-of-text kept) and `patch_dropout` (the ViT's
 FLIP masking rate); what it does not set is the config's own value (the model's `patch_dropout`,
-the tokenizer's `max_len`, `input.image_size`), and `self_distill` (True: SigLIP 2's self-distillation
-and masked prediction with an EMA teacher, configured by `config.self_distill`; vljax/teacher.py).
+the tokenizer's `max_len`, `input.image_size`), `self_distill` (True: SigLIP 2's self-distillation
+and masked prediction with an EMA teacher, configured by `config.self_distill`; vljax/teacher.py)
+and `naflex` (with `config.input.naflex`, a NaFlex image tower: True, the default, trains at native
+aspect ratio with the patch budgets of `input.naflex`; False, the stage's square images at
+`image_size` as the tower's full patch grid, i.e. the fixed-resolution ViT: SigLIP 2's NaFlex
+training continues a fixed-resolution stage, vljax/data/naflex_train.py).
 This covers:
 
 * FLIP (Li et al., CVPR 2023, "Scaling Language-Image Pre-training via Masking"): patch dropout for most
@@ -31,7 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 
-STAGE_KEYS = ("until", "image_size", "max_len", "patch_dropout", "self_distill")
+STAGE_KEYS = ("until", "image_size", "max_len", "patch_dropout", "self_distill", "naflex")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,11 +47,13 @@ class Stage:
     max_len: int
     patch_dropout: float | None  # None: the model's own
     self_distill: bool = False  # SigLIP 2's self-distillation stage (vljax/teacher.py)
+    naflex: bool = False  # native aspect ratio (a NaFlex tower's stage; False: fixed resolution)
 
 
 def parse(config) -> list[Stage]:
     """The stages of `config.stages` (one stage covering the run when absent); errors name the key."""
     raw = list(config.get("stages") or [dict(until=config.total_steps)])
+    naflex_tower = bool(config.input.get("naflex"))
     out, start = [], 0
     for i, entry in enumerate(raw):
         entry = dict(entry)
@@ -62,7 +68,8 @@ def parse(config) -> list[Stage]:
             raise ValueError(f"config key `stages[{i}].patch_dropout` must be in [0, 1), got {pd!r}")
         out.append(Stage(i, start, until, int(entry.get("image_size", config.input.image_size)),
                          int(entry.get("max_len", config.tokenizer.max_len)),
-                         None if pd is None else float(pd), bool(entry.get("self_distill", False))))
+                         None if pd is None else float(pd), bool(entry.get("self_distill", False)),
+                         _naflex(entry, i, naflex_tower)))
         start = until
     if out[-1].until != config.total_steps:
         raise ValueError(f"config key `stages[{len(out) - 1}].until` must equal total_steps "
@@ -74,6 +81,9 @@ def parse(config) -> list[Stage]:
         if s.image_size > config.input.image_size:
             raise ValueError(f"config key `stages[{s.index}].image_size`: {s.image_size} exceeds "
                              f"input.image_size ({config.input.image_size}), the model's resolution")
+    if naflex_tower and any(s.patch_dropout for s in out):
+        raise ValueError("config key `stages`: patch_dropout with a NaFlex image tower "
+                         "(`input.naflex`), which has no patch dropout")
     if any(s.self_distill for s in out) and config.get("self_distill") is None:
         raise ValueError("config key `stages`: a stage sets self_distill=True but `config.self_distill` "
                          "is not set (e.g. dict(), vljax/teacher.py DEFAULTS)")
@@ -82,6 +92,16 @@ def parse(config) -> list[Stage]:
         raise ValueError("config key `stages`: stored LiT features (`lit_cache`) are computed at "
                          "input.image_size without patch dropout; stages may only change max_len")
     return out
+
+
+def _naflex(entry: dict, i: int, naflex_tower: bool) -> bool:
+    value = entry.get("naflex", naflex_tower)
+    if not isinstance(value, bool):
+        raise ValueError(f"config key `stages[{i}].naflex` must be True or False, got {value!r}")
+    if "naflex" in entry and not naflex_tower:
+        raise ValueError(f"config key `stages[{i}].naflex`: needs a NaFlex image tower "
+                         "(`config.input.naflex` and model.image_model='naflex_vit')")
+    return value
 
 
 def at(stages: list[Stage], step: int) -> Stage:

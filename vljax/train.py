@@ -144,9 +144,12 @@ class Trainer:
             stores = features.training_stores(self.config, self.model, self.state["params"],
                                               _flat(self.trainable_mask), self.mesh, self.workdir)
         inp, tokenizer = self.config.input, self.tokenizer
-        if stage.image_size != inp.image_size or stage.self_distill:
+        fixed = bool(inp.get("naflex")) and not stage.naflex  # a NaFlex tower's fixed-res stage
+        if stage.image_size != inp.image_size or stage.self_distill or fixed:
             inp = inp.copy_and_resolve_references()
             inp.image_size = stage.image_size
+            if fixed:  # square images as the tower's full patch grid (vljax/data/naflex_train.py)
+                inp.naflex = {**dict(inp.naflex), "fixed_resolution": True}
             if stage.self_distill:  # the multi-crop views (vljax/teacher.py)
                 with inp.unlocked():
                     inp.multi_crop = teacher.multi_crop(self.sd_opts, stage.image_size, self.model)
@@ -286,8 +289,9 @@ class Trainer:
                         stage, data_iter, train_step, step_cost = enter(stages.at(schedule, step))
                         cost = None
                         data_iter.skipped = dict(skipped)
-                        logs.info("stage %d from step %d: image size %d, text length %d, patch dropout %s",
-                                  stage.index, step, stage.image_size, stage.max_len, stage.patch_dropout)
+                        logs.info("stage %d from step %d: image size %d, text length %d, patch dropout %s%s",
+                                  stage.index, step, stage.image_size, stage.max_len, stage.patch_dropout,
+                                  ", NaFlex" if stage.naflex else "")
                     batch = next(data_iter)
                     skipped = {k: v for k, v in batch.items() if k.startswith("skipped/")}
                     batch = {k: v for k, v in batch.items() if not k.startswith("skipped/")}

@@ -113,3 +113,29 @@ def stack(examples) -> dict:
         raise ValueError(f"NaFlex examples padded to different budgets {lengths}: pad every "
                          "image of a batch to one max_num_patches")
     return {k: np.stack([e[k] for e in examples]) for k in ("patches", "mask", "shapes")}
+
+
+def square_patches(image: np.ndarray, patch_size: int) -> dict:
+    """A preprocessed square image float [S, S, C] (S a multiple of p) -> the per-image dict of
+    its full (S/p) x (S/p) grid at budget N = (S/p)**2 (every patch real): the fixed-resolution
+    input of a NaFlex tower, which then computes the fixed-resolution ViT (with
+    `vljax.models.naflex.params_from_vit`'s parameters) exactly."""
+    s, w = image.shape[:2]
+    if s != w or s % patch_size:
+        raise ValueError(f"a fixed-resolution NaFlex input must be square with sides a multiple "
+                         f"of patch_size={patch_size}, got {image.shape}")
+    g = s // patch_size
+    return pad_patches(patchify(np.asarray(image, np.float32), patch_size), (g, g), g * g)
+
+
+def budget_at(budgets, seed: int, index: int) -> int:
+    """The patch budget of global batch `index`: one of `budgets`, uniformly, from
+    numpy.random.SeedSequence([seed, index]) alone, so every process (and a resumed run) draws
+    the same budget for the same batch without any state. SigLIP 2 (Sec. 2.4.2, as the brief
+    and its secondary sources give it): the sequence length sampled per batch from
+    {128, 256, 576, 784, 1024} in the NaFlex stage."""
+    budgets = tuple(budgets)
+    if len(budgets) == 1:
+        return int(budgets[0])
+    k = int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1)[0]) % len(budgets)
+    return int(budgets[k])

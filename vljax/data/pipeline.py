@@ -20,6 +20,8 @@ Training config (`config.input`, an ml_collections ConfigDict or a dict):
                                  # checkpoint's spec: SigLIP's squash resize, or the NaFlex patch
                                  # budget (batch "image" = {"patches", "mask", "shapes"}; see
                                  # vljax/data/checkpoint_preprocess.py)
+                                 # NaFlex training (SigLIP 2): `budgets` sampled per batch and
+                                 # the fixed-resolution stage, vljax/data/naflex_train.py
     multi_crop=None,             # set by the trainer in a self-distillation stage (vljax/teacher.py):
                                  # preprocess.MultiCrop's kwargs; batch "sd_global" [B, Vg, S, S, 3],
                                  # "sd_local" [B, Vl, s, s, 3], cut in the input workers
@@ -45,7 +47,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from vljax.data import checkpoint_preprocess, shard_order, sources as sources_lib
+from vljax.data import checkpoint_preprocess, naflex_train, shard_order, sources as sources_lib
 from vljax.data.checkpoint_preprocess import NaflexCollate
 from vljax.data.eval_transform import EvalImage
 from vljax.data.preprocess import (SKIP_REASONS, SKIPPED_KEY, Collate, MultiCrop, Preprocess,
@@ -119,6 +121,19 @@ def _preprocess_from_config(cfg):
     tower (`input.resize` / `input.naflex`, vljax/init_from.py) `CheckpointPreprocess`."""
     aug = _get(cfg, "augment") or {}
     crop = aug.get("random_resized_crop", (0.8, 1.0))
+    naf = naflex_train.plan(cfg["naflex"], int(cfg["image_size"])) if _get(cfg, "naflex") else None
+    if naf is not None and (naf.fixed_resolution or naf.budgets) and _get(cfg, "multi_crop"):
+        raise ValueError("config key `self_distill`: the multi-crop views are not made for a "
+                         "NaFlex image tower (`input.naflex`)")
+    if naf is not None and naf.fixed_resolution:  # `Preprocess` below, then its full patch grid
+        vr = canonical_value_range(cfg.get("value_range", "efficientnet"))
+        if vr != naflex_train.VALUE_RANGE:
+            raise ValueError(f"config key `input.value_range`: {vr!r} with a NaFlex image tower, "
+                             f"whose NaFlex stages see {naflex_train.VALUE_RANGE}: set it to that")
+        cfg = {k: v for k, v in dict(cfg).items() if k != "naflex"}
+    elif naf is not None and naf.budgets:  # resized per batch to the batch's budget (BudgetBatch)
+        return naflex_train.NaflexExample(greyscale=float(aug.get("greyscale", 0.0)),
+                                          colour_jitter=float(aug.get("colour_jitter", 0.0)))
     special = checkpoint_preprocess.from_config(
         cfg, crop, float(aug.get("greyscale", 0.0)), float(aug.get("colour_jitter", 0.0)),
         canonical_value_range(cfg.get("value_range", "efficientnet")))
@@ -214,6 +229,9 @@ def make_train_dataset(config, tokenizer, *, seed: int, process_index: int = 0,
     else:
         ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
     ds = ds.random_map(_preprocess_from_config(config), seed=_seed(seed, 10**6))
+    naf = naflex_train.plan(config["naflex"], int(config["image_size"])) if _get(config, "naflex") else None
+    if naf is not None and naf.fixed_resolution:  # a NaFlex tower's fixed-resolution stage
+        ds = ds.map(naflex_train.SquarePatches(naf.patch_size))
     # One global example stream, the same in every process (seeds do not depend on the process);
     # process p reads only rows [p*b, (p+1)*b) of each global batch. The global batches are thus
     # the same for any process count: 2 processes x 4 devices train exactly as 1 x 8.
@@ -225,10 +243,15 @@ def make_train_dataset(config, tokenizer, *, seed: int, process_index: int = 0,
     if _get(config, "naflex") and features is not None:
         raise ValueError("config key `lit_cache`: stored image features are not available for a "
                          "NaFlex image tower (variable patch sequences); set lit_cache=False")
-    collate = (NaflexCollate if _get(config, "naflex") else Collate)(tokenizer, with_label=bool(_get(config, "label", False)),
-                      num_labels=None if space is None else len(space),
-                      keep_captions=bool(_get(config, "keep_captions", False)))
-    ds = SkipCountingBatch(ds, batch, collate)
+    collate = (NaflexCollate if naf is not None else Collate)(
+        tokenizer, with_label=bool(_get(config, "label", False)),
+        num_labels=None if space is None else len(space),
+        keep_captions=bool(_get(config, "keep_captions", False)))
+    if naf is not None and naf.budgets and not naf.fixed_resolution:
+        ds = naflex_train.BudgetBatch(ds, batch, collate, naf.patch_size, naf.budgets,
+                                      seed if naf.budget_seed is None else naf.budget_seed)
+    else:
+        ds = SkipCountingBatch(ds, batch, collate)
     workers = int(_get(config, "num_workers", 0))
     if workers > 0:
         ds = _worker_prefetch(ds, workers, buffer=int(_get(config, "worker_buffer", 2)))

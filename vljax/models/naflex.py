@@ -193,3 +193,33 @@ def example_input(image_kwargs: dict, batch: int = 1, num_patches: int | None = 
     return {"patches": jax.ShapeDtypeStruct((batch, n, tower.patch_dim()), jnp.float32),
             "mask": jax.ShapeDtypeStruct((batch, n), jnp.bool_),
             "shapes": jax.ShapeDtypeStruct((batch, 2), jnp.int32)}
+
+
+def params_from_vit(vit_params: dict, where: str = "img") -> dict:
+    """A fixed-resolution ViT's params (vljax.models.vit.ViT, posemb="learn", no class token,
+    registers nor ln_pre: SigLIP's image tower) -> NaFlexViT params computing the same function on
+    the ViT's square grid (`vljax.data.naflex.square_patches` inputs): the Conv patch stem's
+    kernel [P, P, C, D] flattened to the Dense [P*P*C, D] (row, column, channel: the patch
+    layout of `naflex.patchify`), `pos_embedding` [1, G*G, D] to [G, G, D]; every other leaf
+    as it is (`Transformer`, `MAPHead_0`, `head`). Host or device arrays; errors name `where`."""
+    extra = sorted(set(vit_params) & {"cls", "registers", "ln_pre"})
+    if extra:
+        raise ValueError(f"{where}: a ViT with {extra} has no NaFlex counterpart (NaFlexViT has "
+                         "no class token, registers nor ln_pre)")
+    for key in ("embedding", "pos_embedding"):
+        if key not in vit_params:
+            raise ValueError(f"{where}/{key}: missing; not a ViT with a learned position embedding")
+    kernel = vit_params["embedding"]["kernel"]
+    if kernel.ndim != 4:
+        raise ValueError(f"{where}/embedding/kernel: a Conv kernel [P, P, C, D] expected, got "
+                         f"shape {kernel.shape}")
+    pe = vit_params["pos_embedding"]
+    g = int(round(np.sqrt(pe.shape[1])))
+    if pe.ndim != 3 or g * g != pe.shape[1]:
+        raise ValueError(f"{where}/pos_embedding: [1, G*G, D] of a square grid expected, got "
+                         f"shape {pe.shape}")
+    out = dict(vit_params)
+    out["embedding"] = dict(vit_params["embedding"],
+                            kernel=kernel.reshape(-1, kernel.shape[-1]))
+    out["pos_embedding"] = pe.reshape(g, g, pe.shape[-1])
+    return out
