@@ -27,7 +27,7 @@ def join(trainable, frozen):
 
 
 def make_train_step(model, tx, loss, trainable_mask, label_text=None, label_blocks=0, text_blocks=0,
-                    self_distill=None):
+                    self_distill=None, acid=None):
     """One optimizer (micro-)step, `step_fn(state, batch[, label_states])`. Gradients are
     computed for trainable parameters only.
 
@@ -45,6 +45,9 @@ def make_train_step(model, tx, loss, trainable_mask, label_text=None, label_bloc
     `self_distill` (a `teacher.SelfDistill`, a self-distillation stage) adds its term to the loss
     and updates state["teacher"] after the step (EMA, centres); without it a state's teacher and
     its heads (params["ssl"]) pass through unchanged.
+    `acid` (an `acid.Acid`, config.acid) takes a super-batch and the teacher's params
+    (`step_fn(state, batch, label_states, acid_params)`): the step trains on the sub-batch it
+    selects (vljax/acid.py) and reports the chosen rows as m["acid/indices"].
     """
 
     def forward(params, batch, rng, label_states):
@@ -74,11 +77,16 @@ def make_train_step(model, tx, loss, trainable_mask, label_text=None, label_bloc
             zimg = model.apply({"params": params}, batch["image_features"], method=model.image_head, **kw)
         return zimg, ztxt, out
 
-    def step_fn(state, batch, label_states=None):
+    def step_fn(state, batch, label_states=None, acid_params=None):
         if label_blocks and label_states is None:
             raise ValueError(f"this step skips the label prompts' {label_blocks} locked text "
                              f"blocks: pass their states (TwoTowers.text_lower)")
         rng, step_rng = jax.random.split(state["rng"])
+        acid_m = {}
+        if acid is not None:  # the sub-batch of the super-batch (vljax/acid.py)
+            batch, indices, acid_m = acid.select(model, state["params"], acid_params, batch,
+                                                 jax.random.fold_in(step_rng, 0xAC1D))
+            acid_m["acid/indices"] = indices
         trainable, frozen = split(state["params"], trainable_mask)
         teacher = state.get("teacher")
         if self_distill is not None:
@@ -116,7 +124,7 @@ def make_train_step(model, tx, loss, trainable_mask, label_text=None, label_bloc
             m["train/b"] = out["b"]
         if self_distill is not None:
             m["train/sd_consistency"], m["train/sd_masked"] = aux["consistency"], aux["masked"]
-        return new_state, m
+        return new_state, {**m, **acid_m}
 
     return step_fn
 

@@ -1,0 +1,156 @@
+"""ACID (vljax/acid.py): the learnability selection equals a numpy reference written from the
+equations (JEST's joint sampling in chunks, Evans et al. 2024; ACID's student minus teacher loss,
+Udandarao et al. 2024); the trainer trains on the selected sub-batch of a super-batch scored by a
+teacher checkpoint, the same on 1 and 8 devices; the config check names the bad key."""
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from helpers import REPO, losses_of, make_shapes_manifest, tiny_config, tiny_config_file
+from vljax import acid, config_check, train
+from vljax.losses import sigmoid_loss, softmax_contrastive
+
+
+def _np_select(student, teacher, k, chunks, gumbels=None):
+    """The selection from its definition: chunk c takes the k / chunks examples not yet chosen with
+    the largest gain + noise; the gain of x given the chosen set S is A[x, x] + sum_{j in S}
+    (A[x, j] + A[j, x]) for pairwise scores, A[x] for per-example ones (A = student - teacher)."""
+    a = np.asarray(student, np.float64) - np.asarray(teacher, np.float64)
+    chosen = []
+    for c in range(chunks):
+        gain = np.array([(a[x, x] + sum(a[x, j] + a[j, x] for j in chosen)) if a.ndim == 2 else a[x]
+                         for x in range(a.shape[0])])
+        if gumbels is not None:
+            gain = gain + gumbels[c]
+        gain[chosen] = -np.inf
+        chosen += [int(i) for i in np.argsort(-gain, kind="stable")[:k // chunks]]
+    return np.array(chosen)
+
+
+@pytest.fixture(scope="module")
+def scores():
+    rng = np.random.default_rng(0)
+    n = 24
+    return {"pair": (rng.normal(size=(n, n)), rng.normal(size=(n, n))),
+            "example": (rng.normal(size=n), rng.normal(size=n))}
+
+
+@pytest.mark.parametrize("form", ["pair", "example"])
+@pytest.mark.parametrize("sample", [False, True])
+def test_selection_equals_numpy_reference(scores, form, sample):
+    student, teacher = scores[form]
+    n, k, chunks = student.shape[0], 12, 4
+    key = jax.random.key(3) if sample else None
+    gumbels = None
+    if sample:
+        gumbels = [np.asarray(jax.random.gumbel(jax.random.fold_in(key, c), (n,), jnp.float32)) for c in range(chunks)]
+    got = np.asarray(acid.learnability_select(jnp.asarray(student, jnp.float32), jnp.asarray(teacher, jnp.float32),
+                                              k, rng=key, chunks=chunks))
+    np.testing.assert_array_equal(got, _np_select(student, teacher, k, chunks, gumbels))
+    assert len(set(got.tolist())) == k
+
+
+def test_joint_selection_differs_from_independent_top_k(scores):
+    """The conditioning matters: with pairwise scores, 4 chunks choose a different set than the top
+    12 of the diagonal alone (one chunk)."""
+    student, teacher = scores["pair"]
+    joint = set(np.asarray(acid.learnability_select(student, teacher, 12, chunks=4)).tolist())
+    alone = set(np.asarray(acid.learnability_select(student, teacher, 12, chunks=1)).tolist())
+    diag = np.diagonal(student - teacher)
+    assert alone == set(np.argsort(-diag)[:12].tolist()) and joint != alone
+
+
+def test_scores_sum_to_the_training_losses():
+    """The sigmoid pair matrix sums (over the batch, / N) to SigLIP's loss and the softmax
+    per-example losses average to CLIP's: the scores are the losses the student trains on."""
+    rng = np.random.default_rng(1)
+    z = rng.normal(size=(2, 16, 8)).astype(np.float32)
+    zimg, ztxt = (z / np.linalg.norm(z, axis=-1, keepdims=True))
+    t, b = jnp.float32(7.0), jnp.float32(-3.0)
+    np.testing.assert_allclose(acid.sigmoid_pair_losses(zimg, ztxt, t, b).sum() / 16,
+                               sigmoid_loss(zimg, ztxt, t, b), rtol=1e-5)
+    np.testing.assert_allclose(acid.softmax_example_losses(zimg, ztxt, t).mean(),
+                               softmax_contrastive(zimg, ztxt, t), rtol=1e-5)
+
+
+def _with_acid(config, **acid_cfg):
+    c = ml_collections.ConfigDict(config.to_dict())
+    c.acid = acid_cfg
+    return c
+
+
+def test_config_check_names_the_key(tmp_path):
+    base = tiny_config(str(tmp_path / "m.jsonl"), "siglip", batch=8)
+    cases = [(dict(filter_ratio=0.5), "acid.teacher"),
+             (dict(teacher=str(tmp_path / "nowhere")), "acid.teacher"),
+             (dict(teacher=str(tmp_path), filter_ratio=0.0), "acid.filter_ratio"),
+             (dict(teacher=str(tmp_path), filter_ratio=1.0), "acid.filter_ratio"),
+             (dict(teacher=str(tmp_path), filter_ratio=0.3), "acid.filter_ratio"),  # 8 / 0.7: no whole batch
+             (dict(teacher=str(tmp_path), chunks=3), "acid.chunks"),
+             (dict(teacher=str(tmp_path), ratio=0.5), "`acid`")]
+    for cfg, key in cases:
+        with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+            acid.options(_with_acid(base, **cfg))
+    with pytest.raises(ValueError, match=r"acid\.teacher"):
+        config_check.validate(_with_acid(base, teacher=str(tmp_path / "nowhere"), chunks=2))
+    assert acid.options(_with_acid(base, teacher=str(tmp_path), chunks=2))["filter_ratio"] == 0.5
+    assert acid.super_batch_size(8, 0.5) == 16 and acid.super_batch_size(24, 0.25) == 32
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    """A tiny SigLIP trained 2 steps (a vljax workdir: what `vljax.factory.load` reads)."""
+    root = tmp_path_factory.mktemp("acid")
+    manifest = make_shapes_manifest(str(root / "shapes"), n_per=4)
+    config = tiny_config(manifest, "siglip", steps=2, batch=8)
+    config.schedule = [(".*", dict(decay_type="cosine", warmup_steps=1))]
+    train.train_and_evaluate(config, str(root / "teacher"))
+    return manifest, str(root / "teacher")
+
+
+def test_trains_on_the_selected_sub_batch_same_on_1_and_8_devices(teacher_dir, tmp_path):
+    """Super-batch 16, filter ratio 0.5: each step trains on 8 distinct rows of it; the chosen rows
+    and the losses on one device equal those on a 4 x 2 data x fsdp mesh, every param (the
+    teacher's too) fsdp-sharded."""
+    manifest, teacher = teacher_dir
+    results = []
+    for n, mesh in ((1, [("data", 1)]), (8, [("data", 4), ("fsdp", 2)])):
+        config = tiny_config(manifest, "siglip", steps=3, batch=8)
+        config.acid = dict(teacher=teacher, filter_ratio=0.5, chunks=2)
+        config.schedule = [(".*", dict(decay_type="cosine", warmup_steps=1))]
+        config.mesh, config.sharding_rules = mesh, [(".*", "fsdp")]
+        trainer = train.Trainer(config, str(tmp_path / str(n)), devices=jax.devices()[:n])
+        assert next(trainer.make_input())["image"].shape[0] == 16  # the super-batch
+        if n == 8:
+            leaf = trainer.acid_params["img"]["Transformer"]["encoderblock_0"]["MlpBlock_0"]["Dense_0"]["kernel"]
+            assert "fsdp" in str(leaf.sharding.spec)
+        trainer.fit()
+        idx = np.asarray(trainer.acid_indices)
+        assert idx.shape == (8,) and len(set(idx.tolist())) == 8 and idx.min() >= 0 and idx.max() < 16
+        results.append((losses_of(tmp_path / str(n)), idx))
+    (l1, i1), (l8, i8) = results
+    assert len(l1) == 3 and all(np.isfinite(l1))
+    np.testing.assert_array_equal(i8, i1)
+    np.testing.assert_allclose(l8, l1, rtol=1e-4)
+
+
+@pytest.mark.slow  # a `python -m vljax.main` subprocess: imports, compile and 3 steps
+def test_main_trains_with_a_teacher_checkpoint(teacher_dir, tmp_path):
+    """`python -m vljax.main` on a tiny CLIP (softmax scores) with the SigLIP teacher: finite
+    losses and the selection's metrics logged."""
+    _, teacher = teacher_dir
+    cfg = tiny_config_file(tmp_path / "acid.py", tmp_path / "shapes", steps=3, batch=4,
+                           lines=[f"c.acid = dict(teacher={teacher!r}, filter_ratio=0.5, chunks=2)",
+                                  "c.schedule = [('.*', dict(decay_type='cosine', warmup_steps=1))]"])
+    proc = subprocess.run([sys.executable, "-m", "vljax.main", f"--config={cfg}", f"--workdir={tmp_path / 'wd'}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": REPO})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = losses_of(tmp_path / "wd")
+    assert len(losses) == 3 and all(np.isfinite(losses))
