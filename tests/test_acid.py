@@ -2,6 +2,7 @@
 equations (JEST's joint sampling in chunks, Evans et al. 2024; ACID's student minus teacher loss,
 Udandarao et al. 2024); the trainer trains on the selected sub-batch of a super-batch scored by a
 teacher checkpoint, the same on 1 and 8 devices; the config check names the bad key."""
+import importlib.util
 import os
 import subprocess
 import sys
@@ -103,49 +104,68 @@ def test_config_check_names_the_key(tmp_path):
     assert acid.super_batch_size(8, 0.5) == 16 and acid.super_batch_size(24, 0.25) == 32
 
 
+def _schedule(config):
+    config.schedule = [(".*", dict(decay_type="cosine", warmup_steps=1))]
+    return config
+
+
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
-    """A tiny SigLIP trained 2 steps (a vljax workdir: what `vljax.factory.load` reads)."""
+    """A tiny SigLIP at its random init, saved as a vljax workdir (spec + checkpoint: what
+    `vljax.factory.load` reads) without compiling a training step."""
     root = tmp_path_factory.mktemp("acid")
     manifest = make_shapes_manifest(str(root / "shapes"), n_per=4)
-    config = tiny_config(manifest, "siglip", steps=2, batch=8)
-    config.schedule = [(".*", dict(decay_type="cosine", warmup_steps=1))]
-    train.train_and_evaluate(config, str(root / "teacher"))
+    trainer = train.Trainer(_schedule(tiny_config(manifest, "siglip", steps=2, batch=8)), str(root / "teacher"))
+    trainer.ckpt.save(0, trainer.state, {"stage": 0, "iterator": {}}, force=True)
+    trainer.ckpt.wait()
     return manifest, str(root / "teacher")
 
 
-def test_trains_on_the_selected_sub_batch_same_on_1_and_8_devices(teacher_dir, tmp_path):
-    """Super-batch 16, filter ratio 0.5: each step trains on 8 distinct rows of it; the chosen rows
-    and the losses on one device equal those on a 4 x 2 data x fsdp mesh, every param (the
-    teacher's too) fsdp-sharded."""
+def _run(manifest, teacher, workdir, n, mesh):
+    """A 2-step SigLIP run with the teacher (super-batch 16, sub-batch 8) on `n` devices: (losses,
+    the last step's chosen rows)."""
+    config = _schedule(tiny_config(manifest, "siglip", steps=2, batch=8))
+    config.acid = dict(teacher=teacher, filter_ratio=0.5, chunks=2)
+    config.mesh, config.sharding_rules = mesh, [(".*", "fsdp")]
+    trainer = train.Trainer(config, str(workdir), devices=jax.devices()[:n])
+    assert next(trainer.make_input())["image"].shape[0] == 16  # the super-batch
+    if n > 1:  # the teacher's params are sharded like the student's
+        leaf = trainer.acid_params["img"]["Transformer"]["encoderblock_0"]["MlpBlock_0"]["Dense_0"]["kernel"]
+        assert "fsdp" in str(leaf.sharding.spec)
+    trainer.fit()
+    return losses_of(workdir), np.asarray(trainer.acid_indices)
+
+
+@pytest.fixture(scope="module")
+def one_device(teacher_dir, tmp_path_factory):
     manifest, teacher = teacher_dir
-    results = []
-    for n, mesh in ((1, [("data", 1)]), (8, [("data", 4), ("fsdp", 2)])):
-        config = tiny_config(manifest, "siglip", steps=3, batch=8)
-        config.acid = dict(teacher=teacher, filter_ratio=0.5, chunks=2)
-        config.schedule = [(".*", dict(decay_type="cosine", warmup_steps=1))]
-        config.mesh, config.sharding_rules = mesh, [(".*", "fsdp")]
-        trainer = train.Trainer(config, str(tmp_path / str(n)), devices=jax.devices()[:n])
-        assert next(trainer.make_input())["image"].shape[0] == 16  # the super-batch
-        if n == 8:
-            leaf = trainer.acid_params["img"]["Transformer"]["encoderblock_0"]["MlpBlock_0"]["Dense_0"]["kernel"]
-            assert "fsdp" in str(leaf.sharding.spec)
-        trainer.fit()
-        idx = np.asarray(trainer.acid_indices)
-        assert idx.shape == (8,) and len(set(idx.tolist())) == 8 and idx.min() >= 0 and idx.max() < 16
-        results.append((losses_of(tmp_path / str(n)), idx))
-    (l1, i1), (l8, i8) = results
-    assert len(l1) == 3 and all(np.isfinite(l1))
-    np.testing.assert_array_equal(i8, i1)
-    np.testing.assert_allclose(l8, l1, rtol=1e-4)
+    return _run(manifest, teacher, tmp_path_factory.mktemp("acid1") / "wd", 1, [("data", 1)])
 
 
-@pytest.mark.slow  # a `python -m vljax.main` subprocess: imports, compile and 3 steps
+@pytest.mark.slow  # two Trainers (teacher saved, student run: one step compile): 55 s of CPU, 180 s on the busy 2 cores
+def test_trains_on_the_selected_sub_batch(one_device):
+    """Each step trains on 8 distinct rows of the 16 of its super-batch; the loss is finite."""
+    losses, idx = one_device
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    assert idx.shape == (8,) and len(set(idx.tolist())) == 8 and idx.min() >= 0 and idx.max() < 16
+
+
+@pytest.mark.slow  # a second trainer run whose 8-device step compiles: ~100 s on 2 busy cores
+def test_selection_and_loss_same_on_1_and_8_devices(teacher_dir, one_device, tmp_path):
+    """The chosen rows and the losses on one device equal those on a 4 x 2 data x fsdp mesh, every
+    param (the teacher's too) fsdp-sharded: the selection is global over the super-batch."""
+    manifest, teacher = teacher_dir
+    losses, idx = _run(manifest, teacher, tmp_path / "wd", 8, [("data", 4), ("fsdp", 2)])
+    np.testing.assert_array_equal(idx, one_device[1])
+    np.testing.assert_allclose(losses, one_device[0], rtol=1e-4)
+
+
+@pytest.mark.slow  # a `python -m vljax.main` subprocess: imports, a compile and 2 steps
 def test_main_trains_with_a_teacher_checkpoint(teacher_dir, tmp_path):
     """`python -m vljax.main` on a tiny CLIP (softmax scores) with the SigLIP teacher: finite
     losses and the selection's metrics logged."""
     _, teacher = teacher_dir
-    cfg = tiny_config_file(tmp_path / "acid.py", tmp_path / "shapes", steps=3, batch=4,
+    cfg = tiny_config_file(tmp_path / "acid.py", tmp_path / "shapes", steps=2, batch=4,
                            lines=[f"c.acid = dict(teacher={teacher!r}, filter_ratio=0.5, chunks=2)",
                                   "c.schedule = [('.*', dict(decay_type='cosine', warmup_steps=1))]"])
     proc = subprocess.run([sys.executable, "-m", "vljax.main", f"--config={cfg}", f"--workdir={tmp_path / 'wd'}"],
@@ -153,4 +173,17 @@ def test_main_trains_with_a_teacher_checkpoint(teacher_dir, tmp_path):
                           env={**os.environ, "PYTHONPATH": REPO})
     assert proc.returncode == 0, proc.stderr[-3000:]
     losses = losses_of(tmp_path / "wd")
-    assert len(losses) == 3 and all(np.isfinite(losses))
+    assert len(losses) == 2 and all(np.isfinite(losses))
+
+
+def test_configs_siglip2_switch(tmp_path):
+    """configs/siglip2.py: `acid=<teacher path>` sets config.acid (filter ratio 0.5), which the
+    config check accepts; without it there is no config.acid."""
+    spec = importlib.util.spec_from_file_location("siglip2_acid", os.path.join(REPO, "configs", "siglip2.py"))
+    siglip2 = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(siglip2)
+    c = siglip2.get_config(f"decoder=off,sd=off,acid={tmp_path},acid_ratio=0.5")
+    assert dict(c.acid) == {"teacher": str(tmp_path), "filter_ratio": 0.5}
+    config_check.validate(c)
+    assert acid.options(c)["chunks"] == 16 and acid.super_batch_size(c.input.batch_size, 0.5) == 128
+    assert siglip2.get_config("decoder=off,sd=off").get("acid") is None
