@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from helpers import REPO, losses_of, make_shapes_manifest, tiny_config, tiny_config_file
-from vljax import acid, config_check, train
+from vljax import acid, config_check, metrics, train
 from vljax.losses import sigmoid_loss, softmax_contrastive
 
 
@@ -80,6 +80,25 @@ def test_scores_sum_to_the_training_losses():
                                softmax_contrastive(zimg, ztxt, t), rtol=1e-5)
 
 
+def test_softmax_kd_equals_numpy_reference():
+    """ACED's KD term: the mean over rows of KL(teacher || student), image-to-text and
+    text-to-image, halved; zero for a student equal to its teacher; no gradient to the teacher."""
+    rng = np.random.default_rng(2)
+    zs, zt = rng.normal(size=(2, 2, 6, 4)).astype(np.float32)
+
+    def kl_ref(lt, ls):
+        pt = np.exp(lt - lt.max(1, keepdims=True))
+        pt /= pt.sum(1, keepdims=True)
+        log_ps = ls - ls.max(1, keepdims=True) - np.log(np.exp(ls - ls.max(1, keepdims=True)).sum(1, keepdims=True))
+        return np.mean(np.sum(pt * (np.log(pt) - log_ps), axis=1))
+    ls, lt = 3.0 * zs[0] @ zs[1].T, 5.0 * zt[0] @ zt[1].T
+    want = 0.5 * (kl_ref(lt, ls) + kl_ref(lt.T, ls.T))
+    np.testing.assert_allclose(acid.softmax_kd(zs[0], zs[1], 3.0, zt[0], zt[1], 5.0), want, rtol=1e-5)
+    np.testing.assert_allclose(acid.softmax_kd(zt[0], zt[1], 5.0, zt[0], zt[1], 5.0), 0.0, atol=1e-6)
+    g = jax.grad(lambda a: acid.softmax_kd(zs[0], zs[1], 3.0, a, zt[1], 5.0))(jnp.asarray(zt[0]))
+    assert not np.any(np.asarray(g))
+
+
 def _with_acid(config, **acid_cfg):
     c = ml_collections.ConfigDict(config.to_dict())
     c.acid = acid_cfg
@@ -94,6 +113,7 @@ def test_config_check_names_the_key(tmp_path):
              (dict(teacher=str(tmp_path), filter_ratio=1.0), "acid.filter_ratio"),
              (dict(teacher=str(tmp_path), filter_ratio=0.3), "acid.filter_ratio"),  # 8 / 0.7: no whole batch
              (dict(teacher=str(tmp_path), chunks=3), "acid.chunks"),
+             (dict(teacher=str(tmp_path), chunks=2, kd_weight=-1.0), "acid.kd_weight"),
              (dict(teacher=str(tmp_path), ratio=0.5), "`acid`")]
     for cfg, key in cases:
         with pytest.raises(ValueError, match=key.replace(".", r"\.")):
@@ -122,10 +142,10 @@ def teacher_dir(tmp_path_factory):
 
 
 def _run(manifest, teacher, workdir, n, mesh):
-    """A 2-step SigLIP run with the teacher (super-batch 16, sub-batch 8) on `n` devices: (losses,
-    the last step's chosen rows)."""
+    """A 2-step SigLIP run with the teacher (super-batch 16, sub-batch 8) and ACED's KD term on `n`
+    devices: (losses, the last step's chosen rows, the KD terms)."""
     config = _schedule(tiny_config(manifest, "siglip", steps=2, batch=8))
-    config.acid = dict(teacher=teacher, filter_ratio=0.5, chunks=2)
+    config.acid = dict(teacher=teacher, filter_ratio=0.5, chunks=2, kd_weight=0.5)
     config.mesh, config.sharding_rules = mesh, [(".*", "fsdp")]
     trainer = train.Trainer(config, str(workdir), devices=jax.devices()[:n])
     assert next(trainer.make_input())["image"].shape[0] == 16  # the super-batch
@@ -133,7 +153,8 @@ def _run(manifest, teacher, workdir, n, mesh):
         leaf = trainer.acid_params["img"]["Transformer"]["encoderblock_0"]["MlpBlock_0"]["Dense_0"]["kernel"]
         assert "fsdp" in str(leaf.sharding.spec)
     trainer.fit()
-    return losses_of(workdir), np.asarray(trainer.acid_indices)
+    kd = [r["train/acid_kd"] for r in metrics.read_metrics(str(workdir / "metrics.jsonl")) if "train/acid_kd" in r]
+    return losses_of(workdir), np.asarray(trainer.acid_indices), kd
 
 
 @pytest.fixture(scope="module")
@@ -144,9 +165,11 @@ def one_device(teacher_dir, tmp_path_factory):
 
 @pytest.mark.slow  # two Trainers (teacher saved, student run: one step compile): 55 s of CPU, 180 s on the busy 2 cores
 def test_trains_on_the_selected_sub_batch(one_device):
-    """Each step trains on 8 distinct rows of the 16 of its super-batch; the loss is finite."""
-    losses, idx = one_device
+    """Each step trains on 8 distinct rows of the 16 of its super-batch; the loss and the KD term
+    (a random teacher: far from the student) are finite, the KD term positive."""
+    losses, idx, kd = one_device
     assert len(losses) == 2 and all(np.isfinite(losses))
+    assert len(kd) == 2 and all(np.isfinite(kd)) and min(kd) > 0
     assert idx.shape == (8,) and len(set(idx.tolist())) == 8 and idx.min() >= 0 and idx.max() < 16
 
 
@@ -155,9 +178,10 @@ def test_selection_and_loss_same_on_1_and_8_devices(teacher_dir, one_device, tmp
     """The chosen rows and the losses on one device equal those on a 4 x 2 data x fsdp mesh, every
     param (the teacher's too) fsdp-sharded: the selection is global over the super-batch."""
     manifest, teacher = teacher_dir
-    losses, idx = _run(manifest, teacher, tmp_path / "wd", 8, [("data", 4), ("fsdp", 2)])
+    losses, idx, kd = _run(manifest, teacher, tmp_path / "wd", 8, [("data", 4), ("fsdp", 2)])
     np.testing.assert_array_equal(idx, one_device[1])
     np.testing.assert_allclose(losses, one_device[0], rtol=1e-4)
+    np.testing.assert_allclose(kd, one_device[2], rtol=1e-4)
 
 
 @pytest.mark.slow  # a `python -m vljax.main` subprocess: imports, a compile and 2 steps
@@ -165,7 +189,7 @@ def test_main_trains_with_a_teacher_checkpoint(teacher_dir, tmp_path):
     """`python -m vljax.main` on a tiny CLIP (softmax scores) with the SigLIP teacher: finite
     losses and the selection's metrics logged."""
     _, teacher = teacher_dir
-    cfg = tiny_config_file(tmp_path / "acid.py", tmp_path / "shapes", steps=2, batch=4,
+    cfg = tiny_config_file(tmp_path / "acid.py", tmp_path / "shapes", steps=2, batch=8,
                            lines=[f"c.acid = dict(teacher={teacher!r}, filter_ratio=0.5, chunks=2)",
                                   "c.schedule = [('.*', dict(decay_type='cosine', warmup_steps=1))]"])
     proc = subprocess.run([sys.executable, "-m", "vljax.main", f"--config={cfg}", f"--workdir={tmp_path / 'wd'}"],

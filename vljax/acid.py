@@ -33,7 +33,13 @@ learnability matrix is [N, N] for the whole super-batch (sharded by XLA), so the
 same on any mesh; memory grows as N^2 (at N = 64k, 16 GiB of float32: per-shard selection is the
 way at pod scale, not done here). The teacher's params live beside the train state (passed to
 the step, sharded by the student's `sharding_rules`, never trained or checkpointed: the
-checkpoint holds only the config's path). ACED's explicit KD term is not implemented.
+checkpoint holds only the config's path).
+
+ACED (the same paper) adds an explicit softmax KD term on the selected sub-batch, `kd_weight` *
+`softmax_kd`: the KL divergence from the teacher's to the student's image-to-text and
+text-to-image softmax over the sub-batch, averaged over rows and the two directions, each model at
+its own logit scale t (our choice: the paper's KD temperature and weight we could not read;
+kd_weight=0 by default, ACID alone).
 """
 from __future__ import annotations
 
@@ -41,11 +47,12 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from etils import epath
 
 from vljax import factory, objective, sharding
 
-DEFAULTS = dict(teacher=None, filter_ratio=0.5, chunks=16, sample=True)
+DEFAULTS = dict(teacher=None, filter_ratio=0.5, chunks=16, sample=True, kd_weight=0.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -72,6 +79,19 @@ def score_matrix(zimg, ztxt, out, kind: str):
     if kind == "sigmoid":
         return sigmoid_pair_losses(zimg, ztxt, out["t"], out["b"])
     return softmax_example_losses(zimg, ztxt, out["t"])
+
+
+def softmax_kd(zimg, ztxt, t, teacher_zimg, teacher_ztxt, teacher_t):
+    """Scalar: (KL(p_T || p_S)_i2t + KL(p_T || p_S)_t2i) / 2, each the mean over the k rows of the
+    KL divergence between the softmaxes of the teacher's and the student's [k, k] logits
+    t <zimg_i, ztxt_j> (i2t: over j; t2i: over i). The teacher's side carries no gradient."""
+    ls = t * (zimg.astype(jnp.float32) @ ztxt.astype(jnp.float32).T)
+    lt = jax.lax.stop_gradient(teacher_t * (teacher_zimg.astype(jnp.float32) @ teacher_ztxt.astype(jnp.float32).T))
+
+    def kl(axis):
+        log_pt, log_ps = jax.nn.log_softmax(lt, axis=axis), jax.nn.log_softmax(ls, axis=axis)
+        return jnp.mean(jnp.sum(jnp.exp(log_pt) * (log_pt - log_ps), axis=axis))
+    return 0.5 * (kl(1) + kl(0))
 
 
 def learnability_select(student_scores, teacher_scores, k: int, *, rng=None, chunks: int = 1):
@@ -142,6 +162,9 @@ def options(config) -> dict | None:
         raise ValueError(f"config key `acid.chunks` must be an integer >= 1, got {chunks!r}")
     if batch % chunks:
         raise ValueError(f"config key `acid.chunks`: {chunks} does not divide input.batch_size={batch}")
+    kd = o["kd_weight"]
+    if isinstance(kd, bool) or not isinstance(kd, (int, float)) or float(kd) < 0:
+        raise ValueError(f"config key `acid.kd_weight` must be a number >= 0, got {kd!r}")
     if config.get("lit_cache") or (config.get("input") or {}).get("naflex"):
         raise ValueError("config key `acid`: the teacher scores images at a fixed resolution (not stored "
                          "LiT features, `lit_cache`, nor NaFlex patches, `input.naflex`)")
@@ -160,13 +183,14 @@ def super_batch_size(batch: int, filter_ratio: float) -> int:
 @dataclasses.dataclass(frozen=True)
 class Acid:
     """The selection of a step: the teacher's model (params passed to the step), the student's
-    loss family ("sigmoid" | "softmax"), the sub-batch size and sampling options."""
+    loss family ("sigmoid" | "softmax"), the sub-batch size, sampling options and ACED's KD weight."""
     teacher_model: object
     kind: str
     k: int
     chunks: int
     sample: bool
     batch_sharding: object
+    kd_weight: float = 0.0
 
     @classmethod
     def load(cls, opts: dict, config, spec: dict, mesh, rules):
@@ -187,17 +211,22 @@ class Acid:
         if kind == "sigmoid" and "b" not in bundle.params:
             raise ValueError(f"{where}: a sigmoid loss scores with a logit bias; this teacher has none "
                              f"(a softmax model)")
+        k = int(config.input.batch_size)
+        shards = int(np.prod([mesh.shape[a] for a in sharding.batch_axes(mesh)]))
+        if k % shards:
+            raise ValueError(f"config key `acid`: the selected sub-batch input.batch_size={k} is not "
+                             f"divisible by the {shards} batch shards of the mesh {dict(mesh.shape)}")
         shardings = sharding.param_shardings(bundle.params, mesh, rules)
         params = jax.device_put(bundle.params, shardings)
-        k = int(config.input.batch_size)
         acid = cls(bundle.model, kind, k, int(opts["chunks"]), bool(opts["sample"]),
-                   sharding.batch_sharding(mesh))
+                   sharding.batch_sharding(mesh), float(opts["kd_weight"]))
         return acid, params, shardings
 
     def select(self, student_model, params, teacher_params, batch, rng):
         """(the sub-batch: every field of `batch` at the chosen rows, in super-batch order, sharded
         over the batch axes; the chosen rows int32 [k], sorted; metrics: the sub-batch's
-        learnability and teacher loss per example). Both models in eval mode, no gradient."""
+        learnability and teacher loss per example; "kd/...": the teacher's embeddings of the
+        sub-batch and its t, `kd_term`'s targets). Both models in eval mode, no gradient."""
         params = jax.lax.stop_gradient(params)
         zs_img, zs_txt, s_out = student_model.apply({"params": params}, batch["image"], batch["text"], train=False)
         zt_img, zt_txt, t_out = self.teacher_model.apply({"params": jax.lax.stop_gradient(teacher_params)},
@@ -213,5 +242,11 @@ class Acid:
         chosen = a[idx][:, idx].sum() if a.ndim == 2 else a[idx].sum()
         metrics = {"train/acid_learnability": chosen / self.k,
                    "train/acid_teacher_loss": (teacher[idx][:, idx].sum() if a.ndim == 2 else teacher[idx].sum())
-                   / self.k}
+                   / self.k,
+                   "kd/zimg": zt_img[idx], "kd/ztxt": zt_txt[idx], "kd/t": t_out["t"]}
         return sub, idx, metrics
+
+    def kd_term(self, zimg, ztxt, t, selected) -> jnp.ndarray:
+        """ACED's weighted KD term of the student's sub-batch embeddings against the teacher's
+        (`selected`: `select`'s metrics)."""
+        return self.kd_weight * softmax_kd(zimg, ztxt, t, selected["kd/zimg"], selected["kd/ztxt"], selected["kd/t"])

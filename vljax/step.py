@@ -87,6 +87,7 @@ def make_train_step(model, tx, loss, trainable_mask, label_text=None, label_bloc
             batch, indices, acid_m = acid.select(model, state["params"], acid_params, batch,
                                                  jax.random.fold_in(step_rng, 0xAC1D))
             acid_m["acid/indices"] = indices
+            kd_targets = {k: acid_m.pop(k) for k in ("kd/zimg", "kd/ztxt", "kd/t")}
         trainable, frozen = split(state["params"], trainable_mask)
         teacher = state.get("teacher")
         if self_distill is not None:
@@ -96,9 +97,12 @@ def make_train_step(model, tx, loss, trainable_mask, label_text=None, label_bloc
             params = join(tr, jax.lax.stop_gradient(frozen))
             zimg, ztxt, out = forward(params, batch, step_rng, label_states)
             value, aux = loss(objective.loss_inputs(zimg, ztxt, out, batch)), {}
+            if acid is not None and acid.kd_weight:  # ACED's KD term (vljax/acid.py)
+                aux["acid_kd"] = acid.kd_term(zimg, ztxt, out["t"], kd_targets)
+                value = value + aux["acid_kd"]
             if self_distill is not None:
-                sd_value, aux = self_distill.loss(params, teacher, batch, jax.random.fold_in(step_rng, 1))
-                value = value + sd_value
+                sd_value, sd_aux = self_distill.loss(params, teacher, batch, jax.random.fold_in(step_rng, 1))
+                value, aux = value + sd_value, {**aux, **sd_aux}
             return value, (out, aux)
 
         (value, (out, aux)), grads = jax.value_and_grad(loss_and_out, has_aux=True)(trainable)
@@ -124,6 +128,8 @@ def make_train_step(model, tx, loss, trainable_mask, label_text=None, label_bloc
             m["train/b"] = out["b"]
         if self_distill is not None:
             m["train/sd_consistency"], m["train/sd_masked"] = aux["consistency"], aux["masked"]
+        if "acid_kd" in aux:
+            m["train/acid_kd"] = aux["acid_kd"]
         return new_state, {**m, **acid_m}
 
     return step_fn
