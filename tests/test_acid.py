@@ -131,11 +131,13 @@ def _schedule(config):
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
-    """A tiny SigLIP at its random init, saved as a vljax workdir (spec + checkpoint: what
+    """A tiny SigLIP at another random init than the students', saved as a vljax workdir (spec + checkpoint: what
     `vljax.factory.load` reads) without compiling a training step."""
     root = tmp_path_factory.mktemp("acid")
     manifest = make_shapes_manifest(str(root / "shapes"), n_per=4)
-    trainer = train.Trainer(_schedule(tiny_config(manifest, "siglip", steps=2, batch=8)), str(root / "teacher"))
+    config = _schedule(tiny_config(manifest, "siglip", steps=2, batch=8))
+    config.seed = 1  # not the student's init (seed 0): a teacher that disagrees with it
+    trainer = train.Trainer(config, str(root / "teacher"))
     trainer.ckpt.save(0, trainer.state, {"stage": 0, "iterator": {}}, force=True)
     trainer.ckpt.wait()
     return manifest, str(root / "teacher")

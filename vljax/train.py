@@ -252,23 +252,18 @@ class Trainer:
                   if stage.self_distill else None)
             step_fn = make_train_step(model, self.tx, loss, self.trainable_mask,
                                       self.label_text, self.label_blocks, self.text_blocks, sd, self.acid)
-            if self.acid is not None:  # the teacher's params: an argument, sharded like the student
-                states = self.label_states(model) if self.label_blocks else None
-                fn = jax.jit(step_fn, in_shardings=(self.state_sh, batch_sh, None if states is None
-                                                    else states.sharding, self.acid_sh),
-                             out_shardings=(self.state_sh, None), donate_argnums=(0,))
-                args = (states, self.acid_params)
-                return (stage, it, lambda state, batch: fn(state, batch, *args),
-                        lambda state, batch: perf.compiled_cost(fn, n_dev, state, batch, *args))
-            if not self.label_blocks:
+            if not self.label_blocks and self.acid is None:
                 fn = jax.jit(step_fn, in_shardings=(self.state_sh, batch_sh),
                              out_shardings=(self.state_sh, None), donate_argnums=(0,))
                 return stage, it, fn, lambda state, batch: perf.compiled_cost(fn, n_dev, state, batch)
-            states = self.label_states(model)
-            fn = jax.jit(step_fn, in_shardings=(self.state_sh, batch_sh, states.sharding),
+            # Arguments beside the state: the label prompts' states, the ACID teacher's params.
+            states = self.label_states(model) if self.label_blocks else None
+            args = (states, self.acid_params)
+            fn = jax.jit(step_fn, in_shardings=(self.state_sh, batch_sh, None if states is None else states.sharding,
+                                                self.acid_sh),
                          out_shardings=(self.state_sh, None), donate_argnums=(0,))
-            return (stage, it, lambda state, batch: fn(state, batch, states),
-                    lambda state, batch: perf.compiled_cost(fn, n_dev, state, batch, states))
+            return (stage, it, lambda state, batch: fn(state, batch, *args),
+                    lambda state, batch: perf.compiled_cost(fn, n_dev, state, batch, *args))
 
         n_dev = mesh.devices.size
         stage, data_iter, train_step, step_cost = enter(stages.at(schedule, start), self.data_state)
