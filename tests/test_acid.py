@@ -114,6 +114,7 @@ def test_config_check_names_the_key(tmp_path):
              (dict(teacher=str(tmp_path), filter_ratio=0.3), "acid.filter_ratio"),  # 8 / 0.7: no whole batch
              (dict(teacher=str(tmp_path), chunks=3), "acid.chunks"),
              (dict(teacher=str(tmp_path), chunks=2, kd_weight=-1.0), "acid.kd_weight"),
+             (dict(teacher=str(tmp_path), chunks=2, sample="yes"), "acid.sample"),
              (dict(teacher=str(tmp_path), ratio=0.5), "`acid`")]
     for cfg, key in cases:
         with pytest.raises(ValueError, match=key.replace(".", r"\.")):

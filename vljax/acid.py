@@ -162,6 +162,8 @@ def options(config) -> dict | None:
         raise ValueError(f"config key `acid.chunks` must be an integer >= 1, got {chunks!r}")
     if batch % chunks:
         raise ValueError(f"config key `acid.chunks`: {chunks} does not divide input.batch_size={batch}")
+    if not isinstance(o["sample"], bool):
+        raise ValueError(f"config key `acid.sample` must be True or False, got {o['sample']!r}")
     kd = o["kd_weight"]
     if isinstance(kd, bool) or not isinstance(kd, (int, float)) or float(kd) < 0:
         raise ValueError(f"config key `acid.kd_weight` must be a number >= 0, got {kd!r}")
