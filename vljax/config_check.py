@@ -24,7 +24,7 @@ import os
 
 from ml_collections import ConfigDict, FrozenConfigDict
 
-from vljax import init_from, objective, pretrained, stages, teacher
+from vljax import acid, init_from, objective, pretrained, stages, teacher
 from vljax.data import sources
 from vljax.evaluators import EVALUATORS
 from vljax.evaluators import data as eval_data
@@ -69,6 +69,7 @@ _TOP = {
     "stages": (False, (list, tuple, type(None))),
     "self_distill": (False, (dict, type(None))),  # vljax/teacher.py
     "distill": (False, (dict, type(None))),  # vljax/teacher_features.py
+    "acid": (False, (dict, type(None))),  # vljax/acid.py
     "init_from": (False, (str, type(None))),  # vljax/init_from.py
     "init_from_tokenizer": (False, (str, type(None))),
 }
@@ -343,6 +344,7 @@ def validate(config) -> None:
     if config.get("tokenizer") and config.input.get("image_size"):  # init_from: once resolved
         stages.parse(config)
     teacher.options(config)
+    acid.options(config)
     validate_evals(config.get("evals"))
     _decoder_evals(config)
 

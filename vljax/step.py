@@ -27,7 +27,7 @@ def join(trainable, frozen):
 
 
 def make_train_step(model, tx, loss, trainable_mask, label_text=None, label_blocks=0, text_blocks=0,
-                    self_distill=None, parts=None):
+                    self_distill=None, acid=None, parts=None):
     """One optimizer (micro-)step, `step_fn(state, batch[, label_states])`. Gradients are
     computed for trainable parameters only.
 
@@ -44,8 +44,12 @@ def make_train_step(model, tx, loss, trainable_mask, label_text=None, label_bloc
     text blocks above them on its captions.
     `self_distill` (a `teacher.SelfDistill`, a self-distillation stage) adds its term to the loss
     and updates state["teacher"] after the step (EMA, centres); without it a state's teacher and
-    its heads (params["ssl"]) pass through unchanged. `parts` (`objective.make_parts`) gives
-    terms of the loss logged as `train/<name>` (no gradient flows through them).
+    its heads (params["ssl"]) pass through unchanged.
+    `acid` (an `acid.Acid`, config.acid) takes a super-batch and the teacher's params
+    (`step_fn(state, batch, label_states, acid_params)`): the step trains on the sub-batch it
+    selects (vljax/acid.py) and reports the chosen rows as m["acid/indices"].
+    `parts` (`objective.make_parts`) gives terms of the loss logged as `train/<name>` (no
+    gradient flows through them).
     """
 
     def forward(params, batch, rng, label_states):
@@ -75,11 +79,17 @@ def make_train_step(model, tx, loss, trainable_mask, label_text=None, label_bloc
             zimg = model.apply({"params": params}, batch["image_features"], method=model.image_head, **kw)
         return zimg, ztxt, out
 
-    def step_fn(state, batch, label_states=None):
+    def step_fn(state, batch, label_states=None, acid_params=None):
         if label_blocks and label_states is None:
             raise ValueError(f"this step skips the label prompts' {label_blocks} locked text "
                              f"blocks: pass their states (TwoTowers.text_lower)")
         rng, step_rng = jax.random.split(state["rng"])
+        acid_m = {}
+        if acid is not None:  # the sub-batch of the super-batch (vljax/acid.py)
+            batch, indices, acid_m = acid.select(model, state["params"], acid_params, batch,
+                                                 jax.random.fold_in(step_rng, 0xAC1D))
+            acid_m["acid/indices"] = indices
+            kd_targets = {k: acid_m.pop(k) for k in ("kd/zimg", "kd/ztxt", "kd/t")}
         trainable, frozen = split(state["params"], trainable_mask)
         teacher = state.get("teacher")
         if self_distill is not None:
@@ -90,9 +100,12 @@ def make_train_step(model, tx, loss, trainable_mask, label_text=None, label_bloc
             zimg, ztxt, out = forward(params, batch, step_rng, label_states)
             values = objective.loss_inputs(zimg, ztxt, out, batch)
             value, aux = loss(values), {}
+            if acid is not None and acid.kd_weight:  # ACED's KD term (vljax/acid.py)
+                aux["acid_kd"] = acid.kd_term(zimg, ztxt, out["t"], kd_targets)
+                value = value + aux["acid_kd"]
             if self_distill is not None:
-                sd_value, aux = self_distill.loss(params, teacher, batch, jax.random.fold_in(step_rng, 1))
-                value = value + sd_value
+                sd_value, sd_aux = self_distill.loss(params, teacher, batch, jax.random.fold_in(step_rng, 1))
+                value, aux = value + sd_value, {**aux, **sd_aux}
             return value, (out, aux, parts(values) if parts is not None else {})
 
         (value, (out, aux, logged)), grads = jax.value_and_grad(loss_and_out, has_aux=True)(trainable)
@@ -119,7 +132,9 @@ def make_train_step(model, tx, loss, trainable_mask, label_text=None, label_bloc
         m.update({f"train/{k}": v for k, v in logged.items()})
         if self_distill is not None:
             m["train/sd_consistency"], m["train/sd_masked"] = aux["consistency"], aux["masked"]
-        return new_state, m
+        if "acid_kd" in aux:
+            m["train/acid_kd"] = aux["acid_kd"]
+        return new_state, {**m, **acid_m}
 
     return step_fn
 

@@ -18,9 +18,9 @@ from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from vljax import (checkpoints, config_check, eval_builder, factory, features, init_from, logs,
-                   metrics, nonfinite, objective, optim, perf, selection, sharding, stages, teacher,
-                   teacher_features)
+from vljax import (acid, checkpoints, config_check, eval_builder, factory, features, init_from,
+                   logs, metrics, nonfinite, objective, optim, perf, selection, sharding, stages,
+                   teacher, teacher_features)
 from vljax.data import pipeline, sources
 from vljax.step import flat as _flat, make_train_step
 from vljax.text_memo import TextMemo, locked_text_blocks
@@ -100,6 +100,13 @@ class Trainer:
         if self.sd_opts is not None:
             abstract["teacher"] = teacher.abstract(params)
         self.state_sh = sharding.state_shardings(abstract, self.mesh, self.rules)
+        # config.acid: the frozen teacher that selects each step's sub-batch, beside the state
+        # (vljax/acid.py): its params are read from its path, never trained nor checkpointed.
+        self.acid, self.acid_params, self.acid_sh = None, None, None
+        acid_opts = acid.options(config)
+        if acid_opts is not None:
+            self.acid, self.acid_params, self.acid_sh = acid.Acid.load(acid_opts, config, self.spec,
+                                                                       self.mesh, self.rules)
         if self.sd_opts is not None:
             self.state_sh["teacher"] = teacher.shardings(abstract["teacher"], self.mesh, self.rules)
         self.abstract_state = _with_shardings(abstract, self.state_sh)
@@ -144,6 +151,10 @@ class Trainer:
             stores = features.training_stores(self.config, self.model, self.state["params"],
                                               _flat(self.trainable_mask), self.mesh, self.workdir)
         inp, tokenizer = self.config.input, self.tokenizer
+        if self.acid is not None:  # the super-batch the step selects from (vljax/acid.py)
+            inp = inp.copy_and_resolve_references()
+            inp.batch_size = acid.super_batch_size(inp.batch_size, float(self.config.acid.get(
+                "filter_ratio", acid.DEFAULTS["filter_ratio"])))
         fixed = bool(inp.get("naflex")) and not stage.naflex  # a NaFlex tower's fixed-res stage
         if stage.image_size != inp.image_size or stage.self_distill or fixed:
             inp = inp.copy_and_resolve_references()
@@ -250,16 +261,19 @@ class Trainer:
                   if stage.self_distill else None)
             step_fn = make_train_step(model, self.tx, loss, self.trainable_mask,
                                       self.label_text, self.label_blocks, self.text_blocks, sd,
-                                      parts=parts)
-            if not self.label_blocks:
+                                      self.acid, parts=parts)
+            if not self.label_blocks and self.acid is None:
                 fn = jax.jit(step_fn, in_shardings=(self.state_sh, batch_sh),
                              out_shardings=(self.state_sh, None), donate_argnums=(0,))
                 return stage, it, fn, lambda state, batch: perf.compiled_cost(fn, n_dev, state, batch)
-            states = self.label_states(model)
-            fn = jax.jit(step_fn, in_shardings=(self.state_sh, batch_sh, states.sharding),
+            # Arguments beside the state: the label prompts' states, the ACID teacher's params.
+            states = self.label_states(model) if self.label_blocks else None
+            args = (states, self.acid_params)
+            fn = jax.jit(step_fn, in_shardings=(self.state_sh, batch_sh, None if states is None else states.sharding,
+                                                self.acid_sh),
                          out_shardings=(self.state_sh, None), donate_argnums=(0,))
-            return (stage, it, lambda state, batch: fn(state, batch, states),
-                    lambda state, batch: perf.compiled_cost(fn, n_dev, state, batch, states))
+            return (stage, it, lambda state, batch: fn(state, batch, *args),
+                    lambda state, batch: perf.compiled_cost(fn, n_dev, state, batch, *args))
 
         n_dev = mesh.devices.size
         stage, data_iter, train_step, step_cost = enter(stages.at(schedule, start), self.data_state)
@@ -299,6 +313,8 @@ class Trainer:
                         batch["text_states"] = text_memo(batch["text"])
                     batch = sharding.shard_batch(batch, mesh)
                     self.state, m = train_step(self.state, batch)
+                    if self.acid is not None:  # the rows chosen: kept for inspection, not a metric
+                        self.acid_indices = m.pop("acid/indices")
                     if cost is None:
                         cost = _read_cost(step_cost, self.state, batch, mesh, config.get("dtype", "float32"))
                     step += 1
