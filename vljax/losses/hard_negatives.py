@@ -104,8 +104,13 @@ def _log_weights(s, keep, beta, normalise, axis):
     return lax.stop_gradient(jnp.where(keep, logw, 0.0))
 
 
-def _labels_or_none(labels, b):
-    return jnp.full((b,), -1, jnp.int32) if labels is None else labels
+def _labels_or_none(labels, b, axis_name):
+    """The class labels the mask reads: the given ones, else -1 (none) for every row, made
+    per-device with an axis (the ring's custom_vjp takes them as per-device values)."""
+    if labels is not None:
+        return labels
+    none = jnp.full((b,), -1, jnp.int32)
+    return none if axis_name is None else varying(none, axis_name)
 
 
 # ----------------------------------------------------------------------------- softmax, all-gather
@@ -246,13 +251,12 @@ def hard_negative_softmax(zimg, ztxt, t, labels=None, axis_name=None, impl="all_
     check_impl(impl)
     check_options(beta, threshold, smoothing, labels, mask_labels)
     b = zimg.shape[0]
-    labels = _labels_or_none(labels if mask_labels else None, b)
+    labels = _labels_or_none(labels if mask_labels else None, b, axis_name)
     if labels.shape != (b,):
         raise ValueError(f"labels must be [B] class ids with B = {b}, got {labels.shape}")
     beta, threshold, eps, normalise = float(beta), float(threshold), float(smoothing), bool(normalise)
     if axis_name is not None and impl == "ring":
-        # t (and labels made here) enter the custom_vjp per device; the cast's transpose psums dt.
-        labels = varying(labels, axis_name)
+        # t enters the custom_vjp per device; the transpose of this cast psums its gradient.
         return lax.psum(_softmax_ring_partial(zimg, ztxt, varying(t, axis_name), labels, axis_name,
                                               beta, normalise, threshold, eps), axis_name)
     idx, n = axis_info(axis_name)
@@ -342,13 +346,13 @@ def hard_negative_sigmoid(zimg, ztxt, t, b, labels=None, axis_name=None, impl="a
     check_impl(impl)
     check_options(beta, threshold, 0.0, labels, mask_labels)
     nb = zimg.shape[0]
-    labels = _labels_or_none(labels if mask_labels else None, nb)
+    labels = _labels_or_none(labels if mask_labels else None, nb, axis_name)
     if labels.shape != (nb,):
         raise ValueError(f"labels must be [B] class ids with B = {nb}, got {labels.shape}")
     beta, threshold, normalise = float(beta), float(threshold), bool(normalise)
     if axis_name is not None and impl == "ring":
         return lax.psum(_sigmoid_ring_partial(zimg, ztxt, varying(t, axis_name), varying(b, axis_name),
-                                              varying(labels, axis_name), axis_name, beta, normalise, threshold), axis_name)
+                                              labels, axis_name, beta, normalise, threshold), axis_name)
     idx, n = axis_info(axis_name)
     s = sim(zimg, gather(ztxt, axis_name))  # [b, B]
     pos = is_positive(nb, s.shape[1], idx * nb)
