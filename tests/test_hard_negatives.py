@@ -60,7 +60,7 @@ def ref_weights(s, keep, beta, normalise):
 
 def ref_softmax(zimg, ztxt, t, w_row, w_col, keep, eps):
     """1/2B sum over both directions of -sum_j q_ij log p_ij with
-    p_ij = w_ij e^{L_ij} / (e^{L_ii} + sum_{k kept} w_ik e^{L_ik}) (w_ii = 1; Robinson's Eq. 2 at
+    p_ij = w_ij e^{L_ij} / (e^{L_ii} + sum_{k kept} w_ik e^{L_ik}) (w_ii = 1; the importance-weighted InfoNCE at
     eps = 0) and q_ij = (1 - eps) [j = i] + eps / (N_i + 1) on the positive and kept negatives."""
     total = 0.0
     for logits, w, kept in ((t * zimg @ ztxt.T, w_row, keep), (t * ztxt @ zimg.T, w_col, keep.T)):

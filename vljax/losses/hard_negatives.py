@@ -4,39 +4,43 @@ and sigmoid (SigLIP) losses, all-gather and ring forms.
 Three changes to which negatives a row sees and how much each counts, with s_ij = <zimg_i, ztxt_j>
 the cosine similarity of anchor i and candidate j, and L_ij = t s_ij the logits:
 
-* Hardness weighting (Robinson et al., "Contrastive Learning with Hard Negative Samples", ICLR 2021,
-  Sec. 3-4: negatives drawn from q_beta(x^-) proportional to exp(beta f(x)^T f(x^-)) p(x^-), the
-  expectation over q_beta estimated from the uniform batch by importance weights; their reference
-  code divides the weights by their mean over the negatives). Negative j of anchor i is weighted by
+* Hardness weighting (Robinson et al., "Contrastive Learning with Hard Negative Samples", ICLR 2021:
+  negatives drawn from a distribution tilted by exp(beta * similarity to the anchor), estimated from
+  the uniform batch by importance weights normalised over the negatives). Negative j of anchor i
+  is weighted by
 
       w_ij = N_i exp(beta s_ij) / sum_{k in N(i)} exp(beta s_ik)        (normalise=True)
       w_ij = exp(beta s_ij)                                             (normalise=False)
 
   with N(i) the kept negatives of i and N_i their number, so the normalised weights average 1 over
-  the negatives. The weights carry no gradient (stop-gradient), as in LLaVE's hardness-weighted
-  contrastive loss (Lan et al. 2025, Eq. 5: beta sg(s_ij) added to each negative logit, i.e. the
-  unnormalised form; RzenEmbed, arXiv 2510.27350, and UniME, arXiv 2504.17432, build on it). Not read
-  here in full: RzenEmbed's and UniME's own equations (their text was not reachable); the two forms
-  above are what was read. Deviations, named: beta multiplies the cosine s_ij (LLaVE's choice;
-  Robinson's code multiplies the logit s / tau, i.e. their beta is ours / t); Robinson's debiasing
-  term (tau^+, Chuang et al. 2020) is not included (tau^+ = 0).
+  the negatives. The weights carry no gradient (stop-gradient). normalise=False is LLaVE's
+  hardness-weighted contrastive loss (Lan et al. 2025, Eq. 5: beta sg(s_ij) added to each negative
+  logit), on which RzenEmbed (arXiv 2510.27350) and UniME (arXiv 2504.17432) build.
+  What was read, and what was not: the full texts of Robinson et al., RzenEmbed and UniME were not
+  reachable from here (abstracts only), so no equation number of theirs is cited; the normalised
+  form is the issue's statement of Robinson's weighting (w_ij ~ exp(beta s_ij), normalised over the
+  negatives, stop-gradient), LLaVE's Eq. 5 as its sentence-transformers port (PR #3667) quotes it.
+  Choices, named: beta multiplies the cosine s_ij (as LLaVE's Eq. 5 is quoted), not the logit
+  t s_ij; Robinson's debiasing of false negatives (their tau^+, after Chuang et al. 2020) is not
+  included (tau^+ = 0): masking below is the false-negative treatment here.
 * False-negative masking: a negative with s_ij > threshold, or (mask_labels=True, labels given)
-  that shares the anchor's class label (y_i = y_j >= 0), is removed from the denominator (the
-  filtering of likely false negatives used with MoCo-style negative sets, e.g. Huynh et al. 2022,
-  "Boosting Contrastive Self-Supervised Learning with False Negative Cancellation", the
-  elimination strategy; here by similarity threshold or label, not by their support-view vote).
+  that shares the anchor's class label (y_i = y_j >= 0), is removed from the denominator: the
+  elimination of likely false negatives from the negative set (as in false-negative cancellation
+  for MoCo-style contrastive learning, Huynh et al. 2022, recalled, not re-read here; their
+  detection votes with support views, here a similarity threshold or a shared label decides).
   A pair (image i, text j) is masked in both directions of the softmax loss alike.
-* Label smoothing (softmax only; Szegedy et al. 2016, Sec. 7): the target of row i puts 1 - eps on
-  its positive and eps spread uniformly over the candidates it sees (the positive and its kept
-  negatives: eps / (N_i + 1) each).
+* Label smoothing (softmax only; Szegedy et al. 2016, "Rethinking the Inception Architecture"):
+  the target of row i puts 1 - eps on its positive and eps spread uniformly over the candidates it
+  sees (the positive and its kept negatives: eps / (N_i + 1) each; without masking, eps / B, the
+  usual uniform smoothing over the B classes of the row).
 
 Softmax form, each direction (image->text rows, text->image columns), with adjusted logits
 L'_ii = L_ii, L'_ij = L_ij + sg(log w_ij) for kept negatives (-inf for masked ones):
 
     loss_i = -sum_j q_ij log softmax_j(L'_ij),  q_ij = (1 - eps) [j = i] + eps [j seen] / (N_i + 1)
 
-For eps = 0 this is Robinson's objective (their Eq. 2 with Q = N, the importance-weighted
-estimate): -log e^{L_ii} / (e^{L_ii} + sum_{j in N(i)} w_ij e^{L_ij}). loss = 1/2B sum over both
+For eps = 0 this is the importance-weighted InfoNCE
+-log e^{L_ii} / (e^{L_ii} + sum_{j in N(i)} w_ij e^{L_ij}). loss = 1/2B sum over both
 directions. Sigmoid form (image anchors, as SigLIP sums each image's B binary terms):
 
     loss = 1/B sum_i [softplus(-x_ii) + sum_{j in N(i)} w_ij softplus(x_ij)],  x = t s + b.
