@@ -277,24 +277,31 @@ def test_label_masking_without_labels_is_refused(manifest, tmp_path):
 
 @pytest.mark.slow
 def test_hard_negative_sigmoid_learns(manifest, tmp_path):
-    """The trainer runs the sigmoid form (ring, weighted, thresholded; 8 devices): the loss falls."""
-    config = tiny_config(manifest, "siglip", steps=20)
+    """The trainer runs the sigmoid form (ring over 2 devices, weighted, thresholded): the loss falls
+    (11.3 -> 3.8 in 12 steps when written)."""
+    config = tiny_config(manifest, "siglip", steps=12)
+    config.mesh = [("data", 2)]
     config.loss = dict(name="hard_negative_sigmoid", impl="ring", beta=2.0, threshold=0.9)
     config_check.validate(config)
-    train.Trainer(config, str(tmp_path)).fit()
+    train.Trainer(config, str(tmp_path), devices=jax.devices()[:2]).fit()
     got = losses_of(tmp_path)
-    first, last = np.mean(got[:4]), np.mean(got[-4:])
-    assert len(got) == 20 and last < 0.8 * first, (first, last)
+    first, last = np.mean(got[:3]), np.mean(got[-3:])
+    assert len(got) == 12 and last < 0.8 * first, (first, last)
 
 
 @pytest.mark.slow
-def test_hard_negative_softmax_through_main(tmp_path):
-    """`python -m vljax.main` trains the softmax form (ring, weighted, thresholded, smoothed): it learns."""
-    cfg = tiny_config_file(tmp_path / "tiny.py", tmp_path / "shapes", steps=20, batch=16, lines=[
-        "c.loss = dict(name='hard_negative_softmax', impl='ring', beta=2.0, threshold=0.9, smoothing=0.1)"])
+def test_hard_negative_softmax_through_main(manifest, tmp_path):
+    """`python -m vljax.main` trains the softmax form (ring, weighted, thresholded, smoothed): it learns
+    (the mean of the last 3 losses 0.77 of the first 3's when written; log 16 = 2.77 is chance)."""
+    cfg = tiny_config_file(tmp_path / "tiny.py", tmp_path / "shapes", steps=16, batch=16, lines=[
+        "c.loss = dict(name='hard_negative_softmax', impl='ring', beta=2.0, threshold=0.9, smoothing=0.1)",
+        f"c.input.data = [dict(source='jsonl', path={manifest!r})]"])  # 48 records, not 12
+    # The ring over 2 CPU devices: it travels the same as over 8 and compiles in a third of the time.
+    xla_flags = os.environ.get("XLA_FLAGS", "").replace("device_count=8", "device_count=2")
     proc = subprocess.run([sys.executable, "-m", "vljax.main", f"--config={cfg}", f"--workdir={tmp_path / 'wd'}"],
                           cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": REPO})
+                          env={**os.environ, "PYTHONPATH": REPO, "XLA_FLAGS": xla_flags})
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 device(s)" in proc.stderr, proc.stderr[-3000:]
     got = losses_of(tmp_path / "wd")
-    assert len(got) == 20 and np.mean(got[-4:]) < 0.8 * np.mean(got[:4]), got
+    assert len(got) == 16 and np.mean(got[-3:]) < 0.8 * np.mean(got[:3]), got
