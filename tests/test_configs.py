@@ -37,6 +37,6 @@ def test_every_ablation_loss_validates():
     for loss in module.LOSSES:
         config = module.get_config(f"loss={loss},seed=1")
         config_check.validate(config)
-        assert config.loss.name == loss and config.seed == 1
+        assert config.loss.name == module.LOSS_OF.get(loss, loss) and config.seed == 1
     with pytest.raises(ValueError, match="lit_ablation.py: loss='bogus'"):
         module.get_config("loss=bogus")

@@ -528,7 +528,8 @@ def test_losses_registry():
         "dcl": losses.dcl_loss, "dclw": losses.dclw_loss, "cwcl": losses.cwcl_loss,
         "multi_positive": losses.multi_positive_contrastive, "filip": losses.filip_loss,
         "multilabel": losses.multilabel_loss, "caption": losses.caption_loss,
-        "sigmoid_caption": losses.sigmoid_caption_loss}
+        "sigmoid_caption": losses.sigmoid_caption_loss,
+        "hard_negative_softmax": losses.hard_negative_softmax, "hard_negative_sigmoid": losses.hard_negative_sigmoid}
     # Every declared input is a positional parameter of the function, in order.
     for name, loss in objective.LOSSES.items():
         params = list(inspect.signature(loss.fn).parameters)

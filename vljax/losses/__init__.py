@@ -20,7 +20,8 @@ around the axis with `lax.ppermute` under a `jax.custom_vjp` whose backward trav
 (`collectives.ring`), keeping per-device memory O(b_local^2) at any device count.
 
 One module per family: `contrastive` (CLIP softmax, DCL, DCLW), `sigmoid` (SigLIP), `soft_targets`
-(multi-positive, CWCL), `filip`, `multilabel`, `regularisers` (alignment, uniformity),
+(multi-positive, CWCL), `hard_negatives` (hardness-weighted negatives, false-negative masking and
+label smoothing in the softmax and sigmoid losses), `filip`, `multilabel`, `regularisers` (alignment, uniformity),
 `captioning` (a caption decoder's cross-entropy, alone or beside SigLIP's), over the
 shared `common` (checks, blocks) and `collectives` (gather, psum, ring). The signatures take arrays
 and hyperparameters only.
@@ -38,6 +39,7 @@ import pkgutil
 from vljax.losses.captioning import caption_loss, caption_nll, sigmoid_caption_loss
 from vljax.losses.contrastive import dcl_loss, dclw_loss, softmax_contrastive
 from vljax.losses.filip import filip_loss, filip_similarity
+from vljax.losses.hard_negatives import hard_negative_sigmoid, hard_negative_softmax
 from vljax.losses.multilabel import (MULTILABEL, asl_elementwise, bce_elementwise, multilabel_loss,
                                      wan_elementwise)
 from vljax.losses.regularisers import alignment_loss, uniformity_loss
@@ -57,6 +59,7 @@ del _module, _declared
 
 __all__ = ["DECLARED", "MULTILABEL", "POSITIVE_INPUTS", "POSITIVES", "WEIGHTINGS", "alignment_loss",
            "asl_elementwise", "bce_elementwise", "caption_loss", "caption_nll", "check_positives", "cwcl_loss", "dcl_loss",
-           "dclw_loss", "filip_loss", "filip_similarity", "multi_positive_contrastive",
+           "dclw_loss", "filip_loss", "filip_similarity", "hard_negative_sigmoid", "hard_negative_softmax",
+           "multi_positive_contrastive",
            "multilabel_loss", "positive_weights", "positives_input", "sigmoid_loss",
            "sigmoid_caption_loss", "softmax_contrastive", "uniformity_loss", "wan_elementwise"]
