@@ -24,7 +24,7 @@ import os
 
 from ml_collections import ConfigDict, FrozenConfigDict
 
-from vljax import init_from, objective, pretrained, stages, teacher
+from vljax import init_from, momentum, objective, pretrained, stages, teacher
 from vljax.data import sources
 from vljax.evaluators import EVALUATORS
 from vljax.evaluators import data as eval_data
@@ -68,6 +68,7 @@ _TOP = {
     "nonfinite": (False, (str,)),
     "stages": (False, (list, tuple, type(None))),
     "self_distill": (False, (dict, type(None))),  # vljax/teacher.py
+    "queue": (False, (dict, type(None))),  # vljax/momentum.py
     "init_from": (False, (str, type(None))),  # vljax/init_from.py
     "init_from_tokenizer": (False, (str, type(None))),
 }
@@ -336,4 +337,5 @@ def validate(config) -> None:
     if config.get("tokenizer") and config.input.get("image_size"):  # init_from: once resolved
         stages.parse(config)
     teacher.options(config)
+    momentum.options(config)
     validate_evals(config.get("evals"))
