@@ -30,18 +30,28 @@ from vljax.losses.collectives import axis_info, gather, psum
 from vljax.losses.common import check_pair, pair_logits, sim
 
 
-def _direction(z, key, queue, t):
-    """sum over the b local rows of -log softmax of the positive among [positive, queue]."""
+def _direction(z, key, queue, t, axis_name, batch_negatives):
+    """sum over the b local rows of -log softmax of the positive among [positive, queue] (with
+    `batch_negatives`: among [the global batch's momentum keys, queue])."""
     pos = t * pair_logits(z, key)  # [b]
-    neg = t * sim(z, queue)  # [b, Q]
-    lse = jnp.logaddexp(pos, jax.nn.logsumexp(neg, axis=-1))
+    lse = jax.nn.logsumexp(t * sim(z, queue), axis=-1)  # [b], over the Q queue rows
+    if batch_negatives:
+        lse = jnp.logaddexp(lse, jax.nn.logsumexp(t * sim(z, gather(key, axis_name)), axis=-1))
+    else:
+        lse = jnp.logaddexp(lse, pos)
     return jnp.sum(lse - pos)
 
 
-def queue_contrastive(zimg, ztxt, t, mzimg, mztxt, qimg, qtxt, axis_name=None):
+def queue_contrastive(zimg, ztxt, t, mzimg, mztxt, qimg, qtxt, axis_name=None, batch_negatives=False):
     """The cross-modal momentum-contrast loss (module docstring): a scalar, the mean over the
     global batch, equal on any number of devices (each gathers the queues' rows: memory
-    O(Q * D + b * Q) a device)."""
+    O(Q * D + b * Q) a device).
+
+    batch_negatives: False (MoCo, BriVL): the negatives are the queue's Q rows. True (ALBEF's
+      contrastive term, Li et al. 2021, arXiv 2107.07651, Sec. 3.2 and its code, which
+      concatenates the batch's momentum features before the queue): also the other B - 1
+      momentum embeddings of the global batch.
+    """
     check_pair(zimg, ztxt, t)
     check_pair(mzimg, mztxt, t)
     if mzimg.shape != zimg.shape:
@@ -52,7 +62,8 @@ def queue_contrastive(zimg, ztxt, t, mzimg, mztxt, qimg, qtxt, axis_name=None):
     mzimg, mztxt = jax.lax.stop_gradient(mzimg), jax.lax.stop_gradient(mztxt)
     qimg = jax.lax.stop_gradient(gather(qimg, axis_name))
     qtxt = jax.lax.stop_gradient(gather(qtxt, axis_name))
-    local = _direction(zimg, mztxt, qtxt, t) + _direction(ztxt, mzimg, qimg, t)
+    local = (_direction(zimg, mztxt, qtxt, t, axis_name, batch_negatives)
+             + _direction(ztxt, mzimg, qimg, t, axis_name, batch_negatives))
     return psum(local, axis_name) / (2 * zimg.shape[0] * n)
 
 
