@@ -3,6 +3,7 @@ numpy reference of BriVL's / MoCo's equations (value and gradients) on one devic
 data x fsdp mesh; the queue is FIFO and the momentum towers an EMA; the config check refuses what
 cannot work, naming the key; the trainer gives the same losses on 1 and 8 devices, a resumed run
 equals the uninterrupted one exactly, and `python -m vljax.main` learns with it."""
+import importlib.util
 import os
 import subprocess
 import sys
@@ -144,6 +145,14 @@ def test_config_check_refuses_what_cannot_work(manifest, tmp_path):
     config.queue.momentum = 1.0
     with pytest.raises(ValueError, match="`queue.momentum`"):
         config_check.validate(config)
+    spec = importlib.util.spec_from_file_location("cfg_clip", os.path.join(REPO, "configs", "clip.py"))
+    clip = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(clip)
+    config = clip.get_config("queue=1024,qb=0")  # the demo recipe's argument
+    config_check.validate(config)
+    assert config.loss.name == "queue_contrastive" and config.queue.size == 1024
+    with pytest.raises(ValueError, match="`queue.size`=1000"):
+        config_check.validate(clip.get_config("queue=1000"))
     config = _config(manifest)
     config.lit_cache = True
     with pytest.raises(ValueError, match="`lit_cache`"):
