@@ -4,6 +4,7 @@ Sec. 3.2), switched on by
 
     config.queue = dict(size=Q, momentum=m)          # Q a multiple of input.batch_size
     config.loss = dict(name="queue_contrastive")     # vljax/losses/queue.py
+    # batch_negatives=True adds the batch's other momentum embeddings to the negatives (ALBEF)
 
 State. The train state holds state["queue"] = {
   "params": {"img", "txt"}  the momentum towers: an EMA of the online towers, sharded by the run's
