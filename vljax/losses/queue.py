@@ -16,6 +16,9 @@ BriVL's image-to-text InfoNCE (MoCo's Eq. 1 with the momentum text embedding as 
 and L_t2i(i) likewise with ztxt_i, mzimg_i and the image queue. As in MoCo (Alg. 1: `l_neg =
 mm(q, queue)`), the negatives are the queue only: the current batch's momentum embeddings join
 it after the step (vljax/queue.py), not before.
+Read here: only BriVL's abstract and section summaries (its equation text was not reachable),
+so the form above is MoCo's Eq. 1 / Alg. 1 made cross-modal as BriVL describes it in words; ALBEF's
+queue form (`batch_negatives`) likewise from its paper as we know it, its code not re-read.
 Our choices: the value is mean_i (L_i2t(i) + L_t2i(i)) / 2 (BriVL writes the sum of the two
 directions' batch sums; a constant factor 2B, so the scale matches vljax's `softmax`), and the
 temperature is the model's learned logit scale `t` (BriVL and MoCo fix tau; `t` can be frozen in
@@ -48,9 +51,9 @@ def queue_contrastive(zimg, ztxt, t, mzimg, mztxt, qimg, qtxt, axis_name=None, b
     O(Q * D + b * Q) a device).
 
     batch_negatives: False (MoCo, BriVL): the negatives are the queue's Q rows. True (ALBEF's
-      contrastive term, Li et al. 2021, arXiv 2107.07651, Sec. 3.2 and its code, which
-      concatenates the batch's momentum features before the queue): also the other B - 1
-      momentum embeddings of the global batch.
+      contrastive term, Li et al. 2021, arXiv 2107.07651, Sec. 3.2: the batch's momentum
+      features concatenated before the queue): also the other B - 1 momentum embeddings of the
+      global batch.
     """
     check_pair(zimg, ztxt, t)
     check_pair(mzimg, mztxt, t)
