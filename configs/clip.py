@@ -17,8 +17,15 @@ steps, which train unmasked (`config.stages`, vljax/stages.py); `seed=` picks th
 equal-memory budget (2x batch, same epochs): `:pd=0.5,tune=15,batch=128,steps=150`; its equal wall-clock
 one: `:pd=0.5,tune=42,steps=420` (experiments/flip_recipe.py compares them).
 
+Momentum queue of negatives (MoCo v2 / BriVL, vljax/momentum.py): `:queue=1024` trains with
+`loss.name="queue_contrastive"` against queues of the momentum towers' last 1024 embeddings (a
+multiple of batch), `qm=` their momentum (default 0.99: MoCo's 0.999 averages over ~1000 steps,
+longer than this demo's run); `qb=1` (default) adds the batch's other momentum embeddings to the
+negatives (ALBEF's form, `loss.batch_negatives`), `qb=0` is BriVL's queue-only form (it did not
+learn from random towers in the tiny tests: tests/test_queue.py).
+
 Config arguments: img (ViT variant, default "Ti/8" at reduced width), txt (text variant), size, batch,
-steps, pd (patch dropout), tune (unmasked steps at the end, with pd), seed.
+steps, pd (patch dropout), tune (unmasked steps at the end, with pd), seed, queue (0: none), qm, qb.
 """
 import ml_collections
 
@@ -26,7 +33,7 @@ from vljax import config_args
 
 def get_config(arg=None):
     a = config_args.parse_arg(arg, "configs/clip.py", img="tiny", txt="tiny", size=64, batch=64, steps=300,
-                               pd=0.0, tune=0, seed=0)
+                               pd=0.0, tune=0, seed=0, queue=0, qm=0.99, qb=1)
     c = ml_collections.ConfigDict()
     c.seed = a["seed"]
     c.total_steps = a["steps"]
@@ -62,6 +69,9 @@ def get_config(arg=None):
     c.model_init = None
 
     c.loss = dict(name="softmax")
+    if a["queue"]:  # vljax/momentum.py: momentum towers, queues of negatives
+        c.loss = dict(name="queue_contrastive", batch_negatives=bool(a["qb"]))
+        c.queue = dict(size=a["queue"], momentum=a["qm"])
     c.optax = dict(name="adamw", b1=0.9, b2=0.98)
     c.lr = 1e-3
     c.wd = 0.1

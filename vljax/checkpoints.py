@@ -39,8 +39,9 @@ from jax.experimental import multihost_utils
 
 PARAMS, OPT_STATE, META, DATA, CHECKSUMS = "params", "opt_state", "meta", "data", "checksums"
 TEACHER = "teacher"  # the EMA teacher of self-distillation (vljax/teacher.py), when the state has one
-ITEMS = (PARAMS, OPT_STATE, META, DATA, CHECKSUMS, TEACHER)
-_ARRAY_ITEMS = (PARAMS, OPT_STATE, TEACHER)
+QUEUE = "queue"  # momentum towers and queues of negatives (vljax/momentum.py), when the state has them
+ITEMS = (PARAMS, OPT_STATE, META, DATA, CHECKSUMS, TEACHER, QUEUE)
+_ARRAY_ITEMS = (PARAMS, OPT_STATE, TEACHER, QUEUE)
 
 
 class CheckpointError(RuntimeError):

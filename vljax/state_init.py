@@ -49,11 +49,13 @@ def init_params(model, config, rng):
     return jax.jit(lambda r: model.init(r, *_dummy_inputs(config))["params"])(rng)
 
 
-def init_state(init_params, init_opt, shardings, model_init, init_rng, train_rng, loaded=None) -> dict:
+def init_state(init_params, init_opt, shardings, model_init, init_rng, train_rng, loaded=None,
+               momentum=None) -> dict:
     """A fresh train state created in its `shardings` (see `make_init_fns`), with the pretrained
     towers of `model_init` ({"img": NAME_OR_PATH, ...}), or every param of an `init_from`
     checkpoint (`loaded`, host arrays: `init_from.write_params`), written into the params' shards;
-    with a "teacher" in `shardings`, the EMA teacher's initial state (`teacher.init`)."""
+    with a "teacher" in `shardings`, the EMA teacher's initial state (`teacher.init`); with
+    `momentum` (config.queue), the momentum towers and queues (`momentum.Momentum.init`)."""
     compiled = jax.jit(init_params, out_shardings=shardings["params"]).lower(init_rng).compile()
     _release_host_memory()
     params = compiled(init_rng)
@@ -70,6 +72,9 @@ def init_state(init_params, init_opt, shardings, model_init, init_rng, train_rng
                    out_shardings={"step": shardings["step"], "rng": shardings["rng"]})(train_rng)
     if "teacher" in shardings:  # config.self_distill: the EMA teacher (vljax/teacher.py)
         meta["teacher"] = jax.jit(teacher.init, out_shardings=shardings["teacher"])(params)
+    if momentum is not None:
+        meta["queue"] = jax.jit(momentum.init, out_shardings=shardings["queue"])(
+            params, jax.random.fold_in(init_rng, 0x0E0E))
     return {"params": params, "opt_state": opt_state, **meta}
 
 

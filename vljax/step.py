@@ -27,7 +27,7 @@ def join(trainable, frozen):
 
 
 def make_train_step(model, tx, loss, trainable_mask, label_text=None, label_blocks=0, text_blocks=0,
-                    self_distill=None, acid=None, parts=None):
+                    self_distill=None, acid=None, momentum=None, parts=None):
     """One optimizer (micro-)step, `step_fn(state, batch[, label_states])`. Gradients are
     computed for trainable parameters only.
 
@@ -50,6 +50,8 @@ def make_train_step(model, tx, loss, trainable_mask, label_text=None, label_bloc
     selects (vljax/acid.py) and reports the chosen rows as m["acid/indices"].
     `parts` (`objective.make_parts`) gives terms of the loss logged as `train/<name>` (no
     gradient flows through them).
+    `momentum` (a `momentum.Momentum`, config.queue) advances state["queue"]'s momentum towers,
+    gives the loss their embeddings and the queues (`momentum/...`, `queue/...`) and enqueues them.
     """
 
     def forward(params, batch, rng, label_states):
@@ -94,11 +96,15 @@ def make_train_step(model, tx, loss, trainable_mask, label_text=None, label_bloc
         teacher = state.get("teacher")
         if self_distill is not None:
             teacher = self_distill.start(teacher, state["params"])
+        extra, mparams = {}, None
+        if momentum is not None:  # MoCo's order: EMA first, then the momentum embeddings
+            mparams = momentum.advance(state["queue"], state["params"])
+            extra = momentum.inputs(model, state["queue"], mparams, state["params"], batch)
 
         def loss_and_out(tr):
             params = join(tr, jax.lax.stop_gradient(frozen))
             zimg, ztxt, out = forward(params, batch, step_rng, label_states)
-            values = objective.loss_inputs(zimg, ztxt, out, batch)
+            values = objective.loss_inputs(zimg, ztxt, {**out, **extra}, batch)
             value, aux = loss(values), {}
             if acid is not None and acid.kd_weight:  # ACED's KD term (vljax/acid.py)
                 aux["acid_kd"] = acid.kd_term(zimg, ztxt, out["t"], kd_targets)
@@ -125,6 +131,9 @@ def make_train_step(model, tx, loss, trainable_mask, label_text=None, label_bloc
         if teacher is not None:
             new_teacher = teacher if self_distill is None else self_distill.update(teacher, params, aux)
             new_state["teacher"] = keep(new_teacher, state["teacher"])
+        if "queue" in state:
+            new_queue = state["queue"] if momentum is None else momentum.update(state["queue"], mparams, extra)
+            new_state["queue"] = keep(new_queue, state["queue"])
         m = {"train/loss": value, "train/grad_norm": grad_norm, "train/t": out["t"],
              "train/nonfinite": 1.0 - finite.astype(jnp.float32)}
         if "b" in out:

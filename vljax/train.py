@@ -19,8 +19,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from vljax import (acid, checkpoints, config_check, eval_builder, factory, features, init_from,
-                   logs, metrics, nonfinite, objective, optim, perf, selection, sharding, stages,
-                   teacher, teacher_features)
+                   logs, metrics, momentum, nonfinite, objective, optim, perf, selection, sharding,
+                   stages, teacher, teacher_features)
 from vljax.data import pipeline, sources
 from vljax.step import flat as _flat, make_train_step
 from vljax.text_memo import TextMemo, locked_text_blocks
@@ -99,6 +99,10 @@ class Trainer:
                     "step": jax.ShapeDtypeStruct((), jnp.int32), "rng": jax.eval_shape(lambda r: r, train_rng)}
         if self.sd_opts is not None:
             abstract["teacher"] = teacher.abstract(params)
+        # config.queue: momentum towers and queues of negatives (vljax/momentum.py)
+        self.momentum = momentum.Momentum.build(config, self.model, params, *_dummy_inputs(config))
+        if self.momentum is not None:
+            abstract["queue"] = self.momentum.abstract(params)
         self.state_sh = sharding.state_shardings(abstract, self.mesh, self.rules)
         # config.acid: the frozen teacher that selects each step's sub-batch, beside the state
         # (vljax/acid.py): its params are read from its path, never trained nor checkpointed.
@@ -109,6 +113,8 @@ class Trainer:
                                                                        self.mesh, self.rules)
         if self.sd_opts is not None:
             self.state_sh["teacher"] = teacher.shardings(abstract["teacher"], self.mesh, self.rules)
+        if self.momentum is not None:
+            self.state_sh["queue"] = self.momentum.shardings(abstract["queue"], self.mesh, self.rules)
         self.abstract_state = _with_shardings(abstract, self.state_sh)
 
         self.ckpt = checkpoints.Checkpointer(
@@ -138,7 +144,7 @@ class Trainer:
     def initial_state(self, init_rng, train_rng):
         loaded, self._loaded = self._loaded, None  # host copy freed once written
         return init_state(self._init_params, self._init_opt, self.state_sh, self.config.get("model_init"),
-                          init_rng, train_rng, loaded)
+                          init_rng, train_rng, loaded, self.momentum)
 
     # -- input ---------------------------------------------------------------------------------
     def make_input(self, stage: stages.Stage | None = None):
@@ -261,7 +267,7 @@ class Trainer:
                   if stage.self_distill else None)
             step_fn = make_train_step(model, self.tx, loss, self.trainable_mask,
                                       self.label_text, self.label_blocks, self.text_blocks, sd,
-                                      self.acid, parts=parts)
+                                      self.acid, self.momentum, parts=parts)
             if not self.label_blocks and self.acid is None:
                 fn = jax.jit(step_fn, in_shardings=(self.state_sh, batch_sh),
                              out_shardings=(self.state_sh, None), donate_argnums=(0,))
