@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from vljax import factory, objective, sharding
+from vljax import config_args, factory, objective, sharding
 
 DEFAULTS = dict(teacher=None, filter_ratio=0.5, chunks=16, sample=True, kd_weight=0.0)
 
@@ -142,11 +142,7 @@ def options(config) -> dict | None:
     raw = config.get("acid")
     if raw is None:
         return None
-    raw = dict(raw)
-    unknown = sorted(set(raw) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"config key `acid`: unknown keys {unknown} (known: {', '.join(DEFAULTS)})")
-    o = {**DEFAULTS, **raw}
+    o = config_args.over_defaults(raw, "acid", DEFAULTS)
     if not o["teacher"] or not isinstance(o["teacher"], str):
         raise ValueError(f"config key `acid.teacher`: the teacher's path (a vljax workdir or a directory "
                          f"vljax.factory.load reads) is required, got {o['teacher']!r}")

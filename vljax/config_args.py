@@ -1,4 +1,5 @@
-"""Config-file arguments: `--config=configs/lit.py:steps=200,batch=64` -> `get_config("steps=200,batch=64")`.
+"""Config-file arguments: `--config=configs/lit.py:steps=200,batch=64` -> `get_config("steps=200,batch=64")`,
+and config sections read over their defaults (`over_defaults`).
 
 Config files import this module, and absl reads a config file while it parses the command line,
 before `vljax.main` runs: so it imports nothing that starts JAX (the entry points set up host
@@ -18,3 +19,13 @@ def parse_arg(arg: str | None, where: str, **defaults) -> dict:
                              f"form: name=value,name=value)")
         out[key] = type(defaults[key])(value)
     return out
+
+
+def over_defaults(section, key: str, defaults: dict) -> dict:
+    """A config section (`config.<key>`, a dict) over `defaults`; a key not among the defaults is
+    a ValueError naming `key` and the known ones."""
+    raw = dict(section)
+    unknown = sorted(set(raw) - set(defaults))
+    if unknown:
+        raise ValueError(f"config key `{key}`: unknown keys {unknown} (known: {', '.join(defaults)})")
+    return {**defaults, **raw}

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from vljax import objective, sharding
+from vljax import config_args, objective, sharding
 from vljax.teacher import ema
 
 DEFAULTS = dict(size=None, momentum=0.999)
@@ -58,11 +58,7 @@ def options(config) -> dict | None:
             raise ValueError(f"config key `queue`: loss {name!r} takes the momentum towers' embeddings and "
                              "the queues of negatives; set config.queue = dict(size=Q, momentum=m)")
         return None
-    raw = dict(raw)
-    unknown = sorted(set(raw) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"config key `queue`: unknown keys {unknown} (known: {', '.join(DEFAULTS)})")
-    o = {**DEFAULTS, **raw}
+    o = config_args.over_defaults(raw, "queue", DEFAULTS)
     if not _takes_queue(config):
         raise ValueError(f"config key `queue`: loss {name!r} does not take the queues; use "
                          "loss.name='queue_contrastive' or remove `queue`")

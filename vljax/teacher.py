@@ -42,7 +42,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from vljax import sharding
+from vljax import config_args, sharding
 from vljax.losses.self_distill import consistency_loss, masked_patch_loss, updated_center
 from vljax.models.registry import get_model
 from vljax.models.ssl_heads import SelfDistillHeads, abstract_heads, init_heads
@@ -61,11 +61,7 @@ def options(config) -> dict | None:
     raw = config.get("self_distill")
     if raw is None:
         return None
-    raw = dict(raw)
-    unknown = sorted(set(raw) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"config key `self_distill`: unknown keys {unknown} (known: {', '.join(DEFAULTS)})")
-    o = {**DEFAULTS, **raw}
+    o = config_args.over_defaults(raw, "self_distill", DEFAULTS)
     for key in ("momentum", "center_momentum"):
         if not 0.0 <= float(o[key]) < 1.0:
             raise ValueError(f"config key `self_distill.{key}` must be in [0, 1), got {o[key]!r}")

@@ -52,12 +52,7 @@ class CheckpointPreprocess:
                              f"{sorted(RESAMPLE)}")
 
     def __call__(self, record: dict, rng: np.random.Generator | None = None) -> dict:
-        if "error" in record:
-            return {"skip": record["error"]}
-        caption = T.choose_caption(record["captions"], rng)
-        if caption is None:
-            return {"skip": "empty_caption"}
-        img, why = T.decode_or_reason(record["image"])
+        caption, img, why = T.caption_and_image(record, rng)
         if why:
             return {"skip": why}
         if rng is not None and self.crop_scale:

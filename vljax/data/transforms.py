@@ -215,6 +215,19 @@ def normalize(img: Image.Image | np.ndarray, value_range="efficientnet") -> np.n
     return x * np.float32((hi - lo) / 255.0) + np.float32(lo)
 
 
+def caption_and_image(record: dict, rng: np.random.Generator | None):
+    """A training record -> (caption, PIL image, None), or (None, None, why) when it gives no
+    example: the source's own "error", "empty_caption" (`choose_caption`), or
+    `decode_or_reason`'s reason."""
+    if "error" in record:
+        return None, None, record["error"]
+    caption = choose_caption(record["captions"], rng)
+    if caption is None:
+        return None, None, "empty_caption"
+    img, why = decode_or_reason(record["image"])
+    return (None, None, why) if why else (caption, img, None)
+
+
 def choose_caption(captions, rng: np.random.Generator | None) -> str | None:
     """One non-empty caption: random when rng is given, else the first. None if all are empty."""
     usable = [c.strip() for c in captions if c and c.strip()]
