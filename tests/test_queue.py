@@ -74,7 +74,9 @@ def test_loss_equals_the_numpy_reference(case, batch_negatives):
     assert all(not np.any(np.asarray(g)) for g in consts)
 
 
-@pytest.mark.parametrize("batch_negatives", [False, True])
+# ALBEF's form only: it runs every collective of the queue-only form (the queues split over the
+# mesh) plus the batch's momentum keys gathered; both forms equal the numpy reference on one device.
+@pytest.mark.parametrize("batch_negatives", [True])
 def test_loss_equal_on_a_data_x_fsdp_mesh(case, batch_negatives):
     mesh = sharding.make_mesh([("data", 2), ("fsdp", 4)])  # Auto axes, as the trainer's
     axes = ("data", "fsdp")
