@@ -10,9 +10,9 @@ export PYTHONUNBUFFERED=1
 which="${1:-all}"
 if [[ "$which" == all || "$which" == fast ]]; then
   echo "[test] default (fast) tests"
-  python3 -m pytest -q -m "not slow" -n 2 --dist loadfile tests
+  python3 -m pytest -q -m "not slow" -n 2 --dist loadfile --durations=30 tests
 fi
 if [[ "$which" == all || "$which" == slow ]]; then
   echo "[test] slow tests"
-  python3 -m pytest -q -m slow -n 2 --dist loadfile tests
+  python3 -m pytest -q -m slow -n 2 --dist loadfile --durations=30 tests
 fi
