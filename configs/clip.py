@@ -28,7 +28,9 @@ SLIP (Mu et al. 2022, vljax/slip.py): `:slip=on` adds SimCLR's NT-Xent between t
 of each image (cut in the input workers) through a 3-layer MLP head on the image tower's pooled
 features, `ssl_scale` (default 1.0, SLIP's) times it, temperature 0.1; the head is `ssl_width`
 wide (default 512 here; SLIP's 4096) with `ssl_out` outputs (default 128; SLIP's 256). Logged as
-`train/ssl`. Text augmentation (Fini et al. 2023, vljax/data/text_aug.py): `:text_aug=on`.
+`train/ssl`. Text augmentation (Fini et al. 2023, vljax/data/text_aug.py): `:text_aug=on` (stop
+words dropped with p 0.5, then EDA's swap or deletion; their synonym replacement needs a synonym
+table, `input.text_aug.synonyms`, and is off here).
 
 Config arguments: img (ViT variant, default "Ti/8" at reduced width), txt (text variant), size, batch,
 steps, pd (patch dropout), tune (unmasked steps at the end, with pd), seed, queue (0: none), qm, qb,
@@ -85,8 +87,8 @@ def get_config(arg=None):
         c.queue = dict(size=a["queue"], momentum=a["qm"])
     if a["slip"] == "on":  # vljax/slip.py: SimCLR's NT-Xent on two views, beside the CLIP loss
         c.ssl = dict(scale=a["ssl_scale"], temperature=0.1, head_width=a["ssl_width"], out=a["ssl_out"])
-    if a["text_aug"] == "on":  # vljax/data/text_aug.py: Fini et al.'s caption augmentation
-        c.input.text_aug = dict()
+    if a["text_aug"] == "on":  # vljax/data/text_aug.py: Fini et al.'s caption augmentation, without
+        c.input.text_aug = dict(synonym=0.0)  # synonym replacement (it needs a synonym table)
     c.optax = dict(name="adamw", b1=0.9, b2=0.98)
     c.lr = 1e-3
     c.wd = 0.1

@@ -3,6 +3,9 @@ of Fini et al. 2023 (vljax/data/text_aug.py)."""
 import dataclasses
 import io
 import itertools
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,8 +14,11 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image
 
-from vljax.data import text_aug
+from helpers import REPO, make_shapes_manifest, tiny_config
+from vljax import config_check, factory, metrics, objective, slip
+from vljax.data import pipeline, text_aug
 from vljax.data.preprocess import Preprocess
+from vljax.tokenizers import get_tokenizer
 from vljax.losses.simclr import simclr_loss
 from vljax.models.ssl_heads import SimCLRHead, init_simclr_head
 
@@ -29,6 +35,11 @@ def _nt_xent_reference(z1, z2, tau):
     lse = np.log(np.sum(np.exp(s - top), axis=1)) + top[:, 0]
     pos = s[np.arange(n2), (np.arange(n2) + n2 // 2) % n2]
     return float(np.mean(lse - pos))
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    return make_shapes_manifest(str(tmp_path_factory.mktemp("shapes")), n_per=1)
 
 
 @pytest.fixture(scope="module")
@@ -174,3 +185,123 @@ def test_text_aug_bad_config_is_refused_naming_the_key(tmp_path):
     bad.write_text("[1, 2]")
     with pytest.raises(ValueError, match="syn.json"):
         text_aug.read_synonyms(str(bad))
+
+
+def _pipeline_config(manifest):
+    return dict(data=[dict(source="jsonl", path=manifest)], batch_size=4, image_size=16,
+                value_range=(-1.0, 1.0), augment=dict(random_resized_crop=(0.8, 1.0)), num_workers=0,
+                keep_captions=True, text_aug=dict(synonym=0.0, stopwords=0.5),
+                multi_crop=slip.multi_crop(slip.DEFAULTS, 16))
+
+
+def test_views_and_captions_resume_and_split_over_processes_exactly(manifest):
+    """SLIP's two views and the augmented captions come from the example's seeded generator: a
+    restored iterator continues with the same batches, and 2 processes' rows are 1 process's."""
+    tok = get_tokenizer("clip", max_len=16)
+    cfg = _pipeline_config(manifest)
+    it = pipeline.make_train_iterator(cfg, tok, seed=3, process_index=0, process_count=1)
+    first = next(it)
+    assert first["sd_global"].shape == (4, 2, 16, 16, 3)
+    state = it.get_state()
+    second = next(it)
+    again = pipeline.make_train_iterator(cfg, tok, seed=3, process_index=0, process_count=1)
+    again.set_state(state)
+    resumed = next(again)
+    for key in ("image", "sd_global", "text"):
+        np.testing.assert_array_equal(resumed[key], second[key])
+    assert list(resumed["caption"]) == list(second["caption"])
+    halves = [next(pipeline.make_train_iterator(cfg, tok, seed=3, process_index=p, process_count=2))
+              for p in (0, 1)]  # batch_size is global: 2 rows each
+    assert [c for h in halves for c in h["caption"]] == list(first["caption"])
+    np.testing.assert_array_equal(np.concatenate([h["sd_global"] for h in halves]), first["sd_global"])
+    plain = pipeline.make_train_iterator({k: v for k, v in cfg.items() if k != "text_aug"}, tok, seed=3,
+                                         process_index=0, process_count=1)
+    assert [c for _ in range(3) for c in next(plain)["caption"]] != \
+        list(first["caption"]) + list(second["caption"]) + list(next(it)["caption"])
+
+
+# ------------------------------------------------------------------ SLIP in the trainer
+
+
+def test_config_check_refuses_what_cannot_work(manifest):
+    config = tiny_config(manifest)
+    config.ssl = dict(head_width=8, out=4)
+    config_check.validate(config)
+    config.ssl = dict(width=8)
+    with pytest.raises(ValueError, match=r"config key `ssl`: unknown keys \['width'\]"):
+        config_check.validate(config)
+    config.ssl = dict(temperature=0.0)
+    with pytest.raises(ValueError, match="`ssl`.*temperature"):
+        config_check.validate(config)
+    config.ssl = dict()
+    config.self_distill = dict()
+    with pytest.raises(ValueError, match="`ssl` and `self_distill`"):
+        config_check.validate(config)
+    # A locked image tower (LiT): refused naming `ssl` and `schedule`, before any work.
+    lit = tiny_config(manifest, "lit")
+    lit.lit_cache = False
+    lit.ssl = dict()
+    params = {"img": {"embedding": {"kernel": 0}, "head": {"kernel": 0}}, "txt": {"x": 0},
+              "simclr": {"layer1": {"kernel": 0}}}
+    mask = {"img": {"embedding": {"kernel": False}, "head": {"kernel": True}}, "txt": {"x": True},
+            "simclr": {"layer1": {"kernel": True}}}
+    with pytest.raises(ValueError, match="`ssl` and `schedule`.*img/embedding/kernel"):
+        objective.check(lit, mask)
+    del params
+    lit.lit_cache = True
+    with pytest.raises(ValueError, match="lit_cache"):
+        config_check.validate(lit)
+
+
+def test_the_head_is_left_out_of_the_exported_encoder():
+    params = {"img": 1, "txt": 2, "t": 3, "simclr": {"layer1": 4}}
+    assert factory.encoder_only({}, params)[1] == {"img": 1, "txt": 2, "t": 3}
+
+
+def test_head_statistics_are_the_global_batch_on_a_sharded_batch():
+    """Under jit with the batch split over 8 devices (data 2 x fsdp 4), BatchNorm's statistics are
+    the global batch's (SyncBatchNorm): the outputs equal the one-device ones."""
+    head = SimCLRHead(hidden=16, out=8)
+    params = jax.jit(lambda r: init_simclr_head(head, 12, r))(jax.random.key(1))
+    x = np.random.default_rng(2).normal(size=(2, 16, 12)).astype(np.float32)
+    mesh = jax.make_mesh((2, 4), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+    sharded = jax.device_put(x, NamedSharding(mesh, P(None, ("data", "fsdp"))))
+    apply = jax.jit(lambda v: head.apply({"params": params}, v))
+    np.testing.assert_allclose(apply(sharded), apply(jnp.asarray(x)), rtol=1e-5, atol=1e-6)
+
+
+_MAIN_CONFIG = """import sys
+sys.path.insert(0, {tests!r})
+sys.path.insert(0, {repo!r})
+import helpers
+from configs import clip
+
+
+def get_config(arg=None):
+    c = clip.get_config("slip=on,text_aug=on,size=32,batch=8,steps=16,ssl_width=32,ssl_out=16")
+    tiny = helpers.tiny_config({manifest!r}, "clip")  # the tiny towers and data of the tests
+    c.input.data, c.input.augment = tiny.input.data, dict(random_resized_crop=(0.8, 1.0))
+    c.model, c.tokenizer, c.schedule, c.lr = tiny.model, tiny.tokenizer, tiny.schedule, tiny.lr
+    c.evals, c.select_metric, c.eval_every, c.ckpt_every, c.log_every, c.progress = {{}}, None, 0, 8, 1, False
+    return c
+"""
+
+
+@pytest.mark.slow  # a subprocess: imports, one compile (3 tower passes + head) and 16 steps
+def test_clip_slip_config_through_main_learns_its_ssl_part(manifest, tmp_path):
+    """`python -m vljax.main --config=configs/clip.py:slip=on,text_aug=on` (tiny towers, 2 devices):
+    the logged NT-Xent `train/ssl` falls (chance log 15 = 2.71 at batch 8), and the checkpoint holds
+    the head."""
+    cfg = tmp_path / "slip.py"
+    cfg.write_text(_MAIN_CONFIG.format(tests=os.path.join(REPO, "tests"), repo=REPO, manifest=manifest))
+    env = {**os.environ, "PYTHONPATH": REPO, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    proc = subprocess.run([sys.executable, "-m", "vljax.main", f"--config={cfg}", f"--workdir={tmp_path / 'wd'}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [r for r in metrics.read_metrics(str(tmp_path / "wd" / "metrics.jsonl")) if "train/ssl" in r]
+    ssl = [r["train/ssl"] for r in rows]
+    assert len(ssl) == 16 and all(np.isfinite(ssl))
+    assert all(r["train/loss"] > r["train/ssl"] for r in rows)  # the CLIP term beside it
+    first, last = np.mean(ssl[:4]), np.mean(ssl[-4:])
+    assert last < 0.9 * first, (first, last)
+    assert os.path.isdir(tmp_path / "wd" / "checkpoints" / "16" / "params")
