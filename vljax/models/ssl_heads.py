@@ -10,7 +10,8 @@ consistency loss; patch tokens -> `patch_out_dim` logits for TIPS' masked predic
 heads as iBOT's default) and TIPS' learned mask token ([W], replacing masked patch embeddings of
 the student's view, `vljax/models/vit.py` `token_mask`). Its params live in the train state under
 `ssl/...` (vljax/teacher.py), beside the towers: trained, sharded and checkpointed like them, and
-not part of the exported encoder. Sizes are DINO's (hidden 2048, bottleneck 256, 3 layers,
+not part of the exported encoder. `SimCLRHead` is SLIP's projection MLP (vljax/slip.py, params
+`simclr/...`, likewise left out of exports). Sizes are DINO's (hidden 2048, bottleneck 256, 3 layers,
 K 65536) and iBOT's for patches (K 8192); SigLIP 2 does not state its own in what we could read.
 """
 from __future__ import annotations
@@ -100,10 +101,11 @@ class SimCLRHead(nn.Module):
     (biased) variance of ITS view over the whole batch, here axis 1 of x; under `jax.jit` with the
     batch sharded over devices that mean is the global batch's, as SyncBatchNorm's. The head is
     used only in training, so no running statistics are kept (nothing but params in the state).
-    BatchNorm: PyTorch's eps 1e-5, scale 1 and bias 0 at init. The Dense layers take flax's
+    BatchNorm: PyTorch's `eps`, scale 1 and bias 0 at init. The Dense layers take flax's
     default init (lecun normal, zero bias), not PyTorch's uniform one."""
     hidden: int = 4096
     out: int = 256
+    eps: float = 1e-5  # PyTorch BatchNorm's
     dtype: str = "float32"
     param_dtype: str = "float32"
 
@@ -123,7 +125,7 @@ class SimCLRHead(nn.Module):
         x32 = x.astype(jnp.float32)
         mean = jnp.mean(x32, axis=1, keepdims=True)
         var = jnp.mean(jnp.square(x32 - mean), axis=1, keepdims=True)
-        return ((x32 - mean) * jax.lax.rsqrt(var + 1e-5) * scale + bias).astype(self.dtype)
+        return ((x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias).astype(self.dtype)
 
 
 def init_simclr_head(head: SimCLRHead, width: int, rng) -> dict:
