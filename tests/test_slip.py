@@ -15,6 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image
 
 from helpers import REPO, make_shapes_manifest, tiny_config
+from test_configs import _load
 from vljax import config_check, factory, metrics, objective, slip
 from vljax.data import pipeline, text_aug
 from vljax.data.preprocess import Preprocess
@@ -253,6 +254,18 @@ def test_config_check_refuses_what_cannot_work(manifest):
         config_check.validate(lit)
 
 
+def test_clip_config_args():
+    """configs/clip.py: `slip=on` sets config.ssl, `text_aug=on` input.text_aug; both validate."""
+    clip_config = _load(os.path.join(REPO, "configs", "clip.py"))
+    config = clip_config.get_config("slip=on,text_aug=on,ssl_width=64")
+    assert config.ssl.head_width == 64 and config.ssl.temperature == 0.1
+    assert dict(config.input.text_aug) == dict(synonym=0.0)
+    config_check.validate(config)
+    assert "ssl" not in clip_config.get_config("slip=off")
+    with pytest.raises(ValueError, match="slip='yes'"):
+        clip_config.get_config("slip=yes")
+
+
 def test_the_head_is_left_out_of_the_exported_encoder():
     params = {"img": 1, "txt": 2, "t": 3, "simclr": {"layer1": 4}}
     assert factory.encoder_only({}, params)[1] == {"img": 1, "txt": 2, "t": 3}
@@ -272,9 +285,10 @@ def test_head_statistics_are_the_global_batch_on_a_sharded_batch():
 
 _MAIN_CONFIG = """import sys
 sys.path.insert(0, {tests!r})
-sys.path.insert(0, {repo!r})
 import helpers
-from configs import clip
+from test_configs import _load
+
+clip = _load({clip!r})
 
 
 def get_config(arg=None):
@@ -293,7 +307,8 @@ def test_clip_slip_config_through_main_learns_its_ssl_part(manifest, tmp_path):
     the logged NT-Xent `train/ssl` falls (chance log 15 = 2.71 at batch 8), and the checkpoint holds
     the head."""
     cfg = tmp_path / "slip.py"
-    cfg.write_text(_MAIN_CONFIG.format(tests=os.path.join(REPO, "tests"), repo=REPO, manifest=manifest))
+    cfg.write_text(_MAIN_CONFIG.format(tests=os.path.join(REPO, "tests"), clip=os.path.join(REPO, "configs", "clip.py"),
+                                       manifest=manifest))
     env = {**os.environ, "PYTHONPATH": REPO, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     proc = subprocess.run([sys.executable, "-m", "vljax.main", f"--config={cfg}", f"--workdir={tmp_path / 'wd'}"],
                           cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
