@@ -51,7 +51,6 @@ import numpy as np
 
 from vljax.data import checkpoint_preprocess, naflex_train, shard_order, sources as sources_lib
 from vljax.data import text_aug as text_aug_lib
-from vljax.data.text_aug import TextAug
 from vljax.data.checkpoint_preprocess import NaflexCollate
 from vljax.data.eval_transform import EvalImage
 from vljax.data.preprocess import (SKIP_REASONS, SKIPPED_KEY, Collate, MultiCrop, Preprocess,
@@ -156,7 +155,7 @@ def _preprocess_from_config(cfg):
                       greyscale=float(aug.get("greyscale", 0.0)),
                       colour_jitter=float(aug.get("colour_jitter", 0.0)),
                       multi_crop=MultiCrop(**dict(mc)) if (mc := _get(cfg, "multi_crop")) else None,
-                      text_aug=None if text_aug is None else TextAug.from_options(text_aug))
+                      text_aug=None if text_aug is None else text_aug_lib.TextAug.from_options(text_aug))
 
 
 class ProcessSlice(grain.MapDataset):

@@ -16,7 +16,6 @@ The SimCLR projection head that makes a_i, b_i is `vljax.models.ssl_heads.SimCLR
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from vljax.losses.collectives import axis_info, gather, psum
