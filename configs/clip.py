@@ -24,8 +24,17 @@ longer than this demo's run); `qb=1` (default) adds the batch's other momentum e
 negatives (ALBEF's form, `loss.batch_negatives`), `qb=0` is BriVL's queue-only form (it did not
 learn from random towers in the tiny tests: tests/test_queue.py).
 
+SLIP (Mu et al. 2022, vljax/slip.py): `:slip=on` adds SimCLR's NT-Xent between two augmented views
+of each image (cut in the input workers) through a 3-layer MLP head on the image tower's pooled
+features, `ssl_scale` (default 1.0, SLIP's) times it, temperature 0.1; the head is `ssl_width`
+wide (default 512 here; SLIP's 4096) with `ssl_out` outputs (default 128; SLIP's 256). Logged as
+`train/ssl`. Text augmentation (Fini et al. 2023, vljax/data/text_aug.py): `:text_aug=on` (stop
+words dropped with p 0.5, then EDA's swap or deletion; their synonym replacement needs a synonym
+table, `input.text_aug.synonyms`, and is off here).
+
 Config arguments: img (ViT variant, default "Ti/8" at reduced width), txt (text variant), size, batch,
-steps, pd (patch dropout), tune (unmasked steps at the end, with pd), seed, queue (0: none), qm, qb.
+steps, pd (patch dropout), tune (unmasked steps at the end, with pd), seed, queue (0: none), qm, qb,
+slip (on | off), ssl_scale, ssl_width, ssl_out, text_aug (on | off).
 """
 import ml_collections
 
@@ -33,7 +42,11 @@ from vljax import config_args
 
 def get_config(arg=None):
     a = config_args.parse_arg(arg, "configs/clip.py", img="tiny", txt="tiny", size=64, batch=64, steps=300,
-                               pd=0.0, tune=0, seed=0, queue=0, qm=0.99, qb=1)
+                               pd=0.0, tune=0, seed=0, queue=0, qm=0.99, qb=1, slip="off", ssl_scale=1.0,
+                               ssl_width=512, ssl_out=128, text_aug="off")
+    for key in ("slip", "text_aug"):
+        if a[key] not in ("on", "off"):
+            raise ValueError(f"configs/clip.py: {key}={a[key]!r} is not 'on' or 'off'")
     c = ml_collections.ConfigDict()
     c.seed = a["seed"]
     c.total_steps = a["steps"]
@@ -72,6 +85,10 @@ def get_config(arg=None):
     if a["queue"]:  # vljax/momentum.py: momentum towers, queues of negatives
         c.loss = dict(name="queue_contrastive", batch_negatives=bool(a["qb"]))
         c.queue = dict(size=a["queue"], momentum=a["qm"])
+    if a["slip"] == "on":  # vljax/slip.py: SimCLR's NT-Xent on two views, beside the CLIP loss
+        c.ssl = dict(scale=a["ssl_scale"], temperature=0.1, head_width=a["ssl_width"], out=a["ssl_out"])
+    if a["text_aug"] == "on":  # vljax/data/text_aug.py: Fini et al.'s caption augmentation, without
+        c.input.text_aug = dict(synonym=0.0)  # synonym replacement (it needs a synonym table)
     c.optax = dict(name="adamw", b1=0.9, b2=0.98)
     c.lr = 1e-3
     c.wd = 0.1

@@ -24,8 +24,8 @@ import os
 
 from ml_collections import ConfigDict, FrozenConfigDict
 
-from vljax import acid, init_from, momentum, objective, pretrained, stages, teacher
-from vljax.data import sources
+from vljax import acid, init_from, momentum, objective, pretrained, slip, stages, teacher
+from vljax.data import sources, text_aug
 from vljax.evaluators import EVALUATORS
 from vljax.evaluators import data as eval_data
 from vljax.models import MODELS, TwoTowers
@@ -68,6 +68,7 @@ _TOP = {
     "nonfinite": (False, (str,)),
     "stages": (False, (list, tuple, type(None))),
     "self_distill": (False, (dict, type(None))),  # vljax/teacher.py
+    "ssl": (False, (dict, type(None))),  # SLIP, vljax/slip.py
     "distill": (False, (dict, type(None))),  # vljax/teacher_features.py
     "acid": (False, (dict, type(None))),  # vljax/acid.py
     "queue": (False, (dict, type(None))),  # vljax/momentum.py
@@ -100,6 +101,7 @@ _INPUT = {
     "naflex": (False, (dict, type(None))),
     # Set by the trainer on a self-distillation stage's input (vljax/teacher.py `multi_crop`).
     "multi_crop": (False, (dict, type(None))),
+    "text_aug": (False, (dict, type(None))),  # vljax/data/text_aug.py
 }
 _AUGMENT = {
     "random_resized_crop": (False, (list, tuple, type(None))),
@@ -193,6 +195,10 @@ def _input(cfg, required_size: bool = True) -> None:
         grey = cfg.augment.get("greyscale") or 0.0
         if not 0.0 <= grey <= 1.0:
             raise ValueError(f"config key `input.augment.greyscale` is a probability, got {grey}")
+    if cfg.get("text_aug") is not None:  # the caption augmentation (vljax/data/text_aug.py)
+        opts = text_aug.options(cfg.text_aug)
+        if opts["synonyms"]:  # the table read now: a bad file is refused before any work
+            text_aug.read_synonyms(opts["synonyms"])
     for key in ("shard_lanes", "shard_window"):  # the shard order (vljax/data/shard_order.py)
         if cfg.get(key) is not None and cfg[key] <= 0:
             raise ValueError(f"config key `input.{key}` must be positive, got {cfg[key]}")
@@ -345,6 +351,7 @@ def validate(config) -> None:
     if config.get("tokenizer") and config.input.get("image_size"):  # init_from: once resolved
         stages.parse(config)
     teacher.options(config)
+    slip.options(config)
     acid.options(config)
     momentum.options(config)
     validate_evals(config.get("evals"))

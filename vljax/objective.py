@@ -30,7 +30,7 @@ import numpy as np
 from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
-from vljax import losses, sharding
+from vljax import losses, sharding, slip
 from vljax.data import sources
 from vljax.losses.structure import structure_loss
 from vljax.text import canonicalize_name
@@ -200,6 +200,20 @@ def with_regularisers(loss: Loss, align_weight=0.0, uniform_weight=0.0, multilab
     return dataclasses.replace(loss, fn=fn, inputs=loss.inputs + extra, chosen=None)
 
 
+def with_ssl(loss: Loss, opts) -> Loss:
+    """`loss` + opts["scale"] * SimCLR's NT-Xent of the SLIP views (`slip.term`: inputs `ssl/z1`,
+    `ssl/z2`, the SimCLR head's outputs); unchanged when `opts` (`slip.options`) is None."""
+    if opts is None:
+        return loss
+    k, (term, extra), scale = len(loss.inputs), slip.term(opts), float(opts["scale"])
+
+    def fn(*args, axis_name=None, **kwargs):
+        return (loss.fn(*args[:k], axis_name=axis_name, **kwargs)
+                + scale * term(*args[k:], axis_name=axis_name))
+
+    return dataclasses.replace(loss, fn=fn, inputs=loss.inputs + extra, chosen=None)
+
+
 def structure_sides_of(sides) -> tuple[str, ...]:
     """`loss.structure_sides` ("image", "text" or "both") -> the sides STRUCTURE regularises."""
     if sides == "both":
@@ -263,6 +277,7 @@ def check(config, trainable_mask, opened=()) -> None:
                          "logits, and this model has no decoder; set model.decoder (e.g. "
                          "dict(variant='B', depth=6, vocab_size=..., pad_id=...): "
                          "vljax/models/decoder.py)")
+    slip.check(config, trainable_mask)
     if "b" in loss.inputs and config.model.get("bias_init") is None:
         raise ValueError(f"config key `model.bias_init`: loss {name!r} takes the model's logit bias b, "
                          "which this model does not have; set it (e.g. -10.0, SigLIP's)")
@@ -339,7 +354,7 @@ def make_loss(config, mesh):
     """Returns loss(values) -> scalar: the configured loss (`spec(config.loss)`) on the inputs it
     declares, looked up in `values` (`loss_inputs`), under one shard_map over the batch axes."""
     name = config.loss.get("name")
-    loss = spec(config.loss)
+    loss = with_ssl(spec(config.loss), slip.options(config))
     kwargs = _options(config.loss, resolve(name))
     axes = sharding.batch_axes(mesh)
     axis = axes[0] if len(axes) == 1 else axes
@@ -366,7 +381,9 @@ def make_parts(config, mesh):
     """Returns parts(values) -> {name: scalar}: the configured loss's declared terms (`Loss.parts`),
     for logging only (inputs with their gradient stopped), each under its own shard_map like the
     loss; {} for a loss without parts."""
-    parts = resolve(config.loss.get("name")).parts
+    parts = dict(resolve(config.loss.get("name")).parts)
+    if (ssl := slip.options(config)) is not None:  # SLIP's NT-Xent, unscaled
+        parts["ssl"] = slip.term(ssl)
     axes = sharding.batch_axes(mesh)
     axis = axes[0] if len(axes) == 1 else axes
 

@@ -10,7 +10,7 @@ import ctypes
 import jax
 import jax.numpy as jnp
 
-from vljax import init_from, pretrained, teacher
+from vljax import init_from, pretrained, slip, teacher
 from vljax.models.naflex import example_input
 
 
@@ -32,10 +32,13 @@ def make_init_fns(model, tx, config):
     and moment is then created directly in its shards. Two programs, not one, so that the init's
     scratch space (random bits) is freed before the moments are allocated: the peak stays at the
     state's own size."""
-    opts = teacher.options(config)
+    opts, ssl = teacher.options(config), slip.options(config)
 
     def init_params(init_rng):
         params = model.init(init_rng, *_dummy_inputs(config))["params"]
+        if ssl is not None:  # SLIP's SimCLR head (params["simclr"], vljax/slip.py), its own stream
+            params = slip.with_head(params, model, ssl, _dummy_inputs(config)[0],
+                                    jax.random.fold_in(init_rng, 0x511F))
         if opts is None:
             return params
         # The self-distillation heads (params["ssl"], vljax/teacher.py), their own random stream.

@@ -27,7 +27,7 @@ def join(trainable, frozen):
 
 
 def make_train_step(model, tx, loss, trainable_mask, label_text=None, label_blocks=0, text_blocks=0,
-                    self_distill=None, acid=None, momentum=None, parts=None):
+                    self_distill=None, acid=None, momentum=None, parts=None, ssl=None):
     """One optimizer (micro-)step, `step_fn(state, batch[, label_states])`. Gradients are
     computed for trainable parameters only.
 
@@ -52,6 +52,8 @@ def make_train_step(model, tx, loss, trainable_mask, label_text=None, label_bloc
     gradient flows through them).
     `momentum` (a `momentum.Momentum`, config.queue) advances state["queue"]'s momentum towers,
     gives the loss their embeddings and the queues (`momentum/...`, `queue/...`) and enqueues them.
+    `ssl` (a `slip.Slip`, config.ssl) gives the loss the SimCLR head's embeddings of the batch's
+    two views (`ssl/z1`, `ssl/z2`; SLIP's term is in the configured loss, vljax/objective.py).
     """
 
     def forward(params, batch, rng, label_states):
@@ -104,6 +106,8 @@ def make_train_step(model, tx, loss, trainable_mask, label_text=None, label_bloc
         def loss_and_out(tr):
             params = join(tr, jax.lax.stop_gradient(frozen))
             zimg, ztxt, out = forward(params, batch, step_rng, label_states)
+            if ssl is not None:  # SLIP's two views through the image tower and the SimCLR head
+                out = {**out, **ssl.embed(model, params, batch, jax.random.fold_in(step_rng, 2))}
             values = objective.loss_inputs(zimg, ztxt, {**out, **extra}, batch)
             value, aux = loss(values), {}
             if acid is not None and acid.kd_weight:  # ACED's KD term (vljax/acid.py)

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from vljax import (acid, checkpoints, config_check, eval_builder, factory, features, init_from,
                    logs, metrics, momentum, nonfinite, objective, optim, perf, selection, sharding,
-                   stages, teacher, teacher_features)
+                   slip, stages, teacher, teacher_features)
 from vljax.data import pipeline, sources
 from vljax.step import flat as _flat, make_train_step
 from vljax.text_memo import TextMemo, locked_text_blocks
@@ -84,6 +84,9 @@ class Trainer:
         self.sd_opts = teacher.options(config)  # self-distillation: heads params["ssl"], a teacher
         if self.sd_opts is not None:
             params = teacher.with_heads(params, self.model, self.sd_opts)
+        self.ssl_opts = slip.options(config)  # SLIP: the SimCLR head params["simclr"]
+        if self.ssl_opts is not None:
+            params = slip.with_head(params, self.model, self.ssl_opts, _dummy_inputs(config)[0])
         self.tx, self.lr_fn, self.trainable_mask = optim.make_optimizer(config, params)
         objective.check(config, self.trainable_mask, opened)
         self.label_text = objective.label_prompts(config, self.tokenizer, opened)
@@ -162,7 +165,7 @@ class Trainer:
             inp.batch_size = acid.super_batch_size(inp.batch_size, float(self.config.acid.get(
                 "filter_ratio", acid.DEFAULTS["filter_ratio"])))
         fixed = bool(inp.get("naflex")) and not stage.naflex  # a NaFlex tower's fixed-res stage
-        if stage.image_size != inp.image_size or stage.self_distill or fixed:
+        if stage.image_size != inp.image_size or stage.self_distill or fixed or self.ssl_opts is not None:
             inp = inp.copy_and_resolve_references()
             inp.image_size = stage.image_size
             if fixed:  # square images as the tower's full patch grid (vljax/data/naflex_train.py)
@@ -170,6 +173,9 @@ class Trainer:
             if stage.self_distill:  # the multi-crop views (vljax/teacher.py)
                 with inp.unlocked():
                     inp.multi_crop = teacher.multi_crop(self.sd_opts, stage.image_size, self.model)
+            if self.ssl_opts is not None:  # SLIP's two views (vljax/slip.py)
+                with inp.unlocked():
+                    inp.multi_crop = slip.multi_crop(self.ssl_opts, stage.image_size)
         if stage.max_len != self.spec["tokenizer"]["max_len"]:
             tokenizer = factory.build_tokenizer({"tokenizer": {**self.spec["tokenizer"], "max_len": stage.max_len}})
         seed = self.config.seed + 1_000_003 * stage.index  # stage 0: the unstaged stream
@@ -267,7 +273,8 @@ class Trainer:
                   if stage.self_distill else None)
             step_fn = make_train_step(model, self.tx, loss, self.trainable_mask,
                                       self.label_text, self.label_blocks, self.text_blocks, sd,
-                                      self.acid, self.momentum, parts=parts)
+                                      self.acid, self.momentum, parts=parts,
+                                      ssl=None if self.ssl_opts is None else slip.Slip.build(self.ssl_opts))
             if not self.label_blocks and self.acid is None:
                 fn = jax.jit(step_fn, in_shardings=(self.state_sh, batch_sh),
                              out_shardings=(self.state_sh, None), donate_argnums=(0,))

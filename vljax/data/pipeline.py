@@ -22,6 +22,8 @@ Training config (`config.input`, an ml_collections ConfigDict or a dict):
                                  # vljax/data/checkpoint_preprocess.py)
                                  # NaFlex training (SigLIP 2): `budgets` sampled per batch and
                                  # the fixed-resolution stage, vljax/data/naflex_train.py
+    text_aug=None,               # caption augmentation of Fini et al. 2023 (vljax/data/text_aug.py),
+                                 # e.g. dict(synonym=0.0): stop words, EDA swap / deletion
     multi_crop=None,             # set by the trainer in a self-distillation stage (vljax/teacher.py):
                                  # preprocess.MultiCrop's kwargs; batch "sd_global" [B, Vg, S, S, 3],
                                  # "sd_local" [B, Vl, s, s, 3], cut in the input workers
@@ -48,6 +50,7 @@ import ml_collections
 import numpy as np
 
 from vljax.data import checkpoint_preprocess, naflex_train, shard_order, sources as sources_lib
+from vljax.data import text_aug as text_aug_lib
 from vljax.data.checkpoint_preprocess import NaflexCollate
 from vljax.data.eval_transform import EvalImage
 from vljax.data.preprocess import (SKIP_REASONS, SKIPPED_KEY, Collate, MultiCrop, Preprocess,
@@ -137,7 +140,11 @@ def _preprocess_from_config(cfg):
     special = checkpoint_preprocess.from_config(
         cfg, crop, float(aug.get("greyscale", 0.0)), float(aug.get("colour_jitter", 0.0)),
         canonical_value_range(cfg.get("value_range", "efficientnet")))
+    text_aug = text_aug_lib.options(_get(cfg, "text_aug"))
     if special is not None:
+        if text_aug is not None:
+            raise ValueError("config key `input.text_aug`: not applied by a run from a checkpoint's "
+                             "preprocessing (`init_from`: squash resize, NaFlex); remove it")
         if _get(cfg, "multi_crop"):
             raise ValueError("config key `self_distill`: the multi-crop views are not made for a run "
                              "from a checkpoint's preprocessing (`init_from`: squash resize, NaFlex)")
@@ -147,7 +154,8 @@ def _preprocess_from_config(cfg):
                       crop_scale=tuple(crop) if crop else None,
                       greyscale=float(aug.get("greyscale", 0.0)),
                       colour_jitter=float(aug.get("colour_jitter", 0.0)),
-                      multi_crop=MultiCrop(**dict(mc)) if (mc := _get(cfg, "multi_crop")) else None)
+                      multi_crop=MultiCrop(**dict(mc)) if (mc := _get(cfg, "multi_crop")) else None,
+                      text_aug=None if text_aug is None else text_aug_lib.TextAug.from_options(text_aug))
 
 
 class ProcessSlice(grain.MapDataset):

@@ -12,6 +12,7 @@ import grain
 import numpy as np
 
 from vljax.data import transforms as T
+from vljax.data.text_aug import TextAug
 # canonical_value_range / eval_image: imported from here since they began (now in eval_transform).
 from vljax.data.eval_transform import EvalImage, canonical_value_range, eval_image  # noqa: F401
 
@@ -28,6 +29,8 @@ class MultiCrop:
     main view (DINO's blur and solarisation are not applied). Drawn from the example's rng after
     the main view, so the main view does not depend on whether crops are made; grain's random_map
     seeds that rng by the example's index, so the crops are part of the resumable input state.
+    `colour_jitter` / `greyscale` (None: the main view's) set the views' own strengths (SLIP's
+    SimCLR views, vljax/slip.py).
     Returns {"sd_global": float32 [Vg, S, S, 3], "sd_local": float32 [Vl, s, s, 3]}."""
     global_size: int
     local_size: int
@@ -35,6 +38,8 @@ class MultiCrop:
     local_views: int = 8
     global_scale: tuple = (0.4, 1.0)
     local_scale: tuple = (0.05, 0.4)
+    colour_jitter: float | None = None
+    greyscale: float | None = None
 
     def __call__(self, img, rng: np.random.Generator, finish) -> dict:
         def views(n, size, scale):
@@ -68,11 +73,14 @@ class Preprocess:
     # "image"), in place of the centre crop; None: `image_size` / `value_range` as above.
     eval_transform: EvalImage | None = None
     multi_crop: MultiCrop | None = None  # train mode: also the self-distillation views
+    text_aug: TextAug | None = None  # train mode: the caption augmented (input.text_aug), last draw
 
     def __call__(self, record: dict, rng: np.random.Generator | None = None) -> dict:
         ex = self._example(record, rng)
         if "teacher_zimg" in record and "skip" not in ex:  # a teacher's stored embeddings
             ex.update(teacher_fields(record, ex["caption"]))
+        if rng is not None and self.text_aug is not None and "skip" not in ex:
+            ex["caption"] = self.text_aug(ex["caption"], rng)
         return ex
 
     def _example(self, record: dict, rng: np.random.Generator | None) -> dict:
@@ -103,9 +111,11 @@ class Preprocess:
             img = img.convert("L").convert("RGB")
         ex = {"image": T.normalize(img, self.value_range), "caption": caption or "", **_labels(record)}
         if rng is not None and self.multi_crop is not None:
-            ex.update(self.multi_crop(decoded, rng, lambda v: T.normalize(
-                T.random_greyscale(T.colour_jitter(v, rng, self.colour_jitter), rng, self.greyscale),
-                self.value_range)))
+            mc = self.multi_crop
+            jitter = self.colour_jitter if mc.colour_jitter is None else mc.colour_jitter
+            grey = self.greyscale if mc.greyscale is None else mc.greyscale
+            ex.update(mc(decoded, rng, lambda v: T.normalize(
+                T.random_greyscale(T.colour_jitter(v, rng, jitter), rng, grey), self.value_range)))
         return ex
 
     def _stored_features(self, record: dict, caption, rng) -> dict:

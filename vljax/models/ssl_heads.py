@@ -10,7 +10,8 @@ consistency loss; patch tokens -> `patch_out_dim` logits for TIPS' masked predic
 heads as iBOT's default) and TIPS' learned mask token ([W], replacing masked patch embeddings of
 the student's view, `vljax/models/vit.py` `token_mask`). Its params live in the train state under
 `ssl/...` (vljax/teacher.py), beside the towers: trained, sharded and checkpointed like them, and
-not part of the exported encoder. Sizes are DINO's (hidden 2048, bottleneck 256, 3 layers,
+not part of the exported encoder. `SimCLRHead` is SLIP's projection MLP (vljax/slip.py, params
+`simclr/...`, likewise left out of exports). Sizes are DINO's (hidden 2048, bottleneck 256, 3 layers,
 K 65536) and iBOT's for patches (K 8192); SigLIP 2 does not state its own in what we could read.
 """
 from __future__ import annotations
@@ -88,3 +89,45 @@ def init_heads(heads: SelfDistillHeads, rng) -> dict:
 def abstract_heads(heads: SelfDistillHeads) -> dict:
     """The params' ShapeDtypeStructs, without computing them."""
     return jax.eval_shape(lambda r: init_heads(heads, r), jax.random.key(0))
+
+
+class SimCLRHead(nn.Module):
+    """SLIP's SimCLR projection MLP (Mu et al. 2022, Sec. 3: "a 3-layer MLP", hidden 4096, output
+    256; facebookresearch/SLIP `models.py` SLIP._build_mlp): Linear(W, hidden) -> BatchNorm ->
+    ReLU -> Linear(hidden, hidden) -> BatchNorm -> ReLU -> Linear(hidden, out).
+
+    x: [V, B, W] (V views of B images) -> [V, B, out]. SLIP applies the MLP to each view's batch
+    separately, with SyncBatchNorm in training mode: each BatchNorm normalises with the mean and
+    (biased) variance of ITS view over the whole batch, here axis 1 of x; under `jax.jit` with the
+    batch sharded over devices that mean is the global batch's, as SyncBatchNorm's. The head is
+    used only in training, so no running statistics are kept (nothing but params in the state).
+    BatchNorm: PyTorch's `eps`, scale 1 and bias 0 at init. The Dense layers take flax's
+    default init (lecun normal, zero bias), not PyTorch's uniform one."""
+    hidden: int = 4096
+    out: int = 256
+    eps: float = 1e-5  # PyTorch BatchNorm's
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, x):
+        if x.ndim != 3:
+            raise ValueError(f"SimCLRHead: x must be [views, batch, width], got shape {x.shape}")
+        x = jnp.asarray(x, self.dtype)
+        for i in range(2):
+            x = nn.Dense(self.hidden, dtype=self.dtype, param_dtype=self.param_dtype, name=f"layer{i + 1}")(x)
+            x = nn.relu(self._batch_norm(x, f"bn{i + 1}"))
+        return nn.Dense(self.out, dtype=self.dtype, param_dtype=self.param_dtype, name="layer3")(x)
+
+    def _batch_norm(self, x, name):
+        scale = self.param(f"{name}_scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        bias = self.param(f"{name}_bias", nn.initializers.zeros, (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=1, keepdims=True)
+        return ((x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias).astype(self.dtype)
+
+
+def init_simclr_head(head: SimCLRHead, width: int, rng) -> dict:
+    """Random params of `head` for pooled features of `width`."""
+    return head.init(rng, jnp.zeros((2, 2, width)))["params"]
