@@ -42,7 +42,10 @@ Config arguments (`--config=configs/lit.py:steps=200,batch=64`): steps, batch, a
   crd=1.0, fd=0.0  the relational (any teacher width) and feature (the teacher's width must be 384,
                 this student's) distillation weights;
   structure=W   add the STRUCTURE regulariser (vljax/losses/structure.py) with weight W: the locked
-                image trunk's neighbourhood geometry (its stored features) kept in the joint space.
+                image trunk's neighbourhood geometry (its stored features) kept in the joint space;
+  ascl=K        ASCL's adaptive soft targets (vljax/losses/ascl.py) in place of the one-hot ones: the
+                paired embedding's similarity distribution over the batch (T2 = 0.05, the official
+                code's), weighted by its confidence, adds up to K units of target mass per row.
 """
 import ml_collections
 
@@ -51,7 +54,7 @@ from vljax import config_args
 
 def get_config(arg=None):
     a = config_args.parse_arg(arg, "configs/lit.py", steps=500, batch=128, distill="", crd=1.0, fd=0.0,
-                              structure=0.0)
+                              structure=0.0, ascl=0.0)
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.total_steps = a["steps"]
@@ -93,6 +96,11 @@ def get_config(arg=None):
     c.text_cache = True
 
     c.loss = dict(name="softmax")
+    if a["ascl"]:
+        if a["distill"]:
+            raise ValueError("configs/lit.py: `ascl=` replaces the softmax loss and `distill=` makes it "
+                             "CLIP-KD's; give one of them")
+        c.loss = dict(name="ascl", neighbours=float(a["ascl"]), relation_temperature=0.05)
     with_distillation(c, a["distill"], crd=a["crd"], fd=a["fd"], structure=a["structure"])
     c.optax = dict(name="adamw", b1=0.9, b2=0.999, scale_wd_by_lr=False)  # big_vision convention
     c.lr = 1e-3
