@@ -85,3 +85,8 @@ def dreamlip_loss(zimg, ztxt_sub, t, axis_name=None, impl="all_gather", multipos
     if not multipos_weight:
         return clip
     return clip + multipos_weight * circle_multi_positive(zimg, ztxt_sub, axis_name, gamma, margin)
+
+
+# The losses of this family, by config name, with their inputs: "sub/ztxt" is the text tower's
+# embedding of the batch's "subcaptions" (config.input.subcaptions; vljax/step.py).
+LOSSES = {"dreamlip": dict(fn=dreamlip_loss, inputs=("zimg", "sub/ztxt", "t"))}
