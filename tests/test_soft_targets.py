@@ -5,13 +5,13 @@ differences with the stop-gradient targets held), gives the same value and gradi
 on one and in the ring form as in the all-gather form; DreamLIP trains through `python -m vljax.main`
 on sub-captions drawn in the input workers."""
 import os
-import subprocess
 import sys
 
 import jax
 import numpy as np
 import pytest
-from helpers import REPO, losses_of, make_shapes_manifest, tiny_config, tiny_config_file
+from helpers import (REPO, data_mesh, finite_differences, make_shapes_manifest, normalised_rows,
+                     tiny_config, tiny_config_file, train_through_main)
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -27,15 +27,10 @@ B, D, K = 16, 8, 2
 RTOL, ATOL = 1e-5, 1e-6
 
 
-def _normalised(rng, *shape):
-    x = rng.normal(size=shape)
-    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
-
-
 @pytest.fixture(scope="module")
 def data():
     rng = np.random.default_rng(0)
-    zimg = _normalised(rng, B, D)
+    zimg = normalised_rows(rng, B, D)
     # Texts near their images (so the relation is not flat and the targets are far from one-hot).
     ztxt = zimg + 0.6 * rng.normal(size=(B, D)).astype(np.float32)
     sub = zimg[:, None, :] + 0.8 * rng.normal(size=(B, K, D)).astype(np.float32)
@@ -50,23 +45,6 @@ def _close(actual, expected, rtol=RTOL, atol=ATOL):
 def _jit_value_and_grad(fn):
     """Compiled: eager value_and_grad dispatches op by op (12 s against 2 s here)."""
     return jax.jit(jax.value_and_grad(fn, argnums=(0, 1, 2)))
-
-
-def _finite_differences(f, arrays, h=1e-6):
-    """Central differences of f(*arrays) (float64) with respect to every element of every array."""
-    arrays = [np.array(a, np.float64) for a in arrays]
-    grads = []
-    for a in arrays:
-        g = np.zeros_like(a)
-        for idx in np.ndindex(a.shape):
-            old = a[idx]
-            a[idx] = old + h
-            up = f(*arrays)
-            a[idx] = old - h
-            g[idx] = (up - f(*arrays)) / (2 * h)
-            a[idx] = old
-        grads.append(g)
-    return grads
 
 
 def _log_softmax(x):
@@ -115,15 +93,10 @@ def test_ascl_matches_numpy_reference_and_is_clip_without_neighbours(data):
 
     value, grads, no_neighbours, clip = run(*args)
     _close(value, ref(*(np.asarray(a, np.float64) for a in args)), rtol=1e-5)
-    for g, r in zip(grads, _finite_differences(ref, args)):
+    for g, r in zip(grads, finite_differences(ref, args)):
         _close(g, r, rtol=1e-4, atol=2e-5)
     _close(no_neighbours, clip)  # K -> 0: CLIP's loss
     assert float(value) - float(clip) > 1e-3
-
-
-def _mesh(n):
-    return jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,),
-                         devices=jax.devices()[:n])
 
 
 def _sharded_value_and_grad(fn, args, specs, argnums, mesh, axis="data"):
@@ -137,7 +110,7 @@ def test_ascl_ring_equals_all_gather_equals_one_device(data):
     options = dict(relation_temperature=0.1, neighbours=3.0)
     ref_value, ref_grads = _jit_value_and_grad(lambda *a: ascl.ascl_loss(*a, **options))(*args)
     fn = lambda *a, axis_name: ascl.ascl_loss(*a, axis_name=axis_name, **options)  # noqa: E731
-    value, grads = _sharded_value_and_grad(fn, args, (P("data"), P("data"), P()), (0, 1, 2), _mesh(8))
+    value, grads = _sharded_value_and_grad(fn, args, (P("data"), P("data"), P()), (0, 1, 2), data_mesh(8))
     _close(value, ref_value)
     for g, r in zip(grads, ref_grads):
         _close(g, r)
@@ -167,8 +140,11 @@ def test_ascl_bad_options_are_refused_naming_the_key(data):
     config.loss.neighbour = 2.0
     with pytest.raises(ValueError, match="config key `loss.neighbour`: unknown"):
         config_check.validate(config)
-    with pytest.raises(ValueError, match="`ascl=`.*`distill=`"):
+    with pytest.raises(ValueError, match="`ascl=`, `distill=` each choose the loss"):
         lit.get_config("ascl=2,distill=/tmp/teacher")
+    config = lit.get_config("dreamlip=6")
+    config_check.validate(config)
+    assert config.loss.name == "dreamlip" and dict(config.input.subcaptions) == dict(num=6)
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +185,7 @@ def test_dreamlip_matches_numpy_reference(data):
     ref = lambda zi, zs, tt: ref_dreamlip(zi, zs, tt, alpha=alpha)  # noqa: E731
     value, grads = _jit_value_and_grad(dreamlip.dreamlip_loss)(zimg, sub, t)
     _close(value, ref_dreamlip(z64, s64, float(t)), rtol=1e-5)
-    for g, r in zip(grads, _finite_differences(ref, (zimg, sub, t))):
+    for g, r in zip(grads, finite_differences(ref, (zimg, sub, t))):
         _close(g, r, rtol=1e-4, atol=2e-5)
     # One text per image and no circle term: CLIP's loss.
     one = jax.jit(lambda zi, zs, tt: (dreamlip.dreamlip_loss(zi, zs[:, :1], tt, multipos_weight=0.0),
@@ -223,7 +199,7 @@ def test_dreamlip_on_eight_devices_equals_one_device(data):
     # impl="ring" changes only the CLIP terms, which are losses.softmax_contrastive's ring (ring ==
     # all-gather there: tests/test_losses.py); the circle term gathers in both forms.
     fn = lambda *a, axis_name: dreamlip.dreamlip_loss(*a, axis_name=axis_name)  # noqa: E731
-    value, grads = _sharded_value_and_grad(fn, args, (P("data"), P("data"), P()), (0, 1, 2), _mesh(8))
+    value, grads = _sharded_value_and_grad(fn, args, (P("data"), P("data"), P()), (0, 1, 2), data_mesh(8))
     _close(value, ref_value)
     for g, r in zip(grads, ref_grads):
         _close(g, r)
@@ -251,7 +227,8 @@ def test_subcaptions_split_and_draw():
     assert set(draw("raw", ["only one"], rng)[1:]) == {"only one"}
     assert draw("raw", ["", " . "], rng) == ["raw"] * 4
     # The same rng state draws the same sub-captions (grain seeds it by the example's index).
-    assert draw("r", ["a. b. c. d. e"], np.random.default_rng(7)) == draw("r", ["a. b. c. d. e"], np.random.default_rng(7))
+    caps = ["a. b. c. d. e"]
+    assert draw("r", caps, np.random.default_rng(7)) == draw("r", caps, np.random.default_rng(7))
     with pytest.raises(ValueError, match="`input.subcaptions.num`"):
         subcaptions.SubCaptions(num=0)
 
@@ -280,11 +257,5 @@ def test_dreamlip_through_main(manifest, tmp_path):
         "c.input.subcaptions = dict(num=2)",
         f"c.input.data = [dict(source='jsonl', path={manifest!r})]"])  # 48 records
     # The ring over 2 CPU devices: it travels the same as over 8 and compiles in a third of the time.
-    xla_flags = os.environ.get("XLA_FLAGS", "").replace("device_count=8", "device_count=2")
-    proc = subprocess.run([sys.executable, "-m", "vljax.main", f"--config={cfg}", f"--workdir={tmp_path / 'wd'}"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": REPO, "XLA_FLAGS": xla_flags})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "2 device(s)" in proc.stderr, proc.stderr[-3000:]
-    got = losses_of(tmp_path / "wd")
+    got = train_through_main(cfg, tmp_path / "wd", devices=2)
     assert len(got) == 16 and np.mean(got[-3:]) < 0.8 * np.mean(got[:3]), got

@@ -175,7 +175,8 @@ class Collate:
             batch["image_tokens"] = np.stack([ex["image_tokens"] for ex in examples])
         if "subcaptions" in examples[0]:  # [B, 1 + num, L]
             texts = [t for ex in examples for t in ex["subcaptions"]]
-            batch["subcaptions"] = np.asarray(self.tokenizer(texts), np.int32).reshape(len(examples), -1, batch["text"].shape[1])
+            tokens = np.asarray(self.tokenizer(texts), np.int32)
+            batch["subcaptions"] = tokens.reshape(len(examples), -1, tokens.shape[-1])
         # MultiCrop's views; a teacher's stored embeddings (vljax/teacher_features.py)
         for k in ("sd_global", "sd_local", "teacher_zimg", "teacher_ztxt", "teacher_t"):
             if k in examples[0]:

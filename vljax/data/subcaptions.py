@@ -14,10 +14,13 @@ last window, and an error when that range is empty); here every window is drawn,
 captions give no sentence at all repeats its raw caption. The randomness is the worker's explicit
 `np.random.Generator` (grain's `random_map` rng), so the draw is part of the resumable input state.
 
-What the demo can and cannot show: its captions are short (an emoji's name, an openclipart title,
-description and tags): most records give one to three sentences, so the sub-captions of a record are
-mostly repeats of a few short texts, not the partial descriptions of a rich image the paper samples
-from 10-sentence MLLM captions.
+What the demo can and cannot show (from how vljax/data/demo_*.py write the captions; the pool sizes
+were not measured here): an emoji's captions are its name, "emoji of <name>" and its short names,
+phrases without a full stop, so its sub-captions are rephrasings of one name; an openclipart record
+has its title, its description (up to 300 characters, sometimes several sentences) and "title, tags",
+so a few of its sub-captions are partial descriptions. Neither is the 10-sentence MLLM description of
+a rich image, each sentence a part of it, from which the paper samples: the demo exercises the
+mechanism, it cannot show the paper's gain.
 """
 from __future__ import annotations
 
