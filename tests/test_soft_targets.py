@@ -251,7 +251,8 @@ def test_subcaptions_in_the_batch_and_the_config_check(manifest, tmp_path):
 @pytest.mark.slow
 def test_dreamlip_through_main(manifest, tmp_path):
     """`python -m vljax.main` trains DreamLIP's loss on sub-captions drawn in the input workers (raw
-    caption + 2 per image; the CLIP terms in the ring form over 2 devices): it learns."""
+    caption + 2 per image; the CLIP terms in the ring form over 2 devices): it learns (the mean of the
+    last 3 losses 0.77 of the first 3's when written: 5.49 -> 4.21)."""
     cfg = tiny_config_file(tmp_path / "tiny.py", tmp_path / "shapes", steps=16, batch=16, lines=[
         "c.loss = dict(name='dreamlip', impl='ring')",
         "c.input.subcaptions = dict(num=2)",

@@ -189,7 +189,7 @@ def ascl_loss(zimg, ztxt, t, axis_name=None, impl="all_gather", relation_tempera
     check_options(relation_temperature, neighbours)
     idx, n = axis_info(axis_name)
     b = zimg.shape[0]
-    if axis_name is None and b < 3 or axis_name is not None and b * n < 3:
+    if b * n < 3:
         raise ValueError(f"ascl_loss needs a global batch of at least 3 (log(B - 1) > 0), got {b} x {n}")
     tau, k = float(relation_temperature), float(neighbours)
     if axis_name is not None and impl == "ring":
