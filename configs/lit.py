@@ -42,7 +42,13 @@ Config arguments (`--config=configs/lit.py:steps=200,batch=64`): steps, batch, a
   crd=1.0, fd=0.0  the relational (any teacher width) and feature (the teacher's width must be 384,
                 this student's) distillation weights;
   structure=W   add the STRUCTURE regulariser (vljax/losses/structure.py) with weight W: the locked
-                image trunk's neighbourhood geometry (its stored features) kept in the joint space.
+                image trunk's neighbourhood geometry (its stored features) kept in the joint space;
+  ascl=K        ASCL's adaptive soft targets (vljax/losses/ascl.py) in place of the one-hot ones: the
+                paired embedding's similarity distribution over the batch (T2 = 0.05, the official
+                code's), weighted by its confidence, adds up to K units of target mass per row;
+  dreamlip=N    DreamLIP's loss (vljax/losses/dreamlip.py) on each image's caption and N sub-captions
+                drawn from its captions' sentences in the input workers (vljax/data/subcaptions.py;
+                the official code's N = 6). The sub-captions run through the whole text tower.
 """
 import ml_collections
 
@@ -51,7 +57,7 @@ from vljax import config_args
 
 def get_config(arg=None):
     a = config_args.parse_arg(arg, "configs/lit.py", steps=500, batch=128, distill="", crd=1.0, fd=0.0,
-                              structure=0.0)
+                              structure=0.0, ascl=0.0, dreamlip=0)
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.total_steps = a["steps"]
@@ -93,6 +99,14 @@ def get_config(arg=None):
     c.text_cache = True
 
     c.loss = dict(name="softmax")
+    chosen = [k for k in ("ascl", "dreamlip", "distill") if a[k]]
+    if len(chosen) > 1:
+        raise ValueError(f"configs/lit.py: `{'=`, `'.join(chosen)}=` each choose the loss; give one of them")
+    if a["ascl"]:
+        c.loss = dict(name="ascl", neighbours=float(a["ascl"]), relation_temperature=0.05)
+    if a["dreamlip"]:
+        c.loss = dict(name="dreamlip")
+        c.input.subcaptions = dict(num=a["dreamlip"])
     with_distillation(c, a["distill"], crd=a["crd"], fd=a["fd"], structure=a["structure"])
     c.optax = dict(name="adamw", b1=0.9, b2=0.999, scale_wd_by_lr=False)  # big_vision convention
     c.lr = 1e-3

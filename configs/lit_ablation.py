@@ -18,6 +18,12 @@ the loss and what that loss needs, each as its paper sets it:
   being on other logit scales); hard_negatives_sigmoid: the same weighting of SigLIP's negatives.
 - false_negatives: the softmax loss without the negatives of cosine similarity above 0.9.
 - label_smoothing: the softmax loss with image-text targets smoothed by eps = 0.1 (Szegedy et al. 2016).
+- ascl: ASCL's adaptive soft targets (Feng & Patras 2022; vljax/losses/ascl.py): the official code's
+  relation temperature 0.05 and K = 1 neighbour (its default; its README's CIFAR-100 example uses 5).
+- dreamlip: DreamLIP's loss (Zheng et al. 2024; vljax/losses/dreamlip.py) on each image's caption and 6
+  sub-captions (the official code's --num_text) drawn from its captions' sentences: CLIP per text,
+  averaged, + 1/10 Circle loss with the 7 texts as positives. The demo's captions are short phrases
+  (vljax/data/subcaptions.py says what the row can and cannot show).
 - filip: token-wise late interaction (Yao et al. 2021) over the locked trunk's stored tokens and the
   text tokens; evaluated by late interaction.
 Evaluations: the demo's, plus generalised zero-shot on the configs/lit_eval.py split and the
@@ -35,7 +41,8 @@ import lit  # noqa: E402
 from vljax import config_args  # noqa: E402
 
 LOSSES = ("softmax", "sigmoid", "dcl", "dclw", "cwcl", "multi_positive", "filip", "hard_negatives",
-          "false_negatives", "label_smoothing", "hard_negatives_sigmoid")
+          "false_negatives", "label_smoothing", "hard_negatives_sigmoid", "ascl",
+          "dreamlip")
 # Rows whose loss (config.loss.name) is not the row's name: one loss, several settings.
 LOSS_OF = {"hard_negatives": "hard_negative_softmax", "false_negatives": "hard_negative_softmax",
            "label_smoothing": "hard_negative_softmax", "hard_negatives_sigmoid": "hard_negative_sigmoid"}
@@ -74,6 +81,11 @@ def get_config(arg=None):
         c.loss = dict(name=LOSS_OF[loss], threshold=0.9)
     elif loss == "label_smoothing":
         c.loss = dict(name=LOSS_OF[loss], smoothing=0.1)
+    elif loss == "ascl":
+        c.loss = dict(name="ascl", relation_temperature=0.05, neighbours=1.0)
+    elif loss == "dreamlip":
+        c.loss = dict(name="dreamlip")
+        c.input.subcaptions = dict(num=6)
     else:
         c.loss = dict(name=loss)
     fmnist = dict(name="vljax_fashion_mnist", split="test")

@@ -2,7 +2,10 @@
 configs that train on it in seconds (tests/test_train.py, tests/test_inference.py, ...)."""
 import json
 import os
+import subprocess
+import sys
 
+import jax
 import ml_collections
 import numpy as np
 from PIL import Image, ImageDraw
@@ -126,3 +129,44 @@ def fit_counting_step_compiles(trainer, caplog) -> int:
     finally:
         jax.config.update("jax_log_compiles", False)
     return sum("Finished XLA compilation of jit(step_fn)" in r.getMessage() for r in caplog.records)
+
+
+def finite_differences(f, arrays, h=1e-6):
+    """Central differences of f(*arrays) (float64) with respect to every element of every array."""
+    arrays = [np.array(a, np.float64) for a in arrays]
+    grads = []
+    for a in arrays:
+        g = np.zeros_like(a)
+        for idx in np.ndindex(a.shape):
+            old = a[idx]
+            a[idx] = old + h
+            up = f(*arrays)
+            a[idx] = old - h
+            g[idx] = (up - f(*arrays)) / (2 * h)
+            a[idx] = old
+        grads.append(g)
+    return grads
+
+
+def normalised_rows(rng, *shape):
+    """Gaussian rows scaled to unit L2 norm along the last axis, float32 (embeddings for loss tests)."""
+    x = rng.normal(size=shape)
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def data_mesh(n):
+    """A 1-D mesh ("data",) over the first n devices, explicit axis types (loss tests' shard_map)."""
+    return jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,),
+                         devices=jax.devices()[:n])
+
+
+def train_through_main(config_file, workdir, devices=2) -> list[float]:
+    """Runs `python -m vljax.main --config=config_file --workdir=workdir` on `devices` CPU devices
+    (asserting it exits 0 and says so) and returns its logged training losses."""
+    xla_flags = os.environ.get("XLA_FLAGS", "").replace("device_count=8", f"device_count={devices}")
+    proc = subprocess.run([sys.executable, "-m", "vljax.main", f"--config={config_file}", f"--workdir={workdir}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": REPO, "XLA_FLAGS": xla_flags})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"{devices} device(s)" in proc.stderr, proc.stderr[-3000:]
+    return losses_of(workdir)

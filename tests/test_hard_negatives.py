@@ -4,14 +4,13 @@ equations (value, and gradient by central finite differences with the stop-gradi
 reduces to the plain loss with its options off, gives the same value and gradients on 8 devices
 as on one and in the ring form as in the all-gather form, and trains through the one trainer."""
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import REPO, losses_of, make_shapes_manifest, tiny_config, tiny_config_file
+from helpers import (data_mesh, finite_differences, losses_of, make_shapes_manifest, normalised_rows,
+                     tiny_config, tiny_config_file, train_through_main)
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -22,15 +21,10 @@ B, D = 16, 8
 RTOL, ATOL = 1e-5, 1e-6
 
 
-def _normalised(rng, *shape):
-    x = rng.normal(size=shape)
-    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
-
-
 @pytest.fixture(scope="module")
 def data():
     rng = np.random.default_rng(0)
-    return dict(zimg=_normalised(rng, B, D), ztxt=_normalised(rng, B, D), t=np.float32(4.0),
+    return dict(zimg=normalised_rows(rng, B, D), ztxt=normalised_rows(rng, B, D), t=np.float32(4.0),
                 b=np.float32(-2.5), labels=rng.integers(-1, 4, size=B).astype(np.int32))
 
 
@@ -80,23 +74,6 @@ def ref_sigmoid(zimg, ztxt, t, b, w, keep):
     return (-np.sum(log_sig(np.diag(x))) - np.sum(w * keep * log_sig(-x))) / len(zimg)
 
 
-def _finite_differences(f, arrays, h=1e-6):
-    """Central differences of f(*arrays) (float64) with respect to every element of every array."""
-    arrays = [np.array(a, np.float64) for a in arrays]
-    grads = []
-    for a in arrays:
-        g = np.zeros_like(a)
-        for idx in np.ndindex(a.shape):
-            old = a[idx]
-            a[idx] = old + h
-            up = f(*arrays)
-            a[idx] = old - h
-            g[idx] = (up - f(*arrays)) / (2 * h)
-            a[idx] = old
-        grads.append(g)
-    return grads
-
-
 OPTIONS = [dict(beta=2.0), dict(beta=3.0, normalise=False, smoothing=0.1),
            dict(beta=3.0, threshold=0.3, mask_labels=True, smoothing=0.1)]
 
@@ -119,7 +96,7 @@ def test_softmax_matches_numpy_reference(options, data):
     value, grads = jax.value_and_grad(
         lambda *a: hn.hard_negative_softmax(*a, data["labels"], **options), argnums=(0, 1, 2))(*args)
     _close(value, ref(z["zimg"], z["ztxt"], float(data["t"])), rtol=1e-5)
-    for g, r in zip(grads, _finite_differences(ref, args)):
+    for g, r in zip(grads, finite_differences(ref, args)):
         _close(g, r, rtol=1e-4, atol=2e-5)
 
 
@@ -132,7 +109,7 @@ def test_sigmoid_matches_numpy_reference(options, data):
     value, grads = jax.value_and_grad(
         lambda *a: hn.hard_negative_sigmoid(*a, data["labels"], **options), argnums=(0, 1, 2, 3))(*args)
     _close(value, ref(z["zimg"], z["ztxt"], float(data["t"]), float(data["b"])), rtol=1e-5)
-    for g, r in zip(grads, _finite_differences(ref, args)):
+    for g, r in zip(grads, finite_differences(ref, args)):
         _close(g, r, rtol=1e-4, atol=2e-5)
 
 
@@ -148,13 +125,8 @@ def test_weighting_and_smoothing_change_the_loss(data):
 # ----------------------------------------------------------------------------- sharded, ring
 
 
-def _mesh(n):
-    return jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,),
-                         devices=jax.devices()[:n])
-
-
 def _sharded_value_and_grad(fn, args, specs, argnums, n=8):
-    mesh = _mesh(n)
+    mesh = data_mesh(n)
     args = [jax.device_put(a, NamedSharding(mesh, s)) for a, s in zip(args, specs)]
     f = jax.shard_map(lambda *a: fn(*a, axis_name="data"), mesh=mesh, in_specs=tuple(specs), out_specs=P())
     return jax.jit(jax.value_and_grad(f, argnums=argnums))(*args)
@@ -209,7 +181,7 @@ def test_ring_over_two_mesh_axes_equals_one_device(data):
 
 def _temp_bytes(loss, impl, n, b=256, width=256):
     """Compiled temporary memory of value_and_grad on n devices, b rows each (nothing runs)."""
-    mesh = _mesh(n)
+    mesh = data_mesh(n)
     fn, args, specs, argnums = _case(loss, impl, dict(beta=2.0, threshold=0.5, mask_labels=True),
                                      dict(zimg=0, ztxt=0, t=0, b=0, labels=0))
     shapes = {0: (n * b, width), 1: (n * b, width), len(specs) - 1: (n * b,)}
@@ -297,11 +269,5 @@ def test_hard_negative_softmax_through_main(manifest, tmp_path):
         "c.loss = dict(name='hard_negative_softmax', impl='ring', beta=2.0, threshold=0.9, smoothing=0.1)",
         f"c.input.data = [dict(source='jsonl', path={manifest!r})]"])  # 48 records, not 12
     # The ring over 2 CPU devices: it travels the same as over 8 and compiles in a third of the time.
-    xla_flags = os.environ.get("XLA_FLAGS", "").replace("device_count=8", "device_count=2")
-    proc = subprocess.run([sys.executable, "-m", "vljax.main", f"--config={cfg}", f"--workdir={tmp_path / 'wd'}"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": REPO, "XLA_FLAGS": xla_flags})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "2 device(s)" in proc.stderr, proc.stderr[-3000:]
-    got = losses_of(tmp_path / "wd")
+    got = train_through_main(cfg, tmp_path / "wd", devices=2)
     assert len(got) == 16 and np.mean(got[-3:]) < 0.8 * np.mean(got[:3]), got

@@ -102,6 +102,8 @@ _INPUT = {
     # Set by the trainer on a self-distillation stage's input (vljax/teacher.py `multi_crop`).
     "multi_crop": (False, (dict, type(None))),
     "text_aug": (False, (dict, type(None))),  # vljax/data/text_aug.py
+    # DreamLIP's sub-captions (vljax/data/subcaptions.py `SubCaptions` kwargs: num, merged).
+    "subcaptions": (False, (dict, type(None))),
 }
 _AUGMENT = {
     "random_resized_crop": (False, (list, tuple, type(None))),

@@ -56,7 +56,8 @@ class Loss:
     the towers' out dicts: `img/tokens`, `img/tokens_proj`, `txt/mask`, ...), `frozen/zimg` /
     `frozen/ztxt` (the embeddings with their gradient stopped), `frozen/img_features` /
     `frozen/txt_features` (the towers' pre_logits with their gradient stopped; with stored LiT
-    features, those features), `labels/ztxt` (the label prompts' embeddings, `label_prompts`) and
+    features, those features), `labels/ztxt` (the label prompts' embeddings, `label_prompts`),
+    `sub/ztxt` (each image's sub-captions' embeddings [B, K, D], config.input.subcaptions) and
     `batch/<field>` (a field of the input batch, e.g. `batch/label` with `config.input.label=True`).
     `make_loss` looks the names up, splits batched inputs over the mesh's batch axes and runs
     `fn(*inputs, axis_name=..., **options)` under one `jax.shard_map`.
@@ -278,6 +279,9 @@ def check(config, trainable_mask, opened=()) -> None:
                          "dict(variant='B', depth=6, vocab_size=..., pad_id=...): "
                          "vljax/models/decoder.py)")
     slip.check(config, trainable_mask)
+    if "sub/ztxt" in loss.inputs and not config.input.get("subcaptions"):
+        raise ValueError(f"config key `input.subcaptions`: loss {name!r} takes the embeddings of each image's "
+                         "sub-captions; set input.subcaptions = dict(num=6) (vljax/data/subcaptions.py)")
     if "b" in loss.inputs and config.model.get("bias_init") is None:
         raise ValueError(f"config key `model.bias_init`: loss {name!r} takes the model's logit bias b, "
                          "which this model does not have; set it (e.g. -10.0, SigLIP's)")

@@ -62,6 +62,11 @@ def make_train_step(model, tx, loss, trainable_mask, label_text=None, label_bloc
             lower = None if not label_blocks else (label_blocks, label_states)
             _, out["labels/ztxt"], _ = model.apply({"params": params}, None, label_text, train=True,
                                                    rngs={"dropout": rng}, text_lower=lower)
+        if "subcaptions" in batch:  # DreamLIP: input.subcaptions, [B, K, L] -> out["sub/ztxt"] [B, K, D]
+            b, k, length = batch["subcaptions"].shape
+            _, sub, _ = model.apply({"params": params}, None, batch["subcaptions"].reshape(b * k, length),
+                                    train=True, rngs={"dropout": rng})
+            out["sub/ztxt"] = sub.reshape(b, k, -1)
         return zimg, ztxt, out
 
     def _towers(params, batch, rng):

@@ -24,6 +24,8 @@ Training config (`config.input`, an ml_collections ConfigDict or a dict):
                                  # the fixed-resolution stage, vljax/data/naflex_train.py
     text_aug=None,               # caption augmentation of Fini et al. 2023 (vljax/data/text_aug.py),
                                  # e.g. dict(synonym=0.0): stop words, EDA swap / deletion
+    subcaptions=None,            # DreamLIP: subcaptions.SubCaptions kwargs (num, merged); batch
+                                 # "subcaptions" int32 [B, 1 + num, L], drawn in the input workers
     multi_crop=None,             # set by the trainer in a self-distillation stage (vljax/teacher.py):
                                  # preprocess.MultiCrop's kwargs; batch "sd_global" [B, Vg, S, S, 3],
                                  # "sd_local" [B, Vl, s, s, 3], cut in the input workers
@@ -55,6 +57,7 @@ from vljax.data.checkpoint_preprocess import NaflexCollate
 from vljax.data.eval_transform import EvalImage
 from vljax.data.preprocess import (SKIP_REASONS, SKIPPED_KEY, Collate, MultiCrop, Preprocess,
                                    SkipCountingBatch, canonical_value_range, count_skips)
+from vljax.data.subcaptions import SubCaptions
 
 
 DEFAULT_SHARD_WINDOW = 4
@@ -135,6 +138,8 @@ def _preprocess_from_config(cfg):
                              f"whose NaFlex stages see {naflex_train.VALUE_RANGE}: set it to that")
         cfg = {k: v for k, v in dict(cfg).items() if k != "naflex"}
     elif naf is not None and naf.budgets:  # resized per batch to the batch's budget (BudgetBatch)
+        if _get(cfg, "subcaptions"):
+            raise ValueError("config key `input.subcaptions`: not made for NaFlex budgets (`input.naflex`)")
         return naflex_train.NaflexExample(greyscale=float(aug.get("greyscale", 0.0)),
                                           colour_jitter=float(aug.get("colour_jitter", 0.0)))
     special = checkpoint_preprocess.from_config(
@@ -148,6 +153,9 @@ def _preprocess_from_config(cfg):
         if _get(cfg, "multi_crop"):
             raise ValueError("config key `self_distill`: the multi-crop views are not made for a run "
                              "from a checkpoint's preprocessing (`init_from`: squash resize, NaFlex)")
+        if _get(cfg, "subcaptions"):
+            raise ValueError("config key `input.subcaptions`: sub-captions are not made for a run from a "
+                             "checkpoint's preprocessing (`init_from`: squash resize, NaFlex)")
         return special
     return Preprocess(image_size=int(cfg["image_size"]),
                       value_range=canonical_value_range(cfg.get("value_range", "efficientnet")),
@@ -155,7 +163,8 @@ def _preprocess_from_config(cfg):
                       greyscale=float(aug.get("greyscale", 0.0)),
                       colour_jitter=float(aug.get("colour_jitter", 0.0)),
                       multi_crop=MultiCrop(**dict(mc)) if (mc := _get(cfg, "multi_crop")) else None,
-                      text_aug=None if text_aug is None else text_aug_lib.TextAug.from_options(text_aug))
+                      text_aug=None if text_aug is None else text_aug_lib.TextAug.from_options(text_aug),
+                      subcaptions=SubCaptions(**dict(sc)) if (sc := _get(cfg, "subcaptions")) else None)
 
 
 class ProcessSlice(grain.MapDataset):

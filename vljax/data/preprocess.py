@@ -12,6 +12,7 @@ import grain
 import numpy as np
 
 from vljax.data import transforms as T
+from vljax.data.subcaptions import SubCaptions
 from vljax.data.text_aug import TextAug
 # canonical_value_range / eval_image: imported from here since they began (now in eval_transform).
 from vljax.data.eval_transform import EvalImage, canonical_value_range, eval_image  # noqa: F401
@@ -73,12 +74,15 @@ class Preprocess:
     # "image"), in place of the centre crop; None: `image_size` / `value_range` as above.
     eval_transform: EvalImage | None = None
     multi_crop: MultiCrop | None = None  # train mode: also the self-distillation views
+    subcaptions: SubCaptions | None = None  # train mode: also DreamLIP's texts, "subcaptions" [1 + num]
     text_aug: TextAug | None = None  # train mode: the caption augmented (input.text_aug), last draw
 
     def __call__(self, record: dict, rng: np.random.Generator | None = None) -> dict:
         ex = self._example(record, rng)
         if "teacher_zimg" in record and "skip" not in ex:  # a teacher's stored embeddings
             ex.update(teacher_fields(record, ex["caption"]))
+        if rng is not None and self.subcaptions is not None and "skip" not in ex:  # drawn after the view
+            ex["subcaptions"] = self.subcaptions(ex["caption"], record["captions"], rng)
         if rng is not None and self.text_aug is not None and "skip" not in ex:
             ex["caption"] = self.text_aug(ex["caption"], rng)
         return ex
@@ -179,6 +183,10 @@ class Collate:
                  "text": np.asarray(self.tokenizer(captions), np.int32)}
         if "image_tokens" in examples[0]:
             batch["image_tokens"] = np.stack([ex["image_tokens"] for ex in examples])
+        if "subcaptions" in examples[0]:  # [B, 1 + num, L]
+            texts = [t for ex in examples for t in ex["subcaptions"]]
+            tokens = np.asarray(self.tokenizer(texts), np.int32)
+            batch["subcaptions"] = tokens.reshape(len(examples), -1, tokens.shape[-1])
         # MultiCrop's views; a teacher's stored embeddings (vljax/teacher_features.py)
         for k in ("sd_global", "sd_local", "teacher_zimg", "teacher_ztxt", "teacher_t"):
             if k in examples[0]:
