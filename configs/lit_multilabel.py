@@ -34,7 +34,8 @@ Partial labels and extreme label spaces (issue 26):
     python -m vljax.main --config=configs/lit_multilabel.py:loss=pu_mlc,hide=0.5 --workdir=/tmp/vljax_lit_pu
 
 `loss`: "multilabel" (the default, with `kind`), "pu_mlc" (PU-MLC, positive labels only),
-"nnpu" (the non-negative PU risk; its label frequency set to 1 - hide) or "dexml" (DEXML's
+"nnpu" (the non-negative PU risk; its label frequency set to 1 - hide), "comic" (COMIC's
+label correction and multi-focal modifier for long-tailed partial labels) or "dexml" (DEXML's
 decoupled softmax), vljax/losses/partial_labels.py and dexml.py. `hide`: the fraction of positive
 tags hidden from training, seeded by `hide_seed` (`input.hide_labels`; the hidden tags are written
 to <workdir>/hidden_labels.json). Every evaluation also reports ReaL-style accuracy (real_top1)
@@ -69,7 +70,7 @@ def get_config(arg=None):
                       multilabel_template=a["template"])
     elif a["loss"] == "multilabel":
         c.loss = dict(name="multilabel", kind=a["kind"], template=a["template"])
-    else:  # pu_mlc, nnpu, dexml: their defaults; nnPU is told how many positives it sees
+    else:  # pu_mlc, nnpu, comic, dexml: their defaults; nnPU is told how many positives it sees
         c.loss = dict(name=a["loss"], template=a["template"])
         if a["loss"] == "nnpu":
             c.loss.label_frequency = 1.0 - a["hide"]

@@ -532,7 +532,7 @@ def test_losses_registry():
         "sigmoid_caption": losses.sigmoid_caption_loss,
         "hard_negative_softmax": losses.hard_negative_softmax, "hard_negative_sigmoid": losses.hard_negative_sigmoid,
         "pu_mlc": partial_labels.pu_mlc_loss, "nnpu": partial_labels.nnpu_loss, "dexml": dexml.dexml_loss,
-        "clip_kd": distill.clip_kd, "queue_contrastive": queue.queue_contrastive}
+        "comic": partial_labels.comic_loss, "clip_kd": distill.clip_kd, "queue_contrastive": queue.queue_contrastive}
     # Every declared input is a positional parameter of the function, in order.
     for name, loss in objective.LOSSES.items():
         params = list(inspect.signature(loss.fn).parameters)

@@ -31,10 +31,43 @@ l_ij = t <zimg_i, zlabels_j> + b of `vljax.losses.multilabel`.
     defined even for a label without a positive in the batch. The value is the mean over labels.
     Deviation: Kiryo's Algorithm 1 steps up the negative part's gradient when it falls below
     -beta; here the max clamps it (gradient 0 there, beta = 0).
+  * `comic_loss` (`loss.name="comic"`): COMIC (Zhang et al., ICCV 2023, "Learning in Imperfect
+    Environment: Multi-Label Classification with Long-Tailed Distribution and Partial Labels",
+    arXiv 2304.10539), its Correction and Modification. The stored paper copy gave the abstract
+    only, so the equations are those of the authors' code (github wannature/COMIC, read whole:
+    loss/PriorFocalModifierLoss.py, loss/ReflectiveLabelCorrectorLoss.py and how
+    models/BalancedlNetwork.py combines them: PFM + 0.2 RLC on a branch's logits). With
+    p = sigmoid(l), n_j the number of observed positives of label j, prior_j = n_j / max_k n_k:
+      Modification (the multi-focal modifier, PFM): a_i = normalise(mean_{j in P_i} Cn[j]) the
+      co-occurrence attention of image i's observed labels (Cn = C / column sums, C = Y^T Y off
+      the diagonal: how often two different labels are observed together),
+      w_j = (1 - log prior_j)^(1/3), x+ = p (1 - a), x- = min(1 - p + clip, 1) scaled by
+      `gamma_class_ng` (and again capped at 1) where a > 0, and
+        PFM = - sum_ij w_j [y log x+ + (1 - y) log x-] * sg((1 - pt)^g_ij),
+        g_ij = gamma_pos y + (gamma_neg + w_j)(1 - y),   pt = x+ y + x- (1 - y)
+      (the focusing factor's gradient stopped, as the code does);
+      Correction (the reflective label corrector, RLC): positives' logits lowered by `margin`,
+      p' = sigmoid(l - margin y); an unobserved label is recalled as a positive where
+      p'_ij > `threshold` and p'_ij > mean_i p'_ij (the class-aware threshold), giving y'; then
+      the same focal form with x+ = p', no attention, w'_j = (1 - log prior'_j)^(1/6) from y''s
+      counts, gamma_pos 0 and gamma_neg 3, times B / sum_ij y'_ij.
+    loss = PFM + `rlc_weight` RLC (rlc_weight 0.2, the code's). Deviations: the class prior and
+    the co-occurrence matrix are the (global) batch's observed labels, not the training set's
+    files (distribution.txt, co-occurrence.npy) that vljax's losses cannot see, a label without a
+    positive counting 1 and an image without one getting no attention (the code would divide by
+    zero); the code's co-occurrence file is built outside the repository, so its diagonal is our
+    choice: left out (a label's own count is the prior's; with it, a single-label image's
+    attention on its label is 1, x+ = 0 and the positive has no gradient); RLC scales by the
+    batch size B (the code by its default 32, whatever the batch) and is on from the first step
+    (the code's compute_epoch=1, its first epoch); its per-epoch count of recalled labels is the
+    batch's. Balance (head and tail branches on re-sampled batches: two more networks and
+    samplers) is not included: in the code its balancer term is commented out of the loss, and
+    the balanced branch's IRM term (the mean of the three branches' PFM) would, with one branch,
+    only double PFM.
 
-Both are per-batch estimators: with `axis_name` every batch statistic (means, deviations, counts)
-is a psum over the devices, so the value and gradients equal the single-device call on the
-gathered batch (tests/test_partial_labels.py).
+All are per-batch estimators: with `axis_name` every batch statistic (means, deviations, counts,
+co-occurrences) is a psum over the devices, so the value and gradients equal the single-device
+call on the gathered batch (tests/test_partial_labels.py).
 """
 from __future__ import annotations
 
@@ -92,10 +125,63 @@ def nnpu_loss(zimg, zlabels, t, b, labels, axis_name=None, label_frequency: floa
     return jnp.mean(risk_p_pos + jnp.maximum(risk_u_neg - risk_p_neg, 0.0))
 
 
+def _focal_log_likelihood(y, x_pos, x_neg, w, gamma_pos, gamma_neg):
+    """COMIC's weighted asymmetric-focal log-likelihood per (image, label) (both its losses):
+    w [y log x+ + (1 - y) log x-] (1 - pt)^(gamma_pos y + (gamma_neg + w)(1 - y)), the focusing
+    factor's gradient stopped; logs floored at 1e-8 (the code's clamp)."""
+    log_lik = y * jnp.log(jnp.maximum(x_pos, 1e-8)) + (1 - y) * jnp.log(jnp.maximum(x_neg, 1e-8))
+    pt = x_pos * y + x_neg * (1 - y)
+    focus = jax.lax.stop_gradient((1 - pt) ** (gamma_pos * y + (gamma_neg + w) * (1 - y)))
+    return w * log_lik * focus
+
+
+def _prior_weight(y, power, axis_name):
+    """[K] (1 - log prior_j)^power, prior_j = n_j / max_k n_k, n_j = y's positives of label j over
+    the global batch (at least 1)."""
+    counts = jnp.maximum(psum(y.sum(0), axis_name), 1.0)
+    return (1 - jnp.log(counts / counts.max())) ** power
+
+
+def comic_loss(zimg, zlabels, t, b, labels, axis_name=None, rlc_weight: float = 0.2,
+               gamma_pos: float = 0.0, gamma_neg: float = 3.0, gamma_class_ng: float = 1.2,
+               clip: float = 0.05, threshold: float = 0.7, margin: float = 1.0):
+    """COMIC's Modification (PFM) + rlc_weight * Correction (RLC) (module docstring). zimg [B, D],
+    zlabels [K, D], t, b scalars, labels [B, K] observed positives; the options are the code's
+    (PFM: gamma_pos, gamma_neg, gamma_class_ng, clip; RLC: threshold tau, margin). A sum over the
+    global batch, as the code's. Scalar."""
+    logits, y = _logits(zimg, zlabels, t, b, labels)
+    n = psum(jnp.float32(logits.shape[0]), axis_name)
+    # Modification: co-occurrence attention of each image's observed labels.
+    cooc = psum(jnp.einsum("bj,bk->jk", y, y), axis_name)                   # [K, K]
+    cooc = cooc * (1 - jnp.eye(cooc.shape[0], dtype=cooc.dtype))            # pairs of labels
+    col = cooc.sum(0)
+    cooc = jnp.where(col > 0, cooc / jnp.where(col > 0, col, 1.0), 0.0)
+    seen = y.sum(1, keepdims=True)
+    att = (y @ cooc) / jnp.maximum(seen, 1.0)                               # [B, K]
+    total = att.sum(1, keepdims=True)
+    att = jnp.where(total > 0, att / jnp.where(total > 0, total, 1.0), 0.0)
+    p = jax.nn.sigmoid(logits)
+    x_neg = jnp.minimum(1 - p + clip, 1.0)
+    x_neg = jnp.where(att == 0, x_neg, jnp.minimum(x_neg * gamma_class_ng, 1.0))
+    w = _prior_weight(y, 1 / 3, axis_name)
+    pfm = -psum(_focal_log_likelihood(y, p * (1 - att), x_neg, w, gamma_pos, gamma_neg).sum(), axis_name)
+    # Correction: recall unobserved labels above the class-aware threshold.
+    p_rlc = jax.nn.sigmoid(logits - margin * y)
+    mean = psum(p_rlc.sum(0), axis_name) / n
+    recalled = jax.lax.stop_gradient((p_rlc > threshold) & (p_rlc > mean))
+    y_rlc = jnp.where(recalled, 1.0, y)
+    w_rlc = _prior_weight(y_rlc, 1 / 6, axis_name)
+    x_neg = jnp.minimum(1 - p_rlc + clip, 1.0)
+    rlc = psum(_focal_log_likelihood(y_rlc, p_rlc, x_neg, w_rlc, 0.0, 3.0).sum(), axis_name)
+    rlc = -rlc * n / jnp.maximum(psum(y_rlc.sum(), axis_name), 1.0)
+    return pfm + rlc_weight * rlc
+
+
 # Partial-label losses, by config name (inputs as vljax.objective.Loss gives them); label prompts
 # from `loss.template` as for `multilabel`; per-label sigmoid scores.
 _INPUTS = ("zimg", "labels/ztxt", "t", "b", "batch/labels")
 LOSSES = {
     "pu_mlc": dict(fn=pu_mlc_loss, inputs=_INPUTS, config_keys=("template",), logits="sigmoid"),
     "nnpu": dict(fn=nnpu_loss, inputs=_INPUTS, config_keys=("template",), logits="sigmoid"),
+    "comic": dict(fn=comic_loss, inputs=_INPUTS, config_keys=("template",), logits="sigmoid"),
 }
