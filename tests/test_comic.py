@@ -197,8 +197,10 @@ def test_lit_multilabel_comic_argument():
 
 @pytest.mark.slow  # a `python -m vljax.main` subprocess (one device): imports, a compile and 4 steps
 def test_main_trains_comic_with_hidden_labels(tmp_path):
-    """`python -m vljax.main` with COMIC on the shapes' label sets, half of them hidden: the
-    hidden set is written to the workdir, the steps' losses are finite and the multi-label
+    """`python -m vljax.main` with COMIC on the shapes' label sets, half of them hidden (the one
+    trainer run of the partial-label losses: PU-MLC and nnPU share its path through
+    vljax.objective and are checked against their references fast): the hidden set is written to
+    the workdir, the steps' losses are finite and the multi-label
     evaluation of the trained label prompts runs. (That COMIC learns the hidden labels from the
     observed ones: test_partial_labels.py::test_learning_from_half_the_labels_ranks_the_hidden_ones;
     the tiny towers trained from scratch here do not rank tags above chance in a few steps with

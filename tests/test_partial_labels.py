@@ -256,31 +256,6 @@ def manifest(tmp_path_factory):
     return make_shapes_manifest(str(tmp_path_factory.mktemp("shapes")))
 
 
-@pytest.mark.slow  # a trainer's step compile (~20 s of CPU); the losses and hiding are checked fast above
-def test_trainer_with_hidden_labels_records_them(manifest, tmp_path):
-    """PU-MLC through the trainer on the shapes' label sets with half of them hidden: the hidden
-    set is written to the workdir and the steps' losses are finite (that the losses learn from
-    partial labels: test_learning_from_half_the_labels_ranks_the_hidden_ones)."""
-    from helpers import losses_of, tiny_config
-
-    from vljax import train
-    config = tiny_config(manifest, "clip", steps=4)
-    config.loss = dict(name="pu_mlc", template="a {} shape")
-    config.input.labels = True
-    config.input.data[0]["num_labels"] = 3
-    config.model.bias_init = 0.0
-    config.input.hide_labels = dict(fraction=0.5, seed=1)
-    config_check.validate(config)
-    trainer = train.Trainer(config, str(tmp_path), devices=jax.devices()[:1])  # one compile, small
-    trainer.fit()
-    record = json.loads((tmp_path / "hidden_labels.json").read_text())
-    src = record["sources"][0]
-    assert record["fraction"] == 0.5 and src["records"] == 48 and src["positives"] == 48
-    assert 14 <= src["hidden"] <= 34
-    losses = losses_of(tmp_path)
-    assert len(losses) == 4 and np.all(np.isfinite(losses))
-
-
 def test_hide_labels_config_is_checked(manifest):
     from helpers import tiny_config
     bad = tiny_config(manifest, "clip", steps=2)
