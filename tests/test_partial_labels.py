@@ -2,7 +2,6 @@
 references written from their equations (and the same value and gradients on 8 devices, DEXML's
 also with the label space sharded over them); the seeded label hiding and its record; a run of
 the trainer with hidden labels."""
-import json
 
 import jax
 import numpy as np
