@@ -24,8 +24,15 @@ longer than this demo's run); `qb=1` (default) adds the batch's other momentum e
 negatives (ALBEF's form, `loss.batch_negatives`), `qb=0` is BriVL's queue-only form (it did not
 learn from random towers in the tiny tests: tests/test_queue.py).
 
+Mixing augmentation with soft targets (vljax/mixing.py, vljax/losses/mixing.py): `:mix=timix`
+(TiMix's square patch regions, without its text-aware placement), `mix=mixup`, `mix=cutmix` (at patch
+granularity) or `mix=m3col` (M3CoL's per-example mixup) trains with `loss.name="mix_softmax"` on the
+step's mixed images; `ma=` the Beta(alpha, alpha) of lam (default 1.0; m3col: 0.15, its code's), `mp=`
+the probability that a step (m3col: an example) is mixed (default 1.0; m3col: 0.5).
+
 Config arguments: img (ViT variant, default "Ti/8" at reduced width), txt (text variant), size, batch,
-steps, pd (patch dropout), tune (unmasked steps at the end, with pd), seed, queue (0: none), qm, qb.
+steps, pd (patch dropout), tune (unmasked steps at the end, with pd), seed, queue (0: none), qm, qb,
+mix ("": none), ma, mp.
 """
 import ml_collections
 
@@ -33,7 +40,8 @@ from vljax import config_args
 
 def get_config(arg=None):
     a = config_args.parse_arg(arg, "configs/clip.py", img="tiny", txt="tiny", size=64, batch=64, steps=300,
-                               pd=0.0, tune=0, seed=0, queue=0, qm=0.99, qb=1)
+                               pd=0.0, tune=0, seed=0, queue=0, qm=0.99, qb=1,
+                               mix="", ma=-1.0, mp=-1.0)
     c = ml_collections.ConfigDict()
     c.seed = a["seed"]
     c.total_steps = a["steps"]
@@ -72,6 +80,11 @@ def get_config(arg=None):
     if a["queue"]:  # vljax/momentum.py: momentum towers, queues of negatives
         c.loss = dict(name="queue_contrastive", batch_negatives=bool(a["qb"]))
         c.queue = dict(size=a["queue"], momentum=a["qm"])
+    if a["mix"]:  # vljax/mixing.py: the step mixes the batch's images, the loss takes soft targets
+        m3col = a["mix"] == "m3col"
+        c.loss = dict(name="mix_softmax")
+        c.mixing = dict(kind=a["mix"], alpha=a["ma"] if a["ma"] > 0 else (0.15 if m3col else 1.0),
+                        prob=a["mp"] if a["mp"] >= 0 else (0.5 if m3col else 1.0))
     c.optax = dict(name="adamw", b1=0.9, b2=0.98)
     c.lr = 1e-3
     c.wd = 0.1

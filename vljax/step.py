@@ -27,7 +27,7 @@ def join(trainable, frozen):
 
 
 def make_train_step(model, tx, loss, trainable_mask, label_text=None, label_blocks=0, text_blocks=0,
-                    self_distill=None, acid=None, momentum=None, parts=None):
+                    self_distill=None, acid=None, momentum=None, parts=None, mixing=None):
     """One optimizer (micro-)step, `step_fn(state, batch[, label_states])`. Gradients are
     computed for trainable parameters only.
 
@@ -52,6 +52,8 @@ def make_train_step(model, tx, loss, trainable_mask, label_text=None, label_bloc
     gradient flows through them).
     `momentum` (a `momentum.Momentum`, config.queue) advances state["queue"]'s momentum towers,
     gives the loss their embeddings and the queues (`momentum/...`, `queue/...`) and enqueues them.
+    `mixing` (a `mixing.Mixing`, config.mixing) mixes the global batch's images from the step's rng
+    and gives the loss their soft targets (`batch/mix_lam`, `batch/mix_partner`; vljax/mixing.py).
     """
 
     def forward(params, batch, rng, label_states):
@@ -92,6 +94,8 @@ def make_train_step(model, tx, loss, trainable_mask, label_text=None, label_bloc
                                                  jax.random.fold_in(step_rng, 0xAC1D))
             acid_m["acid/indices"] = indices
             kd_targets = {k: acid_m.pop(k) for k in ("kd/zimg", "kd/ztxt", "kd/t")}
+        if mixing is not None:  # TiMix / M3CoL: the global batch's images mixed (vljax/mixing.py)
+            batch = mixing.apply(batch, jax.random.fold_in(step_rng, 0x313C))
         trainable, frozen = split(state["params"], trainable_mask)
         teacher = state.get("teacher")
         if self_distill is not None:
