@@ -4,7 +4,6 @@ and on a data x fsdp mesh, and CLIP's loss when nothing is mixed; each kind mixe
 code does (shares, regions on the patch grid, the reversed batch as partner), the same on a
 sharded batch; the config check refuses what cannot work, naming the key; one update step on 8
 devices (data x fsdp) equals the step on 1; `python -m vljax.main` learns with it."""
-import dataclasses
 import importlib.util
 import os
 import subprocess
@@ -17,10 +16,10 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
-from helpers import REPO, losses_of, make_shapes_manifest, tiny_config, tiny_config_file
+from helpers import REPO, make_shapes_manifest, tiny_config, tiny_config_file
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from vljax import config_check, mixing, objective, sharding
+from vljax import config_check, metrics, mixing, objective, sharding
 from vljax.losses import softmax_contrastive
 from vljax.losses.mixing import mix_softmax
 from vljax.step import make_train_step
@@ -63,21 +62,24 @@ def case():
     return _unit(rng, b, d), _unit(rng, b, d), 3.0, lam, partner
 
 
-def _value_and_grads(fn, zi, zt, t, lam, partner):
+_mix_grads = jax.jit(jax.value_and_grad(mix_softmax, argnums=(0, 1, 2)))
+
+
+def _value_and_grads(zi, zt, t, lam, partner, fn=_mix_grads):
     args = [jnp.asarray(x, jnp.float32) for x in (zi, zt, t, lam)] + [jnp.asarray(partner, jnp.int32)]
-    return jax.jit(jax.value_and_grad(fn, argnums=(0, 1, 2)))(*args)
+    return fn(*args)
 
 
 def test_loss_equals_the_numpy_reference(case):
-    value, (dzi, dzt, dt) = _value_and_grads(mix_softmax, *case)
+    value, (dzi, dzt, dt) = _value_and_grads(*case)
     ref = _reference(*case)
     np.testing.assert_allclose(value, ref[0], rtol=1e-5)
     for got, want in zip((dzi, dzt, dt), ref[1:]):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
     # Nothing mixed (lam = 1): exactly CLIP's loss, whatever the partner.
     zi, zt, t, lam, partner = case
-    unmixed = _value_and_grads(mix_softmax, zi, zt, t, np.ones_like(lam), partner)
-    clip = jax.value_and_grad(softmax_contrastive, argnums=(0, 1, 2))(
+    unmixed = _value_and_grads(zi, zt, t, np.ones_like(lam), partner)
+    clip = jax.jit(jax.value_and_grad(softmax_contrastive, argnums=(0, 1, 2)))(
         jnp.asarray(zi, jnp.float32), jnp.asarray(zt, jnp.float32), jnp.float32(t))
     for got, want in zip(jax.tree.leaves(unmixed), jax.tree.leaves(clip)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
@@ -92,8 +94,8 @@ def test_loss_equal_on_a_data_x_fsdp_mesh(case):
         specs = (P(axes), P(axes), P(), P(axes), P(axes))
         return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P())(zi, zt, t, lam, partner)
 
-    one = _value_and_grads(mix_softmax, *case)
-    eight = _value_and_grads(sharded, *case)
+    one = _value_and_grads(*case)
+    eight = _value_and_grads(*case, fn=jax.jit(jax.value_and_grad(sharded, argnums=(0, 1, 2))))
     for got, want in zip(jax.tree.leaves(eight), jax.tree.leaves(one)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
 
@@ -232,39 +234,49 @@ def _one_step(mesh, mix, batch):
     return jax.device_get(m), jax.device_get(state["params"])
 
 
-@pytest.mark.parametrize("kind", ["timix", "m3col"])
-def test_one_and_eight_devices_agree_on_the_mixed_step(kind):
+@pytest.mark.slow  # two compiled update steps (about 7 s of CPU)
+def test_one_and_eight_devices_agree_on_the_mixed_step():
     """The update step's mixed loss, gradient norm and updated params on 1 device equal those on 8
-    (data 2 x fsdp 4, kernels fsdp-sharded): the mixing, its partner and the targets are global.
-    The step did mix: its loss differs from the step's without mixing."""
+    (data 2 x fsdp 4, kernels fsdp-sharded): the mixing (TiMix's regions, drawn in the step), its
+    partner and the targets are global. The step did mix (train/mix_lam < 1)."""
     rng = np.random.default_rng(2)
     batch = {"image": rng.uniform(-1, 1, size=(16, 16, 16, 3)).astype(np.float32),
              "text": rng.integers(0, 16, size=(16, 5)).astype(np.int32)}
-    mix = mixing.Mixing(kind, alpha=1.0, prob=1.0, patch=(4, 4), min_side=0.25, max_side=0.75)
+    mix = mixing.Mixing("timix", alpha=1.0, prob=1.0, patch=(4, 4), min_side=0.25, max_side=0.75)
     one, p_one = _one_step(sharding.make_mesh([("data", -1)], devices=jax.devices()[:1]), mix, batch)
     eight, p_eight = _one_step(sharding.make_mesh([("data", 2), ("fsdp", 4)]), mix, batch)
     for key in ("train/loss", "train/grad_norm"):
         np.testing.assert_allclose(eight[key], one[key], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(p_eight), jax.tree.leaves(p_one)):
         np.testing.assert_allclose(a, b, atol=1e-6)
-    if kind == "timix":
-        clean, _ = _one_step(sharding.make_mesh([("data", -1)], devices=jax.devices()[:1]),
-                             dataclasses.replace(mix, prob=0.0), batch)
-        assert abs(float(clean["train/loss"]) - float(one["train/loss"])) > 1e-3
+    np.testing.assert_allclose(eight["train/mix_lam"], one["train/mix_lam"], rtol=1e-6)
+    assert 0.0 < one["train/mix_lam"] < 0.95
 
 
-@pytest.mark.slow  # a subprocess: imports, compile and 40 steps
+@pytest.mark.slow  # a subprocess: imports, compile, 40 steps and one evaluation
 def test_mixing_through_main_learns(tmp_path):
-    """`python -m vljax.main` with `mixing` (cutmix on the patch grid, every step mixed) and
-    `loss.name='mix_softmax'` trains and learns on 4 devices: the 12 shapes of distinct captions."""
-    cfg = tiny_config_file(tmp_path / "tiny.py", tmp_path / "shapes", steps=40, batch=4, lines=[
+    """`python -m vljax.main` with `mixing` (TiMix's squares of patches, every step mixed) and
+    `loss.name='mix_softmax'` trains and learns on 4 devices (the 12 shapes, batch 8): the loss's
+    excess over its floor, the entropy H(lam) of the step's soft targets (one lam per step; every
+    row's and column's targets are lam and 1 - lam), falls (measured: 1.63 -> 1.11, mean of the
+    first / last 10 steps), and retrieval among the clean training images is far above chance
+    (measured: i2t R@1 0.50, t2i R@1 0.375; chance 1/12: two of 24 captions per image)."""
+    cfg = tiny_config_file(tmp_path / "tiny.py", tmp_path / "shapes", steps=40, batch=8, lines=[
         "c.loss = dict(name='mix_softmax')",
-        "c.mixing = dict(kind='cutmix', alpha=1.0, prob=1.0)"])
+        "c.mixing = dict(kind='timix', prob=1.0)",
+        "c.evals = dict(ret=dict(type='retrieval', data=dict(source='jsonl', path=c.input.data[0]['path'])))"])
     env = {**os.environ, "PYTHONPATH": REPO, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     proc = subprocess.run([sys.executable, "-m", "vljax.main", f"--config={cfg}", f"--workdir={tmp_path / 'wd'}"],
                           cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    losses = losses_of(tmp_path / "wd")
-    assert len(losses) == 40 and all(np.isfinite(losses))
-    first, last = np.mean(losses[:5]), np.mean(losses[-5:])
-    assert last < 0.75 * first, (first, last)
+    records = metrics.read_metrics(str(tmp_path / "wd" / "metrics.jsonl"))
+    rows = [r for r in records if "train/loss" in r]
+    loss, lam = np.array([r["train/loss"] for r in rows]), np.array([r["train/mix_lam"] for r in rows])
+    assert len(loss) == 40 and np.all(np.isfinite(loss)) and np.mean(lam) < 0.9
+    entr = lambda p: -p * np.log(np.where(p > 0, p, 1.0))  # noqa: E731  (0 log 0 = 0)
+    excess = loss - entr(lam) - entr(1 - lam)
+    assert np.all(excess > -1e-4)
+    first, last = np.mean(excess[:10]), np.mean(excess[-10:])
+    assert last < 0.8 * first, (first, last, excess)
+    final = [r for r in records if "retrieval/ret/i2t_r1" in r][-1]
+    assert final["retrieval/ret/i2t_r1"] >= 0.25 and final["retrieval/ret/t2i_r1"] >= 0.25, final

@@ -53,7 +53,8 @@ def make_train_step(model, tx, loss, trainable_mask, label_text=None, label_bloc
     `momentum` (a `momentum.Momentum`, config.queue) advances state["queue"]'s momentum towers,
     gives the loss their embeddings and the queues (`momentum/...`, `queue/...`) and enqueues them.
     `mixing` (a `mixing.Mixing`, config.mixing) mixes the global batch's images from the step's rng
-    and gives the loss their soft targets (`batch/mix_lam`, `batch/mix_partner`; vljax/mixing.py).
+    and gives the loss their soft targets (`batch/mix_lam`, `batch/mix_partner`; vljax/mixing.py);
+    the step logs the mean lam as `train/mix_lam`.
     """
 
     def forward(params, batch, rng, label_states):
@@ -147,6 +148,8 @@ def make_train_step(model, tx, loss, trainable_mask, label_text=None, label_bloc
             m["train/sd_consistency"], m["train/sd_masked"] = aux["consistency"], aux["masked"]
         if "acid_kd" in aux:
             m["train/acid_kd"] = aux["acid_kd"]
+        if mixing is not None:  # the step's mean share of each mixed image's own pair (1: unmixed)
+            m["train/mix_lam"] = jnp.mean(batch["mix_lam"])
         return new_state, {**m, **acid_m}
 
     return step_fn
