@@ -179,6 +179,7 @@ _REFUSED = [
     (lambda c: setattr(c.mixing, "alpah", 1.0), r"`mixing`: unknown keys \['alpah'\]"),
     (lambda c: setattr(c.mixing, "prob", 1.5), "`mixing.prob`"),
     (lambda c: setattr(c.mixing, "alpha", 0.0), "`mixing.alpha`"),
+    (lambda c: setattr(c.loss, "multilabel_weight", 1.0), "`loss.multilabel_weight`: .* mixed images"),
     # LiT's stored features of the locked image trunk (the feature store) cannot be mixed.
     (lambda c: setattr(c, "lit_cache", True), "`lit_cache`: `mixing` mixes .* cannot be mixed"),
 ]

@@ -93,6 +93,9 @@ def options(config) -> dict | None:
     if not 0.0 < float(o["min_side"]) <= float(o["max_side"]) < 1.0:
         raise ValueError(f"config keys `mixing.min_side` / `mixing.max_side`: need 0 < min_side <= "
                          f"max_side < 1, got {o['min_side']!r}, {o['max_side']!r}")
+    if config.loss.get("multilabel_weight"):
+        raise ValueError("config key `loss.multilabel_weight`: the added multi-label loss would score the "
+                         "mixed images against their unmixed label sets; set it to 0 or remove `mixing`")
     if config.get("lit_cache", False):
         raise ValueError("config key `lit_cache`: `mixing` mixes the batch's images, and the stored "
                          "features of a locked image tower (the feature store) cannot be mixed; set "
@@ -212,7 +215,9 @@ class Mixing:
         o = options(config)
         if o is None:
             return None
-        patch = get_model(model.image_model)(**(model.image or {})).config().get("patch_size", (1, 1))
+        tower = get_model(model.image_model)(**(model.image or {}))
+        # A tower without patches (a CNN, without `config()`): pixels are the grid.
+        patch = tower.config().get("patch_size", (1, 1)) if hasattr(tower, "config") else (1, 1)
         if o["kind"] == "timix" and tuple(patch) == (1, 1):
             raise ValueError(f"config key `mixing.kind`: 'timix' mixes regions of patches, and image "
                              f"tower {model.image_model!r} has none; use 'cutmix' or 'mixup'")
