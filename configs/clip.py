@@ -32,9 +32,15 @@ wide (default 512 here; SLIP's 4096) with `ssl_out` outputs (default 128; SLIP's
 words dropped with p 0.5, then EDA's swap or deletion; their synonym replacement needs a synonym
 table, `input.text_aug.synonyms`, and is off here).
 
+Mixing augmentation with soft targets (vljax/mixing.py, vljax/losses/mixing.py): `:mix=timix`
+(TiMix's square patch regions, without its text-aware placement), `mix=mixup`, `mix=cutmix` (at patch
+granularity) or `mix=m3col` (M3CoL's per-example mixup) trains with `loss.name="mix_softmax"` on the
+step's mixed images; `ma=` the Beta(alpha, alpha) of lam (default 1.0; m3col: 0.15, its code's), `mp=`
+the probability that a step (m3col: an example) is mixed (default 1.0; m3col: 0.5).
+
 Config arguments: img (ViT variant, default "Ti/8" at reduced width), txt (text variant), size, batch,
 steps, pd (patch dropout), tune (unmasked steps at the end, with pd), seed, queue (0: none), qm, qb,
-slip (on | off), ssl_scale, ssl_width, ssl_out, text_aug (on | off).
+slip (on | off), ssl_scale, ssl_width, ssl_out, text_aug (on | off), mix ("": none), ma, mp.
 """
 import ml_collections
 
@@ -43,7 +49,7 @@ from vljax import config_args
 def get_config(arg=None):
     a = config_args.parse_arg(arg, "configs/clip.py", img="tiny", txt="tiny", size=64, batch=64, steps=300,
                                pd=0.0, tune=0, seed=0, queue=0, qm=0.99, qb=1, slip="off", ssl_scale=1.0,
-                               ssl_width=512, ssl_out=128, text_aug="off")
+                               ssl_width=512, ssl_out=128, text_aug="off", mix="", ma=-1.0, mp=-1.0)
     for key in ("slip", "text_aug"):
         if a[key] not in ("on", "off"):
             raise ValueError(f"configs/clip.py: {key}={a[key]!r} is not 'on' or 'off'")
@@ -89,6 +95,11 @@ def get_config(arg=None):
         c.ssl = dict(scale=a["ssl_scale"], temperature=0.1, head_width=a["ssl_width"], out=a["ssl_out"])
     if a["text_aug"] == "on":  # vljax/data/text_aug.py: Fini et al.'s caption augmentation, without
         c.input.text_aug = dict(synonym=0.0)  # synonym replacement (it needs a synonym table)
+    if a["mix"]:  # vljax/mixing.py: the step mixes the batch's images, the loss takes soft targets
+        m3col = a["mix"] == "m3col"
+        c.loss = dict(name="mix_softmax")
+        c.mixing = dict(kind=a["mix"], alpha=a["ma"] if a["ma"] > 0 else (0.15 if m3col else 1.0),
+                        prob=a["mp"] if a["mp"] >= 0 else (0.5 if m3col else 1.0))
     c.optax = dict(name="adamw", b1=0.9, b2=0.98)
     c.lr = 1e-3
     c.wd = 0.1

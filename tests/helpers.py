@@ -111,6 +111,15 @@ def tiny_config_file(path, shapes_dir, lines=(), steps=4, batch=8):
     return path
 
 
+def run_main(config_path, workdir, devices=4):
+    """Runs `python -m vljax.main --config=config_path --workdir=workdir` on `devices` simulated
+    CPU devices, in a subprocess; asserts that it succeeded (its stderr's end otherwise)."""
+    env = {**os.environ, "PYTHONPATH": REPO, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    proc = subprocess.run([sys.executable, "-m", "vljax.main", f"--config={config_path}", f"--workdir={workdir}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def losses_of(workdir):
     return [r["train/loss"] for r in metrics.read_metrics(os.path.join(workdir, "metrics.jsonl"))
             if "train/loss" in r]

@@ -14,6 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 from vljax import losses, objective
 from vljax.losses import ascl, dexml, distill, dreamlip, partial_labels, queue
+from vljax.losses import mixing as losses_mixing
 
 B, D = 16, 8  # global batch divisible by 8 devices
 RTOL, ATOL = 1e-5, 1e-6
@@ -533,7 +534,7 @@ def test_losses_registry():
         "hard_negative_softmax": losses.hard_negative_softmax, "hard_negative_sigmoid": losses.hard_negative_sigmoid,
         "pu_mlc": partial_labels.pu_mlc_loss, "nnpu": partial_labels.nnpu_loss, "dexml": dexml.dexml_loss,
         "comic": partial_labels.comic_loss, "clip_kd": distill.clip_kd, "queue_contrastive": queue.queue_contrastive,
-        "ascl": ascl.ascl_loss, "dreamlip": dreamlip.dreamlip_loss}
+        "ascl": ascl.ascl_loss, "dreamlip": dreamlip.dreamlip_loss, "mix_softmax": losses_mixing.mix_softmax}
     # Every declared input is a positional parameter of the function, in order.
     for name, loss in objective.LOSSES.items():
         params = list(inspect.signature(loss.fn).parameters)

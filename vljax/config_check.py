@@ -24,7 +24,7 @@ import os
 
 from ml_collections import ConfigDict, FrozenConfigDict
 
-from vljax import acid, init_from, momentum, objective, pretrained, slip, stages, teacher
+from vljax import acid, init_from, mixing, momentum, objective, pretrained, slip, stages, teacher
 from vljax.data import sources, text_aug
 from vljax.evaluators import EVALUATORS
 from vljax.evaluators import data as eval_data
@@ -72,6 +72,7 @@ _TOP = {
     "distill": (False, (dict, type(None))),  # vljax/teacher_features.py
     "acid": (False, (dict, type(None))),  # vljax/acid.py
     "queue": (False, (dict, type(None))),  # vljax/momentum.py
+    "mixing": (False, (dict, type(None))),  # vljax/mixing.py
     "init_from": (False, (str, type(None))),  # vljax/init_from.py
     "init_from_tokenizer": (False, (str, type(None))),
 }
@@ -356,6 +357,7 @@ def validate(config) -> None:
     slip.options(config)
     acid.options(config)
     momentum.options(config)
+    mixing.options(config)
     validate_evals(config.get("evals"))
     _decoder_evals(config)
 

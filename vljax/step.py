@@ -27,7 +27,7 @@ def join(trainable, frozen):
 
 
 def make_train_step(model, tx, loss, trainable_mask, label_text=None, label_blocks=0, text_blocks=0,
-                    self_distill=None, acid=None, momentum=None, parts=None, ssl=None):
+                    self_distill=None, acid=None, momentum=None, parts=None, ssl=None, mixing=None):
     """One optimizer (micro-)step, `step_fn(state, batch[, label_states])`. Gradients are
     computed for trainable parameters only.
 
@@ -54,6 +54,9 @@ def make_train_step(model, tx, loss, trainable_mask, label_text=None, label_bloc
     gives the loss their embeddings and the queues (`momentum/...`, `queue/...`) and enqueues them.
     `ssl` (a `slip.Slip`, config.ssl) gives the loss the SimCLR head's embeddings of the batch's
     two views (`ssl/z1`, `ssl/z2`; SLIP's term is in the configured loss, vljax/objective.py).
+    `mixing` (a `mixing.Mixing`, config.mixing) mixes the global batch's images from the step's rng
+    and gives the loss their soft targets (`batch/mix_lam`, `batch/mix_partner`; vljax/mixing.py);
+    the step logs the mean lam as `train/mix_lam`.
     """
 
     def forward(params, batch, rng, label_states):
@@ -99,6 +102,8 @@ def make_train_step(model, tx, loss, trainable_mask, label_text=None, label_bloc
                                                  jax.random.fold_in(step_rng, 0xAC1D))
             acid_m["acid/indices"] = indices
             kd_targets = {k: acid_m.pop(k) for k in ("kd/zimg", "kd/ztxt", "kd/t")}
+        if mixing is not None:  # TiMix / M3CoL: the global batch's images mixed (vljax/mixing.py)
+            batch = mixing.apply(batch, jax.random.fold_in(step_rng, 0x313C))
         trainable, frozen = split(state["params"], trainable_mask)
         teacher = state.get("teacher")
         if self_distill is not None:
@@ -152,6 +157,8 @@ def make_train_step(model, tx, loss, trainable_mask, label_text=None, label_bloc
             m["train/sd_consistency"], m["train/sd_masked"] = aux["consistency"], aux["masked"]
         if "acid_kd" in aux:
             m["train/acid_kd"] = aux["acid_kd"]
+        if mixing is not None:  # the step's mean share of each mixed image's own pair (1: unmixed)
+            m["train/mix_lam"] = jnp.mean(batch["mix_lam"])
         return new_state, {**m, **acid_m}
 
     return step_fn

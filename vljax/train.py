@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from vljax import (acid, checkpoints, config_check, eval_builder, factory, features, init_from,
-                   logs, metrics, momentum, nonfinite, objective, optim, perf, selection, sharding,
+                   logs, metrics, mixing, momentum, nonfinite, objective, optim, perf, selection, sharding,
                    slip, stages, teacher, teacher_features)
 from vljax.data import pipeline, sources
 from vljax.step import flat as _flat, make_train_step
@@ -106,6 +106,7 @@ class Trainer:
         self.momentum = momentum.Momentum.build(config, self.model, params, *_dummy_inputs(config))
         if self.momentum is not None:
             abstract["queue"] = self.momentum.abstract(params)
+        self.mixing = mixing.Mixing.build(config, self.model)  # config.mixing (vljax/mixing.py)
         self.state_sh = sharding.state_shardings(abstract, self.mesh, self.rules)
         # config.acid: the frozen teacher that selects each step's sub-batch, beside the state
         # (vljax/acid.py): its params are read from its path, never trained nor checkpointed.
@@ -274,7 +275,8 @@ class Trainer:
             step_fn = make_train_step(model, self.tx, loss, self.trainable_mask,
                                       self.label_text, self.label_blocks, self.text_blocks, sd,
                                       self.acid, self.momentum, parts=parts,
-                                      ssl=None if self.ssl_opts is None else slip.Slip.build(self.ssl_opts))
+                                      ssl=None if self.ssl_opts is None else slip.Slip.build(self.ssl_opts),
+                                      mixing=self.mixing)
             if not self.label_blocks and self.acid is None:
                 fn = jax.jit(step_fn, in_shardings=(self.state_sh, batch_sh),
                              out_shardings=(self.state_sh, None), donate_argnums=(0,))
