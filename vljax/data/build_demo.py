@@ -48,8 +48,8 @@ def spec_makers(assets, openclipart="/usr/share/openclipart",
     }
 
 
-def build(name: str, make_spec, data_dir, rebuild: bool = False) -> dict:
-    """Builds one dataset unless present; returns its split sizes."""
+def build(name: str, make_spec, data_dir, rebuild: bool = False, progress: bool = True) -> dict:
+    """Builds one dataset unless present; returns its split sizes. `progress`: per-split bars."""
     out = tfds_writer.dataset_dir(name, data_dir, VERSION)
     if rebuild and out.exists():
         shutil.rmtree(out)
@@ -57,7 +57,7 @@ def build(name: str, make_spec, data_dir, rebuild: bool = False) -> dict:
         print(f"[build_demo] {name}: already built in {out}")
     else:
         t0 = time.time()
-        tfds_writer.write_tfds(make_spec(), data_dir)
+        tfds_writer.write_tfds(make_spec(), data_dir, progress=progress)
         print(f"[build_demo] {name}: built in {time.time() - t0:.0f} s -> {out}")
     info = sources.TfdsSource(name, "train", data_dir=data_dir).info
     sizes = {s: info.splits[s].num_examples for s in info.splits}
@@ -65,10 +65,10 @@ def build(name: str, make_spec, data_dir, rebuild: bool = False) -> dict:
     return sizes
 
 
-def _build_named(name, assets, openclipart, fashion_mnist, rebuild):
+def _build_named(name, assets, openclipart, fashion_mnist, rebuild, progress=True):
     """`build` of one dataset by name (a worker process's entry: everything it needs is picklable)."""
     maker = spec_makers(assets, openclipart, fashion_mnist)[name]
-    return build(name, maker, Path(assets) / "tfds", rebuild=rebuild)
+    return build(name, maker, Path(assets) / "tfds", rebuild=rebuild, progress=progress)
 
 
 def build_all(names, assets, openclipart, fashion_mnist, rebuild=False, jobs=3) -> dict:
@@ -79,7 +79,8 @@ def build_all(names, assets, openclipart, fashion_mnist, rebuild=False, jobs=3) 
         return {name: _build_named(name, *args) for name in names}
     with concurrent.futures.ProcessPoolExecutor(
             min(jobs, len(names)), mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {name: pool.submit(_build_named, name, *args) for name in names}
+        # One line per dataset when it is done; per-split bars of parallel builds would interleave.
+        futures = {name: pool.submit(_build_named, name, *args, progress=False) for name in names}
         concurrent.futures.wait(futures.values())
     return {name: f.result() for name, f in futures.items()}
 

@@ -72,9 +72,9 @@ def is_built(name: str, data_dir, version: str = "1.0.0") -> bool:
     return (dataset_dir(name, data_dir, version) / "dataset_info.json").is_file()
 
 
-def _builder_class(spec: DatasetSpec):
+def _builder_class(spec: DatasetSpec, progress: bool = True):
     """A GeneratorBasedBuilder subclass for `spec`, kept out of the global TFDS registry (tests
-    may write several datasets of the same name into different dirs)."""
+    may write several datasets of the same name into different dirs); `progress`: a bar per split."""
 
     def _info(self):
         return tfds.core.DatasetInfo(
@@ -87,7 +87,7 @@ def _builder_class(spec: DatasetSpec):
         return {split: self._generate_examples(split, make) for split, make in spec.splits.items()}
 
     def _generate_examples(self, split, make):
-        yield from logs.progress(make(), desc=f"{spec.name} {split}", unit="ex")
+        yield from logs.progress(make(), desc=f"{spec.name} {split}", unit="ex", enabled=progress)
 
     def body(ns):
         ns.update(name=spec.name, VERSION=tfds.core.Version(spec.version), _info=_info,
@@ -97,11 +97,12 @@ def _builder_class(spec: DatasetSpec):
                            {"skip_registration": True}, body)
 
 
-def write_tfds(spec: DatasetSpec, data_dir) -> Path:
+def write_tfds(spec: DatasetSpec, data_dir, progress: bool = True) -> Path:
     """Writes `spec` under data_dir/name/version (array_record); returns that directory.
-    A dataset already there is left as is (TFDS reuses complete datasets)."""
+    A dataset already there is left as is (TFDS reuses complete datasets). `progress`: a bar
+    per split (off where several builds share a terminal)."""
     tfds.disable_progress_bar()
-    builder = _builder_class(spec)(data_dir=str(data_dir), file_format="array_record")
+    builder = _builder_class(spec, progress)(data_dir=str(data_dir), file_format="array_record")
     builder.download_and_prepare()
     out = dataset_dir(spec.name, data_dir, spec.version)
     (out / CLASS_NAMES_FILE).write_text(json.dumps(spec.class_names, indent=1))
