@@ -43,6 +43,11 @@ def load_tower(spec: str):
     return LOADERS[spec]()
 
 
+def written_keys(loaded: dict, skip: tuple[str, ...] = ("head",)) -> list[str]:
+    """The leaves ("a/b/c") of a loaded tower that `write_tower` writes (those under `skip` are not)."""
+    return [k for k in traverse_util.flatten_dict(loaded, sep="/") if k.split("/")[0] not in skip]
+
+
 def write_tower(params: dict, loaded: dict, tower: str, skip: tuple[str, ...] = ("head",)) -> dict:
     """Writes the `loaded` leaves (host arrays of one tower) into `params[tower]`, leaf by leaf.
 
@@ -51,11 +56,13 @@ def write_tower(params: dict, loaded: dict, tower: str, skip: tuple[str, ...] = 
     (`jax.make_array_from_callback`; no full copy of the state is ever made). Loaded leaves under
     a top-level name in `skip` (a checkpoint's own classifier head) are dropped: in a two-tower
     model that name holds the projection into the joint space. A loaded leaf the model lacks, or
-    of another shape, is an error naming it; model leaves the file lacks keep their init.
+    of another shape, is an error naming it; model leaves the file lacks keep their init. A
+    `params` leaf may be a `jax.ShapeDtypeStruct` with its sharding (a param not drawn at random
+    because it is written here: vljax/state_init.py); one the file lacks is an error.
     """
     flat_init = traverse_util.flatten_dict(params[tower], sep="/")
-    flat_loaded = {k: v for k, v in traverse_util.flatten_dict(loaded, sep="/").items()
-                   if k.split("/")[0] not in skip}
+    written = set(written_keys(loaded, skip))
+    flat_loaded = {k: v for k, v in traverse_util.flatten_dict(loaded, sep="/").items() if k in written}
     unknown = sorted(set(flat_loaded) - set(flat_init))
     if unknown:
         raise ValueError(f"pretrained {tower} tower has parameters the model lacks: {unknown[:5]}"
@@ -64,6 +71,9 @@ def write_tower(params: dict, loaded: dict, tower: str, skip: tuple[str, ...] = 
         if tuple(np.shape(value)) != tuple(flat_init[key].shape):
             raise ValueError(f"pretrained {tower} parameter {key}: shape {np.shape(value)} "
                              f"!= model's {tuple(flat_init[key].shape)}")
+    missing = sorted(k for k, v in flat_init.items() if isinstance(v, jax.ShapeDtypeStruct) and k not in written)
+    if missing:
+        raise ValueError(f"pretrained {tower} tower lacks parameters left for it to write: {missing[:5]}")
     merged = dict(flat_init)
     for key in list(flat_loaded):
         target = flat_init[key]
