@@ -93,6 +93,7 @@ def _host(tree):
     return jax.tree.map(np.asarray, jax.device_get(tree))
 
 
+@pytest.mark.slow  # a NaFlex trainer from a SigLIP 2 directory, then a reload (~45 s): the default run's budget
 def test_naflex_finetune_trains_from_the_checkpoint_and_reloads(dirs, manifest, tmp_path):
     path, torch_model = dirs["siglip2"]
     config = ft_config(manifest, path)

@@ -53,6 +53,7 @@ def _probe(keep: str | None, path: str = "import") -> tuple[int, int]:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt is Linux-only")
 @pytest.mark.skipif(hostmem.accelerator_possible(), reason="the CLI applies it on CPU-only machines")
+@pytest.mark.slow  # subprocesses allocating large XLA buffers (~27 s): the default run's budget
 def test_large_xla_buffers_are_reused_without_page_faults_where_the_setting_applies():
     # The library default: glibc untouched, so each call maps its temp buffers anew and faults in
     # every 4 KiB page of them (64 MB = 16,384 pages a call; 20 calls, half of the pages at least).

@@ -54,6 +54,7 @@ def test_stage_config_errors_name_the_key(manifest):
         stages.parse(config)
 
 
+@pytest.mark.slow  # three trainer runs with a recompile per stage (~50 s): the default run's 15-minute budget
 def test_staged_run_learns_compiles_once_per_stage_and_resumes_exactly(manifest, tmp_path, monkeypatch, caplog):
     config = _staged(manifest)
     spec = factory.spec_from_config(config)
