@@ -2,9 +2,9 @@ r"""LiT demo: locked ImageNet EfficientNet-Lite0 image tower + MiniLM text tower
 
     python -m vljax.main --config=configs/lit.py --workdir=/tmp/vljax_lit
 
-Expected runtime on a 2-core CPU: 8-12 minutes (8 min 13 s measured on a quiet 2-core EPYC: start-up
-and image-tower feature store ~2 min, 500 steps at 200-280 pairs/s, five evaluations of ~6 s plus,
-in the first, the evaluation sets' feature stores, ~70 s).
+Expected runtime on a 2-core CPU: 8-10 minutes (8 min 51 s measured on a quiet 2-core EPYC: start-up
+13 s, image-tower feature store 96 s, 500 steps at 200-245 pairs/s, five evaluations of ~7 s plus,
+in the first, the evaluation sets' feature stores, ~75 s).
 Why 500 steps, not 300 (measured with 2 seeds each, `:steps=N` and `--config.seed=S`): the held-out
 emoji val split, which selects models here, mean of i2t and t2i R@1: 30.6 / 30.6 at 300 steps,
 30.9 / 33.7 at 500; held-out emoji / openclipart test retrieval i2t R@1 +3.2 / +3.4 points on
