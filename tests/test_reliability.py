@@ -50,6 +50,7 @@ def test_nonfinite_step_stops_the_run_and_keeps_the_good_checkpoints(manifest, t
         assert resumed.start_step == max(steps)
 
 
+@pytest.mark.slow  # a trainer run (~17 s); the "stop" mode's run stays in the default set
 def test_nonfinite_skip_mode_drops_updates_and_counts_them(manifest, tmp_path):
     config = _diverging(manifest, steps=6, nonfinite="skip", ckpt_every=0)
     state = train.train_and_evaluate(config, str(tmp_path))

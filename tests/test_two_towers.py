@@ -60,6 +60,7 @@ def test_registry_and_mismatched_towers():
         bad.init(jax.random.key(0), *batch(2))
 
 
+@pytest.mark.slow  # a training loop to a learned bound (~24 s); test_train.py's recipes keep learning fast
 def test_learns_to_match_pairs():
     """Eight image/caption pairs, CLIP loss: retrieval goes from chance to perfect."""
     model = TwoTowers(**KW, temperature_init=10.0)
