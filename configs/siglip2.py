@@ -29,7 +29,7 @@ sentencepiece model (`kind="sentencepiece"`, max_len 64, `model.text.vocab_size`
 `model.decoder.vocab_size` / `pad_id` to match), TFDS data, `mesh=[("data", -1), ("fsdp", 16)]`,
 `sharding_rules=[(".*", "fsdp")]`, `dtype="bfloat16"`, `remat=True`.
 Self-distillation (`sd=on`, vljax/teacher.py): SILC's local-to-global consistency and TIPS'
-masked prediction with an EMA teacher, switched on by `config.stages` for the last 20% of the
+masked prediction (`sd=consistency` or `sd=masked`: that term alone) with an EMA teacher, switched on by `config.stages` for the last 20% of the
 steps (SigLIP 2, Sec. 2.3), the teacher copied from the student there; loss weights 1 (consistency)
 and 0.25 (masked prediction) times `sdw` (SigLIP 2: 0.25 for B, 0.5 for L, 1 for So400m, 0.5 for
 g); two global and `local` local crops (SILC: 8); at B/16 the DINO / iBOT head sizes
@@ -65,14 +65,17 @@ width 128, the CLIP tokenizer (vocabulary 49408, pad id 0), 300 steps at batch 6
 openclipart captions. The decoder's output projection over the 49408-word vocabulary at every one
 of the 32 caption positions dominates the step: measured on 2 shared cores, 60 steps took 412 s
 with the decoder and 99 s without (`:steps=60`, compile and one evaluation included), so the
-300-step demo runs about 30 minutes with the decoder (`:steps=60` for a first look).
+300-step demo runs about 30 minutes with the decoder (`:steps=60` for a first look). With
+`tok=PATH`, a 4,096-token BPE learned from the demo's captions (`python -m
+vljax.data.train_tokenizer --config=configs/siglip2.py --out=PATH`; configs/clip.py), the
+projection is 12x smaller: the ablation (experiments/siglip2_ablation.py) runs every row with it.
 
 Config arguments: decoder (on | off), cw (caption_weight, default 1.0), pp (parallel_fraction,
-default 0.5), sd (on | off: self-distillation and masked prediction, default on), sdw (their
-weight, default 1.0), local (local crops, default 8), naflex (on | off, default off; on needs
-sd=off), acid (the ACID teacher's path, default off), acid_ratio (its filter ratio, default
-0.5), and configs/clip.py's (img, txt, size,
-batch, steps, pd, tune, seed).
+default 0.5), sd (on | off | consistency | masked: self-distillation and masked prediction, or one
+of the two alone; default on), sdw (their weight, default 1.0), local (local crops, default 8),
+naflex (on | off, default off; on needs sd=off), acid (the ACID teacher's path, default off),
+acid_ratio (its filter ratio, default 0.5), and configs/clip.py's (img, txt, size, batch, steps,
+pd, tune, seed, tok, ...).
 """
 import importlib.util
 import os
@@ -100,15 +103,15 @@ def get_config(arg=None):
     a = config_args.parse_arg(",".join(own), "configs/siglip2.py", **_OWN)
     if a["decoder"] not in ("on", "off"):
         raise ValueError(f"configs/siglip2.py: decoder={a['decoder']!r}; use decoder=on or decoder=off")
-    if a["sd"] not in ("on", "off"):
-        raise ValueError(f"configs/siglip2.py: sd={a['sd']!r}; use sd=on or sd=off")
+    if a["sd"] not in ("on", "off", "consistency", "masked"):
+        raise ValueError(f"configs/siglip2.py: sd={a['sd']!r}; use sd=on, off, consistency or masked")
     if a["naflex"] not in ("on", "off"):
         raise ValueError(f"configs/siglip2.py: naflex={a['naflex']!r}; use naflex=on or naflex=off")
-    if a["naflex"] == "on" and a["sd"] == "on":
+    if a["naflex"] == "on" and a["sd"] != "off":
         raise ValueError("configs/siglip2.py: naflex=on needs sd=off (the self-distillation "
                          "views are fixed-size crops; vljax/teacher.py refuses a NaFlex tower)")
     c = siglip.get_config(",".join(item for item in items if item not in own))
-    if a["sd"] == "on":
+    if a["sd"] != "off":
         _self_distill(c, a)
     if a["naflex"] == "on":
         _naflex(c)
@@ -146,6 +149,10 @@ def get_config(arg=None):
 def _self_distill(c, a) -> None:
     """SILC + TIPS for the last 20% of the steps (SigLIP 2, Sec. 2.3; vljax/teacher.py)."""
     c.self_distill = dict(weight=a["sdw"], local_views=a["local"])
+    if a["sd"] == "consistency":  # the ablation's rows: one of the two terms alone
+        c.self_distill.masked_weight = 0.0
+    elif a["sd"] == "masked":
+        c.self_distill.consistency_weight = 0.0
     if c.model.image.get("variant") is None:  # the demo's tiny tower: heads to match
         c.self_distill.update(out_dim=1024, patch_out_dim=256, hidden_dim=256, bottleneck_dim=64)
     c.stages = stages.switch_on_at(c.get("stages"), c.total_steps, int(round(0.8 * c.total_steps)),

@@ -16,12 +16,11 @@ Writes experiments/results/loss_ablation.json and prints the markdown table.
 import argparse
 import json
 import os
-import statistics
-import subprocess
 import sys
-import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import ablation_table
+
+REPO = ablation_table.REPO
 sys.path.insert(0, REPO)
 OUT = os.path.join(REPO, "experiments", "results", "loss_ablation.json")
 
@@ -38,79 +37,24 @@ COLUMNS = [  # (header, metric key, scale)
 ]
 
 
-def read_run(workdir: str, steps: int) -> dict | None:
-    """The run's final evaluation and mean training throughput, or None if it has not finished."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return None
-    rows = [json.loads(line) for line in open(path) if line.strip()]
-    final = {}
-    for r in rows:
-        if r.get("step") == steps and not any(k.startswith("train/") for k in r):
-            final.update(r)
-    if "zeroshot/fashion_mnist/top1" not in final:
-        return None
-    speeds = [r["train/pairs_per_s"] for r in rows if "train/pairs_per_s" in r][1:]
-    final["train/pairs_per_s"] = statistics.fmean(speeds) if speeds else float("nan")
-    final["train/loss_last"] = [r["train/loss"] for r in rows if "train/loss" in r][-1]
-    return final
+def _digits(key, scale):
+    return 3 if scale == 1 and "gap" in key else (0 if "pairs" in key else 1)
 
 
 def run(loss: str, seed: int, root: str, steps: int) -> dict:
+    """One row's run in `<root>/<loss>_<seed>`, its LiT feature store linked to the shared one."""
     workdir = os.path.join(root, f"{loss}_{seed}")
-    done = read_run(workdir, steps)
-    if done is not None:
-        print(f"[ablation] {loss} seed {seed}: done before, read {workdir}", flush=True)
-        return done
     os.makedirs(workdir, exist_ok=True)
     shared = os.path.join(root, "features")
     os.makedirs(shared, exist_ok=True)
     link = os.path.join(workdir, "features")
     if not os.path.lexists(link):
         os.symlink(shared, link)
-    cmd = [sys.executable, "-m", "vljax.main", f"--config=configs/lit_ablation.py:loss={loss},seed={seed},"
-           f"steps={steps}", f"--workdir={workdir}"]
-    print(f"[ablation] {' '.join(cmd[1:])}", flush=True)
-    t0 = time.time()
-    with open(os.path.join(workdir, "run.log"), "w") as log:
-        rc = subprocess.call(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    if rc != 0:
-        raise SystemExit(f"[ablation] {loss} seed {seed} failed (exit {rc}); see {workdir}/run.log")
-    out = read_run(workdir, steps)
-    if out is None:
-        raise SystemExit(f"[ablation] {loss} seed {seed}: no step-{steps} evaluation in {workdir}/metrics.jsonl")
-    print(f"[ablation] {loss} seed {seed}: {time.time() - t0:.0f} s, FMNIST "
-          f"{100 * out['zeroshot/fashion_mnist/top1']:.1f}%, val R@1 "
+    out = ablation_table.run_main(f"{loss} seed {seed}", f"configs/lit_ablation.py:loss={loss},seed={seed},steps={steps}",
+                                  workdir, steps, "zeroshot/fashion_mnist/top1")
+    print(f"[ablation] {loss} seed {seed}: FMNIST {100 * out['zeroshot/fashion_mnist/top1']:.1f}%, val R@1 "
           f"{100 * out['retrieval/val_retrieval/i2t_r1']:.1f}%", flush=True)
     return out
-
-
-def summarise(results: dict[str, list[dict]]) -> dict:
-    table = {}
-    for loss, runs in results.items():
-        row = {}
-        for _, key, scale in COLUMNS:
-            vals = [r[key] * scale for r in runs if key in r]
-            if vals:
-                row[key] = {"mean": statistics.fmean(vals), "spread": max(vals) - min(vals), "values": vals}
-        table[loss] = row
-    return table
-
-
-def markdown(table: dict, seeds) -> str:
-    lines = ["| loss | " + " | ".join(h for h, _, _ in COLUMNS) + " |",
-             "|---|" + "---:|" * len(COLUMNS)]
-    for loss, row in table.items():
-        cells = []
-        for _, key, scale in COLUMNS:
-            if key not in row:
-                cells.append("-")
-                continue
-            digits = 3 if scale == 1 and "gap" in key else (0 if "pairs" in key else 1)
-            cells.append(f"{row[key]['mean']:.{digits}f} ± {row[key]['spread']:.{digits}f}")
-        lines.append(f"| {loss} | " + " | ".join(cells) + " |")
-    lines.append(f"\nmean ± spread (max - min) over seeds {', '.join(map(str, seeds))}; percentages except gap and pairs/s.")
-    return "\n".join(lines)
 
 
 def main():
@@ -125,11 +69,11 @@ def main():
     losses = args.losses.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
     results = {loss: [run(loss, s, args.root, args.steps) for s in seeds] for loss in losses}
-    table = summarise(results)
+    table = ablation_table.summarise(results, COLUMNS)
     with open(args.out, "w") as f:
         json.dump({"steps": args.steps, "seeds": seeds, "recipe": "configs/lit_ablation.py (configs/lit.py + loss)",
                    "table": table, "runs": results}, f, indent=1)
-    print(markdown(table, seeds))
+    print(ablation_table.markdown(table, COLUMNS, seeds, "loss", _digits))
 
 
 if __name__ == "__main__":

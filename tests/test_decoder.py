@@ -20,6 +20,7 @@ from vljax import config_check, factory, metrics, objective, sharding, train
 from vljax.losses.captioning import caption_loss, caption_nll, sigmoid_caption_loss
 from vljax.models.decoder import TextDecoder, decoder_inputs
 from vljax.models.two_towers import TwoTowers
+from vljax.tokenizers import caption_bpe
 
 V, L, N, E = 11, 6, 5, 12
 DEC = dict(width=16, depth=2, num_heads=2, mlp_dim=32, vocab_size=V, max_len=L, pad_id=0)
@@ -309,34 +310,49 @@ def test_decoder_trains_in_the_state_and_equals_on_1_and_8_devices(manifest, tmp
     np.testing.assert_allclose(results[1], results[0], rtol=1e-4)
 
 
-@pytest.mark.slow  # a `python -m vljax.main` subprocess: imports, compiles and 25 steps
+@pytest.mark.slow  # two subprocesses: `vljax.data.train_tokenizer`, then `vljax.main` (compiles, 30 steps)
 def test_main_trains_sigmoid_and_caption_loss_goes_down(tmp_path):
-    """`python -m vljax.main` on configs/siglip2.py-like settings: the tiny set's captions are
-    learned (the combined loss falls, and its caption term, logged as train/caption, with it),
-    and the written spec keeps the decoder."""
+    """`python -m vljax.main` on configs/siglip2.py-like settings, with the demo-scale tokenizer
+    that `python -m vljax.data.train_tokenizer` learns from the training captions (the ablation's,
+    configs/clip.py `tok=`): the tiny set's captions are learned (the combined loss falls, and its
+    caption term, logged as train/caption, with it), and the written spec keeps the decoder and
+    carries the tokenizer file with it."""
+    env = {**os.environ, "PYTHONPATH": REPO}
+    data_cfg = tiny_config_file(tmp_path / "data.py", tmp_path / "shapes")
+    bpe = tmp_path / "bpe.json"
+    proc = subprocess.run([sys.executable, "-m", "vljax.data.train_tokenizer", f"--config={data_cfg}",
+                           "--vocab_size=300", f"--out={bpe}"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    vocab = caption_bpe.tokenizer_spec(str(bpe), 16)["expected_vocab_size"]
+    assert 259 < vocab <= 300  # the 256 bytes, 3 specials and the merges the few captions give
     cfg = tiny_config_file(tmp_path / "tiny.py", tmp_path / "shapes", steps=30, batch=8, lines=[
+        "from vljax.tokenizers import caption_bpe",
+        f"c.tokenizer = caption_bpe.tokenizer_spec({str(bpe)!r}, max_len=16)",
         "c.model.image['pool_type'] = 'map'",
-        "c.model.text.update(causal=False, pool_type='last')",
+        f"c.model.text.update(causal=False, pool_type='last', vocab_size={vocab}, pad_id=0)",
         "c.model.bias_init = -10.0",
-        "c.model.decoder = dict(width=32, depth=1, num_heads=2, mlp_dim=64, vocab_size=49408, "
+        f"c.model.decoder = dict(width=32, depth=1, num_heads=2, mlp_dim=64, vocab_size={vocab}, "
         "max_len=16, pad_id=0, parallel_fraction=0.5)",
         "c.loss = dict(name='sigmoid_caption', caption_weight=1.0)"])
     proc = subprocess.run([sys.executable, "-m", "vljax.main", f"--config={cfg}",
                            f"--workdir={tmp_path / 'wd'}"], cwd=REPO, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": REPO})
+                          text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     losses = losses_of(tmp_path / "wd")
     assert len(losses) == 30 and np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), losses
     rows = [r for r in metrics.read_metrics(str(tmp_path / "wd" / "metrics.jsonl")) if "train/loss" in r]
     caption = np.array([r["train/caption"] for r in rows])
-    # From log(49408) = 10.8 nats a token (uniform over the vocabulary): 30 steps take it down by
-    # more than a nat (measured: 10.75 -> 8.30 over the first / last 5 steps).
-    assert len(caption) == 30 and caption[0] == pytest.approx(np.log(49408), abs=0.2), caption
+    # From log(V) nats a token (uniform over the vocabulary: the output projection starts at 0),
+    # 30 steps take it down by more than a nat.
+    assert len(caption) == 30 and caption[0] == pytest.approx(np.log(vocab), abs=0.2), caption
     assert np.mean(caption[-5:]) < np.mean(caption[:5]) - 1.0, caption
     # The caption term is part of the loss: the sigmoid term left over is positive.
     assert all(r["train/loss"] - r["train/caption"] > 0 for r in rows)
     spec = factory.read_spec(tmp_path / "wd")
     assert spec["model"]["decoder"]["parallel_fraction"] == 0.5 and spec["logits"] == "sigmoid"
+    assert spec["tokenizer"]["tokenizer_file"] == str(tmp_path / "wd" / "tokenizer" / "bpe.json")  # copied
+    assert (tmp_path / "wd" / "tokenizer" / "bpe.json").read_bytes() == bpe.read_bytes()
 
 
 def test_siglip2_config_switches_the_decoder():

@@ -1,0 +1,89 @@
+"""Shared by the ablation scripts (loss_ablation.py, siglip2_ablation.py): read a finished run's final
+evaluation from its metrics.jsonl, run `python -m vljax.main` for a row, and summarise rows x seeds
+as mean ± spread (max - min) in a markdown table."""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def read_run(workdir: str, steps: int, required: str) -> dict | None:
+    """The run's step-`steps` evaluation (every non-train key logged at that step), its mean
+    training throughput (logged steps after the first), last loss and the step's perf/* figures;
+    None when `required` is not among them (the run has not finished)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return None
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    final = {}
+    for r in rows:
+        if r.get("step") == steps and not any(k.startswith("train/") for k in r):
+            final.update(r)
+    if required not in final:
+        return None
+    speeds = [r["train/pairs_per_s"] for r in rows if "train/pairs_per_s" in r][1:]
+    final["train/pairs_per_s"] = statistics.fmean(speeds) if speeds else float("nan")
+    final["train/loss_last"] = [r["train/loss"] for r in rows if "train/loss" in r][-1]
+    perf = [r for r in rows if "perf/memory_gb" in r]
+    if perf:
+        final["perf/memory_gb"] = perf[-1]["perf/memory_gb"]
+        final["perf/step_tflops"] = perf[-1].get("perf/step_tflops", float("nan"))
+    return final
+
+
+def run_main(name: str, config_arg: str, workdir: str, steps: int, required: str) -> dict:
+    """`python -m vljax.main --config=<config_arg> --workdir=<workdir>` unless it finished before
+    (then its metrics are read back); exits naming the run when it fails."""
+    done = read_run(workdir, steps, required)
+    if done is not None:
+        print(f"[ablation] {name}: done before, read {workdir}", flush=True)
+        return done
+    os.makedirs(workdir, exist_ok=True)
+    cmd = [sys.executable, "-m", "vljax.main", f"--config={config_arg}", f"--workdir={workdir}"]
+    print(f"[ablation] {' '.join(cmd[1:])}", flush=True)
+    t0 = time.time()
+    with open(os.path.join(workdir, "run.log"), "w") as log:
+        rc = subprocess.call(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    if rc != 0:
+        raise SystemExit(f"[ablation] {name} failed (exit {rc}); see {workdir}/run.log")
+    out = read_run(workdir, steps, required)
+    if out is None:
+        raise SystemExit(f"[ablation] {name}: no step-{steps} `{required}` in {workdir}/metrics.jsonl")
+    print(f"[ablation] {name}: {time.time() - t0:.0f} s", flush=True)
+    return out
+
+
+def summarise(results: dict[str, list[dict]], columns) -> dict:
+    """{row: {key: {"mean", "spread", "values"}}} over each row's runs; columns: (header, key, scale)."""
+    table = {}
+    for name, runs in results.items():
+        row = {}
+        for _, key, scale in columns:
+            vals = [r[key] * scale for r in runs if key in r]
+            if vals:
+                row[key] = {"mean": statistics.fmean(vals), "spread": max(vals) - min(vals), "values": vals}
+        table[name] = row
+    return table
+
+
+def markdown(table: dict, columns, seeds, first: str, digits) -> str:
+    """The table; digits(key, scale) -> decimals of that column."""
+    lines = [f"| {first} | " + " | ".join(h for h, _, _ in columns) + " |",
+             "|---|" + "---:|" * len(columns)]
+    for name, row in table.items():
+        cells = []
+        for _, key, scale in columns:
+            if key not in row:
+                cells.append("-")
+                continue
+            d = digits(key, scale)
+            cells.append(f"{row[key]['mean']:.{d}f} ± {row[key]['spread']:.{d}f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append(f"\nmean ± spread (max - min) over seeds {', '.join(map(str, seeds))}.")
+    return "\n".join(lines)
