@@ -27,7 +27,8 @@ def join(trainable, frozen):
 
 
 def make_train_step(model, tx, loss, trainable_mask, label_text=None, label_blocks=0, text_blocks=0,
-                    self_distill=None, acid=None, momentum=None, parts=None, ssl=None, mixing=None):
+                    self_distill=None, acid=None, momentum=None, parts=None, ssl=None, mixing=None,
+                    catlip=None):
     """One optimizer (micro-)step, `step_fn(state, batch[, label_states])`. Gradients are
     computed for trainable parameters only.
 
@@ -57,6 +58,8 @@ def make_train_step(model, tx, loss, trainable_mask, label_text=None, label_bloc
     `mixing` (a `mixing.Mixing`, config.mixing) mixes the global batch's images from the step's rng
     and gives the loss their soft targets (`batch/mix_lam`, `batch/mix_partner`; vljax/mixing.py);
     the step logs the mean lam as `train/mix_lam`.
+    `catlip` (a `catlip.CatLIP`, config.catlip) gives the loss its head's logits on the image
+    embedding (`catlip/logits` [B, V], params["catlip"]; vljax/catlip.py).
     """
 
     def forward(params, batch, rng, label_states):
@@ -118,6 +121,8 @@ def make_train_step(model, tx, loss, trainable_mask, label_text=None, label_bloc
             zimg, ztxt, out = forward(params, batch, step_rng, label_states)
             if ssl is not None:  # SLIP's two views through the image tower and the SimCLR head
                 out = {**out, **ssl.embed(model, params, batch, jax.random.fold_in(step_rng, 2))}
+            if catlip is not None:  # CatLIP's large-vocabulary head on the image embedding
+                out = {**out, **catlip.inputs(params, zimg)}
             values = objective.loss_inputs(zimg, ztxt, {**out, **extra}, batch)
             value, aux = loss(values), {}
             if acid is not None and acid.kd_weight:  # ACED's KD term (vljax/acid.py)
