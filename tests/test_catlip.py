@@ -4,17 +4,15 @@ with the head sharded over the vocabulary, the config check, and (slow) a run th
 import json
 import os
 import pickle
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
-from helpers import REPO, make_shapes_manifest, tiny_config
+from helpers import REPO, make_shapes_manifest, run_main, tiny_config
 from test_configs import _load
 from vljax import caption_labels, catlip, config_check, factory, metrics, objective, sharding
 from vljax.data import pipeline
@@ -209,22 +207,18 @@ def test_the_config_file_and_the_export():
     assert factory.encoder_only({}, params)[1] == {"img": 1, "txt": 2, "t": 3}
 
 
+# configs/catlip.py on the tests' tiny towers and shapes data, its head sharded over fsdp=2.
 _MAIN_CONFIG = """import sys
 sys.path.insert(0, {tests!r})
 import helpers
 from test_configs import _load
 
-catlip = _load({path!r})
-
 
 def get_config(arg=None):
-    c = catlip.get_config("size=32,batch=16,steps=24,min_count=1")
-    tiny = helpers.tiny_config({manifest!r}, "clip")  # the tiny towers and data of the tests
-    c.input.data, c.input.augment = tiny.input.data, dict(random_resized_crop=(0.8, 1.0))
-    c.model, c.tokenizer, c.lr = tiny.model, tiny.tokenizer, 1e-2
-    c.mesh = [("data", 1), ("fsdp", 2)]
-    c.schedule = [("txt/.*", None), ("t", None), (".*", dict(decay_type="cosine", warmup_steps=2))]
-    c.eval_every, c.ckpt_every, c.log_every, c.progress = 0, 12, 1, False
+    c, tiny = _load({path!r}).get_config("size=32,batch=16,steps=24,min_count=1"), helpers.tiny_config({manifest!r})
+    c.model, c.tokenizer, c.input.data = tiny.model, tiny.tokenizer, tiny.input.data
+    c.update(dict(lr=1e-2, mesh=[("data", 1), ("fsdp", 2)], eval_every=0, ckpt_every=12, log_every=1, progress=False,
+                  schedule=[("txt/.*", None), ("t", None), (".*", dict(decay_type="cosine", warmup_steps=2))]))
     return c
 """
 
@@ -242,13 +236,10 @@ def test_catlip_config_through_main_learns_from_the_images(manifest, tmp_path):
     vocabulary file holds the captions' terms, the loss ends below what label frequencies alone give
     (the image-blind optimum: the head learned from the images), and the checkpoint holds the head."""
     cfg = tmp_path / "catlip_tiny.py"
-    cfg.write_text(_MAIN_CONFIG.format(tests=os.path.join(REPO, "tests"), path=os.path.join(REPO, "configs", "catlip.py"),
-                                       manifest=manifest))
-    env = {**os.environ, "PYTHONPATH": REPO, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    cfg.write_text(_MAIN_CONFIG.format(tests=os.path.join(REPO, "tests"), manifest=manifest,
+                                       path=os.path.join(REPO, "configs", "catlip.py")))
     wd = tmp_path / "wd"
-    proc = subprocess.run([sys.executable, "-m", "vljax.main", f"--config={cfg}", f"--workdir={wd}"],
-                          cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_main(cfg, wd, devices=2)
     captions = _ManifestCaptions(manifest).captions
     vocab = caption_labels.build_vocabulary(captions, min_count=1)[0]
     assert json.loads((wd / caption_labels.VOCAB_FILE).read_text())["terms"] == vocab
