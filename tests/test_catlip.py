@@ -203,6 +203,9 @@ def test_the_config_file_and_the_export():
     c = _load(os.path.join(REPO, "configs", "catlip.py")).get_config("min_count=3,bigrams=on,kind=asl")
     assert dict(c.catlip) == dict(min_count=3, max_terms=0, bigrams=True) and c.loss.kind == "asl"
     config_check.validate(c)
+    assert catlip.image_only(c)  # the step runs no text tower for CatLIP's own loss
+    c.loss.align_weight = 0.1
+    assert not catlip.image_only(c)
     params = {"img": 1, "txt": 2, "t": 3, "catlip": {"kernel": 4}}
     assert factory.encoder_only({}, params)[1] == {"img": 1, "txt": 2, "t": 3}
 

@@ -8,7 +8,8 @@ The label vocabulary is extracted from the training captions and written to the 
 (vljax/caption_labels.py: settings `min_count`, `max_terms`, `bigrams`); each example's multi-hot
 target is made in the input workers (batch "caption_labels" bool [B, V]). A linear head on the image
 embedding, logits = zimg @ kernel + bias with kernel [D, V] and bias [V] (params["catlip"]), gives
-`catlip/logits` [B, V] for the loss. CatLIP puts its classifier on the image backbone's output; ours
+`catlip/logits` [B, V] for the loss. When the configured loss takes nothing of the text side
+(`image_only`: CatLIP's own loss), the step does not run the text tower at all, as CatLIP has none. CatLIP puts its classifier on the image backbone's output; ours
 sits on the image tower's embedding `zimg` (after its projection and L2 normalisation), so the whole
 image tower, projection included, is what the exported encoder keeps. The head's params are trained,
 sharded by `sharding_rules` (the vocabulary axis: `("catlip/.*", "fsdp")` splits the kernel's V
@@ -61,6 +62,15 @@ def _loss_takes_head(config) -> bool:
     return name in objective.LOSSES and INPUT in objective.LOSSES[name].inputs
 
 
+def image_only(config) -> bool:
+    """Whether the configured loss (with its regularisers) takes nothing from the text tower: no
+    `ztxt`, `txt/...`, text features, label prompts, sub-captions or decoder outputs. CatLIP's own loss
+    does not (the paper trains the image encoder alone); `loss.align_weight` would."""
+    text = ("ztxt", "frozen/ztxt", "frozen/txt_features")
+    return not any(k in text or k.startswith(("txt/", "labels/", "sub/", "dec/"))
+                   for k in objective.spec(config.loss).inputs)
+
+
 def check(trainable_mask) -> None:
     """Refuses a `schedule` that locks part of the head (it has nothing else to learn from)."""
     flat = traverse_util.flatten_dict(trainable_mask, sep="/")
@@ -94,6 +104,7 @@ class CatLIP:
     """A run's CatLIP: its vocabulary (`terms`, from `caption_labels.vocabulary_for`) and settings."""
     terms: tuple[str, ...]
     bigrams: bool = False
+    image_only: bool = True  # the configured loss takes nothing of the text side: the step skips it
 
     @classmethod
     def setup(cls, config, opened, workdir, *, write: bool = True) -> CatLIP | None:
@@ -102,7 +113,8 @@ class CatLIP:
         o = options(config)
         if o is None:
             return None
-        return cls(tuple(caption_labels.vocabulary_for(opened, workdir, o, write=write)), bool(o["bigrams"]))
+        return cls(tuple(caption_labels.vocabulary_for(opened, workdir, o, write=write)), bool(o["bigrams"]),
+                   image_only=image_only(config))
 
     @property
     def vocab_size(self) -> int:

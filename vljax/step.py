@@ -59,7 +59,8 @@ def make_train_step(model, tx, loss, trainable_mask, label_text=None, label_bloc
     and gives the loss their soft targets (`batch/mix_lam`, `batch/mix_partner`; vljax/mixing.py);
     the step logs the mean lam as `train/mix_lam`.
     `catlip` (a `catlip.CatLIP`, config.catlip) gives the loss its head's logits on the image
-    embedding (`catlip/logits` [B, V], params["catlip"]; vljax/catlip.py).
+    embedding (`catlip/logits` [B, V], params["catlip"]; vljax/catlip.py); when the loss takes
+    nothing of the text side (`catlip.image_only`) the text tower is not run.
     """
 
     def forward(params, batch, rng, label_states):
@@ -77,15 +78,17 @@ def make_train_step(model, tx, loss, trainable_mask, label_text=None, label_bloc
 
     def _towers(params, batch, rng):
         kw = dict(train=True, rngs={"dropout": rng})
+        # CatLIP without a text-side input: the text tower is not run (ztxt None), as in the paper
+        text = None if catlip is not None and catlip.image_only else batch["text"]
         if "text_states" in batch:
             if not text_blocks:
                 raise ValueError("a batch with text_states needs the step's text_blocks > 0")
             kw["text_lower"] = (text_blocks, batch["text_states"])
         if "image_features" not in batch:
-            return model.apply({"params": params}, batch["image"], batch["text"], **kw)
+            return model.apply({"params": params}, batch["image"], text, **kw)
         txt_kw = dict(kw)
         kw.pop("text_lower", None)
-        _, ztxt, out = model.apply({"params": params}, None, batch["text"], **txt_kw)
+        _, ztxt, out = model.apply({"params": params}, None, text, **txt_kw)
         if "image_tokens" in batch:
             zimg, out["img/tokens_proj"] = model.apply(
                 {"params": params}, batch["image_features"], batch["image_tokens"].astype(jnp.float32),
