@@ -58,12 +58,14 @@ def test_vocabulary_of_a_tiny_caption_list_is_exact():
 def test_vocabulary_file_is_written_once_read_back_and_refused_when_stale(tmp_path):
     settings = dict(min_count=2, max_terms=0, bigrams=False)
     src = [_Captions(CAPTIONS)]
-    assert caption_labels.vocabulary_for(src, tmp_path, settings) == ["ball", "cat", "dog", "red"]
-    saved = (tmp_path / caption_labels.VOCAB_FILE).read_text()
-    assert '"counts"' in saved and '"settings"' in saved
+    record = caption_labels.vocabulary_for(src, tmp_path, settings)
+    assert record["terms"] == ["ball", "cat", "dog", "red"] and record["counts"] == [2, 2, 2, 2]
+    assert not (tmp_path / caption_labels.VOCAB_FILE).exists()  # extracting writes nothing
+    caption_labels.write_vocabulary(tmp_path, record)
+    assert json.loads((tmp_path / caption_labels.VOCAB_FILE).read_text()) == record
     # A resumed run reads the file (not the captions: these would give another vocabulary).
     same_key = [_Captions(["zebra zebra", "zebra"] + CAPTIONS[2:])]
-    assert caption_labels.vocabulary_for(same_key, tmp_path, settings) == ["ball", "cat", "dog", "red"]
+    assert caption_labels.vocabulary_for(same_key, tmp_path, settings) == record
     with pytest.raises(ValueError, match=r"caption_vocab.json: written for .*settings"):
         caption_labels.vocabulary_for(src, tmp_path, {**settings, "min_count": 1})
     with pytest.raises(ValueError, match=r"caption_vocab.json: written for sources"):

@@ -14,8 +14,9 @@ either in what we could read of CatLIP). The frequency filter is the paper's: a 
 it occurs in at least `min_count` captions; `max_terms` > 0 keeps only that many of the most frequent.
 
 The vocabulary is written once into the workdir (`VOCAB_FILE`, JSON: terms, counts, the sources'
-fingerprint and the settings) by `vocabulary_for`; a resumed run reads it back, and a file written for
-other sources or settings is refused, naming it. Each training record's multi-hot target over the
+fingerprint and the settings: `vocabulary_for`, `write_vocabulary`, which the trainer calls with its
+config.json, after every check); a resumed run reads it back, and a file written for other sources or
+settings is refused, naming it. Each training record's multi-hot target over the
 vocabulary is made in the input workers (`Targets`, a per-example map of the grain pipeline, from the
 caption the example carries): the batch field "caption_labels" bool [B, V].
 """
@@ -107,11 +108,12 @@ def fingerprint(opened) -> str:
     return hashlib.sha1(json.dumps(parts).encode()).hexdigest()[:16]
 
 
-def vocabulary_for(opened, workdir, settings: dict, *, write: bool = True) -> list[str]:
-    """The vocabulary of the `opened` training sources under `settings` ({min_count, max_terms,
-    bigrams}): read from `workdir/VOCAB_FILE` when there, else extracted and (with `write`, process 0)
-    written there. A file written for other sources or settings is a ValueError naming it; an empty
-    vocabulary (no term reaches `min_count`) is a ValueError naming `catlip.min_count`."""
+def vocabulary_for(opened, workdir, settings: dict) -> dict:
+    """The vocabulary record of the `opened` training sources under `settings` ({min_count, max_terms,
+    bigrams}): {"terms", "counts", "sources" (`fingerprint`), "settings"}, read from
+    `workdir/VOCAB_FILE` when there (a resumed run), else extracted (nothing is written:
+    `write_vocabulary`). A file written for other sources or settings is a ValueError naming it; an
+    empty vocabulary (no term reaches `min_count`) is a ValueError naming `catlip.min_count`."""
     settings = {k: settings[k] for k in SETTINGS}
     path = epath.Path(workdir) / VOCAB_FILE
     fp = fingerprint(opened)
@@ -122,18 +124,25 @@ def vocabulary_for(opened, workdir, settings: dict, *, write: bool = True) -> li
                              f"{saved.get('settings')}, but this run has sources {fp} and settings "
                              f"{settings} (config keys `input.data`, `catlip`); use a new workdir or "
                              f"delete the file to extract the vocabulary again")
-        return list(saved["terms"])
+        return saved
     terms, counts = build_vocabulary(training_captions(opened), int(settings["min_count"]),
                                      int(settings["max_terms"]), bool(settings["bigrams"]))
     if not terms:
         raise ValueError(f"config key `catlip.min_count`: no caption term occurs in {settings['min_count']} "
                          f"or more captions of config.input.data; lower it")
-    if write:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / (path.name + ".tmp")
-        tmp.write_text(json.dumps(dict(terms=terms, counts=counts, sources=fp, settings=settings), indent=0))
-        tmp.rename(path)
-    return terms
+    return dict(terms=terms, counts=counts, sources=fp, settings=settings)
+
+
+def write_vocabulary(workdir, record: dict) -> None:
+    """Writes `record` (`vocabulary_for`) to `workdir/VOCAB_FILE` unless the file is there (atomic:
+    a temporary file renamed)."""
+    path = epath.Path(workdir) / VOCAB_FILE
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / (path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=0))
+    tmp.rename(path)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -101,20 +101,26 @@ def logits(head: dict, zimg):
 
 @dataclasses.dataclass(frozen=True)
 class CatLIP:
-    """A run's CatLIP: its vocabulary (`terms`, from `caption_labels.vocabulary_for`) and settings."""
+    """A run's CatLIP: its vocabulary (`terms`, from `caption_labels.vocabulary_for`) and settings.
+    Built per run, never hashed (`record` is a dict)."""
     terms: tuple[str, ...]
     bigrams: bool = False
     image_only: bool = True  # the configured loss takes nothing of the text side: the step skips it
+    record: dict | None = None  # the vocabulary file's content (`caption_labels.vocabulary_for`)
 
     @classmethod
-    def setup(cls, config, opened, workdir, *, write: bool = True) -> CatLIP | None:
+    def setup(cls, config, opened, workdir) -> CatLIP | None:
         """None without config.catlip; else the vocabulary of the `opened` training sources, read
-        from / written to `workdir` (vljax/caption_labels.py)."""
+        from `workdir` or extracted (vljax/caption_labels.py; `write` puts it in the workdir)."""
         o = options(config)
         if o is None:
             return None
-        return cls(tuple(caption_labels.vocabulary_for(opened, workdir, o, write=write)), bool(o["bigrams"]),
-                   image_only=image_only(config))
+        record = caption_labels.vocabulary_for(opened, workdir, o)
+        return cls(tuple(record["terms"]), bool(o["bigrams"]), image_only=image_only(config), record=record)
+
+    def write(self, workdir) -> None:
+        """Writes the vocabulary file into `workdir` unless it is there (process 0, with config.json)."""
+        caption_labels.write_vocabulary(workdir, self.record)
 
     @property
     def vocab_size(self) -> int:

@@ -88,7 +88,7 @@ class Trainer:
         if self.ssl_opts is not None:
             params = slip.with_head(params, self.model, self.ssl_opts, _dummy_inputs(config)[0])
         # CatLIP: the caption vocabulary (written to / read from the workdir), its head params["catlip"]
-        self.catlip = catlip.CatLIP.setup(config, opened, workdir, write=jax.process_index() == 0)
+        self.catlip = catlip.CatLIP.setup(config, opened, workdir)  # written with config.json below
         if self.catlip is not None:
             params = self.catlip.with_head(params, self.model, _dummy_inputs(config)[0])
         self.tx, self.lr_fn, self.trainable_mask = optim.make_optimizer(config, params)
@@ -146,6 +146,8 @@ class Trainer:
             path.mkdir(parents=True, exist_ok=True)
             (path / "config.json").write_text(config.to_json_best_effort(indent=1))
             factory.write_spec(path, self.spec)
+            if self.catlip is not None:  # the caption vocabulary (vljax/caption_labels.py)
+                self.catlip.write(path)
             if config.input.get("hide_labels"):  # partial labels: which ones training never sees
                 record = sources.hidden_labels_record(opened, *sources.check_hide_labels(config.input.hide_labels))
                 (path / "hidden_labels.json").write_text(json.dumps(record))
