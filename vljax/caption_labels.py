@@ -18,7 +18,8 @@ fingerprint and the settings: `vocabulary_for`, `write_vocabulary`, which the tr
 config.json, after every check); a resumed run reads it back, and a file written for other sources or
 settings is refused, naming it. Each training record's multi-hot target over the
 vocabulary is made in the input workers (`Targets`, a per-example map of the grain pipeline, from the
-caption the example carries): the batch field "caption_labels" bool [B, V].
+caption the example carries: the one drawn for it, after `input.text_aug` when set, as CatLIP takes
+each image's own caption): the batch field "caption_labels" bool [B, V].
 """
 from __future__ import annotations
 
