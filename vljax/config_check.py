@@ -24,7 +24,7 @@ import os
 
 from ml_collections import ConfigDict, FrozenConfigDict
 
-from vljax import acid, init_from, mixing, momentum, objective, pretrained, slip, stages, teacher
+from vljax import acid, catlip, init_from, mixing, momentum, objective, pretrained, slip, stages, teacher
 from vljax.data import sources, text_aug
 from vljax.evaluators import EVALUATORS
 from vljax.evaluators import data as eval_data
@@ -69,6 +69,7 @@ _TOP = {
     "stages": (False, (list, tuple, type(None))),
     "self_distill": (False, (dict, type(None))),  # vljax/teacher.py
     "ssl": (False, (dict, type(None))),  # SLIP, vljax/slip.py
+    "catlip": (False, (dict, type(None))),  # CatLIP, vljax/catlip.py
     "distill": (False, (dict, type(None))),  # vljax/teacher_features.py
     "acid": (False, (dict, type(None))),  # vljax/acid.py
     "queue": (False, (dict, type(None))),  # vljax/momentum.py
@@ -355,6 +356,7 @@ def validate(config) -> None:
         stages.parse(config)
     teacher.options(config)
     slip.options(config)
+    catlip.options(config)
     acid.options(config)
     momentum.options(config)
     mixing.options(config)

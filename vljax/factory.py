@@ -260,11 +260,11 @@ TOKENIZER_SIDECARS = ("tokenizer_config.json", "special_tokens_map.json")
 
 def encoder_only(model_kw: dict, params):
     """(TwoTowers kwargs, params) less the caption decoder (`decoder`, `decoder_model`, params
-    `dec`), the self-distillation heads (params `ssl`, vljax/teacher.py) and SLIP's SimCLR head
-    (params `simclr`, vljax/slip.py): the encoder a recipe with them (LocCa, SigLIP 2, SLIP)
-    exports; unchanged without them."""
+    `dec`), the self-distillation heads (params `ssl`, vljax/teacher.py), SLIP's SimCLR head
+    (params `simclr`, vljax/slip.py) and CatLIP's vocabulary head (params `catlip`, vljax/catlip.py):
+    the encoder a recipe with them (LocCa, SigLIP 2, SLIP, CatLIP) exports; unchanged without them."""
     return ({k: v for k, v in model_kw.items() if k not in ("decoder", "decoder_model")},
-            {k: v for k, v in params.items() if k not in ("dec", "ssl", "simclr")})
+            {k: v for k, v in params.items() if k not in ("dec", "ssl", "simclr", "catlip")})
 
 
 def export(bundle: Bundle, out_dir, arch: str | None = None) -> None:

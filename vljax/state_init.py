@@ -26,13 +26,13 @@ def _dummy_inputs(config, batch=1):
     return images, jnp.zeros((batch, config.tokenizer.max_len), jnp.int32)
 
 
-def make_init_fns(model, tx, config):
+def make_init_fns(model, tx, config, catlip=None):
     """(init_params(init_rng) -> params, init_opt(params) -> optimizer state): random params
     (pretrained towers are written into them afterwards, see `pretrained.write_tower`) and the
     optimizer state for them. Run each under `jax.jit(..., out_shardings=...)`: every parameter
     and moment is then created directly in its shards. Two programs, not one, so that the init's
     scratch space (random bits) is freed before the moments are allocated: the peak stays at the
-    state's own size."""
+    state's own size. `catlip` (a `catlip.CatLIP`) adds its head, params["catlip"]."""
     opts, ssl = teacher.options(config), slip.options(config)
 
     def init_params(init_rng):
@@ -40,6 +40,8 @@ def make_init_fns(model, tx, config):
         if ssl is not None:  # SLIP's SimCLR head (params["simclr"], vljax/slip.py), its own stream
             params = slip.with_head(params, model, ssl, _dummy_inputs(config)[0],
                                     jax.random.fold_in(init_rng, 0x511F))
+        if catlip is not None:  # CatLIP's head (params["catlip"], vljax/catlip.py), its own stream
+            params = catlip.with_head(params, model, _dummy_inputs(config)[0], jax.random.fold_in(init_rng, 0xCA7))
         if opts is None:
             return params
         # The self-distillation heads (params["ssl"], vljax/teacher.py), their own random stream.

@@ -27,7 +27,8 @@ def join(trainable, frozen):
 
 
 def make_train_step(model, tx, loss, trainable_mask, label_text=None, label_blocks=0, text_blocks=0,
-                    self_distill=None, acid=None, momentum=None, parts=None, ssl=None, mixing=None):
+                    self_distill=None, acid=None, momentum=None, parts=None, ssl=None, mixing=None,
+                    catlip=None):
     """One optimizer (micro-)step, `step_fn(state, batch[, label_states])`. Gradients are
     computed for trainable parameters only.
 
@@ -57,6 +58,9 @@ def make_train_step(model, tx, loss, trainable_mask, label_text=None, label_bloc
     `mixing` (a `mixing.Mixing`, config.mixing) mixes the global batch's images from the step's rng
     and gives the loss their soft targets (`batch/mix_lam`, `batch/mix_partner`; vljax/mixing.py);
     the step logs the mean lam as `train/mix_lam`.
+    `catlip` (a `catlip.CatLIP`, config.catlip) gives the loss its head's logits on the image
+    embedding (`catlip/logits` [B, V], params["catlip"]; vljax/catlip.py); when the loss takes
+    nothing of the text side (`catlip.image_only`) the text tower is not run.
     """
 
     def forward(params, batch, rng, label_states):
@@ -74,15 +78,17 @@ def make_train_step(model, tx, loss, trainable_mask, label_text=None, label_bloc
 
     def _towers(params, batch, rng):
         kw = dict(train=True, rngs={"dropout": rng})
+        # CatLIP without a text-side input: the text tower is not run (ztxt None), as in the paper
+        text = None if catlip is not None and catlip.image_only else batch["text"]
         if "text_states" in batch:
             if not text_blocks:
                 raise ValueError("a batch with text_states needs the step's text_blocks > 0")
             kw["text_lower"] = (text_blocks, batch["text_states"])
         if "image_features" not in batch:
-            return model.apply({"params": params}, batch["image"], batch["text"], **kw)
+            return model.apply({"params": params}, batch["image"], text, **kw)
         txt_kw = dict(kw)
         kw.pop("text_lower", None)
-        _, ztxt, out = model.apply({"params": params}, None, batch["text"], **txt_kw)
+        _, ztxt, out = model.apply({"params": params}, None, text, **txt_kw)
         if "image_tokens" in batch:
             zimg, out["img/tokens_proj"] = model.apply(
                 {"params": params}, batch["image_features"], batch["image_tokens"].astype(jnp.float32),
@@ -118,6 +124,8 @@ def make_train_step(model, tx, loss, trainable_mask, label_text=None, label_bloc
             zimg, ztxt, out = forward(params, batch, step_rng, label_states)
             if ssl is not None:  # SLIP's two views through the image tower and the SimCLR head
                 out = {**out, **ssl.embed(model, params, batch, jax.random.fold_in(step_rng, 2))}
+            if catlip is not None:  # CatLIP's large-vocabulary head on the image embedding
+                out = {**out, **catlip.inputs(params, zimg)}
             values = objective.loss_inputs(zimg, ztxt, {**out, **extra}, batch)
             value, aux = loss(values), {}
             if acid is not None and acid.kd_weight:  # ACED's KD term (vljax/acid.py)

@@ -18,7 +18,7 @@ from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from vljax import (acid, checkpoints, config_check, eval_builder, factory, features, init_from,
+from vljax import (acid, catlip, checkpoints, config_check, eval_builder, factory, features, init_from,
                    logs, metrics, mixing, momentum, nonfinite, objective, optim, perf, selection, sharding,
                    slip, stages, teacher, teacher_features)
 from vljax.data import pipeline, sources
@@ -87,7 +87,13 @@ class Trainer:
         self.ssl_opts = slip.options(config)  # SLIP: the SimCLR head params["simclr"]
         if self.ssl_opts is not None:
             params = slip.with_head(params, self.model, self.ssl_opts, _dummy_inputs(config)[0])
+        # CatLIP: the caption vocabulary (written to / read from the workdir), its head params["catlip"]
+        self.catlip = catlip.CatLIP.setup(config, opened, workdir)  # written with config.json below
+        if self.catlip is not None:
+            params = self.catlip.with_head(params, self.model, _dummy_inputs(config)[0])
         self.tx, self.lr_fn, self.trainable_mask = optim.make_optimizer(config, params)
+        if self.catlip is not None:
+            catlip.check(self.trainable_mask)
         objective.check(config, self.trainable_mask, opened)
         self.label_text = objective.label_prompts(config, self.tokenizer, opened)
         self.text_blocks = locked_text_blocks(self.spec, self.trainable_mask)
@@ -97,7 +103,7 @@ class Trainer:
                              "once per caption (lock its embeddings and lowest blocks in `schedule`, with "
                              "dropout off and blocks not scanned), or set text_cache=False")
         init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
-        self._init_params, self._init_opt = make_init_fns(self.model, self.tx, config)
+        self._init_params, self._init_opt = make_init_fns(self.model, self.tx, config, self.catlip)
         abstract = {"params": params, "opt_state": jax.eval_shape(self._init_opt, params),
                     "step": jax.ShapeDtypeStruct((), jnp.int32), "rng": jax.eval_shape(lambda r: r, train_rng)}
         if self.sd_opts is not None:
@@ -140,6 +146,8 @@ class Trainer:
             path.mkdir(parents=True, exist_ok=True)
             (path / "config.json").write_text(config.to_json_best_effort(indent=1))
             factory.write_spec(path, self.spec)
+            if self.catlip is not None:  # the caption vocabulary (vljax/caption_labels.py)
+                self.catlip.write(path)
             if config.input.get("hide_labels"):  # partial labels: which ones training never sees
                 record = sources.hidden_labels_record(opened, *sources.check_hide_labels(config.input.hide_labels))
                 (path / "hidden_labels.json").write_text(json.dumps(record))
@@ -181,7 +189,8 @@ class Trainer:
             tokenizer = factory.build_tokenizer({"tokenizer": {**self.spec["tokenizer"], "max_len": stage.max_len}})
         seed = self.config.seed + 1_000_003 * stage.index  # stage 0: the unstaged stream
         return pipeline.make_train_iterator(inp, tokenizer, seed=seed, features=stores,
-                                            teachers=teacher_features.teacher_stores(self.config, self.mesh, self.workdir))
+                                            teachers=teacher_features.teacher_stores(self.config, self.mesh, self.workdir),
+                                            caption_targets=None if self.catlip is None else self.catlip.targets())
 
     def stage_model(self, stage: stages.Stage) -> TwoTowers:
         """The model as the stage trains it (its patch dropout); the same parameters."""
@@ -276,7 +285,7 @@ class Trainer:
                                       self.label_text, self.label_blocks, self.text_blocks, sd,
                                       self.acid, self.momentum, parts=parts,
                                       ssl=None if self.ssl_opts is None else slip.Slip.build(self.ssl_opts),
-                                      mixing=self.mixing)
+                                      mixing=self.mixing, catlip=self.catlip)
             if not self.label_blocks and self.acid is None:
                 fn = jax.jit(step_fn, in_shardings=(self.state_sh, batch_sh),
                              out_shardings=(self.state_sh, None), donate_argnums=(0,))

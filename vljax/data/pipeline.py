@@ -204,7 +204,8 @@ def _local_batch_size(global_batch: int, process_count: int) -> int:
 
 
 def make_train_dataset(config, tokenizer, *, seed: int, process_index: int = 0,
-                       process_count: int = 1, features=None, teachers=None) -> grain.IterDataset:
+                       process_count: int = 1, features=None, teachers=None,
+                       caption_targets=None) -> grain.IterDataset:
     """The grain IterDataset behind `make_train_iterator` (for inspection and benchmarks)."""
     entries = list(config["data"])
     if not entries:
@@ -246,6 +247,8 @@ def make_train_dataset(config, tokenizer, *, seed: int, process_index: int = 0,
     else:
         ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
     ds = ds.random_map(_preprocess_from_config(config), seed=_seed(seed, 10**6))
+    if caption_targets is not None:  # CatLIP's multi-hot caption labels (vljax/caption_labels.py)
+        ds = ds.map(caption_targets)
     naf = naflex_train.plan(config["naflex"], int(config["image_size"])) if _get(config, "naflex") else None
     if naf is not None and naf.fixed_resolution:  # a NaFlex tower's fixed-resolution stage
         ds = ds.map(naflex_train.SquarePatches(naf.patch_size))
@@ -276,7 +279,8 @@ def make_train_dataset(config, tokenizer, *, seed: int, process_index: int = 0,
 
 
 def make_train_iterator(config, tokenizer, *, seed: int, process_index: int | None = None,
-                        process_count: int | None = None, features=None, teachers=None) -> TrainIterator:
+                        process_count: int | None = None, features=None, teachers=None,
+                        caption_targets=None) -> TrainIterator:
     """Endless iterator of this process's training batches (see TrainIterator).
 
     config: the `config.input` subtree (module docstring). tokenizer: `tok(list[str]) -> int32
@@ -287,6 +291,8 @@ def make_train_iterator(config, tokenizer, *, seed: int, process_index: int | No
     augmentation draws it), and no image is decoded. teachers: one teacher store per source
     (`vljax.teacher_features.TeacherSource`, config.distill): the batches also carry
     "teacher_zimg" [B, D], "teacher_ztxt" [B, D] (of the drawn caption) and "teacher_t" [B].
+    caption_targets: a per-example map adding "caption_labels" (`caption_labels.Targets`, CatLIP):
+    the batches then carry "caption_labels" bool [B, V].
     Restoring a state needs the same config (num_workers included: worker w processes every
     num_workers-th example), seed and processes.
     """
@@ -295,7 +301,7 @@ def make_train_iterator(config, tokenizer, *, seed: int, process_index: int | No
     return TrainIterator(make_train_dataset(config, tokenizer, seed=seed,
                                             process_index=process_index,
                                             process_count=process_count, features=features,
-                                            teachers=teachers))
+                                            teachers=teachers, caption_targets=caption_targets))
 
 
 def make_eval_batches(data, *, batch_size: int, image_size: int | None = None,

@@ -187,8 +187,9 @@ class Collate:
             texts = [t for ex in examples for t in ex["subcaptions"]]
             tokens = np.asarray(self.tokenizer(texts), np.int32)
             batch["subcaptions"] = tokens.reshape(len(examples), -1, tokens.shape[-1])
-        # MultiCrop's views; a teacher's stored embeddings (vljax/teacher_features.py)
-        for k in ("sd_global", "sd_local", "teacher_zimg", "teacher_ztxt", "teacher_t"):
+        # MultiCrop's views; a teacher's stored embeddings (vljax/teacher_features.py); CatLIP's
+        # caption labels (vljax/caption_labels.py)
+        for k in ("sd_global", "sd_local", "teacher_zimg", "teacher_ztxt", "teacher_t", "caption_labels"):
             if k in examples[0]:
                 batch[k] = np.stack([ex[k] for ex in examples])
         if self.with_label:
