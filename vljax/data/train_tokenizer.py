@@ -13,18 +13,9 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from vljax import cliflags
+from vljax import caption_labels, cliflags
 from vljax.data import sources
 from vljax.tokenizers import caption_bpe
-
-
-def training_captions(opened) -> list[str]:
-    """Every non-blank caption of every record of the `opened` sources, stripped, in order."""
-    out = []
-    for src in opened:
-        for i in range(len(src)):
-            out += [c.strip() for c in src.captions_of(i) if c and c.strip()]
-    return out
 
 
 # Flags on a module-private FlagValues: vljax.main and vljax.evaluate define --config too (cliflags).
@@ -41,7 +32,7 @@ def main(argv):
     del argv
     config = _CONFIG.value
     opened = [sources.get_source(entry, data_dir=config.input.get("data_dir")) for entry in config.input.data]
-    captions = training_captions(opened)
+    captions = caption_labels.training_captions(opened)
     tok = caption_bpe.train_bpe(captions, _VOCAB.value)
     os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
     tok.save(_OUT.value)
