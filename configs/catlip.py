@@ -19,13 +19,15 @@ experiments/bench_catlip_memory.py measures what that saves at V = 100k).
 Config arguments: img, size, batch, steps, seed (as configs/clip.py), min_count (2), max_terms (0: all),
 bigrams (on | off), kind (bce | asl | wan).
 """
+import importlib.util
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import clip  # noqa: E402
+from vljax import config_args
 
-from vljax import config_args  # noqa: E402
+# Config files are loaded by path (ml_collections), so the sibling is loaded the same way.
+_spec = importlib.util.spec_from_file_location("vljax_configs_clip", os.path.join(os.path.dirname(__file__), "clip.py"))
+clip = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(clip)
 
 
 def get_config(arg=None):
