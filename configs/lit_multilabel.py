@@ -42,8 +42,12 @@ to <workdir>/hidden_labels.json). Every evaluation also reports ReaL-style accur
 and, on the test splits, conformal label sets at `alpha` (coverage and mean size) calibrated on
 that dataset's held-out val split (vljax/evaluators/conformal.py).
 
+`label_axis` (with loss=dexml): the label prompts, their embeddings and the tag columns split
+over that mesh axis in the step, e.g. `:loss=dexml,label_axis=data` (vljax/label_shards.py; at 184
+tags a check of the path: it pays at 100k labels, experiments/bench_dexml_memory.py).
+
 Config arguments: loss, kind, template, hide, hide_seed, alpha, captions, tags_weight,
-eval_templates ("train": the trained prompt; or a template set), seed, steps, batch.
+eval_templates ("train": the trained prompt; or a template set), seed, steps, batch, label_axis.
 """
 import os
 import sys
@@ -57,7 +61,7 @@ from vljax import config_args  # noqa: E402
 def get_config(arg=None):
     a = config_args.parse_arg(arg, "configs/lit_multilabel.py", loss="multilabel", kind="bce", template="an icon of {}.", hide=0.0, hide_seed=0,
                                alpha=0.1, captions=0, tags_weight=1.0,
-                               eval_templates="train", seed=0, steps=500, batch=128)
+                               eval_templates="train", seed=0, steps=500, batch=128, label_axis="")
     c = lit.get_config(f"steps={a['steps']},batch={a['batch']}")
     c.seed = a["seed"]
     c.input.labels = True
@@ -74,6 +78,8 @@ def get_config(arg=None):
         c.loss = dict(name=a["loss"], template=a["template"])
         if a["loss"] == "nnpu":
             c.loss.label_frequency = 1.0 - a["hide"]
+    if a["label_axis"]:  # the label space split over that mesh axis (vljax/label_shards.py)
+        c.loss.label_axis = a["label_axis"]
     if a["hide"]:
         c.input.hide_labels = dict(fraction=a["hide"], seed=a["hide_seed"])
     # Scored with the prompt the loss trained (the other templates' embeddings were never trained

@@ -24,7 +24,8 @@ import os
 
 from ml_collections import ConfigDict, FrozenConfigDict
 
-from vljax import acid, catlip, init_from, mixing, momentum, objective, pretrained, slip, stages, teacher
+from vljax import (acid, catlip, init_from, label_shards, mixing, momentum, objective, pretrained, slip, stages,
+                   teacher)
 from vljax.data import sources, text_aug
 from vljax.evaluators import EVALUATORS
 from vljax.evaluators import data as eval_data
@@ -348,6 +349,7 @@ def validate(config) -> None:
     init_from.check_exclusive(config)
     _model_init(config.get("model_init"))
     _loss(config.loss)
+    label_shards.axis(config)  # loss.label_axis: an axis of config.mesh
     _optax(config.optax)
     _schedule(config.schedule, config.total_steps)
     if config.get("nonfinite", "stop") not in ("stop", "skip"):

@@ -30,7 +30,7 @@ import numpy as np
 from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
-from vljax import losses, sharding, slip
+from vljax import label_shards, losses, sharding, slip
 from vljax.data import sources
 from vljax.losses.structure import structure_loss
 from vljax.text import canonicalize_name
@@ -44,7 +44,7 @@ _STRUCTURE_SIDES = {"image": ("zimg", "frozen/img_features"), "text": ("ztxt", "
 REGULARISER_KEYS = (*_REGULARISER_OPTIONS, "multilabel_template")
 # Loss arguments that are arrays the trainer passes (not config options), besides the ones
 # without a default.
-LOSS_ARRAYS = frozenset({"axis_name", "labels", "img_mask", "txt_mask"})
+LOSS_ARRAYS = frozenset({"axis_name", "labels", "img_mask", "txt_mask", "label_mask"})
 _DEFAULT_TEMPLATE = "a photo of a {}."
 
 
@@ -356,13 +356,17 @@ def loss_inputs(zimg, ztxt, out, batch) -> dict:
 
 def make_loss(config, mesh):
     """Returns loss(values) -> scalar: the configured loss (`spec(config.loss)`) on the inputs it
-    declares, looked up in `values` (`loss_inputs`), under one shard_map over the batch axes."""
+    declares, looked up in `values` (`loss_inputs`), under one shard_map over the batch axes.
+    With `loss.label_axis` (vljax/label_shards.py) the label space is split over that axis:
+    `labels/...` rows over it, `batch/labels` padded to the prompts' rows and its columns split
+    alike, the loss given `label_mask` (False on padding) and its rows split over the other batch
+    axes (`axis_name`)."""
     name = config.loss.get("name")
     loss = with_ssl(spec(config.loss), slip.options(config))
     kwargs = _options(config.loss, resolve(name))
-    axes = sharding.batch_axes(mesh)
-    axis = axes[0] if len(axes) == 1 else axes
-    bspec = P(axes)
+    split = label_shards.axis(config)
+    rows, spec_of = label_shards.layout(sharding.batch_axes(mesh), split)
+    axis = rows[0] if len(rows) == 1 else (rows if rows or split is None else None)
 
     def fn(values):
         missing = [k for k in loss.inputs if k not in values]
@@ -371,11 +375,19 @@ def make_loss(config, mesh):
                            for k in missing if k in ("batch/label", "batch/labels"))
             raise ValueError(f"config key `loss.name`: loss {name!r} takes {', '.join(missing)}, which this "
                              f"model and batch do not provide{hint}; available: {', '.join(sorted(values))}")
+        if split is not None:  # the label space padded to the prompts' rows (label_shards.place)
+            values = dict(values)
+            values["batch/labels"], mask = label_shards.padded_labels(values["batch/labels"],
+                                                                      values["labels/ztxt"].shape[0])
         args = [values[k] for k in loss.inputs]
-        # Scalars and `labels/...` (one row per label, not per example) are the same on every device.
-        specs = tuple(P() if np.ndim(a) == 0 or k.startswith("labels/") else bspec
-                      for k, a in zip(loss.inputs, args))
-        local = lambda *a: loss.fn(*a, axis_name=axis, **kwargs)  # noqa: E731
+        # Scalars and `labels/...` (one row per label, not per example) are the same on every
+        # device, or split over the label axis.
+        specs = tuple(spec_of(k, a) for k, a in zip(loss.inputs, args))
+        if split is None:
+            local = lambda *a: loss.fn(*a, axis_name=axis, **kwargs)  # noqa: E731
+        else:
+            args, specs = [*args, mask], (*specs, P(split))
+            local = lambda *a: loss.fn(*a[:-1], axis_name=axis, label_mask=a[-1], **kwargs)  # noqa: E731
         return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P())(*args)
 
     return fn

@@ -28,7 +28,7 @@ def join(trainable, frozen):
 
 def make_train_step(model, tx, loss, trainable_mask, label_text=None, label_blocks=0, text_blocks=0,
                     self_distill=None, acid=None, momentum=None, parts=None, ssl=None, mixing=None,
-                    catlip=None):
+                    catlip=None, label_sharding=None):
     """One optimizer (micro-)step, `step_fn(state, batch[, label_states])`. Gradients are
     computed for trainable parameters only.
 
@@ -61,14 +61,22 @@ def make_train_step(model, tx, loss, trainable_mask, label_text=None, label_bloc
     `catlip` (a `catlip.CatLIP`, config.catlip) gives the loss its head's logits on the image
     embedding (`catlip/logits` [B, V], params["catlip"]; vljax/catlip.py); when the loss takes
     nothing of the text side (`catlip.image_only`) the text tower is not run.
+    `label_sharding` (`label_shards.place`, config.loss.label_axis) splits the label prompts'
+    rows, their states and their embeddings over the label axis: no device holds all K.
     """
+    def on_label_axis(x):
+        return x if label_sharding is None else jax.lax.with_sharding_constraint(x, label_sharding)
 
     def forward(params, batch, rng, label_states):
         zimg, ztxt, out = _towers(params, batch, rng)
         if label_text is not None:
-            lower = None if not label_blocks else (label_blocks, label_states)
-            _, out["labels/ztxt"], _ = model.apply({"params": params}, None, label_text, train=True,
-                                                   rngs={"dropout": rng}, text_lower=lower)
+            lower = None if not label_blocks else (label_blocks, on_label_axis(label_states))
+            # The barrier keeps XLA from constant-folding the tower's reductions over the prompts
+            # (a closure constant): at K = 100k that folding took minutes of compile on CPU.
+            text = on_label_axis(jax.lax.optimization_barrier(jnp.asarray(label_text)))
+            _, zlabels, _ = model.apply({"params": params}, None, text, train=True, rngs={"dropout": rng},
+                                        text_lower=lower)
+            out["labels/ztxt"] = on_label_axis(zlabels)
         if "subcaptions" in batch:  # DreamLIP: input.subcaptions, [B, K, L] -> out["sub/ztxt"] [B, K, D]
             b, k, length = batch["subcaptions"].shape
             _, sub, _ = model.apply({"params": params}, None, batch["subcaptions"].reshape(b * k, length),

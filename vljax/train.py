@@ -19,8 +19,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from vljax import (acid, catlip, checkpoints, config_check, eval_builder, factory, features, init_from,
-                   logs, metrics, mixing, momentum, nonfinite, objective, optim, perf, selection, sharding,
-                   slip, stages, teacher, teacher_features)
+                   label_shards, logs, metrics, mixing, momentum, nonfinite, objective, optim, perf,
+                   selection, sharding, slip, stages, teacher, teacher_features)
 from vljax.data import pipeline, sources
 from vljax.step import flat as _flat, make_train_step
 from vljax.text_memo import TextMemo, locked_text_blocks
@@ -95,7 +95,9 @@ class Trainer:
         if self.catlip is not None:
             catlip.check(self.trainable_mask)
         objective.check(config, self.trainable_mask, opened)
-        self.label_text = objective.label_prompts(config, self.tokenizer, opened)
+        # loss.label_axis: the prompts padded to, and split over, that axis (vljax/label_shards.py)
+        self.label_text, self.label_sharding = label_shards.place(
+            config, self.mesh, objective.label_prompts(config, self.tokenizer, opened))
         self.text_blocks = locked_text_blocks(self.spec, self.trainable_mask)
         self.label_blocks = self.text_blocks if self.label_text is not None else 0
         if config.get("text_cache", False) and not self.text_blocks:
@@ -237,13 +239,14 @@ class Trainer:
 
     def label_states(self, model=None):
         """The label prompts' states after the text tower's locked lowest blocks
-        (`self.label_blocks` of them, `locked_text_blocks`), replicated: computed once from the
-        current (locked, so final) parameters and fed to every step."""
+        (`self.label_blocks` of them, `locked_text_blocks`), replicated (or split over
+        `loss.label_axis`): computed once from the current (locked, so final) parameters and fed
+        to every step."""
         model = self.model if model is None else model
-        fn = jax.jit(lambda p: model.apply({"params": p}, jnp.asarray(self.label_text),
-                                           self.label_blocks, method=TwoTowers.text_lower),
-                     out_shardings=NamedSharding(self.mesh, P()))
-        states = fn(self.state["params"])
+        rows = self.label_sharding or NamedSharding(self.mesh, P())
+        fn = jax.jit(lambda p, text: model.apply({"params": p}, text, self.label_blocks,
+                                                 method=TwoTowers.text_lower), out_shardings=rows)
+        states = fn(self.state["params"], jax.device_put(self.label_text, rows))
         logs.info("label prompts: %d locked text blocks run once for the %d prompts, not in every step",
                   self.label_blocks, len(self.label_text))
         return states
@@ -285,7 +288,7 @@ class Trainer:
                                       self.label_text, self.label_blocks, self.text_blocks, sd,
                                       self.acid, self.momentum, parts=parts,
                                       ssl=None if self.ssl_opts is None else slip.Slip.build(self.ssl_opts),
-                                      mixing=self.mixing, catlip=self.catlip)
+                                      mixing=self.mixing, catlip=self.catlip, label_sharding=self.label_sharding)
             if not self.label_blocks and self.acid is None:
                 fn = jax.jit(step_fn, in_shardings=(self.state_sh, batch_sh),
                              out_shardings=(self.state_sh, None), donate_argnums=(0,))

@@ -20,7 +20,9 @@ log-sum-exp: the authors' GatherLayer + logsumexp), so no device holds the [K, D
 embeddings or a [b, K] logit block; memory per device falls as 1 / devices
 (experiments/bench_dexml_memory.py). The trainer's entry (`loss.name="dexml"`, `dexml_loss`)
 takes the label prompts replicated (`labels/ztxt`, vljax.objective) and the batch split over the
-batch axes.
+batch axes; with `loss.label_axis` (vljax/label_shards.py) the prompts, their embeddings and the
+label-set columns are split over that mesh axis in the trainer's step too (padded to a multiple
+of its size, the padding masked).
 """
 from __future__ import annotations
 
@@ -64,10 +66,14 @@ def decoupled_softmax(zimg, zlabels, t, labels, axis_name=None, label_axis=None,
     return psum(total, axis_name) / rows
 
 
-def dexml_loss(zimg, zlabels, t, labels, axis_name=None):
+def dexml_loss(zimg, zlabels, t, labels, axis_name=None, label_axis=None, label_mask=None):
     """The trainer's decoupled softmax (`loss.name="dexml"`): zimg [b, D] the batch's rows on this
-    device, zlabels [K, D] every label prompt (replicated), labels [b, K] the batch's label sets."""
-    return decoupled_softmax(zimg, zlabels, t, labels, axis_name=axis_name)
+    device, zlabels [K, D] every label prompt (replicated) and labels [b, K] the batch's label sets;
+    or, with `loss.label_axis` (vljax/label_shards.py), zlabels [K_pad / n, D] and labels
+    [b, K_pad / n] this device's slice of the padded label space, label_mask [K_pad / n] False on
+    the padding (given by vljax.objective.make_loss)."""
+    return decoupled_softmax(zimg, zlabels, t, labels, axis_name=axis_name, label_axis=label_axis,
+                             label_mask=label_mask)
 
 
 # Label prompts from `loss.template`; a model trained on it ranks labels by softmax over them.
