@@ -21,9 +21,9 @@ for SigLIP 2's Gemma vocabulary at demo scale, as the tiny towers stand in for B
 (configs/siglip2.py). Caption NLL is per token of this tokenizer (log 4096 = 8.3 nats is chance).
 
 Columns, each the mean ± spread (max - min) over seeds: emoji category zero-shot top-1, emoji val
-image->text R@1 / R@5 (the demo's selection metric), dense-probe mIoU (foreground vs background
-from the icons' alpha, a linear probe on the image tower's patch tokens), caption NLL per token
-(rows with the decoder), training pairs/s and the step's peak memory per device (XLA's memory
+image->text R@1 / R@10 (the demo's selection metric), dense-probe mIoU (foreground vs background
+from the icons' alpha, a linear probe on the image tower's patch tokens), caption NLL per token and
+the decoder's scoring classifier (CapPa) top-1 on emoji categories (rows with the decoder), training pairs/s and the step's peak memory per device (XLA's memory
 analysis) and TFLOPs. Writes experiments/results/siglip2_ablation.json and prints the table.
 """
 import argparse
@@ -47,9 +47,10 @@ ROWS = {
 COLUMNS = [  # (header, metric key, scale)
     ("emoji zero-shot top-1", "zeroshot/emoji/top1", 100),
     ("val R@1", "retrieval/val_retrieval/i2t_r1", 100),
-    ("val R@5", "retrieval/val_retrieval/i2t_r5", 100),
+    ("val R@10", "retrieval/val_retrieval/i2t_r10", 100),
     ("dense mIoU", "dense_probe/dense/miou", 100),
     ("caption NLL", "caption_nll/caption_nll/nll", 1),
+    ("CapPa top-1", "cappa_zeroshot/cappa/top1", 100),
     ("pairs/s", "train/pairs_per_s", 1),
     ("peak GB/device", "perf/memory_gb", 1),
     ("TFLOPs/step", "perf/step_tflops", 1),
