@@ -14,7 +14,7 @@ import pytest
 from helpers import REPO, finite_differences, normalised_rows, train_through_main
 from test_distill import manifest, teacher_dir  # noqa: F401  (the shapes data, a tiny teacher CLIP)
 
-from vljax import objective, sharding
+from vljax import config_check, objective, sharding
 from vljax.losses.dcd import candidates, dcd_loss
 
 sys.path.insert(0, os.path.join(REPO, "configs"))
@@ -114,10 +114,11 @@ def test_one_device_equals_eight_through_make_loss():
         np.testing.assert_allclose(eight[0], one[0], rtol=1e-6)
         for a, b in zip(eight[1], one[1]):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(results[0][0][0], ref_dcd(*(x.astype(np.float64) for x in (zi, zt)), 3.0, ti, tt, 5.0, 0.2, 5, "code"), rtol=1e-5)
+    want = ref_dcd(zi.astype(np.float64), zt.astype(np.float64), 3.0, ti, tt, 5.0, 0.2, 5, "code")
+    np.testing.assert_allclose(results[0][0][0], want, rtol=1e-5)
 
 
-def test_config_refuses_dcd_without_a_teacher():
+def test_config_refuses_dcd_without_a_teacher_or_with_too_small_a_batch():
     config = lit.get_config("steps=1,dcd=/tmp/teacher")
     assert config.loss.to_dict() == dict(name="dcd", alpha=0.2, k=7, mse_weighting="code")
     assert config.distill.teacher == "/tmp/teacher"
@@ -126,6 +127,9 @@ def test_config_refuses_dcd_without_a_teacher():
         objective.check(config, {})
     with pytest.raises(ValueError, match="`distill=`, `dcd=` each choose the loss"):
         lit.get_config("distill=/tmp/a,dcd=/tmp/b")
+    config_check.validate(lit.get_config("batch=8,dcd=/tmp/teacher"))  # k = 7 of a batch of 8
+    with pytest.raises(ValueError, match="config key `loss.k`: DCD's k = 7 .* global batch, which has 4"):
+        config_check.validate(lit.get_config("batch=4,dcd=/tmp/teacher"))
 
 
 @pytest.mark.slow

@@ -47,6 +47,8 @@ A ring form is not built: the top k over the global batch needs every row's full
 """
 from __future__ import annotations
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 
@@ -56,7 +58,32 @@ from vljax.losses.common import check_scalar, positive_cols, sim
 MSE_WEIGHTINGS = ("code", "per_example")
 
 
-def _check(zimg, ztxt, teacher_zimg, teacher_ztxt, alpha, k, mse_weighting):
+def _check_options(alpha, k, mse_weighting, global_batch):
+    """Raises ValueError naming the config key (`loss.alpha`, ...) of an option that cannot work."""
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise ValueError(f"config key `loss.alpha`: DCD's distillation weight must be in [0, 1], got {alpha}")
+    if int(k) != k or k < 1:
+        raise ValueError(f"config key `loss.k`: the number of hard negatives must be a positive integer, got {k}")
+    if mse_weighting not in MSE_WEIGHTINGS:
+        raise ValueError(f"config key `loss.mse_weighting`: one of {MSE_WEIGHTINGS}, got {mse_weighting!r}")
+    if k + 1 > global_batch:
+        raise ValueError(f"config key `loss.k`: DCD's k = {k} hard negatives come from the other captions of "
+                         f"the global batch, which has {global_batch}; give k <= {global_batch - 1} or a "
+                         "larger batch (input.batch_size)")
+
+
+def check_config(config) -> None:
+    """Refuses, before any work, a config whose loss is "dcd" with options that cannot work
+    (`_check_options`; k against `input.batch_size`); any other loss passes."""
+    loss = config.get("loss") or {}
+    if loss.get("name") != "dcd":
+        return
+    defaults = {n: p.default for n, p in inspect.signature(dcd_loss).parameters.items()}
+    opts = {n: loss.get(n, defaults[n]) for n in ("alpha", "k", "mse_weighting")}
+    _check_options(**opts, global_batch=config.input.batch_size)
+
+
+def _check(zimg, ztxt, teacher_zimg, teacher_ztxt):
     for name, x in (("zimg", zimg), ("ztxt", ztxt), ("teacher_zimg", teacher_zimg),
                     ("teacher_ztxt", teacher_ztxt)):
         if x.ndim != 2 or x.shape[0] != zimg.shape[0]:
@@ -64,12 +91,6 @@ def _check(zimg, ztxt, teacher_zimg, teacher_ztxt, alpha, k, mse_weighting):
     if zimg.shape[1] != ztxt.shape[1] or teacher_zimg.shape[1] != teacher_ztxt.shape[1]:
         raise ValueError(f"loss dcd: image and text widths differ: student {zimg.shape[1]} / "
                          f"{ztxt.shape[1]}, teacher {teacher_zimg.shape[1]} / {teacher_ztxt.shape[1]}")
-    if not 0.0 <= float(alpha) <= 1.0:
-        raise ValueError(f"config key `loss.alpha`: DCD's distillation weight must be in [0, 1], got {alpha}")
-    if int(k) != k or k < 1:
-        raise ValueError(f"config key `loss.k`: the number of hard negatives must be a positive integer, got {k}")
-    if mse_weighting not in MSE_WEIGHTINGS:
-        raise ValueError(f"config key `loss.mse_weighting`: one of {MSE_WEIGHTINGS}, got {mse_weighting!r}")
 
 
 def candidates(teacher_logits, offset, k):
@@ -95,13 +116,11 @@ def dcd_loss(zimg, ztxt, t, teacher_zimg, teacher_ztxt, teacher_t, axis_name=Non
     """
     check_scalar("t", t)
     check_scalar("teacher_t", teacher_t)
-    _check(zimg, ztxt, teacher_zimg, teacher_ztxt, alpha, k, mse_weighting)
-    k = int(k)
+    _check(zimg, ztxt, teacher_zimg, teacher_ztxt)
     idx, n = axis_info(axis_name)
     b = zimg.shape[0]
-    if k + 1 > b * n:
-        raise ValueError(f"config key `loss.k`: DCD's k = {k} hard negatives come from the other captions of "
-                         f"the global batch, which has {b * n}; give k <= {b * n - 1} or a larger batch")
+    _check_options(alpha, k, mse_weighting, b * n)
+    k = int(k)
     sg = jax.lax.stop_gradient
     teacher_zimg = sg(teacher_zimg.astype(jnp.float32))
     t_txt = sg(gather(teacher_ztxt.astype(jnp.float32), axis_name))
