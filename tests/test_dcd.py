@@ -146,5 +146,6 @@ def test_dcd_trains_through_main(manifest, teacher_dir, tmp_path):  # noqa: F811
         f"    return lit.with_dcd(c, {teacher_dir!r})\n")
     losses = train_through_main(cfg, tmp_path / "wd", devices=1)  # 1 vs 8 devices: the make_loss test
     assert len(losses) == 12 and all(np.isfinite(losses))
+    # Measured: 1.83 -> 0.98 (mean of the first / last 4 steps; a random teacher, a random locked trunk).
     assert np.mean(losses[-4:]) < 0.8 * np.mean(losses[:4]), losses
     assert list((tmp_path / "wd" / "teacher").glob("*/teacher.json"))
