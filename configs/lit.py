@@ -41,6 +41,9 @@ Config arguments (`--config=configs/lit.py:steps=200,batch=64`): steps, batch, a
                 CLIP-KD's (vljax/losses/distill.py): the contrastive loss + crd * CRD + fd * FD;
   crd=1.0, fd=0.0  the relational (any teacher width) and feature (the teacher's width must be 384,
                 this student's) distillation weights;
+  dcd=DIR       distil from the teacher at DIR (as `distill=`) with Dynamic Contrastive Distillation
+                (vljax/losses/dcd.py) in place of CLIP-KD: each image's positive caption and the
+                teacher's k = 7 hardest other captions of the batch, alpha = 0.2 (the official code's);
   structure=W   add the STRUCTURE regulariser (vljax/losses/structure.py) with weight W: the locked
                 image trunk's neighbourhood geometry (its stored features) kept in the joint space;
   ascl=K        ASCL's adaptive soft targets (vljax/losses/ascl.py) in place of the one-hot ones: the
@@ -56,8 +59,8 @@ from vljax import config_args
 
 
 def get_config(arg=None):
-    a = config_args.parse_arg(arg, "configs/lit.py", steps=500, batch=128, distill="", crd=1.0, fd=0.0,
-                              structure=0.0, ascl=0.0, dreamlip=0)
+    a = config_args.parse_arg(arg, "configs/lit.py", steps=500, batch=128, distill="", dcd="", crd=1.0,
+                              fd=0.0, structure=0.0, ascl=0.0, dreamlip=0)
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.total_steps = a["steps"]
@@ -99,7 +102,7 @@ def get_config(arg=None):
     c.text_cache = True
 
     c.loss = dict(name="softmax")
-    chosen = [k for k in ("ascl", "dreamlip", "distill") if a[k]]
+    chosen = [k for k in ("ascl", "dreamlip", "distill", "dcd") if a[k]]
     if len(chosen) > 1:
         raise ValueError(f"configs/lit.py: `{'=`, `'.join(chosen)}=` each choose the loss; give one of them")
     if a["ascl"]:
@@ -107,6 +110,7 @@ def get_config(arg=None):
     if a["dreamlip"]:
         c.loss = dict(name="dreamlip")
         c.input.subcaptions = dict(num=a["dreamlip"])
+    with_dcd(c, a["dcd"])  # before with_distillation, which adds `structure=` to the chosen loss
     with_distillation(c, a["distill"], crd=a["crd"], fd=a["fd"], structure=a["structure"])
     c.optax = dict(name="adamw", b1=0.9, b2=0.999, scale_wd_by_lr=False)  # big_vision convention
     c.lr = 1e-3
@@ -152,4 +156,13 @@ def with_distillation(c, teacher: str = "", *, crd: float = 1.0, fd: float = 0.0
         c.loss = dict(name="clip_kd", crd_weight=crd, fd_weight=fd, icl_weight=0.0)
     if structure:
         c.loss.structure_weight = structure  # the image side: LiT's locked, stored trunk features
+    return c
+
+
+def with_dcd(c, teacher: str = ""):
+    """The `dcd=` argument (module docstring) applied to config `c`: the teacher's stored embeddings
+    (config.distill) and DCD's loss with the official code's alpha and k; unchanged when teacher is ""."""
+    if teacher:
+        c.distill = dict(teacher=teacher)
+        c.loss = dict(name="dcd", alpha=0.2, k=7, mse_weighting="code")
     return c

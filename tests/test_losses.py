@@ -13,7 +13,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vljax import losses, objective
-from vljax.losses import ascl, dexml, distill, dreamlip, partial_labels, queue
+from vljax.losses import ascl, catlip, dcd, dexml, distill, dreamlip, partial_labels, queue
 from vljax.losses import mixing as losses_mixing
 
 B, D = 16, 8  # global batch divisible by 8 devices
@@ -533,7 +533,8 @@ def test_losses_registry():
         "sigmoid_caption": losses.sigmoid_caption_loss,
         "hard_negative_softmax": losses.hard_negative_softmax, "hard_negative_sigmoid": losses.hard_negative_sigmoid,
         "pu_mlc": partial_labels.pu_mlc_loss, "nnpu": partial_labels.nnpu_loss, "dexml": dexml.dexml_loss,
-        "comic": partial_labels.comic_loss, "clip_kd": distill.clip_kd, "queue_contrastive": queue.queue_contrastive,
+        "comic": partial_labels.comic_loss, "clip_kd": distill.clip_kd, "dcd": dcd.dcd_loss,
+        "catlip": catlip.catlip_loss, "queue_contrastive": queue.queue_contrastive,
         "ascl": ascl.ascl_loss, "dreamlip": dreamlip.dreamlip_loss, "mix_softmax": losses_mixing.mix_softmax}
     # Every declared input is a positional parameter of the function, in order.
     for name, loss in objective.LOSSES.items():

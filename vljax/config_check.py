@@ -29,6 +29,7 @@ from vljax import (acid, catlip, init_from, label_shards, mixing, momentum, obje
 from vljax.data import sources, text_aug
 from vljax.evaluators import EVALUATORS
 from vljax.evaluators import data as eval_data
+from vljax.losses import dcd
 from vljax.models import MODELS, TwoTowers
 from vljax.optim import OPTIMIZERS, make_schedule
 from vljax.tokenizers import TOKENIZERS
@@ -349,6 +350,7 @@ def validate(config) -> None:
     init_from.check_exclusive(config)
     _model_init(config.get("model_init"))
     _loss(config.loss)
+    dcd.check_config(config)  # loss.k against input.batch_size
     label_shards.axis(config)  # loss.label_axis: an axis of config.mesh
     _optax(config.optax)
     _schedule(config.schedule, config.total_steps)

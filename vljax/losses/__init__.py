@@ -23,7 +23,7 @@ One module per family: `contrastive` (CLIP softmax, DCL, DCLW), `sigmoid` (SigLI
 (multi-positive, CWCL), `hard_negatives` (hardness-weighted negatives, false-negative masking and
 label smoothing in the softmax and sigmoid losses), `filip`, `multilabel`, `regularisers` (alignment, uniformity),
 `captioning` (a caption decoder's cross-entropy, alone or beside SigLIP's), `queue` (a momentum
-queue's negatives), `distill` (CLIP-KD), `structure`, `self_distill` (SILC / TIPS), `simclr` (SLIP's
+queue's negatives), `distill` (CLIP-KD), `dcd` (Dynamic Contrastive Distillation), `structure`, `self_distill` (SILC / TIPS), `simclr` (SLIP's
 image self-supervision term), `ascl` (adaptive soft targets), `dreamlip` (sub-caption positives),
 `partial_labels` (PU-MLC, nnPU, COMIC), `dexml` (decoupled softmax, label-sharded), over the
 shared `common` (checks, blocks) and `collectives` (gather, psum, ring). The signatures take arrays
