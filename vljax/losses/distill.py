@@ -33,8 +33,9 @@ towers: not built here, and a width mismatch is refused (ValueError naming both 
 compares B x B similarity distributions and works at any widths.
 
 Not built: the paper's gradient (GD), masked-feature (MFD) and fusion (AFD) terms (they need the
-teacher to run on the student's masked / augmented views, or fusion parameters), Dynamic
-Contrastive Distillation and DC-CLIP (their equations were not read here), and an LLM2CLIP-style
+teacher to run on the student's masked / augmented views, or fusion parameters), DC-CLIP (its
+equations were not read here; Dynamic Contrastive Distillation is vljax/losses/dcd.py, from its
+official code), and an LLM2CLIP-style
 frozen text teacher (the stored text embeddings as the student's text side would train the image
 tower against them, but a model scored with its own untrained text tower at evaluation is not one:
 the exported bundle would have to carry the teacher's text tower, a factory change).
