@@ -84,10 +84,13 @@ def make_train_step(model, tx, loss, trainable_mask, label_text=None, label_bloc
             if not text_blocks:
                 raise ValueError("a batch with text_states needs the step's text_blocks > 0")
             kw["text_lower"] = (text_blocks, batch["text_states"])
+        if "prefix_id" in batch and text is not None:  # Prefix Conditioning: each text's prefix row
+            kw["text_prefix_ids"] = batch["prefix_id"]
         if "image_features" not in batch:
             return model.apply({"params": params}, batch["image"], text, **kw)
         txt_kw = dict(kw)
         kw.pop("text_lower", None)
+        kw.pop("text_prefix_ids", None)
         _, ztxt, out = model.apply({"params": params}, None, text, **txt_kw)
         if "image_tokens" in batch:
             zimg, out["img/tokens_proj"] = model.apply(
