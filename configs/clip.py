@@ -40,10 +40,11 @@ the probability that a step (m3col: an example) is mixed (default 1.0; m3col: 0.
 
 Prefix Conditioning (Saito et al. 2023, vljax/data/prefix.py, vljax/models/text.py): `:prefix=on`
 trains on the emoji and openclipart captions (prefix "caption") and on the emoji categories turned
-into "icon" prompts (a second emoji source with `label_prompts`, prefix "label"), one softmax loss;
-the text tower learns one prefix embedding per kind (`txt/prefix_embedding` [2, width], one more
-text position: max_len 33) and embeds every evaluation / exported text with `prefix_eval` (default
-"caption", the paper's zero-shot mode).
+into prompts (a third source, emoji with `label_prompts` = LABEL_PROMPTS below, prefix "label"),
+with one softmax loss; the text tower learns one prefix embedding per kind (`txt/prefix_embedding`
+[2, width], one more text position: max_len 33) and embeds every evaluation / inference text with
+`prefix_eval` (default "caption", the paper's zero-shot mode). A transformers export is refused
+(no slot for the prefix): use the workdir with `python -m vljax.inference`.
 
 `tok=PATH` replaces CLIP's 49,408-token BPE with a tokenizer.json that `python -m
 vljax.data.train_tokenizer` learned from the training captions (vljax/tokenizers/caption_bpe.py):
@@ -57,8 +58,12 @@ prefix (on | off), prefix_eval (caption | label).
 import ml_collections
 
 from vljax import config_args
-from vljax.evaluators import prompts
 from vljax.tokenizers import caption_bpe
+
+# The label source's prompts (prefix "label"); written here, not taken from vljax/evaluators/prompts.py,
+# because a config file must not import jax (tests/test_imports.py) and the evaluators do.
+LABEL_PROMPTS = ("an emoji of {}.", "an icon of {}.", "{}, an emoji.")
+
 
 def get_config(arg=None):
     a = config_args.parse_arg(arg, "configs/clip.py", img="tiny", txt="tiny", size=64, batch=64, steps=300,
@@ -107,7 +112,7 @@ def get_config(arg=None):
             entry["prefix"] = "caption"
         c.input.data.append(dict(source="tfds", name="vljax_emoji", split="train", weight=1.0,
                                  label_key="category", prefix="label",
-                                 label_prompts=list(prompts.TEMPLATES["icon"])))
+                                 label_prompts=list(LABEL_PROMPTS)))
     c.model = dict(image_model="vit", image=image, text_model="text_transformer", text=text,
                    temperature_init=1 / 0.07, bias_init=None)
     c.model_init = None

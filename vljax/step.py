@@ -58,6 +58,8 @@ def make_train_step(model, tx, loss, trainable_mask, label_text=None, label_bloc
     `mixing` (a `mixing.Mixing`, config.mixing) mixes the global batch's images from the step's rng
     and gives the loss their soft targets (`batch/mix_lam`, `batch/mix_partner`; vljax/mixing.py);
     the step logs the mean lam as `train/mix_lam`.
+    A batch with "prefix_id" (int32 [B], Prefix Conditioning, vljax/data/prefix.py) gives the
+    text tower each caption's prefix row (`TwoTowers(text_prefix_ids=...)`).
     `catlip` (a `catlip.CatLIP`, config.catlip) gives the loss its head's logits on the image
     embedding (`catlip/logits` [B, V], params["catlip"]; vljax/catlip.py); when the loss takes
     nothing of the text side (`catlip.image_only`) the text tower is not run.

@@ -133,7 +133,7 @@ class TextTransformer(nn.Module):
                 table = self.param("prefix_embedding", nn.initializers.normal(stddev=0.02),
                                    (len(PREFIX_NAMES), width), self.param_dtype)
                 ids = jnp.full((b,), at_eval, jnp.int32) if prefix_ids is None else prefix_ids
-                cond = table.astype(x.dtype)[ids][:, None]
+                cond = jnp.take(jnp.asarray(table, x.dtype), ids, axis=0)[:, None]
                 prefix = cond if prefix is None else jnp.concatenate(
                     [cond, prefix.astype(x.dtype)], axis=1)
             if prefix is not None:
