@@ -13,8 +13,9 @@ import pytest
 
 from helpers import REPO, make_shapes_manifest
 from vljax import config_check, factory, metrics
-from vljax.data import pipeline, prefix as data_prefix, sources, tfds_writer
+from vljax.data import pipeline, sources, tfds_writer
 from vljax.inference import Predictor
+from vljax.models.bert import Bert
 from vljax.models.text import PREFIX_NAMES, TextTransformer
 from vljax.tokenizers import ClipTokenizer
 
@@ -30,7 +31,7 @@ def towers():
     tokens = jnp.asarray([[1, 5, 6, 63, 0, 0, 0, 0], [1, 7, 63, 0, 0, 0, 0, 0],
                           [1, 8, 9, 10, 11, 12, 13, 63]], jnp.int32)
     on = TextTransformer(**TEXT, prefix_conditioning=True)
-    params = jax.jit(on.init)(jax.random.PRNGKey(0), tokens)["params"]
+    params = on.init(jax.random.PRNGKey(0), tokens)["params"]
     return on, TextTransformer(**TEXT), params, tokens
 
 
@@ -51,9 +52,6 @@ def test_prefix_token_is_an_inserted_embedding_and_pools_the_same_text_position(
     assert out_on["tokens"].shape == (3, 9, 32)
     np.testing.assert_array_equal(out_on["mask"], np.concatenate(
         [np.asarray(tokens)[:, :1] != 0, np.ones((3, 1), bool), np.asarray(tokens)[:, 1:] != 0], axis=1))
-    # The off tower alone ignores a table it does not have: the old tower, no extra position.
-    _, out_plain = off.apply({"params": plain}, tokens)
-    assert out_plain["tokens"].shape == (3, 8, 32)
 
 
 def test_eval_prefix_is_the_default_and_the_prefix_changes_the_output(towers):
@@ -80,6 +78,27 @@ def test_split_tower_and_mean_pooling_with_the_prefix(towers):
     np.testing.assert_allclose(out["pre_logits"], np.asarray(out["tokens"]).mean(axis=1), rtol=1e-6)
     with pytest.raises(ValueError, match="prefix_conditioning"):
         TextTransformer(**TEXT).apply({"params": params}, tokens, prefix_ids=jnp.zeros(3, jnp.int32))
+
+
+def test_bert_prefix_token_equals_the_inserted_embedding_and_splits(towers):
+    """BERT (bidirectional, key-masked, mean pooled over real tokens): the conditioned tower ==
+    the plain one given its table row as a one-token prefix, bit for bit, the prefix counted as a
+    real token; a lower=(k, states) split gives the unsplit call's output."""
+    tokens = towers[3]
+    kw = dict(vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
+              max_position_embeddings=9, num_classes=16)
+    on, off = Bert(**kw, prefix_conditioning=True), Bert(**kw)
+    params = on.init(jax.random.PRNGKey(1), tokens)["params"]
+    plain = {k: v for k, v in params.items() if k != "prefix_embedding"}
+    ids = jnp.asarray([1, 0, 1], jnp.int32)
+    z_on, out_on = on.apply({"params": params}, tokens, prefix_ids=ids)
+    z_off, out_off = off.apply({"params": plain}, tokens, prefix=params["prefix_embedding"][ids][:, None])
+    np.testing.assert_array_equal(z_on, z_off)
+    np.testing.assert_array_equal(out_on["mask"], out_off["mask"])
+    assert out_on["mask"].shape == (3, 9) and out_on["mask"][:, 1].all()
+    states = on.apply({"params": params}, tokens, stop_after=1)
+    np.testing.assert_array_equal(on.apply({"params": params}, tokens, lower=(1, states))[0],
+                                  on.apply({"params": params}, tokens)[0])
 
 
 @pytest.fixture(scope="module")

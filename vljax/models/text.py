@@ -25,6 +25,29 @@ def prefix_index(name: str, where: str = "model.text.prefix_at_eval") -> int:
     return PREFIX_NAMES.index(name)
 
 
+def conditioning_prefix(module: nn.Module, prefix, prefix_ids, batch: int, width: int, dtype):
+    """Inside a text tower's compact `__call__`: its `prefix_embedding` param [len(PREFIX_NAMES),
+    width] and the row of each text (`prefix_ids` [B], else the tower's `prefix_at_eval`) as one
+    token [B, 1, width], put before `prefix` (a CoOp context [B, M, width], or None)."""
+    table = module.param("prefix_embedding", nn.initializers.normal(stddev=0.02),
+                         (len(PREFIX_NAMES), width), module.param_dtype)
+    if prefix_ids is None:
+        prefix_ids = jnp.full((batch,), prefix_index(module.prefix_at_eval), jnp.int32)
+    cond = jnp.take(jnp.asarray(table, dtype), prefix_ids, axis=0)[:, None]
+    return cond if prefix is None else jnp.concatenate([cond, prefix.astype(dtype)], axis=1)
+
+
+def check_prefix_ids(module: nn.Module, prefix_ids, lower) -> None:
+    """A text tower's `prefix_ids` argument: refused without `prefix_conditioning`, or with a
+    lower=(k, states) split (the prefix enters below the first layer); `prefix_at_eval` checked."""
+    prefix_index(module.prefix_at_eval)
+    if prefix_ids is not None and not module.prefix_conditioning:
+        raise ValueError("prefix_ids given to a text tower without prefix_conditioning "
+                         "(config key `model.text.prefix_conditioning`)")
+    if prefix_ids is not None and lower is not None:
+        raise ValueError("prefix_ids enter below the first layer: they cannot join lower=(k, states)")
+
+
 class TextTransformer(nn.Module):
     """Token ids [B, L] -> (features, out).
 
@@ -111,12 +134,7 @@ class TextTransformer(nn.Module):
         if tokens.ndim != 2:
             raise ValueError(f"TextTransformer expects token ids [B, L], got shape {tokens.shape}")
         b, seq_len = tokens.shape
-        if prefix_ids is not None and not self.prefix_conditioning:
-            raise ValueError("prefix_ids given to a text tower without prefix_conditioning "
-                             "(config key `model.text.prefix_conditioning`)")
-        if prefix_ids is not None and lower is not None:
-            raise ValueError("prefix_ids enter below the first layer: they cannot join lower=(k, states)")
-        at_eval = prefix_index(self.prefix_at_eval)
+        check_prefix_ids(self, prefix_ids, lower)
         num_prefix = (0 if prefix is None else prefix.shape[1]) + int(self.prefix_conditioning)
         if seq_len + num_prefix > self.max_len:
             raise ValueError(f"Text length {seq_len} (+ {num_prefix} prefix) exceeds "
@@ -130,12 +148,7 @@ class TextTransformer(nn.Module):
             x = nn.Embed(self.vocab_size, width, dtype=self.dtype, param_dtype=self.param_dtype,
                          embedding_init=nn.initializers.normal(stddev=0.02), name="Embed_0")(tokens)
             if self.prefix_conditioning:
-                table = self.param("prefix_embedding", nn.initializers.normal(stddev=0.02),
-                                   (len(PREFIX_NAMES), width), self.param_dtype)
-                ids = jnp.full((b,), at_eval, jnp.int32) if prefix_ids is None else prefix_ids
-                cond = jnp.take(jnp.asarray(table, x.dtype), ids, axis=0)[:, None]
-                prefix = cond if prefix is None else jnp.concatenate(
-                    [cond, prefix.astype(x.dtype)], axis=1)
+                prefix = conditioning_prefix(self, prefix, prefix_ids, b, width, x.dtype)
             if prefix is not None:
                 x = jnp.concatenate([x[:, :1], prefix.astype(x.dtype), x[:, 1:]], axis=1)
             seq_len += num_prefix
