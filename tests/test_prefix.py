@@ -35,17 +35,23 @@ def towers():
     return on, TextTransformer(**TEXT), params, tokens
 
 
+def _conditioned_vs_inserted(on, off, params, tokens, ids):
+    """(on's outputs with `prefix_ids=ids`, off's with the same params less the table and the
+    table's rows as a one-token CoOp prefix): asserts their embeddings equal bit for bit."""
+    plain = {k: v for k, v in params.items() if k != "prefix_embedding"}
+    z_on, out_on = on.apply({"params": params}, tokens, prefix_ids=ids)
+    z_off, out_off = off.apply({"params": plain}, tokens, prefix=params["prefix_embedding"][ids][:, None])
+    np.testing.assert_array_equal(z_on, z_off)
+    return out_on, out_off
+
+
 def test_prefix_token_is_an_inserted_embedding_and_pools_the_same_text_position(towers):
     """The conditioned tower == the plain tower (same params, no table) given its table row as a
     one-token prefix after the start token, bit for bit; pooling ("eot") reads the end-of-text
     token, one position later; the mask counts the prefix as real."""
     on, off, params, tokens = towers
     assert params["prefix_embedding"].shape == (len(PREFIX_NAMES), 32)
-    plain = {k: v for k, v in params.items() if k != "prefix_embedding"}
-    ids = jnp.asarray([0, 1, 1], jnp.int32)
-    z_on, out_on = on.apply({"params": params}, tokens, prefix_ids=ids)
-    z_off, out_off = off.apply({"params": plain}, tokens, prefix=params["prefix_embedding"][ids][:, None])
-    np.testing.assert_array_equal(z_on, z_off)
+    out_on, out_off = _conditioned_vs_inserted(on, off, params, tokens, jnp.asarray([0, 1, 1], jnp.int32))
     np.testing.assert_array_equal(out_on["tokens"], out_off["tokens"])
     eot = np.argmax(np.asarray(tokens) == 63, axis=1) + 1  # one position later
     np.testing.assert_array_equal(out_on["pre_logits"], np.asarray(out_on["tokens"])[np.arange(3), eot])
@@ -89,11 +95,7 @@ def test_bert_prefix_token_equals_the_inserted_embedding_and_splits(towers):
               max_position_embeddings=9, num_classes=16)
     on, off = Bert(**kw, prefix_conditioning=True), Bert(**kw)
     params = on.init(jax.random.PRNGKey(1), tokens)["params"]
-    plain = {k: v for k, v in params.items() if k != "prefix_embedding"}
-    ids = jnp.asarray([1, 0, 1], jnp.int32)
-    z_on, out_on = on.apply({"params": params}, tokens, prefix_ids=ids)
-    z_off, out_off = off.apply({"params": plain}, tokens, prefix=params["prefix_embedding"][ids][:, None])
-    np.testing.assert_array_equal(z_on, z_off)
+    out_on, out_off = _conditioned_vs_inserted(on, off, params, tokens, jnp.asarray([1, 0, 1], jnp.int32))
     np.testing.assert_array_equal(out_on["mask"], out_off["mask"])
     assert out_on["mask"].shape == (3, 9) and out_on["mask"][:, 1].all()
     states = on.apply({"params": params}, tokens, stop_after=1)
