@@ -38,24 +38,39 @@ granularity) or `mix=m3col` (M3CoL's per-example mixup) trains with `loss.name="
 step's mixed images; `ma=` the Beta(alpha, alpha) of lam (default 1.0; m3col: 0.15, its code's), `mp=`
 the probability that a step (m3col: an example) is mixed (default 1.0; m3col: 0.5).
 
+Prefix Conditioning (Saito et al. 2023, vljax/data/prefix.py, vljax/models/text.py): `:prefix=on`
+trains on the emoji and openclipart captions (prefix "caption") and on the emoji categories turned
+into prompts (a third source, emoji with `label_prompts` = LABEL_PROMPTS below, prefix "label"),
+with one softmax loss; the text tower learns one prefix embedding per kind (`txt/prefix_embedding`
+[2, width], one more text position: max_len 33) and embeds every evaluation / inference text with
+`prefix_eval` (default "caption", the paper's zero-shot mode). A transformers export is refused
+(no slot for the prefix): use the workdir with `python -m vljax.inference`.
+
 `tok=PATH` replaces CLIP's 49,408-token BPE with a tokenizer.json that `python -m
 vljax.data.train_tokenizer` learned from the training captions (vljax/tokenizers/caption_bpe.py):
 the text tower's vocabulary (and a caption decoder's, configs/siglip2.py) is its size.
 
 Config arguments: img (ViT variant, default "Ti/8" at reduced width), txt (text variant), size, batch,
 steps, pd (patch dropout), tune (unmasked steps at the end, with pd), seed, queue (0: none), qm, qb,
-slip (on | off), ssl_scale, ssl_width, ssl_out, text_aug (on | off), mix ("": none), ma, mp, tok.
+slip (on | off), ssl_scale, ssl_width, ssl_out, text_aug (on | off), mix ("": none), ma, mp, tok,
+prefix (on | off), prefix_eval (caption | label).
 """
 import ml_collections
 
 from vljax import config_args
 from vljax.tokenizers import caption_bpe
 
+# The label source's prompts (prefix "label"); written here, not taken from vljax/evaluators/prompts.py,
+# because a config file must not import jax (tests/test_imports.py) and the evaluators do.
+LABEL_PROMPTS = ("an emoji of {}.", "an icon of {}.", "{}, an emoji.")
+
+
 def get_config(arg=None):
     a = config_args.parse_arg(arg, "configs/clip.py", img="tiny", txt="tiny", size=64, batch=64, steps=300,
                                pd=0.0, tune=0, seed=0, queue=0, qm=0.99, qb=1, slip="off", ssl_scale=1.0,
-                               ssl_width=512, ssl_out=128, text_aug="off", mix="", ma=-1.0, mp=-1.0, tok="")
-    for key in ("slip", "text_aug"):
+                               ssl_width=512, ssl_out=128, text_aug="off", mix="", ma=-1.0, mp=-1.0, tok="",
+                               prefix="off", prefix_eval="caption")
+    for key in ("slip", "text_aug", "prefix"):
         if a[key] not in ("on", "off"):
             raise ValueError(f"configs/clip.py: {key}={a[key]!r} is not 'on' or 'off'")
     c = ml_collections.ConfigDict()
@@ -91,6 +106,13 @@ def get_config(arg=None):
     if a["tok"]:  # a BPE learned from the captions: <pad> 0, <sot> 1, <eot> 2
         c.tokenizer = caption_bpe.tokenizer_spec(a["tok"], max_len=32)
         text.update(vocab_size=c.tokenizer.expected_vocab_size, eot_id=2, pad_id=0)
+    if a["prefix"] == "on":  # Prefix Conditioning: a caption prefix and a label-prompt prefix
+        text.update(prefix_conditioning=True, prefix_at_eval=a["prefix_eval"], max_len=33)
+        for entry in c.input.data:
+            entry["prefix"] = "caption"
+        c.input.data.append(dict(source="tfds", name="vljax_emoji", split="train", weight=1.0,
+                                 label_key="category", prefix="label",
+                                 label_prompts=list(LABEL_PROMPTS)))
     c.model = dict(image_model="vit", image=image, text_model="text_transformer", text=text,
                    temperature_init=1 / 0.07, bias_init=None)
     c.model_init = None

@@ -27,6 +27,7 @@ from ml_collections import ConfigDict, FrozenConfigDict
 from vljax import (acid, catlip, init_from, label_shards, mixing, momentum, objective, pretrained, slip, stages,
                    teacher)
 from vljax.data import sources, text_aug
+from vljax.data.prefix import check as check_data_prefix
 from vljax.evaluators import EVALUATORS
 from vljax.evaluators import data as eval_data
 from vljax.losses import dcd
@@ -364,6 +365,7 @@ def validate(config) -> None:
     acid.options(config)
     momentum.options(config)
     mixing.options(config)
+    check_data_prefix(config)  # Prefix Conditioning: input.data[i].prefix / label_prompts
     validate_evals(config.get("evals"))
     _decoder_evals(config)
 

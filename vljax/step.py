@@ -58,6 +58,8 @@ def make_train_step(model, tx, loss, trainable_mask, label_text=None, label_bloc
     `mixing` (a `mixing.Mixing`, config.mixing) mixes the global batch's images from the step's rng
     and gives the loss their soft targets (`batch/mix_lam`, `batch/mix_partner`; vljax/mixing.py);
     the step logs the mean lam as `train/mix_lam`.
+    A batch with "prefix_id" (int32 [B], Prefix Conditioning, vljax/data/prefix.py) gives the
+    text tower each caption's prefix row (`TwoTowers(text_prefix_ids=...)`).
     `catlip` (a `catlip.CatLIP`, config.catlip) gives the loss its head's logits on the image
     embedding (`catlip/logits` [B, V], params["catlip"]; vljax/catlip.py); when the loss takes
     nothing of the text side (`catlip.image_only`) the text tower is not run.
@@ -92,10 +94,13 @@ def make_train_step(model, tx, loss, trainable_mask, label_text=None, label_bloc
             if not text_blocks:
                 raise ValueError("a batch with text_states needs the step's text_blocks > 0")
             kw["text_lower"] = (text_blocks, batch["text_states"])
+        if "prefix_id" in batch and text is not None:  # Prefix Conditioning: each text's prefix row
+            kw["text_prefix_ids"] = batch["prefix_id"]
         if "image_features" not in batch:
             return model.apply({"params": params}, batch["image"], text, **kw)
         txt_kw = dict(kw)
         kw.pop("text_lower", None)
+        kw.pop("text_prefix_ids", None)
         _, ztxt, out = model.apply({"params": params}, None, text, **txt_kw)
         if "image_tokens" in batch:
             zimg, out["img/tokens_proj"] = model.apply(

@@ -30,6 +30,9 @@ Training config (`config.input`, an ml_collections ConfigDict or a dict):
                                  # preprocess.MultiCrop's kwargs; batch "sd_global" [B, Vg, S, S, 3],
                                  # "sd_local" [B, Vl, s, s, 3], cut in the input workers
 
+A source entry may also give `prefix` ("caption" | "label": Prefix Conditioning, batch "prefix_id"
+int32 [B]) and `label_prompts` (templates: its class names become its captions); vljax/data/prefix.py.
+
 Shuffling is grain's global index shuffle (random access, no buffer), reseeded every epoch, so
 there is no shuffle_buffer setting. When every source is sharded (webdataset tars, parquet files:
 `Source.shard_sizes`), the order is the shard order (vljax/data/shard_order.py) instead: each
@@ -51,7 +54,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from vljax.data import checkpoint_preprocess, naflex_train, shard_order, sources as sources_lib
+from vljax.data import checkpoint_preprocess, naflex_train, prefix as prefix_lib, shard_order
+from vljax.data import sources as sources_lib
 from vljax.data import text_aug as text_aug_lib
 from vljax.data.checkpoint_preprocess import NaflexCollate
 from vljax.data.eval_transform import EvalImage
@@ -219,6 +223,7 @@ def make_train_dataset(config, tokenizer, *, seed: int, process_index: int = 0,
     # Every source sharded (webdataset, parquet): the shard order, each process reading its own
     # shards; otherwise grain's global index shuffle over all records.
     sharded = all(src.shard_sizes is not None for src in opened)
+    tag = prefix_lib.conditioned(entries)  # Prefix Conditioning: every example gets "prefix_id"
     parts, weights = [], []
     for i, (entry, src) in enumerate(zip(entries, opened)):
         names = src.label_names
@@ -232,6 +237,11 @@ def make_train_dataset(config, tokenizer, *, seed: int, process_index: int = 0,
         ds = grain.MapDataset.source(src)
         if space is not None:
             ds = ds.map(sources_lib.LabelsIn(names, space))
+        templates = prefix_lib.templates_of(entry, i)
+        if templates is not None:  # a classification source as prompts (vljax/data/prefix.py)
+            ds = ds.map(prefix_lib.LabelPrompts(opened[i].class_names_of(), templates))
+        if tag:
+            ds = ds.map(prefix_lib.PrefixTag(prefix_lib.entry_prefix(entry, i)))
         if not sharded:
             ds = ds.shuffle(seed=_seed(seed, i)).repeat()  # reshuffled every epoch
         parts.append(ds)

@@ -85,6 +85,8 @@ class Preprocess:
             ex["subcaptions"] = self.subcaptions(ex["caption"], record["captions"], rng)
         if rng is not None and self.text_aug is not None and "skip" not in ex:
             ex["caption"] = self.text_aug(ex["caption"], rng)
+        if "prefix_id" in record and "skip" not in ex:  # Prefix Conditioning (vljax/data/prefix.py)
+            ex["prefix_id"] = record["prefix_id"]
         return ex
 
     def _example(self, record: dict, rng: np.random.Generator | None) -> dict:
@@ -169,7 +171,8 @@ def count_skips(examples) -> np.ndarray:
 @dataclasses.dataclass(frozen=True)
 class Collate:
     """Stacks valid examples and tokenises their captions:
-    {"image" | "image_features", "image_tokens"?, "text", "label"?, "labels"?, "caption"?, "_skipped"};
+    {"image" | "image_features", "image_tokens"?, "text", "prefix_id"?, "label"?, "labels"?, "caption"?,
+    "_skipped"};
     "labels" (with num_labels = K) is the label sets multi-hot, bool [B, K]."""
     tokenizer: object  # tok(list[str]) -> int32 [N, L]
     with_label: bool = False
@@ -192,6 +195,8 @@ class Collate:
         for k in ("sd_global", "sd_local", "teacher_zimg", "teacher_ztxt", "teacher_t", "caption_labels"):
             if k in examples[0]:
                 batch[k] = np.stack([ex[k] for ex in examples])
+        if "prefix_id" in examples[0]:  # Prefix Conditioning: each text's prefix row, int32 [B]
+            batch["prefix_id"] = np.asarray([ex["prefix_id"] for ex in examples], np.int32)
         if self.with_label:
             batch["label"] = np.asarray([ex["label"] for ex in examples], np.int32)
         if self.num_labels is not None:

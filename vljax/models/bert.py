@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from vljax.models.common import split_range
+from vljax.models.text import check_prefix_ids, conditioning_prefix
 
 POOL_TYPES = ("mean", "cls", "first")
 
@@ -71,11 +72,16 @@ class Bert(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
+    prefix_conditioning: bool = False  # Prefix Conditioning: as TextTransformer's (vljax/models/text.py)
+    prefix_at_eval: str = "caption"
+
     @nn.compact
-    def __call__(self, tokens, train=False, prefix=None, stop_after=None, lower=None):
+    def __call__(self, tokens, train=False, prefix=None, stop_after=None, lower=None, prefix_ids=None):
         """tokens: int [B, L]; prefix: optional [B, M, hidden_size] embeddings inserted after the
         first token ([CLS]) in place of word embeddings (CoOp's learned context,
         vljax/adapt/coop.py); they take positions 1..M, the prompt's tokens shift by M.
+        prefix_ids: optional int [B] with `prefix_conditioning` (TextTransformer's): the learned
+          prefix token comes first among the M (None: `prefix_at_eval` for every text).
 
         Split at a layer (a locked lower part run once, `TwoTowers.text_lower`):
           stop_after=k: returns only the states after the embeddings and the first k layers,
@@ -85,7 +91,9 @@ class Bert(nn.Module):
         """
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(f"Bert expects int token ids [B, L], got {tokens.dtype}{tokens.shape}")
-        length = tokens.shape[1] + (0 if prefix is None else prefix.shape[1])
+        check_prefix_ids(self, prefix_ids, lower)
+        num_prefix = (0 if prefix is None else prefix.shape[1]) + int(self.prefix_conditioning)
+        length = tokens.shape[1] + num_prefix
         if length > self.max_position_embeddings:
             raise ValueError(f"sequence length {length} > max_position_embeddings "
                              f"{self.max_position_embeddings}")
@@ -99,10 +107,11 @@ class Bert(nn.Module):
         if lower is None:
             embed = lambda n, name: nn.Embed(n, self.hidden_size, name=name, **kw)  # noqa: E731
             x = embed(self.vocab_size, "word_embeddings")(tokens)
+            if self.prefix_conditioning:
+                prefix = conditioning_prefix(self, prefix, prefix_ids, tokens.shape[0],
+                                             self.hidden_size, x.dtype)
             if prefix is not None:
                 x = jnp.concatenate([x[:, :1], prefix.astype(x.dtype), x[:, 1:]], axis=1)
-                mask = jnp.concatenate([mask[:, :1], jnp.ones(prefix.shape[:2], bool),
-                                        mask[:, 1:]], axis=1)
             x = x + embed(self.max_position_embeddings, "position_embeddings")(jnp.arange(length))
             # A single segment: every token has type 0 (row 0 of the table).
             x = x + embed(self.type_vocab_size, "token_type_embeddings")(
@@ -111,6 +120,9 @@ class Bert(nn.Module):
             x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
         else:
             x = lower[1]
+        if num_prefix:  # the prefix positions are real tokens
+            mask = jnp.concatenate([mask[:, :1], jnp.ones((tokens.shape[0], num_prefix), bool),
+                                    mask[:, 1:]], axis=1)
 
         layer_cls = nn.remat(BertLayer, static_argnums=(3,)) if self.remat else BertLayer
         for i in range(start, stop):

@@ -52,11 +52,14 @@ class TwoTowers(nn.Module):
     decoder: dict[str, Any] | None = None
 
     @nn.compact
-    def __call__(self, images, texts, train: bool = False, text_prefix=None, text_lower=None):
+    def __call__(self, images, texts, train: bool = False, text_prefix=None, text_lower=None,
+                 text_prefix_ids=None):
         """images: [B, H, W, C], a NaFlex dict ("naflex_vit": {"patches" [B, N, P*P*C], "mask"
         [B, N], "shapes" [B, 2]}, vljax/models/naflex.py) or None; texts: int [B, L] or None;
         text_prefix: optional [B, M, W] embeddings the text tower inserts after its first token
         (CoOp context);
+        text_prefix_ids: optional int [B], the Prefix Conditioning row of each text (the batch's
+        "prefix_id"; vljax/models/text.py `prefix_conditioning`); None: the tower's eval prefix;
         text_lower: optional (k, states), states = `text_lower(texts, k)`: the text tower skips
         its embeddings and first k blocks (run once for fixed texts through locked blocks).
 
@@ -80,6 +83,8 @@ class TwoTowers(nn.Module):
             kw = {} if text_prefix is None else {"prefix": text_prefix}
             if text_lower is not None:
                 kw["lower"] = text_lower
+            if text_prefix_ids is not None:
+                kw["prefix_ids"] = text_prefix_ids
             ztxt, out_txt = tower(texts, train=train, **kw)
             out.update({f"txt/{k}": v for k, v in out_txt.items()})
             out["txt/tokens_proj"] = _project_tokens(tower, out_txt["tokens"])

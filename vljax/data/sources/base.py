@@ -22,7 +22,7 @@ from vljax.registry import Registry
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 # Keys of an input.data entry that the pipeline reads, whatever the kind.
-ENTRY_KEYS = ("source", "weight")
+ENTRY_KEYS = ("source", "weight", "prefix", "label_prompts")  # the last two: vljax/data/prefix.py
 DEFAULT_KIND = "tfds"
 LABEL_FIELDS = ("label", "labels")
 
