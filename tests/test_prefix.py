@@ -157,6 +157,10 @@ def test_config_check_names_the_prefix_keys():
     c.input.data[2]["label_prompts"] = ["an icon"]
     with pytest.raises(ValueError, match=r"`input\.data\[2\]\.label_prompts`: template 'an icon'"):
         config_check.validate(c)
+    c = clip.get_config("prefix=on")
+    c.text_cache = True  # embeds training texts without the batch's prefix ids
+    with pytest.raises(ValueError, match=r"`text_cache` cannot be combined with a source's `input\.data\[i\]\.prefix`"):
+        config_check.validate(c)
 
 
 _MAIN_CONFIG = """import sys

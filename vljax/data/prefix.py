@@ -70,6 +70,15 @@ def check(config) -> None:
         named = [i for i, e in enumerate(entries) if e.get("prefix") is not None]
         raise ValueError(f"config key `input.data[{named[0]}].prefix` needs a text tower with "
                          "prefix conditioning: set `model.text.prefix_conditioning=True`")
+    if conditioned(entries):
+        # Paths that embed training texts without the batch's prefix ids: they would give a label
+        # source's texts the caption prefix, so the combination is refused rather than run.
+        unsupported = [k for k in ("text_cache", "queue", "acid") if config.get(k)]
+        unsupported += ["input.subcaptions"] if config.input.get("subcaptions") else []
+        if unsupported:
+            raise ValueError(f"config keys `{'`, `'.join(unsupported)}` cannot be combined with a source's "
+                             "`input.data[i].prefix` (Prefix Conditioning): those paths embed training "
+                             "texts without the batch's prefix ids")
 
 
 class PrefixTag:
