@@ -1,0 +1,53 @@
+r"""LaSO (Alfassy et al., CVPR 2019): label-set operation nets (intersection, union, subtraction)
+trained on the LiT demo's stored image features and evaluated as the paper does (issue 26).
+
+    python -m vljax.main --config=configs/laso.py --workdir=/tmp/vljax_laso           # ~12 min, 2 cores
+    python -m vljax.evaluate --model=/tmp/vljax_lit --config=configs/laso.py          # the caption-trained demo
+
+Training is configs/lit_multilabel.py's (the locked EfficientNet-Lite0 trunk's features stored
+once, the tags' BCE loss on label prompts; `:base=lit` trains on the captions instead, as
+configs/lit.py). At the last step the `laso` evaluators (vljax/evaluators/laso.py) train the three
+set-operation nets and the multi-label classifier on the train split's image embeddings (the
+stored trunk features through the trained head) and tag sets, with pairs drawn by the seeded
+pair pipeline (vljax/data/pairs.py), then score `test_pairs` pairs of test images: mAP of the
+operated features' predicted tags against the target tag sets (beside the un-operated feature's
+and the label-space operation's), and retrieval by tag set (R@1, R@5).
+
+Evaluations: openclipart_laso (tags, 128 labels) and emoji_laso (tags, 65 labels), held-out
+test splits; the training config's own multi-label evaluations stay.
+
+Config arguments: base ("lit_multilabel" | "lit"), steps, seed, laso_steps, laso_lr, laso_batch,
+latent (0: 4 D), layers, shared (pairs sharing a label), test_pairs.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import lit  # noqa: E402
+import lit_multilabel  # noqa: E402
+
+from vljax import config_args  # noqa: E402
+
+BASES = {"lit_multilabel": lit_multilabel.get_config, "lit": lit.get_config}
+
+
+def get_config(arg=None):
+    a = config_args.parse_arg(arg, "configs/laso.py", base="lit_multilabel", steps=500, seed=0,
+                              laso_steps=2000, laso_lr=1e-3, laso_batch=64, latent=0, layers=3,
+                              shared=0.5, test_pairs=1000)
+    if a["base"] not in BASES:
+        raise ValueError(f"configs/laso.py: base={a['base']!r} is not one of {sorted(BASES)}")
+    c = BASES[a["base"]](f"steps={a['steps']}")
+    c.seed = a["seed"]
+    template = c.loss.get("template", "an icon of {}.") if a["base"] == "lit_multilabel" else "icon"
+    laso = dict(type="laso", templates=[template] if a["base"] == "lit_multilabel" else template,
+                steps=a["laso_steps"], lr=a["laso_lr"], batch_size=a["laso_batch"],
+                latent=a["latent"] or None, layers=a["layers"], shared_fraction=a["shared"],
+                test_pairs=a["test_pairs"], seed=a["seed"])
+    evals = dict(c.evals)
+    for short, tfds_name in (("openclipart", "vljax_openclipart"), ("emoji", "vljax_emoji")):
+        evals[f"{short}_laso"] = dict(laso, data=dict(name=tfds_name, label="tags", train_split="train",
+                                                      test_split="test"))
+    c.evals = evals
+    c.eval_every = c.total_steps
+    return c
