@@ -19,6 +19,7 @@ Optimiser: Adam (the official code's), learning rate `lr` with cosine decay, bat
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -38,9 +39,12 @@ class Laso:
     variables: dict
     head: dict
 
+    def __post_init__(self):
+        self._apply = jax.jit(functools.partial(self.ops.apply, train=False))
+
     def apply(self, f_a, f_b) -> dict:
         """SetOps outputs (inference mode) of f_a, f_b [B, D]."""
-        return self.ops.apply(self.variables, jnp.asarray(f_a), jnp.asarray(f_b), train=False)
+        return self._apply(self.variables, jnp.asarray(f_a, jnp.float32), jnp.asarray(f_b, jnp.float32))
 
     def logits(self, z) -> np.ndarray:
         """C's logits [B, L] of features z [B, D]."""
