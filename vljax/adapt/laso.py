@@ -14,7 +14,8 @@ terms reach the nets alone (C's parameters enter them through `stop_gradient`), 
 classifier of real features and cannot adapt to the synthesised ones. The paper does not say
 whether its op terms update C; this is our choice.
 
-Optimiser: Adam (the official code's), learning rate `lr` with cosine decay, batch `batch_size`.
+Optimiser: Adam, learning rate `lr` with cosine decay, batch `batch_size` (our choices: the official
+training script was out of reach).
 """
 from __future__ import annotations
 

@@ -1,6 +1,8 @@
-"""LaSO evaluation (Alfassy et al., CVPR 2019, Sec. 4.1): set-operation nets trained on the train
-split's image features and label sets (vljax/adapt/laso.py), then, on pairs of test images, the
-operated features' predicted labels against the target label sets, and retrieval by label set.
+"""LaSO evaluation (Alfassy et al., CVPR 2019, as we recall its Sec. 4; the paper's text was out of
+reach here, so the protocol's details below are our choices): set-operation nets trained on the
+train split's image features and label sets (vljax/adapt/laso.py), then, on pairs of test
+images, the operated features' predicted labels against the target label sets, and retrieval
+by label set.
 
 For each operation op in int (L(a) ∩ L(b)), uni (∪) and sub (L(a) \\ L(b)), over `test_pairs`
 pairs (a, b) of test images drawn as in training (vljax/data/pairs.py, seed + 1):
@@ -20,9 +22,9 @@ pairs (a, b) of test images drawn as in training (vljax/data/pairs.py, seed + 1)
   laso/<name>/real/mAP          C on the test images' own features (the classifier's quality)
 
 C is the multi-label classifier trained with the nets (the label-prompt-initialised cosine head,
-vljax/adapt/laso.py says why). The paper's retrieval ranks a gallery of real images by the
-operated feature and counts a hit when a retrieved image's label set equals the target; its
-gallery is COCO's val set, here the test split.
+vljax/adapt/laso.py says why). The paper's retrieval, as we recall it, ranks a gallery of real
+images (COCO val) by the operated feature and counts a hit when a retrieved image's label set
+equals the target; here the gallery is the test split.
 """
 from __future__ import annotations
 
@@ -32,12 +34,10 @@ import numpy as np
 
 from vljax.adapt import laso as laso_lib
 from vljax.data import pairs as pairs_lib
-from vljax.evaluators import base, multilabel, prompts, registry, zeroshot
-from vljax.evaluators import data as data_lib
+from vljax.evaluators import base, multilabel, multilabel_train, prompts, registry, zeroshot
 from vljax.losses import laso as laso_loss
 
-DATA_KEYS = ("name", "label", "train_split", "test_split", "data_dir", "max_train",
-             "max_examples", "source")
+DATA_KEYS = multilabel_train.DATA_KEYS
 OPS = ("int", "uni", "sub")
 
 
@@ -113,18 +113,8 @@ class LasoEvaluator(base.Evaluator):
         train_split="train", test_split="test", max_train=..., max_examples=...), steps=...), or a
         source entry of any kind with label sets for the two splits (vljax/evaluators/data.py)."""
         del plot_dir  # no plots
-        data, kwargs = data_lib.split_spec(name, spec)
-        data_lib.check_keys(name, data, DATA_KEYS)
-        key = data.get("label")
-        splits = data_lib.open_splits(name, data, {"train": "train", "test": "test"})
-
-        def split(which, cap):
-            source = data_lib.first(splits[which], data.get(cap))
-            return source, [np.asarray(source.label_set_of(i, key), np.int64) for i in range(len(source))]
-        train, train_labels = split("train", "max_train")
-        test, test_labels = split("test", "max_examples")
-        return cls(train, train_labels, test, test_labels, splits["train"].label_set_names(key),
-                   name=name, **kwargs)
+        args, kwargs = multilabel_train.label_set_splits(name, spec)
+        return cls(*args, name=name, **kwargs)
 
     def run(self, embedder: base.Embedder) -> dict[str, float]:
         train, train_index = base.image_embeddings(embedder, self.train_data)

@@ -1,5 +1,4 @@
-"""LaSO's training losses (Alfassy et al., CVPR 2019, Sec. 3; the official code IBM/LaSO's
-`SetOpsModule.forward` gives the terms' inputs): pure functions of arrays.
+"""LaSO's training losses (Alfassy et al., CVPR 2019; official code IBM/LaSO): pure functions of arrays.
 
 For a pair of images a, b with multi-hot label sets y_a, y_b [B, L] and features F_a, F_b [B, D],
 the set-operation nets' outputs (vljax/models/laso.py `SetOps`: Z_int = M_int(F_a, F_b), ...) and
@@ -12,11 +11,14 @@ the multi-label classifier C (logits [B, L]):
                   (a = (a \\ b) ∪ (a ∩ b): the paper's term against mode collapse)
 
 BCE is the mean over pairs and labels of the sigmoid cross-entropy, MSE the mean over pairs and
-feature dimensions of the squared difference (torch's `BCEWithLogitsLoss` / `MSELoss` defaults,
-as the official code uses). The total is the sum of the four groups, the last two weighted by
-`sym_weight` and `rec_weight` (1 in the paper, which sums the terms unweighted). The search tool
-could not reach the paper's equation numbers; the terms above are as the paper's Sec. 3 text and
-the official module's outputs describe them, and the unit weights are our reading.
+feature dimensions of the squared difference (the mean reductions of torch's
+`BCEWithLogitsLoss` / `MSELoss`). The total is the sum of the four groups, the last two weighted
+by `sym_weight` and `rec_weight` (default 1: an unweighted sum). What we could read: the official
+`SetOpsModule.forward`, which computes exactly the symmetry pairs and the reconstructions above.
+What we could not: the paper's method section (its equation numbers) and the official training
+script (its loss weights); the four groups are the paper's as we recall its Sec. 3 (not re-read
+here: a classification loss on the operated features, MSE terms for symmetry and against mode
+collapse), and the unit weights are our choice.
 """
 from __future__ import annotations
 

@@ -4,15 +4,16 @@ Operations networks for multi-label few-shot learning", CVPR 2019; official code
 Three networks M_int, M_uni, M_sub each take a pair of feature vectors (F_a, F_b) and return one
 feature vector whose label set is, ideally, L(a) ∩ L(b), L(a) ∪ L(b) and L(a) \\ L(b).
 
-Architecture (the official `SetOpBlock_v2`, `oneshot/setops_models/setops.py`): the pair
+Architecture (the official `SetOpBlock_v2`, `oneshot/setops_models/setops.py`, read): the pair
 concatenated [2D] -> Dense(latent) -> LeakyReLU(0.2), then `layers` times
-[BatchNorm -> Dense(latent) -> LeakyReLU(0.2) -> Dropout(p)], then Dense(D). The official runs
-use D = 2048 backbone features with latent 8192 (4 D), 3 hidden layers and dropout 0.5; here the
-width is `latent` (default 4 D, scaled to our feature width) and the other values are the
-official ones. `SetOps` applies the three blocks as the official `SetOpsModule.forward` does:
-both orders of each pair, and the reconstructions M_uni(M_sub(a, b), M_int(a, b)) of a and
-M_uni(M_sub(b, a), M_int(b, a)) of b that the paper's anti-mode-collapse loss compares with
-the inputs (vljax/losses/laso.py).
+[BatchNorm -> Dense(latent) -> LeakyReLU(0.2) -> Dropout(p)], then Dense(D). The block's defaults
+are 3 hidden layers and dropout 0.5, its input the backbone's 2048-d features; the latent width
+of the paper's runs is a constructor argument whose value we could not read (their training
+script was out of reach), so the width here is `latent`, default 4 D (vljax/adapt/laso.py).
+`SetOps` applies the three blocks as the official `SetOpsModule.forward` does (read): both
+orders of each pair, and the reconstructions M_uni(M_sub(a, b), M_int(a, b)) of a and
+M_uni(M_sub(b, a), M_int(b, a)) of b that the anti-mode-collapse loss compares with the inputs
+(vljax/losses/laso.py).
 
 Deviations, named: (1) every output is L2-normalised, since vljax's image features (the
 joint-space `zimg`) live on the unit sphere and the classifier scores cosines; the official
