@@ -205,22 +205,24 @@ def _colour_shape_manifest(root, n_per=3, seed=0):
 
 @pytest.mark.slow
 def test_laso_trains_through_main_and_beats_the_unoperated_feature(tmp_path):
-    # A tiny CLIP trained 30 steps on "a red circle"-like captions; at its last step the `laso`
-    # evaluator trains the set-op nets on its train-split image embeddings, whose label sets are
-    # {colour, shape}, and scores 300 pairs of held-out images. The intersection of "red circle"
-    # and "red square" is {red}, their difference {circle}: the operated feature's labels must
-    # beat the un-operated feature's (C(F_a)) by a margin (measured: see the assertions).
+    # A tiny CLIP trained 4 steps on "a red circle"-like captions; at its last step the `laso`
+    # evaluator trains the set-op nets (150 steps) on its train-split image embeddings, whose
+    # label sets are {colour, shape}, and scores 300 pairs of held-out images. The intersection of
+    # "red circle" and "red square" is {red}, their difference {circle}: the operated feature's
+    # labels must beat the un-operated feature's (C(F_a)). Measured (2 runs, 4 / 30 trainer steps,
+    # 150 / 300 LaSO steps): int mAP .70 / .79 vs .31 / .36, sub .66 / .78 vs .42 / .51, uni
+    # .86 / .88 vs .70 / .76; the bounds below keep about half of the smaller margins.
     train = _colour_shape_manifest(str(tmp_path / "train"), n_per=3, seed=0)
     test = _colour_shape_manifest(str(tmp_path / "test"), n_per=2, seed=1)
     laso = dict(type="laso", data=dict(source="jsonl", path=test, train_path=train, num_labels=7),
-                templates="name", steps=300, lr=3e-3, batch_size=32, latent=64, layers=1,
+                templates="name", steps=150, lr=3e-3, batch_size=32, latent=64, layers=1,
                 test_pairs=300, ks=(1, 5))
     config = tmp_path / "laso_config.py"
     config.write_text("import sys\n"
                       f"sys.path.insert(0, {os.path.join(REPO, 'tests')!r})\n"
                       "import helpers\n\n"
                       "def get_config(arg=None):\n"
-                      f"    c = helpers.tiny_config({train!r}, 'clip', steps=30, batch=16)\n"
+                      f"    c = helpers.tiny_config({train!r}, 'clip', steps=4, batch=16)\n"
                       f"    c.evals = dict(shapes_laso={laso!r})\n"
                       "    return c\n")
     workdir = str(tmp_path / "run")
@@ -229,6 +231,12 @@ def test_laso_trains_through_main_and_beats_the_unoperated_feature(tmp_path):
     got = {k: v for r in rows for k, v in r.items() if k.startswith("laso/shapes_laso/")}
     print(json.dumps(got, indent=1))
     m = {k.removeprefix("laso/shapes_laso/"): v for k, v in got.items()}
-    assert m["int/mAP"] > m["int/mAP_input"] + 0.1
-    assert m["sub/mAP"] > m["sub/mAP_input"] + 0.1
-    assert m["uni/mAP"] > m["uni/mAP_input"]
+    assert m["int/mAP"] > m["int/mAP_input"] + 0.2
+    assert m["sub/mAP"] > m["sub/mAP_input"] + 0.12
+    assert m["uni/mAP"] > m["uni/mAP_input"] + 0.08
+    assert m["train/loss"] < 0.8 * m["train/loss_start"]
+    # Every gallery set is {colour, shape}: an intersection ({colour}, {shape} or {}) or a union of
+    # two different sets (3-4 labels) is never one, so no such query is counted; a difference is
+    # one exactly when the pair shares no label (then it is L(a)), about 1/2 of the pairs.
+    assert m["int/queries"] == m["uni/queries"] == 0
+    assert 0 < m["sub/queries"] < 300 and "sub/R@1" in m and "int/R@1" not in m

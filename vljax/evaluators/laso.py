@@ -20,6 +20,8 @@ pairs (a, b) of test images drawn as in training (vljax/data/pairs.py, seed + 1)
                                 some other test image has are counted (`.../queries`)
   laso/<name>/<op>/R@k_input    the same with F_a as the query
   laso/<name>/real/mAP          C on the test images' own features (the classifier's quality)
+  laso/<name>/train/loss        the training loss, mean of the last tenth of the steps
+                                (`train/loss_start`: of the first tenth)
 
 C is the multi-label classifier trained with the nets (the label-prompt-initialised cosine head,
 vljax/adapt/laso.py says why). The paper's retrieval, as we recall it, ranks a gallery of real
@@ -121,7 +123,7 @@ class LasoEvaluator(base.Evaluator):
         test, test_index = base.image_embeddings(embedder, self.test_data)
         y_train, y_test = self.train_targets[train_index], self.test_targets[test_index]
         ztxt = zeroshot.ensemble(zeroshot.class_text_embeddings(embedder, self.texts))
-        model, _ = laso_lib.train(train, y_train, ztxt, float(embedder.logit_scale), **self.train_kwargs)
+        model, log = laso_lib.train(train, y_train, ztxt, float(embedder.logit_scale), **self.train_kwargs)
         i, j = pairs_lib.pair_batch(self.seed + 1, 0, self.test_pairs, y_test,
                                     pairs_lib.label_index(y_test), self.shared_fraction)
         outs = {k: np.asarray(v) for k, v in model.apply(test[i], test[j]).items()}
@@ -129,7 +131,10 @@ class LasoEvaluator(base.Evaluator):
         logits_a = model.logits(test[i])
         p_a, p_b = (1 / (1 + np.exp(-x)) for x in (logits_a, model.logits(test[j])))
         on_labels = label_ops(p_a, p_b)
-        results = {"real/mAP": _map(model.logits(test), y_test > 0.5)}
+        tail = max(1, len(log) // 10)
+        results = {"real/mAP": _map(model.logits(test), y_test > 0.5),
+                   "train/loss_start": float(np.mean([r["loss"] for r in log[:tail]])),
+                   "train/loss": float(np.mean([r["loss"] for r in log[-tail:]]))}
         for op in OPS:
             results[f"{op}/mAP"] = _map(model.logits(outs[op]), targets[op])
             results[f"{op}/mAP_input"] = _map(logits_a, targets[op])
