@@ -180,8 +180,10 @@ def test_retrieval_and_label_ops_on_a_worked_example():
     np.testing.assert_allclose(ops["uni"], [[0.75, 1.0]])
     np.testing.assert_allclose(ops["sub"], [[0.25, 1.0]])
     assert EVALUATORS["laso"] is laso_eval.LasoEvaluator
-    with pytest.raises(ValueError, match="test_pairs"):
-        laso_eval.LasoEvaluator([0, 1], [[0], [1]], [0, 1], [[0], [1]], ["a", "b"], name="x", test_pairs=0)
+    for bad, match in ((dict(test_pairs=0), "`test_pairs`"), (dict(shared_fraction=1.5), "`shared_fraction`"),
+                       (dict(dropout=1.0), "`dropout`"), (dict(ks=()), "`ks`")):
+        with pytest.raises(ValueError, match=f"x: {match}"):
+            laso_eval.LasoEvaluator([0, 1], [[0], [1]], [0, 1], [[0], [1]], ["a", "b"], name="x", **bad)
 
 # ----------------------------------------------------------------------------- end to end
 

@@ -98,6 +98,11 @@ class LasoEvaluator(base.Evaluator):
                 raise ValueError(f"{name}: `{key}` must be >= 1, got {value}")
         if not ks or min(ks) < 1:
             raise ValueError(f"{name}: `ks` must be positive retrieval cut-offs, got {ks}")
+        for key, value, ok in (("shared_fraction", shared_fraction, 0 <= shared_fraction <= 1),
+                               ("dropout", dropout, 0 <= dropout < 1), ("layers", layers, layers >= 0),
+                               ("latent", latent, latent is None or latent >= 1)):
+            if not ok:
+                raise ValueError(f"{name}: `{key}` out of range, got {value!r}")
         self.class_names = [prompts.canonicalize_name(n) for n in class_names]
         self.texts = prompts.class_texts(self.class_names, templates, None)
         self.train_data, self.test_data = train_data, test_data
