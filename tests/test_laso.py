@@ -14,6 +14,7 @@ from helpers import COLOURS, REPO, SHAPES, _draw, finite_differences, train_thro
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from vljax.adapt import laso as laso_lib
 from vljax.data import pairs
 from vljax.evaluators import EVALUATORS
 from vljax.evaluators import laso as laso_eval
@@ -160,6 +161,21 @@ def test_pairs_are_seeded_resume_and_share_labels():
     with pytest.raises(ValueError, match="shared_fraction"):
         pairs.pair_dataset(features, targets, batch=4, steps=1, seed=0, shared_fraction=2.0)
 
+def test_zeroshot_classifier_keeps_the_label_directions():
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(12, 4)).astype(np.float32)
+    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+    targets = (rng.random((12, 3)) < 0.5).astype(np.float32)
+    ztxt = feats[:3].copy()
+    model, log = laso_lib.train(feats, targets, ztxt, 10.0, steps=2, batch_size=4, latent=8, layers=0,
+                                lr=0.1, classifier="zeroshot")
+    np.testing.assert_array_equal(np.asarray(model.head["w"]), ztxt)
+    assert np.abs(np.asarray(model.head["b"])).max() > 0.01 and len(log) == 2
+    assert sorted(log[0]) == ["cls", "loss", "ops", "rec", "sym"]
+    with pytest.raises(ValueError, match="classifier"):
+        laso_lib.train(feats, targets, ztxt, 10.0, steps=1, classifier="frozen")
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 
@@ -181,7 +197,8 @@ def test_retrieval_and_label_ops_on_a_worked_example():
     np.testing.assert_allclose(ops["sub"], [[0.25, 1.0]])
     assert EVALUATORS["laso"] is laso_eval.LasoEvaluator
     for bad, match in ((dict(test_pairs=0), "`test_pairs`"), (dict(shared_fraction=1.5), "`shared_fraction`"),
-                       (dict(dropout=1.0), "`dropout`"), (dict(ks=()), "`ks`")):
+                       (dict(dropout=1.0), "`dropout`"), (dict(ks=()), "`ks`"),
+                       (dict(classifier="frozen"), "`classifier`")):
         with pytest.raises(ValueError, match=f"x: {match}"):
             laso_eval.LasoEvaluator([0, 1], [[0], [1]], [0, 1], [[0], [1]], ["a", "b"], name="x", **bad)
 

@@ -83,14 +83,15 @@ class LasoEvaluator(base.Evaluator):
                  name: str, templates: str | Sequence[str] = "icon", steps: int = 1000, lr: float = 1e-3,
                  batch_size: int = 64, latent: int | None = None, layers: int = 3, dropout: float = 0.5,
                  shared_fraction: float = 0.5, sym_weight: float = 1.0, rec_weight: float = 1.0,
-                 test_pairs: int = 1000, ks: Sequence[int] = (1, 5), seed: int = 0):
+                 classifier: str = "trained", test_pairs: int = 1000, ks: Sequence[int] = (1, 5),
+                 seed: int = 0):
         """
         Args:
           train_data / test_data: sources; train_labels / test_labels: N lists of label indices
             (or [N, L] multi-hot), one per record.
           class_names: the L label names, prompted with `templates` (C's initialisation).
           steps, lr, batch_size, latent, layers, dropout, shared_fraction, sym_weight,
-            rec_weight, seed: vljax/adapt/laso.py `train`.
+            rec_weight, classifier ("trained" | "zeroshot"), seed: vljax/adapt/laso.py `train`.
           test_pairs: pairs of test images evaluated; ks: retrieval cut-offs.
         """
         for key, value in (("steps", steps), ("batch_size", batch_size), ("test_pairs", test_pairs)):
@@ -100,7 +101,8 @@ class LasoEvaluator(base.Evaluator):
             raise ValueError(f"{name}: `ks` must be positive retrieval cut-offs, got {ks}")
         for key, value, ok in (("shared_fraction", shared_fraction, 0 <= shared_fraction <= 1),
                                ("dropout", dropout, 0 <= dropout < 1), ("layers", layers, layers >= 0),
-                               ("latent", latent, latent is None or latent >= 1)):
+                               ("latent", latent, latent is None or latent >= 1),
+                               ("classifier", classifier, classifier in laso_lib.CLASSIFIERS)):
             if not ok:
                 raise ValueError(f"{name}: `{key}` out of range, got {value!r}")
         self.class_names = [prompts.canonicalize_name(n) for n in class_names]
@@ -111,7 +113,8 @@ class LasoEvaluator(base.Evaluator):
         self.name, self.test_pairs, self.ks, self.seed = name, int(test_pairs), tuple(ks), seed
         self.train_kwargs = dict(steps=steps, lr=lr, batch_size=batch_size, latent=latent, layers=layers,
                                  dropout=dropout, shared_fraction=shared_fraction,
-                                 sym_weight=sym_weight, rec_weight=rec_weight, seed=seed)
+                                 sym_weight=sym_weight, rec_weight=rec_weight, classifier=classifier,
+                                 seed=seed)
         self.shared_fraction = shared_fraction
 
     @classmethod
