@@ -11,9 +11,9 @@ here the cosine head of vljax/adapt/multilabel.py (s cos(z, w_j) + b_j) initiali
 model's label-prompt embeddings (its zero-shot classifier), so it starts from the model's own
 label semantics and needs few steps. `classifier="zeroshot"` keeps its label directions w_j (the
 model's zero-shot classifier) and trains only its scale and biases, which leave every label's
-ranking, hence its AP, unchanged: the choice when the trained head generalises worse than the
-prompts (measured on the caption-trained LiT demo's emoji tags: a BCE-trained head's test mAP
-falls from the prompts' 39.1 to 17.2). C learns only from the real features' term; the set-op
+ranking, hence its AP, unchanged (on the caption-trained LiT demo's emoji tags a BCE-trained
+head's test mAP falls from the prompts' 39.1 to 17.2, yet the operated features' mAP under the
+trained head was as high or higher: configs/laso.py). C learns only from the real features' term; the set-op
 terms reach the nets alone (C's parameters enter them through `stop_gradient`), so C stays a
 classifier of real features and cannot adapt to the synthesised ones. The paper does not say
 whether its op terms update C; this is our choice.
