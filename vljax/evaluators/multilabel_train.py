@@ -20,6 +20,23 @@ DATA_KEYS = ("name", "label", "train_split", "test_split", "data_dir", "max_trai
              "max_examples", "source")
 
 
+def label_set_splits(name: str, spec: dict) -> tuple[tuple, dict]:
+    """((train source, train label sets, test source, test label sets, label names), the entry's
+    other keys) of an evaluator entry whose `data` (DATA_KEYS) names a train and a test split
+    with label sets: `label` a label set feature, `max_train` / `max_examples` caps."""
+    data, kwargs = data_lib.split_spec(name, spec)
+    data_lib.check_keys(name, data, DATA_KEYS)
+    key = data.get("label")
+    splits = data_lib.open_splits(name, data, {"train": "train", "test": "test"})
+
+    def split(which, cap):
+        source = data_lib.first(splits[which], data.get(cap))
+        return source, [np.asarray(source.label_set_of(i, key), np.int64) for i in range(len(source))]
+    train, train_labels = split("train", "max_train")
+    test, test_labels = split("test", "max_examples")
+    return (train, train_labels, test, test_labels, splits["train"].label_set_names(key)), kwargs
+
+
 @registry.register("multilabel_train")
 class MultilabelTrainEvaluator(base.Evaluator):
     """See the module docstring."""
@@ -54,19 +71,8 @@ class MultilabelTrainEvaluator(base.Evaluator):
         with a source entry of any kind with label sets for the two splits (vljax/evaluators/data.py).
         `label`: a TFDS label set feature (default the source's `labels_key`, else "tags")."""
         del plot_dir  # no plots
-        data, kwargs = data_lib.split_spec(name, spec)
-        data_lib.check_keys(name, data, DATA_KEYS)
-        key = data.get("label")
-        splits = data_lib.open_splits(name, data, {"train": "train", "test": "test"})
-
-        def split(which, cap):
-            source = data_lib.first(splits[which], data.get(cap))
-            labels = [np.asarray(source.label_set_of(i, key), np.int64) for i in range(len(source))]
-            return source, labels
-        train, train_labels = split("train", "max_train")
-        test, test_labels = split("test", "max_examples")
-        names = splits["train"].label_set_names(key)
-        return cls(train, train_labels, test, test_labels, names, name=name, **kwargs)
+        args, kwargs = label_set_splits(name, spec)
+        return cls(*args, name=name, **kwargs)
 
     def _metrics(self, scores, targets, probs=None):
         out = {"mAP": multilabel.mean_average_precision(scores, targets)}
