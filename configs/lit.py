@@ -2,8 +2,8 @@ r"""LiT demo: locked ImageNet EfficientNet-Lite0 image tower + MiniLM text tower
 
     python -m vljax.main --config=configs/lit.py --workdir=/tmp/vljax_lit
 
-Expected runtime on a 2-core CPU: 8-10 minutes (8 min 51 s measured on a quiet 2-core EPYC: start-up
-13 s, image-tower feature store 96 s, 500 steps at 200-245 pairs/s, five evaluations of ~7 s plus,
+Expected runtime on a 2-core CPU: 8-10 minutes (8 min 50 s measured on a quiet 2-core EPYC: start-up
+13 s, image-tower feature store 94 s, 500 steps at 200-245 pairs/s, five evaluations of ~7 s plus,
 in the first, the evaluation sets' feature stores, ~75 s).
 Why 500 steps, not 300 (measured with 2 seeds each, `:steps=N` and `--config.seed=S`): the held-out
 emoji val split, which selects models here, mean of i2t and t2i R@1: 30.6 / 30.6 at 300 steps,
