@@ -149,10 +149,10 @@ def get_config(arg=None):
 def _self_distill(c, a) -> None:
     """SILC + TIPS for the last 20% of the steps (SigLIP 2, Sec. 2.3; vljax/teacher.py)."""
     c.self_distill = dict(weight=a["sdw"], local_views=a["local"])
-    if a["sd"] == "consistency":  # the ablation's rows: one of the two terms alone
-        c.self_distill.masked_weight = 0.0
-    elif a["sd"] == "masked":
-        c.self_distill.consistency_weight = 0.0
+    if a["sd"] == "consistency":  # the ablation's rows: one of the two terms alone (SILC:
+        c.self_distill.masked_weight = 0.0  # unmasked global views; vljax/teacher.py skips the term)
+    elif a["sd"] == "masked":  # TIPS: no local crops to cut, the consistency term is skipped
+        c.self_distill.update(consistency_weight=0.0, local_views=0)
     if c.model.image.get("variant") is None:  # the demo's tiny tower: heads to match
         c.self_distill.update(out_dim=1024, patch_out_dim=256, hidden_dim=256, bottleneck_dim=64)
     c.stages = stages.switch_on_at(c.get("stages"), c.total_steps, int(round(0.8 * c.total_steps)),

@@ -37,6 +37,21 @@ def read_run(workdir: str, steps: int, required: str) -> dict | None:
     return final
 
 
+def recorded_runs(path: str, **settings) -> dict[tuple[str, int], dict]:
+    """{(row, seed): run} from an earlier table file at `path` whose settings (e.g. steps, vocab) equal
+    `settings`; {} when there is none or it was made with other settings. So a session that lost its
+    run directories does not rerun what the table already records."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        old = json.load(f)
+    if any(old.get(k) != v for k, v in settings.items()):
+        return {}
+    seeds = old.get("seeds", [])
+    return {(row, seed): run for row, runs in old.get("runs", {}).items()
+            for seed, run in zip(seeds, runs)}
+
+
 def run_main(name: str, config_arg: str, workdir: str, steps: int, required: str) -> dict:
     """`python -m vljax.main --config=<config_arg> --workdir=<workdir>` unless it finished before
     (then its metrics are read back); exits naming the run when it fails."""
@@ -57,6 +72,15 @@ def run_main(name: str, config_arg: str, workdir: str, steps: int, required: str
         raise SystemExit(f"[ablation] {name}: no step-{steps} `{required}` in {workdir}/metrics.jsonl")
     print(f"[ablation] {name}: {time.time() - t0:.0f} s", flush=True)
     return out
+
+
+def save(path: str, meta: dict, results: dict[str, list[dict]], columns) -> dict:
+    """Writes {**meta, "table", "runs"} to `path` (after every finished row, so an interrupted
+    ablation keeps what it ran) and returns the table."""
+    table = summarise(results, columns)
+    with open(path, "w") as f:
+        json.dump({**meta, "table": table, "runs": results}, f, indent=1)
+    return table
 
 
 def summarise(results: dict[str, list[dict]], columns) -> dict:

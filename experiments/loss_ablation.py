@@ -10,11 +10,16 @@ the same, so its fingerprint is too. A finished run (its step-300 evaluation in 
 run again. Reported per loss, mean and spread (max - min over seeds) of:
 Fashion-MNIST zero-shot top-1, held-out emoji and openclipart retrieval R@1 / R@5 (image->text),
 emoji val R@1 (the selection metric), GZSL H on the configs/lit_eval.py seen/unseen split,
-modality gap on held-out emoji, and training pairs/s (mean over the logged steps after the first).
-Writes experiments/results/loss_ablation.json and prints the markdown table.
+modality gap on held-out emoji, training pairs/s (mean over the logged steps after the first) and the
+step's peak memory per device (XLA's memory analysis; runs older than issue 24 did not log it: "-").
+Writes experiments/results/loss_ablation.json (or --out) after every finished loss and prints the
+markdown table; a loss x seed already recorded there at the same steps is read back, not rerun.
+The second wave's objectives (issue 25) have their own table, with a softmax baseline run beside them:
+
+    python experiments/loss_ablation.py --out=experiments/results/loss_ablation_objectives.json \
+        --losses=softmax,hard_negatives,false_negatives,label_smoothing,ascl,dreamlip,sigmoid,hard_negatives_sigmoid
 """
 import argparse
-import json
 import os
 import sys
 
@@ -34,11 +39,12 @@ COLUMNS = [  # (header, metric key, scale)
     ("GZSL H", "gzsl/fashion_mnist_gzsl/harmonic", 100),
     ("modality gap", "representation/emoji_representation/modality_gap", 1),
     ("pairs/s", "train/pairs_per_s", 1),
+    ("peak GB/device", "perf/memory_gb", 1),
 ]
 
 
 def _digits(key, scale):
-    return 3 if scale == 1 and "gap" in key else (0 if "pairs" in key else 1)
+    return 3 if scale == 1 and ("gap" in key or "memory" in key) else (0 if "pairs" in key else 1)
 
 
 def run(loss: str, seed: int, root: str, steps: int) -> dict:
@@ -65,14 +71,21 @@ def main():
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--root", default="/tmp/vljax_loss_ablation")
     p.add_argument("--out", default=OUT)
+    p.add_argument("--fresh", action="store_true",
+                   help="ignore the runs already recorded in --out (by default a loss x seed recorded "
+                        "there at the same steps is read back, not rerun)")
     args = p.parse_args()
     losses = args.losses.split(",")
+    unknown = [loss for loss in losses if loss not in LOSSES]
+    if unknown:
+        raise SystemExit(f"--losses: unknown {unknown}; known: {', '.join(LOSSES)}")
     seeds = [int(s) for s in args.seeds.split(",")]
-    results = {loss: [run(loss, s, args.root, args.steps) for s in seeds] for loss in losses}
-    table = ablation_table.summarise(results, COLUMNS)
-    with open(args.out, "w") as f:
-        json.dump({"steps": args.steps, "seeds": seeds, "recipe": "configs/lit_ablation.py (configs/lit.py + loss)",
-                   "table": table, "runs": results}, f, indent=1)
+    recorded = {} if args.fresh else ablation_table.recorded_runs(args.out, steps=args.steps)
+    meta = {"steps": args.steps, "seeds": seeds, "recipe": "configs/lit_ablation.py (configs/lit.py + loss)"}
+    results = {}
+    for loss in losses:
+        results[loss] = [recorded.get((loss, s)) or run(loss, s, args.root, args.steps) for s in seeds]
+        table = ablation_table.save(args.out, meta, results, COLUMNS)
     print(ablation_table.markdown(table, COLUMNS, seeds, "loss", _digits))
 
 

@@ -27,7 +27,6 @@ the decoder's scoring classifier (CapPa) top-1 on emoji categories (rows with th
 analysis) and TFLOPs. Writes experiments/results/siglip2_ablation.json and prints the table.
 """
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -80,6 +79,9 @@ def main():
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--root", default="/tmp/vljax_siglip2_ablation")
     p.add_argument("--out", default=OUT)
+    p.add_argument("--fresh", action="store_true",
+                   help="ignore the runs already recorded in --out (by default a row x seed recorded "
+                        "there at the same steps and vocabulary is read back, not rerun)")
     args = p.parse_args()
     rows = args.rows.split(",")
     unknown = [r for r in rows if r not in ROWS]
@@ -88,15 +90,14 @@ def main():
     seeds = [int(s) for s in args.seeds.split(",")]
     os.makedirs(args.root, exist_ok=True)
     tok = tokenizer(args.root)
+    recorded = {} if args.fresh else ablation_table.recorded_runs(args.out, steps=args.steps, vocab=VOCAB)
+    meta = {"steps": args.steps, "seeds": seeds, "vocab": VOCAB, "rows": ROWS}
     results = {}
     for row in rows:
-        results[row] = [ablation_table.run_main(
+        results[row] = [recorded.get((row, s)) or ablation_table.run_main(
             f"{row} seed {s}", f"configs/siglip2.py:{ROWS[row]},seed={s},steps={args.steps},tok={tok}",
             os.path.join(args.root, f"{row}_{s}"), args.steps, "dense_probe/dense/miou") for s in seeds]
-    table = ablation_table.summarise(results, COLUMNS)
-    with open(args.out, "w") as f:
-        json.dump({"steps": args.steps, "seeds": seeds, "vocab": VOCAB, "rows": ROWS, "table": table,
-                   "runs": results}, f, indent=1)
+        table = ablation_table.save(args.out, meta, results, COLUMNS)
     print(ablation_table.markdown(table, COLUMNS, seeds, "row", _digits))
 
 

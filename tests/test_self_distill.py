@@ -342,3 +342,47 @@ def test_main_trains_configs_siglip2_with_self_distillation(tmp_path):
     # Both terms are cross-entropies: finite and positive. (Whether they fall is not asserted: 4
     # steps at the tail of the cosine schedule, with the centre moving from 0, do not show it.)
     assert all(r["train/sd_consistency"] > 0 and r["train/sd_masked"] > 0 for r in sd), sd
+
+
+def test_a_term_of_weight_zero_is_skipped_and_the_other_is_unchanged(manifest):
+    """The ablation's single-term rows (configs/siglip2.py sd=consistency / sd=masked): with
+    `masked_weight=0` the value is SILC's consistency on UNMASKED student views (a reference built
+    here from the tower, heads and loss); with `consistency_weight=0` it is the masked term of the
+    full step (same rng, same mask), without local crops; an untrained term's centre is kept."""
+    config = _tiny_sd_config(manifest)
+    model, size = config.model, config.input.image_size
+    full = teacher.options(config)
+    build = lambda **o: teacher.SelfDistill.build(model, {**full, **o}, size)  # noqa: E731
+    sd = build()
+    params = {"img": sd.tower.init(jax.random.key(0), jnp.zeros((1, size, size, 3)))["params"]}
+    params = teacher.with_heads(params, model, full, jax.random.key(1))
+    t = {**teacher.init(params), "center": jnp.full((full["out_dim"],), 0.1),
+         "patch_center": jnp.full((full["patch_out_dim"],), 0.2)}
+    t["params"] = jax.tree.map(lambda a: a * 0.9, t["params"])  # a teacher that is not the student
+    rng = np.random.default_rng(0)
+    batch = {"sd_global": jnp.asarray(rng.normal(size=(4, 2, size, size, 3)), jnp.float32),
+             "sd_local": jnp.asarray(rng.normal(size=(4, 2, 16, 16, 3)), jnp.float32)}
+    key = jax.random.key(2)
+    both, aux = sd.loss(params, t, batch, key)
+    np.testing.assert_allclose(both, full["consistency_weight"] * aux["consistency"]
+                               + full["masked_weight"] * aux["masked"], rtol=1e-6)
+
+    cons, aux_c = build(masked_weight=0.0).loss(params, t, batch, key)
+    assert float(aux_c["masked"]) == 0.0 and aux_c["t_patch"] is None
+    kw = dict(train=True, patch_dropout=0.0, rngs={"dropout": jax.random.split(key)[1]})
+    flat = lambda x: x.reshape(-1, *x.shape[2:])  # noqa: E731
+    pooled = lambda x: sd.heads.apply({"params": params["ssl"]}, sd.tower.apply(  # noqa: E731
+        {"params": params["img"]}, flat(x), **kw)[1]["pre_logits"], method="pooled").reshape(4, x.shape[1], -1)
+    _, tout = sd.tower.apply({"params": t["params"]["img"]}, flat(batch["sd_global"]), train=False)
+    t_cls = sd.heads.apply({"params": t["params"]["ssl"]}, tout["pre_logits"], method="pooled")
+    want = consistency_loss(jnp.concatenate([pooled(batch["sd_global"]), pooled(batch["sd_local"])], axis=1),
+                            t_cls.reshape(4, 2, -1), t["center"], student_temp=TS, teacher_temp=TT)
+    np.testing.assert_allclose(cons, want, rtol=1e-5)
+    assert abs(float(want) - float(aux["consistency"])) > 1e-4  # masking changed it: SILC sees unmasked views
+
+    masked, aux_m = build(consistency_weight=0.0).loss(params, t, {"sd_global": batch["sd_global"]}, key)
+    assert float(aux_m["consistency"]) == 0.0 and aux_m["t_cls"] is None
+    np.testing.assert_allclose(masked, full["masked_weight"] * aux["masked"], rtol=1e-6)
+    after = build(consistency_weight=0.0).update(t, params, aux_m)
+    np.testing.assert_array_equal(after["center"], t["center"])
+    assert not np.array_equal(after["patch_center"], t["patch_center"])

@@ -24,7 +24,9 @@ with a random `mask_ratio` of their patches replaced by the mask token (SigLIP 2
 local crops `batch["sd_local"]` [B, Vl, s, s, 3] (the input workers' multi-crop,
 `data.preprocess.MultiCrop`). The consistency loss pairs the teacher's global views with the
 student's pooled features of every other view (global, masked, as iBOT; and local); the masked
-loss pairs the masked patch tokens with the teacher's. The image-text loss keeps the batch's own
+loss pairs the masked patch tokens with the teacher's. A term weighted 0 is not computed: the
+consistency term alone (SILC) sees unmasked global views, the masked term alone (TIPS) no local
+crops (configs/siglip2.py `sd=consistency` / `sd=masked`, which also cuts no local crops then). The image-text loss keeps the batch's own
 `image` (SigLIP 2: the augmented views feed only the new losses).
 Value: weight * (consistency_weight * L_consistency + masked_weight * L_masked); SigLIP 2 gives
 1 and 0.25 for the two terms and a further factor by model size (B 0.25, L 0.5, So400m 1, g 0.5),
@@ -174,34 +176,46 @@ class SelfDistill:
 
     def loss(self, params, teacher, batch, rng):
         """(weighted loss, aux): aux holds the teacher's logits for the centre updates and the
-        two terms for metrics."""
+        two terms for metrics. A term of weight 0 is not computed (0 in aux): with
+        `masked_weight=0` the student's global views are not masked (SILC alone), with
+        `consistency_weight=0` the local crops and pooled heads are skipped (TIPS' masked
+        prediction alone), and that term's centre is left unchanged by `update`."""
         o, glob = self.opts, batch["sd_global"]
+        consistency_on, masked_on = float(o["consistency_weight"]) > 0, float(o["masked_weight"]) > 0
         b, vg = glob.shape[:2]
         flat = glob.reshape(b * vg, *glob.shape[2:])
         tp = jax.lax.stop_gradient(teacher["params"])
         _, tout = self.tower.apply({"params": tp["img"]}, flat, train=False)
-        t_cls = self.heads.apply({"params": tp["ssl"]}, tout["pre_logits"], method="pooled")
-        t_patch = self.heads.apply({"params": tp["ssl"]}, self._tokens(tout), method="patches")
-        t_cls, t_patch = jax.lax.stop_gradient(t_cls), jax.lax.stop_gradient(t_patch)
+        t_cls = t_patch = None
+        if consistency_on:
+            t_cls = jax.lax.stop_gradient(self.heads.apply({"params": tp["ssl"]}, tout["pre_logits"], method="pooled"))
+        if masked_on:
+            t_patch = jax.lax.stop_gradient(self.heads.apply({"params": tp["ssl"]}, self._tokens(tout), method="patches"))
 
         mask_rng, drop_rng = jax.random.split(rng)
-        n = t_patch.shape[1]
-        mask = random_mask(mask_rng, b * vg, n, float(o["mask_ratio"]))
         kw = dict(train=True, patch_dropout=0.0, rngs={"dropout": drop_rng})
-        _, sout = self.tower.apply({"params": params["img"]}, flat,
-                                   token_mask=(mask, params["ssl"]["mask_token"]), **kw)
-        s_cls = self.heads.apply({"params": params["ssl"]}, sout["pre_logits"], method="pooled")
-        s_patch = self.heads.apply({"params": params["ssl"]}, self._tokens(sout), method="patches")
-        views = [s_cls.reshape(b, vg, -1)]
-        if "sd_local" in batch and batch["sd_local"].shape[1]:
-            loc = batch["sd_local"]
-            _, lout = self.tower.apply({"params": params["img"]},
-                                       loc.reshape(b * loc.shape[1], *loc.shape[2:]), **kw)
-            views.append(self.heads.apply({"params": params["ssl"]}, lout["pre_logits"],
-                                          method="pooled").reshape(b, loc.shape[1], -1))
         temps = dict(student_temp=float(o["student_temp"]), teacher_temp=float(o["teacher_temp"]))
-        lc = consistency_loss(jnp.concatenate(views, axis=1), t_cls.reshape(b, vg, -1), teacher["center"], **temps)
-        lm = masked_patch_loss(s_patch, t_patch, mask, teacher["patch_center"], **temps)
+        if masked_on:
+            mask = random_mask(mask_rng, b * vg, t_patch.shape[1], float(o["mask_ratio"]))
+            _, sout = self.tower.apply({"params": params["img"]}, flat,
+                                       token_mask=(mask, params["ssl"]["mask_token"]), **kw)
+        else:
+            _, sout = self.tower.apply({"params": params["img"]}, flat, **kw)
+        zero = jnp.zeros((), jnp.float32)
+        lc = lm = zero
+        if consistency_on:
+            s_cls = self.heads.apply({"params": params["ssl"]}, sout["pre_logits"], method="pooled")
+            views = [s_cls.reshape(b, vg, -1)]
+            if "sd_local" in batch and batch["sd_local"].shape[1]:
+                loc = batch["sd_local"]
+                _, lout = self.tower.apply({"params": params["img"]},
+                                           loc.reshape(b * loc.shape[1], *loc.shape[2:]), **kw)
+                views.append(self.heads.apply({"params": params["ssl"]}, lout["pre_logits"],
+                                              method="pooled").reshape(b, loc.shape[1], -1))
+            lc = consistency_loss(jnp.concatenate(views, axis=1), t_cls.reshape(b, vg, -1), teacher["center"], **temps)
+        if masked_on:
+            s_patch = self.heads.apply({"params": params["ssl"]}, self._tokens(sout), method="patches")
+            lm = masked_patch_loss(s_patch, t_patch, mask, teacher["patch_center"], **temps)
         value = float(o["weight"]) * (float(o["consistency_weight"]) * lc + float(o["masked_weight"]) * lm)
         return value, {"t_cls": t_cls, "t_patch": t_patch, "consistency": lc, "masked": lm}
 
@@ -209,7 +223,9 @@ class SelfDistill:
         """The teacher after the optimizer step: EMA of the updated student, centres updated."""
         o = self.opts
         cm = float(o["center_momentum"])
+        def centre(old, logits):  # a term that was not computed leaves its centre as it was
+            return old if logits is None else updated_center(old, logits, cm)
         return {"params": ema(teacher["params"], student_part(new_params), float(o["momentum"])),
-                "center": updated_center(teacher["center"], aux["t_cls"], cm),
-                "patch_center": updated_center(teacher["patch_center"], aux["t_patch"], cm),
+                "center": centre(teacher["center"], aux["t_cls"]),
+                "patch_center": centre(teacher["patch_center"], aux["t_patch"]),
                 "started": jnp.ones((), bool)}
