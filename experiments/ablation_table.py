@@ -15,7 +15,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def read_run(workdir: str, steps: int, required: str) -> dict | None:
     """The run's step-`steps` evaluation (every non-train key logged at that step), its mean
-    training throughput (logged steps after the first), last loss and the step's perf/* figures;
+    training throughput (logged steps after the first), last loss and the step's perf/* figures
+    (the largest logged: peak memory per device and TFLOPs of the costliest logged step);
     None when `required` is not among them (the run has not finished)."""
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
@@ -31,9 +32,9 @@ def read_run(workdir: str, steps: int, required: str) -> dict | None:
     final["train/pairs_per_s"] = statistics.fmean(speeds) if speeds else float("nan")
     final["train/loss_last"] = [r["train/loss"] for r in rows if "train/loss" in r][-1]
     perf = [r for r in rows if "perf/memory_gb" in r]
-    if perf:
-        final["perf/memory_gb"] = perf[-1]["perf/memory_gb"]
-        final["perf/step_tflops"] = perf[-1].get("perf/step_tflops", float("nan"))
+    if perf:  # the largest over the run: a staged run's steps differ (self-distillation, NaFlex budgets)
+        final["perf/memory_gb"] = max(r["perf/memory_gb"] for r in perf)
+        final["perf/step_tflops"] = max(r.get("perf/step_tflops", float("nan")) for r in perf)
     return final
 
 

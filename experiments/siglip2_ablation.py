@@ -24,7 +24,8 @@ Columns, each the mean ± spread (max - min) over seeds: emoji category zero-sho
 image->text R@1 / R@10 (the demo's selection metric), dense-probe mIoU (foreground vs background
 from the icons' alpha, a linear probe on the image tower's patch tokens), caption NLL per token and
 the decoder's scoring classifier (CapPa) top-1 on emoji categories (rows with the decoder), training pairs/s and the step's peak memory per device (XLA's memory
-analysis) and TFLOPs. Writes experiments/results/siglip2_ablation.json and prints the table.
+analysis) and TFLOPs, each the largest the run logged (the self-distillation stage's step, the
+largest NaFlex budget among the logged steps). Writes experiments/results/siglip2_ablation.json and prints the table.
 """
 import argparse
 import os
