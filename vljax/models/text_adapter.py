@@ -22,6 +22,11 @@ TextProj's last Linear and TwoTowers' L2 normalisation its `F.normalize`. Read f
   * Init: torch's `nn.Linear` default, kernel and bias U(-1/sqrt(fan_in), 1/sqrt(fan_in)), and
     LayerNorm scale 1, bias 0 (nothing in the code re-initialises the text side); `LINEAR_INIT`
     gives the same distribution to the blocks and, with an adapter, to the tower's head.
+Deviations: the L2 normalisation is TwoTowers' z / (|z| + 1e-8), not F.normalize's
+z / max(|z|, 1e-12) (equal to float precision for any embedding of non-negligible norm); the
+adapter runs at the text tower's width (TextProj's `embedding_dim` is the LLM's, 4096, hard-coded
+in `_build_text_tower`); with `adapter_layers` = 0 nothing is added (TextProj would still apply
+its LayerNorm before the Linear).
 """
 from __future__ import annotations
 
