@@ -62,7 +62,9 @@ logit scale from 1/0.07 (the code's). The whole locked trunk runs once per disti
 stored states, LLM2CLIP's "caption embeddings are data". This file, not lit.py, because LLM2CLIP's
 point is a TRAINED vision encoder: lit.py locks its EfficientNet (whose depthwise convolutions are
 slow to train on CPU, docs/TOOLCHAIN.md), this file trains its ViT at demo speed. The exported
-workdir carries the adapter (`txt/adapter_*`); a transformers export is refused.
+workdir carries the adapter (`txt/adapter_*`); a transformers export is refused. Runtime at the
+defaults: 3-5 minutes on the 2-core CPU (190-196 s of CPU, plain clip.py 203-217 s; MiniLM is read
+and run once per caption, not per step); metrics in experiments/README.md ("LLM2CLIP").
 Deviations: (1) MiniLM (all-MiniLM-L6-v2, a BERT sentence encoder contrastively fine-tuned on
 sentence pairs) stands in for LLM2CLIP's stage-1 LLM (Llama-3 8B made a caption-contrastive encoder
 by LLM2Vec MNTP + SimCSE-style training on captions): no LLM exists here, and MiniLM's 384-wide
