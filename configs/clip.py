@@ -50,10 +50,33 @@ with one softmax loss; the text tower learns one prefix embedding per kind (`txt
 vljax.data.train_tokenizer` learned from the training captions (vljax/tokenizers/caption_bpe.py):
 the text tower's vocabulary (and a caption decoder's, configs/siglip2.py) is its size.
 
+LLM2CLIP (Huang et al. 2024, arXiv 2411.04997; vljax/models/text_adapter.py): `:llm2clip=on` trains the
+image tower against a FROZEN text encoder through a trainable adapter, as the official code
+(microsoft/LLM2CLIP llm2clip/eva_clip/model.py, `TextProj` with `use_embedding=True`) does: the text
+tower is MiniLM (`model_init txt="minilm"`, its BERT tokenizer, max_len 16 as configs/lit.py) with
+every trunk parameter locked, and `adapters=` (default 4, the code's `num_layers_text`) residual MLP
+blocks of expansion `adapter_expansion=` (default 2) + LayerNorm + the tower's head (the projection,
+with bias: `proj_bias=True`) are the only trained text parameters; softmax contrastive loss, the
+logit scale from 1/0.07 (the code's). The whole locked trunk runs once per distinct caption
+(`text_cache`, vljax/text_memo.py): each step runs the mean pooling, the adapter and the head on
+stored states, LLM2CLIP's "caption embeddings are data". This file, not lit.py, because LLM2CLIP's
+point is a TRAINED vision encoder: lit.py locks its EfficientNet (whose depthwise convolutions are
+slow to train on CPU, docs/TOOLCHAIN.md), this file trains its ViT at demo speed. The exported
+workdir carries the adapter (`txt/adapter_*`); a transformers export is refused. Runtime at the
+defaults: 3-5 minutes on the 2-core CPU (190-196 s of CPU, plain clip.py 203-217 s; MiniLM is read
+and run once per caption, not per step); metrics in experiments/README.md ("LLM2CLIP").
+Deviations: (1) MiniLM (all-MiniLM-L6-v2, a BERT sentence encoder contrastively fine-tuned on
+sentence pairs) stands in for LLM2CLIP's stage-1 LLM (Llama-3 8B made a caption-contrastive encoder
+by LLM2Vec MNTP + SimCSE-style training on captions): no LLM exists here, and MiniLM's 384-wide
+mean-pooled state takes the place of the LLM's 4096-wide one (the adapter works at the text width,
+384 -> 768 -> 384). (2) The vision tower trains from random init (this file's tiny ViT, lr 1e-3);
+LLM2CLIP fine-tunes a pretrained EVA02-CLIP at lr 1e-5 (run.sh). (3) Data: the demo's emoji and
+openclipart captions, not CC3M / CC12M with ShareCaptioner dense captions.
+
 Config arguments: img (ViT variant, default "Ti/8" at reduced width), txt (text variant), size, batch,
 steps, pd (patch dropout), tune (unmasked steps at the end, with pd), seed, queue (0: none), qm, qb,
 slip (on | off), ssl_scale, ssl_width, ssl_out, text_aug (on | off), mix ("": none), ma, mp, tok,
-prefix (on | off), prefix_eval (caption | label).
+prefix (on | off), prefix_eval (caption | label), llm2clip (on | off), adapters, adapter_expansion.
 """
 import ml_collections
 
@@ -69,10 +92,15 @@ def get_config(arg=None):
     a = config_args.parse_arg(arg, "configs/clip.py", img="tiny", txt="tiny", size=64, batch=64, steps=300,
                                pd=0.0, tune=0, seed=0, queue=0, qm=0.99, qb=1, slip="off", ssl_scale=1.0,
                                ssl_width=512, ssl_out=128, text_aug="off", mix="", ma=-1.0, mp=-1.0, tok="",
-                               prefix="off", prefix_eval="caption")
-    for key in ("slip", "text_aug", "prefix"):
+                               prefix="off", prefix_eval="caption", llm2clip="off", adapters=4,
+                               adapter_expansion=2)
+    for key in ("slip", "text_aug", "prefix", "llm2clip"):
         if a[key] not in ("on", "off"):
             raise ValueError(f"configs/clip.py: {key}={a[key]!r} is not 'on' or 'off'")
+    for key, off in (("tok", ""), ("prefix", "off"), ("txt", "tiny")):
+        if a["llm2clip"] == "on" and a[key] != off:  # the frozen MiniLM brings its own tokenizer and sizes
+            raise ValueError(f"configs/clip.py: llm2clip=on takes MiniLM as the text tower: "
+                             f"{key}={a[key]!r} cannot be combined with it")
     c = ml_collections.ConfigDict()
     c.seed = a["seed"]
     c.total_steps = a["steps"]
@@ -116,6 +144,8 @@ def get_config(arg=None):
     c.model = dict(image_model="vit", image=image, text_model="text_transformer", text=text,
                    temperature_init=1 / 0.07, bias_init=None)
     c.model_init = None
+    if a["llm2clip"] == "on":
+        with_llm2clip(c, a, embed_dim)
 
     c.loss = dict(name="softmax")
     if a["queue"]:  # vljax/momentum.py: momentum towers, queues of negatives
@@ -135,6 +165,9 @@ def get_config(arg=None):
     c.wd = 0.1
     c.grad_clip_norm = 1.0
     c.schedule = [(".*", dict(decay_type="cosine", warmup_steps=30))]
+    if a["llm2clip"] == "on":  # the frozen text encoder: only the adapter and the head train
+        c.schedule = [("txt/(adapter_[0-9]+|adapter_norm|head)/.*", c.schedule[0][1]),
+                      ("txt/.*", None)] + c.schedule
 
     if a["pd"] > 0:  # FLIP: masked for most of the run, then an unmasked tune
         c.stages = [dict(until=a["steps"] - a["tune"], patch_dropout=a["pd"])]
@@ -146,4 +179,18 @@ def get_config(arg=None):
         val_retrieval=dict(type="retrieval", data=dict(name="vljax_emoji", split="val")),
     )
     c.select_metric = "retrieval/val_retrieval/i2t_r1"
+    return c
+
+
+def with_llm2clip(c, a: dict, embed_dim: int):
+    """`llm2clip=on` (module docstring): the text tower becomes MiniLM, locked (the schedule in
+    get_config), with LLM2CLIP's adapter before its head, and its trunk run once per caption."""
+    c.tokenizer = dict(kind="bert", max_len=16)
+    c.model.text_model = "bert"
+    c.model.text = dict(vocab_size=30522, hidden_size=384, num_layers=6, num_heads=12,
+                        intermediate_size=1536, max_position_embeddings=512, type_vocab_size=2,
+                        pool_type="mean", num_classes=embed_dim, head_bias=True,
+                        adapter_layers=a["adapters"], adapter_expansion=a["adapter_expansion"])
+    c.model_init = dict(txt="minilm")
+    c.text_cache = True
     return c

@@ -31,7 +31,7 @@ from vljax.data.prefix import check as check_data_prefix
 from vljax.evaluators import EVALUATORS
 from vljax.evaluators import data as eval_data
 from vljax.losses import dcd
-from vljax.models import MODELS, TwoTowers
+from vljax.models import MODELS, TwoTowers, text_adapter
 from vljax.optim import OPTIMIZERS, make_schedule
 from vljax.tokenizers import TOKENIZERS
 
@@ -249,6 +249,22 @@ def _model(config) -> None:
                              f"(set `remat=False`, or `model.{tower}.remat` on towers that have it)")
 
 
+def _text_adapter(config) -> None:
+    """LLM2CLIP's adapter (`model.text.adapter_layers`, vljax/models/text_adapter.py): its fields,
+    the head it ends in, and no token-level loss (the head then reads the adapter's output, which
+    no token has). A text tower without the fields was refused above (unknown key)."""
+    text = config.model.text
+    layers = text.get("adapter_layers", 0)
+    text_adapter.check(layers, text.get("adapter_expansion", 2), text.get("num_classes", 0),
+                       config.model.text_model)
+    if layers and config.get("loss"):
+        if "txt/tokens_proj" in objective.spec(config.loss).inputs:
+            raise ValueError(f"config key `loss.name`: {config.loss.name!r} takes the text tower's "
+                             f"projected tokens (txt/tokens_proj), which `model.text.adapter_layers` "
+                             f"= {layers} leaves without a projection (the head reads the adapter's "
+                             "pooled output); set adapter_layers=0 or another loss")
+
+
 def _model_init(cfg) -> None:
     if not cfg:
         return
@@ -351,6 +367,8 @@ def validate(config) -> None:
     init_from.check_exclusive(config)
     _model_init(config.get("model_init"))
     _loss(config.loss)
+    if config.get("model"):
+        _text_adapter(config)
     dcd.check_config(config)  # loss.k against input.batch_size
     label_shards.axis(config)  # loss.label_axis: an axis of config.mesh
     _optax(config.optax)

@@ -275,8 +275,9 @@ def export(bundle: Bundle, out_dir, arch: str | None = None) -> None:
     (squash resize with the spec's resample). arch: "clip" | "siglip" | "siglip2" (default:
     "siglip2" for NaFlex, "siglip" for sigmoid models, else "clip"). Refused before anything is
     written, naming the keys: a tokenizer the directory would not reproduce (e.g. big_vision's
-    rule, which no transformers tokenizer applies), or a text tower with Prefix Conditioning
-    (`model.text.prefix_conditioning`: no transformers slot for its prefix). A caption decoder is left out
+    rule, which no transformers tokenizer applies), a text tower with Prefix Conditioning
+    (`model.text.prefix_conditioning`: no transformers slot for its prefix) or with LLM2CLIP's
+    adapter (`model.text.adapter_layers`: transformers projects with one Linear). A caption decoder is left out
     (`encoder_only`): the exported model is the two encoders."""
     # Imported on use: to_hf imports transformers (about 2 s), which loading a model never needs.
     from vljax.convert import to_hf  # noqa: PLC0415
@@ -287,6 +288,12 @@ def export(bundle: Bundle, out_dir, arch: str | None = None) -> None:
                          "conditioning (config key `model.text.prefix_conditioning`, "
                          "txt/prefix_embedding); use the vljax workdir itself (`python -m "
                          "vljax.inference --model=WORKDIR` embeds texts with its eval prefix)")
+    if (bundle.spec["model"].get("text") or {}).get("adapter_layers"):
+        # transformers' CLIP / SigLIP text towers project the pooled state with one Linear
+        raise ValueError(f"{out_dir}: a transformers directory cannot hold the text tower's LLM2CLIP "
+                         "adapter (config key `model.text.adapter_layers`, txt/adapter_*, "
+                         "txt/adapter_norm); use the vljax workdir itself (`vljax.factory.load`, "
+                         "`python -m vljax.inference --model=WORKDIR`)")
     arch = arch or ("siglip2" if bundle.naflex else "siglip" if bundle.sigmoid else "clip")
     tok = bundle.spec["tokenizer"]
     out = epath.Path(out_dir)

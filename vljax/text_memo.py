@@ -10,6 +10,13 @@ evaluation's class prompts and captions) runs only the blocks above them
 this removes k/depth of the text tower's forward pass from every step; on a web-scale stream,
 where a caption is rarely seen twice, it saves nothing: leave it off there.
 
+With every block locked (k = depth; LLM2CLIP's frozen text encoder, configs/clip.py llm2clip=on)
+the memo holds each text's final token states, and a step runs only what is above the trunk:
+the pooling (BERT's mean over real tokens; a TextTransformer's final norm first), the trainable
+adapter (`adapter_{i}`, `adapter_norm`) and the head. That is LLM2CLIP's "caption embeddings are
+data" up to the pooling, a few flops a token, which stays in the step: the memo keeps [L, W] a
+text, not [W].
+
 Misses are computed on this process's devices only (each process memoises the rows it reads, so
 processes never need to agree on a shape), from a host copy of the locked parameters taken once, in
 chunks of `chunk` rows, the last one padded to the smallest of chunk, chunk / 2, ... (at least 8 rows
@@ -32,7 +39,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from vljax.models.two_towers import TwoTowers
 
 _BLOCK = re.compile(r"^txt/(?:Encoder_0/)?encoderblock_(\d+)/")
-_ABOVE = re.compile(r"^txt/(?:Encoder_0/encoder_norm|MAPHead_0|pooler|head)/")
+# What runs above the blocks: final norm, pooling, LLM2CLIP's adapter (vljax/models/text_adapter.py), head.
+_ABOVE = re.compile(r"^txt/(?:Encoder_0/encoder_norm|MAPHead_0|pooler|adapter_\d+|adapter_norm|head)/")
 
 
 def locked_text_blocks(spec: dict, trainable_mask) -> int:

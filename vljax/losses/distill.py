@@ -35,10 +35,10 @@ compares B x B similarity distributions and works at any widths.
 Not built: the paper's gradient (GD), masked-feature (MFD) and fusion (AFD) terms (they need the
 teacher to run on the student's masked / augmented views, or fusion parameters), DC-CLIP (its
 equations were not read here; Dynamic Contrastive Distillation is vljax/losses/dcd.py, from its
-official code), and an LLM2CLIP-style
-frozen text teacher (the stored text embeddings as the student's text side would train the image
-tower against them, but a model scored with its own untrained text tower at evaluation is not one:
-the exported bundle would have to carry the teacher's text tower, a factory change).
+official code). An LLM2CLIP-style frozen text teacher is not a loss here but a model: the text
+tower itself is the frozen encoder (its trunk locked and run once per caption, vljax/text_memo.py)
+with a trainable adapter before its head (vljax/models/text_adapter.py), so the exported bundle
+scores with the teacher's text side; configs/clip.py:llm2clip=on.
 """
 from __future__ import annotations
 

@@ -9,6 +9,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from vljax.models import text_adapter
 from vljax.models.common import split_range
 from vljax.models.text import check_prefix_ids, conditioning_prefix
 
@@ -50,7 +51,10 @@ class Bert(nn.Module):
     pool_type: "mean" (over real tokens; sentence-transformers' pooling), "cls" (BERT's
     pooler: tanh(Dense(first token))), or "first" (the first token's state as is).
     num_classes > 0 adds a Dense "head" (the projection in a two-tower model).
-    out: "tokens" [B, L, W] final states, "mask" [B, L] bool, "pre_logits" [B, W],
+    adapter_layers > 0 puts LLM2CLIP's adapter (vljax/models/text_adapter.py: residual MLP
+    blocks of `adapter_expansion`, then a LayerNorm) between the pooled features and the head.
+    out: "tokens" [B, L, W] final states, "mask" [B, L] bool, "pre_logits" [B, W] (the pooled
+    features; with an adapter, its input), "adapted" [B, W] (the adapter's output, with one),
     "logits" [B, num_classes] when there is a head.
     """
 
@@ -72,6 +76,8 @@ class Bert(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
+    adapter_layers: int = 0  # LLM2CLIP's TextProj blocks before the head (0: none)
+    adapter_expansion: int = 2
     prefix_conditioning: bool = False  # Prefix Conditioning: as TextTransformer's (vljax/models/text.py)
     prefix_at_eval: str = "caption"
 
@@ -99,6 +105,7 @@ class Bert(nn.Module):
                              f"{self.max_position_embeddings}")
         if self.pool_type not in POOL_TYPES:
             raise ValueError(f"pool_type {self.pool_type!r} not in {POOL_TYPES}")
+        text_adapter.check(self.adapter_layers, self.adapter_expansion, self.num_classes, "bert")
         start, stop = split_range(self.num_layers, prefix, stop_after, lower)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         mask = tokens != self.pad_id
@@ -140,10 +147,14 @@ class Bert(nn.Module):
         else:
             x = x[:, 0]
         out["pre_logits"] = x
+        if self.adapter_layers:
+            x = out["adapted"] = text_adapter.adapt(x, self.adapter_layers, self.adapter_expansion,
+                                                    self.dtype, self.param_dtype)
 
         if self.num_classes:
             x = out["logits"] = nn.Dense(
-                self.num_classes, use_bias=self.head_bias, name="head", **kw)(x)
+                self.num_classes, use_bias=self.head_bias, name="head", **kw,
+                **text_adapter.head_init(self.adapter_layers, x.shape[-1]))(x)
         if self.normalize:
             x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
         return x, out

@@ -5,6 +5,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from vljax.models import text_adapter
 from vljax.models.common import Encoder, MAPHead, split_range
 from vljax.models.vit import decode_variant
 
@@ -73,6 +74,10 @@ class TextTransformer(nn.Module):
       with. The paper's placement of the token was not readable here (only its abstract): after
       the start token is our choice; CLIP's causal mask lets every later position see it. The
       text then takes L + 1 positions (max_len must allow it). Off: the tower is unchanged.
+    adapter_layers > 0: LLM2CLIP's adapter (vljax/models/text_adapter.py: residual MLP blocks of
+      `adapter_expansion`, then a LayerNorm) between the pooled features and the head;
+      out["pre_logits"] stays the pooled features (the adapter's input), out["adapted"] is its
+      output. 0: the tower is unchanged.
     """
     variant: str | None = None
     width: int | None = None
@@ -96,6 +101,8 @@ class TextTransformer(nn.Module):
     param_dtype: Dtype = jnp.float32
     prefix_conditioning: bool = False
     prefix_at_eval: str = "caption"
+    adapter_layers: int = 0
+    adapter_expansion: int = 2
 
     def config(self) -> dict:
         """Resolved sizes; without a variant: CLIP's text tower (width 512, depth 12, 8 heads)."""
@@ -135,6 +142,8 @@ class TextTransformer(nn.Module):
             raise ValueError(f"TextTransformer expects token ids [B, L], got shape {tokens.shape}")
         b, seq_len = tokens.shape
         check_prefix_ids(self, prefix_ids, lower)
+        text_adapter.check(self.adapter_layers, self.adapter_expansion, self.num_classes,
+                           "text_transformer")
         num_prefix = (0 if prefix is None else prefix.shape[1]) + int(self.prefix_conditioning)
         if seq_len + num_prefix > self.max_len:
             raise ValueError(f"Text length {seq_len} (+ {num_prefix} prefix) exceeds "
@@ -200,9 +209,13 @@ class TextTransformer(nn.Module):
                         ln_eps=self.ln_eps, dtype=self.dtype, param_dtype=self.param_dtype,
                         name="MAPHead_0")(x)
         out["pre_logits"] = x
+        if self.adapter_layers:
+            x = out["adapted"] = text_adapter.adapt(x, self.adapter_layers, self.adapter_expansion,
+                                                    self.dtype, self.param_dtype)
 
         if self.num_classes:
             x = out["logits"] = nn.Dense(self.num_classes, use_bias=self.head_bias,
                                          dtype=self.dtype, param_dtype=self.param_dtype,
-                                         name="head")(x)
+                                         name="head",
+                                         **text_adapter.head_init(self.adapter_layers, x.shape[-1]))(x)
         return x, out

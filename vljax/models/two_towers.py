@@ -67,7 +67,8 @@ class TwoTowers(nn.Module):
         out["t"] = exp(t), out["b"] (when there is a bias), out["img/<k>"] / out["txt/<k>"] for
         every entry of the towers' out dicts (tokens, pre_logits, mask, ...), and
         out["img/tokens_proj"] / out["txt/tokens_proj"] [B, N, D]: the tokens through the tower's
-        head, per-token L2-normalised (FILIP's late interaction; None without a head).
+        head, per-token L2-normalised (FILIP's late interaction; None without a head, and for a
+        text tower with an adapter, `model.text.adapter_layers`).
         """
         out = {}
         zimg = ztxt = None
@@ -87,7 +88,10 @@ class TwoTowers(nn.Module):
                 kw["prefix_ids"] = text_prefix_ids
             ztxt, out_txt = tower(texts, train=train, **kw)
             out.update({f"txt/{k}": v for k, v in out_txt.items()})
-            out["txt/tokens_proj"] = _project_tokens(tower, out_txt["tokens"])
+            # With LLM2CLIP's adapter the head reads the adapter's output, not a token's state:
+            # no token projection (config_check refuses token-level losses with an adapter).
+            out["txt/tokens_proj"] = (None if (self.text or {}).get("adapter_layers")
+                                      else _project_tokens(tower, out_txt["tokens"]))
             ztxt = _l2_normalize(ztxt)
         if self.decoder is not None and images is not None and texts is not None:
             out.update(self._decode(out, texts, train))
