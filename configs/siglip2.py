@@ -28,6 +28,10 @@ loss (caption_weight 1). At that vocabulary the decoder's output projection is [
 sentencepiece model (`kind="sentencepiece"`, max_len 64, `model.text.vocab_size` and
 `model.decoder.vocab_size` / `pad_id` to match), TFDS data, `mesh=[("data", -1), ("fsdp", 16)]`,
 `sharding_rules=[(".*", "fsdp")]`, `dtype="bfloat16"`, `remat=True`.
+What each part costs at that setting (XLA's FLOPs and memory per device of the compiled step, for
+the baseline, the decoder at 256k and 32k vocabularies, each self-distillation term, the full
+recipe and the NaFlex stage): the SigLIP 2 table of experiments/README.md, "Cost of a training
+step" (experiments/bench_step_cost.py, parts `siglip2:*`).
 Self-distillation (`sd=on`, vljax/teacher.py): SILC's local-to-global consistency and TIPS'
 masked prediction (`sd=consistency` or `sd=masked`: that term alone) with an EMA teacher, switched on by `config.stages` for the last 20% of the
 steps (SigLIP 2, Sec. 2.3), the teacher copied from the student there; loss weights 1 (consistency)

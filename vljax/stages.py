@@ -112,6 +112,14 @@ def at(stages: list[Stage], step: int) -> Stage:
     return stages[-1]
 
 
+def model_for(model, stage: Stage):
+    """The model as `stage` trains it (its patch dropout, if the stage sets one); the same
+    parameters. `model`: a TwoTowers (the trainer's, `train.Trainer.stage_model`)."""
+    if stage.patch_dropout is None:
+        return model
+    return model.clone(image={**(model.image or {}), "patch_dropout": stage.patch_dropout})
+
+
 def changes_image_size(config) -> bool:
     return any(s.image_size != config.input.image_size for s in parse(config))
 

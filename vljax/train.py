@@ -196,9 +196,7 @@ class Trainer:
 
     def stage_model(self, stage: stages.Stage) -> TwoTowers:
         """The model as the stage trains it (its patch dropout); the same parameters."""
-        if stage.patch_dropout is None:
-            return self.model
-        return self.model.clone(image={**(self.model.image or {}), "patch_dropout": stage.patch_dropout})
+        return stages.model_for(self.model, stage)
 
     # -- evaluation -------------------------------------------------------------------------------
     def evaluators(self):
