@@ -53,6 +53,20 @@ def recorded_runs(path: str, **settings) -> dict[tuple[str, int], dict]:
             for seed, run in zip(seeds, runs)}
 
 
+def workdir_with_shared_store(root: str, name: str) -> str:
+    """`<root>/<name>`, its LiT feature store (`features`) a link to the shared `<root>/features`:
+    runs with the same locked trunk and data share one store (its fingerprint is the same), so only
+    the first run writes it."""
+    workdir = os.path.join(root, name)
+    os.makedirs(workdir, exist_ok=True)
+    shared = os.path.join(root, "features")
+    os.makedirs(shared, exist_ok=True)
+    link = os.path.join(workdir, "features")
+    if not os.path.lexists(link):
+        os.symlink(shared, link)
+    return workdir
+
+
 def run_main(name: str, config_arg: str, workdir: str, steps: int, required: str) -> dict:
     """`python -m vljax.main --config=<config_arg> --workdir=<workdir>` unless it finished before
     (then its metrics are read back); exits naming the run when it fails."""

@@ -49,13 +49,7 @@ def _digits(key, scale):
 
 def run(loss: str, seed: int, root: str, steps: int) -> dict:
     """One row's run in `<root>/<loss>_<seed>`, its LiT feature store linked to the shared one."""
-    workdir = os.path.join(root, f"{loss}_{seed}")
-    os.makedirs(workdir, exist_ok=True)
-    shared = os.path.join(root, "features")
-    os.makedirs(shared, exist_ok=True)
-    link = os.path.join(workdir, "features")
-    if not os.path.lexists(link):
-        os.symlink(shared, link)
+    workdir = ablation_table.workdir_with_shared_store(root, f"{loss}_{seed}")
     out = ablation_table.run_main(f"{loss} seed {seed}", f"configs/lit_ablation.py:loss={loss},seed={seed},steps={steps}",
                                   workdir, steps, "zeroshot/fashion_mnist/top1")
     print(f"[ablation] {loss} seed {seed}: FMNIST {100 * out['zeroshot/fashion_mnist/top1']:.1f}%, val R@1 "

@@ -74,13 +74,7 @@ def parse_rows(text: str) -> list[tuple[str, float]]:
 
 def run(loss: str, hide: float, seed: int, root: str, steps: int) -> dict:
     """One run in `<root>/<loss>_<hide>_<seed>`, its LiT feature store linked to the shared one."""
-    workdir = os.path.join(root, f"{loss}_{hide:g}_{seed}")
-    os.makedirs(workdir, exist_ok=True)
-    shared = os.path.join(root, "features")
-    os.makedirs(shared, exist_ok=True)
-    link = os.path.join(workdir, "features")
-    if not os.path.lexists(link):
-        os.symlink(shared, link)
+    workdir = ablation_table.workdir_with_shared_store(root, f"{loss}_{hide:g}_{seed}")
     arg = f"{LOSSES[loss]},hide={hide:g},hide_seed={seed},seed={seed},steps={steps}"
     return ablation_table.run_main(f"{loss}:{hide:g} seed {seed}", f"configs/lit_multilabel.py:{arg}",
                                    workdir, steps, "multilabel/emoji_tags/mAP")

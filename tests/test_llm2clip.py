@@ -4,7 +4,6 @@ llm2clip/eva_clip/model.py), the locked text trunk of configs/clip.py:llm2clip=o
 step, its config checks, and the recipe through `python -m vljax.main`."""
 import math
 import os
-import subprocess
 import sys
 
 import jax
@@ -14,8 +13,8 @@ import pytest
 from flax import traverse_util
 from scipy.special import erf
 
-from helpers import REPO, finite_differences, make_shapes_manifest
-from vljax import config_check, factory, metrics, train
+from helpers import REPO, finite_differences, losses_of, make_shapes_manifest, run_main
+from vljax import config_check, factory, train
 from vljax.data import sources, tfds_writer
 from vljax.inference import Predictor
 from vljax.models.bert import Bert
@@ -243,12 +242,9 @@ def test_llm2clip_config_through_main(tmp_path):
         pytest.skip("demo sets not built: python3 -m vljax.data.build_demo")
     cfg = tmp_path / "llm2clip.py"
     cfg.write_text(_MAIN_CONFIG.format(configs=os.path.join(REPO, "configs")))
-    env = {**os.environ, "PYTHONPATH": REPO, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     wd = tmp_path / "wd"
-    proc = subprocess.run([sys.executable, "-m", "vljax.main", f"--config={cfg}", f"--workdir={wd}"],
-                          cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    losses = [r["train/loss"] for r in metrics.read_metrics(str(wd / "metrics.jsonl")) if "train/loss" in r]
+    run_main(cfg, wd, devices=2)
+    losses = losses_of(wd)
     assert len(losses) == 40 and np.all(np.isfinite(losses))
     assert np.mean(losses[-8:]) < np.mean(losses[:8]) - 0.3, losses
     assert np.mean(losses[-8:]) < np.log(32) - 0.2, losses  # below chance at batch 32

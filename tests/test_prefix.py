@@ -3,7 +3,6 @@ the batch field from the source entry (vljax/data/prefix.py), the config check, 
 configs/clip.py:prefix=on trained through `python -m vljax.main`."""
 import json
 import os
-import subprocess
 import sys
 
 import jax
@@ -11,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import REPO, make_shapes_manifest
-from vljax import config_check, factory, metrics
+from helpers import REPO, losses_of, make_shapes_manifest, run_main
+from vljax import config_check, factory
 from vljax.data import pipeline, sources, tfds_writer
 from vljax.inference import Predictor
 from vljax.models.bert import Bert
@@ -187,12 +186,9 @@ def test_clip_prefix_config_through_main(tmp_path):
         pytest.skip("demo sets not built: python3 -m vljax.data.build_demo")
     cfg = tmp_path / "prefix.py"
     cfg.write_text(_MAIN_CONFIG.format(configs=os.path.join(REPO, "configs")))
-    env = {**os.environ, "PYTHONPATH": REPO, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     wd = tmp_path / "wd"
-    proc = subprocess.run([sys.executable, "-m", "vljax.main", f"--config={cfg}", f"--workdir={wd}"],
-                          cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    losses = [r["train/loss"] for r in metrics.read_metrics(str(wd / "metrics.jsonl")) if "train/loss" in r]
+    run_main(cfg, wd, devices=2)
+    losses = losses_of(wd)
     assert len(losses) == 4 and np.all(np.isfinite(losses))
     pred = Predictor.load(str(wd))  # the latest checkpoint (step 4)
     early = factory.load(str(wd), step=2)
