@@ -186,8 +186,8 @@ def analytic_flops(params, n_img, n_txt, batch, embed_dim, sd=None) -> dict:
     self-distillation stage: dict of global_views, global_tokens, local_views, local_tokens),
     the student's image tower on every view (3x; the projection head left out: nothing reads it),
     the two heads (pooled head on every view's pooled features, patch head on the global views'
-    tokens; 3x), and the EMA teacher's forward only (1x: no gradient) on the global views with
-    both heads. No optimizer, EMA, norms, softmax or elementwise work (the self-distillation
+    tokens; 3x; a head whose term has weight 0 is not run, vljax/teacher.py), and the EMA teacher's
+    forward only (1x: no gradient) on the global views with the heads in use. No optimizer, EMA, norms, softmax or elementwise work (the self-distillation
     losses' cross-entropies over the prototypes are elementwise: B Vg (Vg + Vl) K and B Vg N Kp,
     about 1 GFLOP here). `params`: the flat abstract tree; n_img, n_txt: tokens per example."""
     img_mm, img_att = _forward(params, "img", n_img)
@@ -202,6 +202,7 @@ def analytic_flops(params, n_img, n_txt, batch, embed_dim, sd=None) -> dict:
         g = sum(_forward(params, "img", ng, pooled=False))
         loc = sum(_forward(params, "img", nl, pooled=False)) if vl else 0
         pooled, patch = 2 * _head_size(params, "pooled_head"), 2 * _head_size(params, "patch_head")
+        pooled, patch = pooled * sd["consistency"], patch * sd["masked"]  # a term of weight 0 is skipped
         out["sd_student"] = 3 * batch * (vg * g + vl * loc)
         out["sd_heads"] = 3 * batch * (pooled * (vg + vl) + patch * vg * ng)
         out["sd_teacher"] = batch * vg * (g + pooled + patch * ng)
@@ -214,10 +215,12 @@ def sd_views(config, stage, model) -> dict | None:
     input's multi-crop entry of `Trainer.make_input`): their sizes, counts and patch tokens."""
     if not stage.self_distill:
         return None
-    crop = teacher.multi_crop(teacher.options(config), stage.image_size, model)
+    opts = teacher.options(config)
+    crop = teacher.multi_crop(opts, stage.image_size, model)
     patch = teacher.image_tower(model, config.input.image_size).config()["patch_size"][0]
     return {**crop, "global_tokens": (crop["global_size"] // patch) ** 2,
-            "local_tokens": (crop["local_size"] // patch) ** 2}
+            "local_tokens": (crop["local_size"] // patch) ** 2,
+            "consistency": float(opts["consistency_weight"]) > 0, "masked": float(opts["masked_weight"]) > 0}
 
 
 def abstract_batch(config, stage, model, batch_sh, naflex_budget) -> dict:
