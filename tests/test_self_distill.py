@@ -344,6 +344,7 @@ def test_main_trains_configs_siglip2_with_self_distillation(tmp_path):
     assert all(r["train/sd_consistency"] > 0 and r["train/sd_masked"] > 0 for r in sd), sd
 
 
+@pytest.mark.slow  # three eager passes of a tiny ViT with both heads: ~20 s of CPU
 def test_a_term_of_weight_zero_is_skipped_and_the_other_is_unchanged(manifest):
     """The ablation's single-term rows (configs/siglip2.py sd=consistency / sd=masked): with
     `masked_weight=0` the value is SILC's consistency on UNMASKED student views (a reference built
