@@ -55,7 +55,9 @@ def test_from_bundle_embeds_as_the_bundle_spec_says():
     assert (emb.image_size, emb.value_range, emb.similarity, emb.batch_size) == (SIZE, VALUE_RANGE, "global", 6)
     for a, b in zip(_embed(model, params, tok, mesh), (emb.embed_images(SyntheticSource(12)).z,
                                                        emb.embed_texts(["a", "bb", "ccc"]))):
-        np.testing.assert_array_equal(a, b)  # batch 6 or 8: the same embeddings
+        # Batch 6 or 8: the same embeddings, up to the last bits: the two batch sizes compile to
+        # different XLA kernels, which round differently on some CPUs (1.9e-7 seen with AVX-512).
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_tower_cache_is_owned_and_keeps_the_most_recent():
