@@ -125,8 +125,9 @@ def test_boxes_follow_the_random_crop_and_the_image_is_unchanged(tmp_path):
 
 def test_collate_builds_the_rows_and_nothing_without_the_feature(tmp_path):
     record = _record(str(tmp_path))
-    tok = lambda texts: np.array([[1] + [3 + len(w) for w in t.split()][:4] + [2] + [0] * (8 - min(4, len(t.split())) - 2)
-                                  for t in texts], np.int32)  # noqa: E731  (a toy tokenizer, L = 8)
+    def tok(texts):  # a toy tokenizer, L = 8: <start>, one id per word (3 + its length), <end>, pad 0
+        rows = [[1] + [3 + len(w) for w in t.split()][:5] + [2] for t in texts]
+        return np.array([r + [0] * (8 - len(r)) for r in rows], np.int32)
     spec = L.Locca(vocab_offset=100, bins=16, tasks=(0.0, 0.0, 1.0))
     kw = dict(image_size=32, value_range=(-1.0, 1.0), crop_scale=None)
     exs = [Preprocess(**kw, locca=spec)(record, np.random.default_rng(s)) for s in range(2)]

@@ -3,16 +3,21 @@ Location-aware Captioners", arXiv 2403.19596), as SigLIP 2 trains its decoder (T
 2025, Sec. 2.2: LocCa's tasks "when boxes are in the data").
 
 LocCa trains one captioner (image encoder + cross-attending decoder) on three tasks through the
-same text interface (its Fig. 1 / abstract; the method section itself was not readable here, only
-excerpts, so the details below are our reading and named as choices):
+same text interface. What we could read of the paper here (search excerpts of arXiv 2403.19596
+v1/v2: the abstract and Fig. 1's caption, and a NeurIPS 2024 review's summary; the method section
+itself was not reachable, so the details below are our reading and named as choices):
   * Cap: the image's caption;
-  * ARef (automatic referring expression): given a region's caption, predict its box;
-  * GCap (grounded captioning): given a region's box, predict its caption.
+  * ARef (automatic referring expression): bounding-box prediction from a region's caption;
+  * GCap (grounded captioning): the region's caption from its box (the review summarises GCap as
+    "joint box and caption prediction": LocCa may count the box tokens in GCap's loss too; here
+    the box is GCap's prompt only, as the issue words the task).
 A record may carry `regions`: a list of (box [ymin, xmin, ymax, xmax] in [0, 1] of the image,
 region caption). Per example, in the input workers, with the example's rng (grain's random_map
 seeds it by the example's index, as every per-example draw of vljax/data/preprocess.py):
-  1. the boxes follow the image's crop and resize (`crop_rect`, `follow_crop`): a box is clipped
-     to the crop and dropped when nothing of it is left;
+  1. the boxes follow the image's crop and resize (`Preprocess._crop_regions`: the random resized
+     crop's own draw, or `center_crop_rect`; then `follow_crop`): a box is clipped to the crop
+     (its visible part) and dropped when nothing of it is left (our choice; random crops are
+     allowed, not refused);
   2. a task is drawn with probabilities `tasks` = (Cap, ARef, GCap) (default equal thirds: our
      reading of LocCa's mix) -- Cap when no region survives -- and, for ARef / GCap, one region
      uniformly;
@@ -23,9 +28,10 @@ seeds it by the example's index, as every per-example draw of vljax/data/preproc
      where c / c_r are the tokenizer's ids of the caption / region caption (its own start and end
      tokens included, padding removed). The prompt part is a target of nothing: the model reads
      it by teacher forcing and the loss mask (`dec_target`) leaves it out.
-Box tokens: PaliGemma's location tokens (Beyer et al. 2024; big_vision `proj/paligemma`: 1024
-`<locXXXX>` bins, order ymin, xmin, ymax, xmax): `bins` extra ids after the text vocabulary,
-coordinate v -> bin floor(v * bins) (clipped to bins - 1), decoded to the bin's centre, so a
+Box tokens: PaliGemma's location tokens (Beyer et al. 2024, arXiv 2407.07726; as public PaliGemma
+tooling describes them -- big_vision's own `proj/paligemma` files were not read here: 1024
+`<loc0000>`..`<loc1023>` bins, order ymin, xmin, ymax, xmax): `bins` extra ids after the text
+vocabulary, coordinate v -> bin floor(v * bins) (clipped to bins - 1), decoded to the bin's centre, so a
 round trip is off by at most half a bin. The two task tokens follow the bins. The decoder's
 vocabulary is thus `vocab_offset + bins + 2` (configs/siglip2.py sets it).
 
@@ -36,6 +42,8 @@ region per example and one task per example (LocCa may pack several regions into
 ARef / GCap rows are always read autoregressively (parallel prediction would hide the prompt),
 Cap rows keep CapPa's parallel fraction. Batch fields: "dec_tokens" int32 [B, L], "dec_target"
 bool [B, L] (the loss's positions), "dec_task" int32 [B] (0 Cap, 1 ARef, 2 GCap).
+Regions come from jsonl records only (`"regions"`); the demo's emoji / openclipart sets have none
+(a whole-object region from their alpha channel is not built).
 """
 from __future__ import annotations
 
