@@ -61,8 +61,14 @@ size and tokenizer. The paper's setting as far as we could read it (its abstract
 summaries; Sec. 2.5 itself we could not read, so unverified): ACID for the B-sized models only,
 the teacher a large SigLIP 2 model (So400m) fine-tuned on curated data, filter ratio 0.5 (our
 default, ACID's default as we recall it); ACED's explicit KD term is not implemented here.
-Not here yet (issue 24): LocCa's referring-expression and grounded-captioning targets (they need
-boxes; the demo data has none).
+LocCa's location-aware tasks (`locca=on`, default off; vljax/data/locca.py): where the records
+carry regions (a jsonl source's `"regions": [{"box": [ymin, xmin, ymax, xmax], "caption": ...}]`),
+each example's decoder row is drawn among Cap (the caption), ARef (region caption -> its box) and
+GCap (box -> region caption), equal thirds; boxes follow the random crop and are `bins` (default
+1024, PaliGemma's) location tokens after the text vocabulary (the decoder's vocabulary grows by
+bins + 2); the loss is the same cross-entropy on each row's target tokens (`loss.name =
+"sigmoid_locca"`, which logs train/locca_cap, train/locca_aref, train/locca_gcap). The demo data
+has no boxes: with `locca=on` on it every row is Cap (nothing changes but the vocabulary).
 
 Demo (2-core CPU): the tiny towers of configs/clip.py (width 128, 4 layers), a 2-layer decoder at
 width 128, the CLIP tokenizer (vocabulary 49408, pad id 0), 300 steps at batch 64 on the emoji +
@@ -78,7 +84,8 @@ Config arguments: decoder (on | off), cw (caption_weight, default 1.0), pp (para
 default 0.5), sd (on | off | consistency | masked: self-distillation and masked prediction, or one
 of the two alone; default on), sdw (their weight, default 1.0), local (local crops, default 8),
 naflex (on | off, default off; on needs sd=off), acid (the ACID teacher's path, default off),
-acid_ratio (its filter ratio, default 0.5), and configs/clip.py's (img, txt, size, batch, steps,
+acid_ratio (its filter ratio, default 0.5), locca (on | off, default off: LocCa's ARef / GCap
+on the data's regions), bins (its box bins, default 1024), and configs/clip.py's (img, txt, size, batch, steps,
 pd, tune, seed, tok, ...).
 """
 import importlib.util
@@ -93,7 +100,7 @@ siglip = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(siglip)
 
 _OWN = dict(decoder="on", cw=1.0, pp=0.5, sd="on", sdw=1.0, local=8, naflex="off", acid="",
-            acid_ratio=0.5)
+            acid_ratio=0.5, locca="off", bins=1024)
 # SigLIP 2 (Sec. 2.4.2): the NaFlex stage's sequence lengths, for a 16 x 16 position grid.
 PAPER_BUDGETS = (128, 256, 576, 784, 1024)
 # NaFlexViT's keys among the fixed-resolution ViT's (ln_pre, patch_bias, posemb have none).
@@ -111,6 +118,10 @@ def get_config(arg=None):
         raise ValueError(f"configs/siglip2.py: sd={a['sd']!r}; use sd=on, off, consistency or masked")
     if a["naflex"] not in ("on", "off"):
         raise ValueError(f"configs/siglip2.py: naflex={a['naflex']!r}; use naflex=on or naflex=off")
+    if a["locca"] not in ("on", "off"):
+        raise ValueError(f"configs/siglip2.py: locca={a['locca']!r}; use locca=on or locca=off")
+    if a["locca"] == "on" and a["decoder"] != "on":
+        raise ValueError("configs/siglip2.py: locca=on trains the caption decoder: needs decoder=on")
     if a["naflex"] == "on" and a["sd"] != "off":
         raise ValueError("configs/siglip2.py: naflex=on needs sd=off (the self-distillation "
                          "views are fixed-size crops; vljax/teacher.py refuses a NaFlex tower)")
@@ -147,6 +158,11 @@ def get_config(arg=None):
         num_heads=sizes["num_heads"], vocab_size=text.vocab_size, max_len=c.tokenizer.max_len,
         pad_id=text.pad_id, parallel_fraction=a["pp"], act=text.act, ln_eps=text.ln_eps)
     c.loss = dict(name="sigmoid_caption", impl="ring", caption_weight=a["cw"])
+    if a["locca"] == "on":  # LocCa's ARef / GCap rows where the records have regions
+        c.input.locca = dict(vocab_offset=text.vocab_size, bins=a["bins"], tasks=(1 / 3, 1 / 3, 1 / 3),
+                             pad_id=text.pad_id)
+        c.model.decoder.vocab_size = text.vocab_size + a["bins"] + 2  # box bins, <aref>, <gcap>
+        c.loss.name = "sigmoid_locca"
     return c
 
 

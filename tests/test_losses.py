@@ -530,7 +530,7 @@ def test_losses_registry():
         "dcl": losses.dcl_loss, "dclw": losses.dclw_loss, "cwcl": losses.cwcl_loss,
         "multi_positive": losses.multi_positive_contrastive, "filip": losses.filip_loss,
         "multilabel": losses.multilabel_loss, "caption": losses.caption_loss,
-        "sigmoid_caption": losses.sigmoid_caption_loss,
+        "sigmoid_caption": losses.sigmoid_caption_loss, "sigmoid_locca": losses.sigmoid_caption_loss,
         "hard_negative_softmax": losses.hard_negative_softmax, "hard_negative_sigmoid": losses.hard_negative_sigmoid,
         "pu_mlc": partial_labels.pu_mlc_loss, "nnpu": partial_labels.nnpu_loss, "dexml": dexml.dexml_loss,
         "comic": partial_labels.comic_loss, "clip_kd": distill.clip_kd, "dcd": dcd.dcd_loss,

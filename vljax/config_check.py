@@ -109,6 +109,8 @@ _INPUT = {
     "text_aug": (False, (dict, type(None))),  # vljax/data/text_aug.py
     # DreamLIP's sub-captions (vljax/data/subcaptions.py `SubCaptions` kwargs: num, merged).
     "subcaptions": (False, (dict, type(None))),
+    # LocCa's decoder tasks on the records' regions (vljax/data/locca.py `Locca` kwargs).
+    "locca": (False, (dict, type(None))),
 }
 _AUGMENT = {
     "random_resized_crop": (False, (list, tuple, type(None))),
@@ -386,6 +388,47 @@ def validate(config) -> None:
     check_data_prefix(config)  # Prefix Conditioning: input.data[i].prefix / label_prompts
     validate_evals(config.get("evals"))
     _decoder_evals(config)
+    _locca(config)
+
+
+def _locca(config) -> None:
+    """input.locca (LocCa's ARef / GCap rows, vljax/data/locca.py) needs a caption decoder whose
+    vocabulary holds the box and task tokens after the text ids, images (not stored features)
+    whose crop the boxes follow, and no batch mixing or selection that would part rows from
+    their boxes; loss `sigmoid_locca` logs its tasks and needs it."""
+    spec = config.input.get("locca")
+    if not spec:
+        if (config.get("loss") or {}).get("name") == "sigmoid_locca":
+            raise ValueError("config key `loss.name`: 'sigmoid_locca' logs LocCa's tasks and needs "
+                             "`input.locca` (configs/siglip2.py locca=on); use 'sigmoid_caption'")
+        return
+    from vljax.data.locca import Locca  # noqa: PLC0415  (numpy only)
+    unknown = sorted(set(spec) - {"vocab_offset", "bins", "tasks", "pad_id"})
+    if unknown:
+        raise ValueError(f"config key `input.locca`: unknown keys {unknown}; it takes vocab_offset, "
+                         "bins, tasks, pad_id")
+    if "vocab_offset" not in spec:
+        raise ValueError("config key `input.locca.vocab_offset`: required (the text vocabulary's "
+                         "size, model.text.vocab_size: the first box token's id)")
+    locca = Locca(**{k: tuple(v) if k == "tasks" else v for k, v in dict(spec).items()})
+    model = config.get("model")
+    if model and not model.get("decoder"):
+        raise ValueError("config key `input.locca`: LocCa's rows train the caption decoder, and the "
+                         "model has none: set `model.decoder` (configs/siglip2.py decoder=on)")
+    if model:
+        text_vocab = (model.get("text") or {}).get("vocab_size")
+        if text_vocab is not None and locca.vocab_offset < text_vocab:
+            raise ValueError(f"config key `input.locca.vocab_offset`: {locca.vocab_offset} < "
+                             f"model.text.vocab_size={text_vocab}: box tokens would take text ids")
+        if model.decoder.get("vocab_size", 0) < locca.vocab_size:
+            raise ValueError(f"config key `model.decoder.vocab_size`: "
+                             f"{model.decoder.get('vocab_size')} < {locca.vocab_size} = "
+                             "input.locca's vocab_offset + bins + 2 (box bins, <aref>, <gcap>)")
+    for key in ("lit_cache", "acid", "mixing"):
+        if config.get(key):
+            raise ValueError(f"config key `{key}`: not made with `input.locca` (LocCa's boxes follow "
+                             "each image's own crop; stored features, selection and mixed images "
+                             "would part rows from their boxes)")
 
 
 def _decoder_evals(config) -> None:

@@ -97,6 +97,8 @@ def make_train_step(model, tx, loss, trainable_mask, label_text=None, label_bloc
         if "prefix_id" in batch and text is not None:  # Prefix Conditioning: each text's prefix row
             kw["text_prefix_ids"] = batch["prefix_id"]
         if "image_features" not in batch:
+            if "dec_tokens" in batch:  # LocCa's rows for the decoder (vljax/data/locca.py)
+                kw["dec_rows"] = {k: batch[k] for k in ("dec_tokens", "dec_target", "dec_task")}
             return model.apply({"params": params}, batch["image"], text, **kw)
         txt_kw = dict(kw)
         kw.pop("text_lower", None)

@@ -26,6 +26,9 @@ Training config (`config.input`, an ml_collections ConfigDict or a dict):
                                  # e.g. dict(synonym=0.0): stop words, EDA swap / deletion
     subcaptions=None,            # DreamLIP: subcaptions.SubCaptions kwargs (num, merged); batch
                                  # "subcaptions" int32 [B, 1 + num, L], drawn in the input workers
+    locca=None,                  # LocCa's decoder tasks (vljax/data/locca.py `Locca` kwargs:
+                                 # vocab_offset, bins, tasks, pad_id) on the records' "regions";
+                                 # batch "dec_tokens" / "dec_target" [B, L], "dec_task" [B]
     multi_crop=None,             # set by the trainer in a self-distillation stage (vljax/teacher.py):
                                  # preprocess.MultiCrop's kwargs; batch "sd_global" [B, Vg, S, S, 3],
                                  # "sd_local" [B, Vl, s, s, 3], cut in the input workers
@@ -61,6 +64,7 @@ from vljax.data.checkpoint_preprocess import NaflexCollate
 from vljax.data.eval_transform import EvalImage
 from vljax.data.preprocess import (SKIP_REASONS, SKIPPED_KEY, Collate, MultiCrop, Preprocess,
                                    SkipCountingBatch, canonical_value_range, count_skips)
+from vljax.data.locca import Locca
 from vljax.data.subcaptions import SubCaptions
 
 
@@ -144,6 +148,8 @@ def _preprocess_from_config(cfg):
     elif naf is not None and naf.budgets:  # resized per batch to the batch's budget (BudgetBatch)
         if _get(cfg, "subcaptions"):
             raise ValueError("config key `input.subcaptions`: not made for NaFlex budgets (`input.naflex`)")
+        if _get(cfg, "locca"):
+            raise ValueError("config key `input.locca`: LocCa's rows are not made for NaFlex budgets (`input.naflex`)")
         return naflex_train.NaflexExample(greyscale=float(aug.get("greyscale", 0.0)),
                                           colour_jitter=float(aug.get("colour_jitter", 0.0)))
     special = checkpoint_preprocess.from_config(
@@ -157,6 +163,9 @@ def _preprocess_from_config(cfg):
         if _get(cfg, "multi_crop"):
             raise ValueError("config key `self_distill`: the multi-crop views are not made for a run "
                              "from a checkpoint's preprocessing (`init_from`: squash resize, NaFlex)")
+        if _get(cfg, "locca"):
+            raise ValueError("config key `input.locca`: LocCa's rows are not made for a run from a "
+                             "checkpoint's preprocessing (`init_from`: squash resize, NaFlex)")
         if _get(cfg, "subcaptions"):
             raise ValueError("config key `input.subcaptions`: sub-captions are not made for a run from a "
                              "checkpoint's preprocessing (`init_from`: squash resize, NaFlex)")
@@ -168,7 +177,14 @@ def _preprocess_from_config(cfg):
                       colour_jitter=float(aug.get("colour_jitter", 0.0)),
                       multi_crop=MultiCrop(**dict(mc)) if (mc := _get(cfg, "multi_crop")) else None,
                       text_aug=None if text_aug is None else text_aug_lib.TextAug.from_options(text_aug),
-                      subcaptions=SubCaptions(**dict(sc)) if (sc := _get(cfg, "subcaptions")) else None)
+                      subcaptions=SubCaptions(**dict(sc)) if (sc := _get(cfg, "subcaptions")) else None,
+                      locca=_locca(cfg))
+
+
+def _locca(cfg) -> Locca | None:
+    """config.input.locca (vljax/data/locca.py), or None."""
+    spec = _get(cfg, "locca")
+    return Locca(**{k: tuple(v) if k == "tasks" else v for k, v in dict(spec).items()}) if spec else None
 
 
 class ProcessSlice(grain.MapDataset):
@@ -276,7 +292,8 @@ def make_train_dataset(config, tokenizer, *, seed: int, process_index: int = 0,
     collate = (NaflexCollate if naf is not None else Collate)(
         tokenizer, with_label=bool(_get(config, "label", False)),
         num_labels=None if space is None else len(space),
-        keep_captions=bool(_get(config, "keep_captions", False)))
+        keep_captions=bool(_get(config, "keep_captions", False)),
+        **({"locca": _locca(config)} if _get(config, "locca") else {}))
     if naf is not None and naf.budgets and not naf.fixed_resolution:
         ds = naflex_train.BudgetBatch(ds, batch, collate, naf.patch_size, naf.budgets,
                                       seed if naf.budget_seed is None else naf.budget_seed)

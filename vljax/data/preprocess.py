@@ -12,6 +12,7 @@ import grain
 import numpy as np
 
 from vljax.data import transforms as T
+from vljax.data.locca import Locca, center_crop_rect, follow_crop
 from vljax.data.subcaptions import SubCaptions
 from vljax.data.text_aug import TextAug
 # canonical_value_range / eval_image: imported from here since they began (now in eval_transform).
@@ -76,6 +77,8 @@ class Preprocess:
     multi_crop: MultiCrop | None = None  # train mode: also the self-distillation views
     subcaptions: SubCaptions | None = None  # train mode: also DreamLIP's texts, "subcaptions" [1 + num]
     text_aug: TextAug | None = None  # train mode: the caption augmented (input.text_aug), last draw
+    # train mode: LocCa's task drawn, the record's regions following the crop (vljax/data/locca.py)
+    locca: Locca | None = None
 
     def __call__(self, record: dict, rng: np.random.Generator | None = None) -> dict:
         ex = self._example(record, rng)
@@ -85,6 +88,9 @@ class Preprocess:
             ex["subcaptions"] = self.subcaptions(ex["caption"], record["captions"], rng)
         if rng is not None and self.text_aug is not None and "skip" not in ex:
             ex["caption"] = self.text_aug(ex["caption"], rng)
+        if rng is not None and self.locca is not None and "skip" not in ex:  # drawn last
+            ex["locca"] = self.locca.draw(ex.pop("_regions", []), rng)
+        ex.pop("_regions", None)
         if "prefix_id" in record and "skip" not in ex:  # Prefix Conditioning (vljax/data/prefix.py)
             ex["prefix_id"] = record["prefix_id"]
         return ex
@@ -106,7 +112,10 @@ class Preprocess:
         if rng is None and self.eval_transform is not None:
             return {"image": self.eval_transform(img, greyscale=self.force_greyscale), "caption": caption or "",
                     **_labels(record)}
-        if rng is not None and self.crop_scale is not None:
+        regions = None
+        if rng is not None and self.locca is not None:  # the same draws as below, the crop known
+            img, regions = self._crop_regions(img, record.get("regions") or [], rng)
+        elif rng is not None and self.crop_scale is not None:
             img = T.random_resized_crop(img, self.image_size, rng, scale=tuple(self.crop_scale))
         else:
             img = T.resize_small_center_crop(img, self.image_size)
@@ -116,6 +125,8 @@ class Preprocess:
         if self.force_greyscale:
             img = img.convert("L").convert("RGB")
         ex = {"image": T.normalize(img, self.value_range), "caption": caption or "", **_labels(record)}
+        if regions is not None:
+            ex["_regions"] = regions
         if rng is not None and self.multi_crop is not None:
             mc = self.multi_crop
             jitter = self.colour_jitter if mc.colour_jitter is None else mc.colour_jitter
@@ -123,6 +134,19 @@ class Preprocess:
             ex.update(mc(decoded, rng, lambda v: T.normalize(
                 T.random_greyscale(T.colour_jitter(v, rng, jitter), rng, grey), self.value_range)))
         return ex
+
+    def _crop_regions(self, img, regions, rng):
+        """The train crop (`T.random_resized_crop`'s draws and result, or the centre crop) and the
+        regions' boxes in its coordinates (vljax/data/locca.py `follow_crop`)."""
+        w, h = img.size
+        box = None
+        if self.crop_scale is not None:
+            box = T.random_crop_box(w, h, rng, scale=tuple(self.crop_scale))
+        if box is None:
+            rect, img = center_crop_rect(w, h, self.image_size), T.resize_small_center_crop(img, self.image_size)
+        else:
+            rect, img = box, img.resize((self.image_size,) * 2, T.Image.Resampling.BICUBIC, box=box)
+        return img, follow_crop(regions, rect, w, h)
 
     def _stored_features(self, record: dict, caption, rng) -> dict:
         """A locked trunk's stored views [V, F] (colour, grey; vljax/features.py) in place of the
@@ -178,6 +202,7 @@ class Collate:
     with_label: bool = False
     keep_captions: bool = False
     num_labels: int | None = None
+    locca: Locca | None = None  # builds the examples' LocCa rows ("dec_tokens", "dec_target", "dec_task")
 
     def __call__(self, examples, skipped: np.ndarray) -> dict:
         captions = [ex["caption"] for ex in examples]
@@ -186,6 +211,8 @@ class Collate:
                  "text": np.asarray(self.tokenizer(captions), np.int32)}
         if "image_tokens" in examples[0]:
             batch["image_tokens"] = np.stack([ex["image_tokens"] for ex in examples])
+        if "locca" in examples[0]:  # LocCa's decoder rows (vljax/data/locca.py)
+            batch.update(self.locca.collate(examples, batch["text"], self.tokenizer))
         if "subcaptions" in examples[0]:  # [B, 1 + num, L]
             texts = [t for ex in examples for t in ex["subcaptions"]]
             tokens = np.asarray(self.tokenizer(texts), np.int32)

@@ -4,8 +4,13 @@ alone or added to SigLIP's sigmoid loss as in SigLIP 2 (Tschannen et al. 2025, S
 The decoder (vljax/models/decoder.py) gives logits [b, L, V] for every caption position, whether
 the row was read autoregressively or by parallel prediction (CapPa's mix is drawn in the model,
 it decides the decoder's inputs); the loss is the same token-level cross-entropy for both.
+LocCa's referring-expression and grounded-captioning rows (vljax/data/locca.py) are the same
+cross-entropy on their target positions only (the mask the batch's "dec_target" limits);
+`sigmoid_locca` logs each task's term.
 """
 from __future__ import annotations
+
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -52,7 +57,19 @@ def sigmoid_caption_loss(zimg, ztxt, t, b, logits, targets, mask, axis_name=None
             + caption_weight * caption_loss(logits, targets, mask, axis_name))
 
 
+def task_caption_loss(logits, targets, mask, task, axis_name=None, *, which: int):
+    """The captioning loss over the GLOBAL batch's rows of LocCa task `which` only (0 Cap, 1
+    ARef, 2 GCap; `task` int [b], the batch's "dec_task", vljax/data/locca.py): the mean of their
+    `caption_nll` (on the target positions `mask` marks), 0 when the batch has none. For logging:
+    the loss itself is `caption_loss` over all rows."""
+    rows = (task == which).astype(jnp.promote_types(logits.dtype, jnp.float32))
+    total = psum(jnp.sum(caption_nll(logits, targets, mask) * rows), axis_name)
+    return total / jnp.maximum(psum(jnp.sum(rows), axis_name), 1.0)
+
+
 _DECODER = ("dec/logits", "dec/targets", "dec/mask")
+_TASKS = {f"locca_{name}": (partial(task_caption_loss, which=i), (*_DECODER, "batch/dec_task"))
+          for i, name in enumerate(("cap", "aref", "gcap"))}
 
 # The losses of this family, by config name, with their inputs (names as vljax.objective.Loss
 # gives them: the decoder's outputs of vljax.models.two_towers); "sigmoid_caption" scores as
@@ -61,4 +78,8 @@ LOSSES = {
     "caption": dict(fn=caption_loss, inputs=_DECODER),
     "sigmoid_caption": dict(fn=sigmoid_caption_loss, inputs=("zimg", "ztxt", "t", "b", *_DECODER),
                             logits="sigmoid", parts={"caption": (caption_loss, _DECODER)}),
+    # SigLIP 2 with LocCa's tasks (input.locca, vljax/data/locca.py): the same loss (the rows'
+    # masks keep the target positions only), each task's term logged (train/locca_aref, ...).
+    "sigmoid_locca": dict(fn=sigmoid_caption_loss, inputs=("zimg", "ztxt", "t", "b", *_DECODER),
+                          logits="sigmoid", parts={"caption": (caption_loss, _DECODER), **_TASKS}),
 }

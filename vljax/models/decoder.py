@@ -158,11 +158,14 @@ class TextDecoder(nn.Module):
         return self.vocab_size + 1
 
     @nn.compact
-    def __call__(self, image, tokens, train: bool = False, image_mask=None, parallel=None):
+    def __call__(self, image, tokens, train: bool = False, image_mask=None, parallel=None,
+                 no_parallel=None):
         """image: [B, N, E] the image tower's tokens (out["tokens"]); tokens: int [B, L], L <=
         max_len, the captions (the targets); image_mask: optional bool [B, N] (NaFlex padding);
         parallel: optional bool [B], which rows use parallel prediction (default: drawn with
-        probability `parallel_fraction` when training, none otherwise).
+        probability `parallel_fraction` when training, none otherwise); no_parallel: optional
+        bool [B], rows read autoregressively whatever the draw (LocCa's prompted rows,
+        vljax/data/locca.py: parallel prediction would hide their prompt).
 
         Returns (logits [B, L, vocab_size], out) with out["targets"] = tokens, out["mask"]
         bool [B, L] (tokens != pad_id: the positions the loss counts), out["parallel"] bool [B].
@@ -183,6 +186,8 @@ class TextDecoder(nn.Module):
                 parallel = u < self.parallel_fraction
             else:
                 parallel = jnp.zeros((b,), bool)
+        if no_parallel is not None:
+            parallel = parallel & ~jnp.asarray(no_parallel, bool)
         inputs, self_mask = decoder_inputs(tokens, parallel, self.bos_id, self.mask_id)
 
         x = nn.Embed(self.vocab_size + 2, cfg["width"], dtype=self.dtype,

@@ -53,13 +53,15 @@ class TwoTowers(nn.Module):
 
     @nn.compact
     def __call__(self, images, texts, train: bool = False, text_prefix=None, text_lower=None,
-                 text_prefix_ids=None):
+                 text_prefix_ids=None, dec_rows=None):
         """images: [B, H, W, C], a NaFlex dict ("naflex_vit": {"patches" [B, N, P*P*C], "mask"
         [B, N], "shapes" [B, 2]}, vljax/models/naflex.py) or None; texts: int [B, L] or None;
         text_prefix: optional [B, M, W] embeddings the text tower inserts after its first token
         (CoOp context);
         text_prefix_ids: optional int [B], the Prefix Conditioning row of each text (the batch's
         "prefix_id"; vljax/models/text.py `prefix_conditioning`); None: the tower's eval prefix;
+        dec_rows: optional {"dec_tokens", "dec_target", "dec_task"}: the decoder's LocCa rows
+        (vljax/data/locca.py) in place of `texts`;
         text_lower: optional (k, states), states = `text_lower(texts, k)`: the text tower skips
         its embeddings and first k blocks (run once for fixed texts through locked blocks).
 
@@ -94,7 +96,7 @@ class TwoTowers(nn.Module):
                                       else _project_tokens(tower, out_txt["tokens"]))
             ztxt = _l2_normalize(ztxt)
         if self.decoder is not None and images is not None and texts is not None:
-            out.update(self._decode(out, texts, train))
+            out.update(self._decode(out, texts, train, dec_rows))
         if zimg is not None and ztxt is not None and zimg.shape[-1] != ztxt.shape[-1]:
             raise ValueError(f"Image embeddings {zimg.shape} and text embeddings {ztxt.shape} "
                              "differ in width: set the towers' num_classes to one joint size")
@@ -106,9 +108,11 @@ class TwoTowers(nn.Module):
             out["b"] = self.param("b", nn.initializers.constant(self.bias_init), (), jnp.float32)
         return zimg, ztxt, out
 
-    def _decode(self, out, texts, train):
+    def _decode(self, out, texts, train, dec_rows=None):
         """The caption decoder on the image tower's tokens (and their NaFlex mask) -> its
-        outputs as `dec/<k>` (logits, targets, mask, parallel)."""
+        outputs as `dec/<k>` (logits, targets, mask, parallel). `dec_rows` (LocCa, vljax/data/
+        locca.py): the batch's "dec_tokens" / "dec_target" / "dec_task" read in place of the
+        captions, the loss mask limited to "dec_target", ARef / GCap rows autoregressive."""
         if "img/tokens" not in out:
             raise ValueError(f"model.decoder: image model {self.image_model!r} gives no "
                              "out['tokens'] for the decoder to cross-attend to")
@@ -121,8 +125,14 @@ class TwoTowers(nn.Module):
         if unknown:
             raise ValueError(f"model.decoder: unknown keys {unknown}; {self.decoder_model!r} "
                              f"takes {sorted(known)}")
-        logits, dec = cls(**self.decoder, name="dec")(out["img/tokens"], texts, train=train,
-                                                      image_mask=out.get("img/mask"))
+        if dec_rows is None:
+            logits, dec = cls(**self.decoder, name="dec")(out["img/tokens"], texts, train=train,
+                                                          image_mask=out.get("img/mask"))
+        else:
+            logits, dec = cls(**self.decoder, name="dec")(
+                out["img/tokens"], dec_rows["dec_tokens"], train=train,
+                image_mask=out.get("img/mask"), no_parallel=dec_rows["dec_task"] > 0)
+            dec["mask"] = dec["mask"] & dec_rows["dec_target"]
         return {"dec/logits": logits, **{f"dec/{k}": v for k, v in dec.items()}}
 
     @nn.compact

@@ -40,14 +40,32 @@ def _parse_manifest_line(line: str, where: str, base_dir: Path, num_labels: int 
     if not isinstance(label, int):
         raise ValueError(f"{where}: 'label' must be an integer")
     image = Path(os.path.expanduser(obj["image"]))  # "~nobody/x" stays as it is (Path raises)
-    return {"id": where, "image": str(image if image.is_absolute() else base_dir / image),
-            "captions": caps, "label": label, "labels": _parse_labels(obj, where, num_labels)}
+    record = {"id": where, "image": str(image if image.is_absolute() else base_dir / image),
+              "captions": caps, "label": label, "labels": _parse_labels(obj, where, num_labels)}
+    if "regions" in obj:  # LocCa's regions (vljax/data/locca.py)
+        record["regions"] = _parse_regions(obj["regions"], where)
+    return record
+
+
+def _parse_regions(regions, where: str) -> list:
+    """[{"box": [ymin, xmin, ymax, xmax] in [0, 1], "caption": str}, ...] -> [(box, caption)]."""
+    out = []
+    for r in regions if isinstance(regions, list) else [None]:
+        box = r.get("box") if isinstance(r, dict) else None
+        ok = (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)
+              and 0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1 and isinstance(r.get("caption"), str))
+        if not ok:
+            raise ValueError(f"{where}: 'regions' must be a list of {{'box': [ymin, xmin, ymax, xmax] "
+                             f"in [0, 1] with min < max, 'caption': str}}, got {r!r}")
+        out.append((tuple(float(v) for v in box), r["caption"]))
+    return out
 
 
 @base.register("jsonl")
 class JsonlSource(base.Source):
     """A JSONL manifest, one object a line:
-    `{"image": path, "captions": [...] | "caption": str, "label": int?, "labels": [int, ...]?}`;
+    `{"image": path, "captions": [...] | "caption": str, "label": int?, "labels": [int, ...]?,
+    "regions": [{"box": [ymin, xmin, ymax, xmax], "caption": str}, ...]?}` (regions: LocCa);
     relative image paths are relative to the manifest's folder. Blank lines are ignored.
     `labels` is a label set (class indices); `num_labels` (K) declares the label space, and then
     every index must be in [0, K) (named by `file:line` when not). A record without `labels` has
