@@ -73,10 +73,21 @@ mean-pooled state takes the place of the LLM's 4096-wide one (the adapter works 
 LLM2CLIP fine-tunes a pretrained EVA02-CLIP at lr 1e-5 (run.sh). (3) Data: the demo's emoji and
 openclipart captions, not CC3M / CC12M with ShareCaptioner dense captions.
 
+DreamLIP (Zheng et al., ECCV 2024; vljax/losses/dreamlip.py): `:dreamlip=N` trains on each image's
+caption and N sub-captions drawn from its captions' sentences in the input workers
+(`input.subcaptions`, vljax/data/subcaptions.py; the official code's N = 6) with loss `dreamlip`: CLIP's
+loss per text, averaged, + 1/10 Circle loss over each image's texts, + `sgl=` (default 1.0, the code's
+sgl_lossweight; 0: off) times the subcaption-specific grouping loss: each text's similarity-weighted
+grouping of its image's patch tokens (the ViT's patches through its head) against the batch's texts,
+logged as `train/sgl`; `sgl_delta=` (default 0.0, the code's: no patch dropped) and `sgl_norm=`
+(minmax | softmax) are its threshold and normalisation. This file, not lit.py, because the grouping
+needs the patch tokens of a TRAINED tower: lit.py's locked trunk would only move its head.
+
 Config arguments: img (ViT variant, default "Ti/8" at reduced width), txt (text variant), size, batch,
 steps, pd (patch dropout), tune (unmasked steps at the end, with pd), seed, queue (0: none), qm, qb,
 slip (on | off), ssl_scale, ssl_width, ssl_out, text_aug (on | off), mix ("": none), ma, mp, tok,
-prefix (on | off), prefix_eval (caption | label), llm2clip (on | off), adapters, adapter_expansion.
+prefix (on | off), prefix_eval (caption | label), llm2clip (on | off), adapters, adapter_expansion,
+dreamlip (0: off), sgl, sgl_delta, sgl_norm (minmax | softmax).
 """
 import ml_collections
 
@@ -93,7 +104,7 @@ def get_config(arg=None):
                                pd=0.0, tune=0, seed=0, queue=0, qm=0.99, qb=1, slip="off", ssl_scale=1.0,
                                ssl_width=512, ssl_out=128, text_aug="off", mix="", ma=-1.0, mp=-1.0, tok="",
                                prefix="off", prefix_eval="caption", llm2clip="off", adapters=4,
-                               adapter_expansion=2)
+                               adapter_expansion=2, dreamlip=0, sgl=1.0, sgl_delta=0.0, sgl_norm="minmax")
     for key in ("slip", "text_aug", "prefix", "llm2clip"):
         if a[key] not in ("on", "off"):
             raise ValueError(f"configs/clip.py: {key}={a[key]!r} is not 'on' or 'off'")
@@ -101,6 +112,9 @@ def get_config(arg=None):
         if a["llm2clip"] == "on" and a[key] != off:  # the frozen MiniLM brings its own tokenizer and sizes
             raise ValueError(f"configs/clip.py: llm2clip=on takes MiniLM as the text tower: "
                              f"{key}={a[key]!r} cannot be combined with it")
+    chosen = [k for k, off in (("queue", 0), ("mix", ""), ("dreamlip", 0)) if a[k] != off]
+    if len(chosen) > 1:
+        raise ValueError(f"configs/clip.py: `{'=`, `'.join(chosen)}=` each choose the loss; give one of them")
     c = ml_collections.ConfigDict()
     c.seed = a["seed"]
     c.total_steps = a["steps"]
@@ -151,6 +165,10 @@ def get_config(arg=None):
     if a["queue"]:  # vljax/momentum.py: momentum towers, queues of negatives
         c.loss = dict(name="queue_contrastive", batch_negatives=bool(a["qb"]))
         c.queue = dict(size=a["queue"], momentum=a["qm"])
+    if a["dreamlip"]:  # vljax/losses/dreamlip.py: sub-captions as positives, the patches grouped per text
+        c.loss = dict(name="dreamlip", sgl_weight=float(a["sgl"]), sgl_delta=float(a["sgl_delta"]),
+                      sgl_norm=a["sgl_norm"])
+        c.input.subcaptions = dict(num=a["dreamlip"])
     if a["slip"] == "on":  # vljax/slip.py: SimCLR's NT-Xent on two views, beside the CLIP loss
         c.ssl = dict(scale=a["ssl_scale"], temperature=0.1, head_width=a["ssl_width"], out=a["ssl_out"])
     if a["text_aug"] == "on":  # vljax/data/text_aug.py: Fini et al.'s caption augmentation, without

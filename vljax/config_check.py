@@ -267,6 +267,23 @@ def _text_adapter(config) -> None:
                              "pooled output); set adapter_layers=0 or another loss")
 
 
+def _image_patches(config) -> None:
+    """A loss that takes the image patches in the joint space (`img/patches_proj`: dreamlip with
+    `loss.sgl_weight` > 0) needs an image tower with a head (the projection the patches go
+    through) and patches that are all real (NaFlex pads them)."""
+    if not config.get("loss") or "img/patches_proj" not in objective.spec(config.loss).inputs:
+        return
+    why = (f"loss {config.loss.name!r} with `loss.sgl_weight`={config.loss.get('sgl_weight')} groups "
+           "the image's patch tokens")
+    if config.model.image_model == "naflex_vit":
+        raise ValueError(f"config key `model.image_model`: {why}, and 'naflex_vit' pads them (no grouping "
+                         "over a patch mask is built); use 'vit' or set loss.sgl_weight=0")
+    if not config.model.image.get("num_classes"):
+        raise ValueError(f"config key `model.image.num_classes`: {why} in the joint space, through the "
+                         "image tower's head, and this tower has none; set num_classes (the joint width) "
+                         "or loss.sgl_weight=0")
+
+
 def _model_init(cfg) -> None:
     if not cfg:
         return
@@ -371,6 +388,7 @@ def validate(config) -> None:
     _loss(config.loss)
     if config.get("model"):
         _text_adapter(config)
+        _image_patches(config)
     dcd.check_config(config)  # loss.k against input.batch_size
     label_shards.axis(config)  # loss.label_axis: an axis of config.mesh
     _optax(config.optax)

@@ -44,7 +44,7 @@ _STRUCTURE_SIDES = {"image": ("zimg", "frozen/img_features"), "text": ("ztxt", "
 REGULARISER_KEYS = (*_REGULARISER_OPTIONS, "multilabel_template")
 # Loss arguments that are arrays the trainer passes (not config options), besides the ones
 # without a default.
-LOSS_ARRAYS = frozenset({"axis_name", "labels", "img_mask", "txt_mask", "label_mask"})
+LOSS_ARRAYS = frozenset({"axis_name", "labels", "img_mask", "txt_mask", "label_mask", "patches"})
 _DEFAULT_TEMPLATE = "a photo of a {}."
 
 
@@ -53,7 +53,7 @@ class Loss:
     """A loss function and the inputs it takes, positionally, by name.
 
     Names are the model's outputs (`zimg`, `ztxt`, `t`, `b`, and every `img/<k>` / `txt/<k>` of
-    the towers' out dicts: `img/tokens`, `img/tokens_proj`, `txt/mask`, ...), `frozen/zimg` /
+    the towers' out dicts: `img/tokens`, `img/tokens_proj`, `img/patches_proj`, `txt/mask`, ...), `frozen/zimg` /
     `frozen/ztxt` (the embeddings with their gradient stopped), `frozen/img_features` /
     `frozen/txt_features` (the towers' pre_logits with their gradient stopped; with stored LiT
     features, those features), `labels/ztxt` (the label prompts' embeddings, `label_prompts`),
@@ -66,7 +66,9 @@ class Loss:
     config.loss that this module reads for the loss (its label prompt) and `fn` does not take.
     `logits` / `similarity` are how a model trained on it scores at inference (vljax.factory).
     `parts` = {name: (fn, inputs)}: terms of the loss logged beside it as `train/<name>`
-    (`make_parts`; e.g. sigmoid_caption's caption term), each `fn(*inputs, axis_name=...)`.
+    (`make_parts`; e.g. sigmoid_caption's caption term), each `fn(*inputs, axis_name=...)`; or
+    `parts(options) -> {name: (fn, inputs)}`, the terms its options (config.loss) turn on
+    (dreamlip's grouping loss with `loss.sgl_weight` > 0).
     """
     fn: Callable
     inputs: tuple[str, ...]
@@ -74,7 +76,7 @@ class Loss:
     config_keys: tuple[str, ...] = ()
     logits: str = "softmax"
     similarity: str = "global"
-    parts: dict = dataclasses.field(default_factory=dict)
+    parts: dict | Callable = dataclasses.field(default_factory=dict)
 
     def bind(self, options) -> Loss:
         """The loss with the inputs its options (config.loss) choose; checks those options."""
@@ -98,7 +100,8 @@ def register(name: str, fn: Callable, inputs, *, chosen: Callable | None = None,
     if logits not in ("softmax", "sigmoid") or similarity not in ("global", "filip"):
         raise ValueError(f"loss {name!r}: logits must be 'softmax' or 'sigmoid' and similarity "
                          f"'global' or 'filip', got {logits!r}, {similarity!r}")
-    parts = {k: (f, tuple(names)) for k, (f, names) in (parts or {}).items()}
+    if not callable(parts):
+        parts = {k: (f, tuple(names)) for k, (f, names) in (parts or {}).items()}
     LOSSES[name] = Loss(fn, tuple(inputs), chosen, tuple(config_keys), logits, similarity, parts)
     return LOSSES[name]
 
@@ -233,7 +236,8 @@ def spec(loss_cfg) -> Loss:
 
 def needs_tokens(loss_cfg) -> bool:
     """Whether the configured loss takes the image tower's token outputs (`img/...`: FILIP's
-    `img/tokens_proj`), so that stored LiT features must keep the trunk's tokens."""
+    `img/tokens_proj`, DreamLIP's grouping `img/patches_proj`), so that stored LiT features must
+    keep the trunk's tokens."""
     return any(k.startswith("img/") for k in spec(loss_cfg).inputs)
 
 
@@ -397,7 +401,9 @@ def make_parts(config, mesh):
     """Returns parts(values) -> {name: scalar}: the configured loss's declared terms (`Loss.parts`),
     for logging only (inputs with their gradient stopped), each under its own shard_map like the
     loss; {} for a loss without parts."""
-    parts = dict(resolve(config.loss.get("name")).parts)
+    declared = resolve(config.loss.get("name")).parts
+    parts = {k: (f, tuple(names)) for k, (f, names) in
+             (declared(config.loss) if callable(declared) else declared).items()}
     if (ssl := slip.options(config)) is not None:  # SLIP's NT-Xent, unscaled
         parts["ssl"] = slip.term(ssl)
     axes = sharding.batch_axes(mesh)

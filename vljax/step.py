@@ -34,7 +34,8 @@ def make_train_step(model, tx, loss, trainable_mask, label_text=None, label_bloc
 
     A batch with "image_features" ([B, F], a locked trunk's stored features, vljax/features.py)
     instead of "image" runs only the image tower's head on them; with "image_tokens" ([B, N, W],
-    the trunk's stored tokens) also the tower's token projection (out["img/tokens_proj"], FILIP).
+    the trunk's stored tokens) also the tower's token projection (out["img/tokens_proj"], FILIP;
+    out["img/patches_proj"], DreamLIP's grouping loss).
     `label_text` ([K, L] token ids of one prompt per label, `objective.label_prompts`) is embedded by the text
     tower in every step (out["labels/ztxt"], the multi-label loss's classifier). With
     `label_blocks` = k > 0 (`text_memo.locked_text_blocks`) the step takes `label_states`, the
@@ -108,6 +109,7 @@ def make_train_step(model, tx, loss, trainable_mask, label_text=None, label_bloc
             zimg, out["img/tokens_proj"] = model.apply(
                 {"params": params}, batch["image_features"], batch["image_tokens"].astype(jnp.float32),
                 method=model.image_head_tokens, **kw)
+            out["img/patches_proj"] = model.image_patches(out["img/tokens_proj"])
         else:
             zimg = model.apply({"params": params}, batch["image_features"], method=model.image_head, **kw)
         return zimg, ztxt, out

@@ -70,7 +70,9 @@ class TwoTowers(nn.Module):
         every entry of the towers' out dicts (tokens, pre_logits, mask, ...), and
         out["img/tokens_proj"] / out["txt/tokens_proj"] [B, N, D]: the tokens through the tower's
         head, per-token L2-normalised (FILIP's late interaction; None without a head, and for a
-        text tower with an adapter, `model.text.adapter_layers`).
+        text tower with an adapter, `model.text.adapter_layers`); out["img/patches_proj"]
+        [B, N - n, D]: those of the image patches alone, the n = `image_prefix_tokens()` leading
+        non-patch tokens (a ViT's class token) left out (DreamLIP's grouping loss).
         """
         out = {}
         zimg = ztxt = None
@@ -80,6 +82,7 @@ class TwoTowers(nn.Module):
             out.update({f"img/{k}": v for k, v in out_img.items()})
             if "tokens" in out_img:
                 out["img/tokens_proj"] = _project_tokens(tower, out_img["tokens"])
+                out["img/patches_proj"] = self.image_patches(out["img/tokens_proj"])
             zimg = _l2_normalize(zimg)
         if texts is not None:
             tower = get_model(self.text_model)(**(self.text or {}), name="txt")
@@ -107,6 +110,17 @@ class TwoTowers(nn.Module):
         if self.bias_init is not None:
             out["b"] = self.param("b", nn.initializers.constant(self.bias_init), (), jnp.float32)
         return zimg, ztxt, out
+
+    def image_prefix_tokens(self) -> int:
+        """How many leading tokens of the image tower's out["tokens"] are not patches: 1 for a
+        class token (`pool_type` "cls", the ViT's default), else 0 (registers are dropped there)."""
+        cls = get_model(self.image_model)
+        return int((self.image or {}).get("pool_type", getattr(cls, "pool_type", None)) == "cls")
+
+    def image_patches(self, tokens_proj):
+        """[B, N, D] projected image tokens -> [B, N - n, D], the patches' (`image_prefix_tokens`);
+        None for None (a tower without a head)."""
+        return None if tokens_proj is None else tokens_proj[:, self.image_prefix_tokens():]
 
     def _decode(self, out, texts, train, dec_rows=None):
         """The caption decoder on the image tower's tokens (and their NaFlex mask) -> its
