@@ -53,6 +53,35 @@ def recorded_runs(path: str, **settings) -> dict[tuple[str, int], dict]:
             for seed, run in zip(seeds, runs)}
 
 
+def add_arguments(p, *, seeds: str, steps: int, root: str, out: str, settings: str = "steps") -> None:
+    """The options every ablation script takes beside its rows: --seeds, --steps, --root (the runs'
+    workdirs), --out (the table's JSON) and --fresh; `settings` names what a recorded run must share
+    to be read back."""
+    p.add_argument("--seeds", default=seeds)
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--root", default=root)
+    p.add_argument("--out", default=out)
+    p.add_argument("--fresh", action="store_true",
+                   help=f"ignore the runs already recorded in --out (by default a row x seed recorded "
+                        f"there at the same {settings} is read back, not rerun)")
+
+
+def chosen(text: str, known, flag: str = "--rows") -> list[str]:
+    """The comma-separated names of `text`, each one of `known`; exits naming `flag` otherwise."""
+    names = text.split(",")
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SystemExit(f"{flag}: unknown {unknown}; known: {', '.join(known)}")
+    return names
+
+
+def seeds_and_recorded(args, **settings) -> tuple[list[int], dict[tuple[str, int], dict]]:
+    """(the --seeds, the runs recorded in --out at --steps and `settings`; {} with --fresh)."""
+    seeds = [int(s) for s in args.seeds.split(",")]
+    recorded = {} if args.fresh else recorded_runs(args.out, steps=args.steps, **settings)
+    return seeds, recorded
+
+
 def workdir_with_shared_store(root: str, name: str) -> str:
     """`<root>/<name>`, its LiT feature store (`features`) a link to the shared `<root>/features`:
     runs with the same locked trunk and data share one store (its fingerprint is the same), so only

@@ -56,20 +56,10 @@ def _digits(key, scale):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rows", default=DEFAULT_ROWS)
-    p.add_argument("--seeds", default="0,1")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--root", default="/tmp/vljax_clip_objectives")
-    p.add_argument("--out", default=OUT)
-    p.add_argument("--fresh", action="store_true",
-                   help="ignore the runs already recorded in --out (by default a row x seed recorded "
-                        "there at the same steps is read back, not rerun)")
+    ablation_table.add_arguments(p, seeds="0,1", steps=300, root="/tmp/vljax_clip_objectives", out=OUT)
     args = p.parse_args()
-    rows = args.rows.split(",")
-    unknown = [r for r in rows if r not in ROWS]
-    if unknown:
-        raise SystemExit(f"--rows: unknown {unknown}; known: {', '.join(ROWS)}")
-    seeds = [int(s) for s in args.seeds.split(",")]
-    recorded = {} if args.fresh else ablation_table.recorded_runs(args.out, steps=args.steps)
+    rows = ablation_table.chosen(args.rows, ROWS)
+    seeds, recorded = ablation_table.seeds_and_recorded(args)
     meta = {"steps": args.steps, "seeds": seeds, "rows": ROWS, "recipe": "configs/clip.py:<row>,seed=S"}
     results = {}
     for row in rows:

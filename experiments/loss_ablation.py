@@ -61,20 +61,10 @@ def main():
     from configs.lit_ablation import LOSSES
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--losses", default=",".join(LOSSES))
-    p.add_argument("--seeds", default="0,1")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--root", default="/tmp/vljax_loss_ablation")
-    p.add_argument("--out", default=OUT)
-    p.add_argument("--fresh", action="store_true",
-                   help="ignore the runs already recorded in --out (by default a loss x seed recorded "
-                        "there at the same steps is read back, not rerun)")
+    ablation_table.add_arguments(p, seeds="0,1", steps=300, root="/tmp/vljax_loss_ablation", out=OUT)
     args = p.parse_args()
-    losses = args.losses.split(",")
-    unknown = [loss for loss in losses if loss not in LOSSES]
-    if unknown:
-        raise SystemExit(f"--losses: unknown {unknown}; known: {', '.join(LOSSES)}")
-    seeds = [int(s) for s in args.seeds.split(",")]
-    recorded = {} if args.fresh else ablation_table.recorded_runs(args.out, steps=args.steps)
+    losses = ablation_table.chosen(args.losses, LOSSES, "--losses")
+    seeds, recorded = ablation_table.seeds_and_recorded(args)
     meta = {"steps": args.steps, "seeds": seeds, "recipe": "configs/lit_ablation.py (configs/lit.py + loss)"}
     results = {}
     for loss in losses:

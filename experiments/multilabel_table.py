@@ -83,16 +83,10 @@ def run(loss: str, hide: float, seed: int, root: str, steps: int) -> dict:
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rows", default=DEFAULT_ROWS, help="loss:hidden_fraction,...")
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--steps", type=int, default=500)
-    p.add_argument("--root", default="/tmp/vljax_multilabel_table")
-    p.add_argument("--out", default=OUT)
-    p.add_argument("--fresh", action="store_true",
-                   help="ignore the runs already recorded in --out")
+    ablation_table.add_arguments(p, seeds="0,1,2", steps=500, root="/tmp/vljax_multilabel_table", out=OUT)
     args = p.parse_args()
     rows = parse_rows(args.rows)
-    seeds = [int(s) for s in args.seeds.split(",")]
-    recorded = {} if args.fresh else ablation_table.recorded_runs(args.out, steps=args.steps)
+    seeds, recorded = ablation_table.seeds_and_recorded(args)
     meta = {"steps": args.steps, "seeds": seeds, "alpha": ALPHA,
             "recipe": "configs/lit_multilabel.py:<loss>,hide=H,hide_seed=S,seed=S"}
     results = {}

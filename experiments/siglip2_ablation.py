@@ -76,22 +76,13 @@ def tokenizer(root: str) -> str:
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rows", default=",".join(ROWS))
-    p.add_argument("--seeds", default="0,1")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--root", default="/tmp/vljax_siglip2_ablation")
-    p.add_argument("--out", default=OUT)
-    p.add_argument("--fresh", action="store_true",
-                   help="ignore the runs already recorded in --out (by default a row x seed recorded "
-                        "there at the same steps and vocabulary is read back, not rerun)")
+    ablation_table.add_arguments(p, seeds="0,1", steps=300, root="/tmp/vljax_siglip2_ablation", out=OUT,
+                                 settings="steps and vocabulary")
     args = p.parse_args()
-    rows = args.rows.split(",")
-    unknown = [r for r in rows if r not in ROWS]
-    if unknown:
-        raise SystemExit(f"--rows: unknown {unknown}; known: {', '.join(ROWS)}")
-    seeds = [int(s) for s in args.seeds.split(",")]
+    rows = ablation_table.chosen(args.rows, ROWS)
     os.makedirs(args.root, exist_ok=True)
     tok = tokenizer(args.root)
-    recorded = {} if args.fresh else ablation_table.recorded_runs(args.out, steps=args.steps, vocab=VOCAB)
+    seeds, recorded = ablation_table.seeds_and_recorded(args, vocab=VOCAB)
     meta = {"steps": args.steps, "seeds": seeds, "vocab": VOCAB, "rows": ROWS}
     results = {}
     for row in rows:
