@@ -11,6 +11,8 @@ Rows (`configs/clip.py:<args>,seed=S,steps=N`; configs/clip.py says what each ar
   timix      mix=timix            TiMix's patch mixing with soft targets (vljax/mixing.py)
   m3col      mix=m3col            M3CoL's per-example mixup with soft targets
   text_aug   text_aug=on          the text augmentations of Fini et al. 2023 (not a default row)
+  dreamlip   dreamlip=6           DreamLIP: 6 sub-captions as positives + its grouping loss over the
+                                  patches (vljax/losses/dreamlip.py; not a default row: 7 texts an image)
 The LiT demo's loss ablation (loss_ablation.py) cannot hold these: they act on a trained image tower
 (momentum towers, an image-view loss, mixed pixels), which the LiT recipe locks and stores.
 
@@ -35,6 +37,7 @@ ROWS = {
     "timix": "mix=timix",
     "m3col": "mix=m3col",
     "text_aug": "text_aug=on",
+    "dreamlip": "dreamlip=6",
 }
 DEFAULT_ROWS = "clip,queue,slip,timix,m3col"
 COLUMNS = [  # (header, metric key, scale)
