@@ -28,9 +28,16 @@ l_ij = t <zimg_i, zlabels_j> + b of `vljax.losses.multilabel`.
     prior of label j estimated under "selected completely at random" labels (Elkan & Noto 2008):
     pi_j = (|P_j| / B) / c with c = `label_frequency`, the fraction of positives that are observed
     (1 - the hidden fraction of `input.hide_labels`). Then pi_j R_p = (1 / (c B)) sum_{i in P_j} ell,
-    defined even for a label without a positive in the batch. The value is the mean over labels.
-    Deviation: Kiryo's Algorithm 1 steps up the negative part's gradient when it falls below
-    -beta; here the max clamps it (gradient 0 there, beta = 0).
+    defined even for a label without a positive in the batch. The value is Eq. 6 averaged over
+    labels. The gradient is Kiryo's Algorithm 1, label by label: where the negative part
+    r_j = R_u^- - pi_j R_p^- is at least -`beta`, the gradient of the whole risk; where it falls
+    below, -`gamma` times the gradient of r_j alone (the "defensive" step that pushes r_j back up
+    and ignores the positive part: a plain max would leave only the positive part acting, and it
+    raises every score). beta = 0 and gamma = 1 are the paper's and its code's defaults
+    (kiryor/nnPUlearning). Deviation: Algorithm 1 discounts the learning rate by gamma on such a
+    step; here the label's gradient is scaled by gamma, the same for SGD (the code's form), not for
+    an adaptive optimiser's normalised step; for beta > 0 the value stays Eq. 6's max(0, r_j),
+    where the code reports pi R_p^+ - beta.
   * `comic_loss` (`loss.name="comic"`): COMIC (Zhang et al., ICCV 2023, "Learning in Imperfect
     Environment: Multi-Label Classification with Long-Tailed Distribution and Partial Labels",
     arXiv 2304.10539), its Correction and Modification. The stored paper copy gave the abstract
@@ -107,13 +114,19 @@ def pu_mlc_loss(zimg, zlabels, t, b, labels, axis_name=None, gamma: float = 1.0,
     return jnp.sum(w * jnp.log(p_mean + 1e-10) - positive)
 
 
-def nnpu_loss(zimg, zlabels, t, b, labels, axis_name=None, label_frequency: float = 1.0):
-    """The non-negative PU risk per label, averaged over labels (module docstring). zimg [B, D],
-    zlabels [K, D], t, b scalars, labels [B, K] observed positives; label_frequency c in (0, 1]:
-    the fraction of true positives that are observed. Scalar."""
+def nnpu_loss(zimg, zlabels, t, b, labels, axis_name=None, label_frequency: float = 1.0,
+              beta: float = 0.0, gamma: float = 1.0):
+    """The non-negative PU risk per label, averaged over labels, with Kiryo's Algorithm 1 gradient
+    (module docstring). zimg [B, D], zlabels [K, D], t, b scalars, labels [B, K] observed
+    positives; label_frequency c in (0, 1]: the fraction of true positives that are observed;
+    beta >= 0: how far below 0 a label's negative risk may fall before the defensive step; gamma
+    > 0: that step's scale. Scalar."""
     if not 0.0 < label_frequency <= 1.0:
         raise ValueError(f"config key `loss.label_frequency`: {label_frequency} is not in (0, 1] "
                          "(the fraction of positive labels that are observed)")
+    if beta < 0.0 or gamma <= 0.0:
+        raise ValueError(f"config keys `loss.beta` ({beta}) and `loss.gamma` ({gamma}): nnPU needs "
+                         "beta >= 0 and gamma > 0 (Kiryo et al.'s Algorithm 1)")
     logits, y = _logits(zimg, zlabels, t, b, labels)
     n = psum(jnp.float32(logits.shape[0]), axis_name)
     as_positive = jax.nn.sigmoid(-logits)   # ell(l, +1)
@@ -122,7 +135,11 @@ def nnpu_loss(zimg, zlabels, t, b, labels, axis_name=None, label_frequency: floa
     risk_p_pos = psum((y * as_positive).sum(0), axis_name) * scale          # pi_j R_p^+
     risk_p_neg = psum((y * as_negative).sum(0), axis_name) * scale          # pi_j R_p^-
     risk_u_neg = psum(as_negative.sum(0), axis_name) / n                    # R_u^-
-    return jnp.mean(risk_p_pos + jnp.maximum(risk_u_neg - risk_p_neg, 0.0))
+    negative = risk_u_neg - risk_p_neg                                      # [K] r_j
+    value = risk_p_pos + jnp.maximum(negative, 0.0)
+    defend = jax.lax.stop_gradient(negative < -beta)
+    descent = jnp.where(defend, -gamma * negative, risk_p_pos + negative)   # what is differentiated
+    return jnp.mean(jax.lax.stop_gradient(value - descent) + descent)
 
 
 def _focal_log_likelihood(y, x_pos, x_neg, w, gamma_pos, gamma_neg):
