@@ -26,11 +26,17 @@ the loss and what that loss needs, each as its paper sets it:
   (vljax/data/subcaptions.py says what the row can and cannot show).
 - filip: token-wise late interaction (Yao et al. 2021) over the locked trunk's stored tokens and the
   text tokens; evaluated by late interaction.
+- distill: CLIP-KD (Yang et al. 2024; vljax/losses/distill.py) from the teacher at `teacher=DIR`, as
+  `configs/lit.py:distill=DIR` sets it: the contrastive loss + CRD (weight 1; FD and ICL off).
+- dcd: Dynamic Contrastive Distillation (vljax/losses/dcd.py) from the teacher at `teacher=DIR`, as
+  `configs/lit.py:dcd=DIR` (the official code's alpha 0.2, k = 7).
+  The teacher is any checkpoint vljax.factory.load reads; experiments/loss_ablation.py trains the
+  demo (`configs/lit.py`, 500 steps: the same towers, 200 steps longer) as the teacher.
 Evaluations: the demo's, plus generalised zero-shot on the configs/lit_eval.py split and the
 representation evaluator (modality gap, alignment, uniformity) on held-out emoji. They run once, at
 the end (`eval_every = steps`): every row is its model after 300 steps, no selection among rounds.
 
-Config arguments: loss, seed, steps, batch.
+Config arguments: loss, seed, steps, batch, teacher (the distill / dcd rows' teacher).
 """
 import os
 import sys
@@ -42,16 +48,22 @@ from vljax import config_args  # noqa: E402
 
 LOSSES = ("softmax", "sigmoid", "dcl", "dclw", "cwcl", "multi_positive", "filip", "hard_negatives",
           "false_negatives", "label_smoothing", "hard_negatives_sigmoid", "ascl",
-          "dreamlip")
+          "dreamlip", "distill", "dcd")
+TEACHER_ROWS = ("distill", "dcd")  # rows that distil from `teacher=DIR`
 # Rows whose loss (config.loss.name) is not the row's name: one loss, several settings.
 LOSS_OF = {"hard_negatives": "hard_negative_softmax", "false_negatives": "hard_negative_softmax",
-           "label_smoothing": "hard_negative_softmax", "hard_negatives_sigmoid": "hard_negative_sigmoid"}
+           "label_smoothing": "hard_negative_softmax", "hard_negatives_sigmoid": "hard_negative_sigmoid",
+           "distill": "clip_kd"}
 
 
 def get_config(arg=None):
-    a = config_args.parse_arg(arg, "configs/lit_ablation.py", loss="softmax", seed=0, steps=300, batch=128)
+    a = config_args.parse_arg(arg, "configs/lit_ablation.py", loss="softmax", seed=0, steps=300, batch=128,
+                              teacher="")
     if a["loss"] not in LOSSES:
         raise ValueError(f"configs/lit_ablation.py: loss={a['loss']!r}; choose one of {', '.join(LOSSES)}")
+    if (a["loss"] in TEACHER_ROWS) != bool(a["teacher"]):
+        raise ValueError(f"configs/lit_ablation.py: teacher={a['teacher']!r} with loss={a['loss']!r}: the "
+                         f"{' and '.join(TEACHER_ROWS)} rows need a teacher checkpoint, the others take none")
     c = lit.get_config(f"steps={a['steps']},batch={a['batch']}")
     c.seed = a["seed"]
     c.eval_every = a["steps"]
@@ -86,6 +98,10 @@ def get_config(arg=None):
     elif loss == "dreamlip":
         c.loss = dict(name="dreamlip")
         c.input.subcaptions = dict(num=6)
+    elif loss == "distill":
+        lit.with_distillation(c, a["teacher"])
+    elif loss == "dcd":
+        lit.with_dcd(c, a["teacher"])
     else:
         c.loss = dict(name=loss)
     fmnist = dict(name="vljax_fashion_mnist", split="test")

@@ -34,7 +34,8 @@ Partial labels and extreme label spaces (issue 26):
     python -m vljax.main --config=configs/lit_multilabel.py:loss=pu_mlc,hide=0.5 --workdir=/tmp/vljax_lit_pu
 
 `loss`: "multilabel" (the default, with `kind`), "pu_mlc" (PU-MLC, positive labels only),
-"nnpu" (the non-negative PU risk; its label frequency set to 1 - hide), "comic" (COMIC's
+"nnpu" (the non-negative PU risk; its label frequency set to 1 - hide, the logistic surrogate
+loss: at this recipe's logit bias init of -10 the sigmoid loss's gradient is ~e^-10), "comic" (COMIC's
 label correction and multi-focal modifier for long-tailed partial labels) or "dexml" (DEXML's
 decoupled softmax), vljax/losses/partial_labels.py and dexml.py. `hide`: the fraction of positive
 tags hidden from training, seeded by `hide_seed` (`input.hide_labels`; the hidden tags are written
@@ -76,8 +77,9 @@ def get_config(arg=None):
         c.loss = dict(name="multilabel", kind=a["kind"], template=a["template"])
     else:  # pu_mlc, nnpu, comic, dexml: their defaults; nnPU is told how many positives it sees
         c.loss = dict(name=a["loss"], template=a["template"])
-        if a["loss"] == "nnpu":
+        if a["loss"] == "nnpu":  # the logistic surrogate: the sigmoid one's gradient vanishes at bias -10
             c.loss.label_frequency = 1.0 - a["hide"]
+            c.loss.surrogate = "logistic"
     if a["label_axis"]:  # the label space split over that mesh axis (vljax/label_shards.py)
         c.loss.label_axis = a["label_axis"]
     if a["hide"]:

@@ -17,7 +17,10 @@ markdown table; a loss x seed already recorded there at the same steps is read b
 The second wave's objectives (issue 25) have their own table, with a softmax baseline run beside them:
 
     python experiments/loss_ablation.py --out=experiments/results/loss_ablation_objectives.json \
-        --losses=softmax,hard_negatives,false_negatives,label_smoothing,ascl,dreamlip,sigmoid,hard_negatives_sigmoid
+        --losses=softmax,hard_negatives,false_negatives,label_smoothing,ascl,dreamlip,sigmoid,hard_negatives_sigmoid,distill,dcd
+
+The distillation rows (distill, dcd) take a teacher: --teacher=DIR (any checkpoint vljax.factory.load
+reads), by default the demo (`configs/lit.py`, 500 steps, seed 0) trained first in `<root>/teacher`.
 """
 import argparse
 import os
@@ -47,10 +50,21 @@ def _digits(key, scale):
     return 3 if scale == 1 and ("gap" in key or "memory" in key) else (0 if "pairs" in key else 1)
 
 
-def run(loss: str, seed: int, root: str, steps: int) -> dict:
+def teacher(root: str, given: str) -> str:
+    """The distillation rows' teacher: `given`, or the demo (configs/lit.py, 500 steps) trained in
+    `<root>/teacher` (read back when it finished before)."""
+    if given:
+        return given
+    workdir = ablation_table.workdir_with_shared_store(root, "teacher")
+    ablation_table.run_main("teacher (configs/lit.py)", "configs/lit.py", workdir, 500, "zeroshot/fashion_mnist/top1")
+    return workdir
+
+
+def run(loss: str, seed: int, root: str, steps: int, teacher_dir: str = "") -> dict:
     """One row's run in `<root>/<loss>_<seed>`, its LiT feature store linked to the shared one."""
     workdir = ablation_table.workdir_with_shared_store(root, f"{loss}_{seed}")
-    out = ablation_table.run_main(f"{loss} seed {seed}", f"configs/lit_ablation.py:loss={loss},seed={seed},steps={steps}",
+    arg = f"loss={loss},seed={seed},steps={steps}" + (f",teacher={teacher_dir}" if teacher_dir else "")
+    out = ablation_table.run_main(f"{loss} seed {seed}", f"configs/lit_ablation.py:{arg}",
                                   workdir, steps, "zeroshot/fashion_mnist/top1")
     print(f"[ablation] {loss} seed {seed}: FMNIST {100 * out['zeroshot/fashion_mnist/top1']:.1f}%, val R@1 "
           f"{100 * out['retrieval/val_retrieval/i2t_r1']:.1f}%", flush=True)
@@ -58,9 +72,11 @@ def run(loss: str, seed: int, root: str, steps: int) -> dict:
 
 
 def main():
-    from configs.lit_ablation import LOSSES
+    from configs.lit_ablation import LOSSES, TEACHER_ROWS
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--losses", default=",".join(LOSSES))
+    p.add_argument("--teacher", default="", help="the distill / dcd rows' teacher checkpoint (default: the "
+                   "demo, configs/lit.py, trained in <root>/teacher)")
     ablation_table.add_arguments(p, seeds="0,1", steps=300, root="/tmp/vljax_loss_ablation", out=OUT)
     args = p.parse_args()
     losses = ablation_table.chosen(args.losses, LOSSES, "--losses")
@@ -68,7 +84,10 @@ def main():
     meta = {"steps": args.steps, "seeds": seeds, "recipe": "configs/lit_ablation.py (configs/lit.py + loss)"}
     results = {}
     for loss in losses:
-        results[loss] = [recorded.get((loss, s)) or run(loss, s, args.root, args.steps) for s in seeds]
+        if any((loss, s) not in recorded for s in seeds) and loss in TEACHER_ROWS:
+            args.teacher = teacher(args.root, args.teacher)
+        given = args.teacher if loss in TEACHER_ROWS else ""
+        results[loss] = [recorded.get((loss, s)) or run(loss, s, args.root, args.steps, given) for s in seeds]
         table = ablation_table.save(args.out, meta, results, COLUMNS)
     print(ablation_table.markdown(table, COLUMNS, seeds, "loss", _digits))
 

@@ -35,8 +35,14 @@ def test_config_file_validates(path):
 def test_every_ablation_loss_validates():
     module = _load(os.path.join(REPO, "configs", "lit_ablation.py"))
     for loss in module.LOSSES:
-        config = module.get_config(f"loss={loss},seed=1")
+        teacher = ",teacher=/tmp/teacher" if loss in module.TEACHER_ROWS else ""
+        config = module.get_config(f"loss={loss},seed=1{teacher}")
         config_check.validate(config)
         assert config.loss.name == module.LOSS_OF.get(loss, loss) and config.seed == 1
+        assert config.get("distill", {}).get("teacher") == ("/tmp/teacher" if teacher else None)
     with pytest.raises(ValueError, match="lit_ablation.py: loss='bogus'"):
         module.get_config("loss=bogus")
+    with pytest.raises(ValueError, match="need a teacher checkpoint"):
+        module.get_config("loss=dcd")
+    with pytest.raises(ValueError, match="need a teacher checkpoint"):
+        module.get_config("loss=softmax,teacher=/tmp/teacher")

@@ -47,34 +47,38 @@ def _ref_pu_mlc(zimg, zlab, t, b, y, gamma, alpha):
     return total
 
 
-def _nnpu_parts(zimg, zlab, t, b, y, c):
-    """Kiryo et al.'s two risks per label in float64 (sigmoid loss), pi_j = (|P_j| / B) / c:
+_ELL = {"sigmoid": lambda z: _sigmoid(-z), "logistic": lambda z: np.log1p(np.exp(-z))}  # ell(z, +1)
+
+
+def _nnpu_parts(zimg, zlab, t, b, y, c, surrogate="sigmoid"):
+    """Kiryo et al.'s two risks per label in float64, pi_j = (|P_j| / B) / c:
     ([K] pi_j R_p^+, [K] r_j = R_u^- - pi_j R_p^-)."""
     logits = t * zimg.astype(np.float64) @ zlab.T.astype(np.float64) + b
+    ell = _ELL[surrogate]
     n, positive, negative = logits.shape[0], [], []
     for j in range(logits.shape[1]):
         x, pos = logits[:, j], y[:, j] == 1
         pi = pos.sum() / n / c
-        r_p_plus = _sigmoid(-x[pos]).mean() if pos.any() else 0.0
-        r_p_minus = _sigmoid(x[pos]).mean() if pos.any() else 0.0
+        r_p_plus = ell(x[pos]).mean() if pos.any() else 0.0
+        r_p_minus = ell(-x[pos]).mean() if pos.any() else 0.0
         positive.append(pi * r_p_plus)
-        negative.append(_sigmoid(x).mean() - pi * r_p_minus)
+        negative.append(ell(-x).mean() - pi * r_p_minus)
     return np.array(positive), np.array(negative)
 
 
-def _ref_nnpu(zimg, zlab, t, b, y, c):
+def _ref_nnpu(zimg, zlab, t, b, y, c, surrogate="sigmoid"):
     """Kiryo et al. Eq. 6 per label, mean over labels."""
-    positive, negative = _nnpu_parts(zimg, zlab, t, b, y, c)
+    positive, negative = _nnpu_parts(zimg, zlab, t, b, y, c, surrogate)
     return np.mean(positive + np.maximum(negative, 0.0))
 
 
-def _ref_nnpu_grad(zimg, zlab, t, b, y, c, beta, gamma, eps=1e-6):
+def _ref_nnpu_grad(zimg, zlab, t, b, y, c, beta, gamma, surrogate, eps=1e-6):
     """Kiryo et al.'s Algorithm 1 label by label, by central differences in float64: the gradient
     of pi R_p^+ + r_j where r_j >= -beta, of -gamma r_j where it is below (mean over labels)."""
-    defend = _nnpu_parts(zimg, zlab, t, b, y, c)[1] < -beta
+    defend = _nnpu_parts(zimg, zlab, t, b, y, c, surrogate)[1] < -beta
 
     def descent(zi, zl):
-        positive, negative = _nnpu_parts(zi, zl, t, b, y, c)
+        positive, negative = _nnpu_parts(zi, zl, t, b, y, c, surrogate)
         return np.mean(np.where(defend, -gamma * negative, positive + negative))
 
     grads = []
@@ -122,22 +126,23 @@ def test_pu_losses_equal_the_references_on_1_and_8_devices(name, batch):
     assert np.abs(single[0]).sum() > 0
 
 
-@pytest.mark.parametrize("c, beta, gamma", [(0.5, 0.0, 1.0), (0.05, 0.0, 1.0), (0.05, 0.2, 0.5)])
-def test_nnpu_steps_by_kiryos_algorithm_1(batch, c, beta, gamma):
+@pytest.mark.parametrize("c, beta, gamma, surrogate", [(0.5, 0.0, 1.0, "sigmoid"), (0.05, 0.0, 1.0, "sigmoid"),
+                                                        (0.05, 0.2, 0.5, "sigmoid"), (0.2, 0.0, 1.0, "logistic")])
+def test_nnpu_steps_by_kiryos_algorithm_1(batch, c, beta, gamma, surrogate):
     """Value: Eq. 6 (the negative part clamped at 0). Gradient: Algorithm 1 per label, the defensive
     step (-gamma times the negative part's gradient) where that part is below -beta. In this batch
     pi_j R_p^- outweighs R_u^- for some labels (more at observed frequency 0.05): both regimes."""
     zimg, zlab, t, b, y = batch
-    opts = dict(label_frequency=c, beta=beta, gamma=gamma)
+    opts = dict(label_frequency=c, beta=beta, gamma=gamma, surrogate=surrogate)
     value, grads = jax.value_and_grad(partial_labels.nnpu_loss, argnums=(0, 1))(zimg, zlab, t, b, y, **opts)
-    assert float(value) == pytest.approx(_ref_nnpu(zimg, zlab, t, b, y, c), rel=1e-5)
-    defend, ref = _ref_nnpu_grad(zimg, zlab, t, b, y, c, beta, gamma)
+    assert float(value) == pytest.approx(_ref_nnpu(zimg, zlab, t, b, y, c, surrogate), rel=1e-5)
+    defend, ref = _ref_nnpu_grad(zimg, zlab, t, b, y, c, beta, gamma, surrogate)
     assert 0 < defend.sum() < len(defend), defend  # both branches are exercised
     for g, r in zip(grads, ref):
         np.testing.assert_allclose(g, r, rtol=1e-3, atol=1e-6)
     # A gradient step raises the defended labels' negative risks (a plain max would not move them).
     step = [a - 0.1 * g for a, g in zip((zimg, zlab), grads)]
-    before, after = (_nnpu_parts(*z, t, b, y, c)[1] for z in ((zimg, zlab), step))
+    before, after = (_nnpu_parts(*z, t, b, y, c, surrogate)[1] for z in ((zimg, zlab), step))
     assert np.all(after[defend] > before[defend])
 
 
@@ -149,6 +154,17 @@ def test_nnpu_checks_its_options(batch):
         partial_labels.nnpu_loss(zimg, zlab, t, b, y, beta=-0.1)
     with pytest.raises(ValueError, match="`loss.gamma`"):
         partial_labels.nnpu_loss(zimg, zlab, t, b, y, gamma=0.0)
+    with pytest.raises(ValueError, match="`loss.surrogate`"):
+        partial_labels.nnpu_loss(zimg, zlab, t, b, y, surrogate="hinge")
+
+
+def test_nnpu_sigmoid_surrogate_vanishes_at_a_negative_bias_and_logistic_does_not(batch):
+    """At SigLIP's bias init (-10) every score is a confident negative: the sigmoid loss's gradient
+    is ~e^-10 (why lit_multilabel.py's nnPU uses the logistic loss); the logistic loss's is O(1)."""
+    zimg, zlab, t, _, y = batch
+    norms = {s: float(np.abs(jax.grad(lambda z: partial_labels.nnpu_loss(
+        zimg, z, 1.0, -10.0, y, label_frequency=0.5, surrogate=s))(zlab)).sum()) for s in ("sigmoid", "logistic")}
+    assert norms["sigmoid"] < 1e-3 * norms["logistic"], norms
 
 
 def test_dexml_equals_the_reference_replicated_and_label_sharded(batch):
@@ -319,7 +335,7 @@ def test_lit_multilabel_arguments():
     import lit_multilabel
     c = lit_multilabel.get_config("loss=nnpu,hide=0.4,hide_seed=3,alpha=0.2")
     config_check.validate(c)
-    assert dict(c.loss) == dict(name="nnpu", template="an icon of {}.", label_frequency=0.6)
+    assert dict(c.loss) == dict(name="nnpu", template="an icon of {}.", label_frequency=0.6, surrogate="logistic")
     assert dict(c.input.hide_labels) == dict(fraction=0.4, seed=3)
     assert c.evals.emoji_tags.alphas == (0.2,) and c.evals.emoji_tags.calibration.split == "val"
     for loss in ("pu_mlc", "dexml"):

@@ -23,8 +23,12 @@ l_ij = t <zimg_i, zlabels_j> + b of `vljax.losses.multilabel`.
     consistency regulariser (a second forward pass on mixed images) is not included. The code has
     no non-negative correction; `nnpu_loss` is the estimator with one.
   * `nnpu_loss` (`loss.name="nnpu"`): the non-negative PU risk estimator (Kiryo et al., NeurIPS
-    2017, Eq. 5 / 6: R = pi R_p^+ + max(0, R_u^- - pi R_p^-)) per label with the sigmoid loss
-    ell(z, y) = sigmoid(-y z) (their choice), the batch as the unlabeled sample, and the class
+    2017, Eq. 5 / 6: R = pi R_p^+ + max(0, R_u^- - pi R_p^-)) per label with the surrogate loss
+    `surrogate`: "sigmoid", ell(z, y) = sigmoid(-y z) (the paper's experiments), or "logistic",
+    ell(z, y) = softplus(-y z) (the other loss of its code, kiryor/nnPUlearning `--loss`; its
+    gradient does not vanish on a confidently wrong score, where the sigmoid loss's does: a
+    recipe whose logit bias starts at -10, as SigLIP's, gives the positives' sigmoid loss a
+    gradient of ~e^-10 and nothing trains), the batch as the unlabeled sample, and the class
     prior of label j estimated under "selected completely at random" labels (Elkan & Noto 2008):
     pi_j = (|P_j| / B) / c with c = `label_frequency`, the fraction of positives that are observed
     (1 - the hidden fraction of `input.hide_labels`). Then pi_j R_p = (1 / (c B)) sum_{i in P_j} ell,
@@ -114,23 +118,30 @@ def pu_mlc_loss(zimg, zlabels, t, b, labels, axis_name=None, gamma: float = 1.0,
     return jnp.sum(w * jnp.log(p_mean + 1e-10) - positive)
 
 
+# nnPU's surrogate losses ell(z, +1) as functions of z (ell(z, -1) = ell(-z, +1)).
+_SURROGATES = {"sigmoid": lambda z: jax.nn.sigmoid(-z), "logistic": lambda z: jax.nn.softplus(-z)}
+
+
 def nnpu_loss(zimg, zlabels, t, b, labels, axis_name=None, label_frequency: float = 1.0,
-              beta: float = 0.0, gamma: float = 1.0):
+              beta: float = 0.0, gamma: float = 1.0, surrogate: str = "sigmoid"):
     """The non-negative PU risk per label, averaged over labels, with Kiryo's Algorithm 1 gradient
     (module docstring). zimg [B, D], zlabels [K, D], t, b scalars, labels [B, K] observed
     positives; label_frequency c in (0, 1]: the fraction of true positives that are observed;
     beta >= 0: how far below 0 a label's negative risk may fall before the defensive step; gamma
-    > 0: that step's scale. Scalar."""
+    > 0: that step's scale; surrogate: "sigmoid" | "logistic", the loss ell. Scalar."""
     if not 0.0 < label_frequency <= 1.0:
         raise ValueError(f"config key `loss.label_frequency`: {label_frequency} is not in (0, 1] "
                          "(the fraction of positive labels that are observed)")
     if beta < 0.0 or gamma <= 0.0:
         raise ValueError(f"config keys `loss.beta` ({beta}) and `loss.gamma` ({gamma}): nnPU needs "
                          "beta >= 0 and gamma > 0 (Kiryo et al.'s Algorithm 1)")
+    if surrogate not in _SURROGATES:
+        raise ValueError(f"config key `loss.surrogate`: {surrogate!r} is not one of {sorted(_SURROGATES)}")
     logits, y = _logits(zimg, zlabels, t, b, labels)
     n = psum(jnp.float32(logits.shape[0]), axis_name)
-    as_positive = jax.nn.sigmoid(-logits)   # ell(l, +1)
-    as_negative = jax.nn.sigmoid(logits)    # ell(l, -1)
+    ell = _SURROGATES[surrogate]
+    as_positive = ell(logits)    # ell(l, +1)
+    as_negative = ell(-logits)   # ell(l, -1)
     scale = 1.0 / (label_frequency * n)
     risk_p_pos = psum((y * as_positive).sum(0), axis_name) * scale          # pi_j R_p^+
     risk_p_neg = psum((y * as_negative).sum(0), axis_name) * scale          # pi_j R_p^-
