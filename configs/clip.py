@@ -44,7 +44,8 @@ into prompts (a third source, emoji with `label_prompts` = LABEL_PROMPTS below, 
 with one softmax loss; the text tower learns one prefix embedding per kind (`txt/prefix_embedding`
 [2, width], one more text position: max_len 33) and embeds every evaluation / inference text with
 `prefix_eval` (default "caption", the paper's zero-shot mode). A transformers export is refused
-(no slot for the prefix): use the workdir with `python -m vljax.inference`.
+(no slot for the prefix): use the workdir with `python -m vljax.inference`. `:prefix=union` is the
+paper's baseline: the same three sources, one softmax loss, no prefix (the text tower as `off`).
 
 `tok=PATH` replaces CLIP's 49,408-token BPE with a tokenizer.json that `python -m
 vljax.data.train_tokenizer` learned from the training captions (vljax/tokenizers/caption_bpe.py):
@@ -86,7 +87,7 @@ needs the patch tokens of a TRAINED tower: lit.py's locked trunk would only move
 Config arguments: img (ViT variant, default "Ti/8" at reduced width), txt (text variant), size, batch,
 steps, pd (patch dropout), tune (unmasked steps at the end, with pd), seed, queue (0: none), qm, qb,
 slip (on | off), ssl_scale, ssl_width, ssl_out, text_aug (on | off), mix ("": none), ma, mp, tok,
-prefix (on | off), prefix_eval (caption | label), llm2clip (on | off), adapters, adapter_expansion,
+prefix (on | union | off), prefix_eval (caption | label), llm2clip (on | off), adapters, adapter_expansion,
 dreamlip (0: off), sgl, sgl_delta, sgl_norm (minmax | softmax).
 """
 import ml_collections
@@ -106,8 +107,9 @@ def get_config(arg=None):
                                prefix="off", prefix_eval="caption", llm2clip="off", adapters=4,
                                adapter_expansion=2, dreamlip=0, sgl=1.0, sgl_delta=0.0, sgl_norm="minmax")
     for key in ("slip", "text_aug", "prefix", "llm2clip"):
-        if a[key] not in ("on", "off"):
-            raise ValueError(f"configs/clip.py: {key}={a[key]!r} is not 'on' or 'off'")
+        if a[key] not in ("on", "off") and (key, a[key]) != ("prefix", "union"):
+            raise ValueError(f"configs/clip.py: {key}={a[key]!r} is not 'on' or 'off'"
+                             + (" or 'union'" if key == "prefix" else ""))
     for key, off in (("tok", ""), ("prefix", "off"), ("txt", "tiny")):
         if a["llm2clip"] == "on" and a[key] != off:  # the frozen MiniLM brings its own tokenizer and sizes
             raise ValueError(f"configs/clip.py: llm2clip=on takes MiniLM as the text tower: "
@@ -152,9 +154,10 @@ def get_config(arg=None):
         text.update(prefix_conditioning=True, prefix_at_eval=a["prefix_eval"], max_len=33)
         for entry in c.input.data:
             entry["prefix"] = "caption"
-        c.input.data.append(dict(source="tfds", name="vljax_emoji", split="train", weight=1.0,
-                                 label_key="category", prefix="label",
-                                 label_prompts=list(LABEL_PROMPTS)))
+    if a["prefix"] != "off":  # the label source (prefix "label" with prefix=on; union: none)
+        labels = dict(source="tfds", name="vljax_emoji", split="train", weight=1.0,
+                      label_key="category", label_prompts=list(LABEL_PROMPTS))
+        c.input.data.append(dict(labels, prefix="label") if a["prefix"] == "on" else labels)
     c.model = dict(image_model="vit", image=image, text_model="text_transformer", text=text,
                    temperature_init=1 / 0.07, bias_init=None)
     c.model_init = None

@@ -13,6 +13,12 @@ Rows (`configs/clip.py:<args>,seed=S,steps=N`; configs/clip.py says what each ar
   text_aug   text_aug=on          the text augmentations of Fini et al. 2023 (not a default row)
   dreamlip   dreamlip=6           DreamLIP: 6 sub-captions as positives + its grouping loss over the
                                   patches (vljax/losses/dreamlip.py; not a default row: 7 texts an image)
+  union      prefix=union         the emoji categories as label prompts, a third source beside the
+                                  captions, one loss, no prefix: Prefix Conditioning's baseline
+  prefix     prefix=on            the same three sources with Prefix Conditioning (Saito et al. 2023):
+                                  a learned caption / label prefix token, captions' at evaluation
+                                  (neither is a default row; they compare with each other: the
+                                  label source teaches the emoji categories that `clip` never sees)
 The LiT demo's loss ablation (loss_ablation.py) cannot hold these: they act on a trained image tower
 (momentum towers, an image-view loss, mixed pixels), which the LiT recipe locks and stores.
 
@@ -38,6 +44,8 @@ ROWS = {
     "m3col": "mix=m3col",
     "text_aug": "text_aug=on",
     "dreamlip": "dreamlip=6",
+    "union": "prefix=union",
+    "prefix": "prefix=on",
 }
 DEFAULT_ROWS = "clip,queue,slip,timix,m3col"
 COLUMNS = [  # (header, metric key, scale)

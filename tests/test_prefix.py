@@ -160,6 +160,13 @@ def test_config_check_names_the_prefix_keys():
     c.text_cache = True  # embeds training texts without the batch's prefix ids
     with pytest.raises(ValueError, match=r"`text_cache` cannot be combined with a source's `input\.data\[i\]\.prefix`"):
         config_check.validate(c)
+    # The paper's baseline: the same three sources, no prefix anywhere.
+    on, union = clip.get_config("prefix=on"), clip.get_config("prefix=union")
+    config_check.validate(union)
+    assert [{k: v for k, v in e.items() if k != "prefix"} for e in on.input.data] == list(union.input.data)
+    assert not any("prefix" in e for e in union.input.data) and "prefix_conditioning" not in union.model.text
+    with pytest.raises(ValueError, match="prefix='both' is not 'on' or 'off' or 'union'"):
+        clip.get_config("prefix=both")
 
 
 _MAIN_CONFIG = """import sys
