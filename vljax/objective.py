@@ -59,7 +59,8 @@ class Loss:
     `frozen/txt_features` (the towers' pre_logits with their gradient stopped; with stored LiT
     features, those features), `labels/ztxt` (the label prompts' embeddings, `label_prompts`),
     `sub/ztxt` (each image's sub-captions' embeddings [B, K, D], config.input.subcaptions), `step`
-    (the optimizer step, an int32 scalar) and `batch/<field>` (a field of the input batch, e.g. `batch/label` with `config.input.label=True`).
+    (the optimizer step, an int32 scalar) and `batch/<field>` (a field of the input batch, e.g.
+    `batch/label` with `config.input.label=True`).
     `make_loss` looks the names up, splits batched inputs over the mesh's batch axes and runs
     `fn(*inputs, axis_name=..., **options)` under one `jax.shard_map`.
     `chosen(options) -> names` appends the inputs that the loss's options choose (multi_positive's

@@ -7,8 +7,9 @@ added with a weight to the alignment loss (vljax/objective.py `with_regularisers
 Followed: the authors' code, `src/loss/clip_loss.py` of the official repository (read from the
 copy hhxk233/STRUCTURE, commits by the first author): `structure_reg` (lines 58-142) with
 `center_embeddings` (18-29), `compute_similarity` (38-55, cosine), `safe_normalize`
-(`src/utils/utils.py` 111-128), and `CLIPLoss` (145-301: `step()`'s warmup, `forward`'s two
-modalities); the settings of `configs/default.yaml` and `configs/losses_lin/clip_structure_{1,2,3,5}.yaml`
+(`src/utils/utils.py` 111-128), and `CLIPLoss` (145-301: `step()`'s warmup at 201-205, called
+before each forward by `src/trainers/alignment_trainer.py` line 1250; `forward`'s two modalities at
+253-298); the settings of `configs/default.yaml` and `configs/losses_lin/clip_structure_{1,2,3,5}.yaml`
 (temperature 0.05, lambda 10, warmup 1000 steps, levels 1 / 2 / 3 / 5 with weighting "none" at 1
 and "inverse" above, margin 0, mean centring, cosine). For one modality, with X the frozen
 encoder's features and Z the aligned embeddings of the batch (B rows):
@@ -34,8 +35,10 @@ before each step's forward: lambda is 0 at the first step), step counting optimi
 
 Deviations from the code, each small:
   * Normalisation is always applied. The code's `safe_normalize` skips it when every row already
-    has norm 1 within 1e-6 (a data-dependent branch); normalising a unit row again changes its
-    value by < 1e-6 and not its gradient (the projection is idempotent).
+    has norm 1 within 1e-6 (a data-dependent branch, taken for the code's aligned embeddings,
+    which `normalize_latents` has normalised); normalising such a row again changes its value by
+    < 1e-6, and its gradient not at all when the row is itself a normalisation's output (vljax's
+    embeddings are: the projection onto the sphere's tangent is idempotent).
   * tau is its own option (`loss.structure_temperature`, default the configs' 0.05); in the code it
     is the contrastive loss's fixed temperature, vljax's contrastive temperature is learnt.
   * The code regularises both modalities and averages them, `lambda * (R_img + R_txt) / 2`; here
