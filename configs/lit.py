@@ -44,8 +44,14 @@ Config arguments (`--config=configs/lit.py:steps=200,batch=64`): steps, batch, a
   dcd=DIR       distil from the teacher at DIR (as `distill=`) with Dynamic Contrastive Distillation
                 (vljax/losses/dcd.py) in place of CLIP-KD: each image's positive caption and the
                 teacher's k = 7 hardest other captions of the batch, alpha = 0.2 (the official code's);
-  structure=W   add the STRUCTURE regulariser (vljax/losses/structure.py) with weight W: the locked
-                image trunk's neighbourhood geometry (its stored features) kept in the joint space;
+  structure=W   add the STRUCTURE regulariser (vljax/losses/structure.py, the authors' code's form and
+                settings: levels 1, tau 0.05, mean centring) with weight W (the code's configs: 10):
+                the locked image trunk's neighbourhood geometry (its stored features) kept in the
+                joint space. Image side only: the code regularises both modalities, but here only
+                the image trunk is frozen (MiniLM's top blocks train), and a trained side has no
+                fixed geometry to keep (vljax/objective.py `check` refuses it);
+  structure_warmup=N  the weight ramps linearly from 0 over N optimizer steps (default 1000, the
+                code's; this demo's 500 steps then end at half the weight; 0: no ramp);
   ascl=K        ASCL's adaptive soft targets (vljax/losses/ascl.py) in place of the one-hot ones: the
                 paired embedding's similarity distribution over the batch (T2 = 0.05, the official
                 code's), weighted by its confidence, adds up to K units of target mass per row;
@@ -60,7 +66,7 @@ from vljax import config_args
 
 def get_config(arg=None):
     a = config_args.parse_arg(arg, "configs/lit.py", steps=500, batch=128, distill="", dcd="", crd=1.0,
-                              fd=0.0, structure=0.0, ascl=0.0, dreamlip=0)
+                              fd=0.0, structure=0.0, structure_warmup=1000, ascl=0.0, dreamlip=0)
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.total_steps = a["steps"]
@@ -111,7 +117,8 @@ def get_config(arg=None):
         c.loss = dict(name="dreamlip")
         c.input.subcaptions = dict(num=a["dreamlip"])
     with_dcd(c, a["dcd"])  # before with_distillation, which adds `structure=` to the chosen loss
-    with_distillation(c, a["distill"], crd=a["crd"], fd=a["fd"], structure=a["structure"])
+    with_distillation(c, a["distill"], crd=a["crd"], fd=a["fd"], structure=a["structure"],
+                      structure_warmup=a["structure_warmup"])
     c.optax = dict(name="adamw", b1=0.9, b2=0.999, scale_wd_by_lr=False)  # big_vision convention
     c.lr = 1e-3
     c.wd = 1e-4
@@ -148,14 +155,17 @@ def get_config(arg=None):
     return c
 
 
-def with_distillation(c, teacher: str = "", *, crd: float = 1.0, fd: float = 0.0, structure: float = 0.0):
-    """The `distill=`, `crd=`, `fd=` and `structure=` arguments (module docstring) applied to config
-    `c`, whose loss is the softmax contrastive loss; unchanged when teacher is "" and structure 0."""
+def with_distillation(c, teacher: str = "", *, crd: float = 1.0, fd: float = 0.0, structure: float = 0.0,
+                      structure_warmup: int = 1000):
+    """The `distill=`, `crd=`, `fd=`, `structure=` and `structure_warmup=` arguments (module
+    docstring) applied to config `c`, whose loss is the softmax contrastive loss; unchanged when
+    teacher is "" and structure 0."""
     if teacher:
         c.distill = dict(teacher=teacher)
         c.loss = dict(name="clip_kd", crd_weight=crd, fd_weight=fd, icl_weight=0.0)
     if structure:
         c.loss.structure_weight = structure  # the image side: LiT's locked, stored trunk features
+        c.loss.structure_warmup = structure_warmup
     return c
 
 

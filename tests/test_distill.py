@@ -1,7 +1,7 @@
-"""Distillation from a teacher CLIP's stored embeddings (CLIP-KD's FD / CRD / ICL, vljax/losses/distill.py)
-and the STRUCTURE regulariser (vljax/losses/structure.py): numpy references of the equations (value
-and gradient), 1 device == 8, the teacher store (vljax/teacher_features.py) and both trained through
-`python -m vljax.main` with configs/lit.py-style arguments."""
+"""Distillation from a teacher CLIP's stored embeddings (CLIP-KD's FD / CRD / ICL, vljax/losses/distill.py):
+numpy references of the equations (value and gradient), 1 device == 8, the teacher store
+(vljax/teacher_features.py) and CLIP-KD with the STRUCTURE regulariser (tests/test_structure.py)
+trained through `python -m vljax.main` with configs/lit.py-style arguments."""
 import json
 import os
 import subprocess
@@ -18,7 +18,6 @@ from vljax import checkpoints, factory, objective, sharding, teacher_features, t
 from vljax.data import pipeline, sources
 from vljax.embedder import Embedder
 from vljax.losses.distill import clip_kd
-from vljax.losses.structure import structure_loss
 
 
 # ----------------------------------------------------------------------------------------------
@@ -48,25 +47,6 @@ def ref_clip_kd(zi, zt, t, ti, tt, tT, fd, crd, icl):
     return task + fd * fd_v + crd * crd_v + icl * icl_v
 
 
-def _transition(x, tau):
-    x = x / np.linalg.norm(x, axis=-1, keepdims=True)
-    s = x @ x.T / tau
-    np.fill_diagonal(s, -np.inf)
-    return np.exp(_log_softmax(s))
-
-
-def ref_structure(z, f, levels, tau):
-    p, q = _transition(f, tau), _transition(z, tau)
-    total, pl, ql = 0.0, np.eye(len(z)), np.eye(len(z))
-    for _ in range(levels):
-        pl, ql = pl @ p, ql @ q
-        m = (pl + ql) / 2
-        with np.errstate(divide="ignore", invalid="ignore"):
-            kl = lambda a: np.nansum(np.where(a > 0, a * (np.log(a) - np.log(m)), 0.0), -1)  # noqa: E731
-        total += np.mean((kl(pl) + kl(ql)) / 2)
-    return total / levels
-
-
 def _num_grad(f, x, eps=1e-6):
     g = np.zeros_like(x)
     for i in np.ndindex(x.shape):
@@ -90,8 +70,7 @@ def manifest(tmp_path_factory):
 def pairs():
     rng = np.random.default_rng(0)
     b, d = 8, 6
-    return dict(zi=_unit(rng, b, d), zt=_unit(rng, b, d), ti=_unit(rng, b, d), tt=_unit(rng, b, d),
-                f=rng.normal(size=(b, 10)))
+    return dict(zi=_unit(rng, b, d), zt=_unit(rng, b, d), ti=_unit(rng, b, d), tt=_unit(rng, b, d))
 
 
 KD_WEIGHTS = [dict(fd=1.0, crd=0.0, icl=0.0), dict(fd=0.0, crd=1.0, icl=0.0), dict(fd=0.0, crd=0.0, icl=1.0),
@@ -125,17 +104,6 @@ def test_clip_kd_teacher_gets_no_gradient_and_widths_are_checked(pairs):
     assert np.isfinite(clip_kd(z[0], z[1], 3.0, wide + 0.1, wide + 0.1, jnp.float32(5.0), fd_weight=0.0))
 
 
-@pytest.mark.parametrize("levels,tau", [(1, 0.5), (3, 0.2)])
-def test_structure_value_and_gradient_equal_numpy(pairs, levels, tau):
-    z, f = pairs["zi"], pairs["f"]
-    value, g = jax.value_and_grad(lambda x: structure_loss(x, jnp.asarray(f, jnp.float32), levels=levels,
-                                                           temperature=tau))(jnp.asarray(z, jnp.float32))
-    np.testing.assert_allclose(value, ref_structure(z, f, levels, tau), rtol=1e-5)
-    np.testing.assert_allclose(g, _num_grad(lambda x: ref_structure(x, f, levels, tau), z), atol=2e-5)
-    # The same geometry (f's directions, any scale) costs nothing.
-    assert float(structure_loss(jnp.asarray(f * 3.0), jnp.asarray(f), levels=levels, temperature=tau)) < 1e-6
-
-
 def _value_and_grad(fn, args, mesh=None):
     """jit(value_and_grad) of fn(*args) in its first argument: on one device, or (mesh) under
     shard_map with every argument split over the batch axis."""
@@ -150,7 +118,6 @@ def _value_and_grad(fn, args, mesh=None):
 def test_one_device_equals_eight():
     rng = np.random.default_rng(1)
     zi, zt, ti, tt = (jnp.asarray(_unit(rng, 16, 6), jnp.float32) for _ in range(4))
-    f = jnp.asarray(rng.normal(size=(16, 10)), jnp.float32)
     tT = jnp.full((16,), 5.0, jnp.float32)
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))
 
@@ -158,29 +125,18 @@ def test_one_device_equals_eight():
         return clip_kd(a, c, jnp.float32(3.0), ti_, tt_, tT_[0], axis, fd_weight=2.0, crd_weight=0.5,
                        icl_weight=0.3)
 
-    def st(a, f_, axis=None):
-        return structure_loss(a, f_, axis, levels=3, temperature=0.2)
-
-    for fn, args in ((kd, (zi, zt, ti, tt, tT)), (st, (zi, f))):
-        one, eight = _value_and_grad(fn, args), _value_and_grad(fn, args, mesh)
-        np.testing.assert_allclose(eight[0], one[0], rtol=1e-5)
-        np.testing.assert_allclose(eight[1], one[1], atol=1e-6)
+    args = (zi, zt, ti, tt, tT)
+    one, eight = _value_and_grad(kd, args), _value_and_grad(kd, args, mesh)
+    np.testing.assert_allclose(eight[0], one[0], rtol=1e-5)
+    np.testing.assert_allclose(eight[1], one[1], atol=1e-6)
 
 
-def test_objective_adds_structure_and_refuses_what_cannot_work(manifest, tmp_path):
-    loss = objective.spec(dict(name="softmax", structure_weight=0.5, structure_sides="both"))
-    assert loss.inputs[3:] == ("zimg", "frozen/img_features", "ztxt", "frozen/txt_features")
-    with pytest.raises(ValueError, match="loss.structure_sides"):
-        objective.spec(dict(name="softmax", structure_weight=0.5, structure_sides="audio"))
+def test_clip_kd_needs_a_teacher(manifest, tmp_path):
     config = tiny_config(manifest, "lit", steps=10)
-    config.loss = dict(name="softmax", structure_weight=1.0, structure_sides="text")
-    with pytest.raises(ValueError, match="loss.structure_sides.*FROZEN text"):
-        train.Trainer(config, str(tmp_path / "run"))
     config.loss = dict(name="clip_kd")
     with pytest.raises(ValueError, match="config key `distill`"):
         train.Trainer(config, str(tmp_path / "run"))
     assert "fd_weight" in objective.option_keys("clip_kd")
-    assert "structure_levels" in objective.option_keys("softmax")
 
 
 # ----------------------------------------------------------------------------------------------

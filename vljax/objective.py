@@ -32,13 +32,14 @@ from jax.sharding import PartitionSpec as P
 
 from vljax import label_shards, losses, sharding, slip
 from vljax.data import sources
-from vljax.losses.structure import structure_loss
+from vljax.losses.structure import CENTERINGS, WEIGHTINGS, structure_loss
 from vljax.text import canonicalize_name
 
 # Keys of config.loss that the regularisers take (`with_regularisers`), beside the loss's own;
 # REGULARISER_KEYS adds the added multi-label loss's prompt, which `label_prompts` reads.
 _REGULARISER_OPTIONS = ("align_weight", "uniform_weight", "multilabel_weight", "multilabel_kind",
-                        "structure_weight", "structure_sides", "structure_levels", "structure_temperature")
+                        "structure_weight", "structure_sides", "structure_levels", "structure_temperature",
+                        "structure_weighting", "structure_margin", "structure_centering", "structure_warmup")
 # STRUCTURE's sides: the aligned embedding and the frozen features whose geometry it keeps.
 _STRUCTURE_SIDES = {"image": ("zimg", "frozen/img_features"), "text": ("ztxt", "frozen/txt_features")}
 REGULARISER_KEYS = (*_REGULARISER_OPTIONS, "multilabel_template")
@@ -57,8 +58,9 @@ class Loss:
     `frozen/ztxt` (the embeddings with their gradient stopped), `frozen/img_features` /
     `frozen/txt_features` (the towers' pre_logits with their gradient stopped; with stored LiT
     features, those features), `labels/ztxt` (the label prompts' embeddings, `label_prompts`),
-    `sub/ztxt` (each image's sub-captions' embeddings [B, K, D], config.input.subcaptions) and
-    `batch/<field>` (a field of the input batch, e.g. `batch/label` with `config.input.label=True`).
+    `sub/ztxt` (each image's sub-captions' embeddings [B, K, D], config.input.subcaptions), `step`
+    (the optimizer step, an int32 scalar) and `batch/<field>` (a field of the input batch, e.g.
+    `batch/label` with `config.input.label=True`).
     `make_loss` looks the names up, splits batched inputs over the mesh's batch axes and runs
     `fn(*inputs, axis_name=..., **options)` under one `jax.shard_map`.
     `chosen(options) -> names` appends the inputs that the loss's options choose (multi_positive's
@@ -154,17 +156,19 @@ def _options(loss_cfg, loss: Loss) -> dict:
 
 def with_regularisers(loss: Loss, align_weight=0.0, uniform_weight=0.0, multilabel_weight=0.0,
                       multilabel_kind="bce", structure_weight=0.0, structure_sides="image",
-                      structure_levels=2, structure_temperature=0.1) -> Loss:
+                      structure_levels=1, structure_temperature=0.05, structure_weighting="none",
+                      structure_margin=0.0, structure_centering="mean", structure_warmup=1000) -> Loss:
     """`loss` plus
       align_weight * alignment_loss(zimg, ztxt) + uniform_weight * (uniformity_loss(zimg) +
       uniformity_loss(ztxt)) / 2 (Wang & Isola 2020 as regularisers), and
       multilabel_weight * multilabel_loss(zimg, labels/ztxt, t, b, batch/labels, kind=multilabel_kind)
       (the multi-label loss on the batch's tag sets added to a contrastive loss on its captions;
       its label prompts are `label_prompts`'), and
-      structure_weight * mean over `structure_sides` ("image", "text" or "both") of
-      structure_loss(z, frozen features, levels=structure_levels, temperature=structure_temperature)
-      (STRUCTURE, vljax/losses/structure.py: the frozen trunk's neighbourhood geometry kept in the
-      joint space; the image side's frozen features are LiT's stored features),
+      structure_weight * min(1, step / structure_warmup) * mean over `structure_sides` ("image",
+      "text" or "both") of structure_loss(z, frozen features, levels=structure_levels, ...)
+      (STRUCTURE, vljax/losses/structure.py, the authors' code's form and defaults: the frozen
+      encoder's neighbourhood geometry kept in the joint space; the image side's frozen features
+      are LiT's stored features; `step` the optimizer step, 0 at the first; warmup 0: no ramp),
     from config `loss.align_weight`, ... Unchanged when every weight is 0."""
     if not align_weight and not uniform_weight and not multilabel_weight and not structure_weight:
         return loss
@@ -175,10 +179,12 @@ def with_regularisers(loss: Loss, align_weight=0.0, uniform_weight=0.0, multilab
             raise ValueError(f"config key `loss.multilabel_kind`: {multilabel_kind!r} is not one of "
                              f"{sorted(losses.MULTILABEL)}")
         extra += ("zimg", "labels/ztxt", "t", "b", "batch/labels")
-    sides = ()
     if structure_weight:
-        sides = structure_sides_of(structure_sides)
-        extra += tuple(k for side in sides for k in _STRUCTURE_SIDES[side])
+        structure, structure_inputs = structure_term(
+            structure_sides, levels=structure_levels, temperature=structure_temperature,
+            weighting=structure_weighting, margin=structure_margin, centering=structure_centering)
+        warmup = _structure_warmup(structure_warmup)
+        extra += structure_inputs + (("step",) if warmup else ())
 
     def fn(*args, axis_name=None, **kwargs):
         named, rest = args[:k], list(args[k:])
@@ -196,12 +202,62 @@ def with_regularisers(loss: Loss, align_weight=0.0, uniform_weight=0.0, multilab
                                                                        kind=multilabel_kind)
             rest = rest[5:]
         if structure_weight:
-            value = value + structure_weight * sum(
-                structure_loss(rest[2 * i], rest[2 * i + 1], axis_name, levels=structure_levels,
-                               temperature=structure_temperature) for i in range(len(sides))) / len(sides)
+            pairs = rest[:len(structure_inputs)]
+            weight = structure_weight
+            if warmup:  # the code's CLIPLoss.step(): lambda * min(1, step / warmup)
+                weight = structure_weight * structure_ramp(rest[len(structure_inputs)], warmup)
+            value = value + weight * structure(*pairs, axis_name=axis_name)
         return value
 
     return dataclasses.replace(loss, fn=fn, inputs=loss.inputs + extra, chosen=None)
+
+
+def structure_term(sides, *, levels, temperature, weighting, margin, centering):
+    """(term(*inputs, axis_name=None) -> the mean over `sides` (`loss.structure_sides`) of
+    STRUCTURE's structure_loss(z, frozen features, levels=..., ...), inputs); the options are
+    checked here, a bad one named by its config key `loss.structure_<option>`."""
+    sides = structure_sides_of(sides)
+    options = dict(levels=levels, temperature=temperature, weighting=weighting, margin=margin,
+                   centering=centering)
+    if isinstance(levels, bool) or not isinstance(levels, (int, np.integer)) or levels < 1:
+        raise ValueError(f"config key `loss.structure_levels`: {levels!r} is not an int >= 1 (the scales: "
+                         f"powers of the similarity distributions; the code's configs use 1, 2, 3, 5)")
+    for key, v, ok, what in (("temperature", temperature, lambda x: x > 0, "> 0"),
+                             ("margin", margin, lambda x: x >= 0, ">= 0")):
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.number)) or not ok(v):
+            raise ValueError(f"config key `loss.structure_{key}`: {v!r} is not a number {what}")
+    for key, known in (("weighting", WEIGHTINGS), ("centering", CENTERINGS)):
+        if options[key] not in known:
+            raise ValueError(f"config key `loss.structure_{key}`: {options[key]!r} is not one of {list(known)}")
+    inputs = tuple(k for side in sides for k in _STRUCTURE_SIDES[side])
+
+    def term(*pairs, axis_name=None):
+        return sum(structure_loss(pairs[2 * i], pairs[2 * i + 1], axis_name, **options)
+                   for i in range(len(sides))) / len(sides)
+
+    return term, inputs
+
+
+_STRUCTURE_LOSS_OPTIONS = ("levels", "temperature", "weighting", "margin", "centering")
+
+
+def _structure_config(loss_cfg) -> dict:
+    """config.loss's `structure_*` keys over `with_regularisers`' defaults, by option (`levels`, ...)."""
+    params = inspect.signature(with_regularisers).parameters
+    return {k[len("structure_"):]: loss_cfg.get(k, p.default) for k, p in params.items()
+            if k.startswith("structure_")}
+
+
+def _structure_warmup(warmup) -> int:
+    if isinstance(warmup, bool) or not isinstance(warmup, (int, np.integer)) or warmup < 0:
+        raise ValueError(f"config key `loss.structure_warmup`: {warmup!r} is not an int >= 0 (optimizer "
+                         f"steps over which the weight ramps up from 0; 0: no ramp)")
+    return int(warmup)
+
+
+def structure_ramp(step, warmup):
+    """The code's lambda schedule (CLIPLoss.step): min(1, step / warmup), step the optimizer step."""
+    return jnp.minimum(1.0, jnp.asarray(step, jnp.float32) / warmup)
 
 
 def with_ssl(loss: Loss, opts) -> Loss:
@@ -339,11 +395,13 @@ def label_prompts(config, tokenizer, opened) -> np.ndarray | None:
 # ----------------------------------------------------------------------------------------------
 
 
-def loss_inputs(zimg, ztxt, out, batch) -> dict:
+def loss_inputs(zimg, ztxt, out, batch, step=None) -> dict:
     """Everything a loss may take, by name (see `Loss`). Float inputs go to float32: losses run in
-    float32 whatever the towers' compute dtype (bf16 logits lose the ranking)."""
+    float32 whatever the towers' compute dtype (bf16 logits lose the ranking). `step` (int32 [],
+    the optimizer step, 0 at the first update; vljax/step.py) is the input `step` (STRUCTURE's
+    warmup)."""
     img_features = batch["image_features"] if "image_features" in batch else out.get("img/pre_logits")
-    values = {"zimg": zimg, "ztxt": ztxt, **out,
+    values = {"zimg": zimg, "ztxt": ztxt, **out, "step": step,
               "frozen/zimg": jax.lax.stop_gradient(zimg), "frozen/ztxt": jax.lax.stop_gradient(ztxt),
               **{f"batch/{k}": v for k, v in batch.items()}}
     for k, v in (("frozen/img_features", img_features), ("frozen/txt_features", out.get("txt/pre_logits")),
@@ -406,6 +464,12 @@ def make_parts(config, mesh):
              (declared(config.loss) if callable(declared) else declared).items()}
     if (ssl := slip.options(config)) is not None:  # SLIP's NT-Xent, unscaled
         parts["ssl"] = slip.term(ssl)
+    st = _structure_config(config.loss)
+    if st["weight"]:  # STRUCTURE's term before its weight, and the weight (the code logs both)
+        parts["structure"] = structure_term(st["sides"], **{k: st[k] for k in _STRUCTURE_LOSS_OPTIONS})
+        if _structure_warmup(st["warmup"]):
+            parts["structure_lambda"] = (
+                lambda step, axis_name=None: st["weight"] * structure_ramp(step, st["warmup"]), ("step",))
     axes = sharding.batch_axes(mesh)
     axis = axes[0] if len(axes) == 1 else axes
 

@@ -28,7 +28,7 @@ def join(trainable, frozen):
 
 def make_train_step(model, tx, loss, trainable_mask, label_text=None, label_blocks=0, text_blocks=0,
                     self_distill=None, acid=None, momentum=None, parts=None, ssl=None, mixing=None,
-                    catlip=None, label_sharding=None):
+                    catlip=None, label_sharding=None, grad_accum_steps=1):
     """One optimizer (micro-)step, `step_fn(state, batch[, label_states])`. Gradients are
     computed for trainable parameters only.
 
@@ -66,6 +66,8 @@ def make_train_step(model, tx, loss, trainable_mask, label_text=None, label_bloc
     nothing of the text side (`catlip.image_only`) the text tower is not run.
     `label_sharding` (`label_shards.place`, config.loss.label_axis) splits the label prompts'
     rows, their states and their embeddings over the label axis: no device holds all K.
+    The loss's input `step` is the optimizer step, state["step"] // `grad_accum_steps` (0 at the
+    first update; config.grad_accum_steps, as the learning-rate schedules count).
     """
     def on_label_axis(x):
         return x if label_sharding is None else jax.lax.with_sharding_constraint(x, label_sharding)
@@ -143,7 +145,8 @@ def make_train_step(model, tx, loss, trainable_mask, label_text=None, label_bloc
                 out = {**out, **ssl.embed(model, params, batch, jax.random.fold_in(step_rng, 2))}
             if catlip is not None:  # CatLIP's large-vocabulary head on the image embedding
                 out = {**out, **catlip.inputs(params, zimg)}
-            values = objective.loss_inputs(zimg, ztxt, {**out, **extra}, batch)
+            values = objective.loss_inputs(zimg, ztxt, {**out, **extra}, batch,
+                                           step=state["step"] // grad_accum_steps)
             value, aux = loss(values), {}
             if acid is not None and acid.kd_weight:  # ACED's KD term (vljax/acid.py)
                 aux["acid_kd"] = acid.kd_term(zimg, ztxt, out["t"], kd_targets)

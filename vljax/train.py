@@ -286,7 +286,8 @@ class Trainer:
                                       self.label_text, self.label_blocks, self.text_blocks, sd,
                                       self.acid, self.momentum, parts=parts,
                                       ssl=None if self.ssl_opts is None else slip.Slip.build(self.ssl_opts),
-                                      mixing=self.mixing, catlip=self.catlip, label_sharding=self.label_sharding)
+                                      mixing=self.mixing, catlip=self.catlip, label_sharding=self.label_sharding,
+                                      grad_accum_steps=config.get("grad_accum_steps", 1) or 1)
             if not self.label_blocks and self.acid is None:
                 fn = jax.jit(step_fn, in_shardings=(self.state_sh, batch_sh),
                              out_shardings=(self.state_sh, None), donate_argnums=(0,))
