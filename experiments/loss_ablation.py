@@ -17,7 +17,7 @@ markdown table; a loss x seed already recorded there at the same steps is read b
 The second wave's objectives (issue 25) have their own table, with a softmax baseline run beside them:
 
     python experiments/loss_ablation.py --out=experiments/results/loss_ablation_objectives.json \
-        --losses=softmax,hard_negatives,false_negatives,label_smoothing,ascl,dreamlip,sigmoid,hard_negatives_sigmoid,distill,dcd
+        --losses=softmax,hard_negatives,false_negatives,label_smoothing,ascl,dreamlip,sigmoid,hard_negatives_sigmoid,distill,dcd,structure
 
 The distillation rows (distill, dcd) take a teacher: --teacher=DIR (any checkpoint vljax.factory.load
 reads), by default the demo (`configs/lit.py`, 500 steps, seed 0) trained first in `<root>/teacher`.
