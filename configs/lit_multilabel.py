@@ -33,7 +33,10 @@ Partial labels and extreme label spaces (issue 26):
 
     python -m vljax.main --config=configs/lit_multilabel.py:loss=pu_mlc,hide=0.5 --workdir=/tmp/vljax_lit_pu
 
-`loss`: "multilabel" (the default, with `kind`), "pu_mlc" (PU-MLC, positive labels only),
+`loss`: "multilabel" (the default, with `kind`), "pu_mlc" (PU-MLC, positive labels only; the logit
+bias starts at 0, as its code's linear classifier, not at this recipe's -10: there its re-balance
+factor (mean_i p_ij)^gamma starts at ~e^-10, the unlabeled term is off while the positive term
+raises every score, and the runs end far lower: experiments/README.md),
 "nnpu" (the non-negative PU risk; its label frequency set to 1 - hide, the logistic surrogate
 loss: at this recipe's logit bias init of -10 the sigmoid loss's gradient is ~e^-10), "comic" (COMIC's
 label correction and multi-focal modifier for long-tailed partial labels) or "dexml" (DEXML's
@@ -80,6 +83,8 @@ def get_config(arg=None):
         if a["loss"] == "nnpu":  # the logistic surrogate: the sigmoid one's gradient vanishes at bias -10
             c.loss.label_frequency = 1.0 - a["hide"]
             c.loss.surrogate = "logistic"
+        if a["loss"] == "pu_mlc":  # PU-MLC's classifier starts near 0 (see the module docstring)
+            c.model.bias_init = 0.0
     if a["label_axis"]:  # the label space split over that mesh axis (vljax/label_shards.py)
         c.loss.label_axis = a["label_axis"]
     if a["hide"]:

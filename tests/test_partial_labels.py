@@ -342,5 +342,6 @@ def test_lit_multilabel_arguments():
         c = lit_multilabel.get_config(f"loss={loss}")
         config_check.validate(c)
         assert c.loss.name == loss and "hide_labels" not in c.input
+        assert c.model.bias_init == (0.0 if loss == "pu_mlc" else -10.0)
     with pytest.raises(ValueError, match="`loss.name`"):
         config_check.validate(lit_multilabel.get_config("loss=pu"))
