@@ -157,6 +157,8 @@ class EfficientNetLite(nn.Module):
     num_classes > 0 (1000 = the ImageNet classifier; in a two-tower model, the projection).
     out: "tokens" [B, h*w, 1280] final feature map (after the 1280-ch conv, ReLU6),
     "pre_logits" [B, 1280], "logits" when there is a head.
+    With `mutable=["intermediates"]`, `apply` also returns each MBConv block's output map
+    [B, h, w, C] as intermediates `blocks_<i>_out` (vljax/layer_selection.py reads them).
     """
 
     variant: str = "lite0"
@@ -198,6 +200,9 @@ class EfficientNetLite(nn.Module):
         for i, spec in enumerate(block_specs(self.variant)):
             x = MBConv(spec["kernel"], spec["stride"], spec["expand"], spec["cout"],
                        self.depthwise, name=f"blocks_{i}", **kw)(x)
+            # Each block's output map [B, h, w, C], kept only when the caller makes "intermediates"
+            # mutable (STRUCTURE's layer selection, vljax/layer_selection.py); a no-op otherwise.
+            self.sow("intermediates", f"blocks_{i}_out", x)
         x = nn.relu6(nn.Conv(HEAD_CHANNELS, (1, 1), name="top_conv", **kw)(x))
         b, h, w, c = x.shape
         out["tokens"] = x.reshape(b, h * w, c)
