@@ -183,3 +183,58 @@ def test_cli_writes_the_matrix_and_the_chosen_pair(tmp_path):
     assert "chosen: image" in proc.stdout
     # 24 shapes records: more samples than records takes them all.
     assert report["first_ids"][0].startswith("0:")
+
+
+def test_lowest_layers_cuts_only_the_layers_above_the_model():
+    from vljax import pretrained
+    ckpt = {"word_embeddings": 1, **{f"encoderblock_{i}": i for i in range(6)}}
+    model = {"word_embeddings": 0, "encoderblock_0": 0, "encoderblock_1": 0, "head": 0}
+    assert pretrained.lowest_layers(ckpt, model, "txt") == {"word_embeddings": 1, "encoderblock_0": 0,
+                                                            "encoderblock_1": 1}
+    assert set(pretrained.lowest_layers(ckpt, {"word_embeddings": 0}, "txt")) == {"word_embeddings"}
+    img = {"stem_conv": 0, **{f"blocks_{i}": i for i in range(16)}, "top_conv": 0, "head": 0}
+    cut = pretrained.lowest_layers(img, {"stem_conv": 0, **{f"blocks_{i}": 0 for i in range(7)}}, "img")
+    assert set(cut) == {"stem_conv", "head", *(f"blocks_{i}" for i in range(7))}
+    # As deep as the checkpoint: unchanged (a missing top_conv alone is left to write_tower to refuse).
+    assert pretrained.lowest_layers(img, {k: 0 for k in img if k != "top_conv"}, "img") == img
+    with pytest.raises(ValueError, match="model.image.feature_block"):
+        efficientnet.EfficientNetLite(feature_block=16).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+
+
+@pytest.mark.slow
+def test_towers_cut_at_the_chosen_layers_give_the_measured_features():
+    """Training on STRUCTURE's chosen layers: MiniLM cut to 2 blocks and EfficientNet-Lite0 cut after
+    block 6, with the pretrained weights of the layers kept, give exactly the features the layer
+    selection measured on the whole pretrained towers (text layer 2, image blocks_6)."""
+    from vljax import pretrained
+    from vljax.convert.bert import load_minilm
+
+    def towers(image_extra, text_layers):
+        kw, _ = load_minilm()
+        text = {k: v for k, v in kw.items() if k in ("vocab_size", "hidden_size", "num_heads",
+                                                     "intermediate_size", "max_position_embeddings")}
+        return TwoTowers(image_model="efficientnet_lite", image=dict(variant="lite0", num_classes=8, **image_extra),
+                         text_model="bert", text=dict(text, num_layers=text_layers, num_classes=8))
+
+    x = jax.random.uniform(jax.random.key(1), (4, 64, 64, 3), minval=-1.0, maxval=1.0)
+    t = np.array([[101, 1037, 4937, 2006, 102, 0], [101, 2417, 4231, 102, 0, 0],
+                  [101, 1037, 2158, 1999, 2067, 102], [101, 7592, 102, 0, 0, 0]], np.int32)
+
+    def loaded(model):
+        params = jax.jit(model.init)(jax.random.key(0), x, jnp.asarray(t))["params"]
+        for tower, name in (("img", "efficientnet_lite0"), ("txt", "minilm")):
+            params = pretrained.write_tower(
+                params, pretrained.lowest_layers(pretrained.load_tower(name), params[tower], tower), tower)
+        return params
+
+    full = towers({}, 6)
+    img_names, img_feats = ls.image_layer_features(full, loaded(full), np.asarray(x))
+    txt_names, txt_feats = ls.text_layer_features(full, loaded(full), t)
+    cut = towers({"feature_block": 6}, 2)
+    params = loaded(cut)
+    assert "top_conv" not in params["img"] and "blocks_7" not in params["img"]
+    assert sorted(k for k in params["txt"] if k.startswith("encoderblock")) == ["encoderblock_0", "encoderblock_1"]
+    _, _, out = jax.jit(lambda p: cut.apply({"params": p}, x, jnp.asarray(t)))(params)
+    np.testing.assert_allclose(np.asarray(out["img/pre_logits"]), img_feats[img_names.index("blocks_6")],
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out["txt/pre_logits"]), txt_feats[2], rtol=1e-5, atol=1e-5)

@@ -211,7 +211,8 @@ def build(config, rng_seed: int = 0):
     loaded = {}
     for tower, name in (config.get("model_init") or {}).items():
         if name:
-            params = pretrained.write_tower(params, pretrained.load_tower(name), tower)
+            loaded_tower = pretrained.lowest_layers(pretrained.load_tower(name), params[tower], tower)
+            params = pretrained.write_tower(params, loaded_tower, tower)
             loaded[tower] = name
     for tower in ("img", "txt"):
         if tower not in loaded:
@@ -235,7 +236,7 @@ def _batched(fn, x, batch: int):
 
 def image_layer_features(model, params, images: np.ndarray, batch: int = 64):
     """(names, [I arrays [N, C_i]]): each block's output map averaged over space, then the trunk's
-    pooled features (`top_conv`, the tower's pre_logits). The image tower must sow its blocks
+    pooled features (`top_conv`, the tower's pre_logits; not with `model.image.feature_block`). The image tower must sow its blocks
     (intermediates `blocks_<i>_out`: EfficientNet-Lite)."""
     import jax  # noqa: PLC0415
 
@@ -251,6 +252,8 @@ def image_layer_features(model, params, images: np.ndarray, batch: int = 64):
         raise ValueError(f"config key `model.image_model`: {model.image_model!r} gives no per-block "
                          "features (intermediates `blocks_<i>_out`); layer selection supports efficientnet_lite")
     names = sorted(blocks, key=lambda k: int(k.rsplit("_", 1)[1]))
+    if (model.image or {}).get("feature_block") is not None:  # the trunk ends at its last block
+        return names, [blocks[k] for k in names]
     return names + ["top_conv"], [blocks[k] for k in names] + [pooled]
 
 
