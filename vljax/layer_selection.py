@@ -2,11 +2,15 @@ r"""STRUCTURE's layer selection: which layer of each frozen tower to align.
 
     python -m vljax.layer_selection --config=configs/lit.py --workdir=/tmp/lit_layers --samples=2000
 
+writes WORKDIR/layer_selection.json (the [image layer x text layer] scores, the layers' names, the
+chosen pair, the config keys that train on it, N and the metric's settings) and prints the matrix.
+About 1.5 min for the LiT demo's towers and 2000 pairs on a 2-core CPU (most of it the towers).
+
 STRUCTURE (Groger, Wen, Le & Brbic, NeurIPS 2025, arXiv 2506.16895) aligns, instead of the last
 layers of two frozen unimodal encoders, the pair of layers whose representations are most alike
 across the modalities, measured by mutual k-nearest-neighbour alignment on a random sample of paired
-training data. This module follows the authors' code (github.com/hhxk233/STRUCTURE, the snapshot
-read here):
+training data. This module follows the authors' code (github.com/hhxk233/STRUCTURE at e1b454b;
+line numbers below are that commit's):
 
 - `mutual_knn`, `knn_indices`: `src/utils/metrics.py` `AlignmentMetrics.mutual_knn` (l. 82-112) and
   `compute_nearest_neighbors` (l. 316-329): per sample, the `topk` nearest others by inner product
@@ -16,16 +20,17 @@ read here):
 - `score_matrix`: `compute_score` (l. 73-92): each [image layer, text layer] pair, both L2-normalised
   first (`normalize: true`, F.normalize).
 - `choose` (best_only): `src/trainers/alignment_trainer.py` `compute_layer_alignment` (l. 425-567):
-  the pairs' scores without the concatenated-layers entries (index -1), the highest kept; with
-  `best_only: true` that highest pair is the one trained.
-- The sample (`sample_indices`): `type: random` (l. 443-452), `n_samples: 5000` of the training
+  the pairs' scores without the concatenated-layers entries (index -1, l. 469-472), the highest
+  always kept among the sampled pairs (l. 512-519); with `best_only: true` (l. 535-541) that
+  highest pair is the one trained.
+- The sample (`sample_indices`): `type: random` (l. 446-453), `n_samples: 5000` of the training
   pairs, without replacement (`configs/default.yaml` `layer_selection`).
 - Layer features: text, `get_text_features` with `pool_txt: avg` (l. 324-331): every hidden state
   (transformers' `hidden_states`: the embeddings' output, then each block's) averaged over the
   attention mask; here the states after the embeddings and the first k blocks of the config's text
   tower (`Bert(stop_after=k)`, k = 0..depth), averaged over tokens != pad_id. Image,
-  `get_image_features` (l. 378-421) and `get_lvm` (l. 179-250): each transformer block's output,
-  the embeddings left out; here each MBConv block's output map of EfficientNet-Lite (`blocks_<i>`),
+  `get_image_features` (l. 396-421) and `get_lvm` (l. 219-247): each transformer block's output
+  (timm `blocks.<i>.add_1`, transformers `hidden_states[1:]`), the embeddings left out; here each MBConv block's output map of EfficientNet-Lite (`blocks_<i>`),
   then the trunk's pooled features (`top_conv`, the stored LiT features).
 
 Deviations from the code, named:
@@ -318,7 +323,7 @@ def select(config, *, samples: int = DEFAULT_SAMPLES, seed: int = 0, topk="rice"
     t2 = time.time()
     scores = score_matrix(img_feats, txt_feats, k, normalize)
     i, j = choose(scores)
-    keys = {"model.text.num_layers": j}
+    keys = {f"model.text.{'num_layers' if model.text_model == 'bert' else 'depth'}": j}
     if model.image_model == "efficientnet_lite":
         keys["model.image.feature_block"] = None if img_names[i] == "top_conv" else i
     return dict(
@@ -337,9 +342,9 @@ def select(config, *, samples: int = DEFAULT_SAMPLES, seed: int = 0, topk="rice"
 def table(report: dict) -> str:
     """The score matrix as text: image layers down, text layers across; the chosen pair starred."""
     ti, tj = report["chosen"]["image"], report["chosen"]["text"]
-    txt = [n.replace("encoderblock_", "blk") for n in report["text_layers"]]
+    txt = [n.replace("encoderblock_", "blk").replace("embeddings", "emb") for n in report["text_layers"]]
     width = max(len(n) for n in report["image_layers"]) + 1
-    lines = [" " * width + " ".join(f"{n:>7}" for n in txt)]
+    lines = ["img/txt".ljust(width) + " ".join(f"{n:<7}" for n in txt)]
     for i, (name, row) in enumerate(zip(report["image_layers"], report["scores"])):
         cells = [f"{v:6.4f}" + ("*" if (i, j) == (ti, tj) else " ") for j, v in enumerate(row)]
         lines.append(f"{name:<{width}}" + " ".join(cells))
