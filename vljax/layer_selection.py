@@ -30,8 +30,9 @@ line numbers below are that commit's):
   attention mask; here the states after the embeddings and the first k blocks of the config's text
   tower (`Bert(stop_after=k)`, k = 0..depth), averaged over tokens != pad_id. Image,
   `get_image_features` (l. 396-421) and `get_lvm` (l. 219-247): each transformer block's output
-  (timm `blocks.<i>.add_1`, transformers `hidden_states[1:]`), the embeddings left out; here each MBConv block's output map of EfficientNet-Lite (`blocks_<i>`),
-  then the trunk's pooled features (`top_conv`, the stored LiT features).
+  (timm `blocks.<i>.add_1`, transformers `hidden_states[1:]`), the embeddings left out; here each
+  MBConv block's output map of EfficientNet-Lite (`blocks_<i>`), then the trunk's pooled features
+  (`top_conv`, the stored LiT features).
 
 Deviations from the code, named:
 - Image pooling: the code takes a ViT's class token (`pool_img: cls`); a CNN has none, so each
@@ -241,8 +242,8 @@ def _batched(fn, x, batch: int):
 
 def image_layer_features(model, params, images: np.ndarray, batch: int = 64):
     """(names, [I arrays [N, C_i]]): each block's output map averaged over space, then the trunk's
-    pooled features (`top_conv`, the tower's pre_logits; not with `model.image.feature_block`). The image tower must sow its blocks
-    (intermediates `blocks_<i>_out`: EfficientNet-Lite)."""
+    pooled features (`top_conv`, the tower's pre_logits; not with `model.image.feature_block`).
+    The image tower must sow its blocks (intermediates `blocks_<i>_out`: EfficientNet-Lite)."""
     import jax  # noqa: PLC0415
 
     def trunk(p, x):
