@@ -238,3 +238,28 @@ def test_towers_cut_at_the_chosen_layers_give_the_measured_features():
     np.testing.assert_allclose(np.asarray(out["img/pre_logits"]), img_feats[img_names.index("blocks_6")],
                                rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(out["txt/pre_logits"]), txt_feats[2], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_lit_trains_on_a_chosen_image_block(tmp_path):
+    """`model.image.feature_block` through vljax.main: the LiT store holds the block's pooled map
+    (block 3 of EfficientNet-Lite0: 40 features), the run trains, and the checkpoint's trunk is the
+    pretrained blocks 0-3 (nothing above them)."""
+    from helpers import losses_of, run_main
+
+    from vljax import factory, pretrained
+    cfg = tmp_path / "tiny_lit_block.py"
+    cfg.write_text(CONFIG.format(tests=os.path.join(REPO, "tests"), shapes=str(tmp_path / "shapes"))
+                   + "\n\ndef _cut(c):\n    c.model.image.feature_block = 3\n    c.total_steps = 4\n"
+                   "    c.model_init = dict(img='efficientnet_lite0', txt=None)\n    return c\n\n"
+                   "_get = get_config\nget_config = lambda arg=None: _cut(_get(arg))\n")
+    run_main(cfg, tmp_path / "run", devices=1)
+    stores = [json.loads(p.read_text()) for p in (tmp_path / "run" / "features").glob("*/index.json")]
+    assert stores and all(s["num_features"] == 40 for s in stores)
+    assert len(losses_of(str(tmp_path / "run"))) == 4
+    img = factory.load(str(tmp_path / "run")).params["img"]
+    assert sorted(k for k in img if k.startswith("blocks_")) == [f"blocks_{i}" for i in range(4)]
+    assert "top_conv" not in img
+    ref = pretrained.load_tower("efficientnet_lite0")
+    np.testing.assert_array_equal(np.asarray(img["blocks_3"]["project"]["kernel"]),
+                                  np.asarray(ref["blocks_3"]["project"]["kernel"]))
