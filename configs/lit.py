@@ -55,6 +55,10 @@ Config arguments (`--config=configs/lit.py:steps=200,batch=64`): steps, batch, a
   ascl=K        ASCL's adaptive soft targets (vljax/losses/ascl.py) in place of the one-hot ones: the
                 paired embedding's similarity distribution over the batch (T2 = 0.05, the official
                 code's), weighted by its confidence, adds up to K units of target mass per row;
+  img_block=I, txt_layers=K  STRUCTURE's layer choice (`python -m vljax.layer_selection --config=configs/lit.py
+                --workdir=DIR` writes DIR/layer_selection.json, its `config_keys`): the image trunk ends
+                after MBConv block I (its pooled map is the stored feature), the text tower keeps its
+                first K blocks (default -1, 6: the whole towers);
   dreamlip=N    DreamLIP's loss (vljax/losses/dreamlip.py) on each image's caption and N sub-captions
                 drawn from its captions' sentences in the input workers (vljax/data/subcaptions.py;
                 the official code's N = 6). The sub-captions run through the whole text tower.
@@ -66,7 +70,8 @@ from vljax import config_args
 
 def get_config(arg=None):
     a = config_args.parse_arg(arg, "configs/lit.py", steps=500, batch=128, distill="", dcd="", crd=1.0,
-                              fd=0.0, structure=0.0, structure_warmup=1000, ascl=0.0, dreamlip=0)
+                              fd=0.0, structure=0.0, structure_warmup=1000, ascl=0.0, dreamlip=0, img_block=-1,
+                              txt_layers=6)
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.total_steps = a["steps"]
@@ -102,6 +107,7 @@ def get_config(arg=None):
         bias_init=None,
     )
     c.model_init = dict(img="efficientnet_lite0", txt="minilm")
+    with_layers(c, a["img_block"], a["txt_layers"])
     c.lit_cache = True
     # The text tower's embeddings and blocks 0-3 are locked (below): run them once per caption and
     # evaluation text (vljax/text_memo.py), not in every step; the same results, ~40% less per step.
@@ -152,6 +158,17 @@ def get_config(arg=None):
     )
     c.select_metric = "retrieval/val_retrieval/i2t_r1"  # held-out split of the training collections
     c.early_stop_patience = 0
+    return c
+
+
+def with_layers(c, img_block: int = -1, txt_layers: int = 6):
+    """The `img_block=` and `txt_layers=` arguments: the towers cut at STRUCTURE's chosen layers
+    (`python -m vljax.layer_selection`, its `config_keys`): the image trunk ends after MBConv block
+    `img_block` (-1: the whole trunk), the text tower keeps its first `txt_layers` blocks; the
+    pretrained weights of the layers kept are loaded (vljax/pretrained.py `lowest_layers`)."""
+    if img_block >= 0:
+        c.model.image["feature_block"] = img_block
+    c.model.text["num_layers"] = txt_layers
     return c
 
 

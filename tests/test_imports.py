@@ -23,7 +23,7 @@ FLOORS = ("vljax.models", "vljax.losses")
 LEAF_ALLOWED_FLOORS = ("vljax.models",)   # losses may import only losses/
 # Modules that build, restore or evaluate a model: none of them may reach the trainer.
 NO_TRAINER = ("vljax.inference", "vljax.evaluate", "vljax.soup", "vljax.wise_ft", "vljax.factory",
-              "vljax.embedder", "vljax.features")
+              "vljax.embedder", "vljax.features", "vljax.layer_selection")
 TRAINER = "vljax.train"
 
 

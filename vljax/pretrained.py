@@ -7,6 +7,8 @@ their random init and are listed; a checkpoint leaf of another shape is an error
 """
 from __future__ import annotations
 
+import re
+
 from flax import traverse_util
 from absl import logging
 import jax
@@ -41,6 +43,35 @@ def load_tower(spec: str):
         raise ValueError(f"config key `model_init`: unknown pretrained tower {spec!r} "
                          f"(known: {', '.join(sorted(LOADERS))})")
     return LOADERS[spec]()
+
+
+# Numbered layers a tower may be cut to (Bert `num_layers`, EfficientNet-Lite `feature_block`), and
+# what sits above the last of them and goes with the cut layers (EfficientNet's 1280-channel conv).
+_LAYER = re.compile(r"^(encoderblock|blocks)_(\d+)$")
+_ABOVE_LAYERS = ("top_conv",)
+
+
+def lowest_layers(loaded: dict, model_tower: dict, tower: str) -> dict:
+    """`loaded` (one tower's checkpoint params) cut to a model configured shallower than the
+    checkpoint (STRUCTURE's chosen layer, vljax/layer_selection.py: `model.text.num_layers = k`, or
+    `model.image.feature_block = i`): the checkpoint's numbered layers (`encoderblock_<i>`,
+    `blocks_<i>`) above the model's highest of that name are left out, with EfficientNet's
+    `top_conv` when the model has none, and logged; everything else is kept, so `write_tower` still
+    refuses any other mismatch. Unchanged when the model is as deep as the checkpoint."""
+    have: dict[str, int] = {}
+    for key in model_tower:
+        if m := _LAYER.match(key):
+            have[m.group(1)] = max(have.get(m.group(1), -1), int(m.group(2)))
+    cut = {key for key in loaded if (m := _LAYER.match(key)) and key not in model_tower
+           and int(m.group(2)) > have.get(m.group(1), -1)}
+    if cut:
+        cut |= {key for key in _ABOVE_LAYERS if key in loaded and key not in model_tower}
+    kept = {key: value for key, value in loaded.items() if key not in cut}
+    dropped = sorted(set(loaded) - set(kept))
+    if dropped:
+        logging.info("pretrained %s tower: the model is shallower than the checkpoint; its layers %s "
+                     "are left out", tower, dropped)
+    return kept
 
 
 def written_keys(loaded: dict, skip: tuple[str, ...] = ("head",)) -> list[str]:

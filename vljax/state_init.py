@@ -62,7 +62,9 @@ def init_state(init_params, init_opt, shardings, model_init, init_rng, train_rng
     checkpoint (`loaded`, host arrays: `init_from.write_params`), written into the params' shards;
     with a "teacher" in `shardings`, the EMA teacher's initial state (`teacher.init`); with
     `momentum` (config.queue), the momentum towers and queues (`momentum.Momentum.init`)."""
-    towers = {tower: pretrained.load_tower(spec) for tower, spec in (model_init or {}).items() if spec}
+    # A tower configured shallower than its checkpoint takes the checkpoint's lowest layers.
+    towers = {tower: pretrained.lowest_layers(pretrained.load_tower(spec), shardings["params"][tower], tower)
+              for tower, spec in (model_init or {}).items() if spec}
     params = _random_params_except(init_params, shardings["params"], init_rng, {
         f"{tower}/{key}" for tower, host in towers.items() for key in pretrained.written_keys(host)})
     _release_host_memory()

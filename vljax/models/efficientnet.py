@@ -156,7 +156,10 @@ class EfficientNetLite(nn.Module):
     features: [B, 1280] pooled features, or [B, num_classes] after the Dense "head" when
     num_classes > 0 (1000 = the ImageNet classifier; in a two-tower model, the projection).
     out: "tokens" [B, h*w, 1280] final feature map (after the 1280-ch conv, ReLU6),
-    "pre_logits" [B, 1280], "logits" when there is a head.
+    "pre_logits" [B, 1280], "logits" when there is a head. With `feature_block = i` the trunk
+    stops after MBConv block i: "tokens" [B, h*w, C_i] its map, "pre_logits" [B, C_i] their mean.
+    With `mutable=["intermediates"]`, `apply` also returns each MBConv block's output map
+    [B, h, w, C] as intermediates `blocks_<i>_out` (vljax/layer_selection.py reads them).
     """
 
     variant: str = "lite0"
@@ -164,6 +167,9 @@ class EfficientNetLite(nn.Module):
     head_bias: bool = True
     dropout_rate: float = 0.0
     depthwise: str = "slices"
+    # The trunk ends after MBConv block `feature_block` (its map averaged over space is pre_logits;
+    # no top_conv): STRUCTURE's chosen image layer (vljax/layer_selection.py). None: the whole trunk.
+    feature_block: int | None = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -195,10 +201,19 @@ class EfficientNetLite(nn.Module):
         x = nn.Conv(STEM_CHANNELS, (3, 3), (2, 2), padding="SAME", name="stem_conv", **kw)(
             jnp.asarray(images, self.dtype))
         x = nn.relu6(x)
-        for i, spec in enumerate(block_specs(self.variant)):
+        specs = block_specs(self.variant)
+        last = len(specs) - 1 if self.feature_block is None else self.feature_block
+        if not 0 <= last < len(specs):
+            raise ValueError(f"config key `model.image.feature_block`: {self.feature_block} is not a block "
+                             f"of EfficientNet-{self.variant} (0..{len(specs) - 1}; None: the whole trunk)")
+        for i, spec in enumerate(specs[:last + 1]):
             x = MBConv(spec["kernel"], spec["stride"], spec["expand"], spec["cout"],
                        self.depthwise, name=f"blocks_{i}", **kw)(x)
-        x = nn.relu6(nn.Conv(HEAD_CHANNELS, (1, 1), name="top_conv", **kw)(x))
+            # Each block's output map [B, h, w, C], kept only when the caller makes "intermediates"
+            # mutable (STRUCTURE's layer selection, vljax/layer_selection.py); a no-op otherwise.
+            self.sow("intermediates", f"blocks_{i}_out", x)
+        if self.feature_block is None:
+            x = nn.relu6(nn.Conv(HEAD_CHANNELS, (1, 1), name="top_conv", **kw)(x))
         b, h, w, c = x.shape
         out["tokens"] = x.reshape(b, h * w, c)
         x = out["pre_logits"] = x.mean(axis=(1, 2))
