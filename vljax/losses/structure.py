@@ -52,7 +52,8 @@ Deviations from the code, each small:
 Not implemented: the code's ablation options (`center_first`, the RBF and Spearman similarities),
 its extra unimodal data (`add_image_features`, `structure_use_only_unimodal`, `fixed_structure`).
 The paper's second component, choosing which layer of each frozen encoder to align by
-cross-modal representation similarity, is not this module's: the frozen side here is whatever
+cross-modal representation similarity, is vljax/layer_selection.py's (its CLI writes the choice;
+`configs/lit.py:img_block=,txt_layers=` cut the towers there): the frozen side here is whatever
 features the objective passes (the towers' `pre_logits`, LiT's stored features).
 
 Sharded (`axis_name`): the batch statistics (the centring mean and deviation, P and Q) are those of
