@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import REPO, losses_of, make_shapes_manifest, tiny_config
+from helpers import REPO, finite_differences, losses_of, make_shapes_manifest, tiny_config
 from jax.sharding import PartitionSpec as P
 
 from vljax import checkpoints, factory, objective, sharding, teacher_features, train
@@ -47,13 +47,8 @@ def ref_clip_kd(zi, zt, t, ti, tt, tT, fd, crd, icl):
     return task + fd * fd_v + crd * crd_v + icl * icl_v
 
 
-def _num_grad(f, x, eps=1e-6):
-    g = np.zeros_like(x)
-    for i in np.ndindex(x.shape):
-        d = np.zeros_like(x)
-        d[i] = eps
-        g[i] = (f(x + d) - f(x - d)) / (2 * eps)
-    return g
+def _num_grad(f, x):
+    return finite_differences(f, [x])[0]
 
 
 def _unit(rng, *shape):

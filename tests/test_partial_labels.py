@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
+from helpers import finite_differences
 from test_losses import _mesh, _sharded_value_and_grad
 
 from vljax import config_check, objective
@@ -81,16 +82,7 @@ def _ref_nnpu_grad(zimg, zlab, t, b, y, c, beta, gamma, surrogate, eps=1e-6):
         positive, negative = _nnpu_parts(zi, zl, t, b, y, c, surrogate)
         return np.mean(np.where(defend, -gamma * negative, positive + negative))
 
-    grads = []
-    for k, x in enumerate((zimg.astype(np.float64), zlab.astype(np.float64))):
-        g = np.zeros_like(x)
-        for idx in np.ndindex(x.shape):
-            up, down = x.copy(), x.copy()
-            up[idx] += eps
-            down[idx] -= eps
-            args = [(up, zlab), (zimg, up)][k], [(down, zlab), (zimg, down)][k]
-            g[idx] = (descent(*args[0]) - descent(*args[1])) / (2 * eps)
-        grads.append(g)
+    grads = finite_differences(descent, [zimg, zlab], h=eps)
     return defend, grads
 
 

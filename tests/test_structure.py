@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding
-from helpers import REPO, make_shapes_manifest, tiny_config
+from helpers import REPO, finite_differences, make_shapes_manifest, tiny_config
 from jax.sharding import PartitionSpec as P
 
 from vljax import metrics, objective, sharding, train
@@ -67,13 +67,8 @@ def ref_structure(z, f, levels=1, tau=0.05, weighting="none", margin=0.0, center
     return total / levels
 
 
-def _num_grad(fn, x, h=1e-6):
-    g = np.zeros_like(x)
-    for i in np.ndindex(x.shape):
-        d = np.zeros_like(x)
-        d[i] = h
-        g[i] = (fn(x + d) - fn(x - d)) / (2 * h)
-    return g
+def _num_grad(fn, x):
+    return finite_differences(fn, [x])[0]
 
 
 @pytest.fixture(scope="module")
